@@ -1,0 +1,147 @@
+// pybind11 module pyqkern._native: buffer checks, GIL released, calls the C ABI.
+// Python-side validation (pyqkern/_api.py) gives the friendly errors; the checks here are
+// the last line of defence so that no call can read or write past a buffer.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "core/cpu_features.h"
+#include "core/kernel_table.h"
+#include "pyqkern/pyqkern.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void check(pqk_status st) {
+  if (st == PQK_OK) return;
+  std::string msg = pqk_last_error();
+  switch (st) {
+    case PQK_ERR_ARG:
+    case PQK_ERR_SHAPE:
+    case PQK_ERR_NONFINITE: throw py::value_error(msg);
+    case PQK_ERR_UNSUPPORTED:
+      PyErr_SetString(PyExc_NotImplementedError, msg.c_str());
+      throw py::error_already_set();
+    case PQK_ERR_NOMEM: throw std::bad_alloc();
+    default: throw std::runtime_error(msg);
+  }
+}
+
+pqk_row_bytes row_bytes(int fmt, int64_t k, pqk_qparams& p) {
+  pqk_row_bytes rb;
+  check(pqk_row_bytes_of(fmt, k, &p, &rb));
+  return rb;
+}
+
+py::buffer_info contiguous(py::buffer b, bool writable, int64_t need, const char* what) {
+  py::buffer_info info = b.request(writable);
+  int64_t nbytes = info.itemsize;
+  for (auto s : info.shape) nbytes *= s;
+  // contiguity: strides must be C-order compact
+  int64_t expect = info.itemsize;
+  for (int i = (int)info.ndim - 1; i >= 0; --i) {
+    if (info.shape[i] != 1 && info.strides[i] != expect)
+      throw py::value_error(std::string(what) + ": buffer must be C-contiguous");
+    expect *= info.shape[i];
+  }
+  if (nbytes < need)
+    throw py::value_error(std::string(what) + ": buffer has " + std::to_string(nbytes) + " bytes, need " +
+                          std::to_string(need));
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "pyqkern native core (C++ kernels, runtime ISA dispatch)";
+
+  m.def("abi_version", &pqk_abi_version);
+  m.def("cpu_features", [] { return std::string(pqk_cpu_features()); });
+  m.def("cpu_brand", [] { return pqk::cpu_features().brand; });
+  m.def("isa_names", [] {
+    std::vector<std::string> v;
+    for (int i = 0; i < PQK_ISA_COUNT; ++i) v.push_back(pqk_isa_name(i));
+    return v;
+  });
+  m.def("format_names", [] {
+    std::vector<std::string> v;
+    for (int i = 0; i < PQK_FORMAT_COUNT; ++i) v.push_back(pqk_format_name(i));
+    return v;
+  });
+  m.def("isa_compiled", [](int isa) { return pqk::isa_compiled(isa); });
+  m.def("isa_runnable", [](int isa) { return pqk_isa_runnable(isa) == 1; });
+  m.def("active_isa", [] {
+    int32_t isa;
+    check(pqk_active_isa(&isa));
+    return isa;
+  });
+  m.def("kernel_sources", [](int isa) {
+    // {format: (quantize isa name or None, dequantize isa name or None)}
+    if (!pqk::isa_runnable(isa)) throw py::value_error("variant not runnable");
+    const pqk::KernelTable& t = pqk::kernel_table(isa);
+    py::dict d;
+    for (int f = 0; f < PQK_FORMAT_COUNT; ++f) {
+      py::object qn = t.quantize[f] ? py::object(py::str(pqk_isa_name(t.quantize_isa[f]))) : py::object(py::none());
+      py::object dn = t.dequantize[f] ? py::object(py::str(pqk_isa_name(t.dequantize_isa[f]))) : py::object(py::none());
+      d[py::str(pqk_format_name(f))] = py::make_tuple(qn, dn);
+    }
+    return d;
+  });
+  m.def("set_num_threads", [](int n) { check(pqk_set_num_threads(n)); });
+  m.def("get_num_threads", &pqk_get_num_threads);
+
+  m.def("row_bytes", [](int fmt, int64_t k, int group, int sym) {
+    pqk_qparams p{group, sym};
+    pqk_row_bytes rb = row_bytes(fmt, k, p);
+    return py::make_tuple(rb.q, rb.s, rb.z, p.group);
+  });
+
+  // x: float32 2-D array; rows may be strided (row stride multiple of 4 bytes), columns contiguous.
+  m.def("quantize", [](int isa, int fmt, py::array x, int group, int sym, py::buffer q, py::object s, py::object z) {
+    if (!py::isinstance<py::array_t<float>>(x) || x.dtype().kind() != 'f' || x.itemsize() != 4)
+      throw py::type_error("x must be a float32 array");
+    if (x.ndim() != 2) throw py::value_error("x must be 2-D");
+    const int64_t n = x.shape(0), k = x.shape(1);
+    if (k > 1 && x.strides(1) != 4) throw py::value_error("x rows must be contiguous");
+    if (n > 1 && (x.strides(0) % 4 != 0 || x.strides(0) < 4 * k)) throw py::value_error("bad row stride");
+    const int64_t ldx = n > 1 ? x.strides(0) / 4 : k;
+    pqk_qparams p{group, sym};
+    pqk_row_bytes rb = row_bytes(fmt, k, p);
+    auto qi = contiguous(q, true, n * rb.q, "q");
+    void* sp = nullptr; void* zp = nullptr;
+    py::buffer_info si, zi;
+    if (rb.s) { if (s.is_none()) throw py::value_error("s buffer missing"); si = contiguous(s.cast<py::buffer>(), true, n * rb.s, "s"); sp = si.ptr; }
+    if (rb.z) { if (z.is_none()) throw py::value_error("z buffer missing"); zi = contiguous(z.cast<py::buffer>(), true, n * rb.z, "z"); zp = zi.ptr; }
+    const float* xp = static_cast<const float*>(x.data());
+    pqk_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = pqk_quantize(isa, fmt, xp, n, k, ldx, &p, qi.ptr, sp, zp);
+    }
+    check(st);
+  }, py::arg("isa"), py::arg("fmt"), py::arg("x"), py::arg("group"), py::arg("sym"), py::arg("q"), py::arg("s"), py::arg("z"));
+
+  m.def("dequantize", [](int isa, int fmt, py::buffer q, py::object s, py::object z, int64_t n, int64_t k, int group,
+                         int sym, py::buffer y) {
+    pqk_qparams p{group, sym};
+    if (n < 0) throw py::value_error("n < 0");
+    pqk_row_bytes rb = row_bytes(fmt, k, p);
+    auto qi = contiguous(q, false, n * rb.q, "q");
+    auto yi = contiguous(y, true, n * k * 4, "y");
+    if (yi.format != py::format_descriptor<float>::format()) throw py::type_error("y must be float32");
+    const void* sp = nullptr; const void* zp = nullptr;
+    py::buffer_info si, zi;
+    if (rb.s) { if (s.is_none()) throw py::value_error("s buffer missing"); si = contiguous(s.cast<py::buffer>(), false, n * rb.s, "s"); sp = si.ptr; }
+    if (rb.z) { if (z.is_none()) throw py::value_error("z buffer missing"); zi = contiguous(z.cast<py::buffer>(), false, n * rb.z, "z"); zp = zi.ptr; }
+    pqk_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = pqk_dequantize(isa, fmt, qi.ptr, sp, zp, n, k, &p, static_cast<float*>(yi.ptr));
+    }
+    check(st);
+  }, py::arg("isa"), py::arg("fmt"), py::arg("q"), py::arg("s"), py::arg("z"), py::arg("n"), py::arg("k"),
+     py::arg("group"), py::arg("sym"), py::arg("y"));
+}

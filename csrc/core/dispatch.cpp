@@ -1,0 +1,111 @@
+// Builds one kernel table per compiled variant, once, and picks the active one.
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "cpu_features.h"
+#include "kernel_table.h"
+
+namespace pqk {
+
+bool isa_compiled(int isa) {
+  switch (isa) {
+    case PQK_ISA_REF: return true;
+#ifdef PQK_HAVE_AVX2
+    case PQK_ISA_AVX2: return true;
+#endif
+#ifdef PQK_HAVE_AVX512
+    case PQK_ISA_AVX512: return true;
+#endif
+#ifdef PQK_HAVE_AVX512VNNI
+    case PQK_ISA_AVX512VNNI: return true;
+#endif
+    default: return false;
+  }
+}
+
+static bool cpu_can_run(int isa) {
+  const CpuFeatures& f = cpu_features();
+  switch (isa) {
+    case PQK_ISA_REF: return true;
+    case PQK_ISA_AVX2: return f.avx2 && f.fma && f.f16c && f.bmi2;
+    case PQK_ISA_AVX512: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.f16c && f.fma && f.bmi2;
+    case PQK_ISA_AVX512VNNI: return cpu_can_run(PQK_ISA_AVX512) && f.avx512vnni;
+    default: return false;
+  }
+}
+
+bool isa_runnable(int isa) { return isa_compiled(isa) && cpu_can_run(isa); }
+
+namespace {
+struct Tables {
+  KernelTable t[PQK_ISA_COUNT];
+  Tables() {
+    // Each variant starts as a copy of the one below it, then overlays its own kernels.
+    // A slot's *_isa field records which variant really implements it.
+    auto overlay = [](KernelTable& dst, void (*reg)(KernelTable&), int isa) {
+      KernelTable mine;
+      reg(mine);
+      for (int f = 0; f < PQK_FORMAT_COUNT; ++f) {
+        if (mine.quantize[f]) { dst.quantize[f] = mine.quantize[f]; dst.quantize_isa[f] = (int8_t)isa; }
+        if (mine.dequantize[f]) { dst.dequantize[f] = mine.dequantize[f]; dst.dequantize_isa[f] = (int8_t)isa; }
+      }
+    };
+    overlay(t[PQK_ISA_REF], ref::register_kernels, PQK_ISA_REF);
+    t[PQK_ISA_AVX2] = t[PQK_ISA_REF];
+#ifdef PQK_HAVE_AVX2
+    overlay(t[PQK_ISA_AVX2], avx2::register_kernels, PQK_ISA_AVX2);
+#endif
+    t[PQK_ISA_AVX512] = t[PQK_ISA_AVX2];
+#ifdef PQK_HAVE_AVX512
+    overlay(t[PQK_ISA_AVX512], avx512::register_kernels, PQK_ISA_AVX512);
+#endif
+    t[PQK_ISA_AVX512VNNI] = t[PQK_ISA_AVX512];
+#ifdef PQK_HAVE_AVX512VNNI
+    overlay(t[PQK_ISA_AVX512VNNI], avx512vnni::register_kernels, PQK_ISA_AVX512VNNI);
+#endif
+  }
+};
+const Tables& tables() {
+  static const Tables t;  // thread-safe one-time init
+  return t;
+}
+
+int pick_active() {
+  const char* env = std::getenv("PYQKERN_ISA");
+  if (env && *env) {
+    for (int i = 0; i < PQK_ISA_COUNT; ++i) {
+      if (std::strcmp(env, pqk_isa_name(i)) == 0) {
+        if (!isa_compiled(i))
+          throw std::runtime_error(std::string("PYQKERN_ISA=") + env + ": variant not compiled into this build");
+        if (!cpu_can_run(i))
+          throw std::runtime_error(std::string("PYQKERN_ISA=") + env + ": this CPU/OS cannot run it (features: " +
+                                   cpu_feature_string() + ")");
+        return i;
+      }
+    }
+    throw std::runtime_error(std::string("PYQKERN_ISA=") + env + ": unknown variant (ref, avx2, avx512, avx512vnni)");
+  }
+  for (int i = PQK_ISA_COUNT - 1; i > 0; --i)
+    if (isa_runnable(i)) return i;
+  return PQK_ISA_REF;
+}
+}  // namespace
+
+const KernelTable& kernel_table(int isa) { return tables().t[isa]; }
+
+int active_isa() {
+  // Not a magic static: a failed pick (bad PYQKERN_ISA) must throw on every call, not once.
+  static std::once_flag once;
+  static int active = -1;
+  static std::string error;
+  std::call_once(once, [] {
+    try { active = pick_active(); } catch (const std::exception& e) { error = e.what(); }
+  });
+  if (active < 0) throw std::runtime_error(error);
+  return active;
+}
+
+}  // namespace pqk

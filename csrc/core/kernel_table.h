@@ -1,0 +1,36 @@
+// One table of kernel pointers per ISA variant. Empty slots are filled from the variant
+// below (avx512vnni <- avx512 <- avx2 <- ref), so every slot is always callable.
+#pragma once
+#include <cstdint>
+#include "pyqkern/pyqkern.h"
+
+namespace pqk {
+
+// One row: k floats -> q (codes / ggml blocks), s (scales), z (zeros) of that row.
+using quantize_row_fn = void (*)(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t* z,
+                                 const pqk_qparams& p);
+// One row back to k floats.
+using dequantize_row_fn = void (*)(const uint8_t* q, const uint8_t* s, const uint8_t* z,
+                                   int64_t k, float* y, const pqk_qparams& p);
+
+struct KernelTable {
+  quantize_row_fn quantize[PQK_FORMAT_COUNT] = {};
+  dequantize_row_fn dequantize[PQK_FORMAT_COUNT] = {};
+  // Where each slot came from (for info() and tests): the pqk_isa that filled it.
+  int8_t quantize_isa[PQK_FORMAT_COUNT] = {};
+  int8_t dequantize_isa[PQK_FORMAT_COUNT] = {};
+};
+
+// Each ISA folder defines one of these; it only sets the slots it implements.
+namespace ref { void register_kernels(KernelTable& t); }
+namespace avx2 { void register_kernels(KernelTable& t); }
+namespace avx512 { void register_kernels(KernelTable& t); }
+namespace avx512vnni { void register_kernels(KernelTable& t); }
+
+// Table for a variant (must be runnable: check with isa_runnable first).
+const KernelTable& kernel_table(int isa);
+bool isa_compiled(int isa);
+bool isa_runnable(int isa);
+int active_isa();  // throws std::runtime_error if PYQKERN_ISA names a variant this CPU can't run
+
+}  // namespace pqk

@@ -1,0 +1,107 @@
+/* pyqkern C ABI, version 1.
+ *
+ * Plain C: fixed-width types, status codes, no exceptions or C++ types cross it.
+ * Every call returns a pqk_status; on failure pqk_last_error() gives a message
+ * (thread-local, valid until the next call on the same thread).
+ *
+ * Quantized tensors are stored row-major, [n rows (output channels), k columns
+ * (input features)], as up to three sections, each row-contiguous:
+ *   q: codes / ggml blocks   (row_bytes.q bytes per row)
+ *   s: scales                (row_bytes.s bytes per row; fp16 for int4, fp32 for nf4/int8)
+ *   z: zero points           (row_bytes.z bytes per row; uint8, int4 asymmetric only)
+ * ggml formats use only q, holding exactly the ggml block bytes.
+ */
+#ifndef PYQKERN_H
+#define PYQKERN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PQK_ABI_VERSION 1
+
+#if defined(_WIN32)
+#define PQK_API __declspec(dllexport)
+#else
+#define PQK_API __attribute__((visibility("default")))
+#endif
+
+typedef enum pqk_status {
+  PQK_OK = 0,
+  PQK_ERR_ARG = 1,         /* null pointer, bad enum value, bad parameter */
+  PQK_ERR_SHAPE = 2,       /* k not a multiple of the block, negative sizes, ... */
+  PQK_ERR_NONFINITE = 3,   /* NaN or Inf where the format cannot represent it */
+  PQK_ERR_UNSUPPORTED = 4, /* op not available for this format */
+  PQK_ERR_ISA = 5,         /* variant not compiled in or not runnable on this CPU */
+  PQK_ERR_NOMEM = 6,
+  PQK_ERR_INTERNAL = 7
+} pqk_status;
+
+typedef enum pqk_format {
+  PQK_Q4_0 = 0,
+  PQK_Q4_1 = 1,
+  PQK_Q8_0 = 2,
+  PQK_Q4_K = 3,
+  PQK_Q6_K = 4,
+  PQK_IQ4_NL = 5,
+  PQK_NF4 = 6,
+  PQK_INT4 = 7,
+  PQK_INT8 = 8,
+  PQK_FORMAT_COUNT = 9
+} pqk_format;
+
+typedef enum pqk_isa {
+  PQK_ISA_ACTIVE = -1, /* whatever dispatch picked for this process */
+  PQK_ISA_REF = 0,
+  PQK_ISA_AVX2 = 1,        /* AVX2 + FMA + F16C */
+  PQK_ISA_AVX512 = 2,      /* AVX-512 F/BW/VL/DQ */
+  PQK_ISA_AVX512VNNI = 3,  /* AVX-512 F/BW/VL/DQ + VNNI */
+  PQK_ISA_COUNT = 4
+} pqk_isa;
+
+/* Format parameters. Zero-initialise and set what applies.
+ *   group: nf4 block size (default 64, power of two 32..4096);
+ *          int4 group size (default 128, power of two >= 16, or -1 = per-channel).
+ *   sym:   int4 only: 1 = symmetric (zero point fixed at 8, no z section). */
+typedef struct pqk_qparams {
+  int32_t group;
+  int32_t sym;
+} pqk_qparams;
+
+typedef struct pqk_row_bytes {
+  int64_t q, s, z;
+} pqk_row_bytes;
+
+PQK_API int32_t pqk_abi_version(void);
+PQK_API const char* pqk_last_error(void);
+PQK_API const char* pqk_format_name(int32_t fmt);
+PQK_API const char* pqk_isa_name(int32_t isa);
+
+/* 1 if the variant is compiled in and this CPU + OS can run it. */
+PQK_API int32_t pqk_isa_runnable(int32_t isa);
+/* The variant used for PQK_ISA_ACTIVE (picked once; PYQKERN_ISA env var forces one). */
+PQK_API pqk_status pqk_active_isa(int32_t* isa);
+/* Space-separated CPU feature names detected (e.g. "sse4.2 avx2 fma f16c avx512f ..."). */
+PQK_API const char* pqk_cpu_features(void);
+
+PQK_API pqk_status pqk_set_num_threads(int32_t n); /* n <= 0: number of CPUs */
+PQK_API int32_t pqk_get_num_threads(void);
+
+/* Resolves defaults in *params (group 0 -> the format's default) and checks them. */
+PQK_API pqk_status pqk_row_bytes_of(int32_t fmt, int64_t k, pqk_qparams* params, pqk_row_bytes* out);
+
+/* x: n rows of k floats, row i at x + i*ldx (ldx >= k, in elements).
+ * q/s/z: sections as described above (s, z may be NULL when their row size is 0). */
+PQK_API pqk_status pqk_quantize(int32_t isa, int32_t fmt, const float* x, int64_t n, int64_t k,
+                                int64_t ldx, const pqk_qparams* params, void* q, void* s, void* z);
+PQK_API pqk_status pqk_dequantize(int32_t isa, int32_t fmt, const void* q, const void* s,
+                                  const void* z, int64_t n, int64_t k, const pqk_qparams* params,
+                                  float* y);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PYQKERN_H */

@@ -1,0 +1,93 @@
+// nf4 (bitsandbytes), int4 (group-wise, GPTQ rounding) and int8 (per-channel) rows.
+#include "ref_kernels.h"
+
+namespace pqk { namespace ref {
+
+// nf4: blocks of p.group along the row; absmax fp32 in s; codes two per byte, the first
+// element in the HIGH nibble (bitsandbytes order). An all-zero block stores code 7 (0.0).
+void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t*, const pqk_qparams& p) {
+  const int64_t bs = p.group;
+  for (int64_t b = 0; b < k / bs; ++b) {
+    const float* xb = x + b * bs;
+    float amax = 0.0f;
+    for (int64_t j = 0; j < bs; ++j) { float a = std::fabs(xb[j]); amax = amax > a ? amax : a; }
+    std::memcpy(s + 4 * b, &amax, 4);
+    uint8_t* qb = q + b * bs / 2;
+    for (int64_t j = 0; j < bs; j += 2) {
+      uint8_t hi = amax == 0.0f ? 7 : nf4_index(xb[j] / amax);
+      uint8_t lo = amax == 0.0f ? 7 : nf4_index(xb[j + 1] / amax);
+      qb[j / 2] = (uint8_t)((hi << 4) | lo);
+    }
+  }
+}
+
+void dequantize_row_nf4(const uint8_t* q, const uint8_t* s, const uint8_t*, int64_t k, float* y, const pqk_qparams& p) {
+  const int64_t bs = p.group;
+  for (int64_t b = 0; b < k / bs; ++b) {
+    float amax;
+    std::memcpy(&amax, s + 4 * b, 4);
+    for (int64_t j = 0; j < bs; j += 2) {
+      uint8_t c = q[(b * bs + j) / 2];
+      y[b * bs + j] = kNF4[c >> 4] * amax;
+      y[b * bs + j + 1] = kNF4[c & 0xf] * amax;
+    }
+  }
+}
+
+// int4: per group, GPTQ's quantizer (range widened to include 0; sym: +-amax, zero 8;
+// asym: zero = round(-min/scale)); scale rounded to fp16 first and used for the codes;
+// q = clamp(round_half_even(x / scale) + zero, 0, 15). Codes: element 2i LOW, 2i+1 HIGH.
+void quantize_row_int4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t* z, const pqk_qparams& p) {
+  const int64_t g = p.group == -1 ? k : p.group;
+  for (int64_t b = 0; b < k / g; ++b) {
+    const float* xg = x + b * g;
+    float sf; uint16_t s16; int zero;
+    int4_group_params(xg, g, p.sym != 0, &sf, &s16, &zero);
+    std::memcpy(s + 2 * b, &s16, 2);
+    if (!p.sym) z[b] = (uint8_t)zero;
+    for (int64_t j = 0; j < g; j += 2) {
+      int c[2];
+      for (int t = 0; t < 2; ++t) {
+        int v = sf == 0.0f ? zero : round_even_i32(xg[j + t] / sf) + zero;
+        c[t] = v < 0 ? 0 : (v > 15 ? 15 : v);
+      }
+      q[(b * g + j) / 2] = (uint8_t)(c[0] | (c[1] << 4));
+    }
+  }
+}
+
+void dequantize_row_int4(const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_t k, float* y, const pqk_qparams& p) {
+  const int64_t g = p.group == -1 ? k : p.group;
+  for (int64_t b = 0; b < k / g; ++b) {
+    uint16_t s16;
+    std::memcpy(&s16, s + 2 * b, 2);
+    const float sf = fp16_to_fp32(s16);
+    const int zero = p.sym ? 8 : z[b];
+    for (int64_t j = 0; j < g; j += 2) {
+      uint8_t c = q[(b * g + j) / 2];
+      y[b * g + j] = (float)((c & 0xf) - zero) * sf;
+      y[b * g + j + 1] = (float)((c >> 4) - zero) * sf;
+    }
+  }
+}
+
+// int8: symmetric per row, fp32 scale = amax/127, q = round_half_even(x / scale).
+void quantize_row_int8(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t*, const pqk_qparams&) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < k; ++j) { float a = std::fabs(x[j]); amax = amax > a ? amax : a; }
+  const float scale = amax / 127.0f;
+  std::memcpy(s, &scale, 4);
+  for (int64_t j = 0; j < k; ++j) {
+    int v = scale == 0.0f ? 0 : round_even_i32(x[j] / scale);
+    v = v < -127 ? -127 : (v > 127 ? 127 : v);
+    q[j] = (uint8_t)(int8_t)v;
+  }
+}
+
+void dequantize_row_int8(const uint8_t* q, const uint8_t* s, const uint8_t*, int64_t k, float* y, const pqk_qparams&) {
+  float scale;
+  std::memcpy(&scale, s, 4);
+  for (int64_t j = 0; j < k; ++j) y[j] = (float)(int8_t)q[j] * scale;
+}
+
+}}  // namespace pqk::ref

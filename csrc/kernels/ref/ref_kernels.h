@@ -1,0 +1,47 @@
+// Scalar reference kernels: the oracle every variant is tested against, and the fallback
+// for slots no SIMD variant fills. Compiled with baseline flags and -ffp-contract=off.
+#pragma once
+#include "../common.h"
+
+namespace pqk { namespace ref {
+
+#define PQK_DECLARE_ROW_KERNELS(fmt)                                                                 \
+  void quantize_row_##fmt(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t* z,             \
+                          const pqk_qparams& p);                                                     \
+  void dequantize_row_##fmt(const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_t k, float* y, \
+                            const pqk_qparams& p);
+
+PQK_DECLARE_ROW_KERNELS(q4_0)
+PQK_DECLARE_ROW_KERNELS(q4_1)
+PQK_DECLARE_ROW_KERNELS(q8_0)
+PQK_DECLARE_ROW_KERNELS(q4_k)
+PQK_DECLARE_ROW_KERNELS(q6_k)
+PQK_DECLARE_ROW_KERNELS(iq4_nl)
+PQK_DECLARE_ROW_KERNELS(nf4)
+PQK_DECLARE_ROW_KERNELS(int4)
+PQK_DECLARE_ROW_KERNELS(int8)
+
+// int4 group parameters for one group of n values (shared by every variant so the scale
+// and zero point, which are scalar per group, are computed by one piece of code).
+// Returns the fp16-rounded scale as float in *sf, its fp16 bits in *s16 and the zero point.
+static inline void int4_group_params(const float* x, int64_t n, bool sym, float* sf, uint16_t* s16, int* zero) {
+  float mn = 0.0f, mx = 0.0f;  // GPTQ: the range always includes 0
+  for (int64_t i = 0; i < n; ++i) { mn = x[i] < mn ? x[i] : mn; mx = x[i] > mx ? x[i] : mx; }
+  if (sym) {
+    float a = -mn > mx ? -mn : mx;
+    mn = -a; mx = a;
+  }
+  if (mn == 0.0f && mx == 0.0f) { mn = -1.0f; mx = 1.0f; }
+  float scale = (mx - mn) / 15.0f;
+  if (scale > 65504.0f) scale = 65504.0f;  // fp16 saturates instead of becoming inf
+  *s16 = fp32_to_fp16(scale);
+  *sf = fp16_to_fp32(*s16);
+  if (sym) *zero = 8;
+  else if (*sf == 0.0f) *zero = 0;
+  else {
+    int z = round_even_i32(-mn / *sf);
+    *zero = z < 0 ? 0 : (z > 15 ? 15 : z);
+  }
+}
+
+}}  // namespace pqk::ref

@@ -1,0 +1,9 @@
+#include "../../core/kernel_table.h"
+
+namespace pqk { namespace avx512vnni {
+
+void register_kernels(KernelTable& t) {
+  (void)t;
+}
+
+}}  // namespace pqk::avx512vnni

@@ -1,0 +1,66 @@
+"""pyqkern: CPU quantization kernels (bit-exact ggml / GPTQ / NF4 formats, packed matmul).
+
+    import pyqkern as pq
+    qt = pq.quantize(w, "q4_0")      # w float32/float16/bfloat16 [N, K]
+    w2 = pq.dequantize(qt)           # float32 [N, K]
+"""
+from __future__ import annotations
+
+import os as _os
+
+from . import _formats, reference
+from ._ops import dequantize, quantize
+from ._qtensor import QTensor
+
+__version__ = "0.1.0"
+__all__ = ["QTensor", "quantize", "dequantize", "formats", "info", "variants", "set_num_threads",
+           "get_num_threads", "reference", "__version__"]
+
+
+def formats() -> list:
+    """Names of the supported formats."""
+    return list(_formats.FORMATS)
+
+
+def _nat():
+    from . import _native
+
+    return _native
+
+
+def variants() -> list:
+    """Native kernel variants compiled in that this CPU can run, best last."""
+    n = _nat()
+    return [name for i, name in enumerate(n.isa_names()) if n.isa_runnable(i)]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for native kernels (n <= 0: one per CPU). Results do not depend on it."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise TypeError("number of threads must be an int")
+    _nat().set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return _nat().get_num_threads()
+
+
+def info() -> dict:
+    """Version, CPU, features, compiled and active kernel variant, threads."""
+    n = _nat()
+    names = n.isa_names()
+    try:
+        active = names[n.active_isa()]
+    except RuntimeError as e:  # bad PYQKERN_ISA: say so instead of failing info()
+        active = f"error: {e}"
+    return {
+        "version": __version__,
+        "cpu": n.cpu_brand(),
+        "features": n.cpu_features().split(),
+        "compiled_variants": [v for i, v in enumerate(names) if n.isa_compiled(i)],
+        "runnable_variants": variants(),
+        "active_variant": active,
+        "forced_by_env": _os.environ.get("PYQKERN_ISA") or None,
+        "threads": n.get_num_threads(),
+        "formats": formats(),
+    }

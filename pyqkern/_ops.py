@@ -1,0 +1,132 @@
+"""quantize / dequantize on the three backends ("native", "numba", "reference")."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _formats, _qtensor, reference
+from ._qtensor import QTensor
+
+BACKENDS = ("native", "numba", "reference")
+
+try:
+    import ml_dtypes as _ml_dtypes
+
+    _BF16 = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # ml_dtypes is optional: bf16 may also come as raw uint16
+    _BF16 = None
+
+
+def _native():
+    from . import _native as n
+
+    return n
+
+
+def isa_id(isa) -> int:
+    """'avx2' -> its id; None -> -1 (the active variant)."""
+    if isa is None:
+        return -1
+    names = _native().isa_names()
+    if isa not in names:
+        raise ValueError(f"unknown variant {isa!r}; compiled variants are named {names}")
+    return names.index(isa)
+
+
+def as_float32_2d(w, what="w", bf16_uint16=True) -> np.ndarray:
+    """float32/float16/bfloat16 (ml_dtypes, or uint16 holding bf16 bits) 2-D -> float32 2-D.
+    Keeps a row-strided float32 array as it is (the kernels take a row stride)."""
+    if hasattr(w, "detach") and hasattr(w, "numpy"):  # a torch tensor on the CPU
+        import torch  # noqa: F401 - only reached when torch is present
+
+        if w.dtype == torch.bfloat16:
+            w = w.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+        else:
+            w = w.detach().numpy()
+    if not isinstance(w, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array (float32, float16 or bfloat16), got {type(w).__name__}")
+    if w.ndim != 2:
+        raise ValueError(f"{what} must be 2-D [N, K], got shape {w.shape}")
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"{what} is empty (shape {w.shape})")
+    dt = w.dtype
+    if dt == np.float32:
+        if w.strides[1] != 4 or w.strides[0] % 4 or w.strides[0] < 4 * w.shape[1]:
+            w = np.ascontiguousarray(w)
+        return w
+    if dt == np.float16 or dt == np.float64:
+        if dt == np.float64:
+            raise TypeError(f"{what} is float64; pass float32, float16 or bfloat16 (convert explicitly)")
+        return w.astype(np.float32)
+    if (_BF16 is not None and dt == _BF16) or (bf16_uint16 and dt == np.uint16):
+        bits = np.ascontiguousarray(w).view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32)
+    raise TypeError(f"{what} has dtype {dt}; expected float32, float16 or bfloat16")
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _backend_module(backend):
+    if backend == "reference":
+        return reference
+    from . import numba_kernels
+
+    return numba_kernels
+
+
+def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="native", isa=None) -> QTensor:
+    """Quantize a float weight [N, K] (rows = output channels) into ``fmt``.
+
+    NaN or Inf in ``w`` raises ValueError (no format can carry it). ``isa`` picks one native
+    variant by name (tests, benchmarks); default: the best one this CPU runs."""
+    _check_backend(backend)
+    if not isinstance(fmt, str):
+        raise TypeError(f"format must be a string, got {type(fmt).__name__}")
+    x = as_float32_2d(w)
+    n, k = x.shape
+    params = _formats.resolve_params(fmt, k, group, sym, double_quant)
+    if backend == "native":
+        rq, rs, rz = _formats.row_bytes(fmt, k, params)
+        dq = fmt == "nf4" and params.get("double_quant")
+        data = np.empty(n * (rq + rs + rz), dtype=np.uint8)
+        q = data[: n * rq].reshape(n, rq)
+        s = data[n * rq: n * (rq + rs)].reshape(n, rs) if rs else None
+        z = data[n * (rq + rs):].reshape(n, rz) if rz else None
+        _native().quantize(isa_id(isa), _formats.FORMAT_IDS[fmt], x, params["group"], params["sym"], q, s, z)
+        if not dq:
+            return QTensor(fmt, (n, k), data, params)
+        return _qtensor.assemble(fmt, n, k, params, q, s, z)
+    if isa is not None:
+        raise ValueError("isa= applies to the native backend only")
+    if not np.isfinite(x).all():
+        bad = int(np.argmax(~np.isfinite(x).all(axis=1)))
+        raise ValueError(f"{fmt}: weights contain NaN or Inf (row {bad})")
+    mod = _backend_module(backend)
+    fn = mod.QUANTIZE.get(fmt)
+    if fn is None:
+        raise NotImplementedError(f"{fmt}: quantize not available in the {backend} backend")
+    q, s, z = fn(np.ascontiguousarray(x), params["group"], params["sym"])
+    return _qtensor.assemble(fmt, n, k, params, q, s, z)
+
+
+def dequantize(qt: QTensor, *, backend="native", isa=None) -> np.ndarray:
+    """QTensor -> float32 [N, K]."""
+    _check_backend(backend)
+    if not isinstance(qt, QTensor):
+        raise TypeError(f"expected a QTensor, got {type(qt).__name__}")
+    n, k = qt.shape
+    q, s, z = qt.sections()
+    if backend == "native":
+        y = np.empty((n, k), dtype=np.float32)
+        _native().dequantize(isa_id(isa), _formats.FORMAT_IDS[qt.format], np.ascontiguousarray(q),
+                             np.ascontiguousarray(s) if s.size else None, np.ascontiguousarray(z) if z.size else None,
+                             n, k, qt.params["group"], qt.params["sym"], y)
+        return y
+    if isa is not None:
+        raise ValueError("isa= applies to the native backend only")
+    fn = _backend_module(backend).DEQUANTIZE.get(qt.format)
+    if fn is None:
+        raise NotImplementedError(f"{qt.format}: dequantize not available in the {backend} backend")
+    return fn(q, s, z, k, qt.params["group"], qt.params["sym"])

@@ -1,0 +1,136 @@
+"""QTensor: a quantized [N, K] weight (rows = output channels, K = input features)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _formats
+from . import _nf4_double
+
+
+class QTensor:
+    """Quantized weight. ``data`` holds the canonical bytes (see :mod:`pyqkern._formats`);
+    for ggml formats they are exactly the ggml block bytes, row after row."""
+
+    __slots__ = ("format", "shape", "params", "data", "_sections", "__weakref__")
+
+    def __init__(self, fmt: str, shape, data: np.ndarray, params: dict):
+        n, k = (int(shape[0]), int(shape[1]))
+        self.format = fmt
+        self.shape = (n, k)
+        self.params = dict(params)
+        self.data = data
+        self._sections = _split(fmt, n, k, self.params, data)
+
+    # -- sizes
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @property
+    def bits_per_weight(self) -> float:
+        n, k = self.shape
+        return self.nbytes * 8.0 / (n * k)
+
+    @property
+    def group(self) -> int:
+        return self.params.get("group", 0)
+
+    @property
+    def sym(self) -> bool:
+        return bool(self.params.get("sym", 0))
+
+    def sections(self):
+        """(q, s, z) uint8 arrays [N, rq], [N, rs], [N, rz] as the kernels take them.
+
+        nf4 with double quantization returns a freshly decompressed fp32 absmax as ``s``."""
+        q, s, z = self._sections["q"], self._sections.get("s"), self._sections.get("z")
+        if self.format == "nf4" and self.params.get("double_quant"):
+            d = self._sections
+            absmax = _nf4_double.decompress(d["absmax_codes"], d["nested_absmax"], d["offset"][0], d["code_map"])
+            s = absmax.reshape(self.shape[0], -1).view(np.uint8)
+        n = self.shape[0]
+        empty = np.zeros((n, 0), np.uint8)
+        return q, (s if s is not None else empty), (z if z is not None else empty)
+
+    @classmethod
+    def from_bytes(cls, fmt: str, shape, buf, *, group=None, sym=None, double_quant=False) -> "QTensor":
+        """Wrap canonical bytes (zero-copy for a contiguous buffer). Raises ValueError if the
+        length does not match the format and shape."""
+        try:
+            n, k = (int(v) for v in shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"shape must be (N, K), got {shape!r}") from None
+        if n <= 0 or k <= 0:
+            raise ValueError(f"shape must be positive, got {(n, k)}")
+        params = _formats.resolve_params(fmt, k, group, sym, double_quant)
+        data = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+        if data.dtype != np.uint8:
+            data = data.view(np.uint8) if data.flags.c_contiguous else np.ascontiguousarray(data).view(np.uint8)
+        data = data.reshape(-1)
+        need = total_bytes(fmt, n, k, params)
+        if data.size != need:
+            raise ValueError(f"{fmt} {n}x{k}: buffer has {data.size} bytes, expected {need}")
+        return cls(fmt, (n, k), data, params)
+
+    def __repr__(self):
+        extra = ""
+        if self.format in ("nf4", "int4"):
+            extra = f", group={self.group}" + (", sym" if self.sym else "") + (
+                ", double_quant" if self.params.get("double_quant") else "")
+        return (f"QTensor({self.format}, shape={self.shape}{extra}, "
+                f"{self.nbytes} bytes, {self.bits_per_weight:.3f} bits/weight)")
+
+    def __eq__(self, other):
+        return (isinstance(other, QTensor) and self.format == other.format and self.shape == other.shape
+                and self.params == other.params and np.array_equal(self.data, other.data))
+
+    __hash__ = None
+
+
+def _layout(fmt, n, k, params):
+    """[(name, nbytes, row_shape_or_None)] in storage order."""
+    rq, rs, rz = _formats.row_bytes(fmt, k, params)
+    out = [("q", n * rq, rq)]
+    if fmt == "nf4" and params.get("double_quant"):
+        nblk = n * k // params["group"]
+        nested = -(-nblk // _nf4_double.NESTED_BLOCK)
+        out += [("absmax_codes", nblk, None), ("nested_absmax", 4 * nested, None), ("offset", 4, None),
+                ("code_map", 4 * 256, None)]
+        return out
+    if rs:
+        out.append(("s", n * rs, rs))
+    if rz:
+        out.append(("z", n * rz, rz))
+    return out
+
+
+def total_bytes(fmt, n, k, params) -> int:
+    return sum(b for _, b, _ in _layout(fmt, n, k, params))
+
+
+_F32_SECTIONS = {"nested_absmax", "offset", "code_map"}
+
+
+def _split(fmt, n, k, params, data):
+    out, off = {}, 0
+    for name, nb, row in _layout(fmt, n, k, params):
+        part = data[off:off + nb]
+        off += nb
+        if row is not None:
+            part = part.reshape(n, row)
+        elif name in _F32_SECTIONS:
+            part = part.view(np.float32) if part.ctypes.data % 4 == 0 else part.copy().view(np.float32)
+        out[name] = part
+    return out
+
+
+def assemble(fmt, n, k, params, q, s, z) -> QTensor:
+    """Build a QTensor from kernel outputs (q, s, z row arrays)."""
+    if fmt == "nf4" and params.get("double_quant"):
+        codes, nested, offset, cmap = _nf4_double.compress(np.ascontiguousarray(s).view(np.float32))
+        parts = [q.ravel(), codes, nested.view(np.uint8), np.array([offset], np.float32).view(np.uint8),
+                 cmap.view(np.uint8)]
+    else:
+        parts = [a.ravel() for a in (q, s, z) if a is not None and a.size]
+    data = np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0]).ravel()
+    return QTensor(fmt, (n, k), data, params)

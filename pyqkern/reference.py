@@ -1,0 +1,270 @@
+"""NumPy specification of every op: the oracle the native and Numba backends are tested against.
+
+Row layout (shared by all backends): a quantized [N, K] tensor is up to three uint8 arrays,
+``q`` [N, rq] (codes or ggml block bytes), ``s`` [N, rs] (scales), ``z`` [N, rz] (zero points);
+see :mod:`pyqkern._formats`. Each format has
+``quantize_<fmt>(x, group, sym) -> (q, s, z)`` and ``dequantize_<fmt>(q, s, z, k, group, sym) -> y``,
+collected in :data:`QUANTIZE` / :data:`DEQUANTIZE`.
+
+Written for clarity, vectorised over blocks; all float arithmetic is float32 with the same
+operation order as the C++ reference (no fused multiply-add), so results are bit-identical.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+
+NF4_CODE = np.array(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+     0.7229568362236023, 1.0], dtype=F32)
+NF4_MID = ((NF4_CODE[:-1] + NF4_CODE[1:]) * F32(0.5)).astype(F32)
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+
+_EMPTY = None
+
+
+def _empty(n):
+    return np.zeros((n, 0), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- scalar semantics, vectorised
+def cvtt_i32(v):
+    """float32 -> int32 truncation with x86 semantics: NaN/out of range -> INT32_MIN."""
+    v = np.asarray(v, dtype=F32)
+    ok = (v > F32(-2147483904.0)) & (v < F32(2147483648.0))
+    with np.errstate(invalid="ignore"):
+        out = np.where(ok, np.trunc(np.where(ok, v, 0)), 0).astype(np.int64)
+    return np.where(ok, out, np.iinfo(np.int32).min).astype(np.int64)
+
+
+def round_away(v):
+    """C roundf (half away from zero) in float32."""
+    v = np.asarray(v, dtype=F32)
+    with np.errstate(invalid="ignore"):
+        t = np.trunc(v)
+        d = v - t
+        t = np.where(d >= F32(0.5), t + F32(1), np.where(d <= F32(-0.5), t - F32(1), t))
+    return t.astype(F32)
+
+
+def low_byte(i):
+    return (np.asarray(i, dtype=np.int64) & 0xFF).astype(np.uint8)
+
+
+def f16_bytes(v):
+    """float32 values -> their IEEE half bytes (round to nearest even), last axis x2."""
+    v = np.asarray(v, dtype=F32)
+    with np.errstate(over="ignore"):
+        h = v.astype(np.float16)
+    return h.reshape(v.shape + (1,)).view(np.uint8).reshape(v.shape[:-1] + (v.shape[-1] * 2,))
+
+
+def f16_values(b):
+    """uint8 [..., 2m] -> float32 [..., m]"""
+    b = np.ascontiguousarray(b)
+    return b.view(np.float16).astype(F32)
+
+
+def _pack_split_halves(codes):
+    """[nb, 32] codes -> [nb, 16] bytes: byte j = code j (low) | code j+16 (high)."""
+    return (codes[:, :16] | (codes[:, 16:] << 4)).astype(np.uint8)
+
+
+def _unpack_split_halves(qs):
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+# ---------------------------------------------------------------- ggml block-32 formats
+def quantize_q4_0(x, group=0, sym=0):
+    n, k = x.shape
+    b = x.reshape(-1, 32).astype(F32)
+    imax = np.abs(b).argmax(axis=1)
+    mx = b[np.arange(b.shape[0]), imax][:, None]
+    d = (mx / F32(-8)).astype(F32)
+    with np.errstate(divide="ignore"):
+        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = (b * idv + F32(8.5)).astype(F32)
+    c = low_byte(cvtt_i32(v)).view(np.int8).astype(np.int32)
+    c = np.clip(np.minimum(c, 15), 0, 15).astype(np.uint8)
+    blocks = np.concatenate([f16_bytes(d), _pack_split_halves(c)], axis=1)
+    return blocks.reshape(n, -1), _empty(n), _empty(n)
+
+
+def dequantize_q4_0(q, s, z, k, group=0, sym=0):
+    n = q.shape[0]
+    b = q.reshape(-1, 18)
+    d = f16_values(b[:, :2])
+    c = _unpack_split_halves(b[:, 2:]).astype(np.int32) - 8
+    return (c.astype(F32) * d).astype(F32).reshape(n, k)
+
+
+def quantize_q4_1(x, group=0, sym=0):
+    n, k = x.shape
+    b = x.reshape(-1, 32).astype(F32)
+    mn = b.min(axis=1, keepdims=True)
+    mx = b.max(axis=1, keepdims=True)
+    d = ((mx - mn) / F32(15)).astype(F32)
+    with np.errstate(divide="ignore"):
+        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = ((b - mn) * idv + F32(0.5)).astype(F32)
+    c = low_byte(cvtt_i32(v)).view(np.int8).astype(np.int32)
+    c = np.clip(c, 0, 15).astype(np.uint8)
+    blocks = np.concatenate([f16_bytes(d), f16_bytes(mn), _pack_split_halves(c)], axis=1)
+    return blocks.reshape(n, -1), _empty(n), _empty(n)
+
+
+def dequantize_q4_1(q, s, z, k, group=0, sym=0):
+    n = q.shape[0]
+    b = q.reshape(-1, 20)
+    d = f16_values(b[:, 0:2])
+    m = f16_values(b[:, 2:4])
+    c = _unpack_split_halves(b[:, 4:]).astype(F32)
+    return (d * c + m).astype(F32).reshape(n, k)
+
+
+def quantize_q8_0(x, group=0, sym=0):
+    n, k = x.shape
+    b = x.reshape(-1, 32).astype(F32)
+    d = (np.abs(b).max(axis=1, keepdims=True) / F32(127)).astype(F32)
+    with np.errstate(divide="ignore"):
+        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = (b * idv).astype(F32)
+    c = low_byte(cvtt_i32(round_away(v)))
+    blocks = np.concatenate([f16_bytes(d), c], axis=1)
+    return blocks.reshape(n, -1), _empty(n), _empty(n)
+
+
+def dequantize_q8_0(q, s, z, k, group=0, sym=0):
+    n = q.shape[0]
+    b = q.reshape(-1, 34)
+    d = f16_values(b[:, :2])
+    c = np.ascontiguousarray(b[:, 2:]).view(np.int8).astype(F32)
+    return (c * d).astype(F32).reshape(n, k)
+
+
+def dequantize_iq4_nl(q, s, z, k, group=0, sym=0):
+    n = q.shape[0]
+    b = q.reshape(-1, 18)
+    d = f16_values(b[:, :2])
+    c = IQ4NL_VALUES[_unpack_split_halves(b[:, 2:])].astype(F32)
+    return (d * c).astype(F32).reshape(n, k)
+
+
+# ---------------------------------------------------------------- nf4 (bitsandbytes)
+def nf4_index(v):
+    """Nearest NF4 code of v in [-1, 1]; an exact midpoint goes to the lower code."""
+    return (v[..., None] > NF4_MID).sum(axis=-1).astype(np.uint8)
+
+
+def quantize_nf4(x, group=64, sym=0):
+    n, k = x.shape
+    b = x.reshape(-1, group).astype(F32)
+    amax = np.abs(b).max(axis=1, keepdims=True).astype(F32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        idx = np.where(amax == 0, np.uint8(7), nf4_index((b / amax).astype(F32)))
+    idx = idx.reshape(n, k)
+    q = ((idx[:, 0::2] << 4) | idx[:, 1::2]).astype(np.uint8)
+    s = amax.reshape(n, -1).view(np.uint8).reshape(n, -1)
+    return q, np.ascontiguousarray(s), _empty(n)
+
+
+def dequantize_nf4(q, s, z, k, group=64, sym=0):
+    n = q.shape[0]
+    idx = np.empty((n, k), dtype=np.uint8)
+    idx[:, 0::2] = q >> 4
+    idx[:, 1::2] = q & 0x0F
+    amax = np.ascontiguousarray(s).view(F32).reshape(n, -1)
+    vals = NF4_CODE[idx].reshape(n, -1, group)
+    return (vals * amax[:, :, None]).astype(F32).reshape(n, k)
+
+
+# ---------------------------------------------------------------- int4 (GPTQ-style)
+def int4_group_params(g, sym):
+    """g: [groups, gs] float32 -> (scale as float32 after fp16 rounding, fp16 bytes, zero int)."""
+    mn = np.minimum(g.min(axis=1), F32(0)).astype(F32)
+    mx = np.maximum(g.max(axis=1), F32(0)).astype(F32)
+    if sym:
+        a = np.maximum(-mn, mx)
+        mn, mx = -a, a
+    both0 = (mn == 0) & (mx == 0)
+    mn = np.where(both0, F32(-1), mn).astype(F32)
+    mx = np.where(both0, F32(1), mx).astype(F32)
+    scale = ((mx - mn) / F32(15)).astype(F32)
+    scale = np.minimum(scale, F32(65504)).astype(F32)
+    s16 = scale.astype(np.float16)
+    sf = s16.astype(F32)
+    if sym:
+        zero = np.full(sf.shape, 8, dtype=np.int64)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zr = cvtt_i32(np.rint((-mn / sf).astype(F32)))
+        zero = np.where(sf == 0, 0, np.clip(zr, 0, 15))
+    return sf, s16, zero
+
+
+def quantize_int4(x, group=128, sym=0):
+    n, k = x.shape
+    gs = k if group == -1 else group
+    g = x.reshape(-1, gs).astype(F32)
+    sf, s16, zero = int4_group_params(g, sym)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = cvtt_i32(np.rint((g / sf[:, None]).astype(F32)))
+    c = np.where(sf[:, None] == 0, zero[:, None], r + zero[:, None])
+    c = np.clip(c, 0, 15).astype(np.uint8).reshape(n, k)
+    q = (c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)
+    s = s16.reshape(n, -1).view(np.uint8).reshape(n, -1)
+    z = _empty(n) if sym else zero.astype(np.uint8).reshape(n, -1)
+    return q, np.ascontiguousarray(s), z
+
+
+def dequantize_int4(q, s, z, k, group=128, sym=0):
+    n = q.shape[0]
+    gs = k if group == -1 else group
+    c = np.empty((n, k), dtype=np.int32)
+    c[:, 0::2] = q & 0x0F
+    c[:, 1::2] = q >> 4
+    sf = np.ascontiguousarray(s).view(np.float16).astype(F32).reshape(n, -1)
+    zero = np.full(sf.shape, 8, np.int32) if sym else z.astype(np.int32).reshape(n, -1)
+    c = c.reshape(n, -1, gs) - zero[:, :, None]
+    return (c.astype(F32) * sf[:, :, None]).astype(F32).reshape(n, k)
+
+
+# ---------------------------------------------------------------- int8 (per channel)
+def quantize_int8(x, group=0, sym=0):
+    n, k = x.shape
+    x = x.astype(F32)
+    scale = (np.abs(x).max(axis=1) / F32(127)).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = cvtt_i32(np.rint((x / scale[:, None]).astype(F32)))
+    c = np.where(scale[:, None] == 0, 0, np.clip(r, -127, 127)).astype(np.int8)
+    return c.view(np.uint8), scale.reshape(n, 1).view(np.uint8).reshape(n, 4), _empty(n)
+
+
+def dequantize_int8(q, s, z, k, group=0, sym=0):
+    n = q.shape[0]
+    scale = np.ascontiguousarray(s).view(F32).reshape(n, 1)
+    return (np.ascontiguousarray(q).view(np.int8).astype(F32) * scale).astype(F32)
+
+
+QUANTIZE = {
+    "q4_0": quantize_q4_0, "q4_1": quantize_q4_1, "q8_0": quantize_q8_0,
+    "nf4": quantize_nf4, "int4": quantize_int4, "int8": quantize_int8,
+}
+DEQUANTIZE = {
+    "q4_0": dequantize_q4_0, "q4_1": dequantize_q4_1, "q8_0": dequantize_q8_0,
+    "iq4_nl": dequantize_iq4_nl, "nf4": dequantize_nf4, "int4": dequantize_int4, "int8": dequantize_int8,
+}
+
+try:  # K-quants and iq4_nl quantize live in their own module
+    from .reference_kquants import DEQUANTIZE as _KD, QUANTIZE as _KQ
+
+    QUANTIZE.update(_KQ)
+    DEQUANTIZE.update(_KD)
+except ImportError:  # pragma: no cover - only while that module is being written
+    pass
