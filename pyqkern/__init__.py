@@ -9,11 +9,12 @@ from __future__ import annotations
 import os as _os
 
 from . import _formats, reference
+from ._matmul import QLinear, matmul
 from ._ops import dequantize, quantize
 from ._qtensor import QTensor
 
 __version__ = "0.1.0"
-__all__ = ["QTensor", "quantize", "dequantize", "formats", "info", "variants", "set_num_threads",
+__all__ = ["QTensor", "QLinear", "matmul", "quantize", "dequantize", "formats", "info", "variants", "set_num_threads",
            "get_num_threads", "reference", "__version__"]
 
 

@@ -11,7 +11,7 @@ class QTensor:
     """Quantized weight. ``data`` holds the canonical bytes (see :mod:`pyqkern._formats`);
     for ggml formats they are exactly the ggml block bytes, row after row."""
 
-    __slots__ = ("format", "shape", "params", "data", "_sections", "__weakref__")
+    __slots__ = ("format", "shape", "params", "data", "_sections", "_packed", "__weakref__")
 
     def __init__(self, fmt: str, shape, data: np.ndarray, params: dict):
         n, k = (int(shape[0]), int(shape[1]))
@@ -20,6 +20,7 @@ class QTensor:
         self.params = dict(params)
         self.data = data
         self._sections = _split(fmt, n, k, self.params, data)
+        self._packed = None  # int8-kernel layout, made by the first matmul (see release_packed)
 
     # -- sizes
     @property
@@ -38,6 +39,10 @@ class QTensor:
     @property
     def sym(self) -> bool:
         return bool(self.params.get("sym", 0))
+
+    def release_packed(self) -> None:
+        """Drop the cached int8-kernel layout that pyqkern.matmul made (QLinear keeps its own)."""
+        self._packed = None
 
     def sections(self):
         """(q, s, z) uint8 arrays [N, rq], [N, rs], [N, rz] as the kernels take them.

@@ -268,3 +268,130 @@ try:  # K-quants and iq4_nl quantize live in their own module
     DEQUANTIZE.update(_KD)
 except ImportError:  # pragma: no cover - only while that module is being written
     pass
+
+
+# ---------------------------------------------------------------- matmul (the spec)
+NF4_I8 = np.array([np.float32(np.rint(np.float32(127) * c)) for c in NF4_CODE], dtype=np.int32)
+QBLK = 32
+
+
+def decompose(fmt, q, s, z, k, group, sym):
+    """Per row n and weight block b: w = a * (u - o) + m (see csrc/core/packed.h).
+
+    Returns (blk, u int64 [N, K], a f32 [N, nb], o int64 [N, nb], m f32 [N, nb] or None).
+    nf4 uses its code book rounded to 1/127 (the int8 path's only approximation)."""
+    n = q.shape[0]
+    if fmt in ("q4_0", "q4_1", "iq4_nl"):
+        bs = 20 if fmt == "q4_1" else 18
+        b = q.reshape(n, -1, bs)
+        a = f16_values(np.ascontiguousarray(b[:, :, 0:2]).reshape(n, -1)).reshape(n, -1)
+        qs = b[:, :, 4:] if fmt == "q4_1" else b[:, :, 2:]
+        u = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, k).astype(np.int64)
+        m = None
+        if fmt == "q4_0":
+            o = np.full(a.shape, 8, np.int64)
+        elif fmt == "iq4_nl":
+            u = IQ4NL_VALUES.astype(np.int64)[u] + 128
+            o = np.full(a.shape, 128, np.int64)
+        else:
+            o = np.zeros(a.shape, np.int64)
+            m = f16_values(np.ascontiguousarray(b[:, :, 2:4]).reshape(n, -1)).reshape(n, -1)
+        return 32, u, a, o, m
+    if fmt == "q8_0":
+        b = q.reshape(n, -1, 34)
+        a = f16_values(np.ascontiguousarray(b[:, :, 0:2]).reshape(n, -1)).reshape(n, -1)
+        u = np.ascontiguousarray(b[:, :, 2:]).view(np.int8).reshape(n, k).astype(np.int64) + 128
+        return 32, u, a, np.full(a.shape, 128, np.int64), None
+    if fmt == "int8":
+        sc = np.ascontiguousarray(s).view(F32).reshape(n, 1)
+        a = np.repeat(sc, k // 32, axis=1).astype(F32)
+        u = np.ascontiguousarray(q).view(np.int8).astype(np.int64) + 128
+        return 32, u, a, np.full(a.shape, 128, np.int64), None
+    if fmt == "nf4":
+        idx = np.empty((n, k), np.int64)
+        idx[:, 0::2] = q >> 4
+        idx[:, 1::2] = q & 0x0F
+        amax = np.ascontiguousarray(s).view(F32).reshape(n, -1)
+        a = np.repeat((amax / F32(127)).astype(F32), group // 32, axis=1)
+        return 32, NF4_I8[idx].astype(np.int64) + 128, a, np.full(a.shape, 128, np.int64), None
+    if fmt == "int4":
+        gs = k if group == -1 else group
+        u = np.empty((n, k), np.int64)
+        u[:, 0::2] = q & 0x0F
+        u[:, 1::2] = q >> 4
+        sf = np.ascontiguousarray(s).view(np.float16).astype(F32).reshape(n, -1)
+        zz = np.full(sf.shape, 8, np.int64) if sym else z.astype(np.int64).reshape(n, -1)
+        rep = gs // 32
+        return 32, u, np.repeat(sf, rep, axis=1), np.repeat(zz, rep, axis=1), None
+    if fmt == "q4_k":
+        b = q.reshape(n, -1, 144)
+        nsb = b.shape[1]
+        d = f16_values(np.ascontiguousarray(b[:, :, 0:2]).reshape(n, -1)).reshape(n, nsb, 1)
+        dmin = f16_values(np.ascontiguousarray(b[:, :, 2:4]).reshape(n, -1)).reshape(n, nsb, 1)
+        sc = b[:, :, 4:16].astype(np.int64)
+        scale = np.empty((n, nsb, 8), np.int64)
+        mins = np.empty((n, nsb, 8), np.int64)
+        scale[:, :, :4] = sc[:, :, 0:4] & 63
+        mins[:, :, :4] = sc[:, :, 4:8] & 63
+        scale[:, :, 4:] = (sc[:, :, 8:12] & 0xF) | ((sc[:, :, 0:4] >> 6) << 4)
+        mins[:, :, 4:] = (sc[:, :, 8:12] >> 4) | ((sc[:, :, 4:8] >> 6) << 4)
+        qs = b[:, :, 16:].reshape(n, nsb, 4, 32)
+        u = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, k).astype(np.int64)
+        a = (d * scale.astype(F32)).astype(F32).reshape(n, -1)
+        m = (-(dmin * mins.astype(F32))).astype(F32).reshape(n, -1)
+        return 32, u, a, np.zeros(a.shape, np.int64), m
+    if fmt == "q6_k":
+        b = q.reshape(n, -1, 210)
+        nsb = b.shape[1]
+        ql = b[:, :, :128].reshape(n, nsb, 2, 64)
+        qh = b[:, :, 128:192].reshape(n, nsb, 2, 32)
+        sc = np.ascontiguousarray(b[:, :, 192:208]).view(np.int8).astype(F32)
+        d = f16_values(np.ascontiguousarray(b[:, :, 208:210]).reshape(n, -1)).reshape(n, nsb, 1)
+        lo = np.concatenate([ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=3)
+        hi = np.concatenate([qh & 3, (qh >> 2) & 3, (qh >> 4) & 3, (qh >> 6) & 3], axis=3)
+        u = (lo | (hi << 4)).reshape(n, k).astype(np.int64)
+        a = (d * sc).astype(F32).reshape(n, -1)
+        return 16, u, a, np.full(a.shape, 32, np.int64), None
+    raise ValueError(fmt)
+
+
+def quantize_activations(x):
+    """x f32 [M, K] -> (xq int8 [M, K], dx f32 [M, K/32]): dx = amax/127, xq = rint(x * (1/dx))."""
+    mm, k = x.shape
+    b = x.reshape(mm, -1, QBLK).astype(F32)
+    d = (np.abs(b).max(axis=2) / F32(127)).astype(F32)
+    with np.errstate(divide="ignore"):
+        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+    v = np.rint((b * idv[:, :, None]).astype(F32))
+    xq = np.clip(v, -127, 127).astype(np.int8).reshape(mm, k)
+    return xq, d
+
+
+def matmul_int8(x, fmt, q, s, z, n, k, group, sym, bias=None):
+    """The int8-compute result, exactly as every native variant computes it."""
+    blk, u, a, o, m = decompose(fmt, q, s, z, k, group, sym)
+    xq, dx = quantize_activations(np.asarray(x, F32))
+    xq64 = xq.astype(np.int64)
+    mm = x.shape[0]
+    acc = np.zeros((mm, n), F32)
+    for b in range(k // blk):
+        sl = slice(b * blk, (b + 1) * blk)
+        xs = xq64[:, sl].sum(axis=1)                                   # [M]
+        isum = xq64[:, sl] @ u[:, sl].T - xs[:, None] * o[None, :, b]  # [M, N] exact
+        d = dx[:, (b * blk) // QBLK]
+        da = (a[None, :, b] * d[:, None]).astype(F32)
+        acc = (acc + (isum.astype(F32) * da).astype(F32)).astype(F32)
+        if m is not None:
+            mx = (d * xs.astype(F32)).astype(F32)
+            acc = (acc + (m[None, :, b] * mx[:, None]).astype(F32)).astype(F32)
+    if bias is not None:
+        acc = (acc + np.asarray(bias, F32)[None, :]).astype(F32)
+    return acc
+
+
+def matmul_float(x, w_deq, bias=None):
+    """compute="float": x @ dequantize(W).T in float32 (BLAS order; error bound in the docs)."""
+    y = np.asarray(x, F32) @ w_deq.T
+    if bias is not None:
+        y = y + np.asarray(bias, F32)
+    return y.astype(F32)

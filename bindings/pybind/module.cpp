@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <string>
 
 #include "core/cpu_features.h"
@@ -53,6 +54,32 @@ py::buffer_info contiguous(py::buffer b, bool writable, int64_t need, const char
   return info;
 }
 
+struct Packed {
+  pqk_packed* p = nullptr;
+  int64_t n = 0, k = 0;
+  ~Packed() { pqk_packed_free(p); }
+};
+
+// float32 2-D array with contiguous rows -> (ptr, m, k, row stride in floats)
+struct Rows { const float* p; int64_t m, k, ld; };
+Rows rows_of(const py::array& x, const char* what) {
+  if (x.dtype().kind() != 'f' || x.itemsize() != 4) throw py::type_error(std::string(what) + " must be float32");
+  if (x.ndim() != 2) throw py::value_error(std::string(what) + " must be 2-D");
+  const int64_t m = x.shape(0), k = x.shape(1);
+  if (k > 1 && x.strides(1) != 4) throw py::value_error(std::string(what) + " rows must be contiguous");
+  if (m > 1 && (x.strides(0) % 4 != 0 || x.strides(0) < 4 * k)) throw py::value_error(std::string(what) + ": bad row stride");
+  return {static_cast<const float*>(x.data()), m, k, m > 1 ? (int64_t)(x.strides(0) / 4) : k};
+}
+
+const float* bias_ptr(const py::object& bias, int64_t n) {
+  if (bias.is_none()) return nullptr;
+  py::array b = bias.cast<py::array>();
+  if (b.dtype().kind() != 'f' || b.itemsize() != 4 || b.ndim() != 1 || b.shape(0) != n ||
+      (n > 1 && b.strides(0) != 4))
+    throw py::value_error("bias must be a contiguous float32 array of shape (N,)");
+  return static_cast<const float*>(b.data());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -88,6 +115,84 @@ PYBIND11_MODULE(_native, m) {
       py::object dn = t.dequantize[f] ? py::object(py::str(pqk_isa_name(t.dequantize_isa[f]))) : py::object(py::none());
       d[py::str(pqk_format_name(f))] = py::make_tuple(qn, dn);
     }
+    return d;
+  });
+  py::class_<Packed, std::shared_ptr<Packed>>(m, "Packed")
+      .def_property_readonly("nbytes", [](const Packed& p) { return pqk_packed_nbytes(p.p); })
+      .def_readonly("n", &Packed::n)
+      .def_readonly("k", &Packed::k);
+
+  m.def("int8_supported", [](int fmt, int64_t k, int group, int sym) {
+    pqk_qparams p{group, sym};
+    return pqk_int8_supported(fmt, k, &p) == 1;
+  });
+
+  m.def("pack", [](int fmt, py::buffer q, py::object s, py::object z, int64_t n, int64_t k, int group, int sym) {
+    pqk_qparams p{group, sym};
+    if (n <= 0) throw py::value_error("n must be positive");
+    pqk_row_bytes rb = row_bytes(fmt, k, p);
+    auto qi = contiguous(q, false, n * rb.q, "q");
+    const void* sp = nullptr; const void* zp = nullptr;
+    py::buffer_info si, zi;
+    if (rb.s) { if (s.is_none()) throw py::value_error("s buffer missing"); si = contiguous(s.cast<py::buffer>(), false, n * rb.s, "s"); sp = si.ptr; }
+    if (rb.z) { if (z.is_none()) throw py::value_error("z buffer missing"); zi = contiguous(z.cast<py::buffer>(), false, n * rb.z, "z"); zp = zi.ptr; }
+    auto out = std::make_shared<Packed>();
+    out->n = n; out->k = k;
+    pqk_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = pqk_pack(fmt, qi.ptr, sp, zp, n, k, &p, &out->p);
+    }
+    check(st);
+    return out;
+  });
+
+  m.def("matmul_int8", [](int isa, const Packed& w, py::array x, py::object bias, py::array y) {
+    Rows xr = rows_of(x, "x");
+    if (xr.k != w.k) throw py::value_error("x has K=" + std::to_string(xr.k) + ", weight has K=" + std::to_string(w.k));
+    Rows yr = rows_of(y, "out");
+    if (yr.m != xr.m || yr.k != w.n) throw py::value_error("out has the wrong shape");
+    if (!y.writeable()) throw py::value_error("out is read-only");
+    const float* bp = bias_ptr(bias, w.n);
+    pqk_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = pqk_matmul_int8(isa, w.p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld);
+    }
+    check(st);
+  });
+
+  m.def("matmul_float", [](int isa, int fmt, py::buffer q, py::object s, py::object z, int64_t n, int64_t k, int group,
+                           int sym, py::array x, py::object bias, py::array y) {
+    pqk_qparams p{group, sym};
+    if (n <= 0) throw py::value_error("n must be positive");
+    pqk_row_bytes rb = row_bytes(fmt, k, p);
+    auto qi = contiguous(q, false, n * rb.q, "q");
+    const void* sp = nullptr; const void* zp = nullptr;
+    py::buffer_info si, zi;
+    if (rb.s) { if (s.is_none()) throw py::value_error("s buffer missing"); si = contiguous(s.cast<py::buffer>(), false, n * rb.s, "s"); sp = si.ptr; }
+    if (rb.z) { if (z.is_none()) throw py::value_error("z buffer missing"); zi = contiguous(z.cast<py::buffer>(), false, n * rb.z, "z"); zp = zi.ptr; }
+    Rows xr = rows_of(x, "x");
+    if (xr.k != k) throw py::value_error("x has K=" + std::to_string(xr.k) + ", weight has K=" + std::to_string(k));
+    Rows yr = rows_of(y, "out");
+    if (yr.m != xr.m || yr.k != n) throw py::value_error("out has the wrong shape");
+    if (!y.writeable()) throw py::value_error("out is read-only");
+    const float* bp = bias_ptr(bias, n);
+    pqk_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = pqk_matmul_float(isa, fmt, qi.ptr, sp, zp, n, k, &p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld);
+    }
+    check(st);
+  });
+
+  m.def("matmul_sources", [](int isa) {
+    if (!pqk::isa_runnable(isa)) throw py::value_error("variant not runnable");
+    const pqk::KernelTable& t = pqk::kernel_table(isa);
+    py::dict d;
+    d["quantize_act"] = pqk_isa_name(t.quantize_act_isa);
+    d["gemm_int8"] = pqk_isa_name(t.gemm_int8_isa);
+    d["gemm_f32"] = pqk_isa_name(t.gemm_f32_isa);
     return d;
   });
   m.def("set_num_threads", [](int n) { check(pqk_set_num_threads(n)); });

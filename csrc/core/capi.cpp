@@ -69,7 +69,7 @@ pqk_row_bytes row_bytes(int fmt, int64_t k, pqk_qparams& p) {
   return r;
 }
 
-static int resolve_isa(int32_t isa) {
+int resolve_isa(int32_t isa) {
   if (isa == PQK_ISA_ACTIVE) return active_isa();
   if (isa < 0 || isa >= PQK_ISA_COUNT) throw Error(PQK_ERR_ARG, "unknown ISA id " + std::to_string(isa));
   if (!isa_compiled(isa)) throw Error(PQK_ERR_ISA, std::string("variant '") + kIsaNames[isa] + "' is not compiled in");
@@ -80,7 +80,7 @@ static int resolve_isa(int32_t isa) {
 }
 
 // True if every value is finite. Written branch-free so the compiler vectorises it.
-static bool row_finite(const float* x, int64_t k) {
+bool row_finite(const float* x, int64_t k) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < k; ++i) {
     uint32_t u;

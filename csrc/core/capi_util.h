@@ -39,4 +39,9 @@ pqk_status guarded(F&& f) {
 // Resolves defaults and validates params for fmt with row length k; throws Error.
 pqk_row_bytes row_bytes(int fmt, int64_t k, pqk_qparams& p);
 
+// isa id (or PQK_ISA_ACTIVE) -> a runnable variant; throws Error.
+int resolve_isa(int32_t isa);
+// true if no NaN/Inf in x[0:k]
+bool row_finite(const float* x, int64_t k);
+
 }  // namespace pqk

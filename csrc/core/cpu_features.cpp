@@ -47,6 +47,7 @@ static CpuFeatures detect() {
   if (max_leaf >= 7) {
     cpuid(7, 0, r);
     f.avx2 = r[1] & (1u << 5);
+    f.bmi1 = r[1] & (1u << 3);
     f.bmi2 = r[1] & (1u << 8);
     f.avx512f = r[1] & (1u << 16);
     f.avx512dq = r[1] & (1u << 17);
@@ -84,7 +85,7 @@ std::string cpu_feature_string() {
   std::string s;
   auto add = [&](bool b, const char* n) { if (b) { if (!s.empty()) s += ' '; s += n; } };
   add(f.sse42, "sse4.2"); add(f.avx, "avx"); add(f.fma, "fma"); add(f.f16c, "f16c");
-  add(f.avx2, "avx2"); add(f.bmi2, "bmi2"); add(f.avxvnni, "avxvnni");
+  add(f.avx2, "avx2"); add(f.bmi1, "bmi1"); add(f.bmi2, "bmi2"); add(f.avxvnni, "avxvnni");
   add(f.avx512f, "avx512f"); add(f.avx512dq, "avx512dq"); add(f.avx512bw, "avx512bw");
   add(f.avx512vl, "avx512vl"); add(f.avx512vnni, "avx512vnni"); add(f.avx512bf16, "avx512bf16");
   return s;

@@ -30,8 +30,8 @@ static bool cpu_can_run(int isa) {
   const CpuFeatures& f = cpu_features();
   switch (isa) {
     case PQK_ISA_REF: return true;
-    case PQK_ISA_AVX2: return f.avx2 && f.fma && f.f16c && f.bmi2;
-    case PQK_ISA_AVX512: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.f16c && f.fma && f.bmi2;
+    case PQK_ISA_AVX2: return f.avx2 && f.fma && f.f16c && f.bmi1 && f.bmi2;
+    case PQK_ISA_AVX512: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.f16c && f.fma && f.bmi1 && f.bmi2;
     case PQK_ISA_AVX512VNNI: return cpu_can_run(PQK_ISA_AVX512) && f.avx512vnni;
     default: return false;
   }
@@ -48,6 +48,9 @@ struct Tables {
     auto overlay = [](KernelTable& dst, void (*reg)(KernelTable&), int isa) {
       KernelTable mine;
       reg(mine);
+      if (mine.quantize_act) { dst.quantize_act = mine.quantize_act; dst.quantize_act_isa = (int8_t)isa; }
+      if (mine.gemm_int8) { dst.gemm_int8 = mine.gemm_int8; dst.gemm_int8_isa = (int8_t)isa; }
+      if (mine.gemm_f32) { dst.gemm_f32 = mine.gemm_f32; dst.gemm_f32_isa = (int8_t)isa; }
       for (int f = 0; f < PQK_FORMAT_COUNT; ++f) {
         if (mine.quantize[f]) { dst.quantize[f] = mine.quantize[f]; dst.quantize_isa[f] = (int8_t)isa; }
         if (mine.dequantize[f]) { dst.dequantize[f] = mine.dequantize[f]; dst.dequantize_isa[f] = (int8_t)isa; }

@@ -13,7 +13,23 @@ using quantize_row_fn = void (*)(const float* x, int64_t k, uint8_t* q, uint8_t*
 using dequantize_row_fn = void (*)(const uint8_t* q, const uint8_t* s, const uint8_t* z,
                                    int64_t k, float* y, const pqk_qparams& p);
 
+struct PackedWeight;
+struct ActQ;
+
+// Activations of one row: k floats -> xq int8 [k], dx [k/32], xs [k/16] (sums of xq per 16).
+using quantize_act_fn = void (*)(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs);
+// One 16-row tile of y[m0:m1, 16*tile : 16*tile+16] from packed weights (int8 compute).
+using gemm_int8_fn = void (*)(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1,
+                              float* y, int64_t ldy, const float* bias);
+// y[i, r] = dot(x[i, :k], w[r, :k]) (+ bias[r]) for r < nr, i < m: fp32 products, fp32 sums.
+using gemm_f32_fn = void (*)(const float* w, int nr, int64_t k, const float* x, int64_t ldx, int64_t m,
+                             float* y, int64_t ldy, const float* bias);
+
 struct KernelTable {
+  quantize_act_fn quantize_act = nullptr;
+  gemm_int8_fn gemm_int8 = nullptr;
+  gemm_f32_fn gemm_f32 = nullptr;
+  int8_t quantize_act_isa = 0, gemm_int8_isa = 0, gemm_f32_isa = 0;
   quantize_row_fn quantize[PQK_FORMAT_COUNT] = {};
   dequantize_row_fn dequantize[PQK_FORMAT_COUNT] = {};
   // Where each slot came from (for info() and tests): the pqk_isa that filled it.

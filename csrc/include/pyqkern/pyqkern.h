@@ -101,6 +101,29 @@ PQK_API pqk_status pqk_dequantize(int32_t isa, int32_t fmt, const void* q, const
                                   const void* z, int64_t n, int64_t k, const pqk_qparams* params,
                                   float* y);
 
+/* ---- matmul: y[m, n] = x[m, :] . W[n, :] (+ bias[n]) ------------------------------------ */
+
+/* Prepacked weight for compute="int8" (opaque; see csrc/core/packed.h for the arithmetic). */
+typedef struct pqk_packed pqk_packed;
+
+/* 1 if compute="int8" is available for this format/K/params (K % 32 == 0; int4 group >= 32). */
+PQK_API int32_t pqk_int8_supported(int32_t fmt, int64_t k, const pqk_qparams* params);
+PQK_API pqk_status pqk_pack(int32_t fmt, const void* q, const void* s, const void* z, int64_t n, int64_t k,
+                            const pqk_qparams* params, pqk_packed** out);
+PQK_API void pqk_packed_free(pqk_packed* w);
+PQK_API int64_t pqk_packed_nbytes(const pqk_packed* w);
+
+/* compute="int8": activations quantized per block of 32 (dx = amax/127, round half even),
+ * integer dot products; bit-identical across variants and thread counts. x: m rows, row
+ * stride ldx floats; y: m rows, row stride ldy floats; bias may be NULL.
+ * NaN/Inf in x -> PQK_ERR_NONFINITE. */
+PQK_API pqk_status pqk_matmul_int8(int32_t isa, const pqk_packed* w, const float* x, int64_t m, int64_t ldx,
+                                   const float* bias, float* y, int64_t ldy);
+/* compute="float": weights dequantized exactly (as pqk_dequantize) and multiplied in fp32. */
+PQK_API pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void* s, const void* z,
+                                    int64_t n, int64_t k, const pqk_qparams* params, const float* x, int64_t m,
+                                    int64_t ldx, const float* bias, float* y, int64_t ldy);
+
 #ifdef __cplusplus
 }
 #endif

@@ -21,6 +21,15 @@ PQK_DECLARE_ROW_KERNELS(nf4)
 PQK_DECLARE_ROW_KERNELS(int4)
 PQK_DECLARE_ROW_KERNELS(int8)
 
+}}  // namespace pqk::ref
+#include "../../core/packed.h"
+namespace pqk { namespace ref {
+void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs);
+void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+               const float* bias);
+void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
+              const float* bias);
+
 // int4 group parameters for one group of n values (shared by every variant so the scale
 // and zero point, which are scalar per group, are computed by one piece of code).
 // Returns the fp16-rounded scale as float in *sf, its fp16 bits in *s16 and the zero point.

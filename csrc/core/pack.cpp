@@ -1,0 +1,211 @@
+// Decomposes every format into (u, a, o, m) per row and block (see packed.h) and interleaves
+// rows into 16-row tiles. Runs once per weight (QLinear) so it is plain scalar code.
+#include "pack.h"
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "capi_util.h"
+#include "threadpool.h"
+#include "../kernels/common.h"
+
+namespace pqk {
+
+bool int8_compute_supported(int fmt, int64_t k, const pqk_qparams& p) {
+  if (k % QBLK) return false;
+  if (fmt == PQK_INT4) return p.group == -1 || p.group >= 32;
+  return true;  // nf4 blocks are >= 32, ggml blocks are 32/256
+}
+
+namespace {
+
+// nf4 in the int8 path: codes rounded to 1/127 of absmax (the only lossy decomposition;
+// compute="float" uses the exact code book).
+int8_t nf4_i8(int i) { return (int8_t)std::nearbyint(127.0f * kNF4[i]); }
+
+struct RowDecomp {
+  std::vector<uint8_t> u;   // [k]
+  std::vector<float> a, m;  // [nblk]
+  std::vector<int32_t> o;   // [nblk]
+};
+
+// q4_k 6-bit scale/min of sub-block j
+void k4_scale_min(int j, const uint8_t* sc, uint8_t* d, uint8_t* m) {
+  if (j < 4) { *d = sc[j] & 63; *m = sc[j + 4] & 63; }
+  else { *d = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4); *m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4); }
+}
+
+void decompose_row(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_t k, const pqk_qparams& p,
+                   int blk, RowDecomp& r) {
+  const int64_t nb = k / blk;
+  r.u.assign(k, 0); r.a.assign(nb, 0.f); r.m.assign(nb, 0.f); r.o.assign(nb, 0);
+  switch (fmt) {
+    case PQK_Q4_0: case PQK_Q4_1: case PQK_IQ4_NL: {
+      const int bytes = fmt == PQK_Q4_1 ? Q4_1_BYTES : Q4_0_BYTES;
+      const int off = fmt == PQK_Q4_1 ? 4 : 2;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blkp = q + b * bytes;
+        r.a[b] = load_f16(blkp);
+        if (fmt == PQK_Q4_1) r.m[b] = load_f16(blkp + 2);
+        r.o[b] = fmt == PQK_Q4_0 ? 8 : (fmt == PQK_IQ4_NL ? 128 : 0);
+        for (int j = 0; j < 16; ++j) {
+          uint8_t lo = blkp[off + j] & 0xF, hi = blkp[off + j] >> 4;
+          r.u[b * 32 + j] = lo; r.u[b * 32 + 16 + j] = hi;
+        }
+      }
+      break;
+    }
+    case PQK_Q8_0:
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blkp = q + b * Q8_0_BYTES;
+        r.a[b] = load_f16(blkp);
+        r.o[b] = 128;
+        for (int j = 0; j < 32; ++j) r.u[b * 32 + j] = (uint8_t)((int)(int8_t)blkp[2 + j] + 128);
+      }
+      break;
+    case PQK_INT8: {
+      float sc; std::memcpy(&sc, s, 4);
+      for (int64_t b = 0; b < nb; ++b) { r.a[b] = sc; r.o[b] = 128; }
+      for (int64_t j = 0; j < k; ++j) r.u[j] = (uint8_t)((int)(int8_t)q[j] + 128);
+      break;
+    }
+    case PQK_NF4: {
+      const int64_t g = p.group;
+      for (int64_t b = 0; b < nb; ++b) {
+        float amax; std::memcpy(&amax, s + 4 * ((b * blk) / g), 4);
+        r.a[b] = amax / 127.0f;
+        r.o[b] = 128;
+      }
+      for (int64_t j = 0; j < k; j += 2) {
+        uint8_t c = q[j / 2];
+        r.u[j] = c >> 4;  // index; pack_weight sets the lut
+        r.u[j + 1] = c & 0xF;
+      }
+      break;
+    }
+    case PQK_INT4: {
+      const int64_t g = p.group == -1 ? k : p.group;
+      for (int64_t b = 0; b < nb; ++b) {
+        int64_t gi = (b * blk) / g;
+        uint16_t h; std::memcpy(&h, s + 2 * gi, 2);
+        r.a[b] = fp16_to_fp32(h);
+        r.o[b] = p.sym ? 8 : z[gi];
+      }
+      for (int64_t j = 0; j < k; j += 2) { r.u[j] = q[j / 2] & 0xF; r.u[j + 1] = q[j / 2] >> 4; }
+      break;
+    }
+    case PQK_Q4_K:
+      for (int64_t sb = 0; sb < k / 256; ++sb) {
+        const uint8_t* bp = q + sb * Q4_K_BYTES;
+        const float d = load_f16(bp), dmin = load_f16(bp + 2);
+        const uint8_t* sc = bp + 4; const uint8_t* qs = bp + 16;
+        for (int j = 0; j < 8; ++j) {
+          uint8_t scj, mj; k4_scale_min(j, sc, &scj, &mj);
+          int64_t b = sb * 8 + j;
+          r.a[b] = d * (float)scj;
+          r.m[b] = -(dmin * (float)mj);
+          r.o[b] = 0;
+          const uint8_t* qq = qs + (j / 2) * 32;
+          for (int l = 0; l < 32; ++l) r.u[b * 32 + l] = (j & 1) ? (qq[l] >> 4) : (qq[l] & 0xF);
+        }
+      }
+      break;
+    case PQK_Q6_K:
+      for (int64_t sb = 0; sb < k / 256; ++sb) {
+        const uint8_t* bp = q + sb * Q6_K_BYTES;
+        const uint8_t* ql = bp; const uint8_t* qh = bp + 128; const int8_t* sc = (const int8_t*)(bp + 192);
+        const float d = load_f16(bp + 208);
+        uint8_t vals[256];
+        for (int h = 0; h < 2; ++h) {  // two 128-halves
+          const uint8_t* l8 = ql + 64 * h; const uint8_t* h8 = qh + 32 * h;
+          for (int l = 0; l < 32; ++l) {
+            vals[128 * h + l] = (uint8_t)((l8[l] & 0xF) | (((h8[l] >> 0) & 3) << 4));
+            vals[128 * h + l + 32] = (uint8_t)((l8[l + 32] & 0xF) | (((h8[l] >> 2) & 3) << 4));
+            vals[128 * h + l + 64] = (uint8_t)((l8[l] >> 4) | (((h8[l] >> 4) & 3) << 4));
+            vals[128 * h + l + 96] = (uint8_t)((l8[l + 32] >> 4) | (((h8[l] >> 6) & 3) << 4));
+          }
+        }
+        for (int j = 0; j < 16; ++j) {
+          int64_t b = sb * 16 + j;
+          r.a[b] = d * (float)sc[j];
+          r.o[b] = 32;
+          for (int l = 0; l < 16; ++l) r.u[b * 16 + l] = vals[j * 16 + l];
+        }
+      }
+      break;
+  }
+}
+
+// Next 64-byte aligned address (absolute, not relative to the buffer start) at or after off.
+uint8_t* align64(std::vector<uint8_t>& st, size_t& off, size_t bytes) {
+  uintptr_t base = (uintptr_t)st.data();
+  off = (size_t)(((base + off + 63) & ~(uintptr_t)63) - base);
+  uint8_t* p = st.data() + off;
+  off += bytes;
+  return p;
+}
+
+}  // namespace
+
+void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_t n, int64_t k,
+                 const pqk_qparams& p, PackedWeight& w) {
+  if (!int8_compute_supported(fmt, k, p))
+    throw Error(PQK_ERR_UNSUPPORTED, std::string(pqk_format_name(fmt)) +
+                                         ": int8 compute needs K % 32 == 0 and int4 groups >= 32");
+  w.fmt = fmt; w.n = n; w.k = k;
+  w.blk = fmt == PQK_Q6_K ? 16 : 32;
+  w.nibbles = fmt == PQK_Q4_0 || fmt == PQK_Q4_1 || fmt == PQK_IQ4_NL || fmt == PQK_NF4 || fmt == PQK_INT4 ||
+              fmt == PQK_Q4_K;
+  w.has_min = fmt == PQK_Q4_1 || fmt == PQK_Q4_K;
+  w.row_offset = fmt == PQK_INT4 && !p.sym;
+  w.lut = fmt == PQK_NF4 || fmt == PQK_IQ4_NL;
+  for (int i = 0; i < 16; ++i)
+    w.lut16[i] = (uint8_t)((fmt == PQK_NF4 ? nf4_i8(i) : kIQ4NL[i]) + 128);
+  w.o_const = fmt == PQK_Q4_0 ? 8 : (fmt == PQK_INT4 ? 8 : (fmt == PQK_Q6_K ? 32 : (fmt == PQK_Q4_1 || fmt == PQK_Q4_K ? 0 : 128)));
+  w.n_tiles = (n + NR - 1) / NR;
+  w.nblk = k / w.blk;
+  const int64_t bcb = w.block_code_bytes();
+  w.tile_code_bytes = bcb * w.nblk;
+  const size_t code_bytes = (size_t)(w.n_tiles * w.tile_code_bytes);
+  const size_t par_bytes = (size_t)(w.n_tiles * w.nblk * NR * 4);
+  w.storage.assign(code_bytes + par_bytes * (1 + (w.has_min ? 1 : 0) + (w.row_offset ? 1 : 0)) + 64 * 5, 0);
+  size_t off = 0;
+  w.codes = align64(w.storage, off, code_bytes);
+  w.scale = (float*)align64(w.storage, off, par_bytes);
+  w.minv = w.has_min ? (float*)align64(w.storage, off, par_bytes) : nullptr;
+  w.offs = w.row_offset ? (int32_t*)align64(w.storage, off, par_bytes) : nullptr;
+
+  pqk_qparams pp = p;
+  pqk_row_bytes rb = row_bytes(fmt, k, pp);
+  parallel_for(w.n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    RowDecomp rd;
+    for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* ct = w.codes + t * w.tile_code_bytes;
+      for (int r = 0; r < NR; ++r) {
+        int64_t row = t * NR + r;
+        if (row >= n) break;  // padding rows stay zero (scale 0)
+        decompose_row(fmt, q + row * rb.q, s ? s + row * rb.s : nullptr, z ? z + row * rb.z : nullptr, k, pp,
+                      w.blk, rd);
+        for (int64_t b = 0; b < w.nblk; ++b) {
+          int64_t pi = (t * w.nblk + b) * NR + r;
+          w.scale[pi] = rd.a[b];
+          if (w.minv) w.minv[pi] = rd.m[b];
+          if (w.offs) w.offs[pi] = rd.o[b];
+          uint8_t* cb = ct + b * bcb;
+          const uint8_t* u = rd.u.data() + b * w.blk;
+          if (w.nibbles) {  // 32 codes: reg j low nibble = quad j, high nibble = quad j+4
+            for (int j = 0; j < 4; ++j)
+              for (int i = 0; i < 4; ++i)
+                cb[j * 64 + r * 4 + i] = (uint8_t)(u[4 * j + i] | (u[16 + 4 * j + i] << 4));
+          } else {
+            for (int j = 0; j < w.blk / 4; ++j)
+              for (int i = 0; i < 4; ++i) cb[j * 64 + r * 4 + i] = u[4 * j + i];
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace pqk

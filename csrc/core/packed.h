@@ -1,0 +1,63 @@
+// Prepacked weights for the int8-compute matmul, and quantized activations.
+//
+// Every format is reduced, per output row n and weight block b (32 values; 16 for q6_k), to
+//   w[n,k] = a[n,b] * (u[n,k] - o[n,b]) + m[n,b]
+// with u an unsigned code (4-bit for nibble formats, 8-bit otherwise), a fp32 scale, o an
+// integer offset and m an fp32 additive min (q4_1, q4_k only). With activations quantized per
+// block of 32 as x ~ dx * xq, a block contributes exactly
+//   isum = sum(u * xq) - o * sum(xq)             (int32, exact)
+//   acc  = acc + (float)isum * (a * dx)          (mul, then add: no FMA)
+//   acc  = acc + m * (dx * (float)sum(xq))       (only when the format has m)
+// summed block after block in K order; y = acc + bias. Every variant follows this order, so
+// results are bit-identical across variants and thread counts.
+//
+// Layout: rows in tiles of NR = 16. For tile t and block b the codes of the 16 rows are stored
+// in "quad-major" order so one 64-byte register holds 4 consecutive k of all 16 rows
+// (byte r*4 + i = row r, k = 4j + i): VNNI's vpdpbusd then adds 4 products per row lane.
+// 4-bit codes (block 32): register j (0..3) holds quad j in the low nibbles and quad j+4 in
+// the high nibbles. 8-bit codes: block 32 -> 8 registers, block 16 -> 4 registers.
+// Code-book formats (nf4, iq4_nl) store the 4-bit index; u = lut16[index].
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace pqk {
+
+constexpr int NR = 16;   // rows per tile
+constexpr int QBLK = 32; // activation block
+
+struct PackedWeight {
+  int fmt = -1;
+  int64_t n = 0, k = 0;
+  int blk = 32;           // weight block along K (16 for q6_k)
+  bool nibbles = true;    // 4-bit codes (else 8-bit)
+  bool has_min = false;   // m term present
+  bool row_offset = false;// o varies per (row, block) (int4 asymmetric); else o == o_const
+  int32_t o_const = 0;
+  bool lut = false;       // nibble -> code through lut16 (code-book formats nf4, iq4_nl)
+  uint8_t lut16[16] = {};
+  int64_t n_tiles = 0, nblk = 0;
+  int64_t tile_code_bytes = 0;  // bytes of codes per tile (all blocks)
+  // 64-byte aligned storage
+  uint8_t* codes = nullptr;     // [n_tiles][nblk][blk*NR (/2 if nibbles)]
+  float* scale = nullptr;       // [n_tiles][nblk][NR]
+  float* minv = nullptr;        // [n_tiles][nblk][NR] or null
+  int32_t* offs = nullptr;      // [n_tiles][nblk][NR] or null
+  std::vector<uint8_t> storage;
+  int64_t block_code_bytes() const { return nibbles ? (int64_t)blk * NR / 2 : (int64_t)blk * NR; }
+  size_t nbytes() const { return storage.size(); }
+};
+
+// Quantized activations: per row, xq [k] int8, dx [k/32] fp32, xs [k/16] int32 (sums per 16).
+struct ActQ {
+  int64_t m = 0, k = 0;
+  std::vector<int8_t> xq;
+  std::vector<float> dx;
+  std::vector<int32_t> xs;
+  const int8_t* row_q(int64_t i) const { return xq.data() + i * k; }
+  const float* row_d(int64_t i) const { return dx.data() + i * (k / QBLK); }
+  const int32_t* row_s(int64_t i) const { return xs.data() + i * (k / 16); }
+};
+
+}  // namespace pqk

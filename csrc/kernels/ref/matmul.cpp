@@ -1,0 +1,89 @@
+// Scalar reference matmul kernels: activation quantization, the int8-compute tile kernel
+// over packed weights (see core/packed.h for the exact arithmetic) and the fp32 row-dot kernel.
+#include "../../core/kernel_table.h"
+#include "../../core/packed.h"
+#include "ref_kernels.h"
+
+namespace pqk { namespace ref {
+
+// x ~ dx * xq per block of 32: dx = amax / 127, xq = round_half_even(x * (1/dx)), |xq| <= 127.
+void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs) {
+  for (int64_t b = 0; b < k / QBLK; ++b) {
+    const float* xb = x + b * QBLK;
+    float amax = 0.0f;
+    for (int j = 0; j < QBLK; ++j) { float a = std::fabs(xb[j]); amax = amax > a ? amax : a; }
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    dx[b] = d;
+    int32_t s0 = 0, s1 = 0;
+    for (int j = 0; j < QBLK; ++j) {
+      int v = round_even_i32(xb[j] * id);
+      v = v < -127 ? -127 : (v > 127 ? 127 : v);
+      xq[b * QBLK + j] = (int8_t)v;
+      (j < 16 ? s0 : s1) += v;
+    }
+    xs[2 * b] = s0;
+    xs[2 * b + 1] = s1;
+  }
+}
+
+static inline int code_at(const PackedWeight& w, const uint8_t* cb, int r, int l) {
+  if (w.nibbles) {
+    int quad = l / 4;
+    uint8_t byte = cb[(quad & 3) * 64 + r * 4 + (l & 3)];
+    int idx = quad < 4 ? (byte & 0xF) : (byte >> 4);
+    return w.lut ? w.lut16[idx] : idx;
+  }
+  return cb[(l / 4) * 64 + r * 4 + (l & 3)];
+}
+
+void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+               const float* bias) {
+  const int64_t n0 = tile * NR;
+  const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
+  const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
+  const int per = QBLK / w.blk;  // weight blocks per activation block
+  for (int64_t i = m0; i < m1; ++i) {
+    const int8_t* xq = a.row_q(i);
+    const float* dxr = a.row_d(i);
+    const int32_t* xs16 = a.row_s(i);
+    float acc[NR] = {};
+    for (int64_t kb = 0; kb < w.k / QBLK; ++kb) {
+      const float dx = dxr[kb];
+      for (int sub = 0; sub < per; ++sub) {
+        const int64_t b = kb * per + sub;
+        const int32_t xs = w.blk == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
+        const uint8_t* cb = ct + b * w.block_code_bytes();
+        const int8_t* xb = xq + b * w.blk;
+        const int64_t pi = (tile * w.nblk + b) * NR;
+        for (int r = 0; r < NR; ++r) {
+          int32_t dot = 0;
+          for (int l = 0; l < w.blk; ++l) dot += code_at(w, cb, r, l) * (int32_t)xb[l];
+          const int32_t o = w.offs ? w.offs[pi + r] : w.o_const;
+          const int32_t isum = dot - o * xs;
+          const float da = w.scale[pi + r] * dx;
+          const float t = (float)isum * da;
+          acc[r] = acc[r] + t;
+          if (w.has_min) {
+            const float mx = dx * (float)xs;
+            const float tm = w.minv[pi + r] * mx;
+            acc[r] = acc[r] + tm;
+          }
+        }
+      }
+    }
+    for (int r = 0; r < nr; ++r) y[i * ldy + n0 + r] = bias ? acc[r] + bias[n0 + r] : acc[r];
+  }
+}
+
+void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
+              const float* bias) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int r = 0; r < nr; ++r) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < k; ++j) acc += x[i * ldx + j] * w[r * k + j];
+      y[i * ldy + r] = bias ? acc + bias[r] : acc;
+    }
+}
+
+}}  // namespace pqk::ref

@@ -1,0 +1,102 @@
+// int8-compute tile kernel over packed weights with AVX-512 VNNI (vpdpbusd: u8 weights x s8
+// activations, 4 products per int32 lane, one lane per output row). Arithmetic and order
+// exactly as core/packed.h (mul then add, blocks in K order), so it matches ref bit for bit.
+#include <immintrin.h>
+
+#include "../../core/kernel_table.h"
+#include "../../core/packed.h"
+
+namespace pqk { namespace avx512vnni {
+
+namespace {
+
+constexpr int MR = 4;  // activation rows sharing one decode of the weight block
+
+template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT = false>
+void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+                 const float* bias) {
+  const int64_t n0 = tile * NR;
+  const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
+  const __mmask16 mask = (__mmask16)((1u << nr) - 1);
+  const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
+  constexpr int BCB = NIB ? BLK * NR / 2 : BLK * NR;  // code bytes per block
+  constexpr int PER = QBLK / BLK;
+  constexpr int NQ = BLK / 4;                           // quads (registers) per block
+  const __m512i lo4 = _mm512_set1_epi8(0x0F);
+  const __m512i vlut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)w.lut16));
+  const int64_t nkb = w.k / QBLK;
+  const __m512 vbias = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+
+  for (int64_t i0 = m0; i0 < m1; i0 += MR) {
+    const int mr = (int)(m1 - i0 < MR ? m1 - i0 : MR);
+    __m512 acc[MR];
+    for (int ii = 0; ii < MR; ++ii) acc[ii] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      for (int sub = 0; sub < PER; ++sub) {
+        const int64_t b = kb * PER + sub;
+        const uint8_t* cb = ct + b * BCB;
+        __m512i W[NQ > 8 ? NQ : 8];
+        if (NIB) {
+          for (int j = 0; j < 4; ++j) {
+            __m512i p = _mm512_load_si512((const void*)(cb + 64 * j));
+            W[j] = _mm512_and_si512(p, lo4);
+            W[j + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), lo4);
+            if (LUT) {
+              W[j] = _mm512_shuffle_epi8(vlut, W[j]);
+              W[j + 4] = _mm512_shuffle_epi8(vlut, W[j + 4]);
+            }
+          }
+        } else {
+          for (int j = 0; j < NQ; ++j) W[j] = _mm512_load_si512((const void*)(cb + 64 * j));
+        }
+        const int64_t pi = (tile * w.nblk + b) * NR;
+        const __m512 vscale = _mm512_load_ps(w.scale + pi);
+        __m512 vmin = _mm512_setzero_ps();
+        __m512i voff = _mm512_setzero_si512();
+        if (HAS_MIN) vmin = _mm512_load_ps(w.minv + pi);
+        if (ROW_OFF) voff = _mm512_load_si512((const void*)(w.offs + pi));
+        for (int ii = 0; ii < mr; ++ii) {
+          const int64_t i = i0 + ii;
+          const int8_t* xb = a.row_q(i) + b * BLK;
+          const int32_t* xs16 = a.row_s(i);
+          const int32_t xs = BLK == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
+          const float dx = a.row_d(i)[kb];
+          __m512i isum = _mm512_setzero_si512();
+          for (int j = 0; j < NQ; ++j) {
+            int32_t quad;
+            __builtin_memcpy(&quad, xb + 4 * j, 4);
+            isum = _mm512_dpbusd_epi32(isum, W[j], _mm512_set1_epi32(quad));
+          }
+          if (ROW_OFF) isum = _mm512_sub_epi32(isum, _mm512_mullo_epi32(voff, _mm512_set1_epi32(xs)));
+          else isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
+          const __m512 da = _mm512_mul_ps(vscale, _mm512_set1_ps(dx));
+          acc[ii] = _mm512_add_ps(acc[ii], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), da));
+          if (HAS_MIN) {
+            const float mx = dx * (float)xs;
+            acc[ii] = _mm512_add_ps(acc[ii], _mm512_mul_ps(vmin, _mm512_set1_ps(mx)));
+          }
+        }
+      }
+    }
+    for (int ii = 0; ii < mr; ++ii) {
+      __m512 v = bias ? _mm512_add_ps(acc[ii], vbias) : acc[ii];
+      _mm512_mask_storeu_ps(y + (i0 + ii) * ldy + n0, mask, v);
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+               const float* bias) {
+  if (w.nibbles) {
+    if (w.has_min) return tile_kernel<true, 32, true, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.lut) return tile_kernel<true, 32, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.row_offset) return tile_kernel<true, 32, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+    return tile_kernel<true, 32, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+  }
+  if (w.blk == 16) return tile_kernel<false, 16, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+  return tile_kernel<false, 32, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+}
+
+}}  // namespace pqk::avx512vnni

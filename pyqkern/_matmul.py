@@ -1,0 +1,190 @@
+"""matmul and QLinear: y = x @ W.T (+ bias) with W a QTensor.
+
+compute:
+  "int8"  activations quantized per block of 32 (dx = amax/127, round half to even), integer
+          dot products (AVX512-VNNI / scalar), block scales applied in fp32. The result is
+          bit-identical for every native variant and thread count and equals
+          pyqkern.reference.matmul_int8. Needs K % 32 == 0 (and int4 groups >= 32). nf4 uses
+          its code book rounded to 1/127 in this mode.
+  "float" weights dequantized exactly (as pyqkern.dequantize) and multiplied in fp32; within
+          fp32 accumulation error of x @ dequantize(W).T: |y - y_ref| <= K * 2^-23 * sum|x||w|
+          (a loose bound; tests check it).
+  "auto"  "int8" where supported, else "float".
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _formats, reference
+from ._ops import _check_backend, _native, isa_id
+from ._qtensor import QTensor
+
+COMPUTES = ("auto", "int8", "float")
+
+
+def _x_rows(x, k):
+    """x [..., K] (float32/16/bf16) -> (float32 [M, K] with contiguous rows, leading shape)."""
+    if hasattr(x, "detach") and hasattr(x, "numpy"):
+        from ._ops import as_float32_2d
+
+        x = x.detach()
+        lead = tuple(x.shape[:-1])
+        x2 = as_float32_2d(x.reshape(-1, x.shape[-1]), "x")
+        return x2, lead
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a numpy array, got {type(x).__name__}")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension [..., K]")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has K={x.shape[-1]} but the weight has K={k} (x is [..., K], W is [N, K])")
+    lead = x.shape[:-1]
+    dt = x.dtype
+    if dt == np.float32:
+        x2 = x.reshape(-1, k)
+    elif dt == np.float16:
+        x2 = x.reshape(-1, k).astype(np.float32)
+    elif dt == np.uint16 or dt.name == "bfloat16":
+        x2 = (np.ascontiguousarray(x).reshape(-1, k).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        raise TypeError(f"x has dtype {dt}; expected float32, float16 or bfloat16")
+    if x2.shape[0] and (x2.strides[-1] != 4 or x2.strides[0] % 4 or x2.strides[0] < 4 * k):
+        x2 = np.ascontiguousarray(x2)
+    return x2, lead
+
+
+def _bias(bias, n):
+    if bias is None:
+        return None
+    b = np.asarray(bias)
+    if b.dtype.kind != "f":
+        raise TypeError(f"bias must be a float array, got dtype {b.dtype}")
+    if b.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {b.shape}")
+    return np.ascontiguousarray(b, dtype=np.float32)
+
+
+def int8_supported(qt: QTensor) -> bool:
+    n, k = qt.shape
+    if k % 32:
+        return False
+    if qt.format == "int4":
+        return qt.group == -1 or qt.group >= 32
+    return True
+
+
+def resolve_compute(qt: QTensor, compute: str) -> str:
+    if compute not in COMPUTES:
+        raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+    if compute == "auto":
+        return "int8" if int8_supported(qt) else "float"
+    if compute == "int8" and not int8_supported(qt):
+        raise ValueError(f"{qt.format} {qt.shape}: compute='int8' needs K % 32 == 0 and int4 groups >= 32; "
+                         "use compute='float'")
+    return compute
+
+
+def _packed(qt: QTensor):
+    """The int8 packed form of qt, made once and cached on it (qt.release_packed() frees it)."""
+    p = qt._packed
+    if p is None:
+        q, s, z = qt.sections()
+        n, k = qt.shape
+        p = _native().pack(_formats.FORMAT_IDS[qt.format], np.ascontiguousarray(q),
+                           np.ascontiguousarray(s) if s.size else None, np.ascontiguousarray(z) if z.size else None,
+                           n, k, qt.params["group"], qt.params["sym"])
+        qt._packed = p
+    return p
+
+
+def _out(out, shape):
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32:
+        raise TypeError("out must be a float32 numpy array")
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    return out
+
+
+def matmul(x, w: QTensor, bias=None, *, compute="auto", out=None, backend="native", isa=None, _packed_w=None):
+    """y = x @ W.T (+ bias); x [..., K] float32/float16/bfloat16, W a QTensor [N, K] -> y [..., N] float32."""
+    _check_backend(backend)
+    if not isinstance(w, QTensor):
+        raise TypeError(f"w must be a QTensor, got {type(w).__name__}")
+    n, k = w.shape
+    x2, lead = _x_rows(x, k)
+    b = _bias(bias, n)
+    mode = resolve_compute(w, compute)
+    y = _out(out, tuple(lead) + (n,))
+    m = x2.shape[0]
+    if m == 0:
+        return y
+    y2 = y.reshape(m, n)
+    if backend == "reference":
+        if isa is not None:
+            raise ValueError("isa= applies to the native backend only")
+        q, s, z = w.sections()
+        if mode == "int8":
+            y2[...] = reference.matmul_int8(x2, w.format, q, s, z, n, k, w.params["group"], w.params["sym"], b)
+        else:
+            from ._ops import dequantize
+
+            y2[...] = reference.matmul_float(x2, dequantize(w, backend="reference"), b)
+        return y
+    if backend == "numba":
+        if isa is not None:
+            raise ValueError("isa= applies to the native backend only")
+        from . import numba_kernels
+
+        fn = getattr(numba_kernels, "matmul", None)
+        if fn is None:
+            raise NotImplementedError("matmul is not available in the numba backend")
+        y2[...] = fn(x2, w, b, mode)
+        return y
+    nat = _native()
+    if mode == "int8":
+        p = _packed_w if _packed_w is not None else _packed(w)
+        nat.matmul_int8(isa_id(isa), p, x2, b, y2)
+    else:
+        q, s, z = w.sections()
+        nat.matmul_float(isa_id(isa), _formats.FORMAT_IDS[w.format], np.ascontiguousarray(q),
+                         np.ascontiguousarray(s) if s.size else None, np.ascontiguousarray(z) if z.size else None,
+                         n, k, w.params["group"], w.params["sym"], x2, b, y2)
+    return y
+
+
+class QLinear:
+    """A quantized linear layer: the weight is prepacked once for this CPU's int8 kernels.
+
+    ``lin(x)`` computes ``x @ W.T + bias``. The canonical QTensor is kept by reference (no copy),
+    so ``lin.weight`` exports exactly the bytes it was built from."""
+
+    def __init__(self, weight: QTensor, bias=None, *, compute="auto"):
+        if not isinstance(weight, QTensor):
+            raise TypeError(f"weight must be a QTensor, got {type(weight).__name__}")
+        self.weight = weight
+        n, _ = weight.shape
+        self.bias = _bias(bias, n)
+        self.compute = resolve_compute(weight, compute)
+        self._packed = _packed(weight) if self.compute == "int8" else None
+
+    @property
+    def in_features(self):
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self):
+        return self.weight.shape[0]
+
+    @property
+    def packed_nbytes(self) -> int:
+        return self._packed.nbytes if self._packed is not None else 0
+
+    def __call__(self, x, *, out=None, isa=None):
+        return matmul(x, self.weight, self.bias, compute=self.compute, out=out, isa=isa, _packed_w=self._packed)
+
+    def __repr__(self):
+        return (f"QLinear(in={self.in_features}, out={self.out_features}, format={self.weight.format}, "
+                f"compute={self.compute}, bias={self.bias is not None})")
