@@ -60,10 +60,12 @@ struct Tables {
     t[PQK_ISA_AVX2] = t[PQK_ISA_REF];
 #ifdef PQK_HAVE_AVX2
     overlay(t[PQK_ISA_AVX2], avx2::register_kernels, PQK_ISA_AVX2);
+    overlay(t[PQK_ISA_AVX2], avx2::register_matmul_kernels, PQK_ISA_AVX2);
 #endif
     t[PQK_ISA_AVX512] = t[PQK_ISA_AVX2];
 #ifdef PQK_HAVE_AVX512
     overlay(t[PQK_ISA_AVX512], avx512::register_kernels, PQK_ISA_AVX512);
+    overlay(t[PQK_ISA_AVX512], avx512::register_matmul_kernels, PQK_ISA_AVX512);
 #endif
     t[PQK_ISA_AVX512VNNI] = t[PQK_ISA_AVX512];
 #ifdef PQK_HAVE_AVX512VNNI

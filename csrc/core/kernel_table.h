@@ -42,6 +42,9 @@ namespace ref { void register_kernels(KernelTable& t); }
 namespace avx2 { void register_kernels(KernelTable& t); }
 namespace avx512 { void register_kernels(KernelTable& t); }
 namespace avx512vnni { void register_kernels(KernelTable& t); }
+// matmul kernels register separately (matmul_register.cpp in each folder)
+namespace avx2 { void register_matmul_kernels(KernelTable& t); }
+namespace avx512 { void register_matmul_kernels(KernelTable& t); }
 
 // Table for a variant (must be runnable: check with isa_runnable first).
 const KernelTable& kernel_table(int isa);

@@ -1,0 +1,52 @@
+// fp32 row-dot kernel for compute="float": 4 weight rows share each load of x.
+#include <immintrin.h>
+
+#include "../../core/kernel_table.h"
+
+namespace pqk { namespace avx512 {
+
+namespace {
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+}  // namespace
+
+void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
+              const float* bias) {
+  const int64_t k16 = k & ~(int64_t)15;
+  const __mmask16 tail = (__mmask16)((1u << (k - k16)) - 1);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * ldx;
+    int r = 0;
+    for (; r + 4 <= nr; r += 4) {
+      const float* w0 = w + (int64_t)r * k;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t j = 0; j < k16; j += 16) {
+        __m512 xv = _mm512_loadu_ps(xi + j);
+        a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w0 + j), a0);
+        a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w0 + k + j), a1);
+        a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w0 + 2 * k + j), a2);
+        a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w0 + 3 * k + j), a3);
+      }
+      if (tail) {
+        __m512 xv = _mm512_maskz_loadu_ps(tail, xi + k16);
+        a0 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(tail, w0 + k16), a0);
+        a1 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(tail, w0 + k + k16), a1);
+        a2 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(tail, w0 + 2 * k + k16), a2);
+        a3 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(tail, w0 + 3 * k + k16), a3);
+      }
+      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      for (int t = 0; t < 4; ++t) y[i * ldy + r + t] = bias ? s[t] + bias[r + t] : s[t];
+    }
+    for (; r < nr; ++r) {
+      const float* wr = w + (int64_t)r * k;
+      __m512 a0 = _mm512_setzero_ps();
+      for (int64_t j = 0; j < k16; j += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xi + j), _mm512_loadu_ps(wr + j), a0);
+      if (tail) a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, xi + k16), _mm512_maskz_loadu_ps(tail, wr + k16), a0);
+      float s = hsum(a0);
+      y[i * ldy + r] = bias ? s + bias[r] : s;
+    }
+  }
+}
+
+void register_matmul_kernels(KernelTable& t) { t.gemm_f32 = gemm_f32; }
+
+}}  // namespace pqk::avx512

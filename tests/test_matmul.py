@@ -1,0 +1,225 @@
+"""matmul / QLinear against the NumPy specification (pyqkern.reference).
+
+compute="int8": every native variant must equal reference.matmul_int8 bit for bit (the spec
+fixes activation quantization, integer sums and the order of the float accumulation).
+compute="float": within fp32 accumulation error of x @ dequantize(W).T:
+    |y - y_ref| <= K * 2^-23 * (|x| @ |W|.T)   (elementwise)
+Weights come from random block bytes (every ggml/int format field exercised, any finite fp16
+scale) as well as from pq.quantize.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import pyqkern as pq
+from pyqkern import reference as R
+
+VARIANTS = pq.variants()
+FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8"]
+BLOCK = {"q4_k": 256, "q6_k": 256}
+F16_SCALE_OFFSETS = {"q4_0": (18, [0]), "iq4_nl": (18, [0]), "q4_1": (20, [0, 2]), "q8_0": (34, [0]),
+                     "q4_k": (144, [0, 2]), "q6_k": (210, [208])}
+
+
+def random_qtensor(fmt, n, k, rng, **params):
+    """A QTensor of fmt built from random bytes with sane finite scales."""
+    if fmt in F16_SCALE_OFFSETS:
+        bs, offs = F16_SCALE_OFFSETS[fmt]
+        blk = BLOCK.get(fmt, 32)
+        b = rng.integers(0, 256, size=(n * k // blk, bs), dtype=np.uint8)
+        for o in offs:
+            d = (rng.uniform(0.001, 0.1, size=b.shape[0]) * rng.choice([-1, 1], size=b.shape[0])).astype(np.float16)
+            b[:, o:o + 2] = d.view(np.uint8).reshape(-1, 2)
+        return pq.QTensor.from_bytes(fmt, (n, k), b.ravel())
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 1.0, size=(n, 1))).astype(np.float32)
+    return pq.quantize(w, fmt, **params)
+
+
+def assert_float_close(y, x, wd, bias=None):
+    ref = x.astype(np.float64) @ wd.T.astype(np.float64)
+    if bias is not None:
+        ref = ref + bias
+    bound = x.shape[1] * 2.0 ** -23 * (np.abs(x).astype(np.float64) @ np.abs(wd).T.astype(np.float64)) + 1e-30
+    if bias is not None:
+        bound = bound + np.abs(ref) * 2.0 ** -23
+    err = np.abs(y - ref)
+    assert (err <= bound).all(), f"max err {err.max()} vs bound at that point {bound.flat[err.argmax()]}"
+
+
+def bits_equal(a, b):
+    return np.array_equal(np.ascontiguousarray(a).view(np.uint32), np.ascontiguousarray(b).view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@settings(max_examples=8)
+@given(m=st.sampled_from([1, 2, 3, 7, 8, 9, 31, 33, 65]),
+       nb=st.integers(1, 3), n=st.sampled_from([1, 5, 16, 17, 33]), use_bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_int8_all_variants_equal_spec(fmt, m, nb, n, use_bias, seed):
+    rng = np.random.default_rng(seed)
+    k = nb * BLOCK.get(fmt, 32) * (2 if fmt == "nf4" else 1) * (4 if fmt == "int4" else 1)
+    qt = random_qtensor(fmt, n, k, rng)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[rng.random((m, k)) < 0.01] *= 50  # outliers
+    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    spec = pq.matmul(x, qt, bias, compute="int8", backend="reference")
+    for v in VARIANTS:
+        y = pq.matmul(x, qt, bias, compute="int8", isa=v)
+        assert bits_equal(y, spec), f"{fmt} variant {v} differs from the spec"
+    # The int8 result differs from the float one by the activation rounding (|x - dx*xq| <=
+    # dx/2 per element) and, for nf4, the 1/127 rounding of its code book (|wd - w8|).
+    wd = pq.dequantize(qt).astype(np.float64)
+    q, s, z = qt.sections()
+    blk, u, a, o, mm = R.decompose(fmt, q, s, z, k, qt.group, qt.sym)
+    w8 = np.repeat(a, blk, axis=1) * (u - np.repeat(o, blk, axis=1)) + (0 if mm is None else np.repeat(mm, blk, axis=1))
+    _, dx = R.quantize_activations(x)
+    half_dx = np.repeat(dx.astype(np.float64) / 2, 32, axis=1)
+    exact = x.astype(np.float64) @ wd.T + (bias if use_bias else 0)
+    bound = (half_dx @ np.abs(w8).T + np.abs(x).astype(np.float64) @ np.abs(wd - w8).T
+             + 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(wd).T + (np.abs(bias) if use_bias else 0)) + 1e-6)
+    assert (np.abs(spec - exact) <= bound).all()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@settings(max_examples=6)
+@given(m=st.sampled_from([1, 3, 8, 9, 33]), n=st.sampled_from([1, 7, 16, 19]), use_bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_float_within_bound(fmt, m, n, use_bias, seed):
+    rng = np.random.default_rng(seed)
+    k = BLOCK.get(fmt, 32) * (2 if fmt == "nf4" else 1) * (4 if fmt == "int4" else 1) * 2
+    qt = random_qtensor(fmt, n, k, rng)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    wd = pq.dequantize(qt, backend="reference")
+    for v in VARIANTS:
+        assert_float_close(pq.matmul(x, qt, bias, compute="float", isa=v), x, wd, bias)
+    assert_float_close(pq.matmul(x, qt, bias, compute="float", backend="reference"), x, wd, bias)
+
+
+@pytest.mark.parametrize("params", [dict(group=16), dict(group=32, sym=True), dict(group=-1), dict(group=256)])
+def test_int4_groups(params):
+    rng = np.random.default_rng(0)
+    k = 512
+    qt = random_qtensor("int4", 19, k, rng, **params)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    wd = pq.dequantize(qt)
+    assert_float_close(pq.matmul(x, qt, compute="float"), x, wd)
+    if params["group"] == 16:  # activation blocks of 32 span two weight groups: float only
+        with pytest.raises(ValueError, match="int8"):
+            pq.matmul(x, qt, compute="int8")
+        assert bits_equal(pq.matmul(x, qt), pq.matmul(x, qt, compute="float"))  # auto -> float
+    else:
+        spec = pq.matmul(x, qt, compute="int8", backend="reference")
+        for v in VARIANTS:
+            assert bits_equal(pq.matmul(x, qt, compute="int8", isa=v), spec)
+
+
+def test_thread_count_does_not_change_results():
+    rng = np.random.default_rng(1)
+    qt = random_qtensor("q4_0", 300, 1024, rng)
+    x = rng.standard_normal((37, 1024)).astype(np.float32)
+    before = pq.get_num_threads()
+    try:
+        outs = {}
+        for th in (1, 2, 3, 5):
+            pq.set_num_threads(th)
+            outs[th] = (pq.matmul(x, qt, compute="int8"), pq.matmul(x, qt, compute="float"))
+        for th in outs:
+            assert bits_equal(outs[th][0], outs[1][0]) and bits_equal(outs[th][1], outs[1][1])
+    finally:
+        pq.set_num_threads(before)
+
+
+def test_shapes_dtypes_out_and_qlinear():
+    rng = np.random.default_rng(2)
+    qt = random_qtensor("int4", 40, 256, rng)
+    bias = rng.standard_normal(40).astype(np.float32)
+    x = rng.standard_normal((2, 3, 256)).astype(np.float32)
+    y = pq.matmul(x, qt, bias)
+    assert y.shape == (2, 3, 40) and y.dtype == np.float32
+    assert bits_equal(y.reshape(6, 40), pq.matmul(x.reshape(6, 256), qt, bias))
+    # 1-D x
+    assert pq.matmul(x[0, 0], qt).shape == (40,)
+    # float16 / bfloat16 activations are converted exactly
+    xh = x.astype(np.float16)
+    assert bits_equal(pq.matmul(xh, qt), pq.matmul(xh.astype(np.float32), qt))
+    import ml_dtypes
+    xb = x.astype(ml_dtypes.bfloat16)
+    assert bits_equal(pq.matmul(xb, qt), pq.matmul(xb.astype(np.float32), qt))
+    # non-contiguous x (column slice, transposed) gives the same as a contiguous copy
+    big = rng.standard_normal((300, 9)).astype(np.float32)
+    xt = big[:256, :].T  # (9, 256) non-contiguous
+    assert bits_equal(pq.matmul(xt, qt), pq.matmul(np.ascontiguousarray(xt), qt))
+    xs = rng.standard_normal((6, 512)).astype(np.float32)[:, ::2]
+    assert bits_equal(pq.matmul(xs, qt), pq.matmul(np.ascontiguousarray(xs), qt))
+    # out=
+    out = np.empty((2, 3, 40), np.float32)
+    r = pq.matmul(x, qt, bias, out=out)
+    assert r is out and bits_equal(out, y)
+    # M = 0
+    assert pq.matmul(np.zeros((0, 256), np.float32), qt).shape == (0, 40)
+    # QLinear: prepacked once, same result as matmul
+    lin = pq.QLinear(qt, bias)
+    assert bits_equal(lin(x), y)
+    assert lin.packed_nbytes > 0 and lin.weight is qt
+    assert "int4" in repr(lin)
+
+
+def test_bad_input():
+    rng = np.random.default_rng(3)
+    qt = random_qtensor("q4_0", 16, 64, rng)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="K=32"):
+        pq.matmul(np.zeros((2, 32), np.float32), qt)
+    with pytest.raises(TypeError):
+        pq.matmul(x.astype(np.int32), qt)
+    with pytest.raises(TypeError):
+        pq.matmul(x, "not a qtensor")
+    with pytest.raises(TypeError):
+        pq.matmul([[1.0] * 64], qt)
+    with pytest.raises(ValueError, match="compute"):
+        pq.matmul(x, qt, compute="fast")
+    with pytest.raises(ValueError, match="bias"):
+        pq.matmul(x, qt, np.zeros(15, np.float32))
+    with pytest.raises(ValueError, match="out"):
+        pq.matmul(x, qt, out=np.empty((2, 15), np.float32))
+    with pytest.raises(TypeError):
+        pq.matmul(x, qt, out=np.empty((2, 16), np.float64))
+    with pytest.raises(ValueError):
+        pq.matmul(x, qt, out=np.empty((16, 2), np.float32).T)
+    # NaN/Inf: int8 cannot quantize them -> error naming the row; float propagates (IEEE)
+    xn = x.copy()
+    xn[1, 5] = np.nan
+    with pytest.raises(ValueError, match="row 1"):
+        pq.matmul(xn, qt, compute="int8")
+    yf = pq.matmul(xn, qt, compute="float")
+    assert np.isnan(yf[1]).all() and np.isfinite(yf[0]).all()
+    xi = x.copy()
+    xi[0, 0] = np.inf
+    with pytest.raises(ValueError):
+        pq.matmul(xi, qt, compute="int8")
+
+
+def test_matmul_releases_gil_and_is_thread_safe():
+    import threading
+
+    rng = np.random.default_rng(4)
+    qt = random_qtensor("q8_0", 256, 1024, rng)
+    x = rng.standard_normal((64, 1024)).astype(np.float32)
+    want = pq.matmul(x, qt)
+    results, errors = [], []
+
+    def run():
+        try:
+            for _ in range(5):
+                results.append(pq.matmul(x, qt))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=run) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    assert len(results) == 15 and all(bits_equal(r, want) for r in results)
