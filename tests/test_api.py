@@ -1,0 +1,339 @@
+"""The Python API contract: QTensor fields and bytes, from_bytes, formats(), info(), input
+dtypes, and the per-format options (nf4 block sizes and double quantization, int4 groups and
+symmetry, int8)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyqkern as pq
+from pyqkern import reference
+
+F32 = np.float32
+ALL_FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8"]
+GGML_FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl"]
+
+# (format, options, expected bits per weight for a K=1024 row)
+FORMAT_CASES = [
+    ("q4_0", {}, 4.5), ("q4_1", {}, 5.0), ("q8_0", {}, 8.5),
+    ("q4_k", {}, 4.5), ("q6_k", {}, 6.5625), ("iq4_nl", {}, 4.5),
+    ("nf4", {}, 4.5), ("nf4", {"group": 32}, 5.0), ("nf4", {"group": 256}, 4.125),
+    ("int4", {}, 4 + 24 / 128), ("int4", {"sym": True}, 4 + 16 / 128),
+    ("int4", {"group": 32}, 4 + 24 / 32), ("int4", {"group": -1}, 4 + 24 / 1024),
+    ("int4", {"group": -1, "sym": True}, 4 + 16 / 1024),
+    ("int8", {}, 8 + 32 / 1024),
+]
+CASE_IDS = [f + "".join(f"-{k}{v}" for k, v in o.items()) for f, o, _ in FORMAT_CASES]
+
+
+def weights(shape, seed=0, scale=0.05):
+    r = np.random.default_rng(seed)
+    w = (r.standard_normal(shape) * scale).astype(F32)
+    w.flat[:: max(1, w.size // 7)] *= 8        # a few outliers
+    return w
+
+
+def gguf_mod():
+    return pytest.importorskip("gguf.quants")
+
+
+def gguf_type(fmt):
+    from gguf.constants import GGMLQuantizationType as T
+
+    return {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q8_0": T.Q8_0, "q4_k": T.Q4_K, "q6_k": T.Q6_K,
+            "iq4_nl": T.IQ4_NL}[fmt]
+
+
+# ---------------------------------------------------------------- module-level API
+def test_formats():
+    f = pq.formats()
+    assert isinstance(f, list) and all(isinstance(x, str) for x in f)
+    assert f == ALL_FORMATS
+    f.append("mutated")
+    assert "mutated" not in pq.formats()      # a copy, not the registry
+
+
+def test_info_keys_and_values():
+    info = pq.info()
+    need = {"version", "cpu", "features", "compiled_variants", "runnable_variants", "active_variant",
+            "forced_by_env", "threads", "formats"}
+    assert need <= set(info), f"missing keys: {need - set(info)}"
+    assert info["version"] == pq.__version__
+    assert isinstance(info["cpu"], str)
+    assert isinstance(info["features"], list) and all(isinstance(x, str) for x in info["features"])
+    assert info["runnable_variants"] == pq.variants()
+    assert set(info["runnable_variants"]) <= set(info["compiled_variants"])
+    assert "ref" in info["runnable_variants"]
+    assert info["active_variant"] in info["runnable_variants"]
+    assert info["threads"] == pq.get_num_threads() >= 1
+    assert info["formats"] == pq.formats()
+
+
+def test_variants_ref_first_best_last():
+    v = pq.variants()
+    assert v[0] == "ref"
+    names = pq.info()["compiled_variants"]
+    assert [x for x in names if x in v] == v    # dispatch order: best last
+    if pq.info()["forced_by_env"] is None:
+        assert pq.info()["active_variant"] == v[-1]
+
+
+def test_set_num_threads_type_checked(restore_threads):
+    with pytest.raises(TypeError):
+        pq.set_num_threads(2.0)
+    with pytest.raises(TypeError):
+        pq.set_num_threads(True)
+    pq.set_num_threads(1)
+    assert pq.get_num_threads() == 1
+    pq.set_num_threads(0)                       # <= 0: one per CPU
+    assert pq.get_num_threads() >= 1
+
+
+# ---------------------------------------------------------------- QTensor fields and bytes
+@pytest.mark.parametrize("fmt,opts,bpw", FORMAT_CASES, ids=CASE_IDS)
+def test_qtensor_fields(fmt, opts, bpw):
+    n, k = 6, 1024
+    qt = pq.quantize(weights((n, k)), fmt, **opts)
+    assert isinstance(qt, pq.QTensor)
+    assert qt.format == fmt
+    assert qt.shape == (n, k) and isinstance(qt.shape, tuple)
+    assert qt.bits_per_weight == pytest.approx(bpw)
+    assert qt.nbytes == round(bpw * n * k / 8)
+    assert isinstance(qt.data, np.ndarray) and qt.data.dtype == np.uint8 and qt.data.ndim == 1
+    assert qt.data.flags.c_contiguous and qt.data.nbytes == qt.nbytes
+    if fmt == "int4":
+        assert qt.group == opts.get("group", 128) and qt.sym == bool(opts.get("sym"))
+    if fmt == "nf4":
+        assert qt.group == opts.get("group", 64)
+    r = repr(qt)
+    assert fmt in r and str(n) in r and str(k) in r
+    y = pq.dequantize(qt)
+    assert y.dtype == np.float32 and y.shape == (n, k) and y.flags.c_contiguous
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+def test_data_is_gguf_bytes(fmt):
+    gq = gguf_mod()
+    w = weights((5, 512), seed=3)
+    qt = pq.quantize(w, fmt)
+    want = gq.quantize(w, gguf_type(fmt))
+    assert np.array_equal(qt.data, want.ravel())
+
+
+@pytest.mark.parametrize("fmt", GGML_FORMATS)
+def test_ggml_data_decodes_with_gguf(fmt):
+    """qt.data are ggml blocks: gguf's own dequantize of them equals ours, bit for bit."""
+    gq = gguf_mod()
+    w = weights((4, 512), seed=4)
+    qt = pq.quantize(w, fmt)
+    theirs = gq.dequantize(qt.data.reshape(4, -1), gguf_type(fmt))
+    ours = pq.dequantize(qt)
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt,opts,bpw", FORMAT_CASES, ids=CASE_IDS)
+def test_sections_tile_the_data(fmt, opts, bpw):
+    qt = pq.quantize(weights((3, 1024)), fmt, **opts)
+    q, s, z = qt.sections()
+    assert q.shape[0] == s.shape[0] == z.shape[0] == 3
+    assert q.nbytes + s.nbytes + z.nbytes == qt.nbytes
+    assert np.shares_memory(q, qt.data)
+
+
+def test_qtensor_equality_and_unhashable():
+    w = weights((2, 256))
+    a, b = pq.quantize(w, "q4_0"), pq.quantize(w, "q4_0")
+    assert a == b and a is not b
+    assert a != pq.quantize(w, "q4_1") and a != pq.quantize(w * 2, "q4_0") and a != "q4_0"
+    with pytest.raises(TypeError):
+        hash(a)
+
+
+# ---------------------------------------------------------------- from_bytes
+ROUNDTRIP_CASES = FORMAT_CASES + [("nf4", {"double_quant": True}, None),
+                                  ("nf4", {"group": 128, "double_quant": True}, None)]
+ROUNDTRIP_IDS = CASE_IDS + ["nf4-double_quant", "nf4-group128-double_quant"]
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "memoryview", "ndarray"])
+@pytest.mark.parametrize("fmt,opts,bpw", ROUNDTRIP_CASES, ids=ROUNDTRIP_IDS)
+def test_from_bytes_roundtrip(fmt, opts, bpw, kind):
+    qt = pq.quantize(weights((4, 1024), seed=5), fmt, **opts)
+    raw = qt.data.tobytes()
+    buf = {"bytes": raw, "bytearray": bytearray(raw), "memoryview": memoryview(raw),
+           "ndarray": qt.data.copy()}[kind]
+    qt2 = pq.QTensor.from_bytes(fmt, qt.shape, buf, **opts)
+    assert qt2 == qt
+    assert qt2.format == fmt and qt2.shape == qt.shape and qt2.nbytes == qt.nbytes
+    assert np.array_equal(pq.dequantize(qt2), pq.dequantize(qt))   # read-only buffers work too
+
+
+@pytest.mark.parametrize("fmt,opts,bpw", ROUNDTRIP_CASES, ids=ROUNDTRIP_IDS)
+def test_from_bytes_zero_copy(fmt, opts, bpw):
+    qt = pq.quantize(weights((2, 1024), seed=6), fmt, **opts)
+    arr = qt.data.copy()
+    qt2 = pq.QTensor.from_bytes(fmt, qt.shape, arr, **opts)
+    assert np.shares_memory(qt2.data, arr)
+    ba = bytearray(qt.data.tobytes())
+    qt3 = pq.QTensor.from_bytes(fmt, qt.shape, ba, **opts)
+    assert np.shares_memory(qt3.data, np.frombuffer(ba, dtype=np.uint8))
+    q, _, _ = qt2.sections()
+    assert np.shares_memory(q, arr)
+
+
+def test_from_bytes_zero_copy_of_qtensor_data():
+    qt = pq.quantize(weights((3, 256)), "q8_0")
+    qt2 = pq.QTensor.from_bytes("q8_0", (3, 256), qt.data)
+    assert np.shares_memory(qt2.data, qt.data)
+
+
+@pytest.mark.parametrize("delta", [-1, 1, -18])
+@pytest.mark.parametrize("fmt,opts,bpw", ROUNDTRIP_CASES, ids=ROUNDTRIP_IDS)
+def test_from_bytes_wrong_length(fmt, opts, bpw, delta):
+    qt = pq.quantize(weights((2, 1024)), fmt, **opts)
+    raw = qt.data.tobytes()
+    bad = raw[:delta] if delta < 0 else raw + b"\0" * delta
+    with pytest.raises(ValueError, match="bytes"):
+        pq.QTensor.from_bytes(fmt, qt.shape, bad, **opts)
+
+
+def test_from_bytes_bad_shape_or_params():
+    qt = pq.quantize(weights((2, 256)), "nf4")
+    raw = qt.data.tobytes()
+    for shape in [(2,), (0, 256), (-2, 256), (2, 256, 1), "ab", None]:
+        with pytest.raises((ValueError, TypeError)):
+            pq.QTensor.from_bytes("nf4", shape, raw)
+    with pytest.raises(ValueError):
+        pq.QTensor.from_bytes("nf4", (2, 256), raw, group=128)   # length mismatch for that group
+    with pytest.raises(ValueError):
+        pq.QTensor.from_bytes("q4_0", (2, 250), raw)             # K not a multiple of 32
+    with pytest.raises(ValueError):
+        pq.QTensor.from_bytes("q9_9", (2, 256), raw)
+
+
+# ---------------------------------------------------------------- input dtypes
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_half_precision_inputs_equal_float32(fmt, backend):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    if backend == "reference" and fmt not in reference.QUANTIZE:
+        pytest.fail(f"reference backend has no {fmt} quantize")
+    w = weights((3, 512), seed=7, scale=1.0)
+    h = w.astype(np.float16)
+    b = w.astype(ml_dtypes.bfloat16)
+    q = lambda a: pq.quantize(a, fmt, backend=backend)   # noqa: E731
+    assert q(h) == q(h.astype(F32)), "float16"
+    want = q(b.astype(F32))
+    assert q(b) == want, "bfloat16 (ml_dtypes)"
+    assert q(b.view(np.uint16)) == want, "bfloat16 as raw uint16"
+
+
+def test_bfloat16_bits_are_exact():
+    """bf16 -> fp32 is exact: the raw-uint16 path places the bits in the high half."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bits = np.array([[0x3F80, 0xBF80, 0x0001, 0x8000, 0x7F7F, 0x4049, 0x0080, 0xC2F7] * 4,
+                     [0x3F81, 0xBF80, 0x0001, 0x8000, 0x4780, 0x4049, 0x0080, 0xC2F7] * 4]).astype(np.uint16)
+    f32 = (bits.astype(np.uint32) << 16).view(F32)
+    assert np.array_equal(bits.view(ml_dtypes.bfloat16).astype(F32).view(np.uint32), f32.view(np.uint32))
+    for fmt in ("q8_0", "int8", "nf4"):
+        want = pq.quantize(f32, fmt, group=32 if fmt == "nf4" else None)
+        assert pq.quantize(bits.view(ml_dtypes.bfloat16), fmt, group=want.params["group"] or None) == want
+        assert pq.quantize(bits, fmt, group=want.params["group"] or None) == want
+
+
+# ---------------------------------------------------------------- nf4
+NF4_MAX_HALF_GAP = float(np.max(np.diff(reference.NF4_CODE))) / 2
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256, 512, 1024, 2048, 4096])
+def test_nf4_group_sizes(group):
+    n, k = 3, max(1024, group)
+    w = weights((n, k), seed=group)
+    qt = pq.quantize(w, "nf4", group=group)
+    assert qt.group == group
+    assert qt.nbytes == n * k // 2 + n * (k // group) * 4
+    assert qt.bits_per_weight == pytest.approx(4 + 32 / group)
+    y = pq.dequantize(qt)
+    amax = np.abs(w.reshape(n, -1, group)).max(axis=2, keepdims=True)
+    err = np.abs(y - w).reshape(n, -1, group)
+    assert (err <= amax * (NF4_MAX_HALF_GAP * (1 + 1e-6))).all()
+    # the absmax of each block is stored exactly and reproduced exactly
+    assert np.array_equal(np.abs(y.reshape(n, -1, group)).max(axis=2, keepdims=True), amax)
+    assert qt == pq.quantize(w, "nf4", group=group, backend="reference")
+
+
+@pytest.mark.parametrize("group", [64, 128])
+def test_nf4_double_quant(group):
+    n, k = 16, 4096
+    w = weights((n, k), seed=11)
+    plain = pq.quantize(w, "nf4", group=group)
+    dq = pq.quantize(w, "nf4", group=group, double_quant=True)
+    assert dq.params.get("double_quant") and not plain.params.get("double_quant")
+    assert dq.bits_per_weight < plain.bits_per_weight
+    nblk = n * k // group
+    nested = -(-nblk // 256)
+    assert dq.nbytes == n * k // 2 + nblk + 4 * nested + 4 + 4 * 256
+    # the 4-bit codes are the same; only the absmax is compressed
+    assert np.array_equal(dq.sections()[0], plain.sections()[0])
+    a_plain = plain.sections()[1].view(F32)
+    a_dq = dq.sections()[1].view(F32)
+    assert np.abs(a_dq - a_plain).max() <= 0.01 * np.abs(a_plain - a_plain.mean()).max() + 1e-7
+    y_plain, y_dq = pq.dequantize(plain), pq.dequantize(dq)
+    assert np.abs(y_dq - y_plain).max() <= 0.01 * np.abs(w).max()
+    assert np.abs(y_dq - w).max() <= (NF4_MAX_HALF_GAP + 0.02) * np.abs(w).max()
+    # round trip through bytes
+    again = pq.QTensor.from_bytes("nf4", (n, k), dq.data.tobytes(), group=group, double_quant=True)
+    assert again == dq and np.array_equal(pq.dequantize(again), y_dq)
+
+
+# ---------------------------------------------------------------- int4
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("group", [16, 32, 64, 128, 256, -1])
+def test_int4_groups(group, sym):
+    n, k = 5, 512
+    w = weights((n, k), seed=abs(group) + sym)
+    w[1, :] += 0.3                               # one row entirely positive: zero point at 0
+    qt = pq.quantize(w, "int4", group=group, sym=sym)
+    gs = k if group == -1 else group
+    ng = k // gs
+    q, s, z = qt.sections()
+    assert q.shape == (n, k // 2) and s.shape == (n, 2 * ng)
+    assert z.shape == ((n, 0) if sym else (n, ng))
+    assert qt.bits_per_weight == pytest.approx(4 + (16 if sym else 24) / gs)
+    scale = s.view(np.float16).astype(F32)        # [n, ng]
+    assert (scale > 0).all()
+    if not sym:
+        assert (z <= 15).all()
+    y = pq.dequantize(qt)
+    err = np.abs(y - w).reshape(n, ng, gs)
+    assert (err <= 1.01 * scale[:, :, None] + 1e-7).all()
+    assert qt == pq.quantize(w, "int4", group=group, sym=sym, backend="reference")
+
+
+def test_int4_symmetric_zero_is_8():
+    w = weights((2, 256), seed=2)
+    qt = pq.quantize(w, "int4", group=64, sym=True)
+    codes = np.stack([qt.data[: 2 * 128] & 0xF, qt.data[: 2 * 128] >> 4], axis=-1).reshape(2, 256)
+    scale = qt.sections()[1].view(np.float16).astype(F32)
+    y = pq.dequantize(qt)
+    assert np.array_equal(y, ((codes.astype(np.int32) - 8).reshape(2, 4, 64) * scale[:, :, None]).reshape(2, 256))
+
+
+# ---------------------------------------------------------------- int8
+def test_int8_per_channel():
+    n, k = 7, 300
+    w = weights((n, k), seed=8)
+    w[3] = 0.0                                  # an all-zero row
+    qt = pq.quantize(w, "int8")
+    q, s, z = qt.sections()
+    assert q.shape == (n, k) and s.shape == (n, 4) and z.shape == (n, 0)
+    assert qt.bits_per_weight == pytest.approx(8 + 32 / k)
+    codes = q.view(np.int8)
+    assert codes.min() >= -127
+    scale = s.view(F32).ravel()
+    assert np.array_equal(scale, (np.abs(w).max(axis=1) / F32(127)).astype(F32))
+    assert (codes[3] == 0).all() and scale[3] == 0
+    y = pq.dequantize(qt)
+    assert (np.abs(y - w) <= scale[:, None] * 0.5 * (1 + 1e-5)).all()
+    assert np.abs(codes).max(axis=1)[np.arange(n) != 3].min() == 127
+    assert qt == pq.quantize(w, "int8", backend="reference")
