@@ -109,8 +109,12 @@ def _out(out, shape):
 
 
 def matmul(x, w: QTensor, bias=None, *, compute="auto", out=None, backend="native", isa=None, _packed_w=None):
-    """y = x @ W.T (+ bias); x [..., K] float32/float16/bfloat16, W a QTensor [N, K] -> y [..., N] float32."""
+    """y = x @ W.T (+ bias); x [..., K] float32/float16/bfloat16, W a QTensor [N, K] -> y [..., N] float32.
+
+    backend="numba" supports compute="float" only ("auto" means "float" there)."""
     _check_backend(backend)
+    if backend == "numba" and compute == "auto":
+        compute = "float"
     if not isinstance(w, QTensor):
         raise TypeError(f"w must be a QTensor, got {type(w).__name__}")
     n, k = w.shape
@@ -134,14 +138,14 @@ def matmul(x, w: QTensor, bias=None, *, compute="auto", out=None, backend="nativ
             y2[...] = reference.matmul_float(x2, dequantize(w, backend="reference"), b)
         return y
     if backend == "numba":
+        # Numba backend: compute="float" = the Numba dequantize kernels + a float32 BLAS product.
         if isa is not None:
             raise ValueError("isa= applies to the native backend only")
-        from . import numba_kernels
+        if mode == "int8":
+            raise NotImplementedError("compute='int8' is native-only; the numba backend runs compute='float'")
+        from ._ops import dequantize
 
-        fn = getattr(numba_kernels, "matmul", None)
-        if fn is None:
-            raise NotImplementedError("matmul is not available in the numba backend")
-        y2[...] = fn(x2, w, b, mode)
+        y2[...] = reference.matmul_float(x2, dequantize(w, backend="numba"), b)
         return y
     nat = _native()
     if mode == "int8":

@@ -223,3 +223,14 @@ def test_matmul_releases_gil_and_is_thread_safe():
         t.join()
     assert not errors
     assert len(results) == 15 and all(bits_equal(r, want) for r in results)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "nf4", "int4", "int8"])
+def test_numba_backend_float_matmul(fmt):
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(5)
+    qt = random_qtensor(fmt, 24, 256, rng)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    assert_float_close(pq.matmul(x, qt, backend="numba"), x, pq.dequantize(qt))
+    with pytest.raises(NotImplementedError):
+        pq.matmul(x, qt, compute="int8", backend="numba")

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include "../../core/kernel_table.h"
+#include "../../core/packed.h"
 
 namespace pqk { namespace avx2 {
 
@@ -46,6 +47,12 @@ void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, in
   }
 }
 
-void register_matmul_kernels(KernelTable& t) { t.gemm_f32 = gemm_f32; }
+void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+               const float* bias);
+
+void register_matmul_kernels(KernelTable& t) {
+  t.gemm_f32 = gemm_f32;
+  t.gemm_int8 = gemm_int8;
+}
 
 }}  // namespace pqk::avx2

@@ -1,0 +1,126 @@
+// int8-compute tile kernel over packed weights with AVX2 (maddubs + madd). Same packed layout
+// and float arithmetic as core/packed.h, so it is bit-identical to ref.
+//
+// maddubs multiplies u8 x s8 into saturating int16 pairs. Codes <= 63 (nibbles, q6_k) cannot
+// saturate (2*63*127 < 32767). Codes with offset 128 (q8_0, int8, nf4, iq4_nl) use the signed
+// code c = u ^ 0x80 (= u - 128) instead: dot(c, xq) is already the exact isum, and the
+// abs/sign trick keeps every pair <= 2*128*127.
+#include <immintrin.h>
+
+#include "../../core/kernel_table.h"
+#include "../../core/packed.h"
+
+namespace pqk { namespace avx2 {
+
+namespace {
+
+constexpr int MR = 4;
+
+template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool SIGNED>
+void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+                 const float* bias) {
+  const int64_t n0 = tile * NR;
+  const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
+  const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
+  constexpr int BCB = NIB ? BLK * NR / 2 : BLK * NR;
+  constexpr int PER = QBLK / BLK;
+  constexpr int NQ = BLK / 4;
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  alignas(16) uint8_t lut_s[16];
+  for (int i = 0; i < 16; ++i) lut_s[i] = (uint8_t)(w.lut16[i] ^ (SIGNED ? 0x80 : 0));
+  const __m256i vlut = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)lut_s));
+  const int64_t nkb = w.k / QBLK;
+
+  for (int64_t i0 = m0; i0 < m1; i0 += MR) {
+    const int mr = (int)(m1 - i0 < MR ? m1 - i0 : MR);
+    for (int h = 0; h < 2; ++h) {  // rows 0-7, then rows 8-15 of the tile
+      __m256 acc[MR];
+      for (int ii = 0; ii < MR; ++ii) acc[ii] = _mm256_setzero_ps();
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        for (int sub = 0; sub < PER; ++sub) {
+          const int64_t b = kb * PER + sub;
+          const uint8_t* cb = ct + b * BCB + 32 * h;
+          __m256i W[8];
+          if (NIB) {
+            for (int j = 0; j < 4; ++j) {
+              __m256i p = _mm256_load_si256((const __m256i*)(cb + 64 * j));
+              W[j] = _mm256_and_si256(p, lo4);
+              W[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4);
+              if (LUT) {
+                W[j] = _mm256_shuffle_epi8(vlut, W[j]);
+                W[j + 4] = _mm256_shuffle_epi8(vlut, W[j + 4]);
+              }
+            }
+          } else {
+            for (int j = 0; j < NQ; ++j) {
+              W[j] = _mm256_load_si256((const __m256i*)(cb + 64 * j));
+              if (SIGNED) W[j] = _mm256_xor_si256(W[j], flip);
+            }
+          }
+          __m256i Wabs[8];
+          if (SIGNED)
+            for (int j = 0; j < NQ; ++j) Wabs[j] = _mm256_abs_epi8(W[j]);
+          const int64_t pi = (tile * w.nblk + b) * NR + 8 * h;
+          const __m256 vscale = _mm256_load_ps(w.scale + pi);
+          __m256 vmin = _mm256_setzero_ps();
+          __m256i voff = _mm256_setzero_si256();
+          if (HAS_MIN) vmin = _mm256_load_ps(w.minv + pi);
+          if (ROW_OFF) voff = _mm256_load_si256((const __m256i*)(w.offs + pi));
+          for (int ii = 0; ii < mr; ++ii) {
+            const int64_t i = i0 + ii;
+            const int8_t* xb = a.row_q(i) + b * BLK;
+            const int32_t* xs16 = a.row_s(i);
+            const int32_t xs = BLK == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
+            const float dx = a.row_d(i)[kb];
+            __m256i isum = _mm256_setzero_si256();
+            for (int j = 0; j < NQ; ++j) {
+              int32_t quad;
+              __builtin_memcpy(&quad, xb + 4 * j, 4);
+              const __m256i xv = _mm256_set1_epi32(quad);
+              __m256i p16 = SIGNED ? _mm256_maddubs_epi16(Wabs[j], _mm256_sign_epi8(xv, W[j]))
+                                   : _mm256_maddubs_epi16(W[j], xv);
+              isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones16));
+            }
+            if (!SIGNED) {
+              if (ROW_OFF) isum = _mm256_sub_epi32(isum, _mm256_mullo_epi32(voff, _mm256_set1_epi32(xs)));
+              else isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(w.o_const * xs));
+            }
+            const __m256 da = _mm256_mul_ps(vscale, _mm256_set1_ps(dx));
+            acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), da));
+            if (HAS_MIN) {
+              const float mx = dx * (float)xs;
+              acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(vmin, _mm256_set1_ps(mx)));
+            }
+          }
+        }
+      }
+      for (int ii = 0; ii < mr; ++ii) {
+        alignas(32) float out[8];
+        _mm256_store_ps(out, acc[ii]);
+        for (int r = 0; r < 8; ++r) {
+          const int row = 8 * h + r;
+          if (row >= nr) break;
+          y[(i0 + ii) * ldy + n0 + row] = bias ? out[r] + bias[n0 + row] : out[r];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+               const float* bias) {
+  if (w.nibbles) {
+    if (w.lut) return tile_kernel<true, 32, false, false, true, true>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.has_min) return tile_kernel<true, 32, true, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.row_offset) return tile_kernel<true, 32, false, true, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+    return tile_kernel<true, 32, false, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+  }
+  if (w.blk == 16) return tile_kernel<false, 16, false, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+  return tile_kernel<false, 32, false, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+}
+
+}}  // namespace pqk::avx2
