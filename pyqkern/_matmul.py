@@ -1,7 +1,7 @@
 """matmul and QLinear: y = x @ W.T (+ bias) with W a QTensor.
 
 compute:
-  "int8"  activations quantized per block of 32 (dx = amax/127, round half to even), integer
+  "int8"  activations quantized per block of 32 (dx = amax/127, xq = round_half_even(x / dx)), integer
           dot products (AVX512-VNNI / scalar), block scales applied in fp32. The result is
           bit-identical for every native variant and thread count and equals
           pyqkern.reference.matmul_int8. Needs K % 32 == 0 (and int4 groups >= 32). nf4 uses

@@ -261,13 +261,11 @@ DEQUANTIZE = {
     "iq4_nl": dequantize_iq4_nl, "nf4": dequantize_nf4, "int4": dequantize_int4, "int8": dequantize_int8,
 }
 
-try:  # K-quants and iq4_nl quantize live in their own module
-    from .reference_kquants import DEQUANTIZE as _KD, QUANTIZE as _KQ
+# K-quants and iq4_nl quantize live in their own module
+from .reference_kquants import DEQUANTIZE as _KD, QUANTIZE as _KQ  # noqa: E402
 
-    QUANTIZE.update(_KQ)
-    DEQUANTIZE.update(_KD)
-except ImportError:  # pragma: no cover - only while that module is being written
-    pass
+QUANTIZE.update(_KQ)
+DEQUANTIZE.update(_KD)
 
 
 # ---------------------------------------------------------------- matmul (the spec)
@@ -356,13 +354,13 @@ def decompose(fmt, q, s, z, k, group, sym):
 
 
 def quantize_activations(x):
-    """x f32 [M, K] -> (xq int8 [M, K], dx f32 [M, K/32]): dx = amax/127, xq = rint(x * (1/dx))."""
+    """x f32 [M, K] -> (xq int8 [M, K], dx f32 [M, K/32]): dx = amax/127, xq = rint(x / dx).
+
+    Division (not x * (1/dx)): 1/dx overflows for subnormal dx, x/dx cannot since |x| <= amax."""
     mm, k = x.shape
     b = x.reshape(mm, -1, QBLK).astype(F32)
     d = (np.abs(b).max(axis=2) / F32(127)).astype(F32)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
-    v = np.rint((b * idv[:, :, None]).astype(F32))
+    v = np.rint((b / np.where(d != 0, d, F32(1))[:, :, None]).astype(F32))
     xq = np.clip(v, -127, 127).astype(np.int8).reshape(mm, k)
     return xq, d
 

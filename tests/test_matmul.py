@@ -234,3 +234,23 @@ def test_numba_backend_float_matmul(fmt):
     assert_float_close(pq.matmul(x, qt, backend="numba"), x, pq.dequantize(qt))
     with pytest.raises(NotImplementedError):
         pq.matmul(x, qt, compute="int8", backend="numba")
+
+
+def test_activation_quantization_edges_all_variants():
+    """Activations with .5 ties after scaling, zeros, tiny and huge values: every variant's int8
+    result equals the spec (the quantized activations feed every integer sum)."""
+    rng = np.random.default_rng(6)
+    k = 128
+    qt = random_qtensor("q8_0", 17, k, rng)
+    x = np.zeros((6, k), np.float32)
+    x[0] = rng.standard_normal(k)
+    x[1, :32] = 127.0
+    x[1, 32:64] = (np.arange(32) - 16) + 0.5          # ties once scaled by 1/dx with amax 127
+    x[1, 40] = 127.0
+    x[2, :] = 1e-39                                    # subnormal activations
+    x[3, ::3] = 3e38                                   # near float max
+    x[4, 5] = -1.0                                     # single negative outlier
+    x[5] = np.float32(1.0) / 3
+    spec = pq.matmul(x, qt, compute="int8", backend="reference")
+    for v in VARIANTS:
+        assert bits_equal(pq.matmul(x, qt, compute="int8", isa=v), spec), v

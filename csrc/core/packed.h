@@ -4,7 +4,7 @@
 //   w[n,k] = a[n,b] * (u[n,k] - o[n,b]) + m[n,b]
 // with u an unsigned code (4-bit for nibble formats, 8-bit otherwise), a fp32 scale, o an
 // integer offset and m an fp32 additive min (q4_1, q4_k only). With activations quantized per
-// block of 32 as x ~ dx * xq, a block contributes exactly
+// block of 32 as x ~ dx * xq (dx = amax/127, xq = round_half_even(x / dx)), a block contributes
 //   isum = sum(u * xq) - o * sum(xq)             (int32, exact)
 //   acc  = acc + (float)isum * (a * dx)          (mul, then add: no FMA)
 //   acc  = acc + m * (dx * (float)sum(xq))       (only when the format has m)

@@ -113,7 +113,7 @@ PQK_API pqk_status pqk_pack(int32_t fmt, const void* q, const void* s, const voi
 PQK_API void pqk_packed_free(pqk_packed* w);
 PQK_API int64_t pqk_packed_nbytes(const pqk_packed* w);
 
-/* compute="int8": activations quantized per block of 32 (dx = amax/127, round half even),
+/* compute="int8": activations quantized per block of 32 (dx = amax/127, xq = rint(x / dx)),
  * integer dot products; bit-identical across variants and thread counts. x: m rows, row
  * stride ldx floats; y: m rows, row stride ldy floats; bias may be NULL.
  * NaN/Inf in x -> PQK_ERR_NONFINITE. */

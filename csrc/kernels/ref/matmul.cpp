@@ -6,18 +6,19 @@
 
 namespace pqk { namespace ref {
 
-// x ~ dx * xq per block of 32: dx = amax / 127, xq = round_half_even(x * (1/dx)), |xq| <= 127.
+// x ~ dx * xq per block of 32: dx = amax / 127, xq = round_half_even(x / dx), |xq| <= 127.
+// Division, not multiplication by 1/dx: 1/dx overflows to inf for subnormal dx, x / dx cannot
+// (|x| <= amax), so every finite input has one well-defined result.
 void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs) {
   for (int64_t b = 0; b < k / QBLK; ++b) {
     const float* xb = x + b * QBLK;
     float amax = 0.0f;
     for (int j = 0; j < QBLK; ++j) { float a = std::fabs(xb[j]); amax = amax > a ? amax : a; }
     const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
     dx[b] = d;
     int32_t s0 = 0, s1 = 0;
     for (int j = 0; j < QBLK; ++j) {
-      int v = round_even_i32(xb[j] * id);
+      int v = d != 0.0f ? round_even_i32(xb[j] / d) : 0;
       v = v < -127 ? -127 : (v > 127 ? 127 : v);
       xq[b * QBLK + j] = (int8_t)v;
       (j < 16 ? s0 : s1) += v;

@@ -47,6 +47,11 @@ void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, in
   }
 }
 
-void register_matmul_kernels(KernelTable& t) { t.gemm_f32 = gemm_f32; }
+void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs);
+
+void register_matmul_kernels(KernelTable& t) {
+  t.gemm_f32 = gemm_f32;
+  t.quantize_act = quantize_act;
+}
 
 }}  // namespace pqk::avx512
