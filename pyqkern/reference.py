@@ -81,8 +81,11 @@ def _unpack_split_halves(qs):
 def quantize_q4_0(x, group=0, sym=0):
     n, k = x.shape
     b = x.reshape(-1, 32).astype(F32)
+    # llama.cpp keeps the first element whose |x| beats a running max that starts at +0.0, so an
+    # all-zero block uses +0.0 (gguf's numpy takes element 0 and differs on all -0.0 blocks).
     imax = np.abs(b).argmax(axis=1)
     mx = b[np.arange(b.shape[0]), imax][:, None]
+    mx = np.where(np.abs(mx) == 0, F32(0), mx).astype(F32)
     d = (mx / F32(-8)).astype(F32)
     with np.errstate(divide="ignore"):
         idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
@@ -105,8 +108,10 @@ def dequantize_q4_0(q, s, z, k, group=0, sym=0):
 def quantize_q4_1(x, group=0, sym=0):
     n, k = x.shape
     b = x.reshape(-1, 32).astype(F32)
-    mn = b.min(axis=1, keepdims=True)
-    mx = b.max(axis=1, keepdims=True)
+    # the first element reaching the min / max, as llama.cpp's loop (decides the sign of a zero)
+    rows = np.arange(b.shape[0])
+    mn = b[rows, b.argmin(axis=1)][:, None]
+    mx = b[rows, b.argmax(axis=1)][:, None]
     d = ((mx - mn) / F32(15)).astype(F32)
     with np.errstate(divide="ignore"):
         idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
