@@ -10,7 +10,12 @@ namespace pqk { namespace avx512vnni {
 
 namespace {
 
-constexpr int MR = 4;  // activation rows sharing one decode of the weight block
+#ifndef PQK_VNNI_MR
+#define PQK_VNNI_MR 4
+#endif
+constexpr int MR = PQK_VNNI_MR;  // activation rows sharing one decode of the weight block
+// 4 activation bytes read as one int32 (folds into vpdpbusd's {1to16} memory broadcast)
+typedef int32_t __attribute__((may_alias, aligned(1))) i32_unaligned;
 
 template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT = false>
 void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
@@ -62,11 +67,8 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
           const int32_t xs = BLK == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
           const float dx = a.row_d(i)[kb];
           __m512i isum = _mm512_setzero_si512();
-          for (int j = 0; j < NQ; ++j) {
-            int32_t quad;
-            __builtin_memcpy(&quad, xb + 4 * j, 4);
-            isum = _mm512_dpbusd_epi32(isum, W[j], _mm512_set1_epi32(quad));
-          }
+          for (int j = 0; j < NQ; ++j)
+            isum = _mm512_dpbusd_epi32(isum, W[j], _mm512_set1_epi32(*(const i32_unaligned*)(xb + 4 * j)));
           if (ROW_OFF) isum = _mm512_sub_epi32(isum, _mm512_mullo_epi32(voff, _mm512_set1_epi32(xs)));
           else isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
           const __m512 da = _mm512_mul_ps(vscale, _mm512_set1_ps(dx));
