@@ -16,3 +16,8 @@ from . import simple as _simple  # noqa: E402  q4_0 q4_1 q8_0 iq4_nl(deq) nf4 in
 
 QUANTIZE.update(_simple.QUANTIZE)
 DEQUANTIZE.update(_simple.DEQUANTIZE)
+
+from . import kquants as _kquants  # noqa: E402  q4_k q6_k iq4_nl(quant)
+
+QUANTIZE.update(_kquants.QUANTIZE)
+DEQUANTIZE.update(_kquants.DEQUANTIZE)

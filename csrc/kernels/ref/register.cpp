@@ -15,7 +15,10 @@ void register_kernels(KernelTable& t) {
   PQK_SET(PQK_INT8, int8)
 #undef PQK_SET
   t.dequantize[PQK_IQ4_NL] = dequantize_row_iq4_nl;
-  // q4_k, q6_k, iq4_nl quantize: ref/kquants.cpp, ref/iq4_nl.cpp
+  // q4_k, q6_k and iq4_nl quantize: ref/kquants.cpp
+  t.quantize[PQK_IQ4_NL] = quantize_row_iq4_nl;
+  t.quantize[PQK_Q4_K] = quantize_row_q4_k; t.dequantize[PQK_Q4_K] = dequantize_row_q4_k;
+  t.quantize[PQK_Q6_K] = quantize_row_q6_k; t.dequantize[PQK_Q6_K] = dequantize_row_q6_k;
 }
 
 }}  // namespace pqk::ref
