@@ -1,9 +1,20 @@
 #include "../../core/kernel_table.h"
+#include "kernels256.h"
 
 namespace pqk { namespace avx2 {
 
 void register_kernels(KernelTable& t) {
-  (void)t;
+#define PQK_SET(F, fmt)                \
+  t.quantize[F] = quantize_row_##fmt;  \
+  t.dequantize[F] = dequantize_row_##fmt;
+  PQK_SET(PQK_Q8_0, q8_0)
+  PQK_SET(PQK_Q4_0, q4_0)
+  PQK_SET(PQK_Q4_1, q4_1)
+  PQK_SET(PQK_NF4, nf4)
+  PQK_SET(PQK_INT4, int4)
+  PQK_SET(PQK_INT8, int8)
+#undef PQK_SET
+  t.dequantize[PQK_IQ4_NL] = dequantize_row_iq4_nl;
 }
 
 }}  // namespace pqk::avx2
