@@ -56,7 +56,7 @@ def as_float32_2d(w, what="w", bf16_uint16=True) -> np.ndarray:
     if dt == np.float16 or dt == np.float64:
         if dt == np.float64:
             raise TypeError(f"{what} is float64; pass float32, float16 or bfloat16 (convert explicitly)")
-        return w.astype(np.float32)
+        return np.ascontiguousarray(w, dtype=np.float32)  # astype would keep a transposed layout
     if (_BF16 is not None and dt == _BF16) or (bf16_uint16 and dt == np.uint16):
         bits = np.ascontiguousarray(w).view(np.uint16).astype(np.uint32) << 16
         return bits.view(np.float32)

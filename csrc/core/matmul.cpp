@@ -82,6 +82,7 @@ pqk_status pqk_matmul_int8(int32_t isa, const pqk_packed* wp, const float* x, in
     if (!x || !y) throw Error(PQK_ERR_ARG, "NULL x/y");
     if (ldx < w.k || ldy < w.n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
     const KernelTable& t = kernel_table(resolve_isa(isa));
+    if (!t.quantize_act || !t.gemm_int8) throw Error(PQK_ERR_INTERNAL, "int8 matmul kernels not registered");
     check_x_finite(x, m, w.k, ldx);
     for (int64_t c0 = 0; c0 < m; c0 += M_CHUNK) {
       const int64_t mc = std::min(M_CHUNK, m - c0);
@@ -117,6 +118,7 @@ pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void*
     const KernelTable& t = kernel_table(resolve_isa(isa));
     dequantize_row_fn deq = t.dequantize[fmt];
     if (!deq) throw Error(PQK_ERR_UNSUPPORTED, "dequantize not implemented for this format");
+    if (!t.gemm_f32) throw Error(PQK_ERR_INTERNAL, "float matmul kernel not registered");
     const uint8_t* Q = (const uint8_t*)q; const uint8_t* S = (const uint8_t*)s; const uint8_t* Z = (const uint8_t*)z;
     // Rows of W in groups of FR, dequantized into a per-thread buffer, then fp32 dots.
     constexpr int FR = 8;

@@ -14,6 +14,9 @@ void register_kernels(KernelTable& t) {
   PQK_SET(PQK_INT4, int4)
   PQK_SET(PQK_INT8, int8)
 #undef PQK_SET
+  t.quantize_act = quantize_act;
+  t.gemm_int8 = gemm_int8;
+  t.gemm_f32 = gemm_f32;
   t.dequantize[PQK_IQ4_NL] = dequantize_row_iq4_nl;
   // q4_k, q6_k and iq4_nl quantize: ref/kquants.cpp
   t.quantize[PQK_IQ4_NL] = quantize_row_iq4_nl;
