@@ -3,7 +3,9 @@
 #include "cpu_features.h"
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <cpuid.h>
@@ -22,6 +24,21 @@ static uint64_t xgetbv0() {
   return ((uint64_t)hi << 32) | lo;
 }
 #endif
+
+// PYQKERN_DISABLE_FEATURES="avx512f,avx512vnni": treat these as absent (to test dispatch
+// fallbacks on a machine that has them, or to rule out a suspect ISA in the field).
+static void apply_disable_list(CpuFeatures& f) {
+  const char* env = std::getenv("PYQKERN_DISABLE_FEATURES");
+  if (!env) return;
+  std::string list = std::string(",") + env + ",";
+  auto off = [&](const char* name, bool& flag) {
+    if (list.find(std::string(",") + name + ",") != std::string::npos) flag = false;
+  };
+  off("sse4.2", f.sse42); off("avx", f.avx); off("fma", f.fma); off("f16c", f.f16c); off("avx2", f.avx2);
+  off("bmi1", f.bmi1); off("bmi2", f.bmi2); off("avxvnni", f.avxvnni); off("avx512f", f.avx512f);
+  off("avx512dq", f.avx512dq); off("avx512bw", f.avx512bw); off("avx512vl", f.avx512vl);
+  off("avx512vnni", f.avx512vnni); off("avx512bf16", f.avx512bf16);
+}
 
 static CpuFeatures detect() {
   CpuFeatures f;
@@ -72,6 +89,7 @@ static CpuFeatures detect() {
   if (!f.os_avx) f.avx = f.avx2 = f.fma = f.f16c = f.avxvnni = false;
   if (!f.os_avx512) f.avx512f = f.avx512bw = f.avx512vl = f.avx512dq = f.avx512vnni = f.avx512bf16 = false;
 #endif
+  apply_disable_list(f);
   return f;
 }
 
