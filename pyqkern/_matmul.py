@@ -138,14 +138,16 @@ def matmul(x, w: QTensor, bias=None, *, compute="auto", out=None, backend="nativ
             y2[...] = reference.matmul_float(x2, dequantize(w, backend="reference"), b)
         return y
     if backend == "numba":
-        # Numba backend: compute="float" = the Numba dequantize kernels + a float32 BLAS product.
+        # Numba backend: compute="float" as one fused kernel (decodes a block at a time, never the whole W).
         if isa is not None:
             raise ValueError("isa= applies to the native backend only")
         if mode == "int8":
             raise NotImplementedError("compute='int8' is native-only; the numba backend runs compute='float'")
-        from ._ops import dequantize
+        from .numba_kernels.matmul import matmul_float as _numba_matmul_float  # ImportError names numba
 
-        y2[...] = reference.matmul_float(x2, dequantize(w, backend="numba"), b)
+        q, s, z = w.sections()
+        _numba_matmul_float(_formats.FORMAT_IDS[w.format], q, s, z, k, w.params["group"], w.params["sym"],
+                            x2, b, y2)
         return y
     nat = _native()
     if mode == "int8":

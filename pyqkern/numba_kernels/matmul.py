@@ -1,0 +1,336 @@
+"""Fused Numba matmul (compute="float"): y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
+
+The weight is read in its canonical row bytes (``qt.sections()``: q, s, z), one block at a
+time; each weight is decoded into a float32 register (never a dequantized W) with exactly the
+float operations of the dequantizers (:mod:`pyqkern.reference`, :mod:`pyqkern.reference_kquants`,
+``simple.py`` / ``kquants.py``), so every decoded weight has the bits ``pq.dequantize`` gives:
+
+    q4_0  f32(c - 8) * d           q4_1  d * f32(c) + m           q8_0  f32(int8 c) * d
+    iq4_nl d * kvalue[c]           nf4   code[c] * absmax         int8  f32(int8 c) * scale
+    int4  f32(c - zero) * scale    q4_k  (d*sc) * f32(c) - (dmin*m)   q6_k (d*sc) * f32(c - 32)
+
+Then each decoded weight is multiplied by x in float32 and accumulated in float32, in 32
+independent lanes (one element of every chunk of 32: element k = 32*c + j in lane j, or for the
+two-codes-per-byte nf4 / int4 layouts even elements in lanes 0..15 and odd ones in 16..31) that
+are summed pairwise in a fixed order at the end of the row; bias is added last. No fastmath: no reassociation, no
+contraction, so the decode is exact and the accumulation order is the one written here.
+
+Rows n run in parallel (``prange`` over fixed chunks of rows); each y[m, n] is computed by one
+thread in the same order whatever the thread count, so the result does not depend on it.
+The error against x @ dequantize(W).T (in exact arithmetic) is within the usual float32 dot
+product bound, |y - y_ref| <= K * 2^-23 * (|x| @ |W|.T) (+ the bias rounding).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .simple import IQ4NL_VALUES, NF4_CODE, u32_as_f32
+
+_F32 = np.float32
+_JIT = dict(cache=True, nogil=True, error_model="numpy")
+_PJIT = dict(_JIT, parallel=True)
+
+F0 = _F32(0.0)
+F_2M24 = _F32(5.9604644775390625e-08)  # 2^-24
+LANES = 32       # accumulator lanes = decode chunk
+ROWS_PER_TASK = 8
+
+# format ids (pyqkern._formats.FORMAT_IDS)
+Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, IQ4_NL, NF4, INT4, INT8 = range(9)
+
+
+# ---------------------------------------------------------------- byte / fp16 helpers
+@njit(inline="always", **_JIT)
+def _f16(buf, r, o):
+    """fp16 at bytes o, o+1 of row r -> float32 (exact; same bits as simple.fp16_to_fp32)."""
+    h = np.int64(buf[r, o]) | (np.int64(buf[r, o + 1]) << 8)
+    sign = (h & 0x8000) << 16
+    e = (h >> 10) & 0x1F
+    man = h & 0x3FF
+    if e == 0:
+        if man == 0:
+            return u32_as_f32(sign)
+        v = _F32(man) * F_2M24
+        return -v if sign != 0 else v
+    if e == 31:
+        return u32_as_f32(sign | 0x7F800000 | (man << 13))
+    return u32_as_f32(sign | ((e + 112) << 23) | (man << 13))
+
+
+@njit(inline="always", **_JIT)
+def _f32le(buf, r, o):
+    return u32_as_f32(np.int64(buf[r, o]) | (np.int64(buf[r, o + 1]) << 8) | (np.int64(buf[r, o + 2]) << 16)
+                      | (np.int64(buf[r, o + 3]) << 24))
+
+
+@njit(inline="always", **_JIT)
+def _i8(c):
+    c = np.int32(c)
+    return c - 256 if c > 127 else c
+
+
+# ---------------------------------------------------------------- fused row dots
+# _row_<fmt>(..., r, x, acc): for every m and k, acc[m, lane(k)] += w[n=r, k] * x[m, k].
+# Each weight is decoded with the dequantizer's float ops into a register and multiplied at once
+# (decoding into a scratch array and reading it back is several times slower in Numba). The decode
+# is repeated per m: M is small (GEMV) and the row bytes stay in L1.
+
+@njit(inline="always", **_JIT)
+def _row_q4_0(q, r, x, acc):
+    mm, k = x.shape
+    for ci in range(k // 32):
+        o = ci * 18
+        k0 = ci * 32
+        d = _f16(q, r, o)
+        for m in range(mm):
+            for j in range(16):
+                c = np.int32(q[r, o + 2 + j])
+                acc[m, j] += (_F32((c & 0xF) - 8) * d) * x[m, k0 + j]
+                acc[m, j + 16] += (_F32((c >> 4) - 8) * d) * x[m, k0 + j + 16]
+
+
+@njit(inline="always", **_JIT)
+def _row_q4_1(q, r, x, acc):
+    mm, k = x.shape
+    for ci in range(k // 32):
+        o = ci * 20
+        k0 = ci * 32
+        d = _f16(q, r, o)
+        mn = _f16(q, r, o + 2)
+        for m in range(mm):
+            for j in range(16):
+                c = np.int32(q[r, o + 4 + j])
+                acc[m, j] += (d * _F32(c & 0xF) + mn) * x[m, k0 + j]
+                acc[m, j + 16] += (d * _F32(c >> 4) + mn) * x[m, k0 + j + 16]
+
+
+@njit(inline="always", **_JIT)
+def _row_q8_0(q, r, x, acc):
+    mm, k = x.shape
+    for ci in range(k // 32):
+        o = ci * 34
+        k0 = ci * 32
+        d = _f16(q, r, o)
+        for m in range(mm):
+            for j in range(32):
+                acc[m, j] += (_F32(_i8(q[r, o + 2 + j])) * d) * x[m, k0 + j]
+
+
+@njit(inline="always", **_JIT)
+def _row_iq4_nl(q, r, x, acc):
+    mm, k = x.shape
+    for ci in range(k // 32):
+        o = ci * 18
+        k0 = ci * 32
+        d = _f16(q, r, o)
+        for m in range(mm):
+            for j in range(16):
+                c = np.int32(q[r, o + 2 + j])
+                acc[m, j] += (d * IQ4NL_VALUES[c & 0xF]) * x[m, k0 + j]
+                acc[m, j + 16] += (d * IQ4NL_VALUES[c >> 4]) * x[m, k0 + j + 16]
+
+
+@njit(inline="always", **_JIT)
+def _row_q4_k(q, r, x, acc):
+    """sub-block j of super-block b: (d*sc)*c - (dmin*m); low nibbles of 32 bytes, then high."""
+    mm, k = x.shape
+    for ci in range(k // 32):
+        b = ci >> 3
+        j = ci & 7
+        o = 144 * b
+        k0 = ci * 32
+        d = _f16(q, r, o)
+        dmin = _f16(q, r, o + 2)
+        so = o + 4
+        if j < 4:
+            sc = np.int32(q[r, so + j]) & 63
+            mn = np.int32(q[r, so + j + 4]) & 63
+        else:
+            sc = (np.int32(q[r, so + j + 4]) & 0x0F) | ((np.int32(q[r, so + j - 4]) >> 6) << 4)
+            mn = (np.int32(q[r, so + j + 4]) >> 4) | ((np.int32(q[r, so + j]) >> 6) << 4)
+        dd = d * _F32(sc)
+        dm = dmin * _F32(mn)
+        qo = o + 16 + 32 * (j >> 1)
+        sh = 4 * (j & 1)
+        for m in range(mm):
+            for l in range(32):
+                acc[m, l] += (dd * _F32((np.int32(q[r, qo + l]) >> sh) & 0xF) - dm) * x[m, k0 + l]
+
+
+@njit(inline="always", **_JIT)
+def _row_q6_k(q, r, x, acc):
+    """elements 32*ci .. +32: half h, quarter i of a 256 super-block; (d*sc)*(c-32)."""
+    mm, k = x.shape
+    for ci in range(k // 32):
+        b = ci >> 3
+        h = (ci >> 2) & 1
+        i = ci & 3
+        o = 210 * b
+        k0 = ci * 32
+        d = _f16(q, r, o + 208)
+        dd0 = d * _F32(_i8(q[r, o + 192 + 8 * h + 2 * i]))
+        dd1 = d * _F32(_i8(q[r, o + 192 + 8 * h + 2 * i + 1]))
+        lo = o + 64 * h + 32 * (i & 1)
+        lsh = 4 * (i >> 1)
+        ho = o + 128 + 32 * h
+        hsh = 2 * i
+        for m in range(mm):
+            for l in range(16):
+                c0 = (((np.int32(q[r, lo + l]) >> lsh) & 0xF) | (((np.int32(q[r, ho + l]) >> hsh) & 3) << 4)) - 32
+                c1 = (((np.int32(q[r, lo + l + 16]) >> lsh) & 0xF)
+                      | (((np.int32(q[r, ho + l + 16]) >> hsh) & 3) << 4)) - 32
+                acc[m, l] += (dd0 * _F32(c0)) * x[m, k0 + l]
+                acc[m, l + 16] += (dd1 * _F32(c1)) * x[m, k0 + l + 16]
+
+
+# nf4 and int4 pack elements 2j, 2j+1 in byte j. They take x "split": within every chunk of 32
+# (and the shorter tail chunk of length L), the even elements first, then the odd ones (see
+# _split_pairs), so the even elements of a chunk go to lanes 0..L/2-1 and the odd ones to the next
+# L/2 lanes with contiguous loads, as the other formats do.
+
+@njit(inline="always", **_JIT)
+def _row_nf4(q, s, r, bshift, xs, acc):
+    """bitsandbytes order: element 2j = high nibble of byte j; code * absmax (block >= 32)."""
+    mm, k = xs.shape
+    for ci in range(k // 32):
+        k0 = ci * 32
+        amax = _f32le(s, r, 4 * (k0 >> bshift))
+        qo = k0 >> 1
+        for m in range(mm):
+            for j in range(16):
+                c = np.int32(q[r, qo + j])
+                acc[m, j] += (NF4_CODE[c >> 4] * amax) * xs[m, k0 + j]
+                acc[m, 16 + j] += (NF4_CODE[c & 0xF] * amax) * xs[m, k0 + 16 + j]
+
+
+@njit(inline="always", **_JIT)
+def _row_int4(q, s, z, r, gshift, sym, xs, acc):
+    """element 2i = low nibble; f32(c - zero) * scale. Groups are 2^gshift (>= 16) or the whole
+    row (gshift = 62): a chunk of 32 holds one group, or two of 16 (bytes 0..7 and 8..15)."""
+    mm, k = xs.shape
+    nfull = k // 32
+    for ci in range(nfull):
+        k0 = ci * 32
+        qo = k0 >> 1
+        gi = k0 >> gshift
+        sf = _f16(s, r, 2 * gi)
+        zero = np.int32(8) if sym else np.int32(z[r, gi])
+        if gshift >= 5:
+            for m in range(mm):
+                for j in range(16):
+                    c = np.int32(q[r, qo + j])
+                    acc[m, j] += (_F32((c & 0xF) - zero) * sf) * xs[m, k0 + j]
+                    acc[m, 16 + j] += (_F32((c >> 4) - zero) * sf) * xs[m, k0 + 16 + j]
+        else:  # group 16
+            sf1 = _f16(s, r, 2 * gi + 2)
+            zero1 = np.int32(8) if sym else np.int32(z[r, gi + 1])
+            for m in range(mm):
+                for j in range(16):
+                    c = np.int32(q[r, qo + j])
+                    zj = zero if j < 8 else zero1
+                    sj = sf if j < 8 else sf1
+                    acc[m, j] += (_F32((c & 0xF) - zj) * sj) * xs[m, k0 + j]
+                    acc[m, 16 + j] += (_F32((c >> 4) - zj) * sj) * xs[m, k0 + 16 + j]
+    k0 = nfull * 32
+    if k0 < k:  # tail chunk of length L < 32 (K even): one group (per-channel) or one of 16
+        h = (k - k0) >> 1
+        gi = k0 >> gshift
+        sf = _f16(s, r, 2 * gi)
+        zero = np.int32(8) if sym else np.int32(z[r, gi])
+        qo = k0 >> 1
+        for m in range(mm):
+            for j in range(h):
+                c = np.int32(q[r, qo + j])
+                acc[m, j] += (_F32((c & 0xF) - zero) * sf) * xs[m, k0 + j]
+                acc[m, 16 + j] += (_F32((c >> 4) - zero) * sf) * xs[m, k0 + h + j]
+
+
+def _split_pairs(x):
+    """x [M, K] (K even) -> copy with each chunk of 32 (and the tail chunk) reordered: even
+    elements first, then odd ones."""
+    mm, k = x.shape
+    kf = k // 32 * 32
+    xs = np.empty_like(x)
+    xs[:, :kf] = x[:, :kf].reshape(mm, -1, 16, 2).transpose(0, 1, 3, 2).reshape(mm, kf)
+    if kf < k:
+        xs[:, kf:] = x[:, kf:].reshape(mm, -1, 2).transpose(0, 2, 1).reshape(mm, k - kf)
+    return xs
+
+
+@njit(inline="always", **_JIT)
+def _row_int8(q, s, r, x, acc):
+    mm, k = x.shape
+    scale = _f32le(s, r, 0)
+    nfull = k // 32
+    for ci in range(nfull):
+        k0 = ci * 32
+        for m in range(mm):
+            for j in range(32):
+                acc[m, j] += (_F32(_i8(q[r, k0 + j])) * scale) * x[m, k0 + j]
+    k0 = nfull * 32
+    for m in range(mm):
+        for j in range(k - k0):
+            acc[m, j] += (_F32(_i8(q[r, k0 + j])) * scale) * x[m, k0 + j]
+
+
+# ---------------------------------------------------------------- the kernel
+@njit(**_PJIT)
+def _matmul(fmt, q, s, z, gshift, sym, x, bias, has_bias, y):
+    mm, k = x.shape
+    n = y.shape[1]
+    ntask = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for t in prange(ntask):
+        acc = np.empty((mm, LANES), _F32)
+        r1 = min(n, (t + 1) * ROWS_PER_TASK)
+        for r in range(t * ROWS_PER_TASK, r1):
+            acc[:, :] = F0
+            if fmt == Q4_0:
+                _row_q4_0(q, r, x, acc)
+            elif fmt == Q4_1:
+                _row_q4_1(q, r, x, acc)
+            elif fmt == Q8_0:
+                _row_q8_0(q, r, x, acc)
+            elif fmt == IQ4_NL:
+                _row_iq4_nl(q, r, x, acc)
+            elif fmt == Q4_K:
+                _row_q4_k(q, r, x, acc)
+            elif fmt == Q6_K:
+                _row_q6_k(q, r, x, acc)
+            elif fmt == NF4:
+                _row_nf4(q, s, r, gshift, x, acc)
+            elif fmt == INT4:
+                _row_int4(q, s, z, r, gshift, sym, x, acc)
+            else:
+                _row_int8(q, s, r, x, acc)
+            for m in range(mm):
+                # fixed pairwise reduction of the 32 lanes
+                for half in (16, 8, 4, 2, 1):
+                    for j in range(half):
+                        acc[m, j] = acc[m, j] + acc[m, j + half]
+                v = acc[m, 0]
+                if has_bias:
+                    v = v + bias[r]
+                y[m, r] = v
+
+
+def matmul_float(fmt_id, q, s, z, k, group, sym, x, bias, y):
+    """y [M, N] (float32, C-contiguous, written) = x [M, K] @ W.T (+ bias) from the row sections."""
+    if x.shape[1] != k or y.shape != (x.shape[0], q.shape[0]):
+        raise ValueError(f"shapes: x {x.shape}, K={k}, q {q.shape}, y {y.shape}")
+    q = np.ascontiguousarray(q, dtype=np.uint8)
+    s = np.ascontiguousarray(s, dtype=np.uint8)
+    z = np.ascontiguousarray(z, dtype=np.uint8)
+    x = np.ascontiguousarray(x, dtype=_F32)
+    if fmt_id in (NF4, INT4):
+        x = _split_pairs(x)
+    if fmt_id == INT4:
+        gshift = 62 if group == -1 else int(group).bit_length() - 1   # per-channel: group index 0
+    elif fmt_id == NF4:
+        gshift = int(group).bit_length() - 1
+    else:
+        gshift = 0
+    has_bias = bias is not None
+    b = np.ascontiguousarray(bias, dtype=_F32) if has_bias else np.zeros(1, _F32)
+    _matmul(np.int64(fmt_id), q, s, z, np.int64(gshift), bool(sym), x, b, has_bias, y)
+    return y
