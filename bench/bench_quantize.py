@@ -75,21 +75,12 @@ def qtensors(weights):
     return get
 
 
-def _first_call(fn, what):
-    """Run once outside the timer: skip when the kernel is not there (yet), warm JIT caches."""
-    try:
-        return fn()
-    except NotImplementedError as e:
-        pytest.skip(f"{what}: {e}")
-
-
 # ---------------------------------------------------------------- native variants
 @pytest.mark.parametrize("native_threads", THREADS, indirect=True)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fmt,opts", FORMATS, ids=FORMAT_IDS)
 def test_quantize_native(measure, weights, fmt, opts, variant, native_threads):
     fn = lambda: pq.quantize(weights, fmt, isa=variant, **opts)   # noqa: E731
-    _first_call(fn, f"native {variant} quantize {fmt}")
     measure(fn, op="quantize", fmt=_label(fmt, opts), impl="native", variant=variant, threads=native_threads)
 
 
@@ -99,7 +90,6 @@ def test_quantize_native(measure, weights, fmt, opts, variant, native_threads):
 def test_dequantize_native(measure, qtensors, fmt, opts, variant, native_threads):
     qt = qtensors(fmt, opts)
     fn = lambda: pq.dequantize(qt, isa=variant)   # noqa: E731
-    _first_call(fn, f"native {variant} dequantize {fmt}")
     measure(fn, op="dequantize", fmt=_label(fmt, opts), impl="native", variant=variant, threads=native_threads)
 
 
@@ -117,7 +107,6 @@ def _numba_threads():
 def test_quantize_numba(measure, weights, fmt, opts):
     threads = _numba_threads()
     fn = lambda: pq.quantize(weights, fmt, backend="numba", **opts)   # noqa: E731
-    _first_call(fn, f"numba quantize {fmt}")                          # also compiles
     measure(fn, op="quantize", fmt=_label(fmt, opts), impl="numba", variant="numba", threads=threads)
 
 
@@ -126,7 +115,6 @@ def test_dequantize_numba(measure, qtensors, fmt, opts):
     threads = _numba_threads()
     qt = qtensors(fmt, opts)
     fn = lambda: pq.dequantize(qt, backend="numba")   # noqa: E731
-    _first_call(fn, f"numba dequantize {fmt}")
     measure(fn, op="dequantize", fmt=_label(fmt, opts), impl="numba", variant="numba", threads=threads)
 
 
@@ -135,7 +123,7 @@ def test_dequantize_numba(measure, qtensors, fmt, opts):
 def test_quantize_gguf(measure, weights, fmt):
     quants, types = _gguf()
     fn = lambda: quants.quantize(weights, types[fmt])   # noqa: E731
-    measure(fn, op="quantize", fmt=fmt, impl="gguf-numpy", variant="numpy", threads=1, slow=True)
+    measure(fn, op="quantize", fmt=fmt, impl="gguf-numpy", variant="numpy", threads=1)
 
 
 @pytest.mark.parametrize("fmt", sorted(GGML))
@@ -144,4 +132,4 @@ def test_dequantize_gguf(measure, qtensors, fmt):
     qt = qtensors(fmt, {})
     blocks = qt.data.reshape(qt.shape[0], -1)
     fn = lambda: quants.dequantize(blocks, types[fmt])   # noqa: E731
-    measure(fn, op="dequantize", fmt=fmt, impl="gguf-numpy", variant="numpy", threads=1, slow=True)
+    measure(fn, op="dequantize", fmt=fmt, impl="gguf-numpy", variant="numpy", threads=1)

@@ -57,20 +57,32 @@ def native_threads(request):
     pq.set_num_threads(before)
 
 
+SLOW_CALL_S = 0.25   # a first call slower than this: 3 fixed rounds instead of calibrated ones
+
+
 @pytest.fixture
 def measure(benchmark, cpu_name, shape):
-    """measure(fn, op=, fmt=, impl=, variant=, threads=, slow=False) -> fn's result.
+    """measure(fn, op=, fmt=, impl=, variant=, threads=) -> fn's result.
 
-    Runs ``fn`` under pytest-benchmark (``slow``: 3 fixed rounds after 1 warm-up, for peers that
-    take seconds per call), groups the table by op and format, and records GB/s of the float32
-    weight bytes (median and best round) with the CPU, variant and threads."""
-    def run(fn, *, op, fmt, impl, variant, threads, slow=False):
+    Calls ``fn`` once untimed first (warms caches and JITs; NotImplementedError -> skip, for
+    kernels not written yet), then runs it under pytest-benchmark: calibrated rounds, or 3 fixed
+    rounds when one call takes longer than SLOW_CALL_S. Groups the table by op and format and
+    records GB/s of the float32 weight bytes (median and best round), CPU, variant, threads."""
+    import time
+
+    def run(fn, *, op, fmt, impl, variant, threads):
         nbytes = shape[0] * shape[1] * 4
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except NotImplementedError as e:
+            pytest.skip(f"{impl} {variant} {op} {fmt}: {e}")
+        first = time.perf_counter() - t0
         benchmark.group = f"{op} {fmt} {shape[0]}x{shape[1]}"
         benchmark.extra_info.update(cpu=cpu_name, op=op, format=fmt, impl=impl, variant=variant,
                                     threads=threads, shape=list(shape), float32_bytes=nbytes)
-        if slow:
-            out = benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
+        if first > SLOW_CALL_S:
+            out = benchmark.pedantic(fn, rounds=3, iterations=1)
         else:
             out = benchmark(fn)
         stats = getattr(benchmark, "stats", None)
