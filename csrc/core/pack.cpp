@@ -167,8 +167,13 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
   w.nblk = k / w.blk;
   const int64_t bcb = w.block_code_bytes();
   w.tile_code_bytes = bcb * w.nblk;
+  // parameters shared by several blocks (int4 groups, nf4 blocks > 32) are stored once
+  if (fmt == PQK_INT4) w.par_every = (p.group == -1 ? k : p.group) / w.blk;
+  else if (fmt == PQK_NF4) w.par_every = p.group / w.blk;
+  else w.par_every = 1;
+  w.npar = w.nblk / w.par_every;
   const size_t code_bytes = (size_t)(w.n_tiles * w.tile_code_bytes);
-  const size_t par_bytes = (size_t)(w.n_tiles * w.nblk * NR * 4);
+  const size_t par_bytes = (size_t)(w.n_tiles * w.npar * NR * 4);
   w.storage.assign(code_bytes + par_bytes * (1 + (w.has_min ? 1 : 0) + (w.row_offset ? 1 : 0)) + 64 * 5, 0);
   size_t off = 0;
   w.codes = align64(w.storage, off, code_bytes);
@@ -188,7 +193,7 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
         decompose_row(fmt, q + row * rb.q, s ? s + row * rb.s : nullptr, z ? z + row * rb.z : nullptr, k, pp,
                       w.blk, rd);
         for (int64_t b = 0; b < w.nblk; ++b) {
-          int64_t pi = (t * w.nblk + b) * NR + r;
+          int64_t pi = w.par_index(t, b) + r;
           w.scale[pi] = rd.a[b];
           if (w.minv) w.minv[pi] = rd.m[b];
           if (w.offs) w.offs[pi] = rd.o[b];

@@ -38,12 +38,16 @@ struct PackedWeight {
   bool lut = false;       // nibble -> code through lut16 (code-book formats nf4, iq4_nl)
   uint8_t lut16[16] = {};
   int64_t n_tiles = 0, nblk = 0;
+  // a, o, m are stored once per group of par_every consecutive blocks (int4 group 128: 4,
+  // nf4 block 64: 2, else 1): parameter index of block b is b / par_every.
+  int64_t par_every = 1, npar = 0;
+  int64_t par_index(int64_t tile, int64_t b) const { return (tile * npar + b / par_every) * NR; }
   int64_t tile_code_bytes = 0;  // bytes of codes per tile (all blocks)
   // 64-byte aligned storage
   uint8_t* codes = nullptr;     // [n_tiles][nblk][blk*NR (/2 if nibbles)]
-  float* scale = nullptr;       // [n_tiles][nblk][NR]
-  float* minv = nullptr;        // [n_tiles][nblk][NR] or null
-  int32_t* offs = nullptr;      // [n_tiles][nblk][NR] or null
+  float* scale = nullptr;       // [n_tiles][npar][NR]
+  float* minv = nullptr;        // [n_tiles][npar][NR] or null
+  int32_t* offs = nullptr;      // [n_tiles][npar][NR] or null
   std::vector<uint8_t> storage;
   int64_t block_code_bytes() const { return nibbles ? (int64_t)blk * NR / 2 : (int64_t)blk * NR; }
   size_t nbytes() const { return storage.size(); }

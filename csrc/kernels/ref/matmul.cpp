@@ -56,7 +56,7 @@ void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, i
         const int32_t xs = w.blk == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
         const uint8_t* cb = ct + b * w.block_code_bytes();
         const int8_t* xb = xq + b * w.blk;
-        const int64_t pi = (tile * w.nblk + b) * NR;
+        const int64_t pi = w.par_index(tile, b);
         for (int r = 0; r < NR; ++r) {
           int32_t dot = 0;
           for (int l = 0; l < w.blk; ++l) dot += code_at(w, cb, r, l) * (int32_t)xb[l];

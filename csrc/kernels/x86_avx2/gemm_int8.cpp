@@ -62,7 +62,7 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
           __m256i Wabs[8];
           if (SIGNED)
             for (int j = 0; j < NQ; ++j) Wabs[j] = _mm256_abs_epi8(W[j]);
-          const int64_t pi = (tile * w.nblk + b) * NR + 8 * h;
+          const int64_t pi = w.par_index(tile, b) + 8 * h;
           const __m256 vscale = _mm256_load_ps(w.scale + pi);
           __m256 vmin = _mm256_setzero_ps();
           __m256i voff = _mm256_setzero_si256();

@@ -11,7 +11,7 @@ namespace pqk { namespace avx512vnni {
 namespace {
 
 #ifndef PQK_VNNI_MR
-#define PQK_VNNI_MR 4
+#define PQK_VNNI_MR 6
 #endif
 constexpr int MR = PQK_VNNI_MR;  // activation rows sharing one decode of the weight block
 // 4 activation bytes read as one int32 (folds into vpdpbusd's {1to16} memory broadcast)
@@ -54,7 +54,7 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
         } else {
           for (int j = 0; j < NQ; ++j) W[j] = _mm512_load_si512((const void*)(cb + 64 * j));
         }
-        const int64_t pi = (tile * w.nblk + b) * NR;
+        const int64_t pi = w.par_index(tile, b);
         const __m512 vscale = _mm512_load_ps(w.scale + pi);
         __m512 vmin = _mm512_setzero_ps();
         __m512i voff = _mm512_setzero_si512();
@@ -66,10 +66,17 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
           const int32_t* xs16 = a.row_s(i);
           const int32_t xs = BLK == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
           const float dx = a.row_d(i)[kb];
-          __m512i isum = _mm512_setzero_si512();
-          for (int j = 0; j < NQ; ++j)
-            isum = _mm512_dpbusd_epi32(isum, W[j], _mm512_set1_epi32(*(const i32_unaligned*)(xb + 4 * j)));
-          if (ROW_OFF) isum = _mm512_sub_epi32(isum, _mm512_mullo_epi32(voff, _mm512_set1_epi32(xs)));
+          // two independent chains (even / odd quads): vpdpbusd latency, not throughput, bounds
+          // one long chain
+          __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+          for (int j = 0; j < NQ; j += 2) {
+            i0 = _mm512_dpbusd_epi32(i0, W[j], _mm512_set1_epi32(*(const i32_unaligned*)(xb + 4 * j)));
+            i1 = _mm512_dpbusd_epi32(i1, W[j + 1], _mm512_set1_epi32(*(const i32_unaligned*)(xb + 4 * j + 4)));
+          }
+          __m512i isum = _mm512_add_epi32(i0, i1);
+          // o * xs with vpmaddwd: o (0..15) sits in the low int16 of its lane, the high one is 0,
+          // and |xs| <= 32 * 127 fits int16, so the product is exact and cheaper than vpmulld
+          if (ROW_OFF) isum = _mm512_sub_epi32(isum, _mm512_madd_epi16(voff, _mm512_set1_epi32((uint16_t)xs)));
           else isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
           const __m512 da = _mm512_mul_ps(vscale, _mm512_set1_ps(dx));
           acc[ii] = _mm512_add_ps(acc[ii], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), da));
@@ -87,10 +94,64 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
   }
 }
 
+// GEMV-oriented variant for plain nibble formats (no LUT): the high nibbles are used in place
+// as 16*hi (P & 0xF0) in their own accumulator and shifted down once per block: the sum is a
+// multiple of 16, so (sum >> 4) is exact and the integer result is the same as above. Saves the
+// per-register shift of the decode, which dominates when few activation rows share it.
+template <bool HAS_MIN, bool ROW_OFF>
+void tile_kernel_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
+                      int64_t ldy, const float* bias) {
+  const int64_t n0 = tile * NR;
+  const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
+  const __mmask16 mask = (__mmask16)((1u << nr) - 1);
+  const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
+  const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8((char)0xF0);
+  const int64_t nkb = w.k / QBLK;
+  const __m512 vbias = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+  for (int64_t i = m0; i < m1; ++i) {
+    const int8_t* xq = a.row_q(i);
+    const int32_t* xs16 = a.row_s(i);
+    const float* dxr = a.row_d(i);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nkb; ++b) {
+      const uint8_t* cb = ct + b * (32 * NR / 2);
+      const int8_t* xb = xq + b * 32;
+      __m512i il = _mm512_setzero_si512(), ih = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) {
+        const __m512i p = _mm512_load_si512((const void*)(cb + 64 * j));
+        il = _mm512_dpbusd_epi32(il, _mm512_and_si512(p, lo4), _mm512_set1_epi32(*(const i32_unaligned*)(xb + 4 * j)));
+        ih = _mm512_dpbusd_epi32(ih, _mm512_and_si512(p, hi4),
+                                 _mm512_set1_epi32(*(const i32_unaligned*)(xb + 16 + 4 * j)));
+      }
+      __m512i isum = _mm512_add_epi32(il, _mm512_srai_epi32(ih, 4));
+      const int32_t xs = xs16[2 * b] + xs16[2 * b + 1];
+      const float dx = dxr[b];
+      const int64_t pi = w.par_index(tile, b);
+      if (ROW_OFF)
+        isum = _mm512_sub_epi32(isum, _mm512_madd_epi16(_mm512_load_si512((const void*)(w.offs + pi)),
+                                                        _mm512_set1_epi32((uint16_t)xs)));
+      else
+        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
+      const __m512 da = _mm512_mul_ps(_mm512_load_ps(w.scale + pi), _mm512_set1_ps(dx));
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), da));
+      if (HAS_MIN) {
+        const float mx = dx * (float)xs;
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_load_ps(w.minv + pi), _mm512_set1_ps(mx)));
+      }
+    }
+    _mm512_mask_storeu_ps(y + i * ldy + n0, mask, bias ? _mm512_add_ps(acc, vbias) : acc);
+  }
+}
+
 }  // namespace
 
 void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                const float* bias) {
+  if (w.nibbles && !w.lut && m1 - m0 <= 2) {
+    if (w.has_min) return tile_kernel_gemv<true, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.row_offset) return tile_kernel_gemv<false, true>(w, tile, a, m0, m1, y, ldy, bias);
+    return tile_kernel_gemv<false, false>(w, tile, a, m0, m1, y, ldy, bias);
+  }
   if (w.nibbles) {
     if (w.has_min) return tile_kernel<true, 32, true, false>(w, tile, a, m0, m1, y, ldy, bias);
     if (w.lut) return tile_kernel<true, 32, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
