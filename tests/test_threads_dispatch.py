@@ -208,15 +208,38 @@ def test_env_bogus_is_clear_error(value):
     assert active.startswith("error") and value in active     # info() still works and says why
 
 
-@pytest.mark.parametrize("isa", UNRUNNABLE_VARIANTS or [
-    pytest.param(None, marks=pytest.mark.skip(
-        reason=f"every compiled variant runs on this CPU ({NATIVE_VARIANTS}); the C ABI path for a "
-               "non-runnable variant is exercised by test_out_of_range_isa_id_is_error instead"))])
-def test_unrunnable_variant_is_error(isa):
-    with pytest.raises((RuntimeError, ValueError), match="cannot run|not runnable"):
-        pq.quantize(np.ones((2, 32), F32), "q8_0", isa=isa)
-    out = run_probe(isa)
-    assert "error" in out and "cannot run" in out["error"][1]
+def test_unrunnable_variant_is_error():
+    """Asking for a compiled variant the CPU cannot run is a clear error. Where this CPU runs every
+    compiled variant, the best one is made unrunnable by masking its features
+    (PYQKERN_DISABLE_FEATURES) in a child process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if UNRUNNABLE_VARIANTS:
+        isa, env_extra = UNRUNNABLE_VARIANTS[0], {}
+    else:
+        isa = NATIVE_VARIANTS[-1]
+        mask = {"avx2": "avx2", "avx512": "avx512f", "avx512vnni": "avx512vnni"}.get(isa)
+        assert mask is not None, f"no feature mask known for {isa}"
+        env_extra = {"PYQKERN_DISABLE_FEATURES": mask}
+    code = (
+        "import json, numpy as np, pyqkern as pq\n"
+        "out = {'variants': pq.variants()}\n"
+        "try:\n"
+        f"    pq.quantize(np.ones((2, 32), np.float32), 'q8_0', isa={isa!r})\n"
+        "except Exception as e:\n"
+        "    out['error'] = [type(e).__name__, str(e)]\n"
+        "print(json.dumps(out))\n")
+    env = dict(os.environ, **env_extra)
+    env.pop("PYQKERN_ISA", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert isa not in out["variants"]
+    assert out.get("error") and out["error"][0] in ("RuntimeError", "ValueError")
+    assert "cannot run" in out["error"][1] and isa in out["error"][1]
 
 
 @pytest.mark.parametrize("isa_id", [len(_native.isa_names()), 99, -2])
