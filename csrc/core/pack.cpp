@@ -170,15 +170,23 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
   // parameters shared by several blocks (int4 groups, nf4 blocks > 32) are stored once
   if (fmt == PQK_INT4) w.par_every = (p.group == -1 ? k : p.group) / w.blk;
   else if (fmt == PQK_NF4) w.par_every = p.group / w.blk;
+  else if (fmt == PQK_INT8) w.par_every = w.nblk;  // one scale per row
   else w.par_every = 1;
+  const bool f16 = fmt == PQK_Q4_0 || fmt == PQK_Q4_1 || fmt == PQK_Q8_0 || fmt == PQK_IQ4_NL || fmt == PQK_INT4;
   w.npar = w.nblk / w.par_every;
   const size_t code_bytes = (size_t)(w.n_tiles * w.tile_code_bytes);
   const size_t par_bytes = (size_t)(w.n_tiles * w.npar * NR * 4);
-  w.storage.assign(code_bytes + par_bytes * (1 + (w.has_min ? 1 : 0) + (w.row_offset ? 1 : 0)) + 64 * 5, 0);
+  const size_t fpar_bytes = f16 ? par_bytes / 2 : par_bytes;
+  w.storage.assign(code_bytes + fpar_bytes * (1 + (w.has_min ? 1 : 0)) + par_bytes * (w.row_offset ? 1 : 0) + 64 * 5, 0);
   size_t off = 0;
   w.codes = align64(w.storage, off, code_bytes);
-  w.scale = (float*)align64(w.storage, off, par_bytes);
-  w.minv = w.has_min ? (float*)align64(w.storage, off, par_bytes) : nullptr;
+  if (f16) {
+    w.scale16 = (uint16_t*)align64(w.storage, off, fpar_bytes);
+    w.min16 = w.has_min ? (uint16_t*)align64(w.storage, off, fpar_bytes) : nullptr;
+  } else {
+    w.scale = (float*)align64(w.storage, off, par_bytes);
+    w.minv = w.has_min ? (float*)align64(w.storage, off, par_bytes) : nullptr;
+  }
   w.offs = w.row_offset ? (int32_t*)align64(w.storage, off, par_bytes) : nullptr;
 
   pqk_qparams pp = p;
@@ -194,8 +202,13 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
                       w.blk, rd);
         for (int64_t b = 0; b < w.nblk; ++b) {
           int64_t pi = w.par_index(t, b) + r;
-          w.scale[pi] = rd.a[b];
-          if (w.minv) w.minv[pi] = rd.m[b];
+          if (w.scale16) {
+            w.scale16[pi] = fp32_to_fp16(rd.a[b]);  // exact: these formats store a (and m) as fp16
+            if (w.min16) w.min16[pi] = fp32_to_fp16(rd.m[b]);
+          } else {
+            w.scale[pi] = rd.a[b];
+            if (w.minv) w.minv[pi] = rd.m[b];
+          }
           if (w.offs) w.offs[pi] = rd.o[b];
           uint8_t* cb = ct + b * bcb;
           const uint8_t* u = rd.u.data() + b * w.blk;

@@ -16,6 +16,11 @@ namespace {
 
 constexpr int MR = 4;
 
+// 8 per-row parameters at index pi, stored as fp32 or fp16
+inline __m256 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
+  return f16 ? _mm256_cvtph_ps(_mm_load_si128((const __m128i*)(f16 + pi))) : _mm256_load_ps(f32 + pi);
+}
+
 template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool SIGNED>
 void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                  const float* bias) {
@@ -63,10 +68,10 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
           if (SIGNED)
             for (int j = 0; j < NQ; ++j) Wabs[j] = _mm256_abs_epi8(W[j]);
           const int64_t pi = w.par_index(tile, b) + 8 * h;
-          const __m256 vscale = _mm256_load_ps(w.scale + pi);
+          const __m256 vscale = load_par(w.scale, w.scale16, pi);
           __m256 vmin = _mm256_setzero_ps();
           __m256i voff = _mm256_setzero_si256();
-          if (HAS_MIN) vmin = _mm256_load_ps(w.minv + pi);
+          if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
           if (ROW_OFF) voff = _mm256_load_si256((const __m256i*)(w.offs + pi));
           for (int ii = 0; ii < mr; ++ii) {
             const int64_t i = i0 + ii;

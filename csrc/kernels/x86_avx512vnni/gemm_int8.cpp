@@ -17,6 +17,11 @@ constexpr int MR = PQK_VNNI_MR;  // activation rows sharing one decode of the we
 // 4 activation bytes read as one int32 (folds into vpdpbusd's {1to16} memory broadcast)
 typedef int32_t __attribute__((may_alias, aligned(1))) i32_unaligned;
 
+// 16 per-row parameters at index pi, stored as fp32 or fp16
+inline __m512 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
+  return f16 ? _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(f16 + pi))) : _mm512_load_ps(f32 + pi);
+}
+
 template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT = false>
 void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                  const float* bias) {
@@ -55,10 +60,10 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
           for (int j = 0; j < NQ; ++j) W[j] = _mm512_load_si512((const void*)(cb + 64 * j));
         }
         const int64_t pi = w.par_index(tile, b);
-        const __m512 vscale = _mm512_load_ps(w.scale + pi);
+        const __m512 vscale = load_par(w.scale, w.scale16, pi);
         __m512 vmin = _mm512_setzero_ps();
         __m512i voff = _mm512_setzero_si512();
-        if (HAS_MIN) vmin = _mm512_load_ps(w.minv + pi);
+        if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
         if (ROW_OFF) voff = _mm512_load_si512((const void*)(w.offs + pi));
         for (int ii = 0; ii < mr; ++ii) {
           const int64_t i = i0 + ii;
@@ -132,11 +137,11 @@ void tile_kernel_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_
                                                         _mm512_set1_epi32((uint16_t)xs)));
       else
         isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
-      const __m512 da = _mm512_mul_ps(_mm512_load_ps(w.scale + pi), _mm512_set1_ps(dx));
+      const __m512 da = _mm512_mul_ps(load_par(w.scale, w.scale16, pi), _mm512_set1_ps(dx));
       acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), da));
       if (HAS_MIN) {
         const float mx = dx * (float)xs;
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_load_ps(w.minv + pi), _mm512_set1_ps(mx)));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(load_par(w.minv, w.min16, pi), _mm512_set1_ps(mx)));
       }
     }
     _mm512_mask_storeu_ps(y + i * ldy + n0, mask, bias ? _mm512_add_ps(acc, vbias) : acc);
