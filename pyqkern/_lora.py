@@ -1,0 +1,119 @@
+"""LoRA / DoRA adapters in PEFT's layout: A [r, K], B [N, r], scale = alpha / r (rslora: alpha / sqrt(r)).
+
+    y = x @ W.T + scale * (x @ A.T) @ B.T                       (LoRA)
+    y = (m / ||W + scale*B@A||_row) * (x @ W.T + scale * (x @ A.T) @ B.T)   (DoRA, PEFT's definition;
+                                                                  bias added after the rescale)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_f32(a, what, ndim):
+    from ._ops import as_float32_2d
+
+    if hasattr(a, "detach") and hasattr(a, "numpy"):  # torch tensor
+        a = a.detach()
+        if ndim == 1:
+            a = a.reshape(1, -1)
+        out = as_float32_2d(a, what)
+        return out.reshape(-1) if ndim == 1 else np.ascontiguousarray(out)
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array, got {type(a).__name__}")
+    if a.ndim != ndim:
+        raise ValueError(f"{what} must be {ndim}-D, got shape {a.shape}")
+    if ndim == 1:
+        return np.ascontiguousarray(as_float32_2d(a.reshape(1, -1), what).reshape(-1))
+    return np.ascontiguousarray(as_float32_2d(a, what))
+
+
+class LoRA:
+    """One low-rank adapter. A [r, K], B [N, r] (float32, float16 or bfloat16; kept as float32).
+
+    alpha: PEFT's lora_alpha (default: r, i.e. scale 1). rslora: scale = alpha / sqrt(r).
+    magnitude: DoRA magnitude vector [N] (PEFT's lora_magnitude_vector); the per-row norms of
+    W + scale*B@A are computed once per base weight and cached."""
+
+    def __init__(self, A, B, alpha=None, *, rslora=False, magnitude=None):
+        A = _as_f32(A, "A", 2)
+        B = _as_f32(B, "B", 2)
+        r, k = A.shape
+        n, rb = B.shape
+        if r == 0:
+            raise ValueError("rank must be >= 1")
+        if rb != r:
+            raise ValueError(f"rank mismatch: A is [{r}, K] but B is [N, {rb}]")
+        if not (np.isfinite(A).all() and np.isfinite(B).all()):
+            raise ValueError("A or B contains NaN or Inf")
+        self.A = A
+        self.B = B
+        self.Bt = np.ascontiguousarray(B.T)  # [r, N]: the expansion reads rows of Bt per output tile
+        self.rank, self.in_features, self.out_features = r, k, n
+        self.alpha = float(r if alpha is None else alpha)
+        self.rslora = bool(rslora)
+        self.scale = float(self.alpha / (np.sqrt(r) if rslora else r))
+        self.magnitude = None
+        if magnitude is not None:
+            mg = _as_f32(magnitude, "magnitude", 1)
+            if mg.shape != (n,):
+                raise ValueError(f"magnitude must have shape ({n},), got {mg.shape}")
+            self.magnitude = mg
+        self._dora_cache = {}  # id(base QTensor) -> (weakref, per-row factor m / norm)
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def delta(self) -> np.ndarray:
+        """scale * B @ A, float32 [N, K]."""
+        return (np.float32(self.scale) * (self.B @ self.A)).astype(np.float32)
+
+    def check_base(self, shape):
+        n, k = shape
+        if (self.out_features, self.in_features) != (n, k):
+            raise ValueError(f"adapter is for [N={self.out_features}, K={self.in_features}] but the weight is "
+                             f"[N={n}, K={k}]")
+
+    def dora_factor(self, qt) -> np.ndarray:
+        """m / ||W + scale*B@A|| per output row, float32 [N] (computed once per base weight)."""
+        import weakref
+
+        from ._ops import dequantize
+
+        if self.magnitude is None:
+            raise ValueError("not a DoRA adapter (no magnitude)")
+        hit = self._dora_cache.get(id(qt))
+        if hit is not None and hit[0]() is qt:
+            return hit[1]
+        n, k = qt.shape
+        norms = np.empty(n, np.float64)
+        step = max(1, (1 << 22) // k)  # ~16 MB of float32 at a time, never the whole W
+        from ._qtensor import QTensor
+
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            part = QTensor.from_bytes(qt.format, (r1 - r0, k), _row_bytes_slice(qt, r0, r1), group=qt.group or None,
+                                      sym=qt.sym if qt.format == "int4" else None)
+            w = dequantize(part).astype(np.float64)
+            w += self.scale * (self.B[r0:r1].astype(np.float64) @ self.A.astype(np.float64))
+            norms[r0:r1] = np.linalg.norm(w, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f = np.where(norms > 0, self.magnitude / norms, 0.0).astype(np.float32)
+        self._dora_cache[id(qt)] = (weakref.ref(qt), f)
+        return f
+
+    def __repr__(self):
+        kind = "DoRA" if self.is_dora else "LoRA"
+        return (f"{kind}(r={self.rank}, in={self.in_features}, out={self.out_features}, alpha={self.alpha:g}, "
+                f"scale={self.scale:g}{', rslora' if self.rslora else ''})")
+
+
+def _row_bytes_slice(qt, r0, r1):
+    """Canonical bytes of rows [r0, r1) of qt (formats whose sections are row-major)."""
+    q, s, z = qt.sections()
+    parts = [q[r0:r1].ravel()]
+    if s.shape[1]:
+        parts.append(s[r0:r1].ravel())
+    if z.shape[1]:
+        parts.append(z[r0:r1].ravel())
+    return np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
