@@ -64,6 +64,18 @@ class LoRA:
     def is_dora(self) -> bool:
         return self.magnitude is not None
 
+    def scaled(self, weight: float) -> "LoRA":
+        """The same adapter with its contribution multiplied by weight (for weighted blends:
+        lora=[a.scaled(0.7), b.scaled(0.3)]). Shares A and B; not for DoRA adapters."""
+        import copy
+
+        if self.is_dora:
+            raise ValueError("a DoRA adapter cannot be blended (its rescale is not linear)")
+        out = copy.copy(self)
+        out.scale = float(self.scale * weight)
+        out._dora_cache = {}
+        return out
+
     def delta(self) -> np.ndarray:
         """scale * B @ A, float32 [N, K]."""
         return (np.float32(self.scale) * (self.B @ self.A)).astype(np.float32)

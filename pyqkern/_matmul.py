@@ -108,8 +108,58 @@ def _out(out, shape):
     return out
 
 
-def matmul(x, w: QTensor, bias=None, *, compute="auto", out=None, backend="native", isa=None, _packed_w=None):
+def _adapters(lora, adapter_ids, w, m):
+    """-> (list of LoRA, int32 ids [m] or None)"""
+    from ._lora import LoRA
+
+    if lora is None:
+        if adapter_ids is not None:
+            raise ValueError("adapter_ids given without adapters")
+        return [], None
+    ads = [lora] if isinstance(lora, LoRA) else list(lora)
+    for a in ads:
+        if not isinstance(a, LoRA):
+            raise TypeError(f"lora must be a LoRA or a list of LoRA, got {type(a).__name__}")
+        a.check_base(w.shape)
+    ids = None
+    if adapter_ids is not None:
+        ids = np.asarray(adapter_ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"adapter_ids must be integers, got dtype {ids.dtype}")
+        ids = ids.reshape(-1)
+        if ids.shape[0] != m:
+            raise ValueError(f"adapter_ids has {ids.shape[0]} entries for {m} rows of x")
+        if ids.size and (ids.min() < -1 or ids.max() >= len(ads)):
+            raise ValueError(f"adapter id out of range [-1, {len(ads)}): {int(ids.min())}..{int(ids.max())}")
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+    elif sum(a.is_dora for a in ads) and len(ads) > 1:
+        raise ValueError("a DoRA adapter cannot be summed with others on the same rows; use adapter_ids")
+    return ads, ids
+
+
+def _lora_reference(y2, x2, w, ads, ids, bias):
+    """Unfused float reference of the adapter part, PEFT's definition (y2 holds x@W.T, no bias)."""
+    xd = x2.astype(np.float32)
+    for a_i, ad in enumerate(ads):
+        rows = slice(None) if ids is None else (ids == a_i)
+        term = np.float32(ad.scale) * ((xd[rows] @ ad.A.T) @ ad.B.T)
+        y2[rows] = y2[rows] + term
+        if ad.is_dora:
+            y2[rows] = y2[rows] * ad.dora_factor(w)[None, :]
+    if bias is not None:
+        y2 += bias
+
+
+def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="auto", out=None, backend="native",
+           isa=None, _packed_w=None):
     """y = x @ W.T (+ bias); x [..., K] float32/float16/bfloat16, W a QTensor [N, K] -> y [..., N] float32.
+
+    lora: a LoRA, or a list of them. Without adapter_ids every adapter applies to every row (their
+    terms add up; use LoRA.scaled(w) for weighted blends). adapter_ids [M] (one per row of x
+    flattened, -1 = none) picks one adapter per row: different adapters and ranks in one batch.
+    The adapter term is computed in fp32 inside the same call: the shrink x@A.T right after each
+    activation row is quantized, the expansion (+ DoRA rescale, + bias) on each output tile right
+    after the base kernel wrote it.
 
     backend="numba" supports compute="float" only ("auto" means "float" there)."""
     _check_backend(backend)
@@ -126,6 +176,11 @@ def matmul(x, w: QTensor, bias=None, *, compute="auto", out=None, backend="nativ
     if m == 0:
         return y
     y2 = y.reshape(m, n)
+    ads, ids = _adapters(lora, adapter_ids, w, m)
+    if ads and backend != "native":
+        matmul(x2, w, None, compute=compute, out=y2, backend=backend, isa=isa)
+        _lora_reference(y2, x2, w, ads, ids, b)
+        return y
     if backend == "reference":
         if isa is not None:
             raise ValueError("isa= applies to the native backend only")
@@ -150,14 +205,15 @@ def matmul(x, w: QTensor, bias=None, *, compute="auto", out=None, backend="nativ
                             x2, b, y2)
         return y
     nat = _native()
+    nat_ads = [(a.A, a.Bt, a.scale, a.dora_factor(w) if a.is_dora else None) for a in ads] if ads else None
     if mode == "int8":
         p = _packed_w if _packed_w is not None else _packed(w)
-        nat.matmul_int8(isa_id(isa), p, x2, b, y2)
+        nat.matmul_int8(isa_id(isa), p, x2, b, y2, nat_ads, ids)
     else:
         q, s, z = w.sections()
         nat.matmul_float(isa_id(isa), _formats.FORMAT_IDS[w.format], np.ascontiguousarray(q),
                          np.ascontiguousarray(s) if s.size else None, np.ascontiguousarray(z) if z.size else None,
-                         n, k, w.params["group"], w.params["sym"], x2, b, y2)
+                         n, k, w.params["group"], w.params["sym"], x2, b, y2, nat_ads, ids)
     return y
 
 
@@ -175,6 +231,8 @@ class QLinear:
         self.bias = _bias(bias, n)
         self.compute = resolve_compute(weight, compute)
         self._packed = _packed(weight) if self.compute == "int8" else None
+        self._adapters = {}
+        self._active = []
 
     @property
     def in_features(self):
@@ -188,8 +246,59 @@ class QLinear:
     def packed_nbytes(self) -> int:
         return self._packed.nbytes if self._packed is not None else 0
 
-    def __call__(self, x, *, out=None, isa=None):
-        return matmul(x, self.weight, self.bias, compute=self.compute, out=out, isa=isa, _packed_w=self._packed)
+    # -- adapters
+    def add_adapter(self, name: str, lora) -> None:
+        """Attach an adapter under a name (active by default)."""
+        from ._lora import LoRA
+
+        if not isinstance(lora, LoRA):
+            raise TypeError(f"expected a LoRA, got {type(lora).__name__}")
+        if not isinstance(name, str):
+            raise TypeError("adapter name must be a string")
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} already attached")
+        lora.check_base(self.weight.shape)
+        self._adapters[name] = lora
+        self._active.append(name)
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise KeyError(f"no adapter named {name!r}; attached: {list(self._adapters)}")
+        del self._adapters[name]
+        self._active = [a for a in self._active if a != name]
+
+    def set_adapter(self, names) -> None:
+        """Adapters applied to every row when no adapter_ids are given (a name, a list, or [] for none)."""
+        names = [names] if isinstance(names, str) else list(names or [])
+        for nm in names:
+            if nm not in self._adapters:
+                raise KeyError(f"no adapter named {nm!r}; attached: {list(self._adapters)}")
+        self._active = names
+
+    @property
+    def adapter_names(self) -> list:
+        """Attached adapters in order; adapter_ids index this list."""
+        return list(self._adapters)
+
+    def __call__(self, x, *, adapter_ids=None, out=None, isa=None):
+        """x @ W.T + bias, plus adapters: the active ones on every row, or with adapter_ids one per
+        row: ints indexing adapter_names (-1 = none) or a list of names / None."""
+        if adapter_ids is not None:
+            names = self.adapter_names
+            ids = adapter_ids
+            if isinstance(ids, (list, tuple)) and any(isinstance(v, str) or v is None for v in ids):
+                try:
+                    ids = [-1 if v is None else names.index(v) for v in ids]
+                except ValueError:
+                    raise KeyError(f"unknown adapter name in adapter_ids; attached: {names}") from None
+            lora = [self._adapters[nm] for nm in names] if names else None
+            if lora is None:
+                raise ValueError("adapter_ids given but no adapter is attached")
+            return matmul(x, self.weight, self.bias, lora=lora, adapter_ids=ids, compute=self.compute, out=out,
+                          isa=isa, _packed_w=self._packed)
+        lora = [self._adapters[nm] for nm in self._active] or None
+        return matmul(x, self.weight, self.bias, lora=lora, compute=self.compute, out=out, isa=isa,
+                      _packed_w=self._packed)
 
     def __repr__(self):
         return (f"QLinear(in={self.in_features}, out={self.out_features}, format={self.weight.format}, "

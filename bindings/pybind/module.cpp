@@ -80,6 +80,54 @@ const float* bias_ptr(const py::object& bias, int64_t n) {
   return static_cast<const float*>(b.data());
 }
 
+// adapters: list of (A [r,k] f32, Bt [r,n] f32, scale, row_scale [n] f32 or None); ids: int32 [m] or None
+struct AdapterList {
+  std::vector<pqk_lora> v;
+  std::vector<py::array> keep;
+  const int32_t* ids = nullptr;
+  py::array ids_keep;
+};
+
+py::array f32_c(const py::handle& h, std::vector<int64_t> shape, const char* what) {
+  py::array a = py::reinterpret_borrow<py::array>(h);
+  if (!py::isinstance<py::array>(h) || a.dtype().kind() != 'f' || a.itemsize() != 4 ||
+      !(a.flags() & py::array::c_style))
+    throw py::type_error(std::string(what) + " must be a C-contiguous float32 array");
+  if ((size_t)a.ndim() != shape.size()) throw py::value_error(std::string(what) + ": wrong number of dimensions");
+  for (size_t i = 0; i < shape.size(); ++i)
+    if (shape[i] >= 0 && a.shape(i) != shape[i]) throw py::value_error(std::string(what) + ": wrong shape");
+  return a;
+}
+
+void adapters_of(const py::object& adapters, const py::object& ids, int64_t m, int64_t k, int64_t n, AdapterList& L) {
+  if (adapters.is_none()) return;
+  for (const py::handle& item : adapters.cast<py::list>()) {
+    py::tuple tup = item.cast<py::tuple>();
+    if (tup.size() != 4) throw py::value_error("adapter must be (A, Bt, scale, row_scale)");
+    py::array A = f32_c(tup[0], {-1, k}, "A");
+    const int64_t r = A.shape(0);
+    py::array Bt = f32_c(tup[1], {r, n}, "B");
+    pqk_lora l{(int32_t)r, static_cast<const float*>(A.data()), static_cast<const float*>(Bt.data()),
+               tup[2].cast<float>(), nullptr};
+    L.keep.push_back(A);
+    L.keep.push_back(Bt);
+    if (!tup[3].is_none()) {
+      py::array rs = f32_c(tup[3], {n}, "row_scale");
+      l.row_scale = static_cast<const float*>(rs.data());
+      L.keep.push_back(rs);
+    }
+    L.v.push_back(l);
+  }
+  if (!ids.is_none()) {
+    py::array a = py::reinterpret_borrow<py::array>(ids);
+    if (!py::isinstance<py::array>(ids) || a.dtype().kind() != 'i' || a.itemsize() != 4 || a.ndim() != 1 ||
+        a.shape(0) != m || !(a.flags() & py::array::c_style))
+      throw py::value_error("adapter ids must be a contiguous int32 array with one entry per row");
+    L.ids = static_cast<const int32_t*>(a.data());
+    L.ids_keep = a;
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -147,23 +195,28 @@ PYBIND11_MODULE(_native, m) {
     return out;
   });
 
-  m.def("matmul_int8", [](int isa, const Packed& w, py::array x, py::object bias, py::array y) {
+  m.def("matmul_int8", [](int isa, const Packed& w, py::array x, py::object bias, py::array y, py::object adapters,
+                          py::object ids) {
     Rows xr = rows_of(x, "x");
     if (xr.k != w.k) throw py::value_error("x has K=" + std::to_string(xr.k) + ", weight has K=" + std::to_string(w.k));
     Rows yr = rows_of(y, "out");
     if (yr.m != xr.m || yr.k != w.n) throw py::value_error("out has the wrong shape");
     if (!y.writeable()) throw py::value_error("out is read-only");
     const float* bp = bias_ptr(bias, w.n);
+    AdapterList L;
+    adapters_of(adapters, ids, xr.m, w.k, w.n, L);
     pqk_status st;
     {
       py::gil_scoped_release nogil;
-      st = pqk_matmul_int8(isa, w.p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld);
+      st = pqk_matmul_int8_lora(isa, w.p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld, L.v.data(),
+                                (int32_t)L.v.size(), L.ids);
     }
     check(st);
-  });
+  }, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("adapters") = py::none(),
+     py::arg("ids") = py::none());
 
   m.def("matmul_float", [](int isa, int fmt, py::buffer q, py::object s, py::object z, int64_t n, int64_t k, int group,
-                           int sym, py::array x, py::object bias, py::array y) {
+                           int sym, py::array x, py::object bias, py::array y, py::object adapters, py::object ids) {
     pqk_qparams p{group, sym};
     if (n <= 0) throw py::value_error("n must be positive");
     pqk_row_bytes rb = row_bytes(fmt, k, p);
@@ -178,13 +231,18 @@ PYBIND11_MODULE(_native, m) {
     if (yr.m != xr.m || yr.k != n) throw py::value_error("out has the wrong shape");
     if (!y.writeable()) throw py::value_error("out is read-only");
     const float* bp = bias_ptr(bias, n);
+    AdapterList L;
+    adapters_of(adapters, ids, xr.m, k, n, L);
     pqk_status st;
     {
       py::gil_scoped_release nogil;
-      st = pqk_matmul_float(isa, fmt, qi.ptr, sp, zp, n, k, &p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld);
+      st = pqk_matmul_float_lora(isa, fmt, qi.ptr, sp, zp, n, k, &p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p),
+                                 yr.ld, L.v.data(), (int32_t)L.v.size(), L.ids);
     }
     check(st);
-  });
+  }, py::arg("isa"), py::arg("fmt"), py::arg("q"), py::arg("s"), py::arg("z"), py::arg("n"), py::arg("k"),
+     py::arg("group"), py::arg("sym"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("adapters") = py::none(),
+     py::arg("ids") = py::none());
 
   m.def("matmul_sources", [](int isa) {
     if (!pqk::isa_runnable(isa)) throw py::value_error("variant not runnable");

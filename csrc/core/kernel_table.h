@@ -25,7 +25,25 @@ using gemm_int8_fn = void (*)(const PackedWeight& w, int64_t tile, const ActQ& a
 using gemm_f32_fn = void (*)(const float* w, int nr, int64_t k, const float* x, int64_t ldx, int64_t m,
                              float* y, int64_t ldy, const float* bias);
 
+// Adapter epilogue over output rows [m0, m1) and columns [n0, n0 + nr): see LoraArgs.
+struct LoraArgs {
+  const pqk_lora* ad = nullptr;
+  int32_t n_ad = 0;
+  const int32_t* row_adapter = nullptr;  // null: all adapters on every row
+  const float* t = nullptr;              // shrink results [m][t_cols]
+  int64_t t_cols = 0;
+  int64_t n = 0;                         // row stride of every Bt
+  const int64_t* t_off = nullptr;        // column offset of adapter a in t (all-adapters mode); 0 per-row mode
+  const float* bias = nullptr;
+};
+// y[i, n] = ((y[i, n] + sum_a scale_a * sum_r t[i, off_a + r] * Bt_a[r, n]) * row_scale_a[n]) + bias[n]
+// with, per adapter, the rank sum accumulated r = 0.. in order (mul then add) and scaled once.
+using lora_expand_fn = void (*)(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y,
+                                int64_t ldy);
+
 struct KernelTable {
+  lora_expand_fn lora_expand = nullptr;
+  int8_t lora_expand_isa = 0;
   quantize_act_fn quantize_act = nullptr;
   gemm_int8_fn gemm_int8 = nullptr;
   gemm_f32_fn gemm_f32 = nullptr;

@@ -35,6 +35,61 @@ void check_x_finite(const float* x, int64_t m, int64_t k, int64_t ldx) {
 
 constexpr int64_t M_CHUNK = 128;  // activation rows per pass over the weights (L2-sized)
 
+// Adapters of one call: validation, shrink results t = x . A^T per row, expansion args.
+struct Adapters {
+  const pqk_lora* ad = nullptr;
+  int32_t n_ad = 0;
+  const int32_t* row_adapter = nullptr;
+  int64_t t_cols = 0;
+  std::vector<int64_t> t_off;
+
+  Adapters(const pqk_lora* a, int32_t n, const int32_t* rows, int64_t m, int64_t k, int64_t nout)
+      : ad(a), n_ad(n), row_adapter(rows) {
+    if (n < 0 || (n > 0 && !a)) throw Error(PQK_ERR_ARG, "bad adapter list");
+    if (rows && n == 0) throw Error(PQK_ERR_ARG, "row adapter ids given without adapters");
+    int64_t sum = 0, mx = 0;
+    for (int32_t i = 0; i < n; ++i) {
+      if (a[i].rank <= 0 || !a[i].A || !a[i].Bt) throw Error(PQK_ERR_ARG, "adapter " + std::to_string(i) + ": bad rank or NULL A/B");
+      if (!rows && n > 1 && a[i].row_scale)
+        throw Error(PQK_ERR_ARG, "DoRA (row_scale) adapters cannot be summed on the same rows");
+      t_off.push_back(sum);
+      sum += a[i].rank;
+      mx = std::max<int64_t>(mx, a[i].rank);
+    }
+    t_cols = rows ? mx : sum;
+    if (rows)
+      for (int64_t i = 0; i < m; ++i)
+        if (rows[i] < -1 || rows[i] >= n)
+          throw Error(PQK_ERR_ARG, "adapter id " + std::to_string(rows[i]) + " of row " + std::to_string(i) +
+                                       " is out of range [-1, " + std::to_string(n) + ")");
+    (void)k; (void)nout;
+  }
+  bool active() const { return n_ad > 0; }
+
+  // t[i, :] for row i of x (global row index gi for the adapter ids)
+  void shrink(const KernelTable& t, const float* xrow, int64_t k, int64_t gi, float* trow) const {
+    if (row_adapter) {
+      const int32_t a = row_adapter[gi];
+      if (a >= 0) t.gemm_f32(ad[a].A, ad[a].rank, k, xrow, k, 1, trow, 1, nullptr);
+      return;
+    }
+    for (int32_t a = 0; a < n_ad; ++a) t.gemm_f32(ad[a].A, ad[a].rank, k, xrow, k, 1, trow + t_off[a], 1, nullptr);
+  }
+
+  LoraArgs args(const float* T, int64_t c0, const float* bias, int64_t nout) const {
+    LoraArgs L;
+    L.ad = ad; L.n_ad = n_ad; L.row_adapter = row_adapter ? row_adapter + c0 : nullptr;
+    L.t = T; L.t_cols = t_cols; L.t_off = t_off.data(); L.bias = bias; L.n = nout;
+    return L;
+  }
+};
+
+void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t m, int64_t ldx, const float* bias,
+                      float* y, int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows);
+void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, const void* z, int64_t n, int64_t k,
+                       const pqk_qparams* params, const float* x, int64_t m, int64_t ldx, const float* bias, float* y,
+                       int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows);
+
 }  // namespace
 }  // namespace pqk
 
@@ -74,7 +129,37 @@ int64_t pqk_packed_nbytes(const pqk_packed* w) { return w ? (int64_t)w->w.nbytes
 
 pqk_status pqk_matmul_int8(int32_t isa, const pqk_packed* wp, const float* x, int64_t m, int64_t ldx,
                            const float* bias, float* y, int64_t ldy) {
+  return guarded([&] { matmul_int8_impl(isa, wp, x, m, ldx, bias, y, ldy, nullptr, 0, nullptr); });
+}
+
+pqk_status pqk_matmul_int8_lora(int32_t isa, const pqk_packed* wp, const float* x, int64_t m, int64_t ldx,
+                                const float* bias, float* y, int64_t ldy, const pqk_lora* ads, int32_t n_ad,
+                                const int32_t* rows) {
+  return guarded([&] { matmul_int8_impl(isa, wp, x, m, ldx, bias, y, ldy, ads, n_ad, rows); });
+}
+
+pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void* s, const void* z, int64_t n,
+                            int64_t k, const pqk_qparams* params, const float* x, int64_t m, int64_t ldx,
+                            const float* bias, float* y, int64_t ldy) {
   return guarded([&] {
+    matmul_float_impl(isa, fmt, q, s, z, n, k, params, x, m, ldx, bias, y, ldy, nullptr, 0, nullptr);
+  });
+}
+
+pqk_status pqk_matmul_float_lora(int32_t isa, int32_t fmt, const void* q, const void* s, const void* z, int64_t n,
+                                 int64_t k, const pqk_qparams* params, const float* x, int64_t m, int64_t ldx,
+                                 const float* bias, float* y, int64_t ldy, const pqk_lora* ads, int32_t n_ad,
+                                 const int32_t* rows) {
+  return guarded([&] { matmul_float_impl(isa, fmt, q, s, z, n, k, params, x, m, ldx, bias, y, ldy, ads, n_ad, rows); });
+}
+
+}  // extern "C"
+
+namespace pqk { namespace {
+
+void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t m, int64_t ldx, const float* bias,
+                      float* y, int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows) {
+  {
     if (!wp) throw Error(PQK_ERR_ARG, "packed weight is NULL");
     const PackedWeight& w = wp->w;
     if (m < 0) throw Error(PQK_ERR_SHAPE, "m < 0");
@@ -83,6 +168,7 @@ pqk_status pqk_matmul_int8(int32_t isa, const pqk_packed* wp, const float* x, in
     if (ldx < w.k || ldy < w.n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
     const KernelTable& t = kernel_table(resolve_isa(isa));
     if (!t.quantize_act || !t.gemm_int8) throw Error(PQK_ERR_INTERNAL, "int8 matmul kernels not registered");
+    const Adapters AD(ads, n_ad, rows, m, w.k, w.n);
     check_x_finite(x, m, w.k, ldx);
     for (int64_t c0 = 0; c0 < m; c0 += M_CHUNK) {
       const int64_t mc = std::min(M_CHUNK, m - c0);
@@ -91,23 +177,39 @@ pqk_status pqk_matmul_int8(int32_t isa, const pqk_packed* wp, const float* x, in
       a.xq.resize((size_t)(mc * w.k));
       a.dx.resize((size_t)(mc * (w.k / QBLK)));
       a.xs.resize((size_t)(mc * (w.k / 16)));
+      std::vector<float> T((size_t)(AD.active() ? mc * AD.t_cols : 0));
       parallel_for(mc, std::max<int64_t>(1, 16384 / w.k), [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i)
-          t.quantize_act(x + (c0 + i) * ldx, w.k, a.xq.data() + i * w.k, a.dx.data() + i * (w.k / QBLK),
-                         a.xs.data() + i * (w.k / 16));
+        for (int64_t i = b; i < e; ++i) {
+          const float* xr = x + (c0 + i) * ldx;
+          t.quantize_act(xr, w.k, a.xq.data() + i * w.k, a.dx.data() + i * (w.k / QBLK), a.xs.data() + i * (w.k / 16));
+          if (AD.active()) AD.shrink(t, xr, w.k, c0 + i, T.data() + i * AD.t_cols);  // x row still in cache
+        }
       });
       float* yc = y + c0 * ldy;
+      const LoraArgs L = AD.args(T.data(), c0, bias, w.n);
       parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
-        for (int64_t tile = b; tile < e; ++tile) t.gemm_int8(w, tile, a, 0, mc, yc, ldy, bias);
+        for (int64_t tile = b; tile < e; ++tile) {
+          t.gemm_int8(w, tile, a, 0, mc, yc, ldy, AD.active() ? nullptr : bias);
+          if (AD.active())  // expansion, DoRA scale and bias on the tile just written
+            t.lora_expand(L, 0, mc, tile * NR, (int)std::min<int64_t>(NR, w.n - tile * NR), yc, ldy);
+        }
       });
     }
-  });
+  }
 }
 
-pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void* s, const void* z, int64_t n,
-                            int64_t k, const pqk_qparams* params, const float* x, int64_t m, int64_t ldx,
-                            const float* bias, float* y, int64_t ldy) {
-  return guarded([&] {
+}}  // namespace pqk::(anon)
+
+extern "C" {
+
+}  // extern "C"
+
+namespace pqk { namespace {
+
+void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, const void* z, int64_t n, int64_t k,
+                       const pqk_qparams* params, const float* x, int64_t m, int64_t ldx, const float* bias, float* y,
+                       int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows) {
+  {
     if (!params) throw Error(PQK_ERR_ARG, "params is NULL");
     pqk_qparams p = *params;
     pqk_row_bytes rb = row_bytes(fmt, k, p);
@@ -119,6 +221,13 @@ pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void*
     dequantize_row_fn deq = t.dequantize[fmt];
     if (!deq) throw Error(PQK_ERR_UNSUPPORTED, "dequantize not implemented for this format");
     if (!t.gemm_f32) throw Error(PQK_ERR_INTERNAL, "float matmul kernel not registered");
+    const Adapters AD(ads, n_ad, rows, m, k, n);
+    std::vector<float> T((size_t)(AD.active() ? m * AD.t_cols : 0));
+    if (AD.active())
+      parallel_for(m, std::max<int64_t>(1, 16384 / k), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) AD.shrink(t, x + i * ldx, k, i, T.data() + i * AD.t_cols);
+      });
+    const LoraArgs L = AD.args(T.data(), 0, bias, n);
     const uint8_t* Q = (const uint8_t*)q; const uint8_t* S = (const uint8_t*)s; const uint8_t* Z = (const uint8_t*)z;
     // Rows of W in groups of FR, dequantized into a per-thread buffer, then fp32 dots.
     constexpr int FR = 8;
@@ -131,10 +240,15 @@ pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void*
         for (int r = 0; r < nr; ++r)
           deq(Q + (r0 + r) * rb.q, S ? S + (r0 + r) * rb.s : nullptr, Z ? Z + (r0 + r) * rb.z : nullptr, k,
               wbuf.data() + (size_t)r * k, p);
-        t.gemm_f32(wbuf.data(), nr, k, x, ldx, m, y + r0, ldy, bias ? bias + r0 : nullptr);
+        t.gemm_f32(wbuf.data(), nr, k, x, ldx, m, y + r0, ldy, (bias && !AD.active()) ? bias + r0 : nullptr);
+        if (AD.active()) t.lora_expand(L, 0, m, r0, nr, y, ldy);
       }
     });
-  });
+  }
 }
+
+}}  // namespace pqk::(anon)
+
+extern "C" {
 
 }  // extern "C"

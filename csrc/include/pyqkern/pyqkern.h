@@ -119,6 +119,29 @@ PQK_API int64_t pqk_packed_nbytes(const pqk_packed* w);
  * NaN/Inf in x -> PQK_ERR_NONFINITE. */
 PQK_API pqk_status pqk_matmul_int8(int32_t isa, const pqk_packed* w, const float* x, int64_t m, int64_t ldx,
                                    const float* bias, float* y, int64_t ldy);
+/* Low-rank adapters for the fused matmul: y += scale * (x . A^T) . B^T (LoRA), then y *= row_scale
+ * (DoRA: m / ||W + scale*B*A|| per output row), then y += bias. A is [rank, k], Bt is B
+ * transposed, [rank, n], both row-major fp32. */
+typedef struct pqk_lora {
+  int32_t rank;
+  const float* A;
+  const float* Bt;
+  float scale;
+  const float* row_scale; /* [n] or NULL */
+} pqk_lora;
+
+/* int8 / float matmul with adapters. row_adapter: NULL = every adapter applies to every row
+ * (their terms add up; row_scale must then be NULL), else row_adapter[i] in [-1, n_adapters)
+ * picks row i's adapter (-1: none). The adapter part is fp32 (shrink, then expansion added to
+ * each output tile right after the base kernel wrote it). */
+PQK_API pqk_status pqk_matmul_int8_lora(int32_t isa, const pqk_packed* w, const float* x, int64_t m, int64_t ldx,
+                                        const float* bias, float* y, int64_t ldy, const pqk_lora* adapters,
+                                        int32_t n_adapters, const int32_t* row_adapter);
+PQK_API pqk_status pqk_matmul_float_lora(int32_t isa, int32_t fmt, const void* q, const void* s, const void* z,
+                                         int64_t n, int64_t k, const pqk_qparams* params, const float* x, int64_t m,
+                                         int64_t ldx, const float* bias, float* y, int64_t ldy,
+                                         const pqk_lora* adapters, int32_t n_adapters, const int32_t* row_adapter);
+
 /* compute="float": weights dequantized exactly (as pqk_dequantize) and multiplied in fp32. */
 PQK_API pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void* s, const void* z,
                                     int64_t n, int64_t k, const pqk_qparams* params, const float* x, int64_t m,

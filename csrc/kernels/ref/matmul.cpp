@@ -90,3 +90,30 @@ void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, in
 }
 
 }}  // namespace pqk::ref
+
+namespace pqk { namespace ref {
+
+void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy) {
+  for (int64_t i = m0; i < m1; ++i) {
+    float* yr = y + i * ldy + n0;
+    const float* ti = L.t + i * L.t_cols;
+    int a0 = 0, a1 = L.n_ad;
+    if (L.row_adapter) { a0 = L.row_adapter[i]; a1 = a0 + 1; }
+    for (int c = 0; c < nr; ++c) {
+      const int64_t n = n0 + c;
+      float v = yr[c];
+      for (int a = a0 < 0 ? a1 : a0; a < a1; ++a) {
+        const pqk_lora& ad = L.ad[a];
+        const float* ta = ti + (L.row_adapter ? 0 : L.t_off[a]);
+        float acc = 0.0f;
+        for (int r = 0; r < ad.rank; ++r) acc = acc + ta[r] * ad.Bt[r * L.n + n];
+        v = v + ad.scale * acc;
+        if (ad.row_scale) v = v * ad.row_scale[n];
+      }
+      if (L.bias) v = v + L.bias[n];
+      yr[c] = v;
+    }
+  }
+}
+
+}}  // namespace pqk::ref

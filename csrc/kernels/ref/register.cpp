@@ -17,6 +17,7 @@ void register_kernels(KernelTable& t) {
   t.quantize_act = quantize_act;
   t.gemm_int8 = gemm_int8;
   t.gemm_f32 = gemm_f32;
+  t.lora_expand = lora_expand;
   t.dequantize[PQK_IQ4_NL] = dequantize_row_iq4_nl;
   // q4_k, q6_k and iq4_nl quantize: ref/kquants.cpp
   t.quantize[PQK_IQ4_NL] = quantize_row_iq4_nl;

@@ -1,0 +1,197 @@
+"""Fused LoRA / DoRA forward: pq.matmul(..., lora=, adapter_ids=) and QLinear adapters against the
+unfused float reference  x @ W.T + scale * (x @ A.T) @ B.T  (DoRA: PEFT's definition, float64).
+
+The base part keeps its own contract (int8: bit-identical spec; float: fp32 bound); the adapter
+part is fp32, so results are compared within
+    4e-6 * ((|x| @ |W|.T) + scale * (|x| @ |A|.T) @ |B|.T + |bias|) * sqrt(K)
+of the unfused reference computed the same way (all native variants, both compute modes).
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import pyqkern as pq
+from pyqkern._lora import LoRA
+
+VARIANTS = pq.variants()
+FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8"]
+
+
+def make(fmt, n, k, rng):
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    return pq.quantize(w, fmt)
+
+
+def adapter(n, k, r, rng, dora=False, rslora=False):
+    A = (rng.standard_normal((r, k)) * 0.05).astype(np.float32)
+    B = (rng.standard_normal((n, r)) * 0.05).astype(np.float32)
+    mag = (np.abs(rng.standard_normal(n)) + 0.5).astype(np.float32) if dora else None
+    return LoRA(A, B, alpha=2 * r, rslora=rslora, magnitude=mag)
+
+
+def bound(x, qt, ads, bias):
+    wd = np.abs(pq.dequantize(qt)).astype(np.float64)
+    ax = np.abs(x).astype(np.float64)
+    tot = ax @ wd.T
+    for ad in ads:
+        tot = tot + abs(ad.scale) * (ax @ np.abs(ad.A).T.astype(np.float64)) @ np.abs(ad.B).T.astype(np.float64)
+    if bias is not None:
+        tot = tot + np.abs(bias)
+    return 4e-6 * np.sqrt(x.shape[1]) * tot + 1e-7
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("compute", ["int8", "float"])
+@settings(max_examples=4)
+@given(m=st.sampled_from([1, 3, 8, 17]), n=st.sampled_from([5, 16, 33]), r=st.sampled_from([1, 4, 16]),
+       use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fused_single_adapter(fmt, compute, m, n, r, use_bias, seed):
+    rng = np.random.default_rng(seed)
+    k = 256 if fmt in ("q4_k", "q6_k", "int4") else 64
+    qt = make(fmt, n, k, rng)
+    ad = adapter(n, k, r, rng)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    ref = pq.matmul(x, qt, bias, lora=ad, compute=compute, backend="reference")
+    lim = bound(x, qt, [ad], bias)
+    for v in VARIANTS:
+        y = pq.matmul(x, qt, bias, lora=ad, compute=compute, isa=v)
+        assert (np.abs(y - ref) <= lim).all(), (v, np.abs(y - ref).max())
+    # the base part alone is unchanged by the adapter machinery
+    base = pq.matmul(x, qt, bias, compute=compute)
+    t = (x @ ad.A.T) @ ad.B.T * np.float32(ad.scale)
+    assert (np.abs(pq.matmul(x, qt, bias, lora=ad, compute=compute) - (base + t)) <= lim).all()
+
+
+def test_multi_adapter_batch_mixed_ranks_and_none_rows():
+    rng = np.random.default_rng(1)
+    n, k, m = 48, 128, 12
+    qt = make("int4", n, k, rng)
+    ads = [adapter(n, k, r, rng) for r in (1, 8, 16, 3)]
+    ids = np.array([0, 1, 2, 3, -1, 3, 2, 1, 0, -1, 2, 2], np.int32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for compute in ("int8", "float"):
+        ref = pq.matmul(x, qt, bias, lora=ads, adapter_ids=ids, compute=compute, backend="reference")
+        lim = bound(x, qt, ads, bias)
+        for v in VARIANTS:
+            y = pq.matmul(x, qt, bias, lora=ads, adapter_ids=ids, compute=compute, isa=v)
+            assert (np.abs(y - ref) <= lim).all()
+            # rows with -1 get exactly the base result of the same variant
+            base = pq.matmul(x, qt, bias, compute=compute, isa=v)
+            assert np.array_equal(y[ids == -1], base[ids == -1])
+        # each row equals running that row alone with its own adapter
+        for i in range(m):
+            one = pq.matmul(x[i:i + 1], qt, bias, lora=ads[ids[i]] if ids[i] >= 0 else None, compute=compute)
+            assert np.array_equal(one, pq.matmul(x, qt, bias, lora=ads, adapter_ids=ids, compute=compute)[i:i + 1])
+
+
+def test_weighted_blend_equals_sum_of_scaled_terms():
+    rng = np.random.default_rng(2)
+    n, k = 40, 96
+    qt = make("q8_0", n, k, rng)
+    a, b = adapter(n, k, 4, rng), adapter(n, k, 8, rng, rslora=True)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y = pq.matmul(x, qt, lora=[a.scaled(0.7), b.scaled(0.3)], compute="float")
+    want = (x.astype(np.float64) @ pq.dequantize(qt).T.astype(np.float64)
+            + 0.7 * a.scale * (x @ a.A.T) @ a.B.T + 0.3 * b.scale * (x @ b.A.T) @ b.B.T)
+    assert np.allclose(y, want, rtol=1e-5, atol=1e-5)
+    assert b.scale == pytest.approx(b.alpha / np.sqrt(8))
+
+
+@pytest.mark.parametrize("compute", ["int8", "float"])
+def test_dora_matches_peft_definition(compute):
+    rng = np.random.default_rng(3)
+    n, k, r = 24, 64, 4
+    qt = make("nf4", n, k, rng)
+    ad = adapter(n, k, r, rng, dora=True)
+    x = rng.standard_normal((5, k)).astype(np.float64)
+    bias = rng.standard_normal(n).astype(np.float32)
+    W = pq.dequantize(qt).astype(np.float64)
+    delta = ad.scale * ad.B.astype(np.float64) @ ad.A.astype(np.float64)
+    norm = np.linalg.norm(W + delta, axis=1)
+    want = (ad.magnitude / norm) * (x @ W.T + x @ delta.T) + bias  # PEFT: bias after the rescale
+    y = pq.matmul(x.astype(np.float32), qt, bias, lora=ad, compute=compute)
+    tol = 2e-2 if compute == "int8" else 1e-4  # int8: activation rounding on the base part
+    assert np.abs(y - want).max() <= tol * np.abs(want).max()
+    with pytest.raises(ValueError, match="DoRA"):
+        pq.matmul(x.astype(np.float32), qt, lora=[ad, adapter(n, k, 2, rng)])
+    with pytest.raises(ValueError, match="DoRA"):
+        ad.scaled(0.5)
+
+
+def test_qlinear_adapters_api():
+    rng = np.random.default_rng(4)
+    n, k = 32, 64
+    qt = make("q4_0", n, k, rng)
+    bias = rng.standard_normal(n).astype(np.float32)
+    lin = pq.QLinear(qt, bias)
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    base = lin(x)
+    a, b = adapter(n, k, 4, rng), adapter(n, k, 2, rng)
+    lin.add_adapter("a", a)
+    lin.add_adapter("b", b)
+    assert lin.adapter_names == ["a", "b"]
+    both = lin(x)
+    assert np.array_equal(both, pq.matmul(x, qt, bias, lora=[a, b]))
+    lin.set_adapter("a")
+    assert np.array_equal(lin(x), pq.matmul(x, qt, bias, lora=a))
+    ids = [0, 1, -1, 0]
+    by_int = lin(x, adapter_ids=ids)
+    by_name = lin(x, adapter_ids=["a", "b", None, "a"])
+    assert np.array_equal(by_int, by_name)
+    assert np.array_equal(by_int[2], base[2])
+    lin.set_adapter([])
+    assert np.array_equal(lin(x), base)
+    lin.remove_adapter("a")
+    assert lin.adapter_names == ["b"]
+    with pytest.raises(KeyError):
+        lin.remove_adapter("a")
+    with pytest.raises(ValueError, match="already"):
+        lin.add_adapter("b", b)
+    with pytest.raises(KeyError):
+        lin(x, adapter_ids=["zzz"] * 4)
+
+
+def test_bad_adapter_input():
+    rng = np.random.default_rng(5)
+    n, k = 16, 64
+    qt = make("q4_0", n, k, rng)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    with pytest.raises(ValueError, match="rank mismatch"):
+        LoRA(np.zeros((4, k), np.float32), np.zeros((n, 5), np.float32))
+    with pytest.raises(ValueError, match="adapter is for"):
+        pq.matmul(x, qt, lora=adapter(n + 1, k, 2, rng))
+    with pytest.raises(ValueError, match="out of range"):
+        pq.matmul(x, qt, lora=[adapter(n, k, 2, rng)], adapter_ids=[0, 1, 0])
+    with pytest.raises(ValueError, match="entries"):
+        pq.matmul(x, qt, lora=[adapter(n, k, 2, rng)], adapter_ids=[0, 0])
+    with pytest.raises(TypeError):
+        pq.matmul(x, qt, lora=[adapter(n, k, 2, rng)], adapter_ids=[0.0, 0.0, 0.0])
+    with pytest.raises(TypeError):
+        pq.matmul(x, qt, lora="nope")
+    with pytest.raises(ValueError, match="NaN"):
+        LoRA(np.full((2, k), np.nan, np.float32), np.zeros((n, 2), np.float32))
+    with pytest.raises(TypeError):
+        LoRA([[1.0]], [[1.0]])
+    # float16 / bfloat16 adapters are accepted (kept as float32)
+    import ml_dtypes
+    a16 = LoRA(np.ones((2, k), np.float16), np.ones((n, 2), ml_dtypes.bfloat16))
+    assert a16.A.dtype == np.float32 and a16.B.dtype == np.float32
+
+
+def test_fused_lora_thread_count_independent():
+    rng = np.random.default_rng(6)
+    qt = make("q4_0", 300, 512, rng)
+    ads = [adapter(300, 512, r, rng) for r in (8, 16)]
+    x = rng.standard_normal((20, 512)).astype(np.float32)
+    ids = (np.arange(20) % 3 - 1).astype(np.int32)
+    before = pq.get_num_threads()
+    try:
+        outs = []
+        for th in (1, 2, 3):
+            pq.set_num_threads(th)
+            outs.append(pq.matmul(x, qt, lora=ads, adapter_ids=ids))
+        assert all(np.array_equal(o, outs[0]) for o in outs)
+    finally:
+        pq.set_num_threads(before)
