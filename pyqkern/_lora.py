@@ -47,7 +47,12 @@ class LoRA:
             raise ValueError("A or B contains NaN or Inf")
         self.A = A
         self.B = B
-        self.Bt = np.ascontiguousarray(B.T)  # [r, N]: the expansion reads rows of Bt per output tile
+        # B in tiles of 16 output rows, [ceil(N/16), r, 16] zero-padded: the expansion of one output
+        # tile reads one contiguous block (pqk_lora.Bp)
+        nt = -(-n // 16)
+        bp = np.zeros((nt * 16, r), np.float32)
+        bp[:n] = B
+        self.Bp = np.ascontiguousarray(bp.reshape(nt, 16, r).transpose(0, 2, 1))
         self.rank, self.in_features, self.out_features = r, k, n
         self.alpha = float(r if alpha is None else alpha)
         self.rslora = bool(rslora)

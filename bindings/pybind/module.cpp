@@ -80,7 +80,7 @@ const float* bias_ptr(const py::object& bias, int64_t n) {
   return static_cast<const float*>(b.data());
 }
 
-// adapters: list of (A [r,k] f32, Bt [r,n] f32, scale, row_scale [n] f32 or None); ids: int32 [m] or None
+// adapters: list of (A [r,k] f32, Bp [ceil(n/16),r,16] f32, scale, row_scale [n] f32 or None); ids: int32 [m] or None
 struct AdapterList {
   std::vector<pqk_lora> v;
   std::vector<py::array> keep;
@@ -103,10 +103,10 @@ void adapters_of(const py::object& adapters, const py::object& ids, int64_t m, i
   if (adapters.is_none()) return;
   for (const py::handle& item : adapters.cast<py::list>()) {
     py::tuple tup = item.cast<py::tuple>();
-    if (tup.size() != 4) throw py::value_error("adapter must be (A, Bt, scale, row_scale)");
+    if (tup.size() != 4) throw py::value_error("adapter must be (A, Bp, scale, row_scale)");
     py::array A = f32_c(tup[0], {-1, k}, "A");
     const int64_t r = A.shape(0);
-    py::array Bt = f32_c(tup[1], {r, n}, "B");
+    py::array Bt = f32_c(tup[1], {(n + 15) / 16, r, 16}, "B (16-row tiles)");
     pqk_lora l{(int32_t)r, static_cast<const float*>(A.data()), static_cast<const float*>(Bt.data()),
                tup[2].cast<float>(), nullptr};
     L.keep.push_back(A);

@@ -32,11 +32,12 @@ struct LoraArgs {
   const int32_t* row_adapter = nullptr;  // null: all adapters on every row
   const float* t = nullptr;              // shrink results [m][t_cols]
   int64_t t_cols = 0;
-  int64_t n = 0;                         // row stride of every Bt
+  int64_t n = 0;                         // output columns
   const int64_t* t_off = nullptr;        // column offset of adapter a in t (all-adapters mode); 0 per-row mode
   const float* bias = nullptr;
 };
-// y[i, n] = ((y[i, n] + sum_a scale_a * sum_r t[i, off_a + r] * Bt_a[r, n]) * row_scale_a[n]) + bias[n]
+// y[i, n] = ((y[i, n] + sum_a scale_a * sum_r t[i, off_a + r] * B_a[n, r]) * row_scale_a[n]) + bias[n]
+// (B_a read from its 16-row tiles Bp, see pqk_lora; [n0, n0 + nr) never crosses a 16-tile)
 // with, per adapter, the rank sum accumulated r = 0.. in order (mul then add) and scaled once.
 using lora_expand_fn = void (*)(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y,
                                 int64_t ldy);

@@ -49,7 +49,7 @@ struct Adapters {
     if (rows && n == 0) throw Error(PQK_ERR_ARG, "row adapter ids given without adapters");
     int64_t sum = 0, mx = 0;
     for (int32_t i = 0; i < n; ++i) {
-      if (a[i].rank <= 0 || !a[i].A || !a[i].Bt) throw Error(PQK_ERR_ARG, "adapter " + std::to_string(i) + ": bad rank or NULL A/B");
+      if (a[i].rank <= 0 || !a[i].A || !a[i].Bp) throw Error(PQK_ERR_ARG, "adapter " + std::to_string(i) + ": bad rank or NULL A/B");
       if (!rows && n > 1 && a[i].row_scale)
         throw Error(PQK_ERR_ARG, "DoRA (row_scale) adapters cannot be summed on the same rows");
       t_off.push_back(sum);

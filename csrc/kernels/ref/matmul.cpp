@@ -106,7 +106,8 @@ void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, 
         const pqk_lora& ad = L.ad[a];
         const float* ta = ti + (L.row_adapter ? 0 : L.t_off[a]);
         float acc = 0.0f;
-        for (int r = 0; r < ad.rank; ++r) acc = acc + ta[r] * ad.Bt[r * L.n + n];
+        const float* bt = ad.Bp + (n / 16) * ad.rank * 16 + n % 16;
+        for (int r = 0; r < ad.rank; ++r) acc = acc + ta[r] * bt[r * 16];
         v = v + ad.scale * acc;
         if (ad.row_scale) v = v * ad.row_scale[n];
       }

@@ -12,8 +12,8 @@ void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, 
     int a0 = 0, a1 = L.n_ad;
     if (L.row_adapter) { a0 = L.row_adapter[i]; a1 = a0 + 1; }
     if (a0 < 0) a0 = a1;
-    for (int c0 = 0; c0 < nr; c0 += 16) {
-      const int cn = nr - c0 < 16 ? nr - c0 : 16;
+    for (int c0 = 0; c0 < nr; ) {
+      const int cn = nr - c0 < 16 - (int)((n0 + c0) % 16) ? nr - c0 : 16 - (int)((n0 + c0) % 16);
       const __mmask16 mk = (__mmask16)((1u << cn) - 1);
       const int64_t n = n0 + c0;
       float* yp = y + i * ldy + n;
@@ -21,14 +21,16 @@ void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, 
       for (int a = a0; a < a1; ++a) {
         const pqk_lora& ad = L.ad[a];
         const float* ta = ti + (L.row_adapter ? 0 : L.t_off[a]);
+        const float* bt = ad.Bp + (n / 16) * ad.rank * 16 + n % 16;  // one contiguous [rank][16] block
         __m512 acc = _mm512_setzero_ps();
         for (int r = 0; r < ad.rank; ++r)
-          acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(ta[r]), _mm512_maskz_loadu_ps(mk, ad.Bt + r * L.n + n)));
+          acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(ta[r]), _mm512_maskz_loadu_ps(mk, bt + r * 16)));
         v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(ad.scale), acc));
         if (ad.row_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, ad.row_scale + n));
       }
       if (L.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, L.bias + n));
       _mm512_mask_storeu_ps(yp, mk, v);
+      c0 += cn;
     }
   }
 }
