@@ -1,0 +1,142 @@
+"""LoRA benchmarks: fused adapter vs base alone vs the unfused sequence, many adapters per batch.
+
+    pytest bench/bench_lora.py --benchmark-only            # (1,4096,4096), ranks 8/16/64, 1 and 2 threads
+    PYQKERN_BENCH_QUICK=1 pytest bench/bench_lora.py --benchmark-only
+
+Rows (benchmark group per case):
+- decode: (1, 4096, 4096) q4_0 and int4-g128, rank 8/16/64:
+    base     QLinear(x)                         (no adapter)
+    fused    pq.matmul(x, qt, lora=ad)          (one call; shrink + expansion inside)
+    unfused  QLinear(x) + numpy (x @ A.T) @ B.T (what runtimes do today: base op + two GEMMs + add)
+  extra_info["overhead_vs_base"] is reported on the fused/unfused rows (from the min times).
+- multi: 32 rows, rank 16: every row its own adapter (32 loaded) vs all rows sharing one;
+  extra_info["ratio_vs_shared"] on the distinct row.
+- backward (if pyqkern.lora.backward exists): M=512 step vs dequantize-then-numpy.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+import pyqkern as pq
+from pyqkern._lora import LoRA
+
+QUICK = os.environ.get("PYQKERN_BENCH_QUICK", "") not in ("", "0")
+K = N = 1024 if QUICK else 4096
+RANKS = [16] if QUICK else [8, 16, 64]
+THREADS = [1] if QUICK else [1, 2]
+_base_min: dict = {}
+_shared_min: dict = {}
+
+
+def _min_time(fn, reps=200):
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@pytest.fixture(scope="module")
+def layers():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
+    return {"q4_0": pq.quantize(w, "q4_0"), "int4-g128": pq.quantize(w, "int4", group=128)}
+
+
+def _adapter(r, seed):
+    rng = np.random.default_rng(seed)
+    return LoRA((rng.standard_normal((r, K)) * 0.01).astype(np.float32),
+                (rng.standard_normal((N, r)) * 0.01).astype(np.float32), alpha=2 * r)
+
+
+@pytest.fixture(params=THREADS, ids=lambda t: f"t{t}")
+def threads(request):
+    before = pq.get_num_threads()
+    pq.set_num_threads(request.param)
+    yield request.param
+    pq.set_num_threads(before)
+
+
+def _info(benchmark, **kw):
+    benchmark.extra_info.update(cpu=pq.info()["cpu"], variant=pq.info()["active_variant"], **kw)
+
+
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("fmt", ["q4_0", "int4-g128"])
+@pytest.mark.parametrize("mode", ["base", "fused", "unfused"])
+def test_decode(benchmark, layers, fmt, r, mode, threads):
+    qt = layers[fmt]
+    lin = pq.QLinear(qt)
+    ad = _adapter(r, r)
+    x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)
+    y = np.empty((1, N), np.float32)
+    A, B = ad.A, ad.B
+    if mode == "base":
+        fn = lambda: lin(x, out=y)  # noqa: E731
+    elif mode == "fused":
+        lin.add_adapter("a", ad)
+        fn = lambda: lin(x, out=y)  # noqa: E731
+    else:
+        def fn():
+            lin(x, out=y)
+            y.__iadd__((x @ A.T) @ B.T * np.float32(ad.scale))
+    benchmark.group = f"lora decode {fmt} r{r} t{threads}"
+    benchmark.pedantic(fn, rounds=200, iterations=1, warmup_rounds=5)
+    key = (fmt, r, threads)
+    t = benchmark.stats.stats.min
+    if mode == "base":
+        _base_min[key] = t
+    _info(benchmark, mode=mode, rank=r, threads=threads, shape=(1, K, N), min_us=t * 1e6)
+    if mode != "base":
+        base = _base_min.get(key) or _min_time(lambda: pq.QLinear(qt)(x, out=y))
+        benchmark.extra_info["overhead_vs_base"] = t / base - 1.0
+
+
+@pytest.mark.parametrize("case", ["shared", "distinct"])
+def test_multi_adapter_batch(benchmark, layers, case, threads):
+    qt = layers["q4_0"]
+    lin = pq.QLinear(qt)
+    m = 32
+    for i in range(m):
+        lin.add_adapter(f"a{i}", _adapter(16, 100 + i))
+    x = np.random.default_rng(2).standard_normal((m, K)).astype(np.float32)
+    y = np.empty((m, N), np.float32)
+    ids = np.zeros(m, np.int32) if case == "shared" else np.arange(m, dtype=np.int32)
+    benchmark.group = f"lora 32 rows x rank 16 t{threads}"
+    benchmark.pedantic(lambda: lin(x, adapter_ids=ids, out=y), rounds=30, iterations=1, warmup_rounds=2)
+    t = benchmark.stats.stats.min
+    _info(benchmark, case=case, threads=threads, min_us=t * 1e6)
+    if case == "shared":
+        _shared_min[threads] = t
+    elif threads in _shared_min:
+        benchmark.extra_info["ratio_vs_shared"] = t / _shared_min[threads]
+
+
+def test_backward_step(benchmark, layers):
+    lora = pytest.importorskip("pyqkern.lora")
+    if not hasattr(lora, "backward"):
+        pytest.skip("pyqkern.lora.backward not available")
+    qt = layers["q4_0"]
+    ad = _adapter(16, 7)
+    rng = np.random.default_rng(3)
+    m = 128 if QUICK else 512
+    x = rng.standard_normal((m, K)).astype(np.float32)
+    dy = rng.standard_normal((m, N)).astype(np.float32)
+    benchmark.group = "lora backward"
+    benchmark.pedantic(lambda: lora.backward(x, dy, qt, ad), rounds=5, iterations=1, warmup_rounds=1)
+    t = benchmark.stats.stats.min
+
+    def numpy_way():
+        W = pq.dequantize(qt)
+        tt = x @ ad.A.T
+        dt = np.float32(ad.scale) * (dy @ ad.B)
+        return dy @ W + dt @ ad.A, dt.T @ x, np.float32(ad.scale) * (dy.T @ tt)
+
+    t_np = _min_time(numpy_way, reps=5)
+    _info(benchmark, m=m, min_us=t * 1e6, numpy_dequant_then_matmul_us=t_np * 1e6, ratio_vs_numpy=t_np / t)
