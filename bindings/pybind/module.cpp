@@ -54,6 +54,25 @@ py::buffer_info contiguous(py::buffer b, bool writable, int64_t need, const char
   return info;
 }
 
+// The optional s / z sections of a quantized tensor: checked buffers, or null when the format has none.
+struct Sections {
+  py::buffer_info si, zi;
+  void* s = nullptr;
+  void* z = nullptr;
+  Sections(const pqk_row_bytes& rb, int64_t n, const py::object& so, const py::object& zo, bool writable) {
+    if (rb.s) {
+      if (so.is_none()) throw py::value_error("s buffer missing");
+      si = contiguous(so.cast<py::buffer>(), writable, n * rb.s, "s");
+      s = si.ptr;
+    }
+    if (rb.z) {
+      if (zo.is_none()) throw py::value_error("z buffer missing");
+      zi = contiguous(zo.cast<py::buffer>(), writable, n * rb.z, "z");
+      z = zi.ptr;
+    }
+  }
+};
+
 struct Packed {
   pqk_packed* p = nullptr;
   int64_t n = 0, k = 0;
@@ -180,10 +199,8 @@ PYBIND11_MODULE(_native, m) {
     if (n <= 0) throw py::value_error("n must be positive");
     pqk_row_bytes rb = row_bytes(fmt, k, p);
     auto qi = contiguous(q, false, n * rb.q, "q");
-    const void* sp = nullptr; const void* zp = nullptr;
-    py::buffer_info si, zi;
-    if (rb.s) { if (s.is_none()) throw py::value_error("s buffer missing"); si = contiguous(s.cast<py::buffer>(), false, n * rb.s, "s"); sp = si.ptr; }
-    if (rb.z) { if (z.is_none()) throw py::value_error("z buffer missing"); zi = contiguous(z.cast<py::buffer>(), false, n * rb.z, "z"); zp = zi.ptr; }
+    Sections sec(rb, n, s, z, false);
+    const void* sp = sec.s; const void* zp = sec.z;
     auto out = std::make_shared<Packed>();
     out->n = n; out->k = k;
     pqk_status st;
@@ -221,10 +238,8 @@ PYBIND11_MODULE(_native, m) {
     if (n <= 0) throw py::value_error("n must be positive");
     pqk_row_bytes rb = row_bytes(fmt, k, p);
     auto qi = contiguous(q, false, n * rb.q, "q");
-    const void* sp = nullptr; const void* zp = nullptr;
-    py::buffer_info si, zi;
-    if (rb.s) { if (s.is_none()) throw py::value_error("s buffer missing"); si = contiguous(s.cast<py::buffer>(), false, n * rb.s, "s"); sp = si.ptr; }
-    if (rb.z) { if (z.is_none()) throw py::value_error("z buffer missing"); zi = contiguous(z.cast<py::buffer>(), false, n * rb.z, "z"); zp = zi.ptr; }
+    Sections sec(rb, n, s, z, false);
+    const void* sp = sec.s; const void* zp = sec.z;
     Rows xr = rows_of(x, "x");
     if (xr.k != k) throw py::value_error("x has K=" + std::to_string(xr.k) + ", weight has K=" + std::to_string(k));
     Rows yr = rows_of(y, "out");
@@ -274,10 +289,8 @@ PYBIND11_MODULE(_native, m) {
     pqk_qparams p{group, sym};
     pqk_row_bytes rb = row_bytes(fmt, k, p);
     auto qi = contiguous(q, true, n * rb.q, "q");
-    void* sp = nullptr; void* zp = nullptr;
-    py::buffer_info si, zi;
-    if (rb.s) { if (s.is_none()) throw py::value_error("s buffer missing"); si = contiguous(s.cast<py::buffer>(), true, n * rb.s, "s"); sp = si.ptr; }
-    if (rb.z) { if (z.is_none()) throw py::value_error("z buffer missing"); zi = contiguous(z.cast<py::buffer>(), true, n * rb.z, "z"); zp = zi.ptr; }
+    Sections sec(rb, n, s, z, true);
+    void* sp = sec.s; void* zp = sec.z;
     const float* xp = static_cast<const float*>(x.data());
     pqk_status st;
     {
@@ -295,10 +308,8 @@ PYBIND11_MODULE(_native, m) {
     auto qi = contiguous(q, false, n * rb.q, "q");
     auto yi = contiguous(y, true, n * k * 4, "y");
     if (yi.format != py::format_descriptor<float>::format()) throw py::type_error("y must be float32");
-    const void* sp = nullptr; const void* zp = nullptr;
-    py::buffer_info si, zi;
-    if (rb.s) { if (s.is_none()) throw py::value_error("s buffer missing"); si = contiguous(s.cast<py::buffer>(), false, n * rb.s, "s"); sp = si.ptr; }
-    if (rb.z) { if (z.is_none()) throw py::value_error("z buffer missing"); zi = contiguous(z.cast<py::buffer>(), false, n * rb.z, "z"); zp = zi.ptr; }
+    Sections sec(rb, n, s, z, false);
+    const void* sp = sec.s; const void* zp = sec.z;
     pqk_status st;
     {
       py::gil_scoped_release nogil;

@@ -18,9 +18,7 @@ does not depend on the thread count.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 _F32 = np.float32
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
@@ -42,30 +40,11 @@ IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38
 IQ4NL_V0 = -127
 
 
-# ---------------------------------------------------------------- bit casts
-@intrinsic
-def _f32_bits(typingctx, x):
-    """Raw bits of a float32 as uint32 (LLVM bitcast)."""
-    if not (isinstance(x, types.Float) and x.bitwidth == 32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
-
-
-@intrinsic
-def _bits_f32(typingctx, u):
-    """float32 with the low 32 bits of the integer u (LLVM bitcast)."""
-    if not isinstance(u, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = context.cast(builder, args[0], sig.args[0], types.uint32)
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(u), codegen
+# ---------------------------------------------------------------- bit casts and fp16 (shared with simple.py)
+from .simple import f32_as_u32 as _f32_bits  # noqa: E402
+from .simple import fp16_to_fp32 as f16_bits_to_f32  # noqa: E402
+from .simple import fp32_to_fp16 as f32_to_f16_bits  # noqa: E402
+from .simple import u32_as_f32 as _bits_f32  # noqa: E402
 
 
 @njit(inline="always", **_JIT)
@@ -78,47 +57,6 @@ def nearest_int(v):
 @njit(inline="always", **_JIT)
 def _clamp(v, lo, hi):
     return lo if v < lo else (hi if v > hi else v)
-
-
-@njit(inline="always", **_JIT)
-def f32_to_f16_bits(f):
-    """IEEE binary32 -> binary16 bits, round to nearest even, overflow to inf."""
-    x = np.int64(_f32_bits(f))
-    sign = (x >> 16) & 0x8000
-    a = x & 0x7FFFFFFF
-    if a >= 0x7F800000:
-        return sign | 0x7C00 | (0x200 if a > 0x7F800000 else 0)
-    if a >= 0x477FF000:
-        return sign | 0x7C00
-    if a < 0x38800000:
-        e = a >> 23
-        if e < 102:
-            return sign
-        m = (a & 0x7FFFFF) | 0x800000
-        shift = 126 - e
-        q = m >> shift
-        rem = m & ((np.int64(1) << shift) - 1)
-        half = np.int64(1) << (shift - 1)
-        if rem > half or (rem == half and (q & 1) != 0):
-            q += 1
-        return sign | q
-    r = a - 0x38000000
-    r += 0xFFF + ((r >> 13) & 1)
-    return sign | (r >> 13)
-
-
-@njit(inline="always", **_JIT)
-def f16_bits_to_f32(h):
-    h = np.int64(h)
-    sign = (h & 0x8000) << 16
-    e = (h >> 10) & 0x1F
-    man = h & 0x3FF
-    if e == 0:
-        v = _F32(man) * F_2M24
-        return -v if sign else v
-    if e == 31:
-        return _bits_f32(sign | 0x7F800000 | (man << 13))
-    return _bits_f32(sign | ((e + 112) << 23) | (man << 13))
 
 
 @njit(inline="always", **_JIT)
