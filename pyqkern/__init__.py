@@ -9,13 +9,15 @@ from __future__ import annotations
 import os as _os
 
 from . import _formats, reference
+from ._lora import LoRA
 from ._matmul import QLinear, matmul
 from ._ops import dequantize, quantize
 from ._qtensor import QTensor
+from . import io, lora
 
 __version__ = "0.1.0"
 __all__ = ["QTensor", "QLinear", "matmul", "quantize", "dequantize", "formats", "info", "variants", "set_num_threads",
-           "get_num_threads", "reference", "__version__"]
+           "get_num_threads", "reference", "LoRA", "lora", "io", "__version__"]
 
 
 def formats() -> list:

@@ -1,0 +1,223 @@
+"""Read and write LoRA / DoRA adapters in Hugging Face PEFT's on-disk layout.
+
+A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
+
+    base_model.model.<module>.lora_A.weight        [r, in]
+    base_model.model.<module>.lora_B.weight        [out, r]
+    base_model.model.<module>.lora_magnitude_vector [out]      (DoRA; ".weight" also accepted)
+
+<module> is the module's name inside the base model (e.g. ``model.layers.0.self_attn.q_proj``).
+Scaling follows ``LoraLayer.update_layer``: alpha / r, or alpha / sqrt(r) with ``use_rslora``, with
+per-module r and alpha from ``rank_pattern`` / ``alpha_pattern`` resolved as PEFT's
+``get_pattern_key`` does: the first key (in file order) for which ``re.match(r"(.*\\.)?(KEY)$", module)``
+matches wins; the key is a regular expression, so a plain name matches itself or any dotted suffix.
+
+Not supported (ValueError): ``lora_bias`` (``lora_B.bias``), non-2-D (conv) adapters, QA-LoRA.
+Keys that are not Linear LoRA weights (``lora_embedding_*``, ``modules_to_save`` copies, ...) are
+skipped with a UserWarning. ``fan_in_fan_out`` needs nothing: A and B are stored the same way and
+B @ A is [out, in], which is pyqkern's [N, K] weight orientation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import Counter
+
+import numpy as np
+
+from .._lora import LoRA
+from . import safetensors as _st
+
+__all__ = ["load_peft_adapter", "save_peft_adapter", "get_pattern_key", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",
+             ".lora_magnitude_vector.weight": "m", ".lora_B.bias": "bias"}
+_FLOATS = (np.float32, np.float16)
+
+
+def get_pattern_key(pattern_keys, module: str) -> str:
+    """PEFT's rule: the first pattern key that matches ``module`` as a dotted suffix regex, else ``module``."""
+    for key in pattern_keys:
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as e:
+            raise ValueError(f"rank_pattern/alpha_pattern key {key!r} is not a valid regular expression: {e}") from None
+        if hit:
+            return key
+    return module
+
+
+def _resolve(cfg, module):
+    rp, ap = cfg["rank_pattern"], cfg["alpha_pattern"]
+    r = rp.get(get_pattern_key(rp.keys(), module), cfg["r"])
+    alpha = ap.get(get_pattern_key(ap.keys(), module), cfg["lora_alpha"])
+    return r, alpha
+
+
+def _read_config(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (not a PEFT adapter directory?)") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: the config must be a JSON object")
+    pt = cfg.get("peft_type", "LORA")
+    if pt != "LORA":
+        raise ValueError(f"{path}: peft_type is {pt!r}; only LORA adapters are supported")
+    if cfg.get("use_qalora"):
+        raise ValueError(f"{path}: QA-LoRA adapters (use_qalora) are not supported")
+    if cfg.get("lora_bias"):
+        raise ValueError(f"{path}: lora_bias=True adapters are not supported")
+    out = {"r": cfg.get("r", 8), "lora_alpha": cfg.get("lora_alpha", 8),  # LoraConfig defaults
+           "use_rslora": cfg.get("use_rslora", False), "use_dora": cfg.get("use_dora", False),
+           "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {}}
+    for name in ("r", "lora_alpha"):
+        v = out[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (name == "r" and (v != int(v) or v < 1)):
+            raise ValueError(f"{path}: {name} must be a {'positive integer' if name == 'r' else 'number'}, got {v!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        pat = out[name]
+        if not isinstance(pat, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                                and not isinstance(v, bool) for k, v in pat.items()):
+            raise ValueError(f"{path}: {name} must map strings to numbers, got {pat!r}")
+    for name in ("use_rslora", "use_dora"):
+        if not isinstance(out[name], bool):
+            raise ValueError(f"{path}: {name} must be true or false, got {out[name]!r}")
+    return out
+
+
+def load_peft_adapter(path) -> dict:
+    """PEFT adapter directory -> {module name: LoRA} (module names as in the base model)."""
+    path = os.fspath(path)
+    cfg = _read_config(os.path.join(path, CONFIG_NAME))
+    wpath = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.exists(wpath):
+        legacy = os.path.exists(os.path.join(path, "adapter_model.bin"))
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}" + (" (only the legacy pickle adapter_model.bin, "
+                                                                  "which is not read: convert it to safetensors)"
+                                                                  if legacy else ""))
+    tensors, _ = _st.load(wpath, bf16="float32")
+    parts, skipped = {}, []
+    for key, arr in tensors.items():
+        kind = None
+        if key.startswith(PREFIX):
+            for suf, what in _SUFFIXES.items():
+                if key.endswith(suf) and len(key) > len(PREFIX) + len(suf):
+                    kind, module = what, key[len(PREFIX):-len(suf)]
+                    break
+        if kind is None:
+            skipped.append(key)
+            continue
+        if kind == "bias":
+            raise ValueError(f"{key}: lora_B.bias (lora_bias) is not supported")
+        slot = parts.setdefault(module, {})
+        if kind in slot:
+            raise ValueError(f"module {module!r}: two tensors for {kind} (e.g. both lora_magnitude_vector spellings)")
+        if arr.dtype not in _FLOATS:
+            raise ValueError(f"{key}: dtype {arr.dtype} is not a float adapter weight (F32, F16 or BF16)")
+        slot[kind] = arr
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} tensor(s) that are not Linear LoRA weights, e.g. "
+                      f"{skipped[:3]}", UserWarning, stacklevel=2)
+    out = {}
+    for module in sorted(parts):
+        p = parts[module]
+        for kind, nm in (("A", "lora_A.weight"), ("B", "lora_B.weight")):
+            if kind not in p:
+                raise ValueError(f"module {module!r}: missing {nm}")
+        a, b, m = p["A"], p["B"], p.get("m")
+        if a.ndim != 2 or b.ndim != 2:
+            raise ValueError(f"module {module!r}: lora_A {a.shape} and lora_B {b.shape} must be 2-D (Linear layers "
+                             "only; conv adapters are not supported)")
+        if cfg["use_dora"] != (m is not None):
+            raise ValueError(f"module {module!r}: use_dora is {cfg['use_dora']} but lora_magnitude_vector is "
+                             f"{'present' if m is not None else 'missing'}")
+        r, alpha = _resolve(cfg, module)
+        if a.shape[0] != r:
+            raise ValueError(f"module {module!r}: lora_A has rank {a.shape[0]} but the config gives r={r} "
+                             "(r / rank_pattern)")
+        try:
+            # copies: the adapter must not keep the file mapped or hold read-only views
+            out[module] = LoRA(np.array(a, np.float32), np.array(b, np.float32), alpha, rslora=cfg["use_rslora"],
+                               magnitude=None if m is None else np.array(m, np.float32))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"module {module!r}: {e}") from None
+    if not out:
+        raise ValueError(f"{path}: no LoRA weights found (keys must look like "
+                         f"'{PREFIX}<module>.lora_A.weight')")
+    return out
+
+
+def _num(v):
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def save_peft_adapter(path, adapters: dict, base_model_name_or_path=None) -> None:
+    """Write {module name: LoRA} as a PEFT adapter directory (config + safetensors, float32 weights).
+
+    r / lora_alpha are the most common values; modules that differ get rank_pattern / alpha_pattern
+    entries keyed by their full name (as PEFT's own EVA initialisation writes them). All adapters
+    must agree on rslora and on DoRA."""
+    if not isinstance(adapters, dict) or not adapters:
+        raise ValueError("adapters must be a non-empty dict {module name: LoRA}")
+    for name, ad in adapters.items():
+        if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
+            raise ValueError(f"bad module name {name!r}")
+        if not isinstance(ad, LoRA):
+            raise TypeError(f"{name}: expected a pyqkern LoRA, got {type(ad).__name__}")
+    for attr, what in (("rslora", "use_rslora"), ("is_dora", "DoRA")):
+        vals = {bool(getattr(ad, attr)) for ad in adapters.values()}
+        if len(vals) > 1:
+            raise ValueError(f"all adapters must agree on {what} (PEFT stores one flag per adapter file)")
+    rslora = bool(next(iter(adapters.values())).rslora)
+    dora = bool(next(iter(adapters.values())).is_dora)
+    names = sorted(adapters)
+    r0 = Counter(adapters[n].rank for n in names).most_common(1)[0][0]
+    a0 = Counter(adapters[n].alpha for n in names).most_common(1)[0][0]
+    cfg = {"r": int(r0), "lora_alpha": _num(a0), "use_rslora": rslora, "use_dora": dora,
+           "rank_pattern": {n: int(adapters[n].rank) for n in names if adapters[n].rank != r0},
+           "alpha_pattern": {n: _num(adapters[n].alpha) for n in names if adapters[n].alpha != a0}}
+    # a plain name is a regex that also matches dotted suffixes: every module must resolve to its own values
+    def _bad():
+        wrong = []
+        for n in names:
+            r, alpha = _resolve(cfg, n)
+            if r != adapters[n].rank or float(alpha) != adapters[n].alpha:
+                wrong.append(n)
+        return wrong
+
+    if _bad():
+        for pat_name in ("rank_pattern", "alpha_pattern"):
+            cfg[pat_name] = {re.escape(k): v for k, v in cfg[pat_name].items()}
+        bad = _bad()
+        if bad:
+            raise ValueError(f"module {bad[0]!r}: its rank/alpha cannot be expressed unambiguously with PEFT's "
+                             "rank_pattern/alpha_pattern (another module name is a dotted suffix of it)")
+    tensors = {}
+    for n in names:
+        ad = adapters[n]
+        tensors[f"{PREFIX}{n}.lora_A.weight"] = ad.A
+        tensors[f"{PREFIX}{n}.lora_B.weight"] = ad.B
+        if ad.is_dora:
+            tensors[f"{PREFIX}{n}.lora_magnitude_vector"] = ad.magnitude
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": 0.0, "use_rslora": rslora,
+        "use_dora": dora, "target_modules": names, "rank_pattern": cfg["rank_pattern"],
+        "alpha_pattern": cfg["alpha_pattern"], "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+    }
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    _st.save(os.path.join(path, WEIGHTS_NAME), tensors, {"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -1,0 +1,245 @@
+"""A small, strict safetensors reader/writer in NumPy (no dependency on the ``safetensors`` package).
+
+File layout (https://github.com/huggingface/safetensors, "Format"):
+
+    8 bytes   N, unsigned little-endian 64-bit: length of the header
+    N bytes   UTF-8 JSON object {name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]},
+              "__metadata__": {str: str}}; may be padded at the end with spaces
+    rest      the data area; offsets are relative to its start, tensors are C-order little-endian
+
+Everything is validated before any tensor is read, and every problem raises ``ValueError`` naming it:
+header length against the file size (and the format's 100 MB header limit), UTF-8 and JSON (no
+duplicate keys), the entry fields, a known dtype, non-negative integer shapes, offsets inside the
+data area, byte length == prod(shape) * itemsize, and - as the format requires, to rule out
+polyglot files - tensors that do not overlap and cover the data area with no holes.
+
+Reads are zero-copy: the file is memory-mapped (``np.memmap``, read-only) and each array is a view
+of it. BF16 has no NumPy dtype: ``load(path, bf16="float32")`` (default) returns a float32 copy
+(exact: bf16 is the top half of a float32); ``bf16="bits"`` returns the raw uint16 bits zero-copy;
+``bf16="ml_dtypes"`` returns an ``ml_dtypes.bfloat16`` view (needs ml_dtypes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+__all__ = ["load", "save", "read_header", "DTYPES"]
+
+#: safetensors dtype name -> NumPy dtype (little-endian). BF16 is handled separately (see load).
+DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_KNOWN_UNSUPPORTED = ("F8_E5M2", "F8_E4M3", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64")
+MAX_HEADER = 100_000_000  # the reference implementation's limit
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+try:
+    import ml_dtypes as _ml_dtypes
+
+    _BF16 = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # optional
+    _BF16 = None
+
+
+def _no_dups(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"safetensors header: duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _parse_header(raw: bytes, data_len: int):
+    """Validated ({name: (dtype_name, shape tuple, begin, end)}, metadata dict)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"safetensors header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.startswith("{"):
+        raise ValueError("safetensors header must be a JSON object starting with '{'")
+    try:
+        hdr = json.loads(text, object_pairs_hook=_no_dups)
+    except RecursionError:
+        raise ValueError("safetensors header: JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, duplicate keys
+        raise ValueError(f"safetensors header is not valid JSON: {e}") from None
+    if not isinstance(hdr, dict):
+        raise ValueError("safetensors header must be a JSON object")
+    meta = hdr.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    elif not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("safetensors __metadata__ must be an object mapping strings to strings")
+    entries = {}
+    for name, info in hdr.items():
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {name!r}: entry must be an object")
+        if set(info) != _ENTRY_KEYS:
+            missing, extra = _ENTRY_KEYS - set(info), set(info) - _ENTRY_KEYS
+            raise ValueError(f"tensor {name!r}: entry needs exactly dtype, shape, data_offsets"
+                             f"{'; missing ' + ', '.join(sorted(missing)) if missing else ''}"
+                             f"{'; unknown ' + ', '.join(sorted(map(str, extra))) if extra else ''}")
+        dt = info["dtype"]
+        if not isinstance(dt, str) or dt not in DTYPES:
+            why = "is not supported by this reader" if dt in _KNOWN_UNSUPPORTED else "is unknown"
+            raise ValueError(f"tensor {name!r}: dtype {dt!r} {why}; supported: {', '.join(DTYPES)}")
+        shape = info["shape"]
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        offs = info["data_offsets"]
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
+            raise ValueError(f"tensor {name!r}: data_offsets must be [begin, end] integers, got {offs!r}")
+        b, e = offs
+        if not 0 <= b <= e <= data_len:
+            raise ValueError(f"tensor {name!r}: data_offsets [{b}, {e}] outside the data area of {data_len} bytes")
+        if len(shape) > 32:
+            raise ValueError(f"tensor {name!r}: {len(shape)} dimensions (at most 32 are supported)")
+        count, extent = 1, DTYPES[dt].itemsize
+        for d in shape:
+            count *= d  # Python ints: no overflow
+            extent *= max(d, 1)
+        if extent > 1 << 62:  # NumPy cannot represent it, even with a zero dimension
+            raise ValueError(f"tensor {name!r}: shape {shape} is too large to represent")
+        if count * DTYPES[dt].itemsize != e - b:
+            raise ValueError(f"tensor {name!r}: shape {shape} of {dt} needs {count * DTYPES[dt].itemsize} bytes "
+                             f"but data_offsets span {e - b}")
+        entries[name] = (dt, tuple(shape), b, e)
+    pos = 0
+    for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if b < pos:
+            raise ValueError(f"tensor {name!r}: data_offsets [{b}, {e}] overlap the previous tensor (ends at {pos})")
+        if b > pos:
+            raise ValueError(f"data area has a hole at bytes [{pos}, {b}) before tensor {name!r} "
+                             "(the format requires the data area to be fully indexed)")
+        pos = e
+    if pos != data_len:
+        raise ValueError(f"data area has {data_len - pos} unindexed bytes at its end (after byte {pos})")
+    return entries, meta
+
+
+def _read_prefix(path):
+    size = os.path.getsize(path)
+    if size < 8:
+        raise ValueError(f"{path}: {size} bytes is too short for a safetensors file (needs an 8-byte header length)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER:
+            raise ValueError(f"{path}: header length {n} exceeds the format's limit of {MAX_HEADER} bytes")
+        if n > size - 8:
+            raise ValueError(f"{path}: header length {n} is larger than the rest of the file ({size - 8} bytes)")
+        raw = f.read(n)
+    return size, n, raw
+
+
+def read_header(path):
+    """({name: {"dtype", "shape", "data_offsets"}}, metadata) after full validation, without mapping the data."""
+    size, n, raw = _read_prefix(path)
+    entries, meta = _parse_header(raw, size - 8 - n)
+    return ({k: {"dtype": dt, "shape": list(sh), "data_offsets": [b, e]} for k, (dt, sh, b, e) in entries.items()},
+            meta)
+
+
+def load(path, *, bf16="float32"):
+    """Read a safetensors file -> (dict name -> ndarray, metadata dict).
+
+    Arrays are read-only zero-copy views of a memory map (except BF16 with ``bf16="float32"``, a
+    converted copy). ``bf16``: "float32" | "bits" (uint16) | "ml_dtypes" (ml_dtypes.bfloat16).
+    Raises ValueError for any malformed file."""
+    if bf16 not in ("float32", "bits", "ml_dtypes"):
+        raise ValueError(f"bf16 must be 'float32', 'bits' or 'ml_dtypes', got {bf16!r}")
+    if bf16 == "ml_dtypes" and _BF16 is None:
+        raise ImportError("bf16='ml_dtypes' needs the ml_dtypes package")
+    path = os.fspath(path)
+    size, n, raw = _read_prefix(path)
+    data_len = size - 8 - n
+    entries, meta = _parse_header(raw, data_len)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")  # size >= 8 here: never an empty map
+    base = 8 + n
+    out = {}
+    for name, (dt, shape, b, e) in entries.items():
+        try:
+            arr = mm[base + b: base + e].view(DTYPES[dt]).reshape(shape)
+        except (ValueError, OverflowError) as err:  # belt and braces: the header checks should prevent this
+            raise ValueError(f"tensor {name!r}: cannot view its bytes as {dt} {list(shape)}: {err}") from None
+        if dt == "BOOL" and arr.size and int(mm[base + b: base + e].max()) > 1:
+            raise ValueError(f"tensor {name!r}: BOOL data holds bytes other than 0 and 1")
+        if dt == "BF16":
+            if bf16 == "float32":
+                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            elif bf16 == "ml_dtypes":
+                arr = arr.view(_BF16)
+        out[name] = np.asarray(arr) if not isinstance(arr, np.memmap) else arr.view(np.ndarray)
+    return out, meta
+
+
+def _dtype_name(arr, name, bf16_names):
+    dt = arr.dtype
+    if name in bf16_names:
+        if dt != np.uint16:
+            raise TypeError(f"tensor {name!r}: listed in bf16= but has dtype {dt} (expected uint16 bf16 bits)")
+        return "BF16"
+    if _BF16 is not None and dt == _BF16:
+        return "BF16"
+    for k, v in DTYPES.items():
+        if k != "BF16" and dt.kind == v.kind and dt.itemsize == v.itemsize:
+            return k
+    raise TypeError(f"tensor {name!r}: dtype {dt} cannot be stored in safetensors")
+
+
+def save(path, tensors: dict, metadata: dict | None = None, *, bf16=()):
+    """Write ``tensors`` (name -> ndarray) to ``path`` as safetensors.
+
+    Tensors are stored little-endian, C order, sorted by alignment then name (so every tensor is
+    aligned to its item size), header padded with spaces to a multiple of 8. BF16: pass
+    ``ml_dtypes.bfloat16`` arrays, or uint16 bit arrays whose names are listed in ``bf16``.
+    The file is written to a temporary name and renamed into place."""
+    if not isinstance(tensors, dict):
+        raise TypeError("tensors must be a dict name -> ndarray")
+    bf16 = set(bf16)
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in metadata.items()):
+            raise TypeError("metadata must be a dict mapping str to str")
+    items = []
+    for name, arr in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' is reserved and cannot name a tensor")
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"tensor {name!r} must be a numpy array, got {type(arr).__name__}")
+        dtn = _dtype_name(arr, name, bf16)
+        le = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+        items.append((name, dtn, np.asarray(arr, dtype=le, order="C")))  # (ascontiguousarray makes 0-d 1-d)
+    items.sort(key=lambda t: (-DTYPES[t[1]].itemsize, t[0]))
+    hdr, off = {}, 0
+    if metadata:
+        hdr["__metadata__"] = dict(metadata)
+    for name, dtn, a in items:
+        hdr[name] = {"dtype": dtn, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        off += a.nbytes
+    raw = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for _, _, a in items:
+                f.write(a.tobytes(order="C"))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
