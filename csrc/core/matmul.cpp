@@ -66,14 +66,42 @@ struct Adapters {
   }
   bool active() const { return n_ad > 0; }
 
-  // t[i, :] for row i of x (global row index gi for the adapter ids)
-  void shrink(const KernelTable& t, const float* xrow, int64_t k, int64_t gi, float* trow) const {
+  // t[i, c] for row i of x (global row index gi for the adapter ids) and the t columns c in
+  // [c0, c1) (all columns by default); each column is one dot product, so any split of the
+  // columns gives the same numbers.
+  void shrink(const KernelTable& t, const float* xrow, int64_t k, int64_t gi, float* trow, int64_t c0 = 0,
+              int64_t c1 = INT64_MAX) const {
+    auto part = [&](const pqk_lora& a, int64_t off) {
+      const int64_t lo = std::max<int64_t>(c0, off), hi = std::min<int64_t>(c1, off + a.rank);
+      if (lo < hi) t.gemm_f32(a.A + (lo - off) * k, (int)(hi - lo), k, xrow, k, 1, trow + lo, 1, nullptr);
+    };
     if (row_adapter) {
       const int32_t a = row_adapter[gi];
-      if (a >= 0) t.gemm_f32(ad[a].A, ad[a].rank, k, xrow, k, 1, trow, 1, nullptr);
+      if (a >= 0) part(ad[a], 0);
       return;
     }
-    for (int32_t a = 0; a < n_ad; ++a) t.gemm_f32(ad[a].A, ad[a].rank, k, xrow, k, 1, trow + t_off[a], 1, nullptr);
+    for (int32_t a = 0; a < n_ad; ++a) part(ad[a], t_off[a]);
+  }
+
+  // t for rows [0, mc) of x (row i at x + i*ldx, global index c0 + i): rows in parallel, or for
+  // a few rows (decode) their rank columns in parallel so the shrink is not one thread's job.
+  void shrink_rows(const KernelTable& t, const float* x, int64_t ldx, int64_t k, int64_t mc, int64_t g0,
+                   float* T) const {
+    const int nt = get_num_threads();
+    if (mc >= nt) {
+      parallel_for(mc, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) shrink(t, x + i * ldx, k, g0 + i, T + i * t_cols);
+      });
+      return;
+    }
+    constexpr int64_t CC = 4;  // rank columns per task
+    const int64_t per_row = (t_cols + CC - 1) / CC;
+    parallel_for(mc * per_row, 1, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        const int64_t i = j / per_row, c = (j % per_row) * CC;
+        shrink(t, x + i * ldx, k, g0 + i, T + i * t_cols, c, c + CC);
+      }
+    });
   }
 
   LoraArgs args(const float* T, int64_t c0, const float* bias, int64_t nout) const {
@@ -178,13 +206,18 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       a.dx.resize((size_t)(mc * (w.k / QBLK)));
       a.xs.resize((size_t)(mc * (w.k / 16)));
       std::vector<float> T((size_t)(AD.active() ? mc * AD.t_cols : 0));
+      // read outside the parallel region: get_num_threads() takes the pool lock parallel_for holds
+      const bool shrink_in_rows = mc >= get_num_threads();
       parallel_for(mc, std::max<int64_t>(1, 16384 / w.k), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           const float* xr = x + (c0 + i) * ldx;
           t.quantize_act(xr, w.k, a.xq.data() + i * w.k, a.dx.data() + i * (w.k / QBLK), a.xs.data() + i * (w.k / 16));
-          if (AD.active()) AD.shrink(t, xr, w.k, c0 + i, T.data() + i * AD.t_cols);  // x row still in cache
+          if (AD.active() && shrink_in_rows)
+            AD.shrink(t, xr, w.k, c0 + i, T.data() + i * AD.t_cols);  // x row still in cache
         }
       });
+      if (AD.active() && !shrink_in_rows)  // decode: split the shrink over the threads
+        AD.shrink_rows(t, x + c0 * ldx, ldx, w.k, mc, c0, T.data());
       float* yc = y + c0 * ldy;
       const LoraArgs L = AD.args(T.data(), c0, bias, w.n);
       parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
@@ -223,10 +256,7 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
     if (!t.gemm_f32) throw Error(PQK_ERR_INTERNAL, "float matmul kernel not registered");
     const Adapters AD(ads, n_ad, rows, m, k, n);
     std::vector<float> T((size_t)(AD.active() ? m * AD.t_cols : 0));
-    if (AD.active())
-      parallel_for(m, std::max<int64_t>(1, 16384 / k), [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) AD.shrink(t, x + i * ldx, k, i, T.data() + i * AD.t_cols);
-      });
+    if (AD.active()) AD.shrink_rows(t, x, ldx, k, m, 0, T.data());
     const LoraArgs L = AD.args(T.data(), 0, bias, n);
     const uint8_t* Q = (const uint8_t*)q; const uint8_t* S = (const uint8_t*)s; const uint8_t* Z = (const uint8_t*)z;
     // Rows of W in groups of FR, dequantized into a per-thread buffer, then fp32 dots.

@@ -8,7 +8,7 @@
 namespace pqk {
 
 void set_num_threads(int n);  // n <= 0: hardware concurrency
-int get_num_threads();
+int get_num_threads();  // takes the pool lock: never call it from inside a parallel_for body
 
 // Calls fn(begin, end) over [0, n) split into at most get_num_threads() chunks of at least
 // min_chunk items. Blocks until all are done. Exceptions in fn are rethrown on the caller.
