@@ -42,6 +42,9 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
           f"threads: {thread_list}  numpy read bandwidth: {bw:.1f} GB/s", file=out)
     hdr = (f"{'format':7s} {'compute':7s} {'M':>4s} {'K':>6s} {'N':>6s} {'thr':>3s} {'time':>10s} "
            f"{'GFLOP/s':>8s} {'W GB/s':>7s} {'%bw':>5s} {'vs np':>6s} {'max rel err':>11s}")
+    print("W GB/s: weight bytes per second; %bw: of the read bandwidth above (above 100%: the weights "
+          "are served from cache); vs np: speed-up over numpy fp32 x @ W.T; max rel err: vs x @ dequantize(W).T",
+          file=out)
     print(hdr, file=out)
     rng = np.random.default_rng(0)
     rows = []

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import pyqkern as pq
+
 CODE = """
 import json, numpy as np, pyqkern as pq
 out = {"variants": pq.variants(), "info_active": pq.info()["active_variant"]}
@@ -22,10 +24,13 @@ print(json.dumps(out))
 
 
 def run(env_extra):
-    env = dict(os.environ)
+    # the child must import the same (built) pyqkern as this process, not a source checkout in cwd
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(pq.__file__)))
+    env = dict(os.environ, PYTHONPATH=pkg_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("PYQKERN_ISA", None)
     env.update(env_extra)
-    r = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=pkg_parent)
     assert r.returncode == 0, r.stderr  # an error, never a crash (SIGILL would show here)
     return json.loads(r.stdout.strip().splitlines()[-1])
 

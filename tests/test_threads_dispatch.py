@@ -232,9 +232,10 @@ def test_unrunnable_variant_is_error():
         "except Exception as e:\n"
         "    out['error'] = [type(e).__name__, str(e)]\n"
         "print(json.dumps(out))\n")
-    env = dict(os.environ, **env_extra)
+    env, cwd = child_env()
+    env.update(env_extra)
     env.pop("PYQKERN_ISA", None)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert isa not in out["variants"]
