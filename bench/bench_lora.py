@@ -69,17 +69,20 @@ def _info(benchmark, **kw):
 
 @pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("fmt", ["q4_0", "int4-g128"])
-@pytest.mark.parametrize("mode", ["base", "fused", "unfused"])
+@pytest.mark.parametrize("mode", ["base", "fused", "fused-bf16", "unfused"])
 def test_decode(benchmark, layers, fmt, r, mode, threads):
+    """fused-bf16: the adapter kept in bf16, as PEFT files ship it (half the adapter bytes)."""
     qt = layers[fmt]
     lin = pq.QLinear(qt)
     ad = _adapter(r, r)
+    if mode == "fused-bf16":
+        ad = LoRA(ad.A, ad.B, alpha=ad.alpha, storage="bfloat16")
     x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)
     y = np.empty((1, N), np.float32)
     A, B = ad.A, ad.B
     if mode == "base":
         fn = lambda: lin(x, out=y)  # noqa: E731
-    elif mode == "fused":
+    elif mode in ("fused", "fused-bf16"):
         lin.add_adapter("a", ad)
         fn = lambda: lin(x, out=y)  # noqa: E731
     else:

@@ -34,7 +34,8 @@ class LoRA:
     magnitude: DoRA magnitude vector [N] (PEFT's lora_magnitude_vector); the per-row norms of
     W + scale*B@A are computed once per base weight and cached."""
 
-    def __init__(self, A, B, alpha=None, *, rslora=False, magnitude=None):
+    def __init__(self, A, B, alpha=None, *, rslora=False, magnitude=None, storage="auto"):
+        store = _storage_dtype(A, B, storage)
         A = _as_f32(A, "A", 2)
         B = _as_f32(B, "B", 2)
         r, k = A.shape
@@ -45,6 +46,11 @@ class LoRA:
             raise ValueError(f"rank mismatch: A is [{r}, K] but B is [N, {rb}]")
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
             raise ValueError("A or B contains NaN or Inf")
+        if store != "float32":  # what the kernels read; .A / .B are its exact float32 widening
+            A, B = _round_to(A, store), _round_to(B, store)
+            if not (np.isfinite(A).all() and np.isfinite(B).all()):
+                raise ValueError(f"A or B overflows {store}; use storage='float32'")
+        self.storage = store
         self.A = A
         self.B = B
         # B in tiles of 16 output rows, [ceil(N/16), r, 16] zero-padded: the expansion of one output
@@ -53,6 +59,8 @@ class LoRA:
         bp = np.zeros((nt * 16, r), np.float32)
         bp[:n] = B
         self.Bp = np.ascontiguousarray(bp.reshape(nt, 16, r).transpose(0, 2, 1))
+        # native operands: A and Bp in the storage dtype (fp16 as float16, bf16 as its uint16 bits)
+        self._native = (_to_storage(A, store), _to_storage(self.Bp, store), _DTYPE_ID[store])
         self.rank, self.in_features, self.out_features = r, k, n
         self.alpha = float(r if alpha is None else alpha)
         self.rslora = bool(rslora)
@@ -68,6 +76,11 @@ class LoRA:
     @property
     def is_dora(self) -> bool:
         return self.magnitude is not None
+
+    def native_args(self, qt):
+        """(A, Bp, scale, row_scale, dtype) as the native matmul takes them."""
+        A, Bp, dt = self._native
+        return (A, Bp, self.scale, self.dora_factor(qt) if self.magnitude is not None else None, dt)
 
     def scaled(self, weight: float) -> "LoRA":
         """The same adapter with its contribution multiplied by weight (for weighted blends:
@@ -123,6 +136,55 @@ class LoRA:
         kind = "DoRA" if self.is_dora else "LoRA"
         return (f"{kind}(r={self.rank}, in={self.in_features}, out={self.out_features}, alpha={self.alpha:g}, "
                 f"scale={self.scale:g}{', rslora' if self.rslora else ''})")
+
+
+_DTYPE_ID = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def _dtype_name(a):
+    if hasattr(a, "dtype") and hasattr(a, "detach"):  # torch
+        return {"torch.float16": "float16", "torch.bfloat16": "bfloat16"}.get(str(a.dtype), "float32")
+    dt = getattr(a, "dtype", None)
+    if dt is None:
+        return "float32"
+    if dt == np.float16:
+        return "float16"
+    if dt.name == "bfloat16" or dt == np.uint16:
+        return "bfloat16"
+    return "float32"
+
+
+def _storage_dtype(A, B, storage):
+    """storage="auto": keep fp16 / bf16 when A and B both arrive in it (PEFT files mostly do),
+    halving the bytes the fused kernels read; else float32. Or force "float32", "float16",
+    "bfloat16" (rounding A and B to nearest, once)."""
+    if storage == "auto":
+        a, b = _dtype_name(A), _dtype_name(B)
+        return a if a == b else "float32"
+    if storage not in _DTYPE_ID:
+        raise ValueError(f"storage must be 'auto', 'float32', 'float16' or 'bfloat16', got {storage!r}")
+    return storage
+
+
+def _round_to(a, store):
+    """float32 array rounded to the storage dtype and widened back (exactly representable)."""
+    if store == "float16":
+        with np.errstate(over="ignore"):
+            h = a.astype(np.float16)
+        if not np.isfinite(h).all():
+            raise ValueError("A or B overflows float16; use storage='float32' or 'bfloat16'")
+        return h.astype(np.float32)
+    bits = a.view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) << np.uint32(16)
+    return rounded.astype(np.uint32).view(np.float32)  # round to nearest even bf16
+
+
+def _to_storage(a, store):
+    if store == "float32":
+        return np.ascontiguousarray(a, np.float32)
+    if store == "float16":
+        return np.ascontiguousarray(a.astype(np.float16))
+    return np.ascontiguousarray((np.ascontiguousarray(a, np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16))
 
 
 def _row_bytes_slice(qt, r0, r1):

@@ -205,7 +205,7 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
                             x2, b, y2)
         return y
     nat = _native()
-    nat_ads = [(a.A, a.Bp, a.scale, a.dora_factor(w) if a.is_dora else None) for a in ads] if ads else None
+    nat_ads = [a.native_args(w) for a in ads] if ads else None
     if mode == "int8":
         p = _packed_w if _packed_w is not None else _packed(w)
         nat.matmul_int8(isa_id(isa), p, x2, b, y2, nat_ads, ids)

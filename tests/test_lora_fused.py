@@ -195,3 +195,36 @@ def test_fused_lora_thread_count_independent():
         assert all(np.array_equal(o, outs[0]) for o in outs)
     finally:
         pq.set_num_threads(before)
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+@pytest.mark.parametrize("compute", ["int8", "float"])
+def test_16bit_adapter_storage(storage, compute):
+    """Adapters kept in fp16 / bf16 (as PEFT files ship them): the kernels widen exactly, so the
+    fused result matches the unfused reference built from the same (widened) A and B."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(7)
+    n, k, r = 40, 128, 8
+    qt = make("q4_0", n, k, rng)
+    A32 = (rng.standard_normal((r, k)) * 0.05).astype(np.float32)
+    B32 = (rng.standard_normal((n, r)) * 0.05).astype(np.float32)
+    dt = np.float16 if storage == "float16" else ml_dtypes.bfloat16
+    ad = LoRA(A32.astype(dt), B32.astype(dt), alpha=16)  # storage="auto" keeps the input dtype
+    assert ad.storage == storage
+    assert np.array_equal(ad.A, A32.astype(dt).astype(np.float32))
+    forced = LoRA(A32, B32, alpha=16, storage=storage)  # float32 input, rounded once on request
+    assert forced.storage == storage and np.array_equal(forced.A, ad.A) and np.array_equal(forced.B, ad.B)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    ids = np.array([0, -1, 1, 1, 0], np.int32)
+    other = adapter(n, k, 3, rng)  # a float32 adapter in the same batch
+    ref = pq.matmul(x, qt, bias, lora=[ad, other], adapter_ids=ids, compute=compute, backend="reference")
+    lim = bound(x, qt, [ad, other], bias)
+    for v in VARIANTS:
+        y = pq.matmul(x, qt, bias, lora=[ad, other], adapter_ids=ids, compute=compute, isa=v)
+        assert (np.abs(y - ref) <= lim).all(), v
+    with pytest.raises(ValueError, match="storage"):
+        LoRA(A32, B32, storage="int8")
+    with pytest.raises(ValueError, match="overflows"):
+        LoRA(np.full((2, k), 1e6, np.float32), np.ones((n, 2), np.float32), storage="float16")

@@ -99,7 +99,8 @@ const float* bias_ptr(const py::object& bias, int64_t n) {
   return static_cast<const float*>(b.data());
 }
 
-// adapters: list of (A [r,k] f32, Bp [ceil(n/16),r,16] f32, scale, row_scale [n] f32 or None); ids: int32 [m] or None
+// adapters: list of (A [r,k], Bp [ceil(n/16),r,16], scale, row_scale [n] f32 or None, dtype 0/1/2 of A and Bp);
+// ids: int32 [m] or None
 struct AdapterList {
   std::vector<pqk_lora> v;
   std::vector<py::array> keep;
@@ -107,11 +108,13 @@ struct AdapterList {
   py::array ids_keep;
 };
 
-py::array f32_c(const py::handle& h, std::vector<int64_t> shape, const char* what) {
+// itemsize 0: float32 only; else an array of that item size (float32 = 4, fp16/bf16 bits = 2)
+py::array f32_c(const py::handle& h, std::vector<int64_t> shape, const char* what, int itemsize = 0) {
   py::array a = py::reinterpret_borrow<py::array>(h);
-  if (!py::isinstance<py::array>(h) || a.dtype().kind() != 'f' || a.itemsize() != 4 ||
-      !(a.flags() & py::array::c_style))
-    throw py::type_error(std::string(what) + " must be a C-contiguous float32 array");
+  const bool ok_type = itemsize == 0 ? (py::isinstance<py::array>(h) && a.dtype().kind() == 'f' && a.itemsize() == 4)
+                                     : (py::isinstance<py::array>(h) && a.itemsize() == itemsize);
+  if (!ok_type || !(a.flags() & py::array::c_style))
+    throw py::type_error(std::string(what) + " must be a C-contiguous array of the adapter's dtype");
   if ((size_t)a.ndim() != shape.size()) throw py::value_error(std::string(what) + ": wrong number of dimensions");
   for (size_t i = 0; i < shape.size(); ++i)
     if (shape[i] >= 0 && a.shape(i) != shape[i]) throw py::value_error(std::string(what) + ": wrong shape");
@@ -122,12 +125,14 @@ void adapters_of(const py::object& adapters, const py::object& ids, int64_t m, i
   if (adapters.is_none()) return;
   for (const py::handle& item : adapters.cast<py::list>()) {
     py::tuple tup = item.cast<py::tuple>();
-    if (tup.size() != 4) throw py::value_error("adapter must be (A, Bp, scale, row_scale)");
-    py::array A = f32_c(tup[0], {-1, k}, "A");
+    if (tup.size() != 5) throw py::value_error("adapter must be (A, Bp, scale, row_scale, dtype)");
+    const int dtype = tup[4].cast<int>();
+    if (dtype < 0 || dtype > 2) throw py::value_error("adapter dtype must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+    const int isz = dtype == 0 ? 4 : 2;
+    py::array A = f32_c(tup[0], {-1, k}, "A", isz);
     const int64_t r = A.shape(0);
-    py::array Bt = f32_c(tup[1], {(n + 15) / 16, r, 16}, "B (16-row tiles)");
-    pqk_lora l{(int32_t)r, static_cast<const float*>(A.data()), static_cast<const float*>(Bt.data()),
-               tup[2].cast<float>(), nullptr};
+    py::array Bt = f32_c(tup[1], {(n + 15) / 16, r, 16}, "B (16-row tiles)", isz);
+    pqk_lora l{(int32_t)r, A.data(), Bt.data(), tup[2].cast<float>(), nullptr, dtype};
     L.keep.push_back(A);
     L.keep.push_back(Bt);
     if (!tup[3].is_none()) {

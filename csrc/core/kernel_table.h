@@ -38,13 +38,18 @@ struct LoraArgs {
 };
 // y[i, n] = ((y[i, n] + sum_a scale_a * sum_r t[i, off_a + r] * B_a[n, r]) * row_scale_a[n]) + bias[n]
 // (B_a read from its 16-row tiles Bp, see pqk_lora; [n0, n0 + nr) never crosses a 16-tile)
-// with, per adapter, the rank sum accumulated r = 0.. in order (mul then add) and scaled once.
+// with, per adapter, the rank sum in four fused-multiply-add chains (r % 4) added as
+// (c0 + c1) + (c2 + c3), then scaled once.
 using lora_expand_fn = void (*)(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y,
                                 int64_t ldy);
 
+// t[r - r0] = dot(x[0:k], A[r, 0:k]) for adapter rows r in [r0, r1), A in the adapter's dtype.
+using lora_shrink_fn = void (*)(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);
+
 struct KernelTable {
   lora_expand_fn lora_expand = nullptr;
-  int8_t lora_expand_isa = 0;
+  lora_shrink_fn lora_shrink = nullptr;
+  int8_t lora_expand_isa = 0, lora_shrink_isa = 0;
   quantize_act_fn quantize_act = nullptr;
   gemm_int8_fn gemm_int8 = nullptr;
   gemm_f32_fn gemm_f32 = nullptr;

@@ -49,6 +49,7 @@ struct Adapters {
     if (rows && n == 0) throw Error(PQK_ERR_ARG, "row adapter ids given without adapters");
     int64_t sum = 0, mx = 0;
     for (int32_t i = 0; i < n; ++i) {
+      if (a[i].dtype < 0 || a[i].dtype > 2) throw Error(PQK_ERR_ARG, "adapter " + std::to_string(i) + ": bad dtype");
       if (a[i].rank <= 0 || !a[i].A || !a[i].Bp) throw Error(PQK_ERR_ARG, "adapter " + std::to_string(i) + ": bad rank or NULL A/B");
       if (!rows && n > 1 && a[i].row_scale)
         throw Error(PQK_ERR_ARG, "DoRA (row_scale) adapters cannot be summed on the same rows");
@@ -73,7 +74,7 @@ struct Adapters {
               int64_t c1 = INT64_MAX) const {
     auto part = [&](const pqk_lora& a, int64_t off) {
       const int64_t lo = std::max<int64_t>(c0, off), hi = std::min<int64_t>(c1, off + a.rank);
-      if (lo < hi) t.gemm_f32(a.A + (lo - off) * k, (int)(hi - lo), k, xrow, k, 1, trow + lo, 1, nullptr);
+      if (lo < hi) t.lora_shrink(a, lo - off, hi - off, k, xrow, trow + lo);
     };
     if (row_adapter) {
       const int32_t a = row_adapter[gi];
@@ -221,10 +222,13 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       float* yc = y + c0 * ldy;
       const LoraArgs L = AD.args(T.data(), c0, bias, w.n);
       parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
-        for (int64_t tile = b; tile < e; ++tile) {
-          t.gemm_int8(w, tile, a, 0, mc, yc, ldy, AD.active() ? nullptr : bias);
-          if (AD.active())  // expansion, DoRA scale and bias on the tile just written
-            t.lora_expand(L, 0, mc, tile * NR, (int)std::min<int64_t>(NR, w.n - tile * NR), yc, ldy);
+        // expansion, DoRA scale and bias on groups of tiles just written (still in L1/L2)
+        constexpr int64_t G = 16;
+        for (int64_t g = b; g < e; g += G) {
+          const int64_t ge = std::min(e, g + G);
+          for (int64_t tile = g; tile < ge; ++tile) t.gemm_int8(w, tile, a, 0, mc, yc, ldy, AD.active() ? nullptr : bias);
+          if (AD.active())
+            t.lora_expand(L, 0, mc, g * NR, (int)(std::min<int64_t>(ge * NR, w.n) - g * NR), yc, ldy);
         }
       });
     }

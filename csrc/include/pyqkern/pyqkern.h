@@ -120,15 +120,16 @@ PQK_API int64_t pqk_packed_nbytes(const pqk_packed* w);
 PQK_API pqk_status pqk_matmul_int8(int32_t isa, const pqk_packed* w, const float* x, int64_t m, int64_t ldx,
                                    const float* bias, float* y, int64_t ldy);
 /* Low-rank adapters for the fused matmul: y += scale * (x . A^T) . B^T (LoRA), then y *= row_scale
- * (DoRA: m / ||W + scale*B*A|| per output row), then y += bias. A is [rank, k] row-major fp32.
+ * (DoRA: m / ||W + scale*B*A|| per output row), then y += bias. A is [rank, k] row-major.
  * Bp is B [n, rank] in tiles of 16 output rows: Bp[((j / 16) * rank + r) * 16 + j % 16] = B[j, r],
  * [ceil(n/16)][rank][16] with zero padding, so each output tile reads one contiguous block. */
 typedef struct pqk_lora {
   int32_t rank;
-  const float* A;
-  const float* Bp;
+  const void* A;          /* elements of type dtype */
+  const void* Bp;         /* elements of type dtype */
   float scale;
   const float* row_scale; /* [n] or NULL */
+  int32_t dtype;          /* A and Bp: 0 = fp32, 1 = fp16, 2 = bf16 (widened exactly to fp32) */
 } pqk_lora;
 
 /* int8 / float matmul with adapters. row_adapter: NULL = every adapter applies to every row

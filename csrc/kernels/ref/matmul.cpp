@@ -93,6 +93,22 @@ void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, in
 
 namespace pqk { namespace ref {
 
+// element i of an adapter array (A or Bp) in the adapter's dtype, widened exactly
+static inline float lora_elem_of(const void* p, int dtype, int64_t i) {
+  if (dtype == 0) return ((const float*)p)[i];
+  const uint16_t h = ((const uint16_t*)p)[i];
+  return dtype == 1 ? fp16_to_fp32(h) : bf16_to_fp32(h);
+}
+static inline float lora_elem(const pqk_lora& ad, int64_t i) { return lora_elem_of(ad.Bp, ad.dtype, i); }
+
+void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < k; ++j) acc = acc + x[j] * lora_elem_of(ad.A, ad.dtype, r * k + j);
+    t[r - r0] = acc;
+  }
+}
+
 void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy) {
   for (int64_t i = m0; i < m1; ++i) {
     float* yr = y + i * ldy + n0;
@@ -105,9 +121,13 @@ void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, 
       for (int a = a0 < 0 ? a1 : a0; a < a1; ++a) {
         const pqk_lora& ad = L.ad[a];
         const float* ta = ti + (L.row_adapter ? 0 : L.t_off[a]);
-        float acc = 0.0f;
-        const float* bt = ad.Bp + (n / 16) * ad.rank * 16 + n % 16;
-        for (int r = 0; r < ad.rank; ++r) acc = acc + ta[r] * bt[r * 16];
+        const int64_t b0 = (n / 16) * ad.rank * 16 + n % 16;
+        // four interleaved chains (rank r goes to chain r % 4), fused multiply-adds rounded once,
+        // combined as (c0 + c1) + (c2 + c3): the SIMD kernels do exactly this (one FMA chain is
+        // latency-bound)
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int r = 0; r < ad.rank; ++r) c[r & 3] = std::fma(ta[r], lora_elem(ad, b0 + r * 16), c[r & 3]);
+        const float acc = (c[0] + c[1]) + (c[2] + c[3]);
         v = v + ad.scale * acc;
         if (ad.row_scale) v = v * ad.row_scale[n];
       }

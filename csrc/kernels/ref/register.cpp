@@ -18,6 +18,7 @@ void register_kernels(KernelTable& t) {
   t.gemm_int8 = gemm_int8;
   t.gemm_f32 = gemm_f32;
   t.lora_expand = lora_expand;
+  t.lora_shrink = lora_shrink;
   t.dequantize[PQK_IQ4_NL] = dequantize_row_iq4_nl;
   // q4_k, q6_k and iq4_nl quantize: ref/kquants.cpp
   t.quantize[PQK_IQ4_NL] = quantize_row_iq4_nl;

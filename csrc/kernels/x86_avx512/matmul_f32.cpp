@@ -50,10 +50,12 @@ void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, in
 void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs);
 
 void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy);
+void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);
 
 void register_matmul_kernels(KernelTable& t) {
   t.gemm_f32 = gemm_f32;
   t.lora_expand = lora_expand;
+  t.lora_shrink = lora_shrink;
   t.quantize_act = quantize_act;
 }
 
