@@ -16,8 +16,18 @@ from ._qtensor import QTensor
 from . import io, lora
 
 __version__ = "0.1.0"
-__all__ = ["QTensor", "QLinear", "matmul", "quantize", "dequantize", "formats", "info", "variants", "set_num_threads",
+__all__ = ["get_include", "get_library", "QTensor", "QLinear", "matmul", "quantize", "dequantize", "formats", "info", "variants", "set_num_threads",
            "get_num_threads", "reference", "LoRA", "lora", "io", "__version__"]
+
+
+def get_include() -> str:
+    """Directory holding pyqkern/pyqkern.h, the C ABI (compile with -I this)."""
+    return _os.path.join(_os.path.dirname(__file__), "include")
+
+
+def get_library() -> str:
+    """Path of libpyqkern.so, the C ABI shared library the Python module itself uses."""
+    return _os.path.join(_os.path.dirname(__file__), "libpyqkern.so")
 
 
 def formats() -> list:

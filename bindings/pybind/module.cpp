@@ -8,8 +8,6 @@
 #include <memory>
 #include <string>
 
-#include "core/cpu_features.h"
-#include "core/kernel_table.h"
 #include "pyqkern/pyqkern.h"
 
 namespace py = pybind11;
@@ -159,7 +157,7 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("abi_version", &pqk_abi_version);
   m.def("cpu_features", [] { return std::string(pqk_cpu_features()); });
-  m.def("cpu_brand", [] { return pqk::cpu_features().brand; });
+  m.def("cpu_brand", [] { return std::string(pqk_cpu_brand()); });
   m.def("isa_names", [] {
     std::vector<std::string> v;
     for (int i = 0; i < PQK_ISA_COUNT; ++i) v.push_back(pqk_isa_name(i));
@@ -170,23 +168,23 @@ PYBIND11_MODULE(_native, m) {
     for (int i = 0; i < PQK_FORMAT_COUNT; ++i) v.push_back(pqk_format_name(i));
     return v;
   });
-  m.def("isa_compiled", [](int isa) { return pqk::isa_compiled(isa); });
+  m.def("isa_compiled", [](int isa) { return pqk_isa_compiled(isa) == 1; });
   m.def("isa_runnable", [](int isa) { return pqk_isa_runnable(isa) == 1; });
   m.def("active_isa", [] {
     int32_t isa;
     check(pqk_active_isa(&isa));
     return isa;
   });
-  m.def("kernel_sources", [](int isa) {
+  auto name_of = [](int32_t v) -> py::object {
+    return v < 0 ? py::object(py::none()) : py::object(py::str(pqk_isa_name(v)));
+  };
+  m.def("kernel_sources", [name_of](int isa) {
     // {format: (quantize isa name or None, dequantize isa name or None)}
-    if (!pqk::isa_runnable(isa)) throw py::value_error("variant not runnable");
-    const pqk::KernelTable& t = pqk::kernel_table(isa);
+    if (pqk_isa_runnable(isa) != 1) throw py::value_error("variant not runnable");
     py::dict d;
-    for (int f = 0; f < PQK_FORMAT_COUNT; ++f) {
-      py::object qn = t.quantize[f] ? py::object(py::str(pqk_isa_name(t.quantize_isa[f]))) : py::object(py::none());
-      py::object dn = t.dequantize[f] ? py::object(py::str(pqk_isa_name(t.dequantize_isa[f]))) : py::object(py::none());
-      d[py::str(pqk_format_name(f))] = py::make_tuple(qn, dn);
-    }
+    for (int f = 0; f < PQK_FORMAT_COUNT; ++f)
+      d[py::str(pqk_format_name(f))] = py::make_tuple(name_of(pqk_slot_variant(isa, "quantize", f)),
+                                                      name_of(pqk_slot_variant(isa, "dequantize", f)));
     return d;
   });
   py::class_<Packed, std::shared_ptr<Packed>>(m, "Packed")
@@ -264,13 +262,11 @@ PYBIND11_MODULE(_native, m) {
      py::arg("group"), py::arg("sym"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("adapters") = py::none(),
      py::arg("ids") = py::none());
 
-  m.def("matmul_sources", [](int isa) {
-    if (!pqk::isa_runnable(isa)) throw py::value_error("variant not runnable");
-    const pqk::KernelTable& t = pqk::kernel_table(isa);
+  m.def("matmul_sources", [name_of](int isa) {
+    if (pqk_isa_runnable(isa) != 1) throw py::value_error("variant not runnable");
     py::dict d;
-    d["quantize_act"] = pqk_isa_name(t.quantize_act_isa);
-    d["gemm_int8"] = pqk_isa_name(t.gemm_int8_isa);
-    d["gemm_f32"] = pqk_isa_name(t.gemm_f32_isa);
+    for (const char* slot : {"quantize_act", "gemm_int8", "gemm_f32", "lora_shrink", "lora_expand"})
+      d[slot] = name_of(pqk_slot_variant(isa, slot, 0));
     return d;
   });
   m.def("set_num_threads", [](int n) { check(pqk_set_num_threads(n)); });

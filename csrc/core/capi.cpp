@@ -107,6 +107,25 @@ const char* pqk_format_name(int32_t fmt) {
 }
 const char* pqk_isa_name(int32_t isa) { return (isa >= 0 && isa < PQK_ISA_COUNT) ? kIsaNames[isa] : nullptr; }
 
+int32_t pqk_isa_compiled(int32_t isa) { return isa_compiled(isa) ? 1 : 0; }
+
+const char* pqk_cpu_brand(void) { return cpu_features().brand.c_str(); }
+
+int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt) {
+  if (!slot || !isa_runnable(isa)) return -1;
+  const KernelTable& t = kernel_table(isa);
+  const std::string s = slot;
+  const bool fmt_ok = fmt >= 0 && fmt < PQK_FORMAT_COUNT;
+  if (s == "quantize") return fmt_ok && t.quantize[fmt] ? t.quantize_isa[fmt] : -1;
+  if (s == "dequantize") return fmt_ok && t.dequantize[fmt] ? t.dequantize_isa[fmt] : -1;
+  if (s == "quantize_act") return t.quantize_act ? t.quantize_act_isa : -1;
+  if (s == "gemm_int8") return t.gemm_int8 ? t.gemm_int8_isa : -1;
+  if (s == "gemm_f32") return t.gemm_f32 ? t.gemm_f32_isa : -1;
+  if (s == "lora_shrink") return t.lora_shrink ? t.lora_shrink_isa : -1;
+  if (s == "lora_expand") return t.lora_expand ? t.lora_expand_isa : -1;
+  return -1;
+}
+
 int32_t pqk_isa_runnable(int32_t isa) { return (isa >= 0 && isa < PQK_ISA_COUNT && isa_runnable(isa)) ? 1 : 0; }
 
 pqk_status pqk_active_isa(int32_t* isa) {

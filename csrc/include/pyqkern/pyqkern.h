@@ -84,6 +84,14 @@ PQK_API const char* pqk_isa_name(int32_t isa);
 PQK_API int32_t pqk_isa_runnable(int32_t isa);
 /* The variant used for PQK_ISA_ACTIVE (picked once; PYQKERN_ISA env var forces one). */
 PQK_API pqk_status pqk_active_isa(int32_t* isa);
+/* 1 if the variant is compiled into this library (whether or not this CPU can run it). */
+PQK_API int32_t pqk_isa_compiled(int32_t isa);
+/* CPU brand string ("" if unknown). */
+PQK_API const char* pqk_cpu_brand(void);
+/* Which variant implements a kernel slot in variant isa's table: slot is one of "quantize",
+ * "dequantize" (fmt selects the format), "quantize_act", "gemm_int8", "gemm_f32", "lora_shrink",
+ * "lora_expand". Returns the pqk_isa id, or -1 if the slot is empty or the arguments are bad. */
+PQK_API int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt);
 /* Space-separated CPU feature names detected (e.g. "sse4.2 avx2 fma f16c avx512f ..."). */
 PQK_API const char* pqk_cpu_features(void);
 
