@@ -50,9 +50,16 @@ void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, in
 void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                const float* bias);
 
+void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);
+void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy);
+void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs);
+
 void register_matmul_kernels(KernelTable& t) {
   t.gemm_f32 = gemm_f32;
   t.gemm_int8 = gemm_int8;
+  t.lora_shrink = lora_shrink;
+  t.lora_expand = lora_expand;
+  t.quantize_act = quantize_act;
 }
 
 }}  // namespace pqk::avx2

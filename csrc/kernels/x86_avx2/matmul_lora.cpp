@@ -1,0 +1,154 @@
+// Adapter kernels and activation quantization (AVX2 + FMA + F16C). The expansion matches
+// ref::lora_expand bit for bit (rank r into FMA chain r % 4, (c0 + c1) + (c2 + c3), then scale,
+// DoRA factor, bias); the shrink is fp32 dot products (any order); the activation quantizer
+// matches ref::quantize_act bit for bit (x / dx, round half to even, clamp, sums per 16).
+#include <immintrin.h>
+
+#include "../../core/kernel_table.h"
+#include "../../core/packed.h"
+
+namespace pqk { namespace avx2 {
+
+namespace {
+
+// n (<= 8) elements at p + i widened to fp32, zeros beyond n
+template <int DT>
+inline __m256 load8(const void* p, int64_t i, int n) {
+  if (n == 8) {
+    if (DT == 0) return _mm256_loadu_ps((const float*)p + i);
+    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+    if (DT == 1) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  alignas(32) float tmp[8] = {};
+  for (int j = 0; j < n; ++j) {
+    if (DT == 0) tmp[j] = ((const float*)p)[i + j];
+    else {
+      const uint16_t h = ((const uint16_t*)p)[i + j];
+      tmp[j] = DT == 1 ? _cvtsh_ss(h) : _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128((int)h << 16)));
+    }
+  }
+  return _mm256_load_ps(tmp);
+}
+
+template <int DT>
+inline __m256 rank_sum(const float* ta, const void* Bp, int64_t b0, int rank, int n) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+  int r = 0;
+  for (; r + 4 <= rank; r += 4) {
+    c0 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r]), load8<DT>(Bp, b0 + r * 16, n), c0);
+    c1 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r + 1]), load8<DT>(Bp, b0 + (r + 1) * 16, n), c1);
+    c2 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r + 2]), load8<DT>(Bp, b0 + (r + 2) * 16, n), c2);
+    c3 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r + 3]), load8<DT>(Bp, b0 + (r + 3) * 16, n), c3);
+  }
+  if (r < rank) c0 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r]), load8<DT>(Bp, b0 + r * 16, n), c0);
+  if (r + 1 < rank) c1 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r + 1]), load8<DT>(Bp, b0 + (r + 1) * 16, n), c1);
+  if (r + 2 < rank) c2 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r + 2]), load8<DT>(Bp, b0 + (r + 2) * 16, n), c2);
+  return _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int DT>
+void shrink_t(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
+  const int64_t k8 = k & ~(int64_t)7;
+  const int tail = (int)(k - k8);
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t j = 0;
+    for (; j + 16 <= k8; j += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), load8<DT>(ad.A, r * k + j, 8), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), load8<DT>(ad.A, r * k + j + 8, 8), a1);
+    }
+    for (; j < k8; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), load8<DT>(ad.A, r * k + j, 8), a0);
+    if (tail) {
+      alignas(32) float xt[8] = {};
+      for (int q = 0; q < tail; ++q) xt[q] = x[k8 + q];
+      a0 = _mm256_fmadd_ps(_mm256_load_ps(xt), load8<DT>(ad.A, r * k + k8, tail), a0);
+    }
+    t[r - r0] = hsum8(_mm256_add_ps(a0, a1));
+  }
+}
+
+}  // namespace
+
+void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
+  if (ad.dtype == 0) return shrink_t<0>(ad, r0, r1, k, x, t);
+  if (ad.dtype == 1) return shrink_t<1>(ad, r0, r1, k, x, t);
+  return shrink_t<2>(ad, r0, r1, k, x, t);
+}
+
+void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy) {
+  for (int64_t i = m0; i < m1; ++i) {
+    const float* ti = L.t + i * L.t_cols;
+    int a0 = 0, a1 = L.n_ad;
+    if (L.row_adapter) { a0 = L.row_adapter[i]; a1 = a0 + 1; }
+    if (a0 < 0) a0 = a1;
+    for (int c0 = 0; c0 < nr;) {
+      // 8 columns at most, never crossing a 16-column tile of Bp
+      const int in_tile = 16 - (int)((n0 + c0) % 16);
+      const int cn = nr - c0 < 8 ? nr - c0 : 8;
+      const int cnt = cn < in_tile ? cn : in_tile;
+      const int64_t n = n0 + c0;
+      float* yp = y + i * ldy + n;
+      alignas(32) float buf[8] = {};
+      for (int q = 0; q < cnt; ++q) buf[q] = yp[q];
+      __m256 v = _mm256_load_ps(buf);
+      for (int a = a0; a < a1; ++a) {
+        const pqk_lora& ad = L.ad[a];
+        const float* ta = ti + (L.row_adapter ? 0 : L.t_off[a]);
+        const int64_t b0 = (n / 16) * ad.rank * 16 + n % 16;
+        const __m256 acc = ad.dtype == 0 ? rank_sum<0>(ta, ad.Bp, b0, ad.rank, cnt)
+                           : ad.dtype == 1 ? rank_sum<1>(ta, ad.Bp, b0, ad.rank, cnt)
+                                           : rank_sum<2>(ta, ad.Bp, b0, ad.rank, cnt);
+        v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_set1_ps(ad.scale), acc));
+        if (ad.row_scale) v = _mm256_mul_ps(v, load8<0>(ad.row_scale, n, cnt));
+      }
+      if (L.bias) v = _mm256_add_ps(v, load8<0>(L.bias, n, cnt));
+      _mm256_store_ps(buf, v);
+      for (int q = 0; q < cnt; ++q) yp[q] = buf[q];
+      c0 += cnt;
+    }
+  }
+}
+
+void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (int64_t b = 0; b < k / QBLK; ++b) {
+    const float* xb = x + b * QBLK;
+    __m256 v[4];
+    __m256 am = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      am = _mm256_max_ps(am, _mm256_and_ps(v[j], absmask));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float d = amax / 127.0f;
+    dx[b] = d;
+    const __m256 vd = _mm256_set1_ps(d != 0.0f ? d : 1.0f);  // all-zero block: 0 / 1 = 0
+    int32_t s[2] = {0, 0};
+    for (int j = 0; j < 4; ++j) {
+      __m256i q = _mm256_cvtps_epi32(_mm256_div_ps(v[j], vd));  // round half to even (MXCSR default)
+      q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+      alignas(32) int32_t qi[8];
+      _mm256_store_si256((__m256i*)qi, q);
+      for (int l = 0; l < 8; ++l) {
+        xq[b * QBLK + 8 * j + l] = (int8_t)qi[l];
+        s[j / 2] += qi[l];
+      }
+    }
+    xs[2 * b] = s[0];
+    xs[2 * b + 1] = s[1];
+  }
+}
+
+}}  // namespace pqk::avx2
