@@ -9,11 +9,43 @@ namespace {
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 }  // namespace
 
+namespace {
+// 4 activation rows x 4 weight rows in 16 accumulators: each load feeds 4 FMAs (GEMM, M >= 4)
+void tile4x4(const float* w, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy, const float* bias) {
+  const int64_t k16 = k & ~(int64_t)15;
+  const __mmask16 tail = (__mmask16)((1u << (k - k16)) - 1);
+  __m512 acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int r = 0; r < 4; ++r) acc[i][r] = _mm512_setzero_ps();
+  auto step = [&](int64_t j, __mmask16 mk) {
+    __m512 wv[4], xv[4];
+    for (int r = 0; r < 4; ++r) wv[r] = _mm512_maskz_loadu_ps(mk, w + r * k + j);
+    for (int i = 0; i < 4; ++i) xv[i] = _mm512_maskz_loadu_ps(mk, x + i * ldx + j);
+    for (int i = 0; i < 4; ++i)
+      for (int r = 0; r < 4; ++r) acc[i][r] = _mm512_fmadd_ps(xv[i], wv[r], acc[i][r]);
+  };
+  for (int64_t j = 0; j < k16; j += 16) step(j, 0xFFFF);
+  if (tail) step(k16, tail);
+  for (int i = 0; i < 4; ++i)
+    for (int r = 0; r < 4; ++r) {
+      const float s = hsum(acc[i][r]);
+      y[i * ldy + r] = bias ? s + bias[r] : s;
+    }
+}
+}  // namespace
+
 void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
               const float* bias) {
   const int64_t k16 = k & ~(int64_t)15;
   const __mmask16 tail = (__mmask16)((1u << (k - k16)) - 1);
-  for (int64_t i = 0; i < m; ++i) {
+  int64_t i0 = 0;
+  if (nr >= 4)
+    for (; i0 + 4 <= m; i0 += 4) {
+      int r = 0;
+      for (; r + 4 <= nr; r += 4) tile4x4(w + (int64_t)r * k, k, x + i0 * ldx, ldx, y + i0 * ldy + r, ldy, bias ? bias + r : nullptr);
+      if (r < nr) gemm_f32(w + (int64_t)r * k, nr - r, k, x + i0 * ldx, ldx, 4, y + i0 * ldy + r, ldy, bias ? bias + r : nullptr);
+    }
+  for (int64_t i = i0; i < m; ++i) {
     const float* xi = x + i * ldx;
     int r = 0;
     for (; r + 4 <= nr; r += 4) {
