@@ -1,0 +1,549 @@
+"""The plain C ABI (libpyqkern.so + pyqkern.h) as a non-Python host sees it.
+
+1. every C function, driven through the cffi bindings (bindings/cffi), gives the same bytes /
+   floats as the pybind11 path (pq.quantize / pq.dequantize / pq.matmul) for the same variant;
+2. the cffi declarations match the real header (names, return and parameter types; struct
+   layouts and enum values as a C compiler sees them);
+3. the C example (examples/c/quantize_matmul.c) compiles with cc against get_include() /
+   get_library() and runs green;
+4. bad input through the C ABI returns an error status with a message, never a crash;
+5. one dispatch state: the cffi handle and the pybind11 module share the library instance.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pyqkern as pq
+from pyqkern import _formats, _native
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bindings" / "cffi"))
+import pyqkern_cffi as C  # noqa: E402  (cffi is in the test extra: a missing cffi must fail, not skip)
+
+ffi, lib = C.ffi, C.lib
+F32 = np.float32
+FORMATS = pq.formats()
+FID = _formats.FORMAT_IDS
+VARIANTS = pq.variants()
+ISA_ID = {name: i for i, name in enumerate(_native.isa_names())}
+HEADER = Path(pq.get_include()) / "pyqkern" / "pyqkern.h"
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _f32_bits(a):
+    return np.ascontiguousarray(a, dtype=F32).view(np.uint32)
+
+
+# ------------------------------------------------------------------ 1. same results as pybind11
+def test_info_functions_match_pybind():
+    assert lib.pqk_abi_version() == _native.abi_version() == 1
+    names = _native.format_names()
+    assert [C.cstr(lib.pqk_format_name(f)) for f in range(lib.PQK_FORMAT_COUNT)] == list(names) == FORMATS
+    assert [C.cstr(lib.pqk_isa_name(i)) for i in range(lib.PQK_ISA_COUNT)] == list(_native.isa_names())
+    for i in range(lib.PQK_ISA_COUNT):
+        assert lib.pqk_isa_runnable(i) == int(_native.isa_runnable(i))
+        assert lib.pqk_isa_compiled(i) == int(_native.isa_compiled(i))
+    isa = ffi.new("int32_t*")
+    C.check(lib.pqk_active_isa(isa))
+    assert isa[0] == _native.active_isa()
+    assert C.cstr(lib.pqk_cpu_brand()) == _native.cpu_brand()
+    assert C.cstr(lib.pqk_cpu_features()) == _native.cpu_features()
+    assert C.cstr(lib.pqk_cpu_features()).split() == pq.info()["features"]
+    for v in VARIANTS:
+        i = ISA_ID[v]
+        for fmt, (qv, dv) in _native.kernel_sources(i).items():
+            got = [lib.pqk_slot_variant(i, slot, FID[fmt]) for slot in (b"quantize", b"dequantize")]
+            assert [C.cstr(lib.pqk_isa_name(g)) if g >= 0 else None for g in got] == [qv, dv]
+        for slot, src in _native.matmul_sources(i).items():
+            g = lib.pqk_slot_variant(i, slot.encode(), 0)
+            assert (C.cstr(lib.pqk_isa_name(g)) if g >= 0 else None) == src
+
+
+@pytest.mark.parametrize("fmt,k,group,sym", [
+    ("q4_0", 256, 0, 0), ("q4_k", 512, 0, 0), ("nf4", 256, 0, 0), ("nf4", 256, 32, 0), ("int4", 256, 0, 0),
+    ("int4", 256, 64, 1), ("int4", 96, -1, 0), ("int8", 100, 0, 0), ("iq4_nl", 64, 0, 0)])
+def test_row_bytes_and_int8_supported_match(fmt, k, group, sym):
+    p = C.qparams(group, sym)
+    rq, rs, rz = C.row_bytes(FID[fmt], k, p)
+    assert (rq, rs, rz) == _formats.row_bytes(fmt, k, {"group": p.group, "sym": p.sym})
+    assert tuple(_native.row_bytes(FID[fmt], k, group, sym))[:3] == (rq, rs, rz)
+    assert p.group == _native.row_bytes(FID[fmt], k, group, sym)[3]  # defaults resolved in place
+    assert lib.pqk_int8_supported(FID[fmt], k, p) == int(_native.int8_supported(FID[fmt], k, p.group, p.sym))
+
+
+# (format, k, pq.quantize kwargs): every format with its default parameters, plus the int4 / nf4 variants
+QCASES = [(f, 256, {}) for f in FORMATS] + [
+    ("int4", 256, {"group": 64, "sym": True}), ("int4", 160, {"group": -1}), ("nf4", 256, {"group": 32})]
+
+
+def _cffi_quantize(isa, fmt, x, params, ldx_pad=5):
+    n, k = x.shape
+    xs = np.full((n, k + ldx_pad), np.nan, F32)  # row stride ldx > k: the padding must not be read
+    xs[:, :k] = x
+    rq, rs, rz = C.row_bytes(FID[fmt], k, params)
+    q = np.zeros((n, rq), np.uint8)
+    s = np.zeros((n, rs), np.uint8) if rs else None
+    z = np.zeros((n, rz), np.uint8) if rz else None
+    C.check(lib.pqk_quantize(isa, FID[fmt], C.ptr(xs, "float*"), n, k, k + ldx_pad, params,
+                             C.ptr(q), C.ptr(s), C.ptr(z)))
+    return q, s, z
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt,k,kw", QCASES, ids=[f"{f}-{k}-{kw}" for f, k, kw in QCASES])
+def test_quantize_dequantize_match_pybind(variant, fmt, k, kw):
+    isa = ISA_ID[variant]
+    x = (_rng(1).standard_normal((7, k)) * 0.3).astype(F32)
+    x[0, :40] = 0.0  # an all-zero block
+    qt = pq.quantize(x, fmt, isa=variant, **kw)
+    params = C.qparams(qt.params["group"], qt.params["sym"])
+    q, s, z = _cffi_quantize(isa, fmt, x, params)
+    pq_q, pq_s, pq_z = qt.sections()
+    assert np.array_equal(q, pq_q)
+    assert np.array_equal(s if s is not None else np.zeros((7, 0), np.uint8), pq_s)
+    assert np.array_equal(z if z is not None else np.zeros((7, 0), np.uint8), pq_z)
+    y = np.empty((7, k), F32)
+    C.check(lib.pqk_dequantize(isa, FID[fmt], C.ptr(q), C.ptr(s), C.ptr(z), 7, k, params, C.ptr(y, "float*")))
+    assert np.array_equal(_f32_bits(y), _f32_bits(pq.dequantize(qt, isa=variant)))
+
+
+def _lora_struct(keep, ad, qt):
+    """A pqk_lora from a pq.LoRA's native operands; keep holds what must stay alive."""
+    A, Bp, scale, row_scale, dt = ad.native_args(qt)
+    A, Bp = np.ascontiguousarray(A), np.ascontiguousarray(Bp)
+    rs = None if row_scale is None else np.ascontiguousarray(row_scale, dtype=F32)
+    keep += [A, Bp, rs]
+    return {"rank": ad.rank, "A": C.ptr(A), "Bp": C.ptr(Bp), "scale": scale,
+            "row_scale": C.ptr(rs, "float*"), "dtype": dt}
+
+
+MCASES = [("q4_0", {}), ("q4_k", {}), ("q6_k", {}), ("nf4", {}), ("int4", {"group": 64}),
+          ("int4", {"group": 128, "sym": True}), ("int8", {}), ("iq4_nl", {})]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt,kw", MCASES, ids=[f"{f}-{kw}" for f, kw in MCASES])
+def test_matmul_match_pybind(variant, fmt, kw):
+    isa = ISA_ID[variant]
+    r = _rng(2)
+    n, k, m = 37, 256, 5
+    w = (r.standard_normal((n, k)) * 0.2).astype(F32)
+    qt = pq.quantize(w, fmt, **kw)
+    params = C.qparams(qt.params["group"], qt.params["sym"])
+    q, s, z = (np.ascontiguousarray(a) if a.size else None for a in qt.sections())
+    x = r.standard_normal((m, k)).astype(F32)
+    bias = r.standard_normal(n).astype(F32)
+    lo32 = pq.LoRA(r.standard_normal((4, k)).astype(F32) * 0.1, r.standard_normal((n, 4)).astype(F32) * 0.1,
+                   alpha=8.0)
+    lo16 = pq.LoRA((r.standard_normal((2, k)) * 0.1).astype(np.float16),
+                   (r.standard_normal((n, 2)) * 0.1).astype(np.float16))
+    dora = pq.LoRA(r.standard_normal((3, k)).astype(F32) * 0.1, r.standard_normal((n, 3)).astype(F32) * 0.1,
+                   magnitude=(1.0 + 0.1 * r.standard_normal(n)).astype(F32))
+    ids = np.array([0, -1, 1, 2, 0], np.int32)
+
+    ldx, ldy = k + 3, n + 2
+    xs = np.full((m, ldx), np.nan, F32)
+    xs[:, :k] = x
+    keep = []
+    ads_sum = ffi.new("pqk_lora[]", [_lora_struct(keep, lo32, qt), _lora_struct(keep, lo16, qt)])
+    ads_sel = ffi.new("pqk_lora[]", [_lora_struct(keep, a, qt) for a in (lo32, lo16, dora)])
+    xp, bp = C.ptr(xs, "float*"), C.ptr(bias, "float*")
+
+    def run(call):
+        y = np.full((m, ldy), -7.0, F32)
+        C.check(call(C.ptr(y, "float*")))
+        assert (y[:, n:] == -7.0).all()  # columns past n (row stride ldy) untouched
+        return y[:, :n]
+
+    cases = [  # (C call, pq.matmul kwargs)
+        (lambda yp: lib.pqk_matmul_float(isa, FID[fmt], C.ptr(q), C.ptr(s), C.ptr(z), n, k, params, xp, m, ldx,
+                                         bp, yp, ldy), dict(compute="float")),
+        (lambda yp: lib.pqk_matmul_float(isa, FID[fmt], C.ptr(q), C.ptr(s), C.ptr(z), n, k, params, xp, m, ldx,
+                                         ffi.NULL, yp, ldy), dict(compute="float", nobias=True)),
+        (lambda yp: lib.pqk_matmul_float_lora(isa, FID[fmt], C.ptr(q), C.ptr(s), C.ptr(z), n, k, params, xp, m,
+                                              ldx, bp, yp, ldy, ads_sum, 2, ffi.NULL),
+         dict(compute="float", lora=[lo32, lo16])),
+        (lambda yp: lib.pqk_matmul_float_lora(isa, FID[fmt], C.ptr(q), C.ptr(s), C.ptr(z), n, k, params, xp, m,
+                                              ldx, bp, yp, ldy, ads_sel, 3, C.ptr(ids, "int32_t*")),
+         dict(compute="float", lora=[lo32, lo16, dora], adapter_ids=ids)),
+    ]
+    packed = None
+    if lib.pqk_int8_supported(FID[fmt], k, params):
+        packed = C.pack(FID[fmt], q, s, z, n, k, params)
+        assert lib.pqk_packed_nbytes(packed) == pq.QLinear(qt, compute="int8").packed_nbytes > 0
+        cases += [
+            (lambda yp: lib.pqk_matmul_int8(isa, packed, xp, m, ldx, bp, yp, ldy), dict(compute="int8")),
+            (lambda yp: lib.pqk_matmul_int8_lora(isa, packed, xp, m, ldx, bp, yp, ldy, ads_sum, 2, ffi.NULL),
+             dict(compute="int8", lora=[lo32, lo16])),
+            (lambda yp: lib.pqk_matmul_int8_lora(isa, packed, xp, m, ldx, bp, yp, ldy, ads_sel, 3,
+                                                 C.ptr(ids, "int32_t*")),
+             dict(compute="int8", lora=[lo32, lo16, dora], adapter_ids=ids)),
+        ]
+    else:
+        assert fmt not in ("q4_0", "int4", "int8")
+    for call, kwargs in cases:
+        b = None if kwargs.pop("nobias", False) else bias
+        want = pq.matmul(x, qt, b, isa=variant, **kwargs)
+        got = run(call)
+        assert np.array_equal(_f32_bits(got), _f32_bits(want)), kwargs
+
+
+# ------------------------------------------------------------------ 2. cdef == header
+_PROTO = re.compile(r"([A-Za-z_][\w\s\*]*?)\b(pqk_\w+)\s*\(([^()]*)\)\s*;")
+
+
+def _strip_c(text):
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r"//[^\n]*", " ", text)
+    lines = []
+    for line in text.splitlines():  # preprocessor lines, with backslash continuations
+        if lines and lines[-1].endswith("\\"):
+            lines[-1] = line
+            continue
+        lines.append("" if line.lstrip().startswith("#") else line)
+    return "\n".join(x for x in lines if not x.endswith("\\"))
+
+
+def _norm_type(t):
+    t = " ".join(t.replace("*", " * ").split())
+    return t.replace(" *", "*")
+
+
+def _param_type(p):
+    p = " ".join(p.replace("*", " * ").split())
+    words = p.split(" ")
+    if len(words) > 1 and re.fullmatch(r"[A-Za-z_]\w*", words[-1]) and words[-1] not in ("int", "char", "void"):
+        words = words[:-1]  # drop the parameter name
+    return _norm_type(" ".join(words))
+
+
+def _prototypes(text):
+    text = _strip_c(text).replace("PQK_API", " ").replace('extern "C"', " ")
+    out = {}
+    for ret, name, params in _PROTO.findall(text):
+        ret = _norm_type(ret.split(";")[-1].split("}")[-1])
+        ps = [_param_type(p) for p in params.split(",")] if params.strip() != "void" else []
+        assert name not in out, f"{name} declared twice"
+        out[name] = (ret, ps)
+    return out
+
+
+def test_cdef_matches_header():
+    hdr = _prototypes(HEADER.read_text())
+    src_hdr = ROOT / "csrc" / "include" / "pyqkern" / "pyqkern.h"
+    if src_hdr.exists():  # the installed copy is the source header
+        assert src_hdr.read_text() == HEADER.read_text()
+    cdef = _prototypes(C.CDEF)
+    assert len(hdr) >= 20 and "pqk_matmul_float_lora" in hdr
+    assert hdr["pqk_quantize"] == ("pqk_status", ["int32_t", "int32_t", "const float*", "int64_t", "int64_t",
+                                                  "int64_t", "const pqk_qparams*", "void*", "void*", "void*"])
+    assert sorted(cdef) == sorted(hdr), (set(hdr) ^ set(cdef))
+    for name in hdr:
+        assert cdef[name] == hdr[name], name
+
+
+def test_cdef_parses_like_header_in_cffi():
+    """cffi itself, on the header minus its preprocessor parts, sees the same function types."""
+    import cffi
+
+    text = _strip_c(HEADER.read_text()).replace("PQK_API", "").replace('extern "C" {', "")
+    text = re.sub(r"^\s*}\s*$", "", text, flags=re.M)  # the extern "C" closing brace
+    f2 = cffi.FFI()
+    f2.cdef(text)
+    lib2 = f2.dlopen(pq.get_library())
+    names = sorted(_prototypes(HEADER.read_text()))
+    for name in names:
+        assert f2.typeof(getattr(lib2, name)).cname == ffi.typeof(getattr(lib, name)).cname, name
+    for st in ("pqk_qparams", "pqk_row_bytes", "pqk_lora"):
+        assert f2.sizeof(st) == ffi.sizeof(st)
+        assert [(fn, f.offset) for fn, f in f2.typeof(st).fields] == [(fn, f.offset) for fn, f in
+                                                                      ffi.typeof(st).fields]
+
+
+def _cc():
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    assert cc, "no C compiler (cc) found: it is a build requirement, and the C ABI tests need it"
+    return shlex.split(cc)
+
+
+def _compile(tmp_path, src, out_name):
+    libdir = os.path.dirname(pq.get_library())
+    exe = tmp_path / out_name
+    cmd = [*_cc(), "-std=c99", "-O1", "-Wall", "-Wextra", "-Werror", "-I", pq.get_include(), str(src),
+           pq.get_library(), f"-Wl,-rpath,{libdir}", "-lm", "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
+    return exe
+
+
+_LAYOUT_C = r"""
+#include <stddef.h>
+#include <stdio.h>
+#include <pyqkern/pyqkern.h>
+#define S(t) printf("sizeof %s %d\n", #t, (int)sizeof(t))
+#define O(t, f) printf("offsetof %s.%s %d\n", #t, #f, (int)offsetof(t, f))
+#define E(e) printf("enum %s %d\n", #e, (int)(e))
+int main(void) {
+  S(pqk_qparams); O(pqk_qparams, group); O(pqk_qparams, sym);
+  S(pqk_row_bytes); O(pqk_row_bytes, q); O(pqk_row_bytes, s); O(pqk_row_bytes, z);
+  S(pqk_lora); O(pqk_lora, rank); O(pqk_lora, A); O(pqk_lora, Bp); O(pqk_lora, scale);
+  O(pqk_lora, row_scale); O(pqk_lora, dtype);
+  S(pqk_status); S(pqk_format); S(pqk_isa);
+  %ENUMS%
+  return 0;
+}
+"""
+
+
+def test_cdef_layout_matches_c_compiler(tmp_path):
+    enums = [n for n in dir(lib) if n.startswith("PQK_")]
+    hdr_enums = set(re.findall(r"\b(PQK_\w+)\s*=", _strip_c(HEADER.read_text())))
+    assert hdr_enums == set(enums), hdr_enums ^ set(enums)
+    assert "PQK_ERR_INTERNAL" in enums and "PQK_ISA_ACTIVE" in enums and "PQK_INT8" in enums
+    src = tmp_path / "layout.c"
+    src.write_text(_LAYOUT_C.replace("%ENUMS%", " ".join(f"E({e});" for e in enums)))
+    out = subprocess.run([str(_compile(tmp_path, src, "layout"))], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    seen = 0
+    for line in out.stdout.splitlines():
+        kind, what, val = line.split()
+        val = int(val)
+        if kind == "sizeof":
+            assert ffi.sizeof(what) == val, what
+        elif kind == "offsetof":
+            st, field = what.split(".")
+            assert ffi.offsetof(st, field) == val, what
+        else:
+            assert getattr(lib, what) == val, what
+        seen += 1
+    assert seen == 17 + len(enums)
+
+
+# ------------------------------------------------------------------ 3. the C example
+def test_c_example_compiles_and_runs(tmp_path):
+    exe = _compile(tmp_path, ROOT / "examples" / "c" / "quantize_matmul.c", "quantize_matmul")
+    env = dict(os.environ)
+    env.pop("PYQKERN_ISA", None)
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    out = r.stdout
+    assert out.startswith("pyqkern C ABI 1, variant ")
+    assert "FAIL" not in out
+    for fmt in ("q4_0", "int4"):
+        for what in ("float + bias", "float + bias + lora", "int8 + bias", "int8 + bias + lora"):
+            assert re.search(rf"^PASS {fmt} {re.escape(what)} +max\|err\|", out, re.M), (fmt, what, out)
+    assert out.rstrip().endswith("quantize_matmul: all checks passed")
+
+
+# ------------------------------------------------------------------ 4. bad input -> status, never a crash
+def _bad_cases():
+    k, n = 64, 4
+    x = np.ones((n, k), F32)
+    xq = pq.quantize(x, "q4_0")
+    q = np.ascontiguousarray(xq.sections()[0])
+    p0 = C.qparams()
+    good_y = np.empty((n, k), F32)
+    buf = np.zeros(4096, np.uint8)
+    packed = C.pack(FID["q4_0"], q, None, None, n, k, p0)
+    A = np.ones((2, k), F32)
+    Bp = np.ones((1, 2, 16), F32)
+    y = np.empty((n, n), F32)
+    keep = [x, xq, q, good_y, buf, packed, A, Bp, y]
+    NULL = ffi.NULL
+    X, Q, B, Y, YK = (C.ptr(x, "float*"), C.ptr(q), C.ptr(buf), C.ptr(y, "float*"), C.ptr(good_y, "float*"))
+
+    def lora(rank=2, a=C.ptr(A), bp=C.ptr(Bp), dtype=0, scale=1.0):
+        s = ffi.new("pqk_lora*", {"rank": rank, "A": a, "Bp": bp, "scale": scale, "row_scale": NULL,
+                                  "dtype": dtype})
+        keep.append(s)
+        return s
+
+    ids_bad = np.array([0, 1, 0, 0], np.int32)
+    ids_neg = np.array([0, -2, 0, 0], np.int32)
+    keep += [ids_bad, ids_neg]
+    Q40, INT4 = FID["q4_0"], FID["int4"]
+    ERR_ARG, ERR_SHAPE, ERR_ISA, ERR_UNSUP = (lib.PQK_ERR_ARG, lib.PQK_ERR_SHAPE, lib.PQK_ERR_ISA,
+                                              lib.PQK_ERR_UNSUPPORTED)
+    ARGISH = {ERR_ARG, ERR_SHAPE, ERR_UNSUP}
+    unrunnable = [i for i in range(lib.PQK_ISA_COUNT) if not lib.pqk_isa_runnable(i)]
+    nan_x = np.full((n, k), np.nan, F32)
+    keep.append(nan_x)
+    cases = {
+        # quantize
+        "quantize x NULL": (lambda: lib.pqk_quantize(-1, Q40, NULL, n, k, k, p0, B, NULL, NULL), {ERR_ARG}),
+        "quantize q NULL": (lambda: lib.pqk_quantize(-1, Q40, X, n, k, k, p0, NULL, NULL, NULL), {ERR_ARG}),
+        "quantize params NULL": (lambda: lib.pqk_quantize(-1, Q40, X, n, k, k, NULL, B, NULL, NULL), {ERR_ARG}),
+        "quantize int4 s,z NULL": (lambda: lib.pqk_quantize(-1, INT4, X, 1, k, k, C.qparams(32), B, NULL, NULL),
+                                   {ERR_ARG}),
+        "quantize k not multiple of block": (lambda: lib.pqk_quantize(-1, Q40, X, 1, 48, 48, p0, B, NULL, NULL),
+                                             {ERR_SHAPE}),
+        "quantize q4_k k=64": (lambda: lib.pqk_quantize(-1, FID["q4_k"], X, 1, 64, 64, p0, B, NULL, NULL),
+                               {ERR_SHAPE}),
+        "quantize k=0": (lambda: lib.pqk_quantize(-1, Q40, X, 1, 0, 0, p0, B, NULL, NULL), {ERR_SHAPE}),
+        "quantize negative n": (lambda: lib.pqk_quantize(-1, Q40, X, -1, k, k, p0, B, NULL, NULL), {ERR_SHAPE}),
+        "quantize negative k": (lambda: lib.pqk_quantize(-1, Q40, X, 1, -32, k, p0, B, NULL, NULL), {ERR_SHAPE}),
+        "quantize ldx < k": (lambda: lib.pqk_quantize(-1, Q40, X, 2, k, k - 1, p0, B, NULL, NULL), ARGISH),
+        "quantize bad format 99": (lambda: lib.pqk_quantize(-1, 99, X, 1, k, k, p0, B, NULL, NULL), {ERR_ARG}),
+        "quantize bad format -3": (lambda: lib.pqk_quantize(-1, -3, X, 1, k, k, p0, B, NULL, NULL), {ERR_ARG}),
+        "quantize bad isa 17": (lambda: lib.pqk_quantize(17, Q40, X, 1, k, k, p0, B, NULL, NULL), {ERR_ARG, ERR_ISA}),
+        "quantize bad isa -2": (lambda: lib.pqk_quantize(-2, Q40, X, 1, k, k, p0, B, NULL, NULL), {ERR_ARG, ERR_ISA}),
+        "quantize NaN": (lambda: lib.pqk_quantize(-1, Q40, C.ptr(nan_x, "float*"), 1, k, k, p0, B, NULL, NULL),
+                         {lib.PQK_ERR_NONFINITE}),
+        "quantize int4 group 48": (lambda: lib.pqk_quantize(-1, INT4, X, 1, k, k, C.qparams(48), B, B, B), ARGISH),
+        "quantize nf4 group 16": (lambda: lib.pqk_quantize(-1, FID["nf4"], X, 1, k, k, C.qparams(16), B, B, NULL),
+                                  ARGISH),
+        # dequantize
+        "dequantize q NULL": (lambda: lib.pqk_dequantize(-1, Q40, NULL, NULL, NULL, n, k, p0, YK), {ERR_ARG}),
+        "dequantize y NULL": (lambda: lib.pqk_dequantize(-1, Q40, Q, NULL, NULL, n, k, p0, NULL), {ERR_ARG}),
+        "dequantize k not multiple": (lambda: lib.pqk_dequantize(-1, Q40, Q, NULL, NULL, n, 33, p0, YK),
+                                      {ERR_SHAPE}),
+        "dequantize negative n": (lambda: lib.pqk_dequantize(-1, Q40, Q, NULL, NULL, -5, k, p0, YK), {ERR_SHAPE}),
+        "dequantize bad format": (lambda: lib.pqk_dequantize(-1, 1234, Q, NULL, NULL, n, k, p0, YK), {ERR_ARG}),
+        "dequantize bad isa": (lambda: lib.pqk_dequantize(99, Q40, Q, NULL, NULL, n, k, p0, YK), {ERR_ARG, ERR_ISA}),
+        # row bytes, pack
+        "row_bytes out NULL": (lambda: lib.pqk_row_bytes_of(Q40, k, p0, NULL), {ERR_ARG}),
+        "row_bytes params NULL": (lambda: lib.pqk_row_bytes_of(Q40, k, NULL, ffi.new("pqk_row_bytes*")),
+                                  {ERR_ARG}),
+        "row_bytes bad format": (lambda: lib.pqk_row_bytes_of(9, k, p0, ffi.new("pqk_row_bytes*")), {ERR_ARG}),
+        "row_bytes k=31": (lambda: lib.pqk_row_bytes_of(Q40, 31, p0, ffi.new("pqk_row_bytes*")), {ERR_SHAPE}),
+        "active_isa NULL": (lambda: lib.pqk_active_isa(NULL), {ERR_ARG}),
+        "pack out NULL": (lambda: lib.pqk_pack(Q40, Q, NULL, NULL, n, k, p0, NULL), {ERR_ARG}),
+        "pack q NULL": (lambda: lib.pqk_pack(Q40, NULL, NULL, NULL, n, k, p0, ffi.new("pqk_packed**")), {ERR_ARG}),
+        "pack k=48": (lambda: lib.pqk_pack(Q40, Q, NULL, NULL, n, 48, p0, ffi.new("pqk_packed**")), ARGISH),
+        "pack negative n": (lambda: lib.pqk_pack(Q40, Q, NULL, NULL, -1, k, p0, ffi.new("pqk_packed**")), ARGISH),
+        "pack bad format": (lambda: lib.pqk_pack(42, Q, NULL, NULL, n, k, p0, ffi.new("pqk_packed**")), {ERR_ARG}),
+        # matmul_int8
+        "int8 w NULL": (lambda: lib.pqk_matmul_int8(-1, NULL, X, 1, k, NULL, Y, n), {ERR_ARG}),
+        "int8 x NULL": (lambda: lib.pqk_matmul_int8(-1, packed, NULL, 1, k, NULL, Y, n), {ERR_ARG}),
+        "int8 y NULL": (lambda: lib.pqk_matmul_int8(-1, packed, X, 1, k, NULL, NULL, n), {ERR_ARG}),
+        "int8 negative m": (lambda: lib.pqk_matmul_int8(-1, packed, X, -1, k, NULL, Y, n), {ERR_SHAPE}),
+        "int8 ldx < k": (lambda: lib.pqk_matmul_int8(-1, packed, X, 2, k - 1, NULL, Y, n), ARGISH),
+        "int8 ldy < n": (lambda: lib.pqk_matmul_int8(-1, packed, X, 2, k, NULL, Y, n - 1), ARGISH),
+        "int8 bad isa": (lambda: lib.pqk_matmul_int8(55, packed, X, 1, k, NULL, Y, n), {ERR_ARG, ERR_ISA}),
+        "int8 NaN x": (lambda: lib.pqk_matmul_int8(-1, packed, C.ptr(nan_x, "float*"), 1, k, NULL, Y, n),
+                       {lib.PQK_ERR_NONFINITE}),
+        # matmul_float
+        "float q NULL": (lambda: lib.pqk_matmul_float(-1, Q40, NULL, NULL, NULL, n, k, p0, X, 1, k, NULL, Y, n),
+                         {ERR_ARG}),
+        "float params NULL": (lambda: lib.pqk_matmul_float(-1, Q40, Q, NULL, NULL, n, k, NULL, X, 1, k, NULL, Y, n),
+                              {ERR_ARG}),
+        "float k not multiple": (lambda: lib.pqk_matmul_float(-1, Q40, Q, NULL, NULL, n, 40, p0, X, 1, k, NULL, Y,
+                                                              n), {ERR_SHAPE}),
+        "float negative n": (lambda: lib.pqk_matmul_float(-1, Q40, Q, NULL, NULL, -n, k, p0, X, 1, k, NULL, Y, n),
+                             {ERR_SHAPE}),
+        "float negative m": (lambda: lib.pqk_matmul_float(-1, Q40, Q, NULL, NULL, n, k, p0, X, -1, k, NULL, Y, n),
+                             {ERR_SHAPE}),
+        "float bad format": (lambda: lib.pqk_matmul_float(-1, 77, Q, NULL, NULL, n, k, p0, X, 1, k, NULL, Y, n),
+                             {ERR_ARG}),
+        "float bad isa": (lambda: lib.pqk_matmul_float(8, Q40, Q, NULL, NULL, n, k, p0, X, 1, k, NULL, Y, n),
+                          {ERR_ARG, ERR_ISA}),
+        # adapters
+        "lora rank 0": (lambda: lib.pqk_matmul_int8_lora(-1, packed, X, 1, k, NULL, Y, n, lora(rank=0), 1, NULL),
+                        {ERR_ARG}),
+        "lora rank -3": (lambda: lib.pqk_matmul_int8_lora(-1, packed, X, 1, k, NULL, Y, n, lora(rank=-3), 1, NULL),
+                         {ERR_ARG}),
+        "lora A NULL": (lambda: lib.pqk_matmul_int8_lora(-1, packed, X, 1, k, NULL, Y, n, lora(a=NULL), 1, NULL),
+                        {ERR_ARG}),
+        "lora Bp NULL": (lambda: lib.pqk_matmul_int8_lora(-1, packed, X, 1, k, NULL, Y, n, lora(bp=NULL), 1, NULL),
+                         {ERR_ARG}),
+        "lora bad dtype": (lambda: lib.pqk_matmul_int8_lora(-1, packed, X, 1, k, NULL, Y, n, lora(dtype=3), 1,
+                                                            NULL), {ERR_ARG}),
+        "lora adapters NULL, n=1": (lambda: lib.pqk_matmul_int8_lora(-1, packed, X, 1, k, NULL, Y, n, NULL, 1, NULL),
+                                    {ERR_ARG}),
+        "lora n_adapters -1": (lambda: lib.pqk_matmul_int8_lora(-1, packed, X, 1, k, NULL, Y, n, lora(), -1, NULL),
+                               {ERR_ARG}),
+        "lora adapter id out of range": (lambda: lib.pqk_matmul_int8_lora(
+            -1, packed, X, 4, k, NULL, Y, n, lora(), 1, C.ptr(ids_bad, "int32_t*")), {ERR_ARG}),
+        "lora adapter id -2": (lambda: lib.pqk_matmul_int8_lora(
+            -1, packed, X, 4, k, NULL, Y, n, lora(), 1, C.ptr(ids_neg, "int32_t*")), {ERR_ARG}),
+        "float lora rank 0": (lambda: lib.pqk_matmul_float_lora(-1, Q40, Q, NULL, NULL, n, k, p0, X, 1, k, NULL, Y, n,
+                                                                lora(rank=0), 1, NULL), {ERR_ARG}),
+        "float lora id out of range": (lambda: lib.pqk_matmul_float_lora(
+            -1, Q40, Q, NULL, NULL, n, k, p0, X, 4, k, NULL, Y, n, lora(), 1, C.ptr(ids_bad, "int32_t*")),
+            {ERR_ARG}),
+    }
+    for i in unrunnable:
+        cases[f"quantize unrunnable isa {i}"] = (
+            lambda i=i: lib.pqk_quantize(i, Q40, X, 1, k, k, p0, B, NULL, NULL), {ERR_ISA})
+    return cases, keep
+
+
+_BAD, _KEEP = _bad_cases()
+
+
+@pytest.mark.parametrize("name", list(_BAD))
+def test_bad_input_returns_error_status(name):
+    call, expected = _BAD[name]
+    st = call()
+    msg = C.last_error()
+    assert st != lib.PQK_OK, f"{name}: accepted"
+    assert st in expected, f"{name}: status {C.STATUS_NAMES.get(st, st)} ({msg!r}), expected one of " \
+                           f"{sorted(C.STATUS_NAMES[e] for e in expected)}"
+    assert msg.strip(), f"{name}: empty pqk_last_error()"
+
+
+def test_bad_input_non_status_functions():
+    assert lib.pqk_format_name(99) == ffi.NULL or C.cstr(lib.pqk_format_name(99)) not in FORMATS
+    assert lib.pqk_format_name(-1) == ffi.NULL or C.cstr(lib.pqk_format_name(-1)) not in FORMATS
+    assert lib.pqk_isa_name(-7) == ffi.NULL or C.cstr(lib.pqk_isa_name(-7)) not in _native.isa_names()
+    assert lib.pqk_isa_runnable(42) == 0 and lib.pqk_isa_compiled(-5) == 0
+    assert lib.pqk_slot_variant(0, ffi.NULL, 0) == -1
+    assert lib.pqk_slot_variant(0, b"no_such_slot", 0) == -1
+    assert lib.pqk_slot_variant(0, b"quantize", 99) == -1
+    assert lib.pqk_slot_variant(99, b"gemm_int8", 0) == -1
+    assert lib.pqk_int8_supported(99, 64, C.qparams()) == 0
+    assert lib.pqk_int8_supported(FID["q4_0"], 48, C.qparams()) == 0
+    assert lib.pqk_int8_supported(FID["q4_0"], 64, ffi.NULL) in (0, 1)
+    lib.pqk_packed_free(ffi.NULL)  # no-op
+    assert lib.pqk_packed_nbytes(ffi.NULL) <= 0
+
+
+def test_error_then_success_and_message_per_call():
+    """A failing call sets the message; a later good call leaves the library usable."""
+    assert lib.pqk_quantize(-1, 99, ffi.NULL, 1, 32, 32, C.qparams(), ffi.NULL, ffi.NULL, ffi.NULL) != 0
+    assert C.last_error()
+    x = np.ones((1, 32), F32)
+    q = np.zeros(18, np.uint8)
+    C.check(lib.pqk_quantize(-1, FID["q4_0"], C.ptr(x, "float*"), 1, 32, 32, C.qparams(), C.ptr(q), ffi.NULL,
+                             ffi.NULL))
+    assert np.array_equal(q, pq.quantize(x, "q4_0").sections()[0].reshape(-1))
+    with pytest.raises(C.PqkError, match="PQK_ERR_SHAPE") as ei:
+        C.check(lib.pqk_row_bytes_of(FID["q4_0"], 31, C.qparams(), ffi.new("pqk_row_bytes*")))
+    assert ei.value.status == lib.PQK_ERR_SHAPE
+
+
+# ------------------------------------------------------------------ 5. one dispatch state
+def test_threads_shared_with_pybind():
+    before = pq.get_num_threads()
+    try:
+        C.check(lib.pqk_set_num_threads(3))
+        assert pq.get_num_threads() == 3 == lib.pqk_get_num_threads()
+        pq.set_num_threads(1)
+        assert lib.pqk_get_num_threads() == 1
+        C.check(lib.pqk_set_num_threads(0))  # <= 0: one per CPU
+        assert pq.get_num_threads() == lib.pqk_get_num_threads() >= 1
+    finally:
+        pq.set_num_threads(before)
+    assert lib.pqk_get_num_threads() == before
+
+
+def test_same_library_instance():
+    """cffi's dlopen of get_library() is the file the pybind11 module loaded (not a second copy)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps on this OS")
+    real = os.path.realpath(pq.get_library())
+    mapped = {line.split(None, 5)[-1].strip() for line in maps.read_text().splitlines() if "libpyqkern" in line}
+    assert mapped == {real}, mapped
