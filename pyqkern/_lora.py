@@ -63,6 +63,8 @@ class LoRA:
         self._native = (_to_storage(A, store), _to_storage(self.Bp, store), _DTYPE_ID[store])
         self.rank, self.in_features, self.out_features = r, k, n
         self.alpha = float(r if alpha is None else alpha)
+        if not np.isfinite(self.alpha):
+            raise ValueError(f"alpha must be finite, got {self.alpha}")
         self.rslora = bool(rslora)
         self.scale = float(self.alpha / (np.sqrt(r) if rslora else r))
         self.magnitude = None
@@ -89,6 +91,8 @@ class LoRA:
 
         if self.is_dora:
             raise ValueError("a DoRA adapter cannot be blended (its rescale is not linear)")
+        if not np.isfinite(weight):
+            raise ValueError(f"blend weight must be finite, got {weight}")
         out = copy.copy(self)
         out.scale = float(self.scale * weight)
         out._dora_cache = {}

@@ -228,3 +228,22 @@ def test_16bit_adapter_storage(storage, compute):
         LoRA(A32, B32, storage="int8")
     with pytest.raises(ValueError, match="overflows"):
         LoRA(np.full((2, k), 1e6, np.float32), np.ones((n, 2), np.float32), storage="float16")
+
+
+def test_non_finite_scale_is_rejected():
+    rng = np.random.default_rng(8)
+    n, k = 16, 64
+    with pytest.raises(ValueError, match="alpha"):
+        LoRA(np.ones((2, k), np.float32), np.ones((n, 2), np.float32), alpha=float("nan"))
+    ad = adapter(n, k, 2, rng)
+    with pytest.raises(ValueError, match="finite"):
+        ad.scaled(float("inf"))
+    # the C ABI refuses it too (a caller that builds pqk_lora itself)
+    from pyqkern import _native
+    qt = make("q4_0", n, k, rng)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    y = np.empty((1, n), np.float32)
+    bad = [(ad._native[0], ad._native[1], float("nan"), None, ad._native[2])]
+    q, s, z = qt.sections()
+    with pytest.raises(ValueError, match="scale"):
+        _native.matmul_float(-1, 0, np.ascontiguousarray(q), None, None, n, k, 0, 0, x, None, y, bad, None)

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -51,6 +52,7 @@ struct Adapters {
     for (int32_t i = 0; i < n; ++i) {
       if (a[i].dtype < 0 || a[i].dtype > 2) throw Error(PQK_ERR_ARG, "adapter " + std::to_string(i) + ": bad dtype");
       if (a[i].rank <= 0 || !a[i].A || !a[i].Bp) throw Error(PQK_ERR_ARG, "adapter " + std::to_string(i) + ": bad rank or NULL A/B");
+      if (!std::isfinite(a[i].scale)) throw Error(PQK_ERR_ARG, "adapter " + std::to_string(i) + ": scale is NaN or Inf");
       if (!rows && n > 1 && a[i].row_scale)
         throw Error(PQK_ERR_ARG, "DoRA (row_scale) adapters cannot be summed on the same rows");
       t_off.push_back(sum);
