@@ -12,6 +12,21 @@
 #define PQK_X86 1
 #endif
 
+#if defined(__aarch64__) && defined(__linux__)
+// Arm: what the kernel reports in the ELF auxiliary vector (never the ID registers: reading
+// them from user space traps and depends on kernel emulation).
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1UL << 1)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1UL << 13)
+#endif
+#endif
+
 namespace pqk {
 
 #ifdef PQK_X86
@@ -38,6 +53,7 @@ static void apply_disable_list(CpuFeatures& f) {
   off("bmi1", f.bmi1); off("bmi2", f.bmi2); off("avxvnni", f.avxvnni); off("avx512f", f.avx512f);
   off("avx512dq", f.avx512dq); off("avx512bw", f.avx512bw); off("avx512vl", f.avx512vl);
   off("avx512vnni", f.avx512vnni); off("avx512bf16", f.avx512bf16);
+  off("neon", f.neon); off("asimddp", f.asimddp); off("i8mm", f.i8mm);
 }
 
 static CpuFeatures detect() {
@@ -89,6 +105,15 @@ static CpuFeatures detect() {
   if (!f.os_avx) f.avx = f.avx2 = f.fma = f.f16c = f.avxvnni = false;
   if (!f.os_avx512) f.avx512f = f.avx512bw = f.avx512vl = f.avx512dq = f.avx512vnni = f.avx512bf16 = false;
 #endif
+#if defined(__aarch64__) && defined(__linux__)
+  const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+  f.neon = (hw & HWCAP_ASIMD) != 0;
+  f.asimddp = (hw & HWCAP_ASIMDDP) != 0;
+  f.i8mm = (hw2 & HWCAP2_I8MM) != 0;
+  f.vendor = "arm";
+#elif defined(__aarch64__)
+  f.neon = true;  // Advanced SIMD is mandatory in AArch64; other extensions unknown here
+#endif
   apply_disable_list(f);
   return f;
 }
@@ -106,6 +131,7 @@ std::string cpu_feature_string() {
   add(f.avx2, "avx2"); add(f.bmi1, "bmi1"); add(f.bmi2, "bmi2"); add(f.avxvnni, "avxvnni");
   add(f.avx512f, "avx512f"); add(f.avx512dq, "avx512dq"); add(f.avx512bw, "avx512bw");
   add(f.avx512vl, "avx512vl"); add(f.avx512vnni, "avx512vnni"); add(f.avx512bf16, "avx512bf16");
+  add(f.neon, "neon"); add(f.asimddp, "asimddp"); add(f.i8mm, "i8mm");
   return s;
 }
 

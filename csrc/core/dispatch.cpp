@@ -22,6 +22,12 @@ bool isa_compiled(int isa) {
 #ifdef PQK_HAVE_AVX512VNNI
     case PQK_ISA_AVX512VNNI: return true;
 #endif
+#ifdef PQK_HAVE_NEON
+    case PQK_ISA_NEON: return true;
+#endif
+#ifdef PQK_HAVE_DOTPROD
+    case PQK_ISA_DOTPROD: return true;
+#endif
     default: return false;
   }
 }
@@ -33,6 +39,8 @@ static bool cpu_can_run(int isa) {
     case PQK_ISA_AVX2: return f.avx2 && f.fma && f.f16c && f.bmi1 && f.bmi2;
     case PQK_ISA_AVX512: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.f16c && f.fma && f.bmi1 && f.bmi2;
     case PQK_ISA_AVX512VNNI: return cpu_can_run(PQK_ISA_AVX512) && f.avx512vnni;
+    case PQK_ISA_NEON: return f.neon;
+    case PQK_ISA_DOTPROD: return f.neon && f.asimddp;
     default: return false;
   }
 }
@@ -73,6 +81,15 @@ struct Tables {
 #ifdef PQK_HAVE_AVX512VNNI
     overlay(t[PQK_ISA_AVX512VNNI], avx512vnni::register_kernels, PQK_ISA_AVX512VNNI);
 #endif
+    // Arm: ref <- neon <- dotprod
+    t[PQK_ISA_NEON] = t[PQK_ISA_REF];
+#ifdef PQK_HAVE_NEON
+    overlay(t[PQK_ISA_NEON], neon::register_kernels, PQK_ISA_NEON);
+#endif
+    t[PQK_ISA_DOTPROD] = t[PQK_ISA_NEON];
+#ifdef PQK_HAVE_DOTPROD
+    overlay(t[PQK_ISA_DOTPROD], dotprod::register_kernels, PQK_ISA_DOTPROD);
+#endif
   }
 };
 const Tables& tables() {
@@ -93,7 +110,7 @@ int pick_active() {
         return i;
       }
     }
-    throw std::runtime_error(std::string("PYQKERN_ISA=") + env + ": unknown variant (ref, avx2, avx512, avx512vnni)");
+    throw std::runtime_error(std::string("PYQKERN_ISA=") + env + ": unknown variant (ref, avx2, avx512, avx512vnni, neon, dotprod)");
   }
   for (int i = PQK_ISA_COUNT - 1; i > 0; --i)
     if (isa_runnable(i)) return i;

@@ -66,6 +66,8 @@ namespace ref { void register_kernels(KernelTable& t); }
 namespace avx2 { void register_kernels(KernelTable& t); }
 namespace avx512 { void register_kernels(KernelTable& t); }
 namespace avx512vnni { void register_kernels(KernelTable& t); }
+namespace neon { void register_kernels(KernelTable& t); }     // csrc/kernels/arm_neon (aarch64 only)
+namespace dotprod { void register_kernels(KernelTable& t); }  // csrc/kernels/arm_dotprod (aarch64 only)
 // matmul kernels register separately (matmul_register.cpp in each folder)
 namespace avx2 { void register_matmul_kernels(KernelTable& t); }
 namespace avx512 { void register_matmul_kernels(KernelTable& t); }

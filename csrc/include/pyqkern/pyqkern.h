@@ -59,7 +59,9 @@ typedef enum pqk_isa {
   PQK_ISA_AVX2 = 1,        /* AVX2 + FMA + F16C */
   PQK_ISA_AVX512 = 2,      /* AVX-512 F/BW/VL/DQ */
   PQK_ISA_AVX512VNNI = 3,  /* AVX-512 F/BW/VL/DQ + VNNI */
-  PQK_ISA_COUNT = 4
+  PQK_ISA_NEON = 4,        /* AArch64 Advanced SIMD (ARMv8.0) */
+  PQK_ISA_DOTPROD = 5,     /* AArch64 NEON + dot product (ARMv8.2 SDOT/UDOT) */
+  PQK_ISA_COUNT = 6
 } pqk_isa;
 
 /* Format parameters. Zero-initialise and set what applies.

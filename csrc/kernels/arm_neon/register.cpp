@@ -1,0 +1,24 @@
+// ARMv8.0 NEON variant (aarch64 only): fills the slots it implements; the rest come from ref.
+#include "../../core/kernel_table.h"
+#include "../../core/packed.h"
+
+namespace pqk { namespace neon {
+
+void quantize_row_q8_0(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t* z, const pqk_qparams& p);
+void dequantize_row_q8_0(const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_t k, float* y,
+                         const pqk_qparams& p);
+void quantize_row_q4_0(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t* z, const pqk_qparams& p);
+void dequantize_row_q4_0(const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_t k, float* y,
+                         const pqk_qparams& p);
+void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+               const float* bias);
+
+void register_kernels(KernelTable& t) {
+  t.quantize[PQK_Q8_0] = quantize_row_q8_0;
+  t.dequantize[PQK_Q8_0] = dequantize_row_q8_0;
+  t.quantize[PQK_Q4_0] = quantize_row_q4_0;
+  t.dequantize[PQK_Q4_0] = dequantize_row_q4_0;
+  t.gemm_int8 = gemm_int8;
+}
+
+}}  // namespace pqk::neon
