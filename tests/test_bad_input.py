@@ -96,7 +96,7 @@ def test_unknown_backend(bad):
         pq.dequantize(qt, backend=bad)
 
 
-@pytest.mark.parametrize("bad", ["bogus", "neon", "AVX2", "avx2 "])
+@pytest.mark.parametrize("bad", ["bogus", "sve", "AVX2", "avx2 "])
 def test_unknown_isa(bad):
     with pytest.raises(ValueError, match="variant"):
         pq.quantize(w_ok(), "q8_0", isa=bad)
