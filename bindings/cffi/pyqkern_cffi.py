@@ -6,9 +6,9 @@
 ABI mode (``ffi.dlopen``), not API mode: nothing is compiled when this is installed or imported,
 so it needs no C compiler on the host and no build step beyond the one that already produced
 libpyqkern.so; the C ABI is plain C with fixed-width types and no macros in the signatures, which
-is exactly what ABI mode handles safely. The declarations live in pyqkern_cdef.h next to this
-file (the real header minus the preprocessor parts); tests/test_cabi.py checks them against the
-real header so the two cannot drift apart.
+is exactly what ABI mode handles safely. The declarations are the installed header itself
+(pyqkern.get_include()) minus comments and preprocessor lines, so there is no second copy to
+drift; tests/test_cabi.py checks the result against the header and the C compiler's layouts.
 
 The library is opened by the path pyqkern.get_library() gives, the same file the pybind11 module
 links against, so the dynamic loader hands back the already loaded instance: one dispatch state
@@ -17,15 +17,27 @@ and one thread setting shared with ``import pyqkern``.
 from __future__ import annotations
 
 import os
+import re
 
 import cffi
 
 import pyqkern
 
-CDEF_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyqkern_cdef.h")
+HEADER_PATH = os.path.join(pyqkern.get_include(), "pyqkern", "pyqkern.h")
 
-with open(CDEF_PATH, encoding="utf-8") as _f:
-    CDEF = _f.read()
+
+def cdef_from_header(text: str) -> str:
+    """pyqkern.h as cffi's cdef takes it: no comments, no preprocessor lines, no PQK_API, no
+    extern "C" braces (the header has no macros inside its declarations)."""
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r"//[^\n]*", " ", text)
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    text = text.replace("PQK_API", " ").replace('extern "C" {', " ")
+    return re.sub(r"^\s*}\s*$", "", text, flags=re.M)  # the extern "C" closing brace
+
+
+with open(HEADER_PATH, encoding="utf-8") as _f:
+    CDEF = cdef_from_header(_f.read())
 
 ffi = cffi.FFI()
 ffi.cdef(CDEF)
