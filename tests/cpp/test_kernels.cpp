@@ -33,9 +33,10 @@ struct Case {
   const char* label;
 };
 
-static const int kNumRowKinds = 11;
+static const int kNumRowKinds = 13;
 static const char* kRowKindNames[kNumRowKinds] = {"random", "zeros", "negzeros", "ties", "subnormal", "tiny",
-                                                  "outliers", "signtie", "huge", "repeats", "mixed"};
+                                                  "outliers", "signtie", "huge", "repeats", "mixed",
+                                                  "int4ties", "nf4mids"};
 
 // One row of k floats of the given kind (all finite: the C ABI rejects NaN/Inf).
 static void fill_row(float* x, int64_t k, int kind, std::mt19937& rng) {
@@ -59,6 +60,23 @@ static void fill_row(float* x, int64_t k, int kind, std::mt19937& rng) {
       case 6: v = nd(rng) * 0.01f; if (j % 29 == 3) v = 1e3f; if (j % 61 == 7) v = -3e4f; break;
       case 7: v = (j % 32 == 5) ? 2.5f : ((j % 32 == 9) ? -2.5f : nd(rng) * 0.5f); if (j % 64 >= 32) v = -v; break;
       case 8: v = nd(rng) * 1e30f; break;
+      case 11: {  // int4: every 16 values hold -7.5 and 7.5 (scale 1 sym and asym, zero 8), rest k/2: ties
+        int b = (int)(j % 16);
+        v = b == 0 ? -7.5f : (b == 1 ? 7.5f : (float)(ui(rng) % 16) * 0.5f);
+        if (b >= 2 && ui(rng) < 0) v = -v;
+        break;
+      }
+      case 12: {  // nf4: absmax 1 or 2 (exact division), the rest exactly on the fp32 midpoints
+        static const float kMidCode[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f,
+                                           -0.39491748809814453f, -0.28444138169288635f, -0.18477343022823334f,
+                                           -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+                                           0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f,
+                                           0.5626170039176941f, 0.7229568362236023f, 1.0f};
+        const float scale = (j / 32) % 2 ? 2.0f : 1.0f;
+        int i = (int)(j % 15);
+        v = j % 32 == 0 ? scale : (kMidCode[i] + kMidCode[i + 1]) * 0.5f * scale;
+        break;
+      }
       case 9: v = (float)(ui(rng) % 4) * 0.25f; break;
       default: v = (j % 3 == 0) ? nd(rng) * 100.0f : nd(rng) * 1e-3f; break;
     }
@@ -170,11 +188,16 @@ int main(int argc, char** argv) {
   }
   if (isas.empty() || isas[0] != PQK_ISA_REF) isas.insert(isas.begin(), PQK_ISA_REF);
   for (int isa : isas)  // which variant really implements a few slots in each table
-    std::printf("table %s: quantize q8_0 <- %s, quantize q4_0 <- %s, dequantize q8_0 <- %s, gemm_int8 <- %s\n",
+    std::printf("table %s: quantize q8_0 <- %s, quantize q4_0 <- %s, dequantize q8_0 <- %s, gemm_int8 <- %s, "
+                "quantize/dequantize nf4 <- %s/%s, quantize/dequantize int4 <- %s/%s\n",
                 pqk_isa_name(isa), pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q8_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q4_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_Q8_0)),
-                pqk_isa_name(pqk_slot_variant(isa, "gemm_int8", 0)));
+                pqk_isa_name(pqk_slot_variant(isa, "gemm_int8", 0)),
+                pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_NF4)),
+                pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_NF4)),
+                pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_INT4)),
+                pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_INT4)));
   std::mt19937 rng(1234);
   const Case cases[] = {
       {PQK_Q8_0, {0, 0}, ""},          {PQK_Q4_0, {0, 0}, ""},          {PQK_Q4_1, {0, 0}, ""},
@@ -186,6 +209,16 @@ int main(int argc, char** argv) {
   const int64_t ks[] = {32, 64, 96, 128, 160, 256, 512};
   for (const Case& c : cases)
     for (int64_t k : ks) test_quant(isas, c, k, rng);
+  // nf4 / int4 block and group sizes not covered above (and per-channel K not a multiple of 32)
+  const Case extra[] = {
+      {PQK_NF4, {128, 0}, "(g128)"},   {PQK_NF4, {256, 0}, "(g256)"},   {PQK_NF4, {1024, 0}, "(g1024)"},
+      {PQK_NF4, {4096, 0}, "(g4096)"}, {PQK_INT4, {16, 0}, "(g16)"},    {PQK_INT4, {16, 1}, "(g16,sym)"},
+      {PQK_INT4, {64, 0}, "(g64)"},    {PQK_INT4, {64, 1}, "(g64,sym)"}, {PQK_INT4, {128, 1}, "(g128,sym)"},
+      {PQK_INT4, {256, 0}, "(g256)"},  {PQK_INT4, {-1, 1}, "(perchan,sym)"}, {PQK_INT4, {-1, 0}, "(perchan)"},
+  };
+  const int64_t extra_ks[] = {2, 6, 16, 38, 48, 100, 1024, 4096, 8192 + 34};
+  for (const Case& c : extra)
+    for (int64_t k : extra_ks) test_quant(isas, c, k, rng);
   const int64_t ns[] = {1, 5, 16, 17, 35};
   const int64_t mks[] = {32, 64, 96, 256};
   for (const Case& c : cases)

@@ -10,6 +10,12 @@ void dequantize_row_q8_0(const uint8_t* q, const uint8_t* s, const uint8_t* z, i
 void quantize_row_q4_0(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t* z, const pqk_qparams& p);
 void dequantize_row_q4_0(const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_t k, float* y,
                          const pqk_qparams& p);
+void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t* z, const pqk_qparams& p);
+void dequantize_row_nf4(const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_t k, float* y,
+                        const pqk_qparams& p);
+void quantize_row_int4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t* z, const pqk_qparams& p);
+void dequantize_row_int4(const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_t k, float* y,
+                         const pqk_qparams& p);
 void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                const float* bias);
 
@@ -18,6 +24,10 @@ void register_kernels(KernelTable& t) {
   t.dequantize[PQK_Q8_0] = dequantize_row_q8_0;
   t.quantize[PQK_Q4_0] = quantize_row_q4_0;
   t.dequantize[PQK_Q4_0] = dequantize_row_q4_0;
+  t.quantize[PQK_NF4] = quantize_row_nf4;
+  t.dequantize[PQK_NF4] = dequantize_row_nf4;
+  t.quantize[PQK_INT4] = quantize_row_int4;
+  t.dequantize[PQK_INT4] = dequantize_row_int4;
   t.gemm_int8 = gemm_int8;
 }
 
