@@ -297,7 +297,7 @@ def _ort_model(n, k, block, acc):
     key = (n, k, block, acc)
     if key in _ORT_MODELS:
         return _ORT_MODELS[key]
-    onnx = pytest.importorskip("onnx", reason="onnx not installed: cannot build the MatMulNBits model")
+    pytest.importorskip("onnx", reason="onnx not installed: cannot build the MatMulNBits model")
     from onnx import TensorProto, helper, numpy_helper
 
     b, scales, zp = _ort_weights(n, k, block)

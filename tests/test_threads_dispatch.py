@@ -213,7 +213,6 @@ def test_unrunnable_variant_is_error():
     compiled variant, the best one is made unrunnable by masking its features
     (PYQKERN_DISABLE_FEATURES) in a child process."""
     import json
-    import os
     import subprocess
     import sys
 

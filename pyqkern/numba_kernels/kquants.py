@@ -44,7 +44,6 @@ IQ4NL_V0 = -127
 from .simple import f32_as_u32 as _f32_bits  # noqa: E402
 from .simple import fp16_to_fp32 as f16_bits_to_f32  # noqa: E402
 from .simple import fp32_to_fp16 as f32_to_f16_bits  # noqa: E402
-from .simple import u32_as_f32 as _bits_f32  # noqa: E402
 
 
 @njit(inline="always", **_JIT)
