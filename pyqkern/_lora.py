@@ -82,6 +82,8 @@ class LoRA:
     def native_args(self, qt):
         """(A, Bp, scale, row_scale, dtype) as the native matmul takes them."""
         A, Bp, dt = self._native
+        if qt.perm is not None:  # matmul feeds x[:, perm]: the shrink reads A's columns the same way
+            A = np.ascontiguousarray(A[:, qt.perm])
         return (A, Bp, self.scale, self.dora_factor(qt) if self.magnitude is not None else None, dt)
 
     def scaled(self, weight: float) -> "LoRA":
@@ -128,8 +130,9 @@ class LoRA:
             r1 = min(n, r0 + step)
             part = QTensor.from_bytes(qt.format, (r1 - r0, k), _row_bytes_slice(qt, r0, r1), group=qt.group or None,
                                       sym=qt.sym if qt.format == "int4" else None)
-            w = dequantize(part).astype(np.float64)
-            w += self.scale * (self.B[r0:r1].astype(np.float64) @ self.A.astype(np.float64))
+            w = dequantize(part).astype(np.float64)  # stored column order (W[:, perm] if permuted)
+            A = self.A if qt.perm is None else self.A[:, qt.perm]
+            w += self.scale * (self.B[r0:r1].astype(np.float64) @ A.astype(np.float64))
             norms[r0:r1] = np.linalg.norm(w, axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             f = np.where(norms > 0, self.magnitude / norms, 0.0).astype(np.float32)

@@ -139,10 +139,11 @@ def _adapters(lora, adapter_ids, w, m):
 
 def _lora_reference(y2, x2, w, ads, ids, bias):
     """Unfused float reference of the adapter part, PEFT's definition (y2 holds x@W.T, no bias)."""
-    xd = x2.astype(np.float32)
+    xd = x2.astype(np.float32)  # already permuted when w.perm is set
     for a_i, ad in enumerate(ads):
         rows = slice(None) if ids is None else (ids == a_i)
-        term = np.float32(ad.scale) * ((xd[rows] @ ad.A.T) @ ad.B.T)
+        A = ad.A if w.perm is None else ad.A[:, w.perm]
+        term = np.float32(ad.scale) * ((xd[rows] @ A.T) @ ad.B.T)
         y2[rows] = y2[rows] + term
         if ad.is_dora:
             y2[rows] = y2[rows] * ad.dora_factor(w)[None, :]
@@ -169,6 +170,8 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
         raise TypeError(f"w must be a QTensor, got {type(w).__name__}")
     n, k = w.shape
     x2, lead = _x_rows(x, k)
+    if w.perm is not None and x2.shape[0]:
+        x2 = np.ascontiguousarray(x2[:, w.perm])  # the stored weight is W[:, perm]
     b = _bias(bias, n)
     mode = resolve_compute(w, compute)
     y = _out(out, tuple(lead) + (n,))
@@ -178,7 +181,8 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     y2 = y.reshape(m, n)
     ads, ids = _adapters(lora, adapter_ids, w, m)
     if ads and backend != "native":
-        matmul(x2, w, None, compute=compute, out=y2, backend=backend, isa=isa)
+        base = w if w.perm is None else w.with_perm(np.arange(k))  # x2 is already permuted
+        matmul(x2, base, None, compute=compute, out=y2, backend=backend, isa=isa)
         _lora_reference(y2, x2, w, ads, ids, b)
         return y
     if backend == "reference":

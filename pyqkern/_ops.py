@@ -123,10 +123,19 @@ def dequantize(qt: QTensor, *, backend="native", isa=None) -> np.ndarray:
         _native().dequantize(isa_id(isa), _formats.FORMAT_IDS[qt.format], np.ascontiguousarray(q),
                              np.ascontiguousarray(s) if s.size else None, np.ascontiguousarray(z) if z.size else None,
                              n, k, qt.params["group"], qt.params["sym"], y)
-        return y
+        return _unpermute(y, qt.perm)
     if isa is not None:
         raise ValueError("isa= applies to the native backend only")
     fn = _backend_module(backend).DEQUANTIZE.get(qt.format)
     if fn is None:
         raise NotImplementedError(f"{qt.format}: dequantize not available in the {backend} backend")
-    return fn(q, s, z, k, qt.params["group"], qt.params["sym"])
+    return _unpermute(fn(q, s, z, k, qt.params["group"], qt.params["sym"]), qt.perm)
+
+
+def _unpermute(y, perm):
+    """Columns of the stored (permuted) weight back to the original input-channel order."""
+    if perm is None:
+        return y
+    out = np.empty_like(y)
+    out[:, perm] = y
+    return out

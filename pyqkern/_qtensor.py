@@ -11,7 +11,7 @@ class QTensor:
     """Quantized weight. ``data`` holds the canonical bytes (see :mod:`pyqkern._formats`);
     for ggml formats they are exactly the ggml block bytes, row after row."""
 
-    __slots__ = ("format", "shape", "params", "data", "_sections", "_packed", "__weakref__")
+    __slots__ = ("format", "shape", "params", "data", "_sections", "_packed", "perm", "__weakref__")
 
     def __init__(self, fmt: str, shape, data: np.ndarray, params: dict):
         n, k = (int(shape[0]), int(shape[1]))
@@ -21,6 +21,10 @@ class QTensor:
         self.data = data
         self._sections = _split(fmt, n, k, self.params, data)
         self._packed = None  # int8-kernel layout, made by the first matmul (see release_packed)
+        # Optional input-channel permutation (GPTQ act-order): the stored weight is W[:, perm],
+        # whose groups run in order; dequantize() returns W in the original column order and
+        # matmul() reads x[..., perm]. None: the identity.
+        self.perm = None
 
     # -- sizes
     @property
@@ -39,6 +43,19 @@ class QTensor:
     @property
     def sym(self) -> bool:
         return bool(self.params.get("sym", 0))
+
+    def with_perm(self, perm) -> "QTensor":
+        """This weight with input-channel permutation perm (int [K], a permutation of 0..K-1): the
+        stored columns are W[:, perm]. Returns a new QTensor sharing the bytes."""
+        k = self.shape[1]
+        p = np.asarray(perm)
+        if p.dtype.kind not in "iu" or p.shape != (k,):
+            raise ValueError(f"perm must be an integer array of shape ({k},)")
+        if not np.array_equal(np.sort(p), np.arange(k)):
+            raise ValueError("perm is not a permutation of 0..K-1")
+        out = QTensor(self.format, self.shape, self.data, self.params)
+        out.perm = None if np.array_equal(p, np.arange(k)) else np.ascontiguousarray(p, dtype=np.int64)
+        return out
 
     def release_packed(self) -> None:
         """Drop the cached int8-kernel layout that pyqkern.matmul made (QLinear keeps its own)."""
@@ -86,8 +103,14 @@ class QTensor:
                 f"{self.nbytes} bytes, {self.bits_per_weight:.3f} bits/weight)")
 
     def __eq__(self, other):
-        return (isinstance(other, QTensor) and self.format == other.format and self.shape == other.shape
-                and self.params == other.params and np.array_equal(self.data, other.data))
+        if not isinstance(other, QTensor):
+            return False
+        if (self.perm is None) != (other.perm is None):
+            return False
+        if self.perm is not None and not np.array_equal(self.perm, other.perm):
+            return False
+        return (self.format == other.format and self.shape == other.shape and self.params == other.params
+                and np.array_equal(self.data, other.data))
 
     __hash__ = None
 

@@ -106,10 +106,17 @@ def _target(w, d32, factor):
     return s.astype(np.float32), s - w
 
 
+def _no_perm(qt, what):
+    if getattr(qt, "perm", None) is not None:
+        raise NotImplementedError(f"{what} of a weight with an input permutation (GPTQ act-order) is not "
+                                  "supported yet; pq.matmul(x, qt, lora=...) is")
+
+
 def merge_target(qt: QTensor, ad: LoRA, *, backend="native") -> np.ndarray:
     """The float32 [N, K] weight that ``merge`` requantizes (materialises the whole weight: for
     checks and small layers). LoRA: deq(W) + delta(ad) in float32. DoRA (PEFT's definition):
     float32(f * (deq(W) + delta(ad))) in float64 with f = ad.dora_factor(qt) = m / ||W + dW||_row."""
+    _no_perm(qt, "pyqkern.lora.merge_target")
     _check_pair(qt, ad)
     w = dequantize(qt, backend=backend)
     factor = ad.dora_factor(qt) if ad.is_dora else None
@@ -196,6 +203,7 @@ def merge(qt: QTensor, ad: LoRA, *, warn_below: float | None = 0.5, chunk_rows: 
     (None: never). The second case catches formats whose requantization is not idempotent
     (quantize(dequantize(W)) != W, e.g. iq4_nl's scale search or symmetric int4): there the weights
     move by more than the adapter's change even for a zero delta, whatever ``retained`` says."""
+    _no_perm(qt, "pyqkern.lora.merge")
     _check_pair(qt, ad)
     n, k = qt.shape
     fmt, params = qt.format, dict(qt.params)
@@ -286,6 +294,7 @@ def backward_base(dy, qt: QTensor, *, chunk_rows: int = 256, backend="native") -
     float32 in row order; the whole dequantized W is never held."""
     if not isinstance(qt, QTensor):
         raise TypeError(f"expected a QTensor, got {type(qt).__name__}")
+    _no_perm(qt, "pyqkern.lora.backward_base")
     step = _check_chunk(chunk_rows, 256)
     n, k = qt.shape
     dy = _act(dy, "dy")
@@ -302,6 +311,7 @@ def backward(x, dy, qt: QTensor, ad: LoRA, *, chunk_rows: int = 256, backend="na
         t = x@A.T;  dB = s * dy.T @ t;  dt = s * dy @ B;  dA = dt.T @ x;  dx = dy @ W + dt @ A
     with dy @ W computed as in ``backward_base`` (row chunks of W, never the whole dequantized W).
     DoRA adapters raise NotImplementedError."""
+    _no_perm(qt, "pyqkern.lora.backward")
     _check_pair(qt, ad)
     if ad.is_dora:
         raise NotImplementedError("DoRA backward (magnitude gradient and the per-row norm rescale) is not "

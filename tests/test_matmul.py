@@ -254,3 +254,37 @@ def test_activation_quantization_edges_all_variants():
     spec = pq.matmul(x, qt, compute="int8", backend="reference")
     for v in VARIANTS:
         assert bits_equal(pq.matmul(x, qt, compute="int8", isa=v), spec), v
+
+
+def test_input_permutation_act_order():
+    """QTensor.with_perm: the stored weight is W[:, perm] (GPTQ act-order, groups in order);
+    dequantize returns W in the original column order, matmul reads x[..., perm], adapters too."""
+    from pyqkern._lora import LoRA
+
+    rng = np.random.default_rng(9)
+    n, k = 24, 256
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    perm = rng.permutation(k)
+    stored = pq.quantize(np.ascontiguousarray(w[:, perm]), "int4", group=64)
+    qt = stored.with_perm(perm)
+    assert qt.data is stored.data and qt != stored
+    wd = pq.dequantize(qt)
+    assert np.array_equal(wd[:, perm], pq.dequantize(stored))
+    for backend in ("native", "reference", "numba"):
+        assert np.array_equal(pq.dequantize(qt, backend=backend), wd)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    assert_float_close(pq.matmul(x, qt, compute="float"), x, wd)
+    assert bits_equal(pq.matmul(x, qt, compute="int8"), pq.matmul(x[:, perm], stored, compute="int8"))
+    assert bits_equal(pq.QLinear(qt)(x), pq.matmul(x, qt))
+    ad = LoRA((rng.standard_normal((4, k)) * 0.1).astype(np.float32), (rng.standard_normal((n, 4)) * 0.1).astype(np.float32))
+    want = x.astype(np.float64) @ wd.T.astype(np.float64) + ad.scale * (x @ ad.A.T) @ ad.B.T
+    for compute in ("float", "int8"):
+        y = pq.matmul(x, qt, lora=ad, compute=compute)
+        ref = pq.matmul(x, qt, lora=ad, compute=compute, backend="reference")
+        assert np.allclose(y, ref, rtol=1e-4, atol=1e-4)
+        if compute == "float":
+            assert np.allclose(y, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="permutation"):
+        stored.with_perm(np.zeros(k, np.int64))
+    with pytest.raises(NotImplementedError, match="act-order"):
+        pq.lora.merge(qt, ad)
