@@ -1,0 +1,409 @@
+"""Read and write GGUF files (llama.cpp's model format) with the ``gguf`` package.
+
+GGUF stores a tensor's dimensions ggml-style, fastest-varying first: ``ne0`` is the row length. A
+pyqkern weight [N, K] (N rows of K inputs) is therefore listed in the file as dims (K, N); the
+``gguf`` package's reader reverses them back to NumPy order (N, K) - :func:`load_gguf` and
+:func:`save_gguf` follow that, so shapes round-trip as NumPy shapes.
+
+``load_gguf(path)`` -> (tensors, metadata):
+
+* ggml tensors of pyqkern's formats (Q4_0 Q4_1 Q8_0 Q4_K Q6_K IQ4_NL) with two dimensions become
+  :class:`~pyqkern.QTensor` objects whose ``data`` is a zero-copy, read-only view of the memory map;
+* F32 / F16 (and I8..I64, F64) become NumPy views; BF16 becomes a float32 copy (exact);
+* anything else - other ggml types (Q5_K, IQ2_XXS, ...) and quantized tensors that are not 2-D -
+  is governed by ``unsupported``: ``"warn"`` (default) returns the raw block bytes as the uint8
+  array the ``gguf`` reader gives (shape [..., row bytes]) and emits one UserWarning naming the
+  tensors and their types; ``"skip"`` leaves them out (with the warning); ``"raise"`` raises
+  ValueError. Returning the raw bytes keeps a mixed-type file (e.g. a Q5_K_M model) loadable.
+* metadata: the key/value fields as Python values (str, int, float, bool, lists); the
+  ``GGUF.*`` pseudo-fields (version, counts) are not included.
+
+Hostile files: before the ``gguf`` reader sees a file, its header is walked by a strict,
+bounds-checked parser here (the reader itself would loop for ages on a forged array length, or
+index past the end). Every problem - and any exception the ``gguf`` package raises - comes out as
+ValueError naming the file. Big-endian GGUF files are refused.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import warnings
+
+import numpy as np
+
+from .._qtensor import QTensor
+
+__all__ = ["load_gguf", "save_gguf", "GGML_TYPES", "read_gguf_info"]
+
+#: pyqkern format -> ggml type name (GGMLQuantizationType member)
+GGML_TYPES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0", "q4_k": "Q4_K", "q6_k": "Q6_K", "iq4_nl": "IQ4_NL"}
+
+_MAGIC = 0x46554747  # "GGUF" little-endian
+# GGUF value types: id -> (struct code or None, size)
+_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
+            7: ("<B", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_DEPTH = 4
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - gguf is a dependency of the io extra
+        raise ImportError("pyqkern.io GGUF support needs the 'gguf' package (pip install gguf)") from e
+    return gguf
+
+
+class _Scan:
+    """Strict walk over a GGUF header held in a buffer."""
+
+    def __init__(self, buf, path):
+        self.b, self.n, self.path, self.pos = buf, len(buf), path, 0
+
+    def err(self, msg):
+        return ValueError(f"{self.path}: {msg}")
+
+    def take(self, nbytes, what):
+        if nbytes < 0 or self.pos + nbytes > self.n:
+            raise self.err(f"truncated GGUF file: {what} at byte {self.pos} needs {nbytes} bytes, "
+                           f"file has {self.n}")
+        p = self.pos
+        self.pos += nbytes
+        return p
+
+    def unpack(self, fmt, what):
+        p = self.take(struct.calcsize(fmt), what)
+        return struct.unpack_from(fmt, self.b, p)[0]
+
+    def string(self, what):
+        ln = self.unpack("<Q", f"{what} length")
+        p = self.take(ln, what)
+        try:
+            return bytes(self.b[p:p + ln]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.err(f"{what} at byte {p} is not valid UTF-8") from None
+
+    def value(self, vtype, what, depth=0):
+        if vtype in _SCALARS:
+            fmt, _ = _SCALARS[vtype]
+            v = self.unpack(fmt, what)
+            if vtype == 7 and v > 1:
+                raise self.err(f"{what}: bool value {v}")
+            return v
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            if depth >= _MAX_DEPTH:
+                raise self.err(f"{what}: arrays nested deeper than {_MAX_DEPTH}")
+            itype = self.unpack("<I", f"{what} item type")
+            count = self.unpack("<Q", f"{what} item count")
+            if itype in _SCALARS:
+                fmt, size = _SCALARS[itype]
+                p = self.take(count * size, f"{what} ({count} items)")
+                if itype == 7 and count and max(self.b[p:p + count]) > 1:
+                    raise self.err(f"{what}: bool array holds values other than 0 and 1")
+                return None
+            if itype not in (_STRING, _ARRAY):
+                raise self.err(f"{what}: unknown array item type {itype}")
+            if count * 8 > self.n - self.pos:  # every item takes at least 8 bytes
+                raise self.err(f"truncated GGUF file: {what} claims {count} items")
+            for i in range(count):
+                self.value(itype, f"{what}[{i}]", depth + 1)
+            return None
+        raise self.err(f"{what}: unknown value type {vtype}")
+
+
+def _prescan(path):
+    """Validate the whole header of a GGUF file; returns nothing, raises ValueError."""
+    gguf = _gguf()
+    sizes = {t.value: v for t, v in gguf.GGML_QUANT_SIZES.items()}
+    size = os.path.getsize(path)
+    if size < 24:
+        raise ValueError(f"{path}: {size} bytes is too short for a GGUF file (the fixed header is 24 bytes)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        s = _Scan(memoryview(mm), path)
+        try:
+            if s.unpack("<I", "magic") != _MAGIC:
+                raise s.err("not a GGUF file (bad magic)")
+            version = s.unpack("<I", "version")
+            if version not in (2, 3):
+                if version & 0xFFFF == 0:
+                    raise s.err("big-endian GGUF files are not supported")
+                raise s.err(f"GGUF version {version} is not supported (2 and 3 are)")
+            n_tensors = s.unpack("<Q", "tensor count")
+            n_kv = s.unpack("<Q", "key/value count")
+            if n_kv * 12 > size or n_tensors * 24 > size:
+                raise s.err(f"truncated GGUF file: header claims {n_kv} key/values and {n_tensors} tensors")
+            keys, alignment = set(), 32
+            for i in range(n_kv):
+                key = s.string(f"key #{i}")
+                if key in keys:
+                    raise s.err(f"duplicate key {key!r}")
+                keys.add(key)
+                vtype = s.unpack("<I", f"type of {key!r}")
+                v = s.value(vtype, f"value of {key!r}")
+                if key == "general.alignment":
+                    if vtype != 4 or v == 0 or v & (v - 1):
+                        raise s.err(f"general.alignment must be a uint32 power of two, got {v!r}")
+                    alignment = v
+            infos, names = [], set()
+            for i in range(n_tensors):
+                name = s.string(f"tensor name #{i}")
+                if name in names:
+                    raise s.err(f"duplicate tensor name {name!r}")
+                names.add(name)
+                nd = s.unpack("<I", f"tensor {name!r} dimension count")
+                if not 1 <= nd <= _MAX_DIMS:
+                    raise s.err(f"tensor {name!r}: {nd} dimensions (1..{_MAX_DIMS} allowed)")
+                dims = [s.unpack("<Q", f"tensor {name!r} dims") for _ in range(nd)]
+                ttype = s.unpack("<I", f"tensor {name!r} type")
+                off = s.unpack("<Q", f"tensor {name!r} offset")
+                if ttype not in sizes:
+                    raise s.err(f"tensor {name!r}: unknown ggml type {ttype}")
+                if any(d == 0 for d in dims):
+                    raise s.err(f"tensor {name!r}: zero dimension in {dims}")
+                blk, tsz = sizes[ttype]
+                if dims[0] % blk:
+                    raise s.err(f"tensor {name!r}: row length {dims[0]} is not a multiple of the block size {blk}")
+                nel = 1
+                for d in dims:
+                    nel *= d
+                if nel >= 1 << 62:
+                    raise s.err(f"tensor {name!r}: dims {dims} are too large")
+                if off % alignment:
+                    raise s.err(f"tensor {name!r}: offset {off} is not a multiple of the alignment {alignment}")
+                infos.append((name, off, nel // blk * tsz))
+            start = s.pos + (-s.pos % alignment)
+            for name, off, nb in infos:
+                if start + off + nb > size:
+                    raise s.err(f"truncated GGUF file: tensor {name!r} data [{off}, {off + nb}) runs past the end "
+                                f"of the file (data area has {max(size - start, 0)} bytes)")
+        finally:
+            s.b.release()
+
+
+def _reader(path):
+    path = os.fspath(path)
+    _prescan(path)
+    gguf = _gguf()
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # the gguf package's own errors (ValueError, KeyError, IndexError, ...)
+        raise ValueError(f"{path}: cannot read GGUF file: {type(e).__name__}: {e}") from None
+
+
+def _field_value(field, path):
+    try:
+        v = field.contents()
+    except Exception as e:
+        raise ValueError(f"{path}: cannot decode key {field.name!r}: {type(e).__name__}: {e}") from None
+    return v
+
+
+def read_gguf_info(path):
+    """[(name, ggml type name, NumPy-order shape, nbytes)] and the metadata, without building tensors."""
+    r = _reader(path)
+    meta = {k: _field_value(f, path) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    infos = [(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())), int(t.n_bytes))
+             for t in r.tensors]
+    return infos, meta
+
+
+def load_gguf(path, *, unsupported="warn"):
+    """Read a GGUF file -> (dict name -> QTensor | ndarray, metadata dict). See the module docstring."""
+    if unsupported not in ("warn", "skip", "raise"):
+        raise ValueError(f"unsupported must be 'warn', 'skip' or 'raise', got {unsupported!r}")
+    path = os.fspath(path)
+    gguf = _gguf()
+    T = gguf.GGMLQuantizationType
+    ours = {getattr(T, v): k for k, v in GGML_TYPES.items()}
+    r = _reader(path)
+    meta = {k: _field_value(f, path) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    out, odd = {}, []
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        data = np.asarray(t.data).view(np.ndarray) if isinstance(t.data, np.memmap) else t.data
+        try:
+            if t.tensor_type in ours and len(shape) == 2:
+                out[t.name] = QTensor.from_bytes(ours[t.tensor_type], shape, data.reshape(-1))
+            elif t.tensor_type == T.BF16:
+                bits = data.reshape(-1).view("<u2").astype(np.uint32) << 16
+                out[t.name] = bits.view(np.float32).reshape(shape)
+            elif t.tensor_type in (T.F32, T.F16, T.F64, T.I8, T.I16, T.I32, T.I64):
+                out[t.name] = data.reshape(shape)
+            else:
+                why = "not 2-D" if t.tensor_type in ours else "not a pyqkern format"
+                odd.append(f"{t.name} ({t.tensor_type.name}, {why})")
+                if unsupported == "warn":
+                    out[t.name] = data
+        except ValueError as e:
+            raise ValueError(f"{path}: tensor {t.name!r}: {e}") from None
+    if odd:
+        msg = (f"{path}: {len(odd)} tensor(s) cannot be represented as QTensor/ndarray: "
+               + ", ".join(odd[:8]) + (" ..." if len(odd) > 8 else ""))
+        if unsupported == "raise":
+            raise ValueError(msg)
+        warnings.warn(msg + ("; returned as raw uint8 block bytes" if unsupported == "warn" else "; skipped"),
+                      UserWarning, stacklevel=2)
+    return out, meta
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+def _ggml_type(qt):
+    gguf = _gguf()
+    if qt.format not in GGML_TYPES:
+        raise ValueError(f"QTensor format {qt.format!r} is not a ggml format and cannot be stored in GGUF "
+                         f"(GGUF holds {', '.join(GGML_TYPES)}); use pyqkern.io.save for pyqkern's safetensors layout")
+    if qt.perm is not None:
+        raise ValueError("a QTensor with an input permutation (perm) cannot be stored in GGUF; "
+                         "use pyqkern.io.save")
+    return getattr(gguf.GGMLQuantizationType, GGML_TYPES[qt.format])
+
+
+def _tensor_plan(name, t):
+    """(array to write, raw_dtype or None) for one tensor."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
+    if isinstance(t, QTensor):
+        return np.ascontiguousarray(t.data).reshape(t.shape[0], -1), _ggml_type(t)
+    if isinstance(t, np.ndarray):
+        if t.dtype.kind == "f" and t.dtype.itemsize in (2, 4, 8) or t.dtype in (np.int8, np.int16, np.int32,
+                                                                                 np.int64):
+            if t.ndim == 0 or t.ndim > _MAX_DIMS:
+                raise ValueError(f"tensor {name!r}: GGUF tensors have 1..{_MAX_DIMS} dimensions, got shape {t.shape}")
+            if t.size == 0:
+                raise ValueError(f"tensor {name!r} is empty")
+            return np.ascontiguousarray(t, dtype=t.dtype.newbyteorder("=")), None
+        raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in GGUF "
+                        "(float32, float16, float64, int8..int64 or a ggml QTensor)")
+    raise TypeError(f"tensor {name!r} must be a QTensor or numpy array, got {type(t).__name__}")
+
+
+def _add_kv(w, key, v):
+    gguf = _gguf()
+    V = gguf.GGUFValueType
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"metadata keys must be non-empty strings, got {key!r}")
+    if isinstance(v, bool):
+        w.add_bool(key, v)
+    elif isinstance(v, (int, np.integer)):
+        v = int(v)
+        if 0 <= v < 1 << 32:
+            w.add_uint32(key, v)
+        elif -(1 << 31) <= v < 0:
+            w.add_int32(key, v)
+        elif -(1 << 63) <= v < 1 << 63:
+            w.add_int64(key, v)
+        elif 0 <= v < 1 << 64:
+            w.add_uint64(key, v)
+        else:
+            raise ValueError(f"metadata {key!r}: integer {v} does not fit 64 bits")
+    elif isinstance(v, (float, np.floating)):
+        w.add_float32(key, float(v))  # llama.cpp reads float hyperparameters as f32
+    elif isinstance(v, str):
+        w.add_string(key, v)
+    elif isinstance(v, (list, tuple)):
+        if not v:
+            raise ValueError(f"metadata {key!r}: empty arrays have no item type")
+        kinds = {type(x) for x in v}
+        if kinds <= {str}:
+            w.add_array(key, list(v))
+        elif kinds <= {bool}:
+            w.add_key_value(key, list(v), V.ARRAY, V.BOOL)
+        elif all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v):
+            lo, hi = min(v), max(v)
+            sub = V.INT32 if -(1 << 31) <= lo and hi < 1 << 31 else V.INT64
+            w.add_key_value(key, [int(x) for x in v], V.ARRAY, sub)
+        elif all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in v):
+            w.add_key_value(key, [float(x) for x in v], V.ARRAY, V.FLOAT32)
+        else:
+            raise TypeError(f"metadata {key!r}: arrays must hold only str, bool, int or float items")
+    else:
+        raise TypeError(f"metadata {key!r}: value of type {type(v).__name__} cannot be stored in GGUF")
+
+
+class GGUFStreamWriter:
+    """Write a GGUF file one tensor at a time: declare every tensor (name, shape, kind) first, then
+    ``write(name, tensor)`` in the same order. Used by ``pyqkern quantize``."""
+
+    def __init__(self, path, metadata=None, arch="pyqkern"):
+        gguf = _gguf()
+        self.path = os.fspath(path)
+        meta = dict(metadata or {})
+        arch = meta.pop("general.architecture", arch)
+        self.tmp = f"{self.path}.tmp-{os.getpid()}"
+        self.w = gguf.GGUFWriter(self.tmp, arch)
+        for k, v in meta.items():
+            if k == "general.alignment":
+                raise ValueError("general.alignment is set by the writer")
+            _add_kv(self.w, k, v)
+        self.order, self.quantized = [], False
+
+    def declare(self, name, nbytes, shape, raw_dtype=None, dtype=np.uint8):
+        """shape: NumPy-order element shape; raw_dtype: ggml type of a quantized tensor."""
+        if raw_dtype is not None:
+            self.quantized = True
+            self.w.add_tensor_info(name, list(shape), np.dtype(np.float32), nbytes, raw_dtype=raw_dtype)
+        else:
+            self.w.add_tensor_info(name, list(shape), np.dtype(dtype), nbytes)
+        self.order.append(name)
+
+    def begin(self):
+        if self.quantized:
+            self.w.add_quantization_version(_gguf().GGML_QUANT_VERSION)
+        self.w.write_header_to_file()
+        self.w.write_kv_data_to_file()
+        self.w.write_ti_data_to_file()
+        self._i = 0
+
+    def write(self, name, arr):
+        if self.order[self._i] != name:
+            raise ValueError(f"tensor {name!r} written out of order (expected {self.order[self._i]!r})")
+        self._i += 1
+        self.w.write_tensor_data(np.ascontiguousarray(arr))
+
+    def finish(self):
+        if self._i != len(self.order):
+            raise ValueError(f"{len(self.order) - self._i} declared tensors were not written")
+        self.w.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self):
+        try:
+            self.w.close()
+        except Exception:
+            pass
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def save_gguf(path, tensors: dict, metadata: dict | None = None, arch: str = "pyqkern"):
+    """Write ``tensors`` (name -> ggml-format QTensor or ndarray) to a GGUF file.
+
+    QTensors are written as their ggml block bytes with the matching GGMLQuantizationType (a [N, K]
+    weight is listed with ggml dims (K, N)); ndarrays keep their dtype (float32 -> F32, float16 -> F16,
+    also F64 and I8..I64). ``metadata``: str -> str | int | float | bool | list (ints are stored as
+    UINT32 when they fit, floats as FLOAT32, as llama.cpp expects). ``general.architecture`` is
+    ``arch`` unless metadata sets it; ``general.quantization_version`` is added when a tensor is
+    quantized. Non-ggml formats (nf4, int4, int8) raise ValueError: use :func:`pyqkern.io.save`.
+    The file is written under a temporary name and renamed into place."""
+    if not isinstance(tensors, dict):
+        raise TypeError("tensors must be a dict name -> QTensor | ndarray")
+    plans = {name: _tensor_plan(name, t) for name, t in tensors.items()}  # validate all before writing
+    sw = GGUFStreamWriter(path, metadata, arch)
+    try:
+        for name, (arr, raw) in plans.items():
+            if raw is not None:
+                sw.declare(name, arr.nbytes, tensors[name].shape, raw)
+            else:
+                sw.declare(name, arr.nbytes, arr.shape, dtype=arr.dtype)
+        sw.begin()
+        for name, (arr, _) in plans.items():
+            sw.write(name, arr)
+        sw.finish()
+    except BaseException:
+        sw.abort()
+        raise

@@ -1,0 +1,151 @@
+"""`pyqkern quantize` and `pyqkern inspect` (pyqkern/__main__.py)."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pyqkern as pq
+from pyqkern.__main__ import inspect_file, main, quantize_files
+from pyqkern.io import safetensors as st
+
+gguf = pytest.importorskip("gguf")
+
+
+def _model(rng):
+    bf = rng.standard_normal((4, 64)).astype(np.float32)
+    return {
+        "layers.0.q.weight": rng.standard_normal((8, 256)).astype(np.float32),
+        "layers.0.k.weight": rng.standard_normal((4, 256)).astype(np.float16),
+        "layers.0.norm.weight": np.ones(256, np.float32),
+        "embed.weight": rng.standard_normal((6, 256)).astype(np.float32),
+        "odd.weight": rng.standard_normal((3, 40)).astype(np.float32),
+        "bf.weight": (bf.view(np.uint32) >> 16).astype(np.uint16),
+        "ids": np.arange(5, dtype=np.int64),
+    }
+
+
+@pytest.fixture
+def model(tmp_path):
+    t = _model(np.random.default_rng(0))
+    p = tmp_path / "model.safetensors"
+    st.save(p, t, {"format": "pt"}, bf16=["bf.weight"])
+    return p, st.load(p)[0]
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_quantize_to_gguf(tmp_path, model, fmt):
+    src, ref = model
+    dst = tmp_path / "out.gguf"
+    out = io.StringIO()
+    s = quantize_files(str(src), str(dst), fmt, exclude=r"^embed\.", out=out)
+    text = out.getvalue()
+    assert s["quantized"] == 3 and s["kept"] == 4  # q, k, bf; kept: norm (1-D), embed (excluded), odd, ids
+    assert "embed.weight [6, 256] F32 kept (excluded)" in text and "mean relative error" in text
+    assert text.count("\n[") + text.startswith("[") == 7  # one progress line per tensor
+    got, meta = pq.io.load_gguf(dst)
+    assert meta["format"] == "pt"
+    for name in ("layers.0.q.weight", "layers.0.k.weight", "bf.weight"):
+        assert got[name] == pq.quantize(ref[name], fmt), name
+    np.testing.assert_array_equal(got["embed.weight"], ref["embed.weight"])
+    np.testing.assert_array_equal(got["odd.weight"], ref["odd.weight"])
+    np.testing.assert_array_equal(got["ids"], ref["ids"])
+    assert 0 < s["mean_rel_err"] < 0.2 and s["bytes_after"] < s["bytes_before"]
+    r = gguf.GGUFReader(dst)
+    assert {t.name for t in r.tensors} == set(ref)
+
+
+def test_quantize_to_safetensors_and_inspect(tmp_path, model):
+    src, ref = model
+    dst = tmp_path / "out.safetensors"
+    s = quantize_files(str(src), str(dst), "int4", group=32, sym=True, min_size=1100, out=io.StringIO())
+    assert (s["quantized"], s["kept"]) == (2, 5)  # q (2048), embed (1536); k (1024) and bf (256) below 1100
+    got, meta = pq.io.load(dst)
+    assert meta == {"format": "pt"}
+    for name in ("layers.0.q.weight", "embed.weight"):
+        assert got[name] == pq.quantize(ref[name], "int4", group=32, sym=True)
+    assert isinstance(got["layers.0.k.weight"], np.ndarray) and got["layers.0.k.weight"].dtype == np.float16
+    # the BF16 tensor is kept as BF16 (both loads return bf16 as an exact float32 copy)
+    assert st.read_header(dst)[0]["bf.weight"]["dtype"] == "BF16"
+    np.testing.assert_array_equal(got["bf.weight"], ref["bf.weight"])
+    out = io.StringIO()
+    rows = inspect_file(str(dst), out=out)
+    by = {r[0]: r for r in rows}
+    assert by["layers.0.q.weight"][1] == "int4(group=32,sym=1)" and by["layers.0.q.weight"][2] == [8, 256]
+    assert by["layers.0.q.weight"][3] == pytest.approx(4.5)
+    assert by["ids"][1] == "I64" and by["ids"][3] == 64
+    assert "pyqkern QTensors" in out.getvalue()
+
+
+def test_quantize_min_size_counts(tmp_path, model):
+    src, _ = model
+    s = quantize_files(str(src), str(tmp_path / "o.safetensors"), "nf4", min_size=1100, out=io.StringIO())
+    # nf4 group 64: q (8x256=2048), embed (1536) quantized; k (1024) and bf (256) below min-size
+    assert (s["quantized"], s["kept"]) == (2, 5)
+
+
+def test_quantize_shards_dir_and_inspect_gguf(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    d = tmp_path / "shards"
+    d.mkdir()
+    a = {"a.weight": rng.standard_normal((4, 256)).astype(np.float32), "a.bias": np.zeros(4, np.float32)}
+    b = {"b.weight": rng.standard_normal((2, 512)).astype(np.float32)}
+    st.save(d / "model-00001-of-00002.safetensors", a)
+    st.save(d / "model-00002-of-00002.safetensors", b)
+    (d / "config.json").write_text("{}")
+    dst = tmp_path / "m.gguf"
+    assert main(["quantize", str(d), str(dst), "--format", "q4_k"]) == 0
+    got, _ = pq.io.load_gguf(dst)
+    assert got["a.weight"] == pq.quantize(a["a.weight"], "q4_k")
+    assert got["b.weight"] == pq.quantize(b["b.weight"], "q4_k")
+    assert main(["inspect", str(dst)]) == 0
+    text = capsys.readouterr().out
+    assert "q4_k" in text and "[2, 512]" in text and "4.500" in text and "GGUF, 3 tensors" in text
+    # the same through the real command line
+    r = subprocess.run([sys.executable, "-m", "pyqkern", "inspect", str(dst)], capture_output=True, text=True, check=False,
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(pq.__file__))))
+    assert r.returncode == 0 and "a.weight" in r.stdout
+
+
+def test_quantize_errors(tmp_path, model, capsys):
+    src, _ = model
+    cases = [
+        (["quantize", str(src), str(tmp_path / "o.gguf"), "--format", "nf4"], "not a ggml format"),
+        (["quantize", str(src), str(tmp_path / "o.bin"), "--format", "q4_0"], ".gguf or .safetensors"),
+        (["quantize", str(tmp_path / "none.safetensors"), str(tmp_path / "o.gguf"), "--format", "q4_0"], "no such"),
+        (["quantize", str(tmp_path), str(tmp_path / "o.gguf"), "--format", "q4_0"], None),  # dir has model only: ok
+        (["quantize", str(src), str(tmp_path / "o.gguf"), "--format", "q9"], "unknown format"),
+        (["quantize", str(src), str(tmp_path / "o.safetensors"), "--format", "int4", "--group", "3"], "group"),
+        (["quantize", str(src), str(tmp_path / "o.gguf"), "--format", "q4_0", "--exclude", "("], "error"),
+        (["inspect", str(tmp_path / "x.txt")], ".gguf and .safetensors"),
+    ]
+    for argv, msg in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err
+        if msg is None:
+            assert rc == 0
+        else:
+            assert rc == 1 and msg in err, (argv, err)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["quantize", str(empty), str(tmp_path / "o.gguf"), "--format", "q4_0"]) == 1
+    assert "no *.safetensors" in capsys.readouterr().err
+    # a u8 tensor cannot go to GGUF: refused before anything is written
+    st.save(tmp_path / "u8.safetensors", {"x": np.zeros(3, np.uint8)})
+    assert main(["quantize", str(tmp_path / "u8.safetensors"), str(tmp_path / "u8.gguf"), "--format", "q4_0"]) == 1
+    assert "U8" in capsys.readouterr().err and not (tmp_path / "u8.gguf").exists()
+    # corrupt input: clean error
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    assert main(["quantize", str(bad), str(tmp_path / "b.gguf"), "--format", "q4_0"]) == 1
+    assert main(["inspect", str(bad)]) == 1
+    trunc = tmp_path / "t.gguf"
+    pq.io.save_gguf(trunc, {"w": pq.quantize(np.ones((2, 64), np.float32), "q4_0")})
+    trunc.write_bytes(trunc.read_bytes()[:100])
+    assert main(["inspect", str(trunc)]) == 1
+    assert "truncated" in capsys.readouterr().err
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]

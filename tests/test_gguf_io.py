@@ -1,0 +1,314 @@
+"""pyqkern.io GGUF reader/writer (load_gguf / save_gguf) and pyqkern's QTensor safetensors layout
+(pyqkern.io.save / load): round trips against the gguf package, error cases, hostile files."""
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st_
+
+import pyqkern as pq
+from pyqkern.io import qsave
+
+gguf = pytest.importorskip("gguf")
+T = gguf.GGMLQuantizationType
+
+GGML = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl"]
+GT = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q8_0": T.Q8_0, "q4_k": T.Q4_K, "q6_k": T.Q6_K, "iq4_nl": T.IQ4_NL}
+
+
+def _w(n, k, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+
+
+def _base(qt):
+    """True if qt.data does not own its memory (a view, e.g. of the file's memory map)."""
+    return not qt.data.flags.owndata
+
+
+# ------------------------------------------------------------------------------------- GGUF
+
+@pytest.mark.parametrize("fmt", GGML)
+def test_save_gguf_bytes_shape_type(tmp_path, fmt):
+    qt = pq.quantize(_w(3, 512, 1), fmt)
+    p = tmp_path / "a.gguf"
+    pq.io.save_gguf(p, {"w": qt})
+    r = gguf.GGUFReader(p)
+    (t,) = r.tensors
+    assert t.tensor_type == GT[fmt]
+    assert t.shape.tolist() == [512, 3]  # ggml order: ne0 = K (row length) first
+    assert t.data.shape[0] == 3
+    assert t.data.tobytes() == qt.data.tobytes()
+    assert r.fields["general.architecture"].contents() == "pyqkern"
+    assert r.fields["general.quantization_version"].contents() == 2
+    # gguf's own dequantize of the file's bytes == ours
+    np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type), pq.dequantize(qt))
+
+
+@pytest.mark.parametrize("fmt", GGML)
+def test_load_gguf_roundtrip(tmp_path, fmt):
+    qt = pq.quantize(_w(4, 256, 2), fmt)
+    p = tmp_path / "a.gguf"
+    pq.io.save_gguf(p, {"blk.0.w": qt, "b": np.arange(4, dtype=np.float32)})
+    out, meta = pq.io.load_gguf(p)
+    q2 = out["blk.0.w"]
+    assert isinstance(q2, pq.QTensor) and q2 == qt
+    assert q2.data.tobytes() == qt.data.tobytes()
+    assert _base(q2) and not q2.data.flags.writeable  # zero-copy view of the read-only map
+    np.testing.assert_array_equal(pq.dequantize(q2), pq.dequantize(qt))
+    np.testing.assert_array_equal(out["b"], np.arange(4, dtype=np.float32))
+    assert meta["general.architecture"] == "pyqkern"
+
+
+def test_gguf_file_written_by_gguf_package(tmp_path):
+    """A file made by gguf.GGUFWriter from gguf.quants bytes loads as the equal QTensor."""
+    w = _w(5, 256, 3)
+    p = tmp_path / "ext.gguf"
+    wr = gguf.GGUFWriter(p, "llama")
+    wr.add_uint32("llama.context_length", 4096)
+    wr.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    wr.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    for fmt in GGML:  # gguf.quants quantizes only the legacy types; the rest come from pyqkern (bit-exact)
+        b = (gguf.quants.quantize(w, GT[fmt]) if fmt in ("q4_0", "q4_1", "q8_0")
+             else pq.quantize(w, fmt).data.reshape(5, -1).copy())
+        wr.add_tensor(f"t.{fmt}", b, raw_dtype=GT[fmt])
+    wr.add_tensor("f16", w.astype(np.float16))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    out, meta = pq.io.load_gguf(p)
+    for fmt in GGML:
+        assert out[f"t.{fmt}"] == pq.quantize(w, fmt)
+    np.testing.assert_array_equal(out["f16"], w.astype(np.float16))
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.context_length"] == 4096
+    assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+    assert meta["tokenizer.ggml.tokens"] == ["a", "b", "c"]
+
+
+def test_gguf_metadata_and_arrays(tmp_path):
+    p = tmp_path / "m.gguf"
+    meta = {"x.s": "héllo", "x.u": 7, "x.neg": -3, "x.big": 1 << 40, "x.f": 0.5, "x.b": True,
+            "x.li": [1, -2, 3], "x.ls": ["a", "b"], "x.lf": [0.25, 1.5], "general.name": "t"}
+    f16 = _w(2, 6).astype(np.float16)
+    pq.io.save_gguf(p, {"a": _w(3, 4), "h": f16, "i": np.arange(3, dtype=np.int32)}, meta, arch="myarch")
+    out, m2 = pq.io.load_gguf(p)
+    for k, v in meta.items():
+        assert m2[k] == v, k
+    assert m2["general.architecture"] == "myarch"
+    assert "general.quantization_version" not in m2  # nothing quantized
+    np.testing.assert_array_equal(out["a"], _w(3, 4))
+    assert out["h"].dtype == np.float16 and np.array_equal(out["h"], f16)
+    assert out["i"].dtype == np.int32
+    r = gguf.GGUFReader(p)
+    assert {t.name: t.tensor_type for t in r.tensors} == {"a": T.F32, "h": T.F16, "i": T.I32}
+
+
+def test_gguf_bf16_and_unsupported_types(tmp_path):
+    w = _w(2, 256, 4)
+    p = tmp_path / "u.gguf"
+    wr = gguf.GGUFWriter(p, "llama")
+    q5k = np.random.default_rng(0).integers(0, 256, (2, 176), dtype=np.uint8)  # any Q5_K block bytes
+    wr.add_tensor("q5k", q5k, raw_dtype=T.Q5_K)
+    wr.add_tensor("q4_1d", pq.quantize(w[:1], "q4_0").data.copy(), raw_dtype=T.Q4_0)
+    wr.add_tensor("bf", gguf.quants.quantize(w, T.BF16), raw_dtype=T.BF16)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    with pytest.warns(UserWarning, match="q5k .Q5_K"):
+        out, _ = pq.io.load_gguf(p)
+    assert out["q5k"].dtype == np.uint8 and np.array_equal(out["q5k"], q5k)
+    assert out["q4_1d"].dtype == np.uint8  # quantized but 1-D: raw bytes
+    bf = out["bf"]
+    assert bf.dtype == np.float32 and bf.shape == (2, 256)
+    want = (gguf.quants.quantize(w, T.BF16).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(bf, want.reshape(2, 256))
+    with pytest.raises(ValueError, match="Q5_K"):
+        pq.io.load_gguf(p, unsupported="raise")
+    with pytest.warns(UserWarning, match="skipped"):
+        out, _ = pq.io.load_gguf(p, unsupported="skip")
+    assert set(out) == {"bf"}
+    with pytest.raises(ValueError, match="unsupported"):
+        pq.io.load_gguf(p, unsupported="nope")
+
+
+@pytest.mark.parametrize("fmt,kw", [("nf4", {}), ("int4", {"group": 32}), ("int8", {})])
+def test_save_gguf_rejects_non_ggml(tmp_path, fmt, kw):
+    qt = pq.quantize(_w(2, 64), fmt, **kw)
+    p = tmp_path / "x.gguf"
+    with pytest.raises(ValueError, match=rf"{fmt}.*pyqkern\.io\.save"):
+        pq.io.save_gguf(p, {"w": qt, "ok": pq.quantize(_w(2, 64), "q4_0")})
+    assert not p.exists() and not os.listdir(tmp_path)
+
+
+def test_save_gguf_errors(tmp_path):
+    p = tmp_path / "x.gguf"
+    qt = pq.quantize(_w(2, 64), "q4_0")
+    with pytest.raises(ValueError, match="perm"):
+        pq.io.save_gguf(p, {"w": qt.with_perm(np.arange(64)[::-1])})
+    with pytest.raises(TypeError, match="dtype"):
+        pq.io.save_gguf(p, {"w": np.zeros(3, np.uint8)})
+    with pytest.raises(TypeError):
+        pq.io.save_gguf(p, {"w": [1, 2]})
+    with pytest.raises(TypeError):
+        pq.io.save_gguf(p, {"w": qt}, {"k": object()})
+    with pytest.raises(ValueError, match="dimensions"):
+        pq.io.save_gguf(p, {"w": np.zeros((1, 1, 1, 1, 2), np.float32)})
+    assert not os.listdir(tmp_path)
+
+
+def _good_gguf(tmp_path):
+    p = tmp_path / "good.gguf"
+    pq.io.save_gguf(p, {"a": pq.quantize(_w(2, 64), "q4_0"), "b": pq.quantize(_w(1, 256), "q6_k"),
+                        "c": np.ones(3, np.float32)},
+                    {"s": "text", "l": ["x", "yy"], "n": [1, 2, 3], "f": 1.5})
+    return p.read_bytes()
+
+
+def test_gguf_truncated_and_garbage(tmp_path):
+    raw = _good_gguf(tmp_path)
+    p = tmp_path / "bad.gguf"
+    end = len(raw.rstrip(b"\0"))  # the last tensor (ones) ends here; alignment padding follows
+    for cut in (0, 3, 23, 40, len(raw) // 2, end - 1):
+        p.write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match=r"bad\.gguf.*(too short|truncated)"):
+            pq.io.load_gguf(p)
+    p.write_bytes(b"NOPE" + raw[4:])
+    with pytest.raises(ValueError, match="bad magic"):
+        pq.io.load_gguf(p)
+    p.write_bytes(raw[:4] + struct.pack("<I", 1) + raw[8:])
+    with pytest.raises(ValueError, match="version 1"):
+        pq.io.load_gguf(p)
+    # a forged huge array length must fail fast, not loop
+    bad = bytearray(raw)
+    key = struct.pack("<Q", 1) + b"n" + struct.pack("<I", 9) + struct.pack("<I", 5) + struct.pack("<Q", 3)
+    j = bytes(bad).find(key)
+    assert j > 0
+    bad[j + len(key) - 8: j + len(key)] = struct.pack("<Q", 1 << 62)
+    p.write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="truncated"):
+        pq.io.load_gguf(p)
+
+
+def _check_load(path, loader):
+    try:
+        out, _ = loader(path)
+    except ValueError:
+        return
+    for v in out.values():
+        if isinstance(v, pq.QTensor):
+            pq.dequantize(v)
+
+
+@settings(max_examples=60)
+@given(data=st_.data())
+def test_gguf_fuzz(tmp_path_factory, data):
+    d = tmp_path_factory.mktemp("fz")
+    raw = bytearray(_good_gguf(d))
+    n = data.draw(st_.integers(1, 8))
+    for _ in range(n):
+        pos = data.draw(st_.one_of(st_.integers(0, min(400, len(raw) - 1)), st_.integers(0, len(raw) - 1)))
+        raw[pos] = data.draw(st_.integers(0, 255))
+    if data.draw(st_.booleans()):
+        raw = raw[: data.draw(st_.integers(0, len(raw)))]
+    p = d / "f.gguf"
+    p.write_bytes(bytes(raw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _check_load(p, pq.io.load_gguf)
+
+
+# ------------------------------------------------------------------------ pyqkern layout
+
+CASES = [("q4_0", {}), ("q4_1", {}), ("q8_0", {}), ("q4_k", {}), ("q6_k", {}), ("iq4_nl", {}),
+         ("nf4", {}), ("nf4", {"group": 128}), ("nf4", {"double_quant": True}),
+         ("nf4", {"group": 32, "double_quant": True}),
+         ("int4", {}), ("int4", {"sym": True}), ("int4", {"group": 32}), ("int4", {"group": 32, "sym": True}),
+         ("int4", {"group": -1}), ("int4", {"group": -1, "sym": True}), ("int8", {})]
+
+
+@pytest.mark.parametrize("fmt,kw", CASES, ids=[f"{f}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for f, kw in CASES])
+def test_qsave_roundtrip(tmp_path, fmt, kw):
+    w = _w(6, 512, 5)
+    qt = pq.quantize(w, fmt, **kw)
+    perm = np.random.default_rng(1).permutation(512)
+    qp = qt.with_perm(perm)
+    p = tmp_path / "q.safetensors"
+    plain = np.arange(6, dtype=np.float16)
+    pq.io.save(p, {"w": qt, "wp": qp, "bias": plain}, {"note": "x"})
+    out, meta = pq.io.load(p)
+    assert meta == {"note": "x"}
+    assert set(out) == {"w", "wp", "bias"}
+    for name, ref in (("w", qt), ("wp", qp)):
+        got = out[name]
+        assert isinstance(got, pq.QTensor) and got == ref
+        assert got.data.tobytes() == ref.data.tobytes() and got.params == ref.params
+        np.testing.assert_array_equal(pq.dequantize(got), pq.dequantize(ref))
+    assert out["w"].perm is None and np.array_equal(out["wp"].perm, perm)
+    assert out["bias"].dtype == np.float16 and np.array_equal(out["bias"], plain)
+
+
+def test_qsave_plain_file_and_errors(tmp_path):
+    p = tmp_path / "p.safetensors"
+    pq.io.safetensors.save(p, {"a": np.ones(3, np.float32)})
+    out, meta = pq.io.load(p)
+    assert list(out) == ["a"] and meta == {}
+    qt = pq.quantize(_w(2, 64), "q4_0")
+    with pytest.raises(ValueError, match="reserved"):
+        pq.io.save(p, {"w": qt}, {qsave.META_KEY: "x"})
+    with pytest.raises(ValueError, match="reserved"):
+        pq.io.save(p, {"w" + qsave.PERM_SUFFIX: np.ones(2)})
+    # hand-made metadata that lies
+    import json
+
+    def write(desc, tensors):
+        pq.io.safetensors.save(p, tensors, {qsave.META_KEY: json.dumps(desc)})
+
+    good = {"format": "q4_0", "shape": [2, 64], "params": {"group": 0, "sym": 0}}
+    data = np.asarray(qt.data)
+    write({"version": 1, "tensors": {"w": good}}, {"w": data})
+    assert pq.io.load(p)[0]["w"] == qt
+    bad = [({"version": 2, "tensors": {}}, "version"),
+           ({"version": 1, "tensors": {"w": dict(good, format="q9")}}, "unknown format"),
+           ({"version": 1, "tensors": {"w": dict(good, shape=[2, 32])}}, "expected"),
+           ({"version": 1, "tensors": {"w": dict(good, shape=[2])}}, "shape"),
+           ({"version": 1, "tensors": {"w": dict(good, params={"group": 32, "sym": 0})}}, "group"),
+           ({"version": 1, "tensors": {"w": dict(good, params={"x": 1})}}, "params"),
+           ({"version": 1, "tensors": {"v": good}}, "U8"),
+           ({"version": 1, "tensors": {"w": dict(good, perm="w" + qsave.PERM_SUFFIX)}}, "perm")]
+    for desc, msg in bad:
+        write(desc, {"w": data})
+        with pytest.raises(ValueError, match=msg):
+            pq.io.load(p)
+    pq.io.safetensors.save(p, {"w": data}, {qsave.META_KEY: "{not json"})
+    with pytest.raises(ValueError, match="JSON"):
+        pq.io.load(p)
+
+
+def _good_qsave(d):
+    p = d / "g.safetensors"
+    pq.io.save(p, {"a": pq.quantize(_w(2, 64), "nf4", double_quant=True),
+                   "b": pq.quantize(_w(2, 64), "int4", group=32).with_perm(np.arange(64)[::-1]),
+                   "c": np.ones(3, np.float32)})
+    return p.read_bytes()
+
+
+@settings(max_examples=60)
+@given(data=st_.data())
+def test_qsave_fuzz(tmp_path_factory, data):
+    d = tmp_path_factory.mktemp("fq")
+    raw = bytearray(_good_qsave(d))
+    hlen = struct.unpack("<Q", raw[:8])[0]
+    for _ in range(data.draw(st_.integers(1, 6))):
+        pos = data.draw(st_.one_of(st_.integers(0, 8 + hlen - 1), st_.integers(0, len(raw) - 1)))
+        raw[pos] = data.draw(st_.one_of(st_.integers(0, 255), st_.sampled_from(list(b'0123456789",:{}[]'))))
+    if data.draw(st_.booleans()):
+        raw = raw[: data.draw(st_.integers(0, len(raw)))]
+    p = d / "f.safetensors"
+    p.write_bytes(bytes(raw))
+    _check_load(p, pq.io.load)
