@@ -1,0 +1,184 @@
+"""ONNX Runtime ``com.microsoft.MatMulNBits`` (bits=4) <-> pyqkern int4 QTensor.
+
+MatMulNBits (formats.md section 5): B uint8 [N, k_blocks, block_size/2], packed along K inside
+each block, element 2i in the LOW nibble (the same bytes as pyqkern's int4 q section when
+block_size == group); scales [N, k_blocks] (float or float16, the type of A); optional
+zero_points packed uint8 [N, ceil(k_blocks/2)] (block 2j low nibble) or unpacked float
+[N, k_blocks]; default zero point 8. Dequant (q - zp) * scale, Y = A @ dequant(B).T.
+
+Lossless: to_ort_nbits always is (fp16 scales widen exactly to fp32). from_ort_nbits is lossless
+when the scales are fp16-representable (otherwise ValueError, or round_scales=True to round them
+to fp16 on purpose), zero points are integers 0..15, and K is a multiple of block_size (a single
+padded block, k_blocks == 1, maps to a per-channel QTensor). A per-channel QTensor exports as
+one padded block of size next_pow2(K).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from .._qtensor import QTensor
+from ._convert_common import as_fp16, int4_from_parts, int4_parts
+
+__all__ = ["from_ort_nbits", "to_ort_nbits", "to_onnx_matmulnbits"]
+
+
+def _check_block(block_size):
+    if not isinstance(block_size, (int, np.integer)) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+
+
+def from_ort_nbits(B, scales, zero_points=None, *, K, N, block_size, bits=4, sym=None,
+                   round_scales=False) -> QTensor:
+    """MatMulNBits initializers -> int4 QTensor [N, K].
+
+    sym: None => symmetric iff zero_points is None (so to_ort_nbits gives back the same inputs)."""
+    if bits != 4:
+        raise NotImplementedError(f"MatMulNBits bits={bits}: only 4-bit converts to pyqkern int4")
+    _check_block(block_size)
+    k, n, bs = int(K), int(N), int(block_size)
+    if k <= 0 or n <= 0:
+        raise ValueError(f"K and N must be positive, got K={K}, N={N}")
+    nb = -(-k // bs)
+    b = np.asarray(B)
+    if b.dtype != np.uint8:
+        raise ValueError(f"B must be uint8, got {b.dtype}")
+    if b.size != n * nb * (bs // 2) or (b.ndim == 3 and b.shape != (n, nb, bs // 2)):
+        raise ValueError(f"B has shape {b.shape}, expected ({n}, {nb}, {bs // 2})")
+    b = b.reshape(n, nb * bs // 2)
+    if k % bs:
+        if nb != 1:
+            raise ValueError(f"K={k} is not a multiple of block_size={bs}: a padded last block cannot be "
+                             "represented by pyqkern int4 groups (only a single padded block, per-channel)")
+        group = -1
+    else:
+        group = -1 if nb == 1 else bs
+    if k % 2:
+        raise ValueError(f"K={k} must be even for pyqkern int4")
+    q = np.ascontiguousarray(b[:, : k // 2])
+    codes = np.empty((n, k), np.uint8)
+    codes[:, 0::2] = q & 0x0F
+    codes[:, 1::2] = q >> 4
+
+    sc = np.asarray(scales)
+    if sc.size != n * nb or sc.ndim not in (1, 2) or (sc.ndim == 2 and sc.shape != (n, nb)):
+        raise ValueError(f"scales has shape {sc.shape}, expected ({n}, {nb}) or ({n * nb},)")
+    sc = sc.reshape(n, nb)
+    if round_scales and sc.dtype.kind == "f" and sc.dtype != np.float16:
+        h = sc.astype(np.float16)
+        if not np.array_equal(h.astype(sc.dtype), sc):
+            warnings.warn("MatMulNBits scales rounded to float16: the QTensor is not bit-exact", stacklevel=2)
+        sc = h
+    sc = as_fp16(sc, "scales", (n, nb))
+
+    if zero_points is None:
+        zeros = np.full((n, nb), 8, np.uint8)
+        if sym is None:
+            sym = True
+    else:
+        zp = np.asarray(zero_points)
+        if zp.dtype == np.uint8:
+            nzb = -(-nb // 2)
+            if zp.size != n * nzb:
+                raise ValueError(f"packed zero_points has {zp.size} bytes, expected {n}x{nzb}")
+            zp = zp.reshape(n, nzb)
+            zz = np.empty((n, nzb * 2), np.uint8)
+            zz[:, 0::2] = zp & 0x0F
+            zz[:, 1::2] = zp >> 4
+            zeros = np.ascontiguousarray(zz[:, :nb])
+        elif zp.dtype.kind == "f":
+            if zp.size != n * nb:
+                raise ValueError(f"unpacked zero_points has shape {zp.shape}, expected ({n}, {nb})")
+            zf = zp.reshape(n, nb)
+            if not np.all((zf == np.round(zf)) & (zf >= 0) & (zf <= 15)):
+                raise ValueError("unpacked float zero_points must be integers in 0..15 to map to int4")
+            zeros = zf.astype(np.uint8)
+        else:
+            raise ValueError(f"zero_points must be packed uint8 or float, got {zp.dtype}")
+        if sym is None:
+            sym = False
+        elif sym and not np.all(zeros == 8):
+            raise ValueError("sym=True but the zero points are not all 8")
+    return int4_from_parts(codes, sc, zeros, group, sym)
+
+
+def to_ort_nbits(qt: QTensor, *, scales_dtype=np.float32, zero_points="auto") -> dict:
+    """int4 QTensor -> dict(B, scales, zero_points (or None), K, N, block_size, bits).
+
+    zero_points: "auto" (None for a symmetric QTensor, else packed uint8) | "packed" | "none"
+    (only for symmetric tensors). A QTensor with an input permutation is refused (MatMulNBits'
+    g_idx input is deprecated); to_onnx_matmulnbits handles it with a Gather on A."""
+    if qt.perm is not None:
+        raise ValueError("QTensor has an input permutation: MatMulNBits has no supported g_idx; "
+                         "use to_onnx_matmulnbits (adds a Gather) or un-permute the input yourself")
+    codes, scales, zeros, gs = int4_parts(qt)
+    n, k = qt.shape
+    if qt.group == -1:
+        bs = max(16, 1 << (k - 1).bit_length())
+    else:
+        bs = gs
+    nb = -(-k // bs)
+    if bs * nb != k:
+        codes = np.concatenate([codes, np.zeros((n, bs * nb - k), np.uint8)], axis=1)
+    b = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8).reshape(n, nb, bs // 2)
+    if zero_points not in ("auto", "packed", "none"):
+        raise ValueError(f"zero_points must be 'auto', 'packed' or 'none', got {zero_points!r}")
+    if zero_points == "none" and not qt.sym:
+        raise ValueError("zero_points='none' needs a symmetric QTensor")
+    if zero_points == "none" or (zero_points == "auto" and qt.sym):
+        zp = None
+    else:
+        z = zeros
+        if nb % 2:
+            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+        zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+    return {"B": np.ascontiguousarray(b), "scales": scales.astype(scales_dtype), "zero_points": zp,
+            "K": k, "N": n, "block_size": bs, "bits": 4}
+
+
+def to_onnx_matmulnbits(path, qt: QTensor, *, bias=None, accuracy_level=0, input_dtype="float32",
+                        opset=21):
+    """Write a one-node (plus a Gather for a permuted QTensor) ONNX model Y = A @ W.T (+ bias) with
+    com.microsoft.MatMulNBits; A is [M, K] of input_dtype ("float32" | "float16"). Needs the
+    ``onnx`` package. Returns the onnx ModelProto (also saved to path unless path is None)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    dt = np.dtype(input_dtype)
+    if dt not in (np.float32, np.float16):
+        raise ValueError(f"input_dtype must be float32 or float16, got {input_dtype!r}")
+    tp = TensorProto.FLOAT if dt == np.float32 else TensorProto.FLOAT16
+    perm = qt.perm
+    base = qt if perm is None else QTensor(qt.format, qt.shape, qt.data, qt.params)
+    d = to_ort_nbits(base, scales_dtype=dt)
+    n, k = qt.shape
+    inits = [numpy_helper.from_array(d["B"], "B"), numpy_helper.from_array(d["scales"], "scales")]
+    nodes = []
+    a_name = "A"
+    if perm is not None:
+        inits.append(numpy_helper.from_array(perm.astype(np.int64), "perm"))
+        nodes.append(helper.make_node("Gather", ["A", "perm"], ["A_perm"], axis=-1))
+        a_name = "A_perm"
+    inputs = [a_name, "B", "scales"]
+    if d["zero_points"] is not None:
+        inits.append(numpy_helper.from_array(d["zero_points"], "zero_points"))
+        inputs.append("zero_points")
+    if bias is not None:
+        bvec = np.asarray(bias, dt).reshape(-1)
+        if bvec.shape != (n,):
+            raise ValueError(f"bias must have {n} elements, got {np.asarray(bias).shape}")
+        inits.append(numpy_helper.from_array(bvec, "bias"))
+        while len(inputs) < 5:
+            inputs.append("")                      # zero_points, g_idx optional slots
+        inputs.append("bias")
+    nodes.append(helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+                                  block_size=d["block_size"], accuracy_level=int(accuracy_level)))
+    graph = helper.make_graph(nodes, "pyqkern_matmulnbits", [helper.make_tensor_value_info("A", tp, ["M", k])],
+                              [helper.make_tensor_value_info("Y", tp, ["M", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    if path is not None:
+        with open(os.fspath(path), "wb") as f:
+            f.write(model.SerializeToString())
+    return model
