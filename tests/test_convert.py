@@ -592,3 +592,27 @@ def test_bnb_nf4_matches_onnxruntime_matmulbnb4():
     x = rng.standard_normal((3, k)).astype(F32)
     want = x @ pq.dequantize(qt).T
     np.testing.assert_allclose(sess.run(None, {"A": x})[0], want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_load_onnx_matmulnbits_reads_back_what_was_written(tmp_path):
+    """pq.io.load_onnx_matmulnbits: the weights (and bias, and act-order permutation) of an .onnx
+    model's MatMulNBits nodes come back as identical QTensors."""
+    pytest.importorskip("onnx")
+    rng = np.random.default_rng(11)
+    n, k = 24, 128
+    for params, perm in [(dict(group=32), None), (dict(group=64, sym=True), rng.permutation(k))]:
+        qt = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), "int4", **params)
+        if perm is not None:
+            qt = qt.with_perm(perm)
+        bias = rng.standard_normal(n).astype(np.float32)
+        path = tmp_path / "m.onnx"
+        pq.io.to_onnx_matmulnbits(path, qt, bias=bias)
+        weights, biases = pq.io.load_onnx_matmulnbits(path)
+        (name, got), = weights.items()
+        assert got == qt and np.array_equal(biases[name], bias)
+        x = rng.standard_normal((3, k)).astype(np.float32)
+        assert np.array_equal(pq.matmul(x, got, compute="float"), pq.matmul(x, qt, compute="float"))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(ValueError, match="ONNX"):
+        pq.io.load_onnx_matmulnbits(bad)

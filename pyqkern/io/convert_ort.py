@@ -182,3 +182,55 @@ def to_onnx_matmulnbits(path, qt: QTensor, *, bias=None, accuracy_level=0, input
         with open(os.fspath(path), "wb") as f:
             f.write(model.SerializeToString())
     return model
+
+
+def load_onnx_matmulnbits(model_or_path):
+    """Read every com.microsoft.MatMulNBits node of an .onnx model (path or ModelProto) back into
+    QTensors: -> (weights {name: QTensor}, biases {name: ndarray}). name is the node's name, or its
+    B initializer's name when the node has none. A Gather with constant indices feeding input A
+    (what to_onnx_matmulnbits writes for act-order weights) becomes qt.perm. 4-bit only; a
+    non-empty g_idx input is refused (it is deprecated in ONNX Runtime). Needs the onnx package."""
+    import onnx
+    from onnx import numpy_helper
+
+    if isinstance(model_or_path, (str, bytes, os.PathLike)):
+        try:
+            model = onnx.load(os.fspath(model_or_path))
+        except Exception as e:  # protobuf decode errors, missing file, ...
+            raise ValueError(f"{model_or_path}: not a readable ONNX model ({e})") from None
+    else:
+        model = model_or_path
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: nd for nd in g.node for o in nd.output}
+
+    def const(name, what, node):
+        if name not in inits:
+            raise ValueError(f"MatMulNBits {node.name or '?'}: {what} {name!r} is not an initializer")
+        return numpy_helper.to_array(inits[name])
+
+    weights, biases = {}, {}
+    for nd in g.node:
+        if nd.op_type != "MatMulNBits" or nd.domain != "com.microsoft":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nd.attribute}
+        for req in ("K", "N", "block_size"):
+            if req not in attrs:
+                raise ValueError(f"MatMulNBits {nd.name or '?'}: attribute {req} missing")
+        bits = int(attrs.get("bits", 4))
+        if bits != 4:
+            raise NotImplementedError(f"MatMulNBits {nd.name or '?'}: bits={bits}; only 4-bit is supported")
+        ins = list(nd.input) + [""] * (6 - len(nd.input))
+        if ins[4]:
+            raise NotImplementedError(f"MatMulNBits {nd.name or '?'}: the g_idx input is not supported")
+        zp = const(ins[3], "zero_points", nd) if ins[3] else None
+        qt = from_ort_nbits(const(ins[1], "B", nd), const(ins[2], "scales", nd), zp, K=int(attrs["K"]),
+                            N=int(attrs["N"]), block_size=int(attrs["block_size"]), bits=bits)
+        src = producers.get(ins[0])
+        if src is not None and src.op_type == "Gather" and len(src.input) == 2 and src.input[1] in inits:
+            qt = qt.with_perm(numpy_helper.to_array(inits[src.input[1]]).astype(np.int64))
+        name = nd.name or ins[1]
+        weights[name] = qt
+        if ins[5]:
+            biases[name] = const(ins[5], "bias", nd)
+    return weights, biases
