@@ -1,0 +1,319 @@
+"""pyqkern.torch: custom ops, QuantLinear, quantize_model, torch.compile / export, QLoRA gradients."""
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import pyqkern as pq  # noqa: E402
+import pyqkern.torch as pqt  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def _lin(k, n, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias)
+
+
+def _ref(q: "pqt.QuantLinear", x):
+    w = torch.from_numpy(pq.dequantize(q.qtensor()))
+    return nn.functional.linear(x.float(), w, q.bias)
+
+
+def test_import_pyqkern_does_not_import_torch():
+    code = "import sys, pyqkern; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("fmt,opts", [("q4_0", {}), ("q4_1", {}), ("q8_0", {}), ("iq4_nl", {}),
+                                      ("q4_k", {}), ("q6_k", {}), ("nf4", {"group": 64}),
+                                      ("nf4", {"double_quant": True}), ("int4", {"group": 32}),
+                                      ("int4", {"group": 32, "sym": True}), ("int8", {})])
+def test_float_matches_dequantized_linear(fmt, opts):
+    k = 256
+    lin = _lin(k, 24)
+    q = pqt.QuantLinear.from_linear(lin, fmt, compute="float", **opts)
+    # the weight bytes are exactly pq.quantize's
+    assert q.qtensor() == pq.quantize(lin.weight.detach().numpy(), fmt, **opts)
+    x = torch.randn(2, 3, k)
+    y = q(x)
+    assert y.shape == (2, 3, 24) and y.dtype == torch.float32
+    ref = _ref(q, x)
+    w = q.dequantize()
+    bound = k * 2.0 ** -23 * (x.abs() @ w.abs().T + q.bias.abs()) + 1e-6
+    assert ((y - ref).abs() <= bound).all()
+    assert f"format={fmt}" in repr(q) and "bits/weight" in repr(q)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "int4"])
+def test_int8_compute(fmt):
+    k, n = 128, 20
+    lin = _lin(k, n)
+    q = pqt.QuantLinear.from_linear(lin, fmt, group=64 if fmt == "int4" else None, compute="int8")
+    assert q.compute == "int8"
+    x = torch.randn(5, k)
+    y = q(x)
+    # bit-identical to pyqkern.matmul (which the matmul tests tie to the reference spec)
+    qt = q.qtensor()
+    assert np.array_equal(y.numpy(), pq.matmul(x.numpy(), qt, q.bias.numpy(), compute="int8"))
+    # within the activation rounding bound of the float result: |x - dx*xq| <= dx/2, dx = amax/127 per 32
+    xb = x.double().reshape(5, k // 32, 32)
+    half_dx = (xb.abs().amax(-1, keepdim=True) / 127 / 2).expand_as(xb).reshape(5, k)
+    w = q.dequantize().double()
+    exact = x.double() @ w.T + q.bias.double()
+    bound = half_dx @ w.abs().T + 1e-5 * (x.double().abs() @ w.abs().T + q.bias.double().abs()) + 1e-6
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+def test_dtypes_and_leading_dims():
+    lin = _lin(64, 16)
+    q = pqt.QuantLinear.from_linear(lin, "q8_0", compute="float")
+    x = torch.randn(2, 3, 4, 64)
+    for dt in (torch.bfloat16, torch.float16):
+        xd = x.to(dt)
+        y = q(xd)
+        assert y.dtype == dt and y.shape == (2, 3, 4, 16)
+        assert torch.equal(y, _ref(q, xd).to(dt)) or (y.float() - _ref(q, xd)).abs().max() < 0.05
+    assert q(torch.randn(0, 64)).shape == (0, 16)
+    assert q(torch.randn(64)).shape == (16,)
+
+
+def test_ops_direct():
+    w = torch.randn(16, 64)
+    qdata = torch.ops.pyqkern.quantize(w, "q4_0", 0, 0)
+    qt = pq.quantize(w.numpy(), "q4_0")
+    assert qdata.dtype == torch.uint8 and np.array_equal(qdata.numpy(), qt.data)
+    d = torch.ops.pyqkern.dequantize(qdata, "q4_0", 16, 64, 0, 0)
+    assert np.array_equal(d.numpy(), pq.dequantize(qt))
+    x = torch.randn(3, 64)
+    y = torch.ops.pyqkern.matmul(x, qdata, "q4_0", 16, 64, 0, 0, None, "float")
+    assert np.array_equal(y.numpy(), pq.matmul(x.numpy(), qt, compute="float"))
+    # fake (meta) implementations give the right shapes / dtypes
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fw = torch.empty(16, 64)
+        fq = torch.ops.pyqkern.quantize(fw, "q4_0", 0, 0)
+        assert fq.shape == (qt.nbytes,) and fq.dtype == torch.uint8
+        assert torch.ops.pyqkern.dequantize(fq, "q4_0", 16, 64, 0, 0).shape == (16, 64)
+        fy = torch.ops.pyqkern.matmul(torch.empty(2, 5, 64, dtype=torch.bfloat16), fq, "q4_0", 16, 64, 0, 0, None,
+                                      "float")
+        assert fy.shape == (2, 5, 16) and fy.dtype == torch.float32
+
+
+def test_opcheck():
+    lin = _lin(64, 16)
+    q = pqt.QuantLinear.from_linear(lin, "q4_0", compute="float")
+    x = torch.randn(3, 64)
+    torch.library.opcheck(torch.ops.pyqkern.matmul.default,
+                          (x, q.qdata, q.format, 16, 64, 0, 0, q.bias, "float"),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.pyqkern.dequantize.default, (q.qdata, q.format, 16, 64, 0, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 96)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(96, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def test_compile_no_graph_breaks():
+    torch.manual_seed(1)
+    m = _MLP()
+    pqt.quantize_model(m, "q4_0")
+    x = torch.randn(4, 7, 64)
+    eager = m(x)
+    ex = torch._dynamo.explain(m)(x)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1
+    torch._dynamo.reset()
+    for backend in ("eager", "aot_eager"):
+        cm = torch.compile(m, backend=backend, fullgraph=True)
+        assert torch.equal(cm(x), eager), backend
+        torch._dynamo.reset()
+
+
+def test_export():
+    torch.manual_seed(2)
+    m = _MLP()
+    pqt.quantize_model(m, "q8_0")
+    x = torch.randn(3, 64)
+    ep = torch.export.export(m, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("pyqkern.matmul" in t for t in targets), targets
+    assert torch.equal(ep.module()(x), m(x))
+
+
+def test_state_dict_round_trip(tmp_path):
+    lin = _lin(128, 24)
+    q = pqt.QuantLinear.from_linear(lin, "int4", group=64, sym=True, compute="float")
+    q.add_adapter("a", torch.randn(4, 128) * 0.1, torch.randn(24, 4) * 0.1, alpha=8, rslora=True)
+    q.add_adapter("b", torch.randn(2, 128) * 0.1, torch.randn(24, 2) * 0.1)
+    q.set_adapter("a")
+    path = tmp_path / "q.pt"
+    torch.save(q.state_dict(), path)
+    # a layer made with another format / no adapters takes over everything from the state dict
+    q2 = pqt.QuantLinear(128, 24, format="q8_0", bias=False)
+    q2.load_state_dict(torch.load(path, weights_only=True))
+    assert q2.format == "int4" and q2.group == 64 and q2.sym == 1 and q2.compute == "float"
+    assert q2.adapter_names == ["a", "b"] and q2.active_adapters == ["a"]
+    assert q2.qtensor() == q.qtensor()
+    x = torch.randn(3, 128)
+    assert torch.equal(q2(x), q(x))
+    assert torch.equal(q2(x, adapter_ids=[1, -1, 0]), q(x, adapter_ids=[1, -1, 0]))
+
+
+def test_state_dict_load_in_place_updates_weight():
+    a = pqt.QuantLinear.from_linear(_lin(64, 8, seed=1), "q4_0", compute="int8")
+    b = pqt.QuantLinear.from_linear(_lin(64, 8, seed=2), "q4_0", compute="int8")
+    x = torch.randn(2, 64)
+    ya = a(x)
+    b(x)  # caches b's packed weight
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b(x), ya)
+
+
+def test_adapters_attach_detach():
+    k, n = 64, 16
+    lin = _lin(k, n)
+    q = pqt.QuantLinear.from_linear(lin, "q4_0", compute="float")
+    x = torch.randn(4, k)
+    base = q(x)
+    A1, B1 = torch.randn(4, k) * 0.1, torch.randn(n, 4) * 0.1
+    A2, B2 = torch.randn(2, k) * 0.1, torch.randn(n, 2) * 0.1
+    q.add_adapter("one", A1, B1, alpha=8)
+    q.add_adapter("two", A2, B2)
+    assert q.adapter_names == ["one", "two"] and "adapters=" in repr(q)
+    t1 = 2.0 * (x @ A1.T) @ B1.T
+    t2 = (x @ A2.T) @ B2.T
+    assert torch.allclose(q(x), base + t1 + t2, atol=1e-5)
+    q.set_adapter("two")
+    assert torch.allclose(q(x), base + t2, atol=1e-5)
+    y = q(x, adapter_ids=["one", None, "two", 0])
+    want = base.clone()
+    want[0] += t1[0]
+    want[2] += t2[2]
+    want[3] += t1[3]
+    assert torch.allclose(y, want, atol=1e-5)
+    assert torch.allclose(q(x, adapter_ids=torch.tensor([0, -1, 1, 0])), want, atol=1e-5)
+    # same as pyqkern.matmul with LoRA objects
+    ads = [pq.LoRA(A1.numpy(), B1.numpy(), alpha=8), pq.LoRA(A2.numpy(), B2.numpy())]
+    np.testing.assert_array_equal(q(x).numpy(), pq.matmul(x.numpy(), q.qtensor(), q.bias.numpy(), lora=[ads[1]],
+                                                           compute="float"))
+    q.set_adapter([])
+    assert torch.equal(q(x), base)
+    q.remove_adapter("one")
+    assert q.adapter_names == ["two"]
+    with pytest.raises(KeyError):
+        q.set_adapter("one")
+    q.remove_adapter("two")
+    assert torch.equal(q(x), base)
+    with pytest.raises(ValueError):
+        q.add_adapter("bad", torch.randn(4, k + 1), torch.randn(n, 4))
+    q.add_lora("p", pq.LoRA(A1.numpy(), B1.numpy(), alpha=8))
+    assert torch.allclose(q(x), base + t1, atol=1e-5)
+
+
+def test_quantize_model_mlp(capsys):
+    torch.manual_seed(3)
+    m = _MLP()
+    m.odd = nn.Linear(33, 4)  # in_features 33 fits no 32-block: skipped with a warning
+    x = torch.randn(6, 64)
+    ref = m(x)
+    with pytest.warns(UserWarning, match="odd"):
+        s = pqt.quantize_model(m, "q8_0", exclude=["head"], verbose=True)
+    assert s["quantized"] == ["fc1", "fc2"] and list(s["skipped"]) == ["odd"]
+    assert isinstance(m.fc1, pqt.QuantLinear) and isinstance(m.head, nn.Linear) and isinstance(m.odd, nn.Linear)
+    assert s["bytes_before"] == (64 * 96 + 96 + 96 * 32 + 32) * 4
+    assert s["bytes_after"] == (96 * 64 + 32 * 96) // 32 * 34 + (96 + 32) * 4
+    assert "fc1" in capsys.readouterr().out
+    assert (m(x) - ref).abs().max() < 0.05  # q8_0 is close to the float model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s2 = pqt.quantize_model(m, "q4_0", include="head")
+    assert s2["quantized"] == ["head"]
+    with pytest.raises(ValueError):
+        pqt.quantize_model(m, "q9_9")
+
+
+def test_qlora_gradients_match_float_reference():
+    k, n, r = 64, 24, 4
+    lin = _lin(k, n)
+    q = pqt.QuantLinear.from_linear(lin, "nf4", compute="float")
+    torch.manual_seed(5)
+    A0, B0 = torch.randn(r, k) * 0.1, torch.randn(n, r) * 0.1
+    q.add_adapter("t", A0, B0, alpha=16, trainable=True)
+    assert q.qdata.requires_grad is False and q.lora_A["t"].requires_grad
+    x = torch.randn(2, 5, k)
+    xq = x.clone().requires_grad_()
+    dy = torch.randn(2, 5, n)
+    (q(xq) * dy).sum().backward()
+    # float reference with autograd on the dequantized weight
+    w = q.dequantize()
+    A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
+    xr = x.clone().requires_grad_()
+    yr = xr @ w.T + q.bias + (16 / r) * (xr @ A.T) @ B.T
+    (yr * dy).sum().backward()
+    for got, want in ((xq.grad, xr.grad), (q.lora_A["t"].grad, A.grad), (q.lora_B["t"].grad, B.grad)):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    # equals pyqkern.lora.backward
+    dx, dA, dB = pq.lora.backward(x.numpy(), dy.numpy(), q.qtensor(), pq.LoRA(A0.numpy(), B0.numpy(), alpha=16))
+    np.testing.assert_array_equal(xq.grad.numpy(), dx)
+    np.testing.assert_array_equal(q.lora_A["t"].grad.numpy(), dA)
+    np.testing.assert_array_equal(q.lora_B["t"].grad.numpy(), dB)
+
+
+def test_qlora_multi_adapter_grads_and_training_step():
+    k, n = 64, 16
+    q = pqt.QuantLinear.from_linear(_lin(k, n), "q4_0", compute="float")
+    torch.manual_seed(6)
+    q.add_adapter("a", torch.randn(2, k) * 0.1, torch.randn(n, 2) * 0.1, trainable=True)
+    q.add_adapter("b", torch.randn(3, k) * 0.1, torch.randn(n, 3) * 0.1, alpha=6, trainable=True)
+    x = torch.randn(6, k)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0])
+    (q(x, adapter_ids=ids) ** 2).sum().backward()
+    w = q.dequantize()
+    ref = {nm: (q.lora_A[nm].detach().clone().requires_grad_(), q.lora_B[nm].detach().clone().requires_grad_())
+           for nm in ("a", "b")}
+    y = x @ w.T + q.bias
+    y = y + torch.where((ids == 0)[:, None], (x @ ref["a"][0].T) @ ref["a"][1].T, torch.zeros(()))
+    y = y + torch.where((ids == 1)[:, None], 2.0 * (x @ ref["b"][0].T) @ ref["b"][1].T, torch.zeros(()))
+    (y ** 2).sum().backward()
+    for nm in ("a", "b"):
+        assert torch.allclose(q.lora_A[nm].grad, ref[nm][0].grad, atol=1e-5)
+        assert torch.allclose(q.lora_B[nm].grad, ref[nm][1].grad, atol=1e-5)
+    # a few optimizer steps reduce a regression loss; the quantized weight stays unchanged
+    before = q.qdata.clone()
+    q.set_adapter("a")
+    opt = torch.optim.SGD([q.lora_A["a"], q.lora_B["a"]], lr=0.05)
+    target = torch.randn(6, n)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = ((q(x) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(q.qdata, before)
+
+
+def test_qlora_compiled_backward():
+    q = pqt.QuantLinear.from_linear(_lin(64, 16), "q8_0", compute="float")
+    q.add_adapter("a", torch.randn(2, 64) * 0.1, torch.randn(16, 2) * 0.1, trainable=True)
+    x = torch.randn(3, 64)
+    (q(x) ** 2).sum().backward()
+    g_eager = q.lora_A["a"].grad.clone()
+    q.lora_A["a"].grad = None
+    cq = torch.compile(q, backend="aot_eager", fullgraph=True)
+    (cq(x) ** 2).sum().backward()
+    assert torch.equal(q.lora_A["a"].grad, g_eager)
+    torch._dynamo.reset()
