@@ -14,6 +14,7 @@ from ._matmul import QLinear, matmul
 from ._ops import dequantize, quantize
 from ._qtensor import QTensor
 from . import io, lora
+from . import gptq
 
 __version__ = "0.1.0"
 __all__ = ["get_include", "get_library", "QTensor", "QLinear", "matmul", "quantize", "dequantize", "formats", "info", "variants", "set_num_threads",

@@ -1,0 +1,444 @@
+"""GPTQ post-training quantization (Frantar et al. 2022, arXiv 2210.17323), CPU only.
+
+    g = pq.gptq.GPTQ(W)                    # W float32 [N, K], rows = output channels
+    for x in calibration_batches:          # x [tokens, K] (or [..., K]): the layer's inputs
+        g.add_batch(x)
+    qt = g.quantize(format="int4", group_size=128, sym=False, act_order=True)
+    print(g.report(X))                     # relative output error of GPTQ and of round-to-nearest
+
+    qt = pq.gptq.quantize(W, X=X)          # one shot (or H= a ready Hessian [K, K])
+
+The algorithm follows the reference implementation (IST-DASLab ``gptq.py`` / AutoGPTQ):
+
+- ``H = 2/n Σ x xᵀ`` accumulated in float64 as a running mean (``add_batch``).
+- dead inputs (``H_ii == 0``): ``H_ii = 1`` and the weight column is zeroed.
+- ``static_groups`` (int4): group parameters computed up front on the original column groups.
+- ``act_order``: columns processed in order of descending ``diag(H)`` (stable sort).
+- dampening ``damp · mean(diag H)`` on the diagonal; if a Cholesky factorization fails the
+  dampening is multiplied by 10, up to 3 times, then ``ValueError``.
+- ``U`` = upper Cholesky factor of ``H⁻¹`` (itself from the Cholesky factor of ``H``).
+- columns in lazy blocks of ``blocksize``: inside a block each column is quantized,
+  ``err = (w - q) / U_jj`` and the block's later columns get ``-= U[j, jj] · err``; after the
+  block all later columns get ``-= U[block, later]ᵀ · Err`` (one GEMM).
+- int4 group parameters are computed at each group boundary in processing order from the
+  working weights *as they are at the start of the lazy block* holding the boundary (that is
+  what the reference does: it reads the full matrix, whose current block is only written back
+  after the block). They follow pyqkern's int4 rules (:func:`pyqkern.reference.int4_group_params`:
+  ``xmin = min(0, ·)``, ``xmax = max(0, ·)``, fp16-rounded scale, ``zero = rint(-xmin/scale)``,
+  round half to even), so the returned QTensor dequantizes exactly to the values GPTQ used
+  in its error feedback.
+- q4_0 / q8_0 targets: codes on ggml's 32-wide block grid (in processing order); each block's
+  ggml scale is computed from the *current* (error-updated) working weights when the block's
+  first column is reached, and every column of the block is coded with ggml's rule and that
+  scale (fp16 d for the value). The bytes are ordinary ggml blocks.
+
+With ``act_order`` (and not ``static_groups``) the result is ``qt.with_perm(perm)``: the stored
+weight is the quantized ``W[:, perm]`` with its groups in order; :func:`pyqkern.dequantize`
+returns the original column order. With ``static_groups`` the groups are the original column
+groups, so the result needs no permutation.
+
+The inner column loop runs in Numba (:mod:`pyqkern.numba_kernels.gptq_loop`) when Numba is
+installed, else in NumPy (``backend="numpy"`` forces the latter).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _formats
+from . import _qtensor
+from .reference import int4_group_params
+
+__all__ = ["GPTQ", "quantize", "FORMATS"]
+
+F32 = np.float32
+F64 = np.float64
+FORMATS = ("int4", "q4_0", "q8_0")
+_MODE = {"int4": 0, "q4_0": 1, "q8_0": 2}
+
+
+# ---------------------------------------------------------------- linear algebra
+def _chol_upper(a):
+    """Upper Cholesky factor R (a = Rᵀ R); raises np.linalg.LinAlgError if not positive definite."""
+    try:
+        from scipy.linalg import lapack
+    except ImportError:  # pragma: no cover - scipy is optional
+        return np.linalg.cholesky(a).T.copy()
+    r, info = lapack.dpotrf(a, lower=0, clean=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dpotrf info={info}")
+    return r
+
+
+def _inverse_from_upper(r):
+    """(RᵀR)⁻¹ from its upper Cholesky factor R (torch.cholesky_inverse). With scipy only the
+    upper triangle is valid (all that the next upper factorization reads)."""
+    try:
+        from scipy.linalg import lapack
+    except ImportError:  # pragma: no cover
+        rinv = np.linalg.inv(r)
+        return rinv @ rinv.T
+    inv, info = lapack.dpotri(r, lower=0, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dpotri info={info}")
+    return inv
+
+
+def hinv_upper(H, damp, overwrite=False):
+    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H), retrying with 10x the
+    dampening up to 3 times. Returns (U, damp actually used). overwrite: H may be modified."""
+    H = H if overwrite else np.array(H, dtype=F64, copy=True)
+    diag = np.diag_indices_from(H)
+    h0 = H[diag].copy()
+    mean = float(np.mean(h0))
+    d = float(damp)
+    last = None
+    for _ in range(4):
+        H[diag] = h0 + d * mean
+        try:
+            U = _chol_upper(_inverse_from_upper(_chol_upper(H)))
+            if np.isfinite(np.diag(U)).all() and (np.diag(U) > 0).all():
+                H[diag] = h0
+                return U, d
+            last = "non-finite factor"
+        except np.linalg.LinAlgError as e:
+            last = str(e)
+        d = d * 10 if d > 0 else 0.01
+    H[diag] = h0
+    raise ValueError(f"GPTQ: the Hessian is not positive definite even with dampening {d / 10:g} "
+                     f"· mean(diag H) ({last}); give more or better calibration data")
+
+
+# ---------------------------------------------------------------- the column loop
+def _block_columns_numpy(Wb, Ub, Err, C, Qv, colgrp, A, Bt, Z, j0, j1, mode):
+    """NumPy twin of :func:`pyqkern.numba_kernels.gptq_loop.block_columns` (same arithmetic)."""
+    for j in range(j0, j1):
+        g = colgrp[j]
+        x = Wb[j].astype(F32)
+        a = A[g]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if mode == 0:
+                zf = Z[g].astype(F32)
+                t = np.clip(np.rint(x / a) + zf, F32(0), F32(15))
+                c = np.where(a == 0, Z[g], t.astype(np.int32))
+                q = (c - Z[g]).astype(F32) * a
+            elif mode == 1:
+                c = np.clip(np.trunc(x * a + F32(8.5)), F32(0), F32(15)).astype(np.int32)
+                q = (c - 8).astype(F32) * Bt[g]
+            else:
+                v = x * a
+                t = np.trunc(v)
+                dd = v - t
+                t = np.where(dd >= F32(0.5), t + F32(1), np.where(dd <= F32(-0.5), t - F32(1), t))
+                c = np.clip(t, F32(-127), F32(127)).astype(np.int32)
+                q = c.astype(F32) * Bt[g]
+        C[j] = c
+        Qv[j] = q
+        Err[j] = (Wb[j] - q.astype(F64)) / Ub[j, j]
+        if j + 1 < Wb.shape[0]:
+            Wb[j + 1:] -= np.outer(Ub[j, j + 1:], Err[j])
+
+
+def _loop_fn(backend):
+    if backend == "numpy":
+        return _block_columns_numpy
+    if backend not in ("auto", "numba"):
+        raise ValueError(f"backend must be 'numba', 'numpy' or 'auto', got {backend!r}")
+    try:
+        from .numba_kernels.gptq_loop import block_columns
+    except ImportError:
+        if backend == "numba":
+            raise
+        return _block_columns_numpy
+    return block_columns
+
+
+def _int4_params(cols, sym):
+    """cols [gs, N] (processing-order columns of one group) -> (scale f32 [N], zero int32 [N])."""
+    sf, _, zero = int4_group_params(np.ascontiguousarray(cols.T, dtype=F32), sym)
+    return sf.astype(F32), zero.astype(np.int32)
+
+
+def _ggml_params(fmt, cols):
+    """cols [32, N] -> (1/d f32 [N], fp16-rounded d as f32 [N]) with ggml's rules."""
+    b = np.ascontiguousarray(cols.T, dtype=F32)
+    if fmt == "q4_0":
+        imax = np.abs(b).argmax(axis=1)
+        mx = b[np.arange(b.shape[0]), imax]
+        mx = np.where(np.abs(mx) == 0, F32(0), mx).astype(F32)
+        d = (mx / F32(-8)).astype(F32)
+    else:
+        d = (np.abs(b).max(axis=1) / F32(127)).astype(F32)
+    with np.errstate(divide="ignore"):
+        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+    with np.errstate(over="ignore"):
+        d16 = d.astype(np.float16).astype(F32)
+    return idv, d16
+
+
+def gptq_core(W, H, *, fmt="int4", group=128, sym=False, act_order=False, static_groups=False,
+              damp=0.01, blocksize=128, backend="auto"):
+    """The algorithm without format checks (any group size dividing K for int4).
+
+    Returns a dict: ``codes`` int32 [K, N] and ``values`` float32 [K, N] in processing order,
+    ``perm`` (processing position -> original column, or None), ``colgrp`` int [K] (group of
+    each processing position), ``A``/``B``/``Z`` parameter tables [G, N] (int4: scale, -, zero;
+    ggml: 1/d, fp16 d, -), ``damp`` used."""
+    W = np.array(W, dtype=F64, copy=True)
+    H = np.array(H, dtype=F64, copy=True)
+    n, k = W.shape
+    mode = _MODE[fmt]
+    gs = 32 if fmt != "int4" else (k if group == -1 else int(group))
+    if k % gs:
+        raise ValueError(f"GPTQ: K={k} is not a multiple of the group size {gs}")
+    ngroups = k // gs
+    blocksize = int(blocksize)
+    if blocksize <= 0:
+        raise ValueError("GPTQ: blocksize must be positive")
+
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    A = np.zeros((ngroups, n), F32)
+    Bt = np.zeros((ngroups, n), F32)
+    Z = np.zeros((ngroups, n), np.int32)
+    if static_groups:
+        if fmt != "int4":
+            raise ValueError("GPTQ: static_groups applies to int4 only")
+        for g in range(ngroups):
+            A[g], Z[g] = _int4_params(W[:, g * gs:(g + 1) * gs].T, sym)
+
+    perm = None
+    if act_order:
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    U, damp_used = hinv_upper(H, damp, overwrite=True)
+    del H
+
+    WT = np.ascontiguousarray(W.T)  # [K, N], processing order
+    del W
+    pos = np.arange(k)
+    if static_groups:
+        colgrp = ((perm if perm is not None else pos) // gs).astype(np.int64)
+    else:
+        colgrp = (pos // gs).astype(np.int64)
+    codes = np.empty((k, n), np.int32)
+    values = np.empty((k, n), F32)
+    loop = _loop_fn(backend)
+
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        nb = i2 - i1
+        Wb = WT[i1:i2].copy()
+        Ub = np.ascontiguousarray(U[i1:i2, i1:i2])
+        Err = np.empty((nb, n), F64)
+        Cb = np.empty((nb, n), np.int32)
+        Qb = np.empty((nb, n), F32)
+        cg = np.ascontiguousarray(colgrp[i1:i2])
+        if mode == 0:
+            if not static_groups:
+                # groups starting in this block: parameters from WT as of the block start
+                for p in range(-(-i1 // gs) * gs, i2, gs):
+                    A[p // gs], Z[p // gs] = _int4_params(WT[p:p + gs], sym)
+            loop(Wb, Ub, Err, Cb, Qb, cg, A, Bt, Z, 0, nb, mode)
+        else:
+            # ggml blocks of 32: parameters from the current (updated) working columns
+            j = 0
+            while j < nb:
+                p = i1 + j
+                j1 = min(nb, j + 32 - (p % 32))
+                if p % 32 == 0:
+                    cur = np.concatenate([Wb[j:nb], WT[i2:p + 32]]) if p + 32 > i2 else Wb[j:j + 32]
+                    A[p // 32], Bt[p // 32] = _ggml_params(fmt, cur[:32])
+                loop(Wb, Ub, Err, Cb, Qb, cg, A, Bt, Z, j, j1, mode)
+                j = j1
+        codes[i1:i2] = Cb
+        values[i1:i2] = Qb
+        if i2 < k:
+            WT[i2:] -= U[i1:i2, i2:].T @ Err
+    return {"codes": codes, "values": values, "perm": perm, "colgrp": colgrp, "A": A, "B": Bt, "Z": Z,
+            "group": gs, "damp": damp_used}
+
+
+def _assemble(fmt, res, n, k, group, sym, static_groups):
+    """QTensor from gptq_core's output (stored column order: processing order, or the original
+    order with static groups)."""
+    perm = res["perm"]
+    c = res["codes"]  # [K, N] processing order
+    if perm is not None and static_groups:
+        stored = np.empty((n, k), np.int32)
+        stored[:, perm] = c.T
+        perm = None
+    else:
+        stored = np.ascontiguousarray(c.T)
+    if fmt == "int4":
+        params = _formats.resolve_params("int4", k, group, sym)
+        u = stored.astype(np.uint8)
+        q = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+        s16 = np.ascontiguousarray(res["A"].T).astype(np.float16)  # [N, G], exact (fp16-rounded)
+        s = np.ascontiguousarray(s16).view(np.uint8).reshape(n, -1)
+        z = np.zeros((n, 0), np.uint8) if sym else np.ascontiguousarray(res["Z"].T).astype(np.uint8)
+        qt = _qtensor.assemble("int4", n, k, params, q, s, z)
+    else:
+        params = _formats.resolve_params(fmt, k)
+        nb = k // 32
+        d16 = np.ascontiguousarray(res["B"].T).astype(np.float16).reshape(n, nb, 1).view(np.uint8)
+        cb = stored.reshape(n, nb, 32)
+        if fmt == "q4_0":
+            u = cb.astype(np.uint8)
+            body = (u[:, :, :16] | (u[:, :, 16:] << 4)).astype(np.uint8)
+        else:
+            body = cb.astype(np.int8).view(np.uint8)
+        q = np.concatenate([d16, body], axis=2).reshape(n, -1)
+        empty = np.zeros((n, 0), np.uint8)
+        qt = _qtensor.assemble(fmt, n, k, params, q, empty, empty)
+    return qt.with_perm(perm) if perm is not None else qt
+
+
+def _check_finite(a, what):
+    if not np.isfinite(a).all():
+        raise ValueError(f"GPTQ: {what} contain NaN or Inf")
+
+
+def _as_weight(W):
+    W = np.asarray(W)
+    if W.ndim != 2 or W.shape[0] == 0 or W.shape[1] == 0:
+        raise ValueError(f"GPTQ: W must be a non-empty 2-D [N, K] array, got shape {W.shape}")
+    if W.dtype.kind != "f" and W.dtype.name != "bfloat16":
+        raise TypeError(f"GPTQ: W must be floating point, got {W.dtype}")
+    W = np.ascontiguousarray(W, dtype=F32)
+    _check_finite(W, "the weights")
+    return W
+
+
+def _rel_err(X, W, What):
+    X = np.asarray(X, dtype=F64).reshape(-1, W.shape[1])
+    ref = X @ W.astype(F64).T
+    num = np.linalg.norm(ref - X @ What.astype(F64).T)
+    den = np.linalg.norm(ref)
+    return float(num / den) if den > 0 else float(num)
+
+
+class GPTQ:
+    """GPTQ state for one linear layer with weight W [N, K] (rows = outputs)."""
+
+    def __init__(self, W):
+        self.W = _as_weight(W)
+        k = self.W.shape[1]
+        self.H = np.zeros((k, k), F64)
+        self.nsamples = 0
+        self.qtensor = None
+        self.values = None  # float32 [N, K]: the weights the last quantize chose (= dequantize(qtensor))
+        self.damp_used = None
+        self._opts = None
+
+    @property
+    def shape(self):
+        return self.W.shape
+
+    def add_batch(self, x) -> None:
+        """Accumulate ``H = 2/n Σ x xᵀ`` over x [tokens, K] (any leading dims), float64."""
+        k = self.W.shape[1]
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[-1] != k:
+            raise ValueError(f"GPTQ: inputs must be [..., {k}], got shape {x.shape}")
+        x = x.reshape(-1, k)
+        t = x.shape[0]
+        if t == 0:
+            return
+        x = x.astype(F64)
+        _check_finite(x, "the calibration inputs")
+        self.H *= self.nsamples / (self.nsamples + t)
+        self.nsamples += t
+        x *= np.sqrt(2.0 / self.nsamples)
+        self.H += x.T @ x
+
+    def set_hessian(self, H, nsamples=1) -> None:
+        """Use a ready Hessian H [K, K] (symmetric, finite) instead of add_batch."""
+        k = self.W.shape[1]
+        H = np.asarray(H, dtype=F64)
+        if H.shape != (k, k):
+            raise ValueError(f"GPTQ: H must be [{k}, {k}], got {H.shape}")
+        _check_finite(H, "the Hessian")
+        self.H = np.array(H, dtype=F64, copy=True)
+        self.nsamples = int(nsamples)
+
+    def quantize(self, format="int4", bits=None, group_size=128, sym=False, act_order=False,
+                 static_groups=False, damp=0.01, blocksize=128, backend="auto") -> _qtensor.QTensor:
+        """Run GPTQ; returns a QTensor (with ``perm`` set for act_order without static_groups).
+
+        format: "int4" (bits 4; group_size -1 = per channel), "q4_0" or "q8_0" (ggml blocks of
+        32; group_size and sym are ignored). bits defaults to the format's."""
+        fmt = format
+        if fmt not in FORMATS:
+            raise NotImplementedError(f"GPTQ: format {fmt!r} is not supported (supported: {', '.join(FORMATS)})")
+        native_bits = {"int4": 4, "q4_0": 4, "q8_0": 8}[fmt]
+        if bits is not None and int(bits) != native_bits:
+            raise NotImplementedError(f"GPTQ: {fmt} is {native_bits}-bit; bits={bits} is not supported "
+                                      f"(only 4-bit int4 is implemented for now)")
+        if self.nsamples == 0:
+            raise ValueError("GPTQ: no calibration data (call add_batch or set_hessian first)")
+        n, k = self.W.shape
+        if fmt == "int4":
+            g = int(group_size)
+            if g != -1 and (g <= 0 or k % g):
+                raise ValueError(f"GPTQ: K={k} is not a multiple of the group size {g}")
+            _formats.resolve_params("int4", k, g, sym)  # the format's own checks
+        else:
+            if static_groups:
+                raise ValueError("GPTQ: static_groups applies to int4 only")
+            if k % 32:
+                raise ValueError(f"GPTQ: {fmt}: K={k} is not a multiple of 32")
+            g = 32
+        _check_finite(self.H, "the Hessian")
+        res = gptq_core(self.W, self.H, fmt=fmt, group=g, sym=bool(sym), act_order=bool(act_order),
+                        static_groups=bool(static_groups), damp=damp, blocksize=blocksize, backend=backend)
+        qt = _assemble(fmt, res, n, k, g, bool(sym), bool(static_groups))
+        vals = np.empty((n, k), F32)  # the weights GPTQ chose, original column order
+        if res["perm"] is None:
+            vals[:] = res["values"].T
+        else:
+            vals[:, res["perm"]] = res["values"].T
+        self.values = vals
+        self.qtensor = qt
+        self.damp_used = res["damp"]
+        self._opts = (fmt, g, bool(sym))
+        return qt
+
+    def report(self, X, qt=None) -> dict:
+        """Relative layer output error ||XWᵀ − XŴᵀ|| / ||XWᵀ|| of GPTQ (the last quantize, or qt)
+        and of round-to-nearest (pq.quantize) in the same format."""
+        from ._ops import dequantize, quantize as rtn_quantize
+
+        qt = qt if qt is not None else self.qtensor
+        if qt is None:
+            raise ValueError("GPTQ: nothing quantized yet")
+        X = np.asarray(X)
+        _check_finite(X, "the inputs")
+        fmt = qt.format
+        if fmt == "int4":
+            rtn = rtn_quantize(self.W, fmt, group=qt.params["group"], sym=bool(qt.params["sym"]))
+        else:
+            rtn = rtn_quantize(self.W, fmt)
+        return {"format": fmt, "group": qt.params.get("group", 0), "sym": bool(qt.params.get("sym", 0)),
+                "gptq": _rel_err(X, self.W, dequantize(qt)), "rtn": _rel_err(X, self.W, dequantize(rtn))}
+
+
+def quantize(W, X=None, H=None, *, report=False, **kw):
+    """One shot: GPTQ of W [N, K] with calibration inputs X [tokens, K] or a Hessian H [K, K].
+    Keyword arguments as :meth:`GPTQ.quantize`. With report=True (needs X) returns (qt, report)."""
+    g = GPTQ(W)
+    if (X is None) == (H is None):
+        raise ValueError("GPTQ: give exactly one of X (calibration inputs) or H (Hessian)")
+    if X is not None:
+        g.add_batch(X)
+    else:
+        g.set_hessian(H)
+    qt = g.quantize(**kw)
+    if report:
+        if X is None:
+            raise ValueError("GPTQ: report=True needs X")
+        return qt, g.report(X)
+    return qt

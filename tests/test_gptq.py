@@ -1,0 +1,268 @@
+"""GPTQ (pyqkern.gptq): better than round-to-nearest on correlated inputs, exact bytes, act_order
+through the stored perm, a tiny case against a straightforward float64 NumPy GPTQ, bad inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyqkern as pq
+from pyqkern import gptq as G
+
+F32 = np.float32
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """Strongly correlated inputs x = z L + noise, a weight with a few outlier columns."""
+    r = np.random.default_rng(0)
+    n, k, t = 48, 256, 768
+    L = r.standard_normal((12, k)) * r.uniform(0.2, 3.0, size=k)
+    X = (r.standard_normal((t, 12)) @ L + 0.05 * r.standard_normal((t, k))).astype(F32)
+    W = (r.standard_normal((n, k)) * 0.02).astype(F32)
+    W[:, ::37] *= 6
+    return W, X
+
+
+def _rel(X, W, Wh):
+    X = X.astype(np.float64)
+    ref = X @ W.astype(np.float64).T
+    return np.linalg.norm(ref - X @ Wh.astype(np.float64).T) / np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("group", [128, 32, -1])
+def test_int4_beats_rtn_and_is_exact(layer, group, sym, act_order):
+    W, X = layer
+    g = G.GPTQ(W)
+    g.add_batch(X[:400])
+    g.add_batch(X[400:])
+    qt = g.quantize(format="int4", group_size=group, sym=sym, act_order=act_order)
+    assert qt.format == "int4" and qt.shape == W.shape and qt.params == {"group": group, "sym": int(sym)}
+    assert (qt.perm is not None) == act_order
+    deq = pq.dequantize(qt)
+    # the bytes (through the stored perm) dequantize exactly to what GPTQ chose
+    np.testing.assert_array_equal(deq, g.values)
+    np.testing.assert_array_equal(pq.dequantize(qt, backend="reference"), g.values)
+    rep = g.report(X)
+    assert rep["gptq"] == pytest.approx(_rel(X, W, deq), rel=1e-9)
+    rtn = pq.quantize(W, "int4", group=group, sym=sym)
+    assert rep["rtn"] == pytest.approx(_rel(X, W, pq.dequantize(rtn)), rel=1e-9)
+    assert rep["gptq"] < 0.6 * rep["rtn"], rep
+
+
+def test_act_order_perm_layout(layer):
+    W, X = layer
+    g = G.GPTQ(W)
+    g.add_batch(X)
+    qt = g.quantize(group_size=32, act_order=True)
+    perm = np.argsort(-np.diag(g.H), kind="stable")
+    np.testing.assert_array_equal(qt.perm, perm)
+    # stored = quantized W[:, perm] with groups in order: the int4 QTensor of the permuted values
+    plain = pq.QTensor(qt.format, qt.shape, qt.data, qt.params)
+    stored = pq.dequantize(plain)
+    np.testing.assert_array_equal(stored, g.values[:, perm])
+    # matmul through the perm
+    x = X[:5]
+    y, ref = pq.matmul(x, qt), x @ g.values.T
+    assert np.linalg.norm(y - ref) < 2e-2 * np.linalg.norm(ref)
+
+
+def test_static_groups(layer):
+    W, X = layer
+    g = G.GPTQ(W)
+    g.add_batch(X)
+    qt = g.quantize(group_size=32, act_order=True, static_groups=True)
+    assert qt.perm is None  # groups are the original column groups: g_idx = k // group
+    np.testing.assert_array_equal(pq.dequantize(qt), g.values)
+    rep = g.report(X)
+    assert rep["gptq"] < 0.6 * rep["rtn"]
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_ggml_targets(layer, fmt, act_order):
+    W, X = layer
+    g = G.GPTQ(W)
+    g.add_batch(X)
+    qt = g.quantize(format=fmt, act_order=act_order)
+    assert qt.format == fmt and (qt.perm is not None) == act_order
+    np.testing.assert_array_equal(pq.dequantize(qt), g.values)
+    np.testing.assert_array_equal(pq.dequantize(qt, backend="reference"), g.values)
+    rep = g.report(X)
+    assert rep["gptq"] < 0.6 * rep["rtn"], rep
+    # the stored (permuted) weight is the ggml tensor of the chosen values in processing order
+    plain = pq.QTensor(qt.format, qt.shape, qt.data, qt.params)
+    want = g.values if qt.perm is None else g.values[:, qt.perm]
+    np.testing.assert_array_equal(pq.dequantize(plain), want)
+
+
+def test_numba_and_numpy_loops_agree(layer):
+    W, X = layer
+    outs = []
+    for backend in ("numba", "numpy"):
+        outs.append(G.quantize(W, X=X, group_size=32, act_order=True, backend=backend, blocksize=64))
+    assert outs[0] == outs[1]
+    a = G.quantize(W, X=X, format="q4_0", backend="numba")
+    b = G.quantize(W, X=X, format="q4_0", backend="numpy")
+    assert a == b
+
+
+def test_one_shot_and_hessian(layer):
+    W, X = layer
+    qt, rep = G.quantize(W, X=X, report=True, group_size=64)
+    H = 2.0 / X.shape[0] * (X.astype(np.float64).T @ X.astype(np.float64))
+    qt2 = G.quantize(W, H=H, group_size=64)
+    # same Hessian up to summation order: same codes but for rare ties
+    d = np.mean(pq.dequantize(qt) != pq.dequantize(qt2))
+    assert d < 1e-3
+    assert rep["gptq"] < rep["rtn"]
+
+
+def test_dead_inputs(layer):
+    W, X = layer
+    X = X.copy()
+    X[:, [3, 100]] = 0
+    g = G.GPTQ(W)
+    g.add_batch(X)
+    g.quantize(group_size=32)
+    assert (g.values[:, [3, 100]] == 0).all()
+
+
+# ---------------------------------------------------------------- a tiny case vs a plain float64 GPTQ
+def _int4_rule(cols, sym):
+    """cols [N, gs] -> (scale f32 [N], zero [N]) by pyqkern's int4 rules, written out."""
+    c = cols.astype(F32)
+    mn = np.minimum(c.min(axis=1), F32(0))
+    mx = np.maximum(c.max(axis=1), F32(0))
+    if sym:
+        a = np.maximum(-mn, mx)
+        mn, mx = -a, a
+    both = (mn == 0) & (mx == 0)
+    mn = np.where(both, F32(-1), mn).astype(F32)
+    mx = np.where(both, F32(1), mx).astype(F32)
+    scale = ((mx - mn) / F32(15)).astype(F32).astype(np.float16).astype(F32)
+    zero = np.full(scale.shape, 8) if sym else np.clip(np.rint((-mn / scale).astype(F32)), 0, 15).astype(np.int64)
+    return scale, zero
+
+
+def _plain_gptq(W, H, gs, sym, blocksize, act_order, percdamp=0.01):
+    """IST-DASLab gptq.py fasterquant, transcribed to NumPy float64."""
+    W = W.astype(np.float64).copy()
+    H = H.astype(np.float64).copy()
+    k = W.shape[1]
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = None
+    if act_order:
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W, H = W[:, perm], H[perm][:, perm]
+    H = H + percdamp * np.mean(np.diag(H)) * np.eye(k)
+    Linv = np.linalg.inv(np.linalg.cholesky(H))
+    Hinv = np.linalg.cholesky(Linv.T @ Linv).T  # upper factor of H^-1
+    Q = np.zeros_like(W)
+    codes = np.zeros(W.shape, np.int64)
+    scale = zero = None
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        W1 = W[:, i1:i2].copy()
+        Err1 = np.zeros_like(W1)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = Hinv[i1 + i, i1 + i]
+            if (i1 + i) % gs == 0:
+                scale, zero = _int4_rule(W[:, i1 + i:i1 + i + gs], sym)
+            c = np.clip(np.rint((w.astype(F32) / scale).astype(F32)) + zero, 0, 15)
+            q = ((c - zero).astype(F32) * scale).astype(F32)
+            Q[:, i1 + i] = q
+            codes[:, i1 + i] = c
+            err = (w - q) / d
+            W1[:, i:] -= np.outer(err, Hinv[i1 + i, i1 + i:i2])
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q, codes, perm
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("sym", [False, True])
+def test_tiny_against_plain_gptq(sym, act_order):
+    r = np.random.default_rng(5)
+    n, k = 4, 16
+    X = r.standard_normal((64, 4)) @ r.standard_normal((4, k)) + 0.1 * r.standard_normal((64, k))
+    H = 2.0 / 64 * X.T @ X
+    W = r.standard_normal((n, k)).astype(F32)
+    Q, codes, perm = _plain_gptq(W, H, 8, sym, 8, act_order)
+    for backend in ("numba", "numpy"):
+        res = G.gptq_core(W, H, group=8, sym=sym, act_order=act_order, blocksize=8, backend=backend)
+        np.testing.assert_array_equal(res["codes"].T, codes)
+        np.testing.assert_allclose(res["values"].T, Q, rtol=0, atol=1e-6)
+        if act_order:
+            np.testing.assert_array_equal(res["perm"], perm)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_small_public_api_against_plain_gptq(act_order):
+    r = np.random.default_rng(6)
+    n, k = 6, 64
+    X = r.standard_normal((200, 8)) @ r.standard_normal((8, k)) + 0.1 * r.standard_normal((200, k))
+    H = 2.0 / 200 * X.T @ X
+    W = r.standard_normal((n, k)).astype(F32)
+    Q, codes, perm = _plain_gptq(W, H, 16, False, 8, act_order)
+    g = G.GPTQ(W)
+    g.set_hessian(H)
+    qt = g.quantize(group_size=16, blocksize=8, act_order=act_order)
+    want = np.empty_like(Q)
+    if perm is None:
+        want[:] = Q
+    else:
+        want[:, perm] = Q
+    np.testing.assert_allclose(pq.dequantize(qt), want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(pq.dequantize(qt), g.values)
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs(layer):
+    W, X = layer
+    g = G.GPTQ(W)
+    with pytest.raises(ValueError, match="no calibration"):
+        g.quantize()
+    bad = X[:10].copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        g.add_batch(bad)
+    with pytest.raises(ValueError):
+        g.add_batch(X[:, :10])
+    g.add_batch(X)
+    with pytest.raises(NotImplementedError, match="bits"):
+        g.quantize(bits=3)
+    with pytest.raises(NotImplementedError):
+        g.quantize(format="nf4")
+    with pytest.raises(ValueError, match="multiple"):
+        G.quantize(W[:, :96], X=X[:, :96], group_size=64)
+    with pytest.raises(ValueError, match="static_groups"):
+        g.quantize(format="q4_0", static_groups=True)
+    Wn = W.copy()
+    Wn[0, 0] = np.inf
+    with pytest.raises(ValueError):
+        G.GPTQ(Wn)
+    with pytest.raises(ValueError):
+        G.quantize(W, X=X, H=np.eye(W.shape[1]))
+
+
+def test_damping_retry_and_failure():
+    r = np.random.default_rng(7)
+    k = 32
+    W = r.standard_normal((4, k)).astype(F32)
+    v = r.standard_normal(k)
+    v /= np.linalg.norm(v)
+    H = np.eye(k) - 1.005 * np.outer(v, v)  # one eigenvalue -0.005, mean(diag) ~ 0.97
+    g = G.GPTQ(W)
+    g.set_hessian(H)
+    g.quantize(group_size=16, damp=0.001)  # 0.001 fails, 0.01 works
+    assert g.damp_used == pytest.approx(0.01)
+    H2 = np.eye(k)
+    H2[0, 0] = -50.0  # not fixable by 10x, 100x, 1000x of 0.01 * mean(diag)
+    g.set_hessian(H2)
+    with pytest.raises(ValueError, match="positive definite"):
+        g.quantize(group_size=16)
