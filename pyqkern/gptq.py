@@ -327,7 +327,7 @@ class GPTQ:
     def __init__(self, W):
         self.W = _as_weight(W)
         k = self.W.shape[1]
-        self.H = np.zeros((k, k), F64)
+        self._H = np.zeros((k, k), F64, order="F")  # upper triangle valid (BLAS syrk)
         self.nsamples = 0
         self.qtensor = None
         self.values = None  # float32 [N, K]: the weights the last quantize chose (= dequantize(qtensor))
@@ -338,8 +338,15 @@ class GPTQ:
     def shape(self):
         return self.W.shape
 
+    @property
+    def H(self) -> np.ndarray:
+        """The accumulated Hessian 2/n Σ x xᵀ, float64 [K, K] (a symmetric copy)."""
+        u = np.triu(self._H)
+        return u + np.triu(u, 1).T
+
     def add_batch(self, x) -> None:
-        """Accumulate ``H = 2/n Σ x xᵀ`` over x [tokens, K] (any leading dims), float64."""
+        """Accumulate ``H = 2/n Σ x xᵀ`` over x [tokens, K] (any leading dims), float64, as a
+        running mean (H *= n_old / n_new; H += 2/n_new x xᵀ), with BLAS syrk (half the flops)."""
         k = self.W.shape[1]
         x = np.asarray(x)
         if x.ndim == 0 or x.shape[-1] != k:
@@ -348,12 +355,22 @@ class GPTQ:
         t = x.shape[0]
         if t == 0:
             return
-        x = x.astype(F64)
+        x = np.ascontiguousarray(x, dtype=F64)
         _check_finite(x, "the calibration inputs")
-        self.H *= self.nsamples / (self.nsamples + t)
+        old = self.nsamples
         self.nsamples += t
-        x *= np.sqrt(2.0 / self.nsamples)
-        self.H += x.T @ x
+        beta = old / self.nsamples
+        alpha = 2.0 / self.nsamples
+        try:
+            from scipy.linalg.blas import dsyrk
+        except ImportError:  # pragma: no cover - scipy is optional
+            self._H *= beta
+            self._H += alpha * (x.T @ x)
+            return
+        # x.T is a Fortran-order [K, t] view: C = alpha A Aᵀ + beta C on the upper triangle, in place
+        out = dsyrk(alpha, x.T, beta=beta, c=self._H, trans=0, lower=0, overwrite_c=1)
+        if out is not self._H and not np.shares_memory(out, self._H):  # pragma: no cover
+            self._H = np.asfortranarray(out)
 
     def set_hessian(self, H, nsamples=1) -> None:
         """Use a ready Hessian H [K, K] (symmetric, finite) instead of add_batch."""
@@ -362,7 +379,7 @@ class GPTQ:
         if H.shape != (k, k):
             raise ValueError(f"GPTQ: H must be [{k}, {k}], got {H.shape}")
         _check_finite(H, "the Hessian")
-        self.H = np.array(H, dtype=F64, copy=True)
+        self._H = np.array(H, dtype=F64, copy=True, order="F")
         self.nsamples = int(nsamples)
 
     def quantize(self, format="int4", bits=None, group_size=128, sym=False, act_order=False,
@@ -392,8 +409,9 @@ class GPTQ:
             if k % 32:
                 raise ValueError(f"GPTQ: {fmt}: K={k} is not a multiple of 32")
             g = 32
-        _check_finite(self.H, "the Hessian")
-        res = gptq_core(self.W, self.H, fmt=fmt, group=g, sym=bool(sym), act_order=bool(act_order),
+        H = self.H
+        _check_finite(H, "the Hessian")
+        res = gptq_core(self.W, H, fmt=fmt, group=g, sym=bool(sym), act_order=bool(act_order),
                         static_groups=bool(static_groups), damp=damp, blocksize=blocksize, backend=backend)
         qt = _assemble(fmt, res, n, k, g, bool(sym), bool(static_groups))
         vals = np.empty((n, k), F32)  # the weights GPTQ chose, original column order
