@@ -23,33 +23,20 @@ COMPUTES = ("auto", "int8", "float")
 
 
 def _x_rows(x, k):
-    """x [..., K] (float32/16/bf16) -> (float32 [M, K] with contiguous rows, leading shape)."""
-    if hasattr(x, "detach") and hasattr(x, "numpy"):
-        from ._ops import as_float32_2d
+    """x [..., K] (float32/16/bf16, numpy or a CPU torch tensor) -> (float32 [M, K] with
+    contiguous rows, leading shape)."""
+    from ._ops import as_float32_2d
 
+    if hasattr(x, "detach") and hasattr(x, "numpy"):
         x = x.detach()
-        lead = tuple(x.shape[:-1])
-        x2 = as_float32_2d(x.reshape(-1, x.shape[-1]), "x")
-        return x2, lead
-    if not isinstance(x, np.ndarray):
+    elif not isinstance(x, np.ndarray):
         raise TypeError(f"x must be a numpy array, got {type(x).__name__}")
     if x.ndim < 1:
         raise ValueError("x must have at least 1 dimension [..., K]")
     if x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]} but the weight has K={k} (x is [..., K], W is [N, K])")
-    lead = x.shape[:-1]
-    dt = x.dtype
-    if dt == np.float32:
-        x2 = x.reshape(-1, k)
-    elif dt == np.float16:
-        x2 = x.reshape(-1, k).astype(np.float32)
-    elif dt == np.uint16 or dt.name == "bfloat16":
-        x2 = (np.ascontiguousarray(x).reshape(-1, k).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    else:
-        raise TypeError(f"x has dtype {dt}; expected float32, float16 or bfloat16")
-    if x2.shape[0] and (x2.strides[-1] != 4 or x2.strides[0] % 4 or x2.strides[0] < 4 * k):
-        x2 = np.ascontiguousarray(x2)
-    return x2, lead
+    lead = tuple(x.shape[:-1])
+    return as_float32_2d(x.reshape(-1, k), "x", allow_empty=True), lead
 
 
 def _bias(bias, n):

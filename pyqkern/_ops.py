@@ -32,9 +32,10 @@ def isa_id(isa) -> int:
     return names.index(isa)
 
 
-def as_float32_2d(w, what="w", bf16_uint16=True) -> np.ndarray:
+def as_float32_2d(w, what="w", bf16_uint16=True, allow_empty=False) -> np.ndarray:
     """float32/float16/bfloat16 (ml_dtypes, or uint16 holding bf16 bits) 2-D -> float32 2-D.
-    Keeps a row-strided float32 array as it is (the kernels take a row stride)."""
+    Keeps a row-strided float32 array as it is (the kernels take a row stride). allow_empty:
+    zero rows are fine (activations); an empty weight is an error."""
     if hasattr(w, "detach") and hasattr(w, "numpy"):  # a torch tensor on the CPU
         import torch  # noqa: F401 - only reached when torch is present
 
@@ -46,16 +47,16 @@ def as_float32_2d(w, what="w", bf16_uint16=True) -> np.ndarray:
         raise TypeError(f"{what} must be a numpy array (float32, float16 or bfloat16), got {type(w).__name__}")
     if w.ndim != 2:
         raise ValueError(f"{what} must be 2-D [N, K], got shape {w.shape}")
-    if w.shape[0] == 0 or w.shape[1] == 0:
+    if w.shape[1] == 0 or (w.shape[0] == 0 and not allow_empty):
         raise ValueError(f"{what} is empty (shape {w.shape})")
     dt = w.dtype
     if dt == np.float32:
-        if w.strides[1] != 4 or w.strides[0] % 4 or w.strides[0] < 4 * w.shape[1]:
+        if w.shape[0] and (w.strides[1] != 4 or w.strides[0] % 4 or w.strides[0] < 4 * w.shape[1]):
             w = np.ascontiguousarray(w)
         return w
-    if dt == np.float16 or dt == np.float64:
-        if dt == np.float64:
-            raise TypeError(f"{what} is float64; pass float32, float16 or bfloat16 (convert explicitly)")
+    if dt == np.float64:
+        raise TypeError(f"{what} is float64; pass float32, float16 or bfloat16 (convert explicitly)")
+    if dt == np.float16:
         return np.ascontiguousarray(w, dtype=np.float32)  # astype would keep a transposed layout
     if (_BF16 is not None and dt == _BF16) or (bf16_uint16 and dt == np.uint16):
         bits = np.ascontiguousarray(w).view(np.uint16).astype(np.uint32) << 16

@@ -23,9 +23,6 @@ NF4_CODE = np.array(
 NF4_MID = ((NF4_CODE[:-1] + NF4_CODE[1:]) * F32(0.5)).astype(F32)
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
-_EMPTY = None
-
-
 def _empty(n):
     return np.zeros((n, 0), dtype=np.uint8)
 

@@ -172,8 +172,7 @@ pqk_status pqk_quantize(int32_t isa, int32_t fmt, const float* x, int64_t n, int
     parallel_for(n, min_rows(k), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         if (!row_finite(x + i * ldx, k)) {
-          int64_t cur = bad_row.load();
-          while (i < cur && !bad_row.compare_exchange_weak(cur, i)) {}
+          record_lowest(bad_row, i);
           return;
         }
         fn(x + i * ldx, k, Q + i * rb.q, S ? S + i * rb.s : nullptr, Z ? Z + i * rb.z : nullptr, p);

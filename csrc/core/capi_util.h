@@ -1,5 +1,7 @@
 // Helpers for C ABI entry points: thread-local error message, exception -> status.
 #pragma once
+#include <atomic>
+#include <cstdint>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -43,5 +45,12 @@ pqk_row_bytes row_bytes(int fmt, int64_t k, pqk_qparams& p);
 int resolve_isa(int32_t isa);
 // true if no NaN/Inf in x[0:k]
 bool row_finite(const float* x, int64_t k);
+
+// Lowers *lowest to i if i is smaller (lock-free; threads report bad rows, the lowest wins, so
+// the error names the same row whatever the thread count).
+inline void record_lowest(std::atomic<int64_t>& lowest, int64_t i) {
+  int64_t cur = lowest.load();
+  while (i < cur && !lowest.compare_exchange_weak(cur, i)) {}
+}
 
 }  // namespace pqk

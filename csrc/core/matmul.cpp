@@ -24,8 +24,7 @@ void check_x_finite(const float* x, int64_t m, int64_t k, int64_t ldx) {
   parallel_for(m, std::max<int64_t>(1, 65536 / k), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
       if (!row_finite(x + i * ldx, k)) {
-        int64_t cur = bad.load();
-        while (i < cur && !bad.compare_exchange_weak(cur, i)) {}
+        record_lowest(bad, i);
         return;
       }
   });
