@@ -17,7 +17,7 @@ from . import io, lora
 from . import gptq
 
 __version__ = "0.1.0"
-__all__ = ["get_include", "get_library", "QTensor", "QLinear", "matmul", "quantize", "dequantize", "formats", "info", "variants", "set_num_threads",
+__all__ = ["gptq", "get_include", "get_library", "QTensor", "QLinear", "matmul", "quantize", "dequantize", "formats", "info", "variants", "set_num_threads",
            "get_num_threads", "reference", "LoRA", "lora", "io", "__version__"]
 
 

@@ -31,7 +31,6 @@ from torch import nn
 
 from . import _formats
 from ._lora import LoRA
-from ._matmul import int8_supported
 from ._matmul import matmul as _pq_matmul
 from ._ops import dequantize as _pq_dequantize
 from ._ops import quantize as _pq_quantize
