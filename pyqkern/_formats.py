@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 3, "q6_k": 4, "iq4_nl": 5, "nf4": 6, "int4": 7, "int8": 8}
+FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 3, "q6_k": 4, "iq4_nl": 5, "nf4": 6, "int4": 7, "int8": 8,
+              "int2": 9, "int3": 10}
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,16 @@ FORMATS = {
     "nf4": FormatInfo("nf4", 0, False, "bitsandbytes NF4, fp32 absmax per block (default 64)"),
     "int4": FormatInfo("int4", 0, False, "group-wise int4, fp16 scales, uint8 zero points (GPTQ rounding)"),
     "int8": FormatInfo("int8", 0, False, "symmetric per-output-channel int8, fp32 scales"),
+    "int2": FormatInfo("int2", 0, False, "group-wise int2 like int4 (4 codes per byte, low bits first)"),
+    "int3": FormatInfo("int3", 0, False, "group-wise int3 like int4 (little-endian 3-bit stream)"),
 }
 
-DEFAULT_GROUP = {"nf4": 64, "int4": 128}
+# group-wise integer formats (GPTQ's quantizer): bits per code
+INTN_BITS = {"int2": 2, "int3": 3, "int4": 4}
+# formats with a group / block-size parameter
+GROUPED = ("nf4", "int2", "int3", "int4")
+
+DEFAULT_GROUP = {"nf4": 64, "int2": 128, "int3": 128, "int4": 128}
 
 
 def resolve_params(fmt: str, k: int, group=None, sym=None, double_quant=False) -> dict:
@@ -45,11 +53,11 @@ def resolve_params(fmt: str, k: int, group=None, sym=None, double_quant=False) -
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
     info = FORMATS[fmt]
-    if fmt not in ("nf4", "int4"):
+    if fmt not in GROUPED:
         if group not in (None, 0):
             raise ValueError(f"{fmt}: group size is fixed, got group={group}")
         if sym not in (None, False, 0):
-            raise ValueError(f"{fmt}: 'sym' applies to int4 only")
+            raise ValueError(f"{fmt}: 'sym' applies to int2/int3/int4 only")
         if double_quant:
             raise ValueError(f"{fmt}: double_quant applies to nf4 only")
         if info.block and k % info.block:
@@ -58,22 +66,24 @@ def resolve_params(fmt: str, k: int, group=None, sym=None, double_quant=False) -
     g = DEFAULT_GROUP[fmt] if group in (None, 0) else int(group)
     if fmt == "nf4":
         if sym not in (None, False, 0):
-            raise ValueError("nf4: 'sym' applies to int4 only")
+            raise ValueError("nf4: 'sym' applies to int2/int3/int4 only")
         if g < 32 or g > 4096 or g & (g - 1):
             raise ValueError(f"nf4: block size must be a power of two in [32, 4096], got {g}")
         if k % g:
             raise ValueError(f"nf4: K={k} is not a multiple of the block size {g}")
         return {"group": g, "sym": 0, "double_quant": bool(double_quant)}
-    # int4
+    # int2 / int3 / int4
     if double_quant:
-        raise ValueError("int4: double_quant applies to nf4 only")
+        raise ValueError(f"{fmt}: double_quant applies to nf4 only")
+    bits = INTN_BITS[fmt]
+    unit = 8 if bits == 3 else 8 // bits  # codes per whole number of bytes
     if g == -1:
-        if k % 2:
-            raise ValueError(f"int4: K={k} must be even (two codes per byte)")
+        if k % unit:
+            raise ValueError(f"{fmt}: K={k} must be a multiple of {unit} ({bits}-bit codes fill whole bytes)")
     elif g < 16 or g & (g - 1):
-        raise ValueError(f"int4: group size must be a power of two >= 16 or -1 (per-channel), got {g}")
+        raise ValueError(f"{fmt}: group size must be a power of two >= 16 or -1 (per-channel), got {g}")
     elif k % g:
-        raise ValueError(f"int4: K={k} is not a multiple of the group size {g}")
+        raise ValueError(f"{fmt}: K={k} is not a multiple of the group size {g}")
     return {"group": g, "sym": 1 if sym else 0}
 
 
@@ -91,9 +101,9 @@ def row_bytes(fmt: str, k: int, params: dict) -> tuple[int, int, int]:
         return k // 256 * 210, 0, 0
     if fmt == "nf4":
         return k // 2, k // params["group"] * 4, 0
-    if fmt == "int4":
+    if fmt in INTN_BITS:
         groups = 1 if params["group"] == -1 else k // params["group"]
-        return k // 2, groups * 2, 0 if params["sym"] else groups
+        return k * INTN_BITS[fmt] // 8, groups * 2, 0 if params["sym"] else groups
     if fmt == "int8":
         return k, 4, 0
     raise ValueError(fmt)

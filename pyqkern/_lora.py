@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._formats import INTN_BITS
+
 
 def _as_f32(a, what, ndim):
     from ._ops import as_float32_2d
@@ -129,7 +131,7 @@ class LoRA:
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
             part = QTensor.from_bytes(qt.format, (r1 - r0, k), _row_bytes_slice(qt, r0, r1), group=qt.group or None,
-                                      sym=qt.sym if qt.format == "int4" else None)
+                                      sym=qt.sym if qt.format in INTN_BITS else None)
             w = dequantize(part).astype(np.float64)  # stored column order (W[:, perm] if permuted)
             A = self.A if qt.perm is None else self.A[:, qt.perm]
             w += self.scale * (self.B[r0:r1].astype(np.float64) @ A.astype(np.float64))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _formats, reference
+from ._formats import INTN_BITS
 from ._ops import _check_backend, _native, isa_id
 from ._qtensor import QTensor
 
@@ -54,7 +55,7 @@ def int8_supported(qt: QTensor) -> bool:
     n, k = qt.shape
     if k % 32:
         return False
-    if qt.format == "int4":
+    if qt.format in INTN_BITS:
         return qt.group == -1 or qt.group >= 32
     return True
 
@@ -65,7 +66,7 @@ def resolve_compute(qt: QTensor, compute: str) -> str:
     if compute == "auto":
         return "int8" if int8_supported(qt) else "float"
     if compute == "int8" and not int8_supported(qt):
-        raise ValueError(f"{qt.format} {qt.shape}: compute='int8' needs K % 32 == 0 and int4 groups >= 32; "
+        raise ValueError(f"{qt.format} {qt.shape}: compute='int8' needs K % 32 == 0 and int2/int3/int4 groups >= 32; "
                          "use compute='float'")
     return compute
 

@@ -96,7 +96,7 @@ class QTensor:
 
     def __repr__(self):
         extra = ""
-        if self.format in ("nf4", "int4"):
+        if self.format in _formats.GROUPED:
             extra = f", group={self.group}" + (", sym" if self.sym else "") + (
                 ", double_quant" if self.params.get("double_quant") else "")
         return (f"QTensor({self.format}, shape={self.shape}{extra}, "

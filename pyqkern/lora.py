@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _formats, _qtensor
+from ._formats import GROUPED, INTN_BITS
 from ._lora import LoRA
 from ._ops import dequantize, quantize
 from ._qtensor import QTensor
@@ -44,8 +45,8 @@ class _Rows:
         self.backend = backend
         self.q, self.s, self.z = qt.sections()  # nf4 double-quant: absmax decompressed once here
         fmt = qt.format
-        self.group = (qt.params.get("group") or None) if fmt in ("nf4", "int4") else None
-        self.sym = qt.sym if fmt == "int4" else None
+        self.group = (qt.params.get("group") or None) if fmt in GROUPED else None
+        self.sym = qt.sym if fmt in INTN_BITS else None
 
     def block(self, r0, r1) -> QTensor:
         parts = [self.q[r0:r1].ravel()] + [a[r0:r1].ravel() for a in (self.s, self.z) if a.shape[1]]

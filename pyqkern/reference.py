@@ -186,9 +186,10 @@ def dequantize_nf4(q, s, z, k, group=64, sym=0):
     return (vals * amax[:, :, None]).astype(F32).reshape(n, k)
 
 
-# ---------------------------------------------------------------- int4 (GPTQ-style)
-def int4_group_params(g, sym):
-    """g: [groups, gs] float32 -> (scale as float32 after fp16 rounding, fp16 bytes, zero int)."""
+# ---------------------------------------------------------------- int2/int3/int4 (GPTQ-style)
+def intq_group_params(g, sym, maxq=15):
+    """g: [groups, gs] float32 -> (scale as float32 after fp16 rounding, fp16 bytes, zero int).
+    GPTQ's quantizer with maxq = 2^bits - 1 (sym: zero fixed at (maxq + 1) / 2)."""
     mn = np.minimum(g.min(axis=1), F32(0)).astype(F32)
     mx = np.maximum(g.max(axis=1), F32(0)).astype(F32)
     if sym:
@@ -197,44 +198,107 @@ def int4_group_params(g, sym):
     both0 = (mn == 0) & (mx == 0)
     mn = np.where(both0, F32(-1), mn).astype(F32)
     mx = np.where(both0, F32(1), mx).astype(F32)
-    scale = ((mx - mn) / F32(15)).astype(F32)
+    scale = ((mx - mn) / F32(maxq)).astype(F32)
     scale = np.minimum(scale, F32(65504)).astype(F32)
     s16 = scale.astype(np.float16)
     sf = s16.astype(F32)
     if sym:
-        zero = np.full(sf.shape, 8, dtype=np.int64)
+        zero = np.full(sf.shape, (maxq + 1) // 2, dtype=np.int64)
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
             zr = cvtt_i32(np.rint((-mn / sf).astype(F32)))
-        zero = np.where(sf == 0, 0, np.clip(zr, 0, 15))
+        zero = np.where(sf == 0, 0, np.clip(zr, 0, maxq))
     return sf, s16, zero
 
 
-def quantize_int4(x, group=128, sym=0):
+def int4_group_params(g, sym):
+    return intq_group_params(g, sym, 15)
+
+
+def pack_codes(c, bits):
+    """Codes [N, K] (0 <= c < 2^bits) -> packed bytes [N, K*bits/8], low bits first (int4: element
+    2i low nibble; int2: element 4i+t at bits 2t; int3: little-endian bit stream, element i at bit 3i)."""
+    c = np.asarray(c).astype(np.uint32)
+    n, k = c.shape
+    if bits == 4:
+        return (c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)
+    if bits == 2:
+        return (c[:, 0::4] | (c[:, 1::4] << 2) | (c[:, 2::4] << 4) | (c[:, 3::4] << 6)).astype(np.uint8)
+    if bits == 3:  # 8 codes -> 24 bits -> 3 bytes
+        w = c.reshape(n, -1, 8)
+        v = np.zeros(w.shape[:2], np.uint32)
+        for i in range(8):
+            v |= w[:, :, i] << (3 * i)
+        out = np.stack([(v >> (8 * j)) & 0xFF for j in range(3)], axis=2)
+        return out.astype(np.uint8).reshape(n, -1)
+    raise ValueError(bits)
+
+
+def unpack_codes(q, k, bits):
+    """Inverse of pack_codes: bytes [N, K*bits/8] -> codes int32 [N, K]."""
+    q = np.asarray(q).astype(np.uint32)
+    n = q.shape[0]
+    if bits == 4:
+        c = np.empty((n, k), np.int32)
+        c[:, 0::2] = q & 0x0F
+        c[:, 1::2] = q >> 4
+        return c
+    if bits == 2:
+        return np.stack([(q >> (2 * t)) & 3 for t in range(4)], axis=2).reshape(n, k).astype(np.int32)
+    if bits == 3:
+        b = q.reshape(n, -1, 3)
+        v = b[:, :, 0] | (b[:, :, 1] << 8) | (b[:, :, 2] << 16)
+        return np.stack([(v >> (3 * i)) & 7 for i in range(8)], axis=2).reshape(n, k).astype(np.int32)
+    raise ValueError(bits)
+
+
+def _quantize_intq(x, group, sym, bits):
     n, k = x.shape
+    maxq = (1 << bits) - 1
     gs = k if group == -1 else group
     g = x.reshape(-1, gs).astype(F32)
-    sf, s16, zero = int4_group_params(g, sym)
+    sf, s16, zero = intq_group_params(g, sym, maxq)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = cvtt_i32(np.rint((g / sf[:, None]).astype(F32)))
     c = np.where(sf[:, None] == 0, zero[:, None], r + zero[:, None])
-    c = np.clip(c, 0, 15).astype(np.uint8).reshape(n, k)
-    q = (c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)
+    c = np.clip(c, 0, maxq).reshape(n, k)
     s = s16.reshape(n, -1).view(np.uint8).reshape(n, -1)
     z = _empty(n) if sym else zero.astype(np.uint8).reshape(n, -1)
-    return q, np.ascontiguousarray(s), z
+    return pack_codes(c, bits), np.ascontiguousarray(s), z
+
+
+def _dequantize_intq(q, s, z, k, group, sym, bits):
+    n = q.shape[0]
+    gs = k if group == -1 else group
+    c = unpack_codes(q, k, bits)
+    sf = np.ascontiguousarray(s).view(np.float16).astype(F32).reshape(n, -1)
+    zero = np.full(sf.shape, 1 << (bits - 1), np.int32) if sym else z.astype(np.int32).reshape(n, -1)
+    c = c.reshape(n, -1, gs) - zero[:, :, None]
+    return (c.astype(F32) * sf[:, :, None]).astype(F32).reshape(n, k)
+
+
+def quantize_int4(x, group=128, sym=0):
+    return _quantize_intq(x, group, sym, 4)
 
 
 def dequantize_int4(q, s, z, k, group=128, sym=0):
-    n = q.shape[0]
-    gs = k if group == -1 else group
-    c = np.empty((n, k), dtype=np.int32)
-    c[:, 0::2] = q & 0x0F
-    c[:, 1::2] = q >> 4
-    sf = np.ascontiguousarray(s).view(np.float16).astype(F32).reshape(n, -1)
-    zero = np.full(sf.shape, 8, np.int32) if sym else z.astype(np.int32).reshape(n, -1)
-    c = c.reshape(n, -1, gs) - zero[:, :, None]
-    return (c.astype(F32) * sf[:, :, None]).astype(F32).reshape(n, k)
+    return _dequantize_intq(q, s, z, k, group, sym, 4)
+
+
+def quantize_int3(x, group=128, sym=0):
+    return _quantize_intq(x, group, sym, 3)
+
+
+def dequantize_int3(q, s, z, k, group=128, sym=0):
+    return _dequantize_intq(q, s, z, k, group, sym, 3)
+
+
+def quantize_int2(x, group=128, sym=0):
+    return _quantize_intq(x, group, sym, 2)
+
+
+def dequantize_int2(q, s, z, k, group=128, sym=0):
+    return _dequantize_intq(q, s, z, k, group, sym, 2)
 
 
 # ---------------------------------------------------------------- int8 (per channel)
@@ -257,10 +321,12 @@ def dequantize_int8(q, s, z, k, group=0, sym=0):
 QUANTIZE = {
     "q4_0": quantize_q4_0, "q4_1": quantize_q4_1, "q8_0": quantize_q8_0,
     "nf4": quantize_nf4, "int4": quantize_int4, "int8": quantize_int8,
+    "int2": quantize_int2, "int3": quantize_int3,
 }
 DEQUANTIZE = {
     "q4_0": dequantize_q4_0, "q4_1": dequantize_q4_1, "q8_0": dequantize_q8_0,
     "iq4_nl": dequantize_iq4_nl, "nf4": dequantize_nf4, "int4": dequantize_int4, "int8": dequantize_int8,
+    "int2": dequantize_int2, "int3": dequantize_int3,
 }
 
 # K-quants and iq4_nl quantize live in their own module
@@ -314,13 +380,12 @@ def decompose(fmt, q, s, z, k, group, sym):
         amax = np.ascontiguousarray(s).view(F32).reshape(n, -1)
         a = np.repeat((amax / F32(127)).astype(F32), group // 32, axis=1)
         return 32, NF4_I8[idx].astype(np.int64) + 128, a, np.full(a.shape, 128, np.int64), None
-    if fmt == "int4":
+    if fmt in ("int2", "int3", "int4"):
+        bits = int(fmt[3])
         gs = k if group == -1 else group
-        u = np.empty((n, k), np.int64)
-        u[:, 0::2] = q & 0x0F
-        u[:, 1::2] = q >> 4
+        u = unpack_codes(q, k, bits).astype(np.int64)
         sf = np.ascontiguousarray(s).view(np.float16).astype(F32).reshape(n, -1)
-        zz = np.full(sf.shape, 8, np.int64) if sym else z.astype(np.int64).reshape(n, -1)
+        zz = np.full(sf.shape, 1 << (bits - 1), np.int64) if sym else z.astype(np.int64).reshape(n, -1)
         rep = gs // 32
         return 32, u, np.repeat(sf, rep, axis=1), np.repeat(zz, rep, axis=1), None
     if fmt == "q4_k":

@@ -10,7 +10,7 @@ import pyqkern as pq
 from pyqkern import reference
 
 F32 = np.float32
-ALL_FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8"]
+ALL_FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8", "int2", "int3"]
 GGML_FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl"]
 
 # (format, options, expected bits per weight for a K=1024 row)
@@ -21,6 +21,7 @@ FORMAT_CASES = [
     ("int4", {}, 4 + 24 / 128), ("int4", {"sym": True}, 4 + 16 / 128),
     ("int4", {"group": 32}, 4 + 24 / 32), ("int4", {"group": -1}, 4 + 24 / 1024),
     ("int4", {"group": -1, "sym": True}, 4 + 16 / 1024),
+    ("int2", {}, 2 + 24 / 128), ("int3", {"sym": True}, 3 + 16 / 128), ("int3", {"group": -1}, 3 + 24 / 1024),
     ("int8", {}, 8 + 32 / 1024),
 ]
 CASE_IDS = [f + "".join(f"-{k}{v}" for k, v in o.items()) for f, o, _ in FORMAT_CASES]
@@ -101,7 +102,7 @@ def test_qtensor_fields(fmt, opts, bpw):
     assert qt.nbytes == round(bpw * n * k / 8)
     assert isinstance(qt.data, np.ndarray) and qt.data.dtype == np.uint8 and qt.data.ndim == 1
     assert qt.data.flags.c_contiguous and qt.data.nbytes == qt.nbytes
-    if fmt == "int4":
+    if fmt in ("int2", "int3", "int4"):
         assert qt.group == opts.get("group", 128) and qt.sym == bool(opts.get("sym"))
     if fmt == "nf4":
         assert qt.group == opts.get("group", 64)

@@ -416,7 +416,7 @@ def _bad_cases():
         "row_bytes out NULL": (lambda: lib.pqk_row_bytes_of(Q40, k, p0, NULL), {ERR_ARG}),
         "row_bytes params NULL": (lambda: lib.pqk_row_bytes_of(Q40, k, NULL, ffi.new("pqk_row_bytes*")),
                                   {ERR_ARG}),
-        "row_bytes bad format": (lambda: lib.pqk_row_bytes_of(9, k, p0, ffi.new("pqk_row_bytes*")), {ERR_ARG}),
+        "row_bytes bad format": (lambda: lib.pqk_row_bytes_of(lib.PQK_FORMAT_COUNT, k, p0, ffi.new("pqk_row_bytes*")), {ERR_ARG}),
         "row_bytes k=31": (lambda: lib.pqk_row_bytes_of(Q40, 31, p0, ffi.new("pqk_row_bytes*")), {ERR_SHAPE}),
         "active_isa NULL": (lambda: lib.pqk_active_isa(NULL), {ERR_ARG}),
         "pack out NULL": (lambda: lib.pqk_pack(Q40, Q, NULL, NULL, n, k, p0, NULL), {ERR_ARG}),

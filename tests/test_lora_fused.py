@@ -14,7 +14,7 @@ import pyqkern as pq
 from pyqkern._lora import LoRA
 
 VARIANTS = pq.variants()
-FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8"]
+FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8", "int2", "int3"]
 
 
 def make(fmt, n, k, rng):
@@ -47,7 +47,7 @@ def bound(x, qt, ads, bias):
        use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_fused_single_adapter(fmt, compute, m, n, r, use_bias, seed):
     rng = np.random.default_rng(seed)
-    k = 256 if fmt in ("q4_k", "q6_k", "int4") else 64
+    k = 256 if fmt in ("q4_k", "q6_k", "int2", "int3", "int4") else 64
     qt = make(fmt, n, k, rng)
     ad = adapter(n, k, r, rng)
     x = rng.standard_normal((m, k)).astype(np.float32)

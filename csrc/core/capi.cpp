@@ -16,7 +16,7 @@ static thread_local std::string t_last_error;
 void set_last_error(const std::string& msg) { t_last_error = msg; }
 
 static const char* const kFormatNames[PQK_FORMAT_COUNT] = {"q4_0", "q4_1", "q8_0", "q4_k", "q6_k",
-                                                           "iq4_nl", "nf4", "int4", "int8"};
+                                                           "iq4_nl", "nf4", "int4", "int8", "int2", "int3"};
 static const char* const kIsaNames[PQK_ISA_COUNT] = {"ref", "avx2", "avx512", "avx512vnni", "neon", "dotprod"};
 
 static bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
@@ -47,19 +47,21 @@ pqk_row_bytes row_bytes(int fmt, int64_t k, pqk_qparams& p) {
       r.s = k / p.group * 4;
       break;
     }
-    case PQK_INT4: {
+    case PQK_INT2: case PQK_INT3: case PQK_INT4: {
+      const int bits = fmt == PQK_INT2 ? 2 : (fmt == PQK_INT3 ? 3 : 4);
+      const int64_t per_byte_unit = bits == 3 ? 8 : 8 / bits;  // codes that fill whole bytes
       if (p.group == 0) p.group = 128;
       if (p.group == -1) {
-        need_multiple(2);
+        need_multiple(per_byte_unit);
       } else {
         if (!is_pow2(p.group) || p.group < 16)
-          throw Error(PQK_ERR_ARG, "int4: group size must be a power of two >= 16 or -1 (per-channel), got " +
+          throw Error(PQK_ERR_ARG, name + ": group size must be a power of two >= 16 or -1 (per-channel), got " +
                                        std::to_string(p.group));
         need_multiple(p.group);
       }
-      if (p.sym != 0 && p.sym != 1) throw Error(PQK_ERR_ARG, "int4: sym must be 0 or 1");
+      if (p.sym != 0 && p.sym != 1) throw Error(PQK_ERR_ARG, name + ": sym must be 0 or 1");
       int64_t groups = p.group == -1 ? 1 : k / p.group;
-      r.q = k / 2;
+      r.q = k * bits / 8;
       r.s = groups * 2;
       r.z = p.sym ? 0 : groups;
       break;

@@ -12,13 +12,17 @@
 
 namespace pqk {
 
+static bool is_intn(int fmt) { return fmt == PQK_INT2 || fmt == PQK_INT3 || fmt == PQK_INT4; }
+
 bool int8_compute_supported(int fmt, int64_t k, const pqk_qparams& p) {
   if (k % QBLK) return false;
-  if (fmt == PQK_INT4) return p.group == -1 || p.group >= 32;
+  if (is_intn(fmt)) return p.group == -1 || p.group >= 32;
   return true;  // nf4 blocks are >= 32, ggml blocks are 32/256
 }
 
 namespace {
+
+int intn_bits(int fmt) { return fmt == PQK_INT2 ? 2 : (fmt == PQK_INT3 ? 3 : 4); }
 
 // nf4 in the int8 path: codes rounded to 1/127 of absmax (the only lossy decomposition;
 // compute="float" uses the exact code book).
@@ -84,15 +88,27 @@ void decompose_row(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z
       }
       break;
     }
-    case PQK_INT4: {
+    case PQK_INT2: case PQK_INT3: case PQK_INT4: {
+      // codes stay in 4-bit lanes in the packed layout (int2/int3 run through the int4 kernels)
+      const int bits = intn_bits(fmt);
       const int64_t g = p.group == -1 ? k : p.group;
       for (int64_t b = 0; b < nb; ++b) {
         int64_t gi = (b * blk) / g;
         uint16_t h; std::memcpy(&h, s + 2 * gi, 2);
         r.a[b] = fp16_to_fp32(h);
-        r.o[b] = p.sym ? 8 : z[gi];
+        r.o[b] = p.sym ? (1 << (bits - 1)) : z[gi];
       }
-      for (int64_t j = 0; j < k; j += 2) { r.u[j] = q[j / 2] & 0xF; r.u[j + 1] = q[j / 2] >> 4; }
+      if (bits == 4) {
+        for (int64_t j = 0; j < k; j += 2) { r.u[j] = q[j / 2] & 0xF; r.u[j + 1] = q[j / 2] >> 4; }
+      } else {
+        const uint32_t mask = (1u << bits) - 1;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t bit = j * bits;
+          uint32_t v = q[bit >> 3];
+          if ((bit & 7) + bits > 8) v |= (uint32_t)q[(bit >> 3) + 1] << 8;
+          r.u[j] = (uint8_t)((v >> (bit & 7)) & mask);
+        }
+      }
       break;
     }
     case PQK_Q4_K:
@@ -155,24 +171,24 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
                                          ": int8 compute needs K % 32 == 0 and int4 groups >= 32");
   w.fmt = fmt; w.n = n; w.k = k;
   w.blk = fmt == PQK_Q6_K ? 16 : 32;
-  w.nibbles = fmt == PQK_Q4_0 || fmt == PQK_Q4_1 || fmt == PQK_IQ4_NL || fmt == PQK_NF4 || fmt == PQK_INT4 ||
+  w.nibbles = fmt == PQK_Q4_0 || fmt == PQK_Q4_1 || fmt == PQK_IQ4_NL || fmt == PQK_NF4 || is_intn(fmt) ||
               fmt == PQK_Q4_K;
   w.has_min = fmt == PQK_Q4_1 || fmt == PQK_Q4_K;
-  w.row_offset = fmt == PQK_INT4 && !p.sym;
+  w.row_offset = is_intn(fmt) && !p.sym;
   w.lut = fmt == PQK_NF4 || fmt == PQK_IQ4_NL;
   for (int i = 0; i < 16; ++i)
     w.lut16[i] = (uint8_t)((fmt == PQK_NF4 ? nf4_i8(i) : kIQ4NL[i]) + 128);
-  w.o_const = fmt == PQK_Q4_0 ? 8 : (fmt == PQK_INT4 ? 8 : (fmt == PQK_Q6_K ? 32 : (fmt == PQK_Q4_1 || fmt == PQK_Q4_K ? 0 : 128)));
+  w.o_const = fmt == PQK_Q4_0 ? 8 : (is_intn(fmt) ? 1 << (intn_bits(fmt) - 1) : (fmt == PQK_Q6_K ? 32 : (fmt == PQK_Q4_1 || fmt == PQK_Q4_K ? 0 : 128)));
   w.n_tiles = (n + NR - 1) / NR;
   w.nblk = k / w.blk;
   const int64_t bcb = w.block_code_bytes();
   w.tile_code_bytes = bcb * w.nblk;
   // parameters shared by several blocks (int4 groups, nf4 blocks > 32) are stored once
-  if (fmt == PQK_INT4) w.par_every = (p.group == -1 ? k : p.group) / w.blk;
+  if (is_intn(fmt)) w.par_every = (p.group == -1 ? k : p.group) / w.blk;
   else if (fmt == PQK_NF4) w.par_every = p.group / w.blk;
   else if (fmt == PQK_INT8) w.par_every = w.nblk;  // one scale per row
   else w.par_every = 1;
-  const bool f16 = fmt == PQK_Q4_0 || fmt == PQK_Q4_1 || fmt == PQK_Q8_0 || fmt == PQK_IQ4_NL || fmt == PQK_INT4;
+  const bool f16 = fmt == PQK_Q4_0 || fmt == PQK_Q4_1 || fmt == PQK_Q8_0 || fmt == PQK_IQ4_NL || is_intn(fmt);
   w.npar = w.nblk / w.par_every;
   const size_t code_bytes = (size_t)(w.n_tiles * w.tile_code_bytes);
   const size_t par_bytes = (size_t)(w.n_tiles * w.npar * NR * 4);

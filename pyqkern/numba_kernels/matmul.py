@@ -8,6 +8,7 @@ float operations of the dequantizers (:mod:`pyqkern.reference`, :mod:`pyqkern.re
     q4_0  f32(c - 8) * d           q4_1  d * f32(c) + m           q8_0  f32(int8 c) * d
     iq4_nl d * kvalue[c]           nf4   code[c] * absmax         int8  f32(int8 c) * scale
     int4  f32(c - zero) * scale    q4_k  (d*sc) * f32(c) - (dmin*m)   q6_k (d*sc) * f32(c - 32)
+    int2 / int3 as int4 (codes from their bit streams)
 
 Then each decoded weight is multiplied by x in float32 and accumulated in float32, in 32
 independent lanes (one element of every chunk of 32: element k = 32*c + j in lane j, or for the
@@ -37,7 +38,7 @@ LANES = 32       # accumulator lanes = decode chunk
 ROWS_PER_TASK = 8
 
 # format ids (pyqkern._formats.FORMAT_IDS)
-Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, IQ4_NL, NF4, INT4, INT8 = range(9)
+Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, IQ4_NL, NF4, INT4, INT8, INT2, INT3 = range(11)
 
 
 # ---------------------------------------------------------------- byte / fp16 helpers
@@ -246,6 +247,27 @@ def _row_int4(q, s, z, r, gshift, sym, xs, acc):
                 acc[m, 16 + j] += (_F32((c >> 4) - zero) * sf) * xs[m, k0 + h + j]
 
 
+@njit(inline="always", **_JIT)
+def _row_intq(q, s, z, r, gshift, sym, bits, x, acc):
+    """int2 / int3: element i's code at bit bits*i of the row (low bits first); f32(c - zero) *
+    scale, element k = 32*c + j in lane j."""
+    mm, k = x.shape
+    mask = np.int64((1 << bits) - 1)
+    zsym = np.int32(1 << (bits - 1))
+    for kk in range(k):
+        bit = np.int64(kk) * bits
+        v = np.int64(q[r, bit >> 3])
+        if (bit & 7) + bits > 8:
+            v |= np.int64(q[r, (bit >> 3) + 1]) << 8
+        c = np.int32((v >> (bit & 7)) & mask)
+        gi = kk >> gshift
+        zero = zsym if sym else np.int32(z[r, gi])
+        w = _F32(c - zero) * _f16(s, r, 2 * gi)
+        j = kk & 31
+        for m in range(mm):
+            acc[m, j] += w * x[m, kk]
+
+
 def _split_pairs(x):
     """x [M, K] (K even) -> copy with each chunk of 32 (and the tail chunk) reordered: even
     elements first, then odd ones."""
@@ -301,6 +323,8 @@ def _matmul(fmt, q, s, z, gshift, sym, x, bias, has_bias, y):
                 _row_nf4(q, s, r, gshift, x, acc)
             elif fmt == INT4:
                 _row_int4(q, s, z, r, gshift, sym, x, acc)
+            elif fmt == INT2 or fmt == INT3:
+                _row_intq(q, s, z, r, gshift, sym, fmt - INT2 + 2, x, acc)
             else:
                 _row_int8(q, s, r, x, acc)
             for m in range(mm):
@@ -324,7 +348,7 @@ def matmul_float(fmt_id, q, s, z, k, group, sym, x, bias, y):
     x = np.ascontiguousarray(x, dtype=_F32)
     if fmt_id in (NF4, INT4):
         x = _split_pairs(x)
-    if fmt_id == INT4:
+    if fmt_id in (INT4, INT2, INT3):
         gshift = 62 if group == -1 else int(group).bit_length() - 1   # per-channel: group index 0
     elif fmt_id == NF4:
         gshift = int(group).bit_length() - 1

@@ -1,4 +1,4 @@
-"""Numba kernels for the block formats q4_0, q4_1, q8_0, iq4_nl (dequantize), nf4, int4, int8.
+"""Numba kernels for the block formats q4_0, q4_1, q8_0, iq4_nl (dequantize), nf4, int2/3/4, int8.
 
 Same contracts and the same bits as :mod:`pyqkern.reference` and ``csrc/kernels/ref``:
 
@@ -368,6 +368,12 @@ def _dequantize_nf4(q, s, bs, y):
 @njit(**_JIT)
 def _int4_group_params(x, r, xo, g, sym):
     """(scale after fp16 rounding, its fp16 bits, zero point) of one group, as int4_group_params."""
+    return _intq_group_params(x, r, xo, g, sym, 15)
+
+
+@njit(**_JIT)
+def _intq_group_params(x, r, xo, g, sym, maxq):
+    """As reference.intq_group_params for one group (maxq = 2^bits - 1)."""
     mn = F0  # GPTQ: the range always includes 0
     mx = F0
     for i in range(g):
@@ -381,19 +387,58 @@ def _int4_group_params(x, r, xo, g, sym):
     if mn == F0 and mx == F0:
         mn = F_M1
         mx = F1
-    scale = (mx - mn) / F15
+    scale = (mx - mn) / _F32(maxq)
     if scale > F65504:
         scale = F65504  # fp16 saturates instead of becoming inf
     s16 = fp32_to_fp16(scale)
     sf = fp16_to_fp32(s16)
     if sym:
-        zero = 8
+        zero = (maxq + 1) // 2
     elif sf == F0:
         zero = 0
     else:
         z = round_even_i32(-mn / sf)
-        zero = 0 if z < 0 else (15 if z > 15 else z)
+        zero = 0 if z < 0 else (maxq if z > maxq else z)
     return sf, s16, zero
+
+
+@njit(**_PJIT)
+def _quantize_intq(x, g, sym, bits, q, s, z):
+    """int2 / int3: codes at bit bits*i of the row, low bits first (q zeroed by the caller)."""
+    n, k = x.shape
+    maxq = (1 << bits) - 1
+    for r in prange(n):
+        for b in range(k // g):
+            xo = b * g
+            sf, s16, zero = _intq_group_params(x, r, xo, g, sym, maxq)
+            s[r, 2 * b] = s16 & 0xFF
+            s[r, 2 * b + 1] = s16 >> 8
+            if not sym:
+                z[r, b] = zero
+            for j in range(g):
+                c = zero if sf == F0 else round_even_i32(x[r, xo + j] / sf) + zero
+                c = 0 if c < 0 else (maxq if c > maxq else c)
+                bit = (xo + j) * bits
+                v = c << (bit & 7)
+                q[r, bit >> 3] |= v & 0xFF
+                if (bit & 7) + bits > 8:
+                    q[r, (bit >> 3) + 1] |= v >> 8
+
+
+@njit(**_PJIT)
+def _dequantize_intq(q, s, z, g, sym, bits, y):
+    n, k = y.shape
+    mask = (1 << bits) - 1
+    for r in prange(n):
+        for b in range(k // g):
+            sf = fp16_to_fp32(load_u16(s, r, 2 * b))
+            zero = np.int32(1 << (bits - 1)) if sym else np.int32(z[r, b])
+            for j in range(b * g, (b + 1) * g):
+                bit = j * bits
+                v = np.int32(q[r, bit >> 3])
+                if (bit & 7) + bits > 8:
+                    v |= np.int32(q[r, (bit >> 3) + 1]) << 8
+                y[r, j] = _F32(((v >> (bit & 7)) & mask) - zero) * sf
 
 
 @njit(**_PJIT)
@@ -568,6 +613,48 @@ def dequantize_int4(q, s, z, k, group=128, sym=0):
     return y
 
 
+def _intq_group(fmt, k, group, bits):
+    unit = 8 if bits == 3 else 8 // bits
+    g = k if group == -1 else group
+    if g <= 0 or k % g or g % unit:
+        raise ValueError(f"{fmt}: K={k} is not a multiple of a group size {group} that fills whole bytes")
+    return g
+
+
+def _make_intq(bits):
+    fmt = f"int{bits}"
+
+    def quantize(x, group=128, sym=0):
+        x = _f32(x)
+        n, k = x.shape
+        g = _intq_group(fmt, k, group, bits)
+        groups = k // g
+        q = np.zeros((n, k * bits // 8), dtype=np.uint8)
+        s = np.empty((n, 2 * groups), dtype=np.uint8)
+        z = np.empty((n, 0 if sym else groups), dtype=np.uint8)
+        _quantize_intq(x, g, bool(sym), bits, q, s, z)
+        return q, s, z
+
+    def dequantize(q, s, z, k, group=128, sym=0):
+        q, s = _u8(q), _u8(s)
+        n = q.shape[0]
+        g = _intq_group(fmt, k, group, bits)
+        groups = k // g
+        z = _empty(n) if sym else _u8(z)
+        if q.shape[1] != k * bits // 8 or s.shape != (n, 2 * groups) or z.shape != (n, 0 if sym else groups):
+            raise ValueError(f"{fmt}: sections do not match K={k}, group {group}, sym={bool(sym)}")
+        y = np.empty((n, k), dtype=_F32)
+        _dequantize_intq(q, s, z, g, bool(sym), bits, y)
+        return y
+
+    quantize.__name__, dequantize.__name__ = f"quantize_{fmt}", f"dequantize_{fmt}"
+    return quantize, dequantize
+
+
+quantize_int2, dequantize_int2 = _make_intq(2)
+quantize_int3, dequantize_int3 = _make_intq(3)
+
+
 def quantize_int8(x, group=0, sym=0):
     x = _f32(x)
     n, k = x.shape
@@ -590,8 +677,10 @@ def dequantize_int8(q, s, z, k, group=0, sym=0):
 QUANTIZE = {
     "q4_0": quantize_q4_0, "q4_1": quantize_q4_1, "q8_0": quantize_q8_0,
     "nf4": quantize_nf4, "int4": quantize_int4, "int8": quantize_int8,
+    "int2": quantize_int2, "int3": quantize_int3,
 }
 DEQUANTIZE = {
     "q4_0": dequantize_q4_0, "q4_1": dequantize_q4_1, "q8_0": dequantize_q8_0, "iq4_nl": dequantize_iq4_nl,
     "nf4": dequantize_nf4, "int4": dequantize_int4, "int8": dequantize_int8,
+    "int2": dequantize_int2, "int3": dequantize_int3,
 }

@@ -50,7 +50,9 @@ typedef enum pqk_format {
   PQK_NF4 = 6,
   PQK_INT4 = 7,
   PQK_INT8 = 8,
-  PQK_FORMAT_COUNT = 9
+  PQK_INT2 = 9,  /* group-wise like int4, 4 codes per byte (low bits first) */
+  PQK_INT3 = 10, /* group-wise like int4, little-endian 3-bit stream (8 codes per 3 bytes) */
+  PQK_FORMAT_COUNT = 11
 } pqk_format;
 
 typedef enum pqk_isa {
@@ -66,8 +68,8 @@ typedef enum pqk_isa {
 
 /* Format parameters. Zero-initialise and set what applies.
  *   group: nf4 block size (default 64, power of two 32..4096);
- *          int4 group size (default 128, power of two >= 16, or -1 = per-channel).
- *   sym:   int4 only: 1 = symmetric (zero point fixed at 8, no z section). */
+ *          int2/int3/int4 group size (default 128, power of two >= 16, or -1 = per-channel).
+ *   sym:   int2/int3/int4 only: 1 = symmetric (zero point fixed at 2/4/8, no z section). */
 typedef struct pqk_qparams {
   int32_t group;
   int32_t sym;

@@ -20,6 +20,8 @@ PQK_DECLARE_ROW_KERNELS(iq4_nl)
 PQK_DECLARE_ROW_KERNELS(nf4)
 PQK_DECLARE_ROW_KERNELS(int4)
 PQK_DECLARE_ROW_KERNELS(int8)
+PQK_DECLARE_ROW_KERNELS(int2)
+PQK_DECLARE_ROW_KERNELS(int3)
 
 }}  // namespace pqk::ref
 #include "../../core/packed.h"
@@ -33,10 +35,11 @@ void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, 
 void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
               const float* bias);
 
-// int4 group parameters for one group of n values (shared by every variant so the scale
+// intN group parameters (maxq = 2^bits - 1) for one group of n values (shared by every variant so the scale
 // and zero point, which are scalar per group, are computed by one piece of code).
 // Returns the fp16-rounded scale as float in *sf, its fp16 bits in *s16 and the zero point.
-static inline void int4_group_params(const float* x, int64_t n, bool sym, float* sf, uint16_t* s16, int* zero) {
+static inline void intq_group_params(const float* x, int64_t n, bool sym, int maxq, float* sf, uint16_t* s16,
+                                     int* zero) {
   float mn = 0.0f, mx = 0.0f;  // GPTQ: the range always includes 0
   for (int64_t i = 0; i < n; ++i) { mn = x[i] < mn ? x[i] : mn; mx = x[i] > mx ? x[i] : mx; }
   if (sym) {
@@ -44,16 +47,20 @@ static inline void int4_group_params(const float* x, int64_t n, bool sym, float*
     mn = -a; mx = a;
   }
   if (mn == 0.0f && mx == 0.0f) { mn = -1.0f; mx = 1.0f; }
-  float scale = (mx - mn) / 15.0f;
+  float scale = (mx - mn) / (float)maxq;
   if (scale > 65504.0f) scale = 65504.0f;  // fp16 saturates instead of becoming inf
   *s16 = fp32_to_fp16(scale);
   *sf = fp16_to_fp32(*s16);
-  if (sym) *zero = 8;
+  if (sym) *zero = (maxq + 1) / 2;
   else if (*sf == 0.0f) *zero = 0;
   else {
     int z = round_even_i32(-mn / *sf);
-    *zero = z < 0 ? 0 : (z > 15 ? 15 : z);
+    *zero = z < 0 ? 0 : (z > maxq ? maxq : z);
   }
+}
+
+static inline void int4_group_params(const float* x, int64_t n, bool sym, float* sf, uint16_t* s16, int* zero) {
+  intq_group_params(x, n, sym, 15, sf, s16, zero);
 }
 
 }}  // namespace pqk::ref

@@ -13,6 +13,8 @@ void register_kernels(KernelTable& t) {
   PQK_SET(PQK_NF4, nf4)
   PQK_SET(PQK_INT4, int4)
   PQK_SET(PQK_INT8, int8)
+  PQK_SET(PQK_INT2, int2)
+  PQK_SET(PQK_INT3, int3)
 #undef PQK_SET
   t.quantize_act = quantize_act;
   t.gemm_int8 = gemm_int8;
