@@ -1,5 +1,6 @@
 """Command line: `pyqkern bench [--quick] [--threads N] [--formats ...]`, `pyqkern info`,
-`pyqkern quantize IN OUT --format F [--group G] [--sym] [--exclude REGEX] [--min-size N]`,
+`pyqkern quantize IN OUT --format F [--group G] [--sym] [--exclude REGEX] [--min-size N] [--quiet]
+[--gptq --calib FILE.npz|.npy|.txt [--act-order] [--damp D] [--calib-max-length T]]`,
 `pyqkern inspect FILE`."""
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
 
 
 _FLOAT_DT = ("F32", "F16", "BF16")
+_ERR_CHUNK = 1 << 18  # elements per row chunk in the error sums (small float64 temporaries)
 
 
 def _shards(path):
@@ -96,18 +98,145 @@ def _shards(path):
     return [path]
 
 
-def _rel_err(w, deq):
-    nw = float(np.linalg.norm(w.astype(np.float64)))
-    nd = float(np.linalg.norm(w.astype(np.float64) - deq))
-    return nd / nw if nw else (0.0 if nd == 0 else float("inf"))
-
-
-def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=0, out=None):
-    """`pyqkern quantize`: returns the summary dict. Raises ValueError for bad arguments or files."""
-    out = out or sys.stdout
+def _deq_rows(qt, r0, r1):
+    """float64 dequantized rows r0:r1 of qt (dequantizes only those rows)."""
     import pyqkern as pq
-    from pyqkern import _formats, _qtensor
-    from pyqkern.io import gguf as _gg, qsave, safetensors as st
+    from pyqkern import _qtensor
+
+    if qt.params.get("double_quant"):  # nested statistics span rows: no cheap row slice
+        return pq.dequantize(qt)[r0:r1].astype(np.float64)
+    q, s, z = qt.sections()
+    sub = _qtensor.assemble(qt.format, r1 - r0, qt.shape[1], qt.params, q[r0:r1],
+                            s[r0:r1] if s.size else None, z[r0:r1] if z.size else None)
+    if qt.perm is not None:
+        sub = sub.with_perm(qt.perm)
+    return pq.dequantize(sub).astype(np.float64)
+
+
+def _ratio(num, den):
+    return float(np.sqrt(num / den)) if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def _errors(w, qts, H=None):
+    """For each QTensor in qts: (relative weight error ||W - Ŵ||/||W||, relative layer-output error
+    sqrt(tr(D H Dᵀ) / tr(W H Wᵀ)) with D = W - Ŵ, or None without H). With H = 2/n XᵀX the latter
+    is ||X Dᵀ|| / ||X Wᵀ|| on the calibration inputs X. Summed over row chunks in float64, so the
+    temporaries stay small next to the weight."""
+    n, k = w.shape
+    step = max(1, _ERR_CHUNK // k)
+    ww = wh = 0.0
+    dd, dh = [0.0] * len(qts), [0.0] * len(qts)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        wc = w[r0:r1].astype(np.float64)
+        ww += float(np.vdot(wc, wc))
+        if H is not None:
+            wh += float(np.vdot(wc @ H, wc))
+        for i, qt in enumerate(qts):
+            d = _deq_rows(qt, r0, r1)
+            np.subtract(wc, d, out=d)
+            dd[i] += float(np.vdot(d, d))
+            if H is not None:
+                dh[i] += float(np.vdot(d @ H, d))
+    return [(_ratio(dd[i], ww), _ratio(dh[i], wh) if H is not None else None) for i in range(len(qts))]
+
+
+class _Progress:
+    """A tqdm bar on stderr when tqdm is installed and stderr is a terminal, else one line per
+    tensor; nothing with quiet. Warnings are always printed (through the bar when there is one)."""
+
+    def __init__(self, total, quiet, err):
+        self.err, self.quiet, self.total, self.bar = err, quiet, total, None
+        if not quiet and getattr(err, "isatty", lambda: False)():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, unit="tensor", file=err, desc="quantize", dynamic_ncols=True)
+
+    def step(self, i, name, line):
+        if self.bar is not None:
+            self.bar.set_postfix_str(name, refresh=False)
+            self.bar.update(1)
+        elif not self.quiet:
+            print(f"[{i}/{self.total}] {line}", file=self.err, flush=True)
+
+    def warn(self, msg):
+        if self.bar is not None:
+            self.bar.write(msg, file=self.err)
+        else:
+            print(msg, file=self.err, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _fmt_err(v):
+    return "" if v is None else f"{v:.3e}"
+
+
+def _print_summary(out, rows, dst, quiet, gptq_ran):
+    q = [r for r in rows if r["format"] is not None]
+    kept = [r for r in rows if r["format"] is None]
+    if not quiet:
+        w = max([len(r["name"]) for r in rows] + [4])
+        hdr = (f"{'name':{w}s}  {'shape':>14s} {'dtype':>5s}  {'stored as':22s} {'bytes before':>13s} "
+               f"{'bytes after':>12s} {'w.err':>9s}")
+        if gptq_ran:
+            hdr += f" {'out.err RTN':>11s} {'out.err GPTQ':>12s}"
+        print(hdr, file=out)
+        for r in rows:
+            line = (f"{r['name']:{w}s}  {str(r['shape']):>14s} {r['dtype']:>5s}  {r['stored']:22s} "
+                    f"{r['bytes_before']:13d} {r['bytes_after']:12d} {_fmt_err(r['w_err']):>9s}")
+            if gptq_ran:
+                line += f" {_fmt_err(r['out_err_rtn']):>11s} {_fmt_err(r['out_err_gptq']):>12s}"
+            print(line, file=out)
+        print(file=out)
+
+    def total(label, rs):
+        b, a = sum(r["bytes_before"] for r in rs), sum(r["bytes_after"] for r in rs)
+        print(f"{label:14s} {len(rs):8d} {b:14d} {a:14d} {b / max(a, 1):7.2f}x", file=out)
+
+    print(f"{'':14s} {'tensors':>8s} {'bytes before':>14s} {'bytes after':>14s} {'ratio':>8s}", file=out)
+    total("quantized", q)
+    if gptq_ran:
+        total("  GPTQ", [r for r in q if r["method"] == "gptq"])
+        total("  RTN", [r for r in q if r["method"] == "rtn"])
+    total("kept", kept)
+    total("total", rows)
+    errs = [r["w_err"] for r in q]
+    print(f"mean relative error ||W - deq||/||W|| over quantized tensors: "
+          f"{f'{np.mean(errs):.4e}' if errs else 'n/a'}", file=out)
+    g = [r for r in q if r["out_err_gptq"] is not None]
+    if g:
+        print(f"mean relative layer-output error ||X(W - deq)^T||/||XW^T|| on the calibration data over "
+              f"{len(g)} GPTQ tensors: RTN {np.mean([r['out_err_rtn'] for r in g]):.4e}, "
+              f"GPTQ {np.mean([r['out_err_gptq'] for r in g]):.4e}", file=out)
+    print(f"wrote {dst}", file=out)
+
+
+def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=0, out=None, *,
+                   gptq=False, calib=None, act_order=False, damp=None, calib_max_length=512, quiet=False,
+                   err=None):
+    """`pyqkern quantize`: returns the summary dict. Raises ValueError for bad arguments or files.
+
+    Streams one tensor at a time: each tensor is read (a plain read into a fresh array), quantized,
+    written and dropped before the next one, so peak memory is about the largest tensor (plus, with
+    GPTQ, that tensor's Hessian and GPTQ's work arrays), not the model. The output is the same bytes
+    that :func:`pyqkern.io.save_gguf` / :func:`pyqkern.io.save` write for the same tensors.
+
+    gptq: quantize each 2-D weight with GPTQ using calibration activations from ``calib`` (.npz by
+    tensor name, .npy [tokens, K] shared by K, or .txt lines run through the input Hugging Face
+    model directory; see :mod:`pyqkern._calib`); weights without calibration data fall back to
+    round-to-nearest with a warning. Progress goes to ``err`` (stderr), the summary to ``out``."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    import pyqkern as pq
+    from pyqkern import _calib, _formats, _ops, _qtensor
+    from pyqkern.io import _stream, gguf as _gg, qsave, safetensors as st
 
     if fmt not in _formats.FORMATS:
         raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(_formats.FORMATS)}")
@@ -118,6 +247,24 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
         raise ValueError(f"{fmt} is not a ggml format and cannot be written to GGUF "
                          f"(use {', '.join(_gg.GGML_TYPES)}, or a .safetensors output)")
     _formats.resolve_params(fmt, 1 << 12, group, sym)  # argument check (K = 4096 fits every block)
+    if calib is not None and not gptq:
+        raise ValueError("--calib is used by --gptq; add --gptq")
+    if gptq:
+        from pyqkern import gptq as _gptq
+
+        if calib is None:
+            raise ValueError("--gptq needs calibration activations: --calib FILE (.npz, .npy or .txt)")
+        if fmt not in _gptq.FORMATS:
+            raise ValueError(f"GPTQ does not support {fmt} (supported: {', '.join(_gptq.FORMATS)}); "
+                             f"drop --gptq for round-to-nearest {fmt}")
+    elif act_order or damp is not None:
+        raise ValueError("--act-order and --damp apply to --gptq only")
+    if act_order and kind == "gguf":
+        raise ValueError("--act-order permutes the input channels, which GGUF cannot store: "
+                         "write a .safetensors output or drop --act-order")
+    damp = 0.01 if damp is None else float(damp)
+    if not (np.isfinite(damp) and damp >= 0):
+        raise ValueError(f"--damp must be a finite number >= 0, got {damp}")
     pat = re.compile(exclude) if exclude else None
     plan, seen, meta_in = [], {}, {}
     for shard in _shards(src):
@@ -129,6 +276,8 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
             if name in seen:
                 raise ValueError(f"tensor {name!r} is in both {seen[name]} and {shard}")
             seen[name] = shard
+            if kind == "safetensors" and name.endswith(qsave.PERM_SUFFIX):
+                raise ValueError(f"tensor {name!r}: the suffix {qsave.PERM_SUFFIX!r} is reserved by pyqkern")
             shape, dt = tuple(e["shape"]), e["dtype"]
             params, why = None, None
             if dt not in _FLOAT_DT:
@@ -154,73 +303,120 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
             plan.append((shard, name, dt, shape, params, why))
     if not plan:
         raise ValueError(f"{src}: no tensors")
+
+    prog = _Progress(len(plan), quiet, err)
+    source, have = None, set()
     sw = None
-    if kind == "gguf":
-        sw = _gg.GGUFStreamWriter(dst, {k: v for k, v in meta_in.items()})
-        for _, name, dt, shape, params, _ in plan:
-            if params is not None:
-                nb = _qtensor.total_bytes(fmt, shape[0], shape[1], params)
-                sw.declare(name, nb, shape, getattr(_gg._gguf().GGMLQuantizationType, _gg.GGML_TYPES[fmt]))
-            else:
-                npdt = np.dtype(np.float32) if dt == "BF16" else st.DTYPES[dt]
-                sw.declare(name, int(np.prod(shape)) * npdt.itemsize, shape, dtype=npdt)
-        sw.begin()
-    result, bf16_kept = {}, []
-    nq = nk = before = after_q = after_k = 0
-    errs = []
     try:
-        cur, arrays = None, None
+        if gptq:
+            source = _calib.open_source(calib, src, os.path.dirname(os.path.abspath(dst)), calib_max_length)
+            targets = {name: shape for _, name, _, shape, params, _ in plan if params is not None}
+            have = source.prepare(targets, prog.warn)
+        if kind == "gguf":
+            sw = _gg.GGUFStreamWriter(dst, dict(meta_in))
+            for _, name, dt, shape, params, _ in plan:
+                if params is not None:
+                    nb = _qtensor.total_bytes(fmt, shape[0], shape[1], params)
+                    sw.declare(name, nb, shape, getattr(_gg._gguf().GGMLQuantizationType, _gg.GGML_TYPES[fmt]))
+                else:
+                    npdt = np.dtype(np.float32) if dt == "BF16" else st.DTYPES[dt]
+                    sw.declare(name, int(np.prod(shape)) * npdt.itemsize, shape, dtype=npdt)
+            sw.begin()
+        else:
+            sw = _stream.QSaveStreamWriter(
+                dst, [("q", name, fmt, shape, params, gptq and act_order and name in have) if params is not None
+                      else ("a", name, dt, shape) for _, name, dt, shape, params, _ in plan], meta_in)
+        rows = []
+        reader = None
         for i, (shard, name, dt, shape, params, why) in enumerate(plan, 1):
-            if shard != cur:
-                cur, arrays = shard, st.load(shard, bf16="bits")[0]
-            a = arrays[name]
-            before += a.nbytes
+            if reader is None or reader.path != shard:
+                if reader is not None:
+                    reader.close()
+                reader = _stream.ShardReader(shard)
+            a = reader.read(name)
+            row = dict(name=name, shape=list(shape), dtype=dt, bytes_before=a.nbytes, format=None, method=None,
+                       w_err=None, out_err_rtn=None, out_err_gptq=None)
             if params is not None:
-                qt = pq.quantize(a, fmt, group=group, sym=sym)
-                w = pq._ops.as_float32_2d(a)
-                e = _rel_err(w, pq.dequantize(qt))
-                errs.append(e)
-                nq += 1
-                after_q += qt.nbytes
-                print(f"[{i}/{len(plan)}] {name} {list(shape)} {dt} -> {fmt} "
-                      f"{qt.bits_per_weight:.2f} bpw  rel.err {e:.3e}", file=out, flush=True)
-                if sw is not None:
+                w = _ops.as_float32_2d(a)
+                del a
+                qt, method = None, "rtn"
+                if name in have:
+                    qt, H = _gptq_one(w, name, fmt, params, act_order, damp, source, prog)
+                    method = "gptq" if qt is not None else "rtn"
+                elif gptq:
+                    prog.warn(f"warning: no calibration data for {name}: round-to-nearest {fmt}")
+                rtn = pq.quantize(w, fmt, group=group, sym=sym)
+                if qt is None:
+                    qt = rtn
+                    (row["w_err"], _), = _errors(w, [rtn])
+                else:
+                    (row["w_err"], row["out_err_gptq"]), (_, row["out_err_rtn"]) = _errors(w, [qt, rtn], H)
+                    del H
+                del w, rtn
+                row.update(format=fmt, method=method, bytes_after=qt.nbytes,
+                           stored=fmt + (" GPTQ" if method == "gptq" else "") + (" +perm" if qt.perm is not None
+                                                                                  else ""))
+                line = (f"{name} {list(shape)} {dt} -> {row['stored']} {qt.bits_per_weight:.2f} bpw  "
+                        f"rel.err {row['w_err']:.3e}")
+                if method == "gptq":
+                    line += f"  out.err GPTQ {row['out_err_gptq']:.3e} (RTN {row['out_err_rtn']:.3e})"
+                if kind == "gguf":
                     sw.write(name, qt.data)
                 else:
-                    result[name] = qt
+                    sw.write_qtensor(name, qt)
+                del qt
             else:
-                if dt == "BF16":
-                    if sw is not None:
-                        a = (a.astype(np.uint32) << 16).view(np.float32)
-                    else:
-                        bf16_kept.append(name)
-                nk += 1
-                after_k += a.nbytes
-                print(f"[{i}/{len(plan)}] {name} {list(shape)} {dt} kept ({why})", file=out, flush=True)
-                if sw is not None:
+                if dt == "BF16" and kind == "gguf":
+                    a = (a.astype(np.uint32) << 16).view(np.float32)
+                row.update(bytes_after=a.nbytes, stored=f"kept ({why})")
+                line = f"{name} {list(shape)} {dt} kept ({why})"
+                if kind == "gguf":
                     sw.write(name, a)
                 else:
-                    result[name] = a
-        if sw is not None:
-            sw.finish()
-        else:
-            qsave.save(dst, result, meta_in or None, bf16=bf16_kept)
+                    sw.write_array(name, a)
+                del a
+            rows.append(row)
+            prog.step(i, name, line)
+        if reader is not None:
+            reader.close()
+        sw.finish()
     except BaseException:
         if sw is not None:
             sw.abort()
         raise
-    summary = dict(quantized=nq, kept=nk, bytes_before=before, bytes_after=after_q + after_k,
-                   mean_rel_err=float(np.mean(errs)) if errs else None)
-    print(f"\n{'':12s} {'tensors':>8s} {'bytes after':>14s}", file=out)
-    print(f"{'quantized':12s} {nq:8d} {after_q:14d}", file=out)
-    print(f"{'kept':12s} {nk:8d} {after_k:14d}", file=out)
-    print(f"{'total':12s} {nq + nk:8d} {after_q + after_k:14d}   (before: {before} bytes, "
-          f"ratio {before / max(after_q + after_k, 1):.2f}x)", file=out)
-    me = summary["mean_rel_err"]
-    print(f"mean relative error ||W - deq||/||W|| over quantized tensors: "
-          f"{'n/a' if me is None else f'{me:.4e}'}", file=out)
-    print(f"wrote {dst}", file=out)
+    finally:
+        prog.close()
+        if source is not None:
+            source.close()
+    q = [r for r in rows if r["format"] is not None]
+    g = [r for r in q if r["method"] == "gptq"]
+    summary = dict(quantized=len(q), kept=len(rows) - len(q), bytes_before=sum(r["bytes_before"] for r in rows),
+                   bytes_after=sum(r["bytes_after"] for r in rows),
+                   mean_rel_err=float(np.mean([r["w_err"] for r in q])) if q else None,
+                   gptq=len(g), rtn=len(q) - len(g),
+                   mean_out_err_gptq=float(np.mean([r["out_err_gptq"] for r in g])) if g else None,
+                   mean_out_err_rtn=float(np.mean([r["out_err_rtn"] for r in g])) if g else None,
+                   tensors=rows)
+    _print_summary(out, rows, dst, quiet, gptq)
     return summary
+
+
+def _gptq_one(w, name, fmt, params, act_order, damp, source, prog):
+    """GPTQ of one weight with its calibration data -> (QTensor, Hessian), or (None, None) after a
+    warning when GPTQ cannot factor the Hessian (the caller falls back to round-to-nearest)."""
+    from pyqkern import gptq as _gptq
+
+    g = _gptq.GPTQ(w)
+    source.feed(name, g)
+    kw = dict(format=fmt, act_order=bool(act_order), damp=damp)
+    if params.get("group"):
+        kw.update(group_size=params["group"], sym=bool(params["sym"]))
+    try:
+        qt = g.quantize(**kw)
+    except (ValueError, np.linalg.LinAlgError) as e:
+        prog.warn(f"warning: GPTQ failed for {name} ({e}): round-to-nearest {fmt}")
+        return None, None
+    return qt, g.H
 
 
 def inspect_file(path, out=None):
@@ -280,6 +476,17 @@ def main(argv=None):
     q.add_argument("--sym", action="store_true", help="symmetric int4")
     q.add_argument("--exclude", default=None, help="keep tensors whose name matches this regex (re.search)")
     q.add_argument("--min-size", type=int, default=0, help="keep tensors with fewer elements")
+    q.add_argument("--gptq", action="store_true", help="GPTQ with calibration activations (--calib) instead of "
+                                                       "round-to-nearest")
+    q.add_argument("--calib", default=None,
+                   help="GPTQ calibration: .npz (activations [tokens, K] keyed by tensor name, with or without "
+                        "'.weight'), .npy (one [tokens, K] array for every weight with that K) or .txt (one text "
+                        "per line, run through the input Hugging Face model directory; needs transformers)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: process columns by descending Hessian "
+                                                            "diagonal (stores an input permutation; .safetensors only)")
+    q.add_argument("--damp", type=float, default=None, help="GPTQ: dampening, fraction of mean(diag H) (default 0.01)")
+    q.add_argument("--calib-max-length", type=int, default=512, help="GPTQ .txt: tokens per line at most (default 512)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr and no per-tensor table")
     ins = sub.add_parser("inspect", help="list the tensors of a .gguf or .safetensors file")
     ins.add_argument("file")
     args = ap.parse_args(argv)
@@ -287,10 +494,11 @@ def main(argv=None):
         try:
             if args.cmd == "quantize":
                 quantize_files(args.input, args.output, args.format, args.group, args.sym, args.exclude,
-                               args.min_size)
+                               args.min_size, gptq=args.gptq, calib=args.calib, act_order=args.act_order,
+                               damp=args.damp, calib_max_length=args.calib_max_length, quiet=args.quiet)
             else:
                 inspect_file(args.file)
-        except (ValueError, TypeError, OSError, re.error) as e:
+        except (ValueError, TypeError, OSError, re.error, NotImplementedError) as e:
             print(f"pyqkern {args.cmd}: error: {e}", file=sys.stderr)
             return 1
         return 0

@@ -41,12 +41,25 @@ def model(tmp_path):
 def test_quantize_to_gguf(tmp_path, model, fmt):
     src, ref = model
     dst = tmp_path / "out.gguf"
-    out = io.StringIO()
-    s = quantize_files(str(src), str(dst), fmt, exclude=r"^embed\.", out=out)
-    text = out.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    s = quantize_files(str(src), str(dst), fmt, exclude=r"^embed\.", out=out, err=err)
+    text, prog = out.getvalue(), err.getvalue()
     assert s["quantized"] == 3 and s["kept"] == 4  # q, k, bf; kept: norm (1-D), embed (excluded), odd, ids
-    assert "embed.weight [6, 256] F32 kept (excluded)" in text and "mean relative error" in text
-    assert text.count("\n[") + text.startswith("[") == 7  # one progress line per tensor
+    assert "embed.weight [6, 256] F32 kept (excluded)" in prog and "mean relative error" in text
+    assert prog.count("\n[") + prog.startswith("[") == 7  # one progress line per tensor (stderr is no tty)
+    # the summary table: one row per tensor, then the totals
+    row = next(ln for ln in text.splitlines() if ln.startswith("layers.0.q.weight"))
+    assert row.split()[-3:-1] == ["8192", str(pq.quantize(ref["layers.0.q.weight"], fmt).nbytes)]
+    assert "kept (excluded)" in next(ln for ln in text.splitlines() if ln.startswith("embed.weight"))
+    tot = next(ln for ln in text.splitlines() if ln.startswith("total")).split()
+    assert tot[1:4] == ["7", str(s["bytes_before"]), str(s["bytes_after"])]
+    assert s["bytes_before"] == sum(a.nbytes for a in ref.values()) - ref["bf.weight"].nbytes // 2  # bf16 on disk
+    # byte-identical to the in-memory writer given the same tensors
+    expect = {k: (pq.quantize(v, fmt) if k in ("layers.0.q.weight", "layers.0.k.weight", "bf.weight") else v)
+              for k, v in ref.items()}
+    order = list(st.read_header(src)[0])
+    pq.io.save_gguf(tmp_path / "ref.gguf", {k: expect[k] for k in order}, {"format": "pt"})
+    assert dst.read_bytes() == (tmp_path / "ref.gguf").read_bytes()
     got, meta = pq.io.load_gguf(dst)
     assert meta["format"] == "pt"
     for name in ("layers.0.q.weight", "layers.0.k.weight", "bf.weight"):
@@ -68,6 +81,12 @@ def test_quantize_to_safetensors_and_inspect(tmp_path, model):
     assert meta == {"format": "pt"}
     for name in ("layers.0.q.weight", "embed.weight"):
         assert got[name] == pq.quantize(ref[name], "int4", group=32, sym=True)
+    # byte-identical to pyqkern.io.save of the same tensors (the kept BF16 one as bf16 bits)
+    raw = st.load(src, bf16="bits")[0]
+    expect = {k: (pq.quantize(v, "int4", group=32, sym=True) if k in ("layers.0.q.weight", "embed.weight") else v)
+              for k, v in raw.items()}
+    pq.io.save(tmp_path / "ref.safetensors", expect, {"format": "pt"}, bf16=["bf.weight"])
+    assert dst.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     assert isinstance(got["layers.0.k.weight"], np.ndarray) and got["layers.0.k.weight"].dtype == np.float16
     # the BF16 tensor is kept as BF16 (both loads return bf16 as an exact float32 copy)
     assert st.read_header(dst)[0]["bf.weight"]["dtype"] == "BF16"
@@ -79,6 +98,65 @@ def test_quantize_to_safetensors_and_inspect(tmp_path, model):
     assert by["layers.0.q.weight"][3] == pytest.approx(4.5)
     assert by["ids"][1] == "I64" and by["ids"][3] == 64
     assert "pyqkern QTensors" in out.getvalue()
+
+
+def _all_fit(fmt):
+    """A shard set whose 2-D weights every format can take (K = 512), plus pass-through tensors."""
+    rng = np.random.default_rng(7)
+    bf = rng.standard_normal((3, 512)).astype(np.float32)
+    a = {"a.weight": rng.standard_normal((5, 512)).astype(np.float32), "a.bias": np.zeros(5, np.float32),
+         "h.weight": rng.standard_normal((2, 512)).astype(np.float16)}
+    b = {"b.weight": (bf.view(np.uint32) >> 16).astype(np.uint16), "pos": np.arange(7, dtype=np.int32)}
+    return a, b
+
+
+@pytest.mark.parametrize("fmt", sorted(pq._formats.FORMATS))
+def test_streamed_output_is_byte_identical(tmp_path, fmt):
+    a, b = _all_fit(fmt)
+    d = tmp_path / "in"
+    d.mkdir()
+    st.save(d / "m-1.safetensors", a, {"k": "v"})
+    st.save(d / "m-2.safetensors", b, {"k2": "v2"}, bf16=["b.weight"])
+    names = ("a.weight", "h.weight", "b.weight")
+    raw = {**a, **b}
+    order = list(st.read_header(d / "m-1.safetensors")[0]) + list(st.read_header(d / "m-2.safetensors")[0])
+    expect = {k: (pq.quantize(raw[k], fmt) if k in names else raw[k]) for k in order}
+    s = quantize_files(str(d), str(tmp_path / "o.safetensors"), fmt, out=io.StringIO(), quiet=True)
+    assert (s["quantized"], s["kept"]) == (3, 2)
+    pq.io.save(tmp_path / "ref.safetensors", expect, {"k": "v", "k2": "v2"})
+    assert (tmp_path / "o.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    if fmt in pq.io.gguf.GGML_TYPES:
+        quantize_files(str(d), str(tmp_path / "o.gguf"), fmt, out=io.StringIO(), quiet=True)
+        expect["b.weight"] = (b["b.weight"].astype(np.uint32) << 16).view(np.float32)
+        expect["b.weight"] = pq.quantize(expect["b.weight"], fmt)
+        pq.io.save_gguf(tmp_path / "ref.gguf", expect, {"k": "v", "k2": "v2"})
+        assert (tmp_path / "o.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+
+
+class _TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_lines_and_quiet(tmp_path, model, monkeypatch):
+    src, _ = model
+    pytest.importorskip("tqdm")
+    out, err = io.StringIO(), _TTY()
+    quantize_files(str(src), str(tmp_path / "o.gguf"), "q4_0", out=out, err=err)
+    assert "quantize" in err.getvalue() and "7/7" in err.getvalue() and "tensor" in err.getvalue()
+    assert "\n[1/7]" not in "\n" + err.getvalue()  # a bar, not lines
+    # without tqdm: one line per tensor on the terminal too
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    err = _TTY()
+    quantize_files(str(src), str(tmp_path / "o.gguf"), "q4_0", out=io.StringIO(), err=err)
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 7 and lines[0].startswith("[1/7] ") and lines[-1].startswith("[7/7] ")
+    # --quiet: nothing on stderr, only the totals on stdout
+    out, err = io.StringIO(), _TTY()
+    s = quantize_files(str(src), str(tmp_path / "o.gguf"), "q4_0", out=out, err=err, quiet=True)
+    assert err.getvalue() == ""
+    assert "layers.0.q.weight" not in out.getvalue() and "total" in out.getvalue() and s["quantized"] == 4
+    assert len(s["tensors"]) == 7 and {r["name"] for r in s["tensors"]} == set(st.read_header(src)[0])
 
 
 def test_quantize_min_size_counts(tmp_path, model):

@@ -26,7 +26,7 @@ import struct
 
 import numpy as np
 
-__all__ = ["load", "save", "read_header", "DTYPES"]
+__all__ = ["load", "save", "read_header", "DTYPES", "StreamWriter"]
 
 #: safetensors dtype name -> NumPy dtype (little-endian). BF16 is handled separately (see load).
 DTYPES = {
@@ -197,49 +197,225 @@ def _dtype_name(arr, name, bf16_names):
     raise TypeError(f"tensor {name!r}: dtype {dt} cannot be stored in safetensors")
 
 
+def _check_metadata(metadata):
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in metadata.items()):
+            raise TypeError("metadata must be a dict mapping str to str")
+
+
+def _check_name(name):
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
+    if name == "__metadata__":
+        raise ValueError("'__metadata__' is reserved and cannot name a tensor")
+
+
+def _layout(specs, metadata):
+    """The file layout for ``specs`` [(name, dtype name, shape)]: (header bytes, [(name, dtype name,
+    shape, begin, end)] in file order). Tensors are sorted by item size (largest first) then name, so
+    every tensor is aligned to its item size; the header is padded with spaces to a multiple of 8.
+    :func:`save` and :class:`StreamWriter` both lay files out with this, so they write identical bytes."""
+    items = sorted(specs, key=lambda t: (-DTYPES[t[1]].itemsize, t[0]))
+    hdr, off, placed = {}, 0, []
+    if metadata:
+        hdr["__metadata__"] = dict(metadata)
+    for name, dtn, shape in items:
+        nb = DTYPES[dtn].itemsize
+        for d in shape:
+            nb *= d
+        hdr[name] = {"dtype": dtn, "shape": list(shape), "data_offsets": [off, off + nb]}
+        placed.append((name, dtn, tuple(shape), off, off + nb))
+        off += nb
+    raw = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER:
+        raise ValueError(f"safetensors header would be {len(raw)} bytes, over the format's limit of {MAX_HEADER}")
+    return raw, placed
+
+
+def _bytes_of(a):
+    """A flat uint8 view of a C-contiguous little-endian array (no copy)."""
+    return a.reshape(-1).view(np.uint8) if a.size else np.zeros(0, np.uint8)
+
+
 def save(path, tensors: dict, metadata: dict | None = None, *, bf16=()):
     """Write ``tensors`` (name -> ndarray) to ``path`` as safetensors.
 
     Tensors are stored little-endian, C order, sorted by alignment then name (so every tensor is
     aligned to its item size), header padded with spaces to a multiple of 8. BF16: pass
     ``ml_dtypes.bfloat16`` arrays, or uint16 bit arrays whose names are listed in ``bf16``.
-    The file is written to a temporary name and renamed into place."""
+    The file is written to a temporary name and renamed into place. To write a file larger
+    than memory one tensor at a time, use :class:`StreamWriter`."""
     if not isinstance(tensors, dict):
         raise TypeError("tensors must be a dict name -> ndarray")
     bf16 = set(bf16)
-    if metadata is not None:
-        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                     for k, v in metadata.items()):
-            raise TypeError("metadata must be a dict mapping str to str")
-    items = []
+    _check_metadata(metadata)
+    arrays = {}
     for name, arr in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
-        if name == "__metadata__":
-            raise ValueError("'__metadata__' is reserved and cannot name a tensor")
+        _check_name(name)
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"tensor {name!r} must be a numpy array, got {type(arr).__name__}")
         dtn = _dtype_name(arr, name, bf16)
         le = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
-        items.append((name, dtn, np.asarray(arr, dtype=le, order="C")))  # (ascontiguousarray makes 0-d 1-d)
-    items.sort(key=lambda t: (-DTYPES[t[1]].itemsize, t[0]))
-    hdr, off = {}, 0
-    if metadata:
-        hdr["__metadata__"] = dict(metadata)
-    for name, dtn, a in items:
-        hdr[name] = {"dtype": dtn, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
-        off += a.nbytes
-    raw = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+        arrays[name] = (dtn, np.asarray(arr, dtype=le, order="C"))  # (ascontiguousarray makes 0-d 1-d)
+    raw, placed = _layout([(n, dtn, a.shape) for n, (dtn, a) in arrays.items()], metadata)
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
-            for _, _, a in items:
-                f.write(a.tobytes(order="C"))
+            for name, *_ in placed:
+                f.write(_bytes_of(arrays[name][1]))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class StreamWriter:
+    """Write a safetensors file one tensor at a time, holding no more than the tensor being written.
+
+    ``specs``: every tensor the file will hold, as (name, dtype name, shape) with dtype names as in
+    :data:`DTYPES` ("F32", "BF16", "U8", ...). The header - the same bytes :func:`save` would
+    write for these tensors - goes out first; ``write(name, array)`` then puts each tensor's bytes at
+    its place (any order; the dtype and shape must match the spec). ``drop(name)`` takes a declared
+    tensor out again (``finish`` then rewrites the file without it, copying in bounded chunks), and
+    ``finish(metadata=...)`` may replace the metadata (the header is rebuilt if it changes).
+    ``finish()`` checks that every tensor was written and renames the temporary file into place;
+    ``abort()`` removes it. Usable as a context manager (aborts on an exception)."""
+
+    _CHUNK = 16 << 20
+
+    def __init__(self, path, specs, metadata: dict | None = None):
+        _check_metadata(metadata)
+        self.path = os.fspath(path)
+        self.metadata = dict(metadata) if metadata else None
+        self.specs = {}
+        for spec in specs:
+            try:
+                name, dtn, shape = spec
+            except (TypeError, ValueError):
+                raise TypeError(f"specs must be (name, dtype name, shape) triples, got {spec!r}") from None
+            _check_name(name)
+            if name in self.specs:
+                raise ValueError(f"tensor {name!r} is declared twice")
+            if dtn not in DTYPES:
+                raise ValueError(f"tensor {name!r}: unknown dtype {dtn!r}; supported: {', '.join(DTYPES)}")
+            shape = tuple(shape)
+            if not all(_is_int(int(d)) and int(d) >= 0 for d in shape):
+                raise ValueError(f"tensor {name!r}: shape must hold non-negative integers, got {shape!r}")
+            self.specs[name] = (dtn, tuple(int(d) for d in shape))
+        self._raw, placed = _layout([(n, dtn, sh) for n, (dtn, sh) in self.specs.items()], self.metadata)
+        self._base = 8 + len(self._raw)
+        self._where = {p[0]: (p[3], p[4]) for p in placed}
+        self._written, self._dropped = set(), set()
+        self.tmp = f"{self.path}.tmp-{os.getpid()}"
+        self._f = open(self.tmp, "wb")
+        try:
+            self._f.write(struct.pack("<Q", len(self._raw)))
+            self._f.write(self._raw)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            if self._f is not None:
+                self.finish()
+        else:
+            self.abort()
+        return False
+
+    def write(self, name, arr) -> None:
+        if self._f is None:
+            raise ValueError("the writer is closed")
+        if name not in self.specs or name in self._dropped:
+            raise ValueError(f"tensor {name!r} was not declared")
+        if name in self._written:
+            raise ValueError(f"tensor {name!r} was already written")
+        dtn, shape = self.specs[name]
+        a = np.asarray(arr)
+        want = DTYPES[dtn]
+        if a.dtype.kind != want.kind or a.dtype.itemsize != want.itemsize or (
+                dtn == "BF16" and a.dtype != np.uint16 and (_BF16 is None or a.dtype != _BF16)):
+            raise TypeError(f"tensor {name!r}: declared {dtn}, got dtype {a.dtype}")
+        if tuple(a.shape) != shape:
+            raise ValueError(f"tensor {name!r}: declared shape {list(shape)}, got {list(a.shape)}")
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        a = np.ascontiguousarray(a)
+        b, _ = self._where[name]
+        self._f.seek(self._base + b)
+        self._f.write(_bytes_of(a))
+        self._written.add(name)
+
+    def drop(self, name) -> None:
+        """Leave a declared, not yet written tensor out of the file."""
+        if name not in self.specs or name in self._dropped:
+            raise ValueError(f"tensor {name!r} was not declared")
+        if name in self._written:
+            raise ValueError(f"tensor {name!r} was already written")
+        self._dropped.add(name)
+
+    def finish(self, metadata=None) -> None:
+        if self._f is None:
+            raise ValueError("the writer is closed")
+        missing = [n for n in self.specs if n not in self._written and n not in self._dropped]
+        if missing:
+            self.abort()
+            raise ValueError(f"{len(missing)} declared tensor(s) were not written: {', '.join(missing[:5])}")
+        try:
+            if metadata is not None:
+                _check_metadata(metadata)
+                metadata = dict(metadata) or None
+            else:
+                metadata = self.metadata
+            keep = [(n, dtn, sh) for n, (dtn, sh) in self.specs.items() if n not in self._dropped]
+            raw, placed = _layout(keep, metadata)
+            self._f.close()
+            if raw != self._raw or self._dropped:
+                self._rewrite(raw, placed)
+            self._f = None
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _rewrite(self, raw, placed):
+        """Copy the kept tensors into a new file under the new header (bounded memory)."""
+        tmp2 = self.tmp + ".2"
+        buf = bytearray(self._CHUNK)
+        try:
+            with open(self.tmp, "rb") as src, open(tmp2, "wb") as dst:
+                dst.write(struct.pack("<Q", len(raw)))
+                dst.write(raw)
+                for name, _, _, _, _ in placed:
+                    b, e = self._where[name]
+                    src.seek(self._base + b)
+                    left = e - b
+                    while left:
+                        mv = memoryview(buf)[:min(left, len(buf))]
+                        got = src.readinto(mv)
+                        if not got:
+                            raise ValueError(f"{self.tmp}: short read while rewriting tensor {name!r}")
+                        dst.write(mv[:got])
+                        left -= got
+            os.replace(tmp2, self.tmp)
+        finally:
+            if os.path.exists(tmp2):
+                os.remove(tmp2)
+
+    def abort(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass
+            self._f = None
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
