@@ -44,16 +44,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _formats
+from . import _formats, _grid
 from . import _qtensor
-from .reference import int4_group_params
 
 __all__ = ["GPTQ", "quantize", "FORMATS"]
 
 F32 = np.float32
 F64 = np.float64
-FORMATS = ("int4", "q4_0", "q8_0")
-_MODE = {"int4": 0, "q4_0": 1, "q8_0": 2}
+FORMATS = _grid.TARGETS  # int2 int3 int4 int8 q4_0 q4_1 q8_0 iq4_nl nf4
+BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8, "q4_0": 4, "q4_1": 4, "q8_0": 8, "iq4_nl": 4, "nf4": 4}
+# parameters fixed up front from the weights as they are at the start of the lazy block holding
+# the group boundary (the reference's rule); the others from the current working weights
+_UPFRONT = ("int2", "int3", "int4", "int8")
 
 
 # ---------------------------------------------------------------- linear algebra
@@ -109,28 +111,24 @@ def hinv_upper(H, damp, overwrite=False):
 
 
 # ---------------------------------------------------------------- the column loop
-def _block_columns_numpy(Wb, Ub, Err, C, Qv, colgrp, A, Bt, Z, j0, j1, mode):
+def _block_columns_numpy(Wb, Ub, Err, C, Qv, colgrp, A, Bt, Z, M, T, qlo, qhi, j0, j1, mode):
     """NumPy twin of :func:`pyqkern.numba_kernels.gptq_loop.block_columns` (same arithmetic)."""
+    fmt = {0: None, 1: "q4_0", 2: "q8_0"}.get(mode)
     for j in range(j0, j1):
         g = colgrp[j]
         x = Wb[j].astype(F32)
-        a = A[g]
+        P = {"a": A[g], "b": Bt[g], "m": M[g], "z": Z[g]}
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             if mode == 0:
-                zf = Z[g].astype(F32)
-                t = np.clip(np.rint(x / a) + zf, F32(0), F32(15))
-                c = np.where(a == 0, Z[g], t.astype(np.int32))
-                q = (c - Z[g]).astype(F32) * a
-            elif mode == 1:
-                c = np.clip(np.trunc(x * a + F32(8.5)), F32(0), F32(15)).astype(np.int32)
-                q = (c - 8).astype(F32) * Bt[g]
-            else:
-                v = x * a
-                t = np.trunc(v)
-                dd = v - t
-                t = np.where(dd >= F32(0.5), t + F32(1), np.where(dd <= F32(-0.5), t - F32(1), t))
-                c = np.clip(t, F32(-127), F32(127)).astype(np.int32)
-                q = c.astype(F32) * Bt[g]
+                t = np.clip(np.rint(x / P["a"]) + P["z"].astype(F32), F32(qlo), F32(qhi))
+                c = np.where(P["a"] == 0, P["z"], t.astype(np.int32))
+                q = (c - P["z"]).astype(F32) * P["a"]
+            elif mode == 3:
+                c = _grid.nearest(T, (x - P["m"]) * P["a"])
+                q = (T[c] * P["b"] + P["m"]).astype(F32)
+            else:  # q4_0 / q8_0: ggml's rules
+                c, q = _grid.codes_values(fmt, x[:, None], P)
+                c, q = c[:, 0], q[:, 0]
         C[j] = c
         Qv[j] = q
         Err[j] = (Wb[j] - q.astype(F64)) / Ub[j, j]
@@ -152,48 +150,33 @@ def _loop_fn(backend):
     return block_columns
 
 
-def _int4_params(cols, sym):
-    """cols [gs, N] (processing-order columns of one group) -> (scale f32 [N], zero int32 [N])."""
-    sf, _, zero = int4_group_params(np.ascontiguousarray(cols.T, dtype=F32), sym)
-    return sf.astype(F32), zero.astype(np.int32)
-
-
-def _ggml_params(fmt, cols):
-    """cols [32, N] -> (1/d f32 [N], fp16-rounded d as f32 [N]) with ggml's rules."""
+def _grid_params(fmt, cols, sym, search):
+    """cols [gs, N] (processing-order columns of one group or block) -> dict of [N] arrays."""
     b = np.ascontiguousarray(cols.T, dtype=F32)
-    if fmt == "q4_0":
-        imax = np.abs(b).argmax(axis=1)
-        mx = b[np.arange(b.shape[0]), imax]
-        mx = np.where(np.abs(mx) == 0, F32(0), mx).astype(F32)
-        d = (mx / F32(-8)).astype(F32)
-    else:
-        d = (np.abs(b).max(axis=1) / F32(127)).astype(F32)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
-    with np.errstate(over="ignore"):
-        d16 = d.astype(np.float16).astype(F32)
-    return idv, d16
+    return _grid.search_params(fmt, b, sym) if search else _grid.params(fmt, b, sym)
 
 
 def gptq_core(W, H, *, fmt="int4", group=128, sym=False, act_order=False, static_groups=False,
-              damp=0.01, blocksize=128, backend="auto"):
-    """The algorithm without format checks (any group size dividing K for int4).
+              damp=0.01, blocksize=128, backend="auto", search=False):
+    """The algorithm without format checks (any group size dividing K for int2/int3/int4).
 
     Returns a dict: ``codes`` int32 [K, N] and ``values`` float32 [K, N] in processing order,
     ``perm`` (processing position -> original column, or None), ``colgrp`` int [K] (group of
-    each processing position), ``A``/``B``/``Z`` parameter tables [G, N] (int4: scale, -, zero;
-    ggml: 1/d, fp16 d, -), ``damp`` used."""
+    each processing position), parameter tables ``A``/``B``/``M``/``Z`` [G, N] (see
+    :mod:`pyqkern._grid`), ``group`` (elements per parameter set), ``damp`` used."""
     W = np.array(W, dtype=F64, copy=True)
     H = np.array(H, dtype=F64, copy=True)
     n, k = W.shape
-    mode = _MODE[fmt]
-    gs = 32 if fmt != "int4" else (k if group == -1 else int(group))
+    mode = _grid.MODE[fmt]
+    gs = _grid.block_size(fmt, k, group)
     if k % gs:
         raise ValueError(f"GPTQ: K={k} is not a multiple of the group size {gs}")
     ngroups = k // gs
     blocksize = int(blocksize)
     if blocksize <= 0:
         raise ValueError("GPTQ: blocksize must be positive")
+    qlo, qhi = _grid.code_range(fmt) if mode == 0 else (0, 0)
+    T = _grid.TABLES.get(fmt, np.zeros(2, F32))
 
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
@@ -201,12 +184,17 @@ def gptq_core(W, H, *, fmt="int4", group=128, sym=False, act_order=False, static
 
     A = np.zeros((ngroups, n), F32)
     Bt = np.zeros((ngroups, n), F32)
+    M = np.zeros((ngroups, n), F32)
     Z = np.zeros((ngroups, n), np.int32)
+
+    def put(g, P):
+        A[g], Bt[g], M[g], Z[g] = P["a"], P["b"], P["m"], P["z"]
+
     if static_groups:
-        if fmt != "int4":
-            raise ValueError("GPTQ: static_groups applies to int4 only")
+        if fmt not in _UPFRONT:
+            raise ValueError("GPTQ: static_groups applies to int2/int3/int4/int8 only")
         for g in range(ngroups):
-            A[g], Z[g] = _int4_params(W[:, g * gs:(g + 1) * gs].T, sym)
+            put(g, _grid_params(fmt, W[:, g * gs:(g + 1) * gs].T, sym, search))
 
     perm = None
     if act_order:
@@ -237,28 +225,28 @@ def gptq_core(W, H, *, fmt="int4", group=128, sym=False, act_order=False, static
         Cb = np.empty((nb, n), np.int32)
         Qb = np.empty((nb, n), F32)
         cg = np.ascontiguousarray(colgrp[i1:i2])
-        if mode == 0:
+        if fmt in _UPFRONT:
             if not static_groups:
                 # groups starting in this block: parameters from WT as of the block start
                 for p in range(-(-i1 // gs) * gs, i2, gs):
-                    A[p // gs], Z[p // gs] = _int4_params(WT[p:p + gs], sym)
-            loop(Wb, Ub, Err, Cb, Qb, cg, A, Bt, Z, 0, nb, mode)
+                    put(p // gs, _grid_params(fmt, WT[p:p + gs], sym, search))
+            loop(Wb, Ub, Err, Cb, Qb, cg, A, Bt, Z, M, T, qlo, qhi, 0, nb, mode)
         else:
-            # ggml blocks of 32: parameters from the current (updated) working columns
+            # blocks: parameters from the current (error-updated) working columns
             j = 0
             while j < nb:
                 p = i1 + j
-                j1 = min(nb, j + 32 - (p % 32))
-                if p % 32 == 0:
-                    cur = np.concatenate([Wb[j:nb], WT[i2:p + 32]]) if p + 32 > i2 else Wb[j:j + 32]
-                    A[p // 32], Bt[p // 32] = _ggml_params(fmt, cur[:32])
-                loop(Wb, Ub, Err, Cb, Qb, cg, A, Bt, Z, j, j1, mode)
+                j1 = min(nb, j + gs - (p % gs))
+                if p % gs == 0:
+                    cur = np.concatenate([Wb[j:nb], WT[i2:p + gs]]) if p + gs > i2 else Wb[j:j + gs]
+                    put(p // gs, _grid_params(fmt, cur[:gs], sym, search))
+                loop(Wb, Ub, Err, Cb, Qb, cg, A, Bt, Z, M, T, qlo, qhi, j, j1, mode)
                 j = j1
         codes[i1:i2] = Cb
         values[i1:i2] = Qb
         if i2 < k:
             WT[i2:] -= U[i1:i2, i2:].T @ Err
-    return {"codes": codes, "values": values, "perm": perm, "colgrp": colgrp, "A": A, "B": Bt, "Z": Z,
+    return {"codes": codes, "values": values, "perm": perm, "colgrp": colgrp, "A": A, "B": Bt, "M": M, "Z": Z,
             "group": gs, "damp": damp_used}
 
 
@@ -273,27 +261,8 @@ def _assemble(fmt, res, n, k, group, sym, static_groups):
         perm = None
     else:
         stored = np.ascontiguousarray(c.T)
-    if fmt == "int4":
-        params = _formats.resolve_params("int4", k, group, sym)
-        u = stored.astype(np.uint8)
-        q = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
-        s16 = np.ascontiguousarray(res["A"].T).astype(np.float16)  # [N, G], exact (fp16-rounded)
-        s = np.ascontiguousarray(s16).view(np.uint8).reshape(n, -1)
-        z = np.zeros((n, 0), np.uint8) if sym else np.ascontiguousarray(res["Z"].T).astype(np.uint8)
-        qt = _qtensor.assemble("int4", n, k, params, q, s, z)
-    else:
-        params = _formats.resolve_params(fmt, k)
-        nb = k // 32
-        d16 = np.ascontiguousarray(res["B"].T).astype(np.float16).reshape(n, nb, 1).view(np.uint8)
-        cb = stored.reshape(n, nb, 32)
-        if fmt == "q4_0":
-            u = cb.astype(np.uint8)
-            body = (u[:, :, :16] | (u[:, :, 16:] << 4)).astype(np.uint8)
-        else:
-            body = cb.astype(np.int8).view(np.uint8)
-        q = np.concatenate([d16, body], axis=2).reshape(n, -1)
-        empty = np.zeros((n, 0), np.uint8)
-        qt = _qtensor.assemble(fmt, n, k, params, q, empty, empty)
+    tables = {"a": res["A"], "b": res["B"], "m": res["M"], "z": res["Z"]}
+    qt = _grid.encode(fmt, stored, tables, n, k, group, sym)
     return qt.with_perm(perm) if perm is not None else qt
 
 
@@ -382,38 +351,61 @@ class GPTQ:
         self._H = np.array(H, dtype=F64, copy=True, order="F")
         self.nsamples = int(nsamples)
 
-    def quantize(self, format="int4", bits=None, group_size=128, sym=False, act_order=False,
-                 static_groups=False, damp=0.01, blocksize=128, backend="auto") -> _qtensor.QTensor:
+    def quantize(self, format="int4", bits=None, group_size=None, sym=False, act_order=False,
+                 static_groups=False, damp=0.01, blocksize=128, backend="auto", search=None) -> _qtensor.QTensor:
         """Run GPTQ; returns a QTensor (with ``perm`` set for act_order without static_groups).
 
-        format: "int4" (bits 4; group_size -1 = per channel), "q4_0" or "q8_0" (ggml blocks of
-        32; group_size and sym are ignored). bits defaults to the format's."""
+        format: "int2"/"int3"/"int4" (group_size default 128, -1 = per channel, ``sym``),
+        "int8" (per channel, symmetric), ggml grids "q4_0", "q4_1", "q8_0", "iq4_nl" (blocks of
+        32: group_size and sym do not apply; q4_1 and iq4_nl scales come from the current
+        working weights, iq4_nl's from a scale search), or "nf4" (group_size = block size,
+        default 64; no double quantization). ``bits`` picks the width within the int family
+        ("int4" with bits=3 is int3); for other formats it must be the format's own.
+        ``search="mse"``: each group's / block's parameters from the MSE shrink search
+        (:func:`pyqkern._grid.search_params`) instead of the plain min/max rule."""
         fmt = format
-        if fmt not in FORMATS:
+        if not isinstance(fmt, str) or fmt not in FORMATS:
             raise NotImplementedError(f"GPTQ: format {fmt!r} is not supported (supported: {', '.join(FORMATS)})")
-        native_bits = {"int4": 4, "q4_0": 4, "q8_0": 8}[fmt]
-        if bits is not None and int(bits) != native_bits:
-            raise NotImplementedError(f"GPTQ: {fmt} is {native_bits}-bit; bits={bits} is not supported "
-                                      f"(only 4-bit int4 is implemented for now)")
+        if bits is not None:
+            b = int(bits)
+            if fmt in _grid.INT_BITS:
+                if b not in (2, 3, 4, 8):
+                    raise ValueError(f"GPTQ: bits must be 2, 3, 4 or 8 for the int formats, got {bits}")
+                fmt = f"int{b}"
+            elif b != BITS[fmt]:
+                raise ValueError(f"GPTQ: {fmt} is {BITS[fmt]}-bit; bits={bits} does not apply (use int2/int3/int4/int8)")
+        if search not in (None, "mse"):
+            raise ValueError(f"GPTQ: search must be None or 'mse', got {search!r}")
         if self.nsamples == 0:
             raise ValueError("GPTQ: no calibration data (call add_batch or set_hessian first)")
         n, k = self.W.shape
-        if fmt == "int4":
-            g = int(group_size)
+        if fmt in ("int2", "int3", "int4"):
+            g = 128 if group_size is None else int(group_size)
             if g != -1 and (g <= 0 or k % g):
                 raise ValueError(f"GPTQ: K={k} is not a multiple of the group size {g}")
-            _formats.resolve_params("int4", k, g, sym)  # the format's own checks
+            _formats.resolve_params(fmt, k, g, sym)  # the format's own checks
+        elif fmt == "nf4":
+            g = 64 if group_size is None else int(group_size)
+            _formats.resolve_params(fmt, k, g)
+            if sym:
+                raise ValueError("GPTQ: sym does not apply to nf4")
         else:
-            if static_groups:
-                raise ValueError("GPTQ: static_groups applies to int4 only")
-            if k % 32:
-                raise ValueError(f"GPTQ: {fmt}: K={k} is not a multiple of 32")
-            g = 32
+            if fmt == "int8":
+                if group_size not in (None, -1, 0):
+                    raise ValueError("GPTQ: int8 is per channel (group_size=-1)")
+                if sym not in (False, True):
+                    raise ValueError("GPTQ: sym must be a bool")
+            elif static_groups:
+                raise ValueError("GPTQ: static_groups applies to int2/int3/int4/int8 only")
+            _formats.resolve_params(fmt, k)
+            g = -1 if fmt == "int8" else 32
         H = self.H
         _check_finite(H, "the Hessian")
-        res = gptq_core(self.W, H, fmt=fmt, group=g, sym=bool(sym), act_order=bool(act_order),
-                        static_groups=bool(static_groups), damp=damp, blocksize=blocksize, backend=backend)
-        qt = _assemble(fmt, res, n, k, g, bool(sym), bool(static_groups))
+        sym_b = bool(sym) and fmt in ("int2", "int3", "int4")
+        res = gptq_core(self.W, H, fmt=fmt, group=g, sym=sym_b, act_order=bool(act_order),
+                        static_groups=bool(static_groups), damp=damp, blocksize=blocksize, backend=backend,
+                        search=search == "mse")
+        qt = _assemble(fmt, res, n, k, g, sym_b, bool(static_groups))
         vals = np.empty((n, k), F32)  # the weights GPTQ chose, original column order
         if res["perm"] is None:
             vals[:] = res["values"].T
@@ -422,7 +414,7 @@ class GPTQ:
         self.values = vals
         self.qtensor = qt
         self.damp_used = res["damp"]
-        self._opts = (fmt, g, bool(sym))
+        self._opts = (fmt, g, sym_b)
         return qt
 
     def report(self, X, qt=None) -> dict:
@@ -436,8 +428,8 @@ class GPTQ:
         X = np.asarray(X)
         _check_finite(X, "the inputs")
         fmt = qt.format
-        if fmt == "int4":
-            rtn = rtn_quantize(self.W, fmt, group=qt.params["group"], sym=bool(qt.params["sym"]))
+        if fmt in _formats.GROUPED:
+            rtn = rtn_quantize(self.W, fmt, group=qt.params["group"], sym=bool(qt.params["sym"]) or None)
         else:
             rtn = rtn_quantize(self.W, fmt)
         return {"format": fmt, "group": qt.params.get("group", 0), "sym": bool(qt.params.get("sym", 0)),

@@ -130,8 +130,8 @@ def test_dead_inputs(layer):
 
 
 # ---------------------------------------------------------------- a tiny case vs a plain float64 GPTQ
-def _int4_rule(cols, sym):
-    """cols [N, gs] -> (scale f32 [N], zero [N]) by pyqkern's int4 rules, written out."""
+def _int4_rule(cols, sym, maxq=15):
+    """cols [N, gs] -> (scale f32 [N], zero [N]) by pyqkern's intN rules, written out."""
     c = cols.astype(F32)
     mn = np.minimum(c.min(axis=1), F32(0))
     mx = np.maximum(c.max(axis=1), F32(0))
@@ -141,12 +141,13 @@ def _int4_rule(cols, sym):
     both = (mn == 0) & (mx == 0)
     mn = np.where(both, F32(-1), mn).astype(F32)
     mx = np.where(both, F32(1), mx).astype(F32)
-    scale = ((mx - mn) / F32(15)).astype(F32).astype(np.float16).astype(F32)
-    zero = np.full(scale.shape, 8) if sym else np.clip(np.rint((-mn / scale).astype(F32)), 0, 15).astype(np.int64)
+    scale = ((mx - mn) / F32(maxq)).astype(F32).astype(np.float16).astype(F32)
+    zero = (np.full(scale.shape, (maxq + 1) // 2) if sym
+            else np.clip(np.rint((-mn / scale).astype(F32)), 0, maxq).astype(np.int64))
     return scale, zero
 
 
-def _plain_gptq(W, H, gs, sym, blocksize, act_order, percdamp=0.01):
+def _plain_gptq(W, H, gs, sym, blocksize, act_order, percdamp=0.01, maxq=15):
     """IST-DASLab gptq.py fasterquant, transcribed to NumPy float64."""
     W = W.astype(np.float64).copy()
     H = H.astype(np.float64).copy()
@@ -172,8 +173,8 @@ def _plain_gptq(W, H, gs, sym, blocksize, act_order, percdamp=0.01):
             w = W1[:, i]
             d = Hinv[i1 + i, i1 + i]
             if (i1 + i) % gs == 0:
-                scale, zero = _int4_rule(W[:, i1 + i:i1 + i + gs], sym)
-            c = np.clip(np.rint((w.astype(F32) / scale).astype(F32)) + zero, 0, 15)
+                scale, zero = _int4_rule(W[:, i1 + i:i1 + i + gs], sym, maxq)
+            c = np.clip(np.rint((w.astype(F32) / scale).astype(F32)) + zero, 0, maxq)
             q = ((c - zero).astype(F32) * scale).astype(F32)
             Q[:, i1 + i] = q
             codes[:, i1 + i] = c
@@ -184,17 +185,19 @@ def _plain_gptq(W, H, gs, sym, blocksize, act_order, percdamp=0.01):
     return Q, codes, perm
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("sym", [False, True])
-def test_tiny_against_plain_gptq(sym, act_order):
+def test_tiny_against_plain_gptq(sym, act_order, bits):
     r = np.random.default_rng(5)
     n, k = 4, 16
     X = r.standard_normal((64, 4)) @ r.standard_normal((4, k)) + 0.1 * r.standard_normal((64, k))
     H = 2.0 / 64 * X.T @ X
     W = r.standard_normal((n, k)).astype(F32)
-    Q, codes, perm = _plain_gptq(W, H, 8, sym, 8, act_order)
+    Q, codes, perm = _plain_gptq(W, H, 8, sym, 8, act_order, maxq=(1 << bits) - 1)
     for backend in ("numba", "numpy"):
-        res = G.gptq_core(W, H, group=8, sym=sym, act_order=act_order, blocksize=8, backend=backend)
+        res = G.gptq_core(W, H, fmt=f"int{bits}", group=8, sym=sym, act_order=act_order, blocksize=8,
+                          backend=backend)
         np.testing.assert_array_equal(res["codes"].T, codes)
         np.testing.assert_allclose(res["values"].T, Q, rtol=0, atol=1e-6)
         if act_order:
@@ -234,10 +237,18 @@ def test_bad_inputs(layer):
     with pytest.raises(ValueError):
         g.add_batch(X[:, :10])
     g.add_batch(X)
-    with pytest.raises(NotImplementedError, match="bits"):
-        g.quantize(bits=3)
+    with pytest.raises(ValueError, match="bits"):
+        g.quantize(bits=5)
+    with pytest.raises(ValueError, match="bits"):
+        g.quantize(format="q4_0", bits=8)
     with pytest.raises(NotImplementedError):
-        g.quantize(format="nf4")
+        g.quantize(format="q4_k")
+    with pytest.raises(ValueError, match="search"):
+        g.quantize(search="grid")
+    with pytest.raises(ValueError, match="sym"):
+        g.quantize(format="nf4", sym=True)
+    with pytest.raises(ValueError, match="per channel"):
+        g.quantize(format="int8", group_size=128)
     with pytest.raises(ValueError, match="multiple"):
         G.quantize(W[:, :96], X=X[:, :96], group_size=64)
     with pytest.raises(ValueError, match="static_groups"):
