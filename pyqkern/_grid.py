@@ -65,31 +65,38 @@ def _inv(d):
 
 
 def _iq4nl_scale(b):
-    """Per row of b [R, 32]: fp16-rounded d chosen among ggml-style candidates (max / (v0 + t),
-    t = -7..7, with a least-squares refit of d for each candidate's codes), minimising the
-    squared error."""
+    """Per row of b [R, 32]: the fp16-rounded scale d. Candidates as ggml's quantizer: codes
+    nearest to b·(T[0] + t)/max for t = -7..7 (max = the value of largest magnitude); the
+    candidate whose least-squares scale Σ T[c]·b / Σ T[c]² removes the most squared error wins
+    (unweighted). Numba when installed (pyqkern.numba_kernels.grid), else NumPy; same result."""
+    b = np.ascontiguousarray(b, F32)
+    try:
+        from .numba_kernels.grid import iq4nl_lsq_scale
+    except ImportError:  # pragma: no cover - numba is optional
+        return _f16(_iq4nl_lsq_numpy(b))
+    return _f16(iq4nl_lsq_scale(b, TABLES["iq4_nl"]))
+
+
+def _iq4nl_lsq_numpy(b):
     T = TABLES["iq4_nl"]
     r = b.shape[0]
     imax = np.abs(b).argmax(axis=1)
     mx = b[np.arange(r), imax]
-    best_d = np.zeros(r, F32)
-    best_e = np.full(r, np.inf)
+    out = np.zeros(r, np.float64)
+    best = np.full(r, -1.0)
     for t in range(-7, 8):
         with np.errstate(divide="ignore", invalid="ignore"):
-            idv = np.where(mx != 0, (T[0] + F32(t)) / mx, F32(0)).astype(F32)
-        c = nearest(T, b * idv[:, None])
-        v = T[c]
-        sqx = (v * b).sum(axis=1, dtype=np.float64)
-        sq2 = (v * v).sum(axis=1, dtype=np.float64)
+            idv = np.where(mx != 0, (T[0] + F32(t)) / np.where(mx != 0, mx, F32(1)), F32(0)).astype(F32)
+        v = T[nearest(T, b * idv[:, None])].astype(np.float64)
+        sqx = (v * b).sum(axis=1)
+        sq2 = (v * v).sum(axis=1)
+        ok = (sq2 > 0) & (mx != 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            d = _f16(np.where(sq2 > 0, sqx / np.where(sq2 > 0, sq2, 1), 0))
-        for cand in (d, _f16(np.where(idv != 0, F32(1) / np.where(idv != 0, idv, F32(1)), 0))):
-            c2 = nearest(T, b * _inv(cand)[:, None])
-            e = ((T[c2] * cand[:, None] - b).astype(np.float64) ** 2).sum(axis=1)
-            better = e < best_e
-            best_e = np.where(better, e, best_e)
-            best_d = np.where(better, cand, best_d)
-    return best_d.astype(F32)
+            score = np.where(ok, sqx * sqx / np.where(ok, sq2, 1), -1.0)
+            better = ok & (score > best)
+            out = np.where(better, sqx / np.where(ok, sq2, 1), out)
+        best = np.where(better, score, best)
+    return out
 
 
 def nearest(T, v):
