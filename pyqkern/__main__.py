@@ -121,24 +121,23 @@ def _errors(w, qts, H=None):
     """For each QTensor in qts: (relative weight error ||W - Ŵ||/||W||, relative layer-output error
     sqrt(tr(D H Dᵀ) / tr(W H Wᵀ)) with D = W - Ŵ, or None without H). With H = 2/n XᵀX the latter
     is ||X Dᵀ|| / ||X Wᵀ|| on the calibration inputs X. Summed over row chunks in float64, so the
-    temporaries stay small next to the weight."""
+    temporaries stay small next to the weight; W and every D of a chunk go through one GEMM with H."""
     n, k = w.shape
+    m = len(qts) + 1
     step = max(1, _ERR_CHUNK // k)
-    ww = wh = 0.0
-    dd, dh = [0.0] * len(qts), [0.0] * len(qts)
+    sq, sh = np.zeros(m), np.zeros(m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        wc = w[r0:r1].astype(np.float64)
-        ww += float(np.vdot(wc, wc))
+        r = r1 - r0
+        stack = np.empty((m, r, k))
+        stack[0] = w[r0:r1]
+        for i, qt in enumerate(qts, 1):
+            np.subtract(stack[0], _deq_rows(qt, r0, r1), out=stack[i])
+        flat = stack.reshape(m, -1)
+        sq += np.einsum("ij,ij->i", flat, flat)
         if H is not None:
-            wh += float(np.vdot(wc @ H, wc))
-        for i, qt in enumerate(qts):
-            d = _deq_rows(qt, r0, r1)
-            np.subtract(wc, d, out=d)
-            dd[i] += float(np.vdot(d, d))
-            if H is not None:
-                dh[i] += float(np.vdot(d @ H, d))
-    return [(_ratio(dd[i], ww), _ratio(dh[i], wh) if H is not None else None) for i in range(len(qts))]
+            sh += np.einsum("ij,ij->i", (stack.reshape(-1, k) @ H).reshape(m, -1), flat)
+    return [(_ratio(sq[i], sq[0]), _ratio(sh[i], sh[0]) if H is not None else None) for i in range(1, m)]
 
 
 class _Progress:
@@ -193,7 +192,7 @@ def _print_summary(out, rows, dst, quiet, gptq_ran):
                     f"{r['bytes_before']:13d} {r['bytes_after']:12d} {_fmt_err(r['w_err']):>9s}")
             if gptq_ran:
                 line += f" {_fmt_err(r['out_err_rtn']):>11s} {_fmt_err(r['out_err_gptq']):>12s}"
-            print(line, file=out)
+            print(line.rstrip(), file=out)
         print(file=out)
 
     def total(label, rs):

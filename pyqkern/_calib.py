@@ -238,12 +238,16 @@ class _TextSource:
             import transformers
         except ImportError as e:
             raise ValueError(f"{self.path}: text calibration needs torch and transformers installed ({e})") from None
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # no load report (heads missing/unused) on the console
         try:
             tok = transformers.AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
             model = transformers.AutoModel.from_pretrained(self.model_dir, local_files_only=True)
         except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... for a bad directory
             raise ValueError(f"{self.model_dir}: cannot load the model/tokenizer for text calibration offline: "
                              f"{type(e).__name__}: {e}") from None
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         model = model.float().eval()
         linears = {m: tuple(mod.weight.shape) for m, mod in model.named_modules()
                    if isinstance(mod, torch.nn.Linear)}
