@@ -4,10 +4,11 @@
     python examples/real_model.py
 
 1. fp32 embeddings of 64 built-in sentences (mean pooling + L2 norm, as sentence-transformers does);
-2. every nn.Linear -> pyqkern QuantLinear in q4_0, int4-g128 RTN, int4-g128 GPTQ, q4_0 GPTQ, nf4:
-   cosine similarity of the embeddings to fp32, and for GPTQ vs RTN the per-layer relative output
-   error ||XWᵀ - XŴᵀ|| / ||XWᵀ|| on the calibration activations (captured with forward hooks on the
-   fp32 model; the same 64 sentences);
+2. every nn.Linear -> pyqkern QuantLinear in q4_0, int4-g128, nf4 (RTN: pqt.quantize_model) and
+   GPTQ (pqt.quantize_model(..., calib=batches): sequential through the 6 blocks, or from fp32
+   activations; calibrated on the same 64 sentences): cosine similarity of the embeddings to fp32,
+   and for GPTQ vs RTN the per-layer relative output error ||XWᵀ - XŴᵀ|| / ||XWᵀ|| on the layers'
+   calibration inputs (quantize_model's summary; the RTN rows' "layer err" on the fp32 activations);
 3. speed per batch of 32 sentences: torch fp32, torch dynamic int8, pyqkern (compute int8), 1 and 2 threads
    (and torch 1 + pyqkern 2: torch's OpenMP workers and pyqkern's pool compete for the cores otherwise);
 4. a QLoRA mini loop: rank-8 trainable adapters on the q4_0 model, 30 Adam steps pulling paraphrase
@@ -181,21 +182,19 @@ def replace(model, name, new):
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def gptq_model(fp32, X, fmt, **kw):
-    """A copy of fp32 with every Linear GPTQ-quantized (Hessians from the fp32 activations X).
-    Returns (model, [per-layer report dicts], seconds)."""
+def calib_batches(tok, sentences, batch=BATCH):
+    """Calibration batches for pyqkern.torch.quantize_model: dicts of model keyword inputs (their
+    attention_mask tells quantize_model which tokens are padding)."""
+    return [dict(encode(tok, sentences[i:i + batch])) for i in range(0, len(sentences), batch)]
+
+
+def gptq_model(fp32, calib, fmt, group=None, sequential=True, **kw):
+    """A copy of fp32 with every Linear GPTQ-quantized by pyqkern.torch.quantize_model.
+    Returns (model, summary, seconds)."""
     model = copy.deepcopy(fp32)
-    reports = []
     t0 = time.perf_counter()
-    for name in linear_names(fp32):
-        lin = fp32.get_submodule(name)
-        g = pq.gptq.GPTQ(lin.weight.detach().numpy())
-        g.add_batch(X[name])
-        qt = g.quantize(format=fmt, **kw)
-        reports.append(g.report(X[name]))
-        bias = None if lin.bias is None else lin.bias.detach().numpy()
-        replace(model, name, pqt.QuantLinear.from_qtensor(qt, bias))
-    return model, reports, time.perf_counter() - t0
+    summary = pqt.quantize_model(model, fmt, group=group, calib=calib, gptq=kw, sequential=sequential)
+    return model, summary, time.perf_counter() - t0
 
 
 def rtn_layer_errors(fp32, X, fmt, group=None):
@@ -266,19 +265,27 @@ def main():
         models[label] = m
         row(label, m, float(np.mean(rtn_layer_errors(fp32, X, fmt, group))))
 
-    gptq_runs = [("int4 g128 GPTQ", "int4", dict(group_size=128)),
-                 ("int4 g128 GPTQ act_order+static", "int4", dict(group_size=128, act_order=True, static_groups=True)),
-                 ("q4_0 GPTQ", "q4_0", {})]
+    # GPTQ through pyqkern.torch.quantize_model(calib=...): sequential (each block's layers see the
+    # quantized earlier layers' outputs) unless marked "float acts" (all Hessians from the fp32 model)
+    calib = calib_batches(tok, SENTENCES)
+    gptq_runs = [("int4 g128 GPTQ", "int4", dict(group=128)),
+                 ("int4 g128 GPTQ float acts", "int4", dict(group=128, sequential=False)),
+                 ("int4 g128 GPTQ act_order", "int4", dict(group=128, act_order=True)),
+                 ("q4_0 GPTQ", "q4_0", {}),
+                 ("nf4 g64 GPTQ", "nf4", {})]
+    gptq_runs = [r for r in gptq_runs if r[1] in pq.gptq.FORMATS]
     greports = {}
     for label, fmt, kw in gptq_runs:
-        m, reps, secs = gptq_model(fp32, X, fmt, **kw)
-        greports[label] = (reps, secs)
+        m, summ, secs = gptq_model(fp32, calib, fmt, **kw)
+        reps = [r for r in summ["gptq"].values() if r is not None]
+        greports[label] = (reps, secs, summ)
         row(label, m, float(np.mean([r["gptq"] for r in reps])))
 
-    print("\n== GPTQ vs RTN: mean per-layer relative output error on the calibration activations")
+    print("\n== GPTQ vs RTN: mean per-layer relative output error ||XWᵀ - XŴᵀ|| / ||XWᵀ|| on each layer's")
+    print("   calibration inputs X (from quantize_model's summary), and quantize_model's wall time")
     print(f"{'variant':<34}{'RTN':>9}{'GPTQ':>9}{'reduction':>11}{'worst layer':>13}{'GPTQ s':>8}   bar")
-    for label, fmt, kw in gptq_runs:
-        reps, secs = greports[label]
+    for label, fmt, _ in gptq_runs:
+        reps, secs, _ = greports[label]
         rtn = np.array([r["rtn"] for r in reps])
         gq = np.array([r["gptq"] for r in reps])
         red = 1 - gq.mean() / rtn.mean()
@@ -286,6 +293,9 @@ def main():
         bar = 0.30 if fmt == "int4" else 0.20
         print(f"{label:<34}{rtn.mean():>9.4f}{gq.mean():>9.4f}{red:>10.1%}{worst:>12.1%}{secs:>8.1f}   "
               f">= {bar:.0%}: {'PASS' if red >= bar else 'FAIL'}")
+    c = greports[gptq_runs[0][0]][2]["calibration"]
+    print(f"   ({gptq_runs[0][0]}: {c['mode']}; {c['batches']} batches, {c['block_passes']} block passes, "
+          f"{c['model_passes']} model passes)")
 
     # ---------------------------------------------------------------- 3. speed
     print(f"\n== speed: one batch of {BATCH} sentences (min of 7 runs), ms")
@@ -305,7 +315,7 @@ def main():
             torch.set_num_threads(tt)
             pq.set_num_threads(pt)
             with torch.no_grad():
-                ts.append(min_time(lambda: embed_batch(m, enc)) * 1e3)
+                ts.append(min_time(lambda m=m: embed_batch(m, enc)) * 1e3)
         last = f"{ts[2]:>21.1f}" if len(ts) > 2 else f"{'-':>21}"
         print(f"{label:<34}{ts[0]:>10.1f}{ts[1]:>11.1f}{last}", flush=True)
     torch.set_num_threads(saved[0])

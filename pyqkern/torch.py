@@ -4,6 +4,9 @@
     summary = pqt.quantize_model(model, format="q4_0")   # nn.Linear -> QuantLinear, in place
     y = model(x)                                          # works under torch.compile / torch.export
 
+    summary = pqt.quantize_model(model, format="int4", calib=batches,      # GPTQ, layer by layer
+                                 gptq={"act_order": True})
+
 Custom ops (namespace ``pyqkern``; each has a fake/meta implementation, so torch.compile and
 torch.export trace them without graph breaks; the real ones call the native kernels, which
 release the GIL):
@@ -22,6 +25,7 @@ Importing this module imports torch; ``import pyqkern`` alone does not.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import List, Optional
 
@@ -54,8 +58,8 @@ def _fmt_name(qt: QTensor) -> str:
 def qtensor_to_tensor(qt: QTensor) -> torch.Tensor:
     """The canonical bytes of qt as a 1-D uint8 tensor sharing its memory."""
     if qt.perm is not None:
-        raise NotImplementedError("QTensors with an input permutation (act-order) are not supported by "
-                                  "pyqkern.torch yet")
+        raise ValueError("this QTensor has an input permutation (act-order), which its bytes alone do not "
+                         "carry; use QuantLinear.from_qtensor (it keeps the permutation)")
     return torch.from_numpy(np.ascontiguousarray(qt.data).reshape(-1))
 
 
@@ -277,6 +281,7 @@ class QuantLinear(nn.Module):
         nb = total_bytes(format, out_features, in_features, params)
         self.register_buffer("qdata", torch.zeros(nb, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+        self.register_buffer("perm", None)  # int64 [K] input permutation (GPTQ act-order): W stored as W[:, perm]
         self.compute = self._resolve_compute(compute)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -291,7 +296,9 @@ class QuantLinear(nn.Module):
         base = qt.format
         mod = cls(k, n, bias is not None, format=base, group=qt.params.get("group") or None,
                   sym=bool(qt.params.get("sym")), double_quant=bool(qt.params.get("double_quant")), compute="float")
-        mod.qdata = qtensor_to_tensor(qt).clone()
+        mod.qdata = torch.from_numpy(np.ascontiguousarray(qt.data).reshape(-1)).clone()
+        if qt.perm is not None:
+            mod.perm = torch.from_numpy(np.asarray(qt.perm, dtype=np.int64)).clone()
         if bias is not None:
             mod.bias = torch.as_tensor(np.asarray(bias, np.float32)).clone().reshape(n)
         mod.compute = mod._resolve_compute(compute)
@@ -322,12 +329,15 @@ class QuantLinear(nn.Module):
         return compute
 
     def qtensor(self) -> QTensor:
-        """The weight as a QTensor sharing this module's bytes."""
-        return qtensor_from_tensor(self.qdata, self.format, self.out_features, self.in_features, self.group, self.sym)
+        """The weight as a QTensor sharing this module's bytes (with ``perm`` set for act-order weights)."""
+        qt = qtensor_from_tensor(self.qdata, self.format, self.out_features, self.in_features, self.group, self.sym)
+        return qt if self.perm is None else qt.with_perm(self.perm.numpy())
 
     def dequantize(self) -> torch.Tensor:
-        return torch.ops.pyqkern.dequantize(self.qdata, self.format, self.out_features, self.in_features,
-                                            self.group, self.sym)
+        """The weight as float32 [out_features, in_features] (original input-channel order)."""
+        w = torch.ops.pyqkern.dequantize(self.qdata, self.format, self.out_features, self.in_features,
+                                         self.group, self.sym)
+        return w if self.perm is None else w.index_select(1, torch.argsort(self.perm))
 
     @property
     def bits_per_weight(self) -> float:
@@ -392,6 +402,10 @@ class QuantLinear(nn.Module):
         """adapter_ids: None (the active adapters on every row) or one id per row of x flattened
         (ints indexing adapter_names, -1 = none; a tensor, or a list of ints / names / None)."""
         args = (self.qdata, self.format, self.out_features, self.in_features, self.group, self.sym)
+        out_dtype = x.dtype
+        perm = self.perm
+        if perm is not None:  # the stored weight is W[:, perm]: x @ W.T = x[..., perm] @ W[:, perm].T
+            x = x.index_select(-1, perm)
         if adapter_ids is not None:
             names = self.adapter_names
             if not names:
@@ -409,12 +423,14 @@ class QuantLinear(nn.Module):
             names = self._active
         if names:
             As = [self.lora_A[nm] for nm in names]
+            if perm is not None:
+                As = [a.index_select(1, perm) for a in As]
             Bs = [self.lora_B[nm] for nm in names]
             scales = [self._scales[nm] for nm in names]
             y = torch.ops.pyqkern.matmul_lora(x, *args, self.bias, As, Bs, scales, adapter_ids, self.compute)
         else:
             y = torch.ops.pyqkern.matmul(x, *args, self.bias, self.compute)
-        return y.to(x.dtype)
+        return y.to(out_dtype)
 
     # -- state
     def get_extra_state(self):
@@ -442,6 +458,11 @@ class QuantLinear(nn.Module):
         b = state_dict.get(prefix + "bias")
         if b is not None and self.bias is None:
             self.bias = torch.empty(self.out_features, dtype=torch.float32)
+        p = state_dict.get(prefix + "perm")
+        if p is not None and (self.perm is None or self.perm.shape != p.shape):
+            self.perm = torch.empty(self.in_features, dtype=torch.int64)
+        elif p is None and q is not None:  # a weight without an input permutation replaces this one
+            self.perm = None
         for key, val in state_dict.items():
             for which, pdict in (("lora_A.", self.lora_A), ("lora_B.", self.lora_B)):
                 if key.startswith(prefix + which):
@@ -461,6 +482,8 @@ class QuantLinear(nn.Module):
         extra = ""
         if fmt in ("nf4", "int4"):
             extra = f", group={self.group}" + (", sym" if self.sym else "") + (", double_quant" if dq else "")
+        if self.perm is not None:
+            extra += ", act_order"
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
              f"format={fmt}{extra}, {self.bits_per_weight:.3f} bits/weight, compute={self.compute}")
         if self.lora_A:
@@ -485,43 +508,545 @@ def _fits(fmt, k, group, sym, double_quant):
         return str(e)
 
 
+def _progress(total, progress, desc):
+    """A tqdm bar (if tqdm is installed and progress is not False; None = only on a terminal)."""
+    if progress is False or total == 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="layer", leave=False, disable=None if progress is None else False)
+
+
+def _install(model, summary, name, lin, q, verbose, note=""):
+    before = lin.weight.numel() * lin.weight.element_size()
+    if lin.bias is not None:
+        before += lin.bias.numel() * lin.bias.element_size()
+    after = q.qdata.numel() + (0 if q.bias is None else q.bias.numel() * 4) + (0 if q.perm is None else
+                                                                                q.perm.numel() * 8)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, q)
+    summary["quantized"].append(name)
+    summary["bytes_before"] += before
+    summary["bytes_after"] += after
+    if verbose:
+        print(f"[pyqkern] {name}: [{lin.out_features}, {lin.in_features}] -> {_split_fmt(q.format)[0]} "
+              f"({q.bits_per_weight:.2f} bits/weight, {before} -> {after} bytes){note}", flush=True)
+
+
 def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude=None, *, group=None, sym=False,
-                   double_quant=False, compute="auto", verbose=False) -> dict:
-    """Replace the model's nn.Linear layers by QuantLinear, in place.
+                   double_quant=False, compute="auto", calib=None, gptq=None, sequential=True, mask_padding=True,
+                   progress=None, verbose=False) -> dict:
+    """Replace the model's nn.Linear layers by QuantLinear, in place; with ``calib``, by GPTQ.
 
     include / exclude: module names or fnmatch patterns ("*.mlp.*"; a name also matches its
     submodules); None includes all / excludes none. Layers whose in_features does not fit the
-    format's block are skipped with a warning. verbose=True prints one line per layer.
+    format's block, and the out_proj of nn.MultiheadAttention (whose forward reads
+    ``out_proj.weight`` directly), are skipped with a warning.
+
+    Without ``calib`` every layer is rounded to nearest (pq.quantize). With ``calib`` (an iterable
+    of model inputs: a tensor -> model(t), a tuple -> model(*t), a dict -> model(**d); a single
+    tensor or dict counts as one batch) the layers are quantized with GPTQ (pyqkern.gptq; the
+    formats in ``pyqkern.gptq.FORMATS``, others raise ValueError). ``gptq``: a dict of extra
+    options for :meth:`pyqkern.gptq.GPTQ.quantize` (``act_order``, ``static_groups``, ``damp``,
+    ``blocksize``, ...); group / sym / double_quant come from this function's arguments. Each
+    layer's Hessian comes from its inputs, captured with forward pre-hooks while the calibration
+    batches run (model in eval mode, no grad; the train/eval flags are restored afterwards).
+    With ``mask_padding`` and a dict batch holding a 2-D ``attention_mask`` [B, T], layer inputs
+    shaped [B, T, K] contribute their unmasked tokens only.
+
+    sequential=True (default): layers are quantized in execution order and each layer's Hessian
+    is taken with every earlier layer already quantized, so it sees the quantized model's
+    activations (as AutoGPTQ's ``true_sequential``). Layers that read the same input tensor
+    (e.g. q, k, v) form one stage. If the targeted layers sit in a list of repeated blocks (an
+    nn.ModuleList of one block type, called in order, each block's first argument the previous
+    block's output: HF transformers' layers), the inputs of the first block are cached once and
+    each block runs on its own (stages + 1 block passes per block; linears before / after the
+    blocks get whole-model passes, stopped at the first block when possible). Otherwise every
+    stage costs one pass of the whole model over the calibration data. Key-value caches passed
+    to the blocks are replaced by None. sequential=False: one pass of the float model; every
+    Hessian from float activations (all Hessians in memory at once).
+
+    Layers never called on the calibration data are rounded to nearest, with a warning.
+    progress: a tqdm bar over the layers (None: on a terminal only, True: always, False: never;
+    none if tqdm is not installed). verbose=True prints one line per layer and a total.
+
     Returns {"quantized": [names], "skipped": {name: reason}, "bytes_before", "bytes_after"}
-    (bytes of the replaced layers' weights and biases)."""
+    (bytes of the replaced layers' weights and biases, and act-order permutations), plus with
+    calib ``"gptq"``: {name: {"gptq": e, "rtn": e, "tokens": n, "damp": d}} where e is the
+    relative output error ||XWᵀ - XŴᵀ|| / ||XWᵀ|| on the layer's calibration inputs X (what
+    :meth:`pyqkern.gptq.GPTQ.report` computes; here from the Hessian, so X is not kept) of GPTQ
+    and of round-to-nearest in the same format, and ``"calibration"``: {"mode", "batches",
+    "model_passes", "block_passes", "seconds"}."""
     if format not in _formats.FORMATS:
         raise ValueError(f"unknown format {format!r}; supported: {', '.join(_formats.FORMATS)}")
-    summary = {"quantized": [], "skipped": {}, "bytes_before": 0, "bytes_after": 0}
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name]
     if isinstance(model, nn.Linear):
         raise TypeError("quantize_model replaces submodules; wrap a single nn.Linear with QuantLinear.from_linear")
-    for name, lin in targets:
+    if gptq is not None and calib is None:
+        raise ValueError("gptq options need calibration data: pass calib=[batch, ...]")
+    summary = {"quantized": [], "skipped": {}, "bytes_before": 0, "bytes_after": 0}
+    mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+           for c, _ in m.named_children()}
+    targets = []
+    for name, lin in model.named_modules():
+        if not isinstance(lin, nn.Linear) or not name:
+            continue
         if include is not None and not _matches(name, include):
             continue
         if exclude is not None and _matches(name, exclude):
             continue
-        why = _fits(format, lin.in_features, group, sym, double_quant)
+        if name in mha:
+            why = "nn.MultiheadAttention reads out_proj.weight directly, not through the module"
+        else:
+            why = _fits(format, lin.in_features, group, sym, double_quant)
         if why is not None:
             warnings.warn(f"pyqkern.torch.quantize_model: skipping {name}: {why}", stacklevel=2)
             summary["skipped"][name] = why
             continue
-        q = QuantLinear.from_linear(lin, format, group=group, sym=sym, double_quant=double_quant, compute=compute)
-        before = lin.weight.numel() * lin.weight.element_size()
-        if lin.bias is not None:
-            before += lin.bias.numel() * lin.bias.element_size()
-        after = q.qdata.numel() + (0 if q.bias is None else q.bias.numel() * 4)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, q)
-        summary["quantized"].append(name)
-        summary["bytes_before"] += before
-        summary["bytes_after"] += after
-        if verbose:
-            print(f"[pyqkern] {name}: [{lin.out_features}, {lin.in_features}] -> {format} "
-                  f"({q.bits_per_weight:.2f} bits/weight, {before} -> {after} bytes)")
+        targets.append((name, lin))
+    if calib is not None:
+        run = _GPTQRun(model, targets, format, group, sym, double_quant, compute, gptq, calib, sequential,
+                       mask_padding, summary, verbose)
+        bar = _progress(len(targets), progress, f"GPTQ {format}")
+        try:
+            run.run(bar)
+        finally:
+            if bar is not None:
+                bar.close()
+    else:
+        bar = _progress(len(targets), progress, f"quantize {format}")
+        try:
+            for name, lin in targets:
+                q = QuantLinear.from_linear(lin, format, group=group, sym=sym, double_quant=double_quant,
+                                            compute=compute)
+                _install(model, summary, name, lin, q, verbose)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+    if verbose:
+        b0, b1 = summary["bytes_before"], summary["bytes_after"]
+        print(f"[pyqkern] {len(summary['quantized'])} layers quantized to {format}, {len(summary['skipped'])} "
+              f"skipped; {b0 / 2**20:.2f} MiB -> {b1 / 2**20:.2f} MiB" + (f" ({b0 / b1:.2f}x smaller)" if b1 else ""))
     return summary
+
+
+# --------------------------------------------------------------------------- GPTQ driver
+_CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a calibration forward early (the rest of the model is not needed)."""
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    try:  # transformers ModelOutput
+        v = out[0]
+    except (TypeError, IndexError, KeyError):
+        return None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _tensors(obj, depth=0):
+    """Tensors inside nested tuples / lists / dicts (a few levels)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 3 and isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v, depth + 1)
+    elif depth < 3 and isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v, depth + 1)
+
+
+def _input_key(x):
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version)
+
+
+def _strip_cache(kw):
+    kw = dict(kw)
+    for key in _CACHE_KWARGS:
+        if key in kw:
+            kw[key] = None
+    if "use_cache" in kw:
+        kw["use_cache"] = False
+    return kw
+
+
+def _calib_items(calib, mask_padding):
+    from collections.abc import Mapping
+
+    if isinstance(calib, (torch.Tensor, Mapping)):
+        calib = [calib]
+    try:
+        items = list(calib)
+    except TypeError:
+        raise TypeError(f"calib must be an iterable of model inputs, got {type(calib).__name__}") from None
+    if not items:
+        raise ValueError("calib is empty: give at least one batch of model inputs")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, torch.Tensor):
+            args, kw = (item,), {}
+        elif isinstance(item, Mapping):
+            args, kw = (), dict(item)
+        elif isinstance(item, (tuple, list)):
+            args, kw = tuple(item), {}
+        else:
+            raise TypeError(f"calib[{i}]: expected a tensor, a tuple of positional inputs or a dict of keyword "
+                            f"inputs, got {type(item).__name__}")
+        mask = None
+        am = kw.get("attention_mask")
+        if mask_padding and isinstance(am, torch.Tensor) and am.dim() == 2:
+            mb = am != 0
+            if not bool(mb.all()):
+                mask = mb
+        out.append((args, kw, mask))
+    return out
+
+
+def _find_blocks(model, names):
+    """The nn.ModuleList of one module type holding the most targeted layers (in >= 2 of its
+    entries): (its name, [block modules]) or None."""
+    best = None
+    for lname, ml in model.named_modules():
+        if not isinstance(ml, nn.ModuleList) or len(ml) < 2 or len({type(b) for b in ml}) != 1:
+            continue
+        prefix = lname + "." if lname else ""
+        counts = [sum(1 for n in names if n.startswith(f"{prefix}{j}.")) for j in range(len(ml))]
+        if sum(1 for c in counts if c) < 2:
+            continue
+        if best is None or sum(counts) > best[0]:
+            best = (sum(counts), lname, list(ml))
+    return None if best is None else best[1:]
+
+
+def _hessian_rel_err(H, W, n, whats):
+    """||X(W - Ŵ)ᵀ|| / ||XWᵀ|| from H = 2/n XᵀX: sqrt(tr(D H Dᵀ) / tr(W H Wᵀ)), for each Ŵ."""
+    W = W.astype(np.float64)
+    den = float(np.einsum("ij,ij->", W @ H, W))
+    out = []
+    for wh in whats:
+        d = W - np.asarray(wh, np.float64)
+        num = max(float(np.einsum("ij,ij->", d @ H, d)), 0.0)
+        out.append(math.sqrt(num / den) if den > 0 else math.sqrt(num * n / 2))
+    return out
+
+
+class _GPTQRun:
+    """GPTQ over a model's targeted nn.Linear layers (see quantize_model)."""
+
+    def __init__(self, model, targets, fmt, group, sym, double_quant, compute, gptq, calib, sequential,
+                 mask_padding, summary, verbose):
+        from . import gptq as gmod
+
+        if fmt not in gmod.FORMATS:
+            raise ValueError(f"GPTQ (calib=...) does not support format {fmt!r}; pyqkern.gptq supports "
+                             f"{', '.join(gmod.FORMATS)}. Quantize {fmt} without calib (round-to-nearest) "
+                             f"or pick one of those")
+        self.gmod = gmod
+        self.model = model
+        self.names = [n for n, _ in targets]
+        self.lin = dict(targets)
+        self.fmt, self.group, self.sym, self.dq = fmt, group, sym, double_quant
+        self.compute = compute
+        self.qkw = self._options(gptq)
+        self.items = _calib_items(calib, mask_padding)
+        self.sequential = bool(sequential)
+        self.summary = summary
+        self.verbose = verbose
+        self.g = {}
+        self._mask = None
+        self.bar = None
+        self.model_passes = 0
+        self.block_passes = 0
+
+    def _options(self, gptq):
+        import inspect
+        from collections.abc import Mapping
+
+        if gptq is None or gptq is True:
+            user = {}
+        elif isinstance(gptq, Mapping):
+            user = dict(gptq)
+        else:
+            raise TypeError(f"gptq must be a dict of GPTQ.quantize options (or None), got {type(gptq).__name__}")
+        for key in ("format", "group_size", "sym", "double_quant"):
+            if key in user:
+                raise ValueError(f"gptq={{{key!r}: ...}}: give format / group / sym / double_quant to quantize_model "
+                                 f"itself")
+        kw = {"format": self.fmt}
+        if self.fmt in _formats.GROUPED:
+            # every targeted layer passed _fits, so this resolves for the default group too
+            g = _formats.DEFAULT_GROUP[self.fmt] if self.group in (None, 0) else int(self.group)
+            kw["group_size"] = g
+            kw["sym"] = bool(self.sym)
+        if self.dq:
+            kw["double_quant"] = True
+        kw.update(user)
+        accepted = inspect.signature(self.gmod.GPTQ.quantize).parameters
+        bad = [k for k in kw if k not in accepted]
+        if bad:
+            raise ValueError(f"pyqkern.gptq.GPTQ.quantize does not take {bad}; it takes "
+                             f"{[k for k in accepted if k != 'self']}")
+        return kw
+
+    # -- running the model / a block
+    def _call_model(self, item, stop_at=None):
+        args, kw, mask = item
+        self._mask = mask
+        hook = None
+        if stop_at is not None:
+            def stop(mod, a):
+                raise _StopForward
+            hook = stop_at.register_forward_pre_hook(stop)
+        try:
+            self.model(*args, **kw)
+        except _StopForward:
+            pass
+        finally:
+            if hook is not None:
+                hook.remove()
+            self._mask = None
+
+    def _model_pass(self, stop_at=None):
+        for item in self.items:
+            self._call_model(item, stop_at)
+        self.model_passes += 1
+
+    def _hooks(self, names):
+        hs = []
+        for name in names:
+            g = self.g[name]
+
+            def f(mod, args, kwargs, g=g):
+                x = args[0] if args else kwargs.get("input")
+                if not isinstance(x, torch.Tensor):
+                    return
+                m = self._mask
+                if m is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+                    x = x[m]
+                g.add_batch(x.detach().reshape(-1, x.shape[-1]).float().numpy())
+
+            hs.append(self.lin[name].register_forward_pre_hook(f, with_kwargs=True))
+        return hs
+
+    def _accumulate(self, names, run):
+        """GPTQ state for names, run() with hooks feeding their Hessians, then quantize them."""
+        for name in names:
+            self.g[name] = self.gmod.GPTQ(self.lin[name].weight.detach().float().cpu().numpy())
+        hs = self._hooks(names)
+        try:
+            out = run()
+        finally:
+            for h in hs:
+                h.remove()
+        got = [self._finish(name) for name in names]
+        return out, any(got)
+
+    def _finish(self, name):
+        g = self.g.pop(name)
+        lin = self.lin[name]
+        if g.nsamples == 0:
+            warnings.warn(f"pyqkern.torch.quantize_model: {name} was not called on the calibration data; "
+                          f"rounded to nearest instead of GPTQ", stacklevel=4)
+            q = QuantLinear.from_linear(lin, self.fmt, group=self.group, sym=self.sym, double_quant=self.dq,
+                                        compute=self.compute)
+            self.summary["gptq"][name] = None
+            _install(self.model, self.summary, name, lin, q, self.verbose, " (RTN: no calibration data)")
+        else:
+            try:
+                qt = g.quantize(**self.qkw)
+            except ValueError as e:
+                raise ValueError(f"pyqkern.torch.quantize_model: GPTQ failed on {name}: {e}") from e
+            rtn = _pq_quantize(g.W, self.fmt, group=self.group, sym=self.sym, double_quant=self.dq)
+            e_g, e_r = _hessian_rel_err(g.H, g.W, g.nsamples, [_pq_dequantize(qt), _pq_dequantize(rtn)])
+            self.summary["gptq"][name] = {"gptq": e_g, "rtn": e_r, "tokens": int(g.nsamples),
+                                          "damp": float(g.damp_used)}
+            bias = None if lin.bias is None else lin.bias.detach().to("cpu", torch.float32).numpy()
+            q = QuantLinear.from_qtensor(qt, bias, compute=self.compute)
+            _install(self.model, self.summary, name, lin, q, self.verbose,
+                     f", rel. output error GPTQ {e_g:.4f} vs RTN {e_r:.4f}")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(name, refresh=False)
+        return g.nsamples > 0
+
+    # -- the whole run
+    def run(self, bar=None):
+        self.bar = bar
+        self.summary["gptq"] = {}
+        flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                mode = self._sequential() if self.sequential else self._parallel()
+        finally:
+            for m, t in flags:
+                m.training = t
+        self.summary["calibration"] = {"mode": mode, "batches": len(self.items), "model_passes": self.model_passes,
+                                       "block_passes": self.block_passes, "seconds": time.perf_counter() - t0}
+
+    def _parallel(self):
+        self._accumulate(self.names, self._model_pass)
+        return "parallel (one float pass)"
+
+    def _discover(self, blocks):
+        """One forward of the first batch, recording the targeted layers' calls (with their input
+        tensors) and the blocks' calls."""
+        events = []
+        hs = []
+        for name in self.names:
+            def f(mod, args, kwargs, name=name):
+                x = args[0] if args else kwargs.get("input")
+                if isinstance(x, torch.Tensor):
+                    events.append(("lin", name, x))
+            hs.append(self.lin[name].register_forward_pre_hook(f, with_kwargs=True))
+        for i, b in enumerate(blocks or []):
+            def pre(mod, args, kwargs, i=i):
+                events.append(("start", i, args, kwargs))
+
+            def post(mod, args, kwargs, out, i=i):
+                events.append(("end", i, out))
+            hs.append(b.register_forward_pre_hook(pre, with_kwargs=True))
+            hs.append(b.register_forward_hook(post, with_kwargs=True))
+        try:
+            self._call_model(self.items[0])
+        finally:
+            for h in hs:
+                h.remove()
+        self.model_passes += 1
+        return events
+
+    @staticmethod
+    def _chained(events, nblocks):
+        """True if the blocks ran once each, in order, each one's first argument the previous one's
+        output, and no other argument aliasing the previous block's outputs."""
+        seq = [(e[0], e[1]) for e in events if e[0] != "lin"]
+        if seq != [(k, i) for i in range(nblocks) for k in ("start", "end")]:
+            return False
+        starts = [e for e in events if e[0] == "start"]
+        ends = [e for e in events if e[0] == "end"]
+        for i, (_, _, args, kwargs) in enumerate(starts):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return False
+            if i == 0:
+                continue
+            prev = _first_tensor(ends[i - 1][2])
+            h = args[0]
+            if prev is None or prev.data_ptr() != h.data_ptr() or prev.shape != h.shape:
+                return False
+            outs = {t.data_ptr() for t in _tensors(ends[i - 1][2])}
+            if any(t.data_ptr() in outs for t in _tensors((args[1:], _strip_cache(kwargs)))):
+                return False
+        return True
+
+    @staticmethod
+    def _stages(events, names):
+        """names (a unit's layers) in stages: layers reading the same input tensor, in call order."""
+        want = set(names)
+        stages, key_of, seen = [], {}, set()
+        for e in events:
+            if e[0] != "lin" or e[1] not in want or e[1] in seen:
+                continue
+            seen.add(e[1])
+            key = _input_key(e[2])
+            if key not in key_of:
+                key_of[key] = len(stages)
+                stages.append([])
+            stages[key_of[key]].append(e[1])
+        return stages, [n for n in names if n not in seen]
+
+    def _unit(self, stages, leftover, run, need_output=False):
+        """Quantize stage after stage (each run() sees the earlier stages quantized); layers not seen
+        in discovery collect inputs during one more run(). Returns the result of a run() made with
+        all the unit's layers quantized (if need_output)."""
+        for st in stages:
+            self._accumulate(st, run)
+        if not leftover:
+            return run() if need_output else None
+        out, any_quantized = self._accumulate(leftover, run)
+        return run() if any_quantized and need_output else out
+
+    def _capture(self, blocks):
+        """Run the (float) blocks on every batch; keep the first block's input hidden state (a copy)
+        and every block's other arguments (caches dropped)."""
+        hidden, extras = [], [[] for _ in blocks]
+        hs = []
+        for j, b in enumerate(blocks):
+            def pre(mod, args, kwargs, j=j):
+                if j == 0:
+                    hidden.append(args[0].detach().clone())
+                extras[j].append((tuple(args[1:]), _strip_cache(kwargs)))
+            hs.append(b.register_forward_pre_hook(pre, with_kwargs=True))
+
+        def stop(mod, args, out):
+            raise _StopForward
+        hs.append(blocks[-1].register_forward_hook(stop))
+        try:
+            self._model_pass()
+        finally:
+            for h in hs:
+                h.remove()
+        if len(hidden) != len(self.items) or any(len(e) != len(self.items) for e in extras):
+            raise RuntimeError("pyqkern.torch.quantize_model: the blocks were not called once per calibration batch "
+                               "(pass sequential=False, or calibration batches that run the whole model)")
+        return [(h, item[2]) for h, item in zip(hidden, self.items)], extras
+
+    def _block_pass(self, block, hidden, extras):
+        outs = []
+        try:
+            for (h, mask), (a, kw) in zip(hidden, extras):
+                self._mask = mask
+                y = _first_tensor(block(h, *a, **kw))
+                if y is None:
+                    raise RuntimeError("pyqkern.torch.quantize_model: a block returned no tensor")
+                outs.append((y, mask))
+        finally:
+            self._mask = None
+        self.block_passes += 1
+        return outs
+
+    def _sequential(self):
+        found = _find_blocks(self.model, self.names)
+        blocks = found[1] if found else None
+        events = self._discover(blocks)
+        if blocks is not None and not self._chained(events, len(blocks)):
+            blocks = None
+        if blocks is None:
+            stages, leftover = self._stages(events, self.names)
+            del events
+            self._unit(stages, leftover, self._model_pass)
+            return "sequential, whole-model passes"
+        lname = found[0]
+        prefix = lname + "." if lname else ""
+        inside = [[n for n in self.names if n.startswith(f"{prefix}{j}.")] for j in range(len(blocks))]
+        in_blocks = {n for ns in inside for n in ns}
+        start0 = next(j for j, e in enumerate(events) if e[0] == "start")
+        pre_set = {e[1] for e in events[:start0] if e[0] == "lin" and e[1] not in in_blocks}
+        pre = [n for n in self.names if n in pre_set]
+        post = [n for n in self.names if n not in in_blocks and n not in pre_set]
+        pre_stages = self._stages(events, pre)
+        block_stages = [self._stages(events, ns) for ns in inside]
+        post_stages = self._stages(events, post)
+        del events  # the discovery forward's activations
+        if pre:
+            self._unit(*pre_stages, lambda: self._model_pass(stop_at=blocks[0]))
+        hidden, extras = self._capture(blocks)
+        for j, block in enumerate(blocks):
+            def run(block=block, j=j, h=hidden):
+                return self._block_pass(block, h, extras[j])
+            hidden = self._unit(*block_stages[j], run, need_output=True)
+            extras[j] = None
+        del hidden
+        if post:
+            self._unit(*post_stages, self._model_pass)
+        return f"sequential, {len(blocks)} blocks ({lname}) run one at a time"
