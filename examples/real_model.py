@@ -12,7 +12,8 @@
 3. speed per batch of 32 sentences: torch fp32, torch dynamic int8, pyqkern (compute int8), 1 and 2 threads
    (and torch 1 + pyqkern 2: torch's OpenMP workers and pyqkern's pool compete for the cores otherwise);
 4. a QLoRA mini loop: rank-8 trainable adapters on the q4_0 model, 30 Adam steps pulling paraphrase
-   pairs together.
+   pairs together; the adapter saved in PEFT's layout (pqt.save_peft_adapter) and loaded by peft
+   onto the float model with the dequantized weights (same embeddings).
 """
 from __future__ import annotations
 
@@ -357,6 +358,40 @@ def main():
           f"{2 * len(PAIRS)} sentences, forward + backward + Adam, {torch.get_num_threads()} torch threads)")
     mc, mn = cos_stats(ref, embed(m, tok, SENTENCES))
     print(f"after training, the 64 sentences vs fp32: mean cos {mc:.5f}, min {mn:.5f}")
+    peft_check(fp32, m, tok)
+
+
+def peft_check(fp32, m, tok):
+    """Save the trained adapter in PEFT's layout and load it with peft onto the float model whose
+    weights are the dequantized q4_0 ones: the embeddings must match pyqkern's (with compute="float";
+    compute="int8" also rounds the activations to int8 per 32 values)."""
+    import tempfile
+
+    try:
+        import peft
+    except ImportError:
+        print("peft not installed: PEFT round trip skipped")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        names = pqt.save_peft_adapter(m, d, "toy")
+        deq = copy.deepcopy(fp32)
+        for name in names:
+            deq.get_submodule(name).weight.data.copy_(m.get_submodule(name).dequantize())
+        pm = peft.PeftModel.from_pretrained(deq, d).eval()
+        e_peft = embed(pm, tok, SENTENCES)
+        m2 = copy.deepcopy(m)
+        for name in names:
+            m2.get_submodule(name).remove_adapter("toy")
+        pqt.load_peft_adapter(m2, d, "toy")
+        e_pq = embed(m, tok, SENTENCES)
+        same = torch.equal(embed(m2, tok, SENTENCES), e_pq)
+        for name in names:
+            m2.get_submodule(name).compute = "float"
+        e_float = embed(m2, tok, SENTENCES)
+    print(f"PEFT layout: {len(names)} adapters saved; peft {peft.__version__} loads them onto the dequantized "
+          f"float model: max |Δ embedding| vs pyqkern compute=float {float((e_float - e_peft).abs().max()):.1e} "
+          f"(compute=int8: {float((e_pq - e_peft).abs().max()):.1e}); pqt.load_peft_adapter round trip "
+          f"identical: {same}")
 
 if __name__ == "__main__":
     main()

@@ -41,7 +41,8 @@ from ._ops import quantize as _pq_quantize
 from ._qtensor import QTensor, total_bytes
 from . import lora as _pq_lora
 
-__all__ = ["QuantLinear", "quantize_model", "qtensor_to_tensor", "qtensor_from_tensor"]
+__all__ = ["QuantLinear", "quantize_model", "save_peft_adapter", "load_peft_adapter", "qtensor_to_tensor",
+           "qtensor_from_tensor"]
 
 
 # --------------------------------------------------------------------------- QTensor <-> tensor
@@ -71,16 +72,32 @@ def qtensor_from_tensor(qdata: torch.Tensor, fmt: str, n: int, k: int, group: in
         raise TypeError(f"qdata must be a CPU uint8 tensor, got {qdata.dtype} on {qdata.device}")
     key = (qdata.data_ptr(), qdata.numel(), qdata._version, fmt, int(n), int(k), int(group), int(sym))
     hit = getattr(qdata, "_pyqkern_qt", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    if isinstance(hit, _QTCache) and hit.key == key:
+        return hit.qt
     base, dq = _split_fmt(fmt)
     arr = qdata.detach().contiguous().reshape(-1).numpy()
     qt = QTensor.from_bytes(base, (n, k), arr, group=group, sym=sym, double_quant=dq)
     try:
-        qdata._pyqkern_qt = (key, qt)
+        qdata._pyqkern_qt = _QTCache(key, qt)
     except (AttributeError, RuntimeError):  # some tensor subclasses refuse attributes: no cache
         pass
     return qt
+
+
+class _QTCache:
+    """The QTensor cached on a qdata tensor. Copies and pickles of the tensor (deepcopy of a module,
+    torch.save of a whole model) get an empty cache: the QTensor holds native objects."""
+
+    __slots__ = ("key", "qt")
+
+    def __init__(self, key=None, qt=None):
+        self.key, self.qt = key, qt
+
+    def __deepcopy__(self, memo):
+        return _QTCache()
+
+    def __reduce__(self):
+        return (_QTCache, ())
 
 
 def _nbytes(fmt: str, n: int, k: int, group: int, sym: int) -> int:
@@ -632,6 +649,70 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
         print(f"[pyqkern] {len(summary['quantized'])} layers quantized to {format}, {len(summary['skipped'])} "
               f"skipped; {b0 / 2**20:.2f} MiB -> {b1 / 2**20:.2f} MiB" + (f" ({b0 / b1:.2f}x smaller)" if b1 else ""))
     return summary
+
+
+# --------------------------------------------------------------------------- PEFT adapters
+def save_peft_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, *,
+                      base_model_name_or_path: Optional[str] = None) -> list:
+    """Write the adapter ``adapter_name`` of every QuantLinear in ``model`` as a Hugging Face PEFT
+    adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+    ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (float32), <module> being the
+    layer's name in ``model`` (pass the model PEFT will wrap). ``peft.PeftModel.from_pretrained``
+    loads it onto the float model (same scale alpha/r or alpha/sqrt(r) with rslora; per-layer rank
+    and alpha through rank_pattern / alpha_pattern). adapter_name None: the one adapter name the
+    model's QuantLinear layers carry. Returns the module names written. See pyqkern.io.peft."""
+    from .io import peft as _peft_io
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        raise ValueError("the model has no QuantLinear layers (quantize_model first, then add adapters)")
+    if adapter_name is None:
+        names = sorted({a for _, m in layers for a in m.adapter_names})
+        if len(names) != 1:
+            raise ValueError(f"pass adapter_name=: the model's QuantLinear layers carry adapters {names}")
+        adapter_name = names[0]
+    ads = {}
+    for n, m in layers:
+        if adapter_name in m.lora_A:
+            alpha, rslora = m._alphas[adapter_name]
+            A = m.lora_A[adapter_name].detach().to("cpu", torch.float32).numpy()
+            B = m.lora_B[adapter_name].detach().to("cpu", torch.float32).numpy()
+            ads[n] = LoRA(A, B, alpha, rslora=rslora, storage="float32")
+    if not ads:
+        raise ValueError(f"no QuantLinear layer has an adapter named {adapter_name!r}")
+    _peft_io.save_peft_adapter(path, ads, base_model_name_or_path)
+    return sorted(ads)
+
+
+def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default", *, trainable: bool = False,
+                      active: bool = True) -> list:
+    """Attach a PEFT LoRA adapter directory (pyqkern.io.load_peft_adapter) to the model's QuantLinear
+    layers under ``adapter_name`` (``add_adapter``; trainable / active as there). Module names in
+    the file must be names in ``model``, and those modules QuantLinear layers. Checks every target
+    before attaching anything. DoRA adapters are not supported. Returns the module names."""
+    from .io import peft as _peft_io
+
+    ads = _peft_io.load_peft_adapter(path)
+    plan = []
+    for name, ad in ads.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"{path}: the adapter targets {name!r}, which is not a module of this model") from None
+        if not isinstance(mod, QuantLinear):
+            raise TypeError(f"{path}: {name} is a {type(mod).__name__}, not a QuantLinear (quantize the model "
+                            f"with pyqkern.torch.quantize_model first)")
+        if ad.is_dora:
+            raise NotImplementedError(f"{path}: DoRA adapters are not supported by QuantLinear yet")
+        if (ad.in_features, ad.out_features) != (mod.in_features, mod.out_features):
+            raise ValueError(f"{path}: {name}: adapter is [{ad.out_features}, {ad.in_features}] but the layer is "
+                             f"[{mod.out_features}, {mod.in_features}]")
+        if adapter_name in mod.lora_A:
+            raise ValueError(f"{name} already has an adapter named {adapter_name!r}")
+        plan.append((mod, ad))
+    for mod, ad in plan:
+        mod.add_adapter(adapter_name, ad.A, ad.B, ad.alpha, rslora=ad.rslora, trainable=trainable, active=active)
+    return sorted(ads)
 
 
 # --------------------------------------------------------------------------- GPTQ driver
