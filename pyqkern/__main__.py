@@ -421,6 +421,7 @@ def _gptq_one(w, name, fmt, params, act_order, damp, source, prog):
 def inspect_file(path, out=None):
     """`pyqkern inspect`: list tensors (name, format/dtype, shape, bits per weight). Returns the rows."""
     out = out or sys.stdout
+    from pyqkern import _formats
     from pyqkern.io import gguf as _gg, qsave, safetensors as st
 
     rows = []
@@ -442,7 +443,7 @@ def inspect_file(path, out=None):
             if name in desc:
                 fmt, shape, params, perm = desc[name]
                 nb = e["data_offsets"][1] - e["data_offsets"][0]
-                extra = ",".join(f"{k}={v}" for k, v in params.items() if v) if fmt in ("nf4", "int4") else ""
+                extra = ",".join(f"{k}={v}" for k, v in params.items() if v) if fmt in _formats.GROUPED else ""
                 rows.append((name, fmt + (f"({extra})" if extra else "") + ("+perm" if perm else ""), list(shape),
                              nb * 8.0 / (shape[0] * shape[1])))
             else:

@@ -4,8 +4,8 @@ compute:
   "int8"  activations quantized per block of 32 (dx = amax/127, xq = round_half_even(x / dx)), integer
           dot products (AVX512-VNNI / scalar), block scales applied in fp32. The result is
           bit-identical for every native variant and thread count and equals
-          pyqkern.reference.matmul_int8. Needs K % 32 == 0 (and int4 groups >= 32). nf4 uses
-          its code book rounded to 1/127 in this mode.
+          pyqkern.reference.matmul_int8. Needs K % 32 == 0 (and int4 groups >= 32). nf4 and fp4 use
+          their code books rounded to 1/127 in this mode.
   "float" weights dequantized exactly (as pyqkern.dequantize) and multiplied in fp32; within
           fp32 accumulation error of x @ dequantize(W).T: |y - y_ref| <= K * 2^-23 * sum|x||w|
           (a loose bound; tests check it).

@@ -1,4 +1,4 @@
-"""bitsandbytes' double quantization of nf4 absmax: 8-bit dynamic code, blocks of 256.
+"""bitsandbytes' double quantization of nf4 / fp4 absmax: 8-bit dynamic code, blocks of 256.
 
 offset = mean(absmax); (absmax - offset) is quantized blockwise (256) against the signed
 dynamic map (``create_dynamic_map``), keeping one fp32 absmax per 256-block. Dequantize:

@@ -107,7 +107,7 @@ def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="
         return _grid.quantize_search(x, fmt, params.get("group"), bool(params.get("sym")))
     if backend == "native":
         rq, rs, rz = _formats.row_bytes(fmt, k, params)
-        dq = fmt == "nf4" and params.get("double_quant")
+        dq = fmt in _formats.BNB4 and params.get("double_quant")
         data = np.empty(n * (rq + rs + rz), dtype=np.uint8)
         q = data[: n * rq].reshape(n, rq)
         s = data[n * rq: n * (rq + rs)].reshape(n, rs) if rs else None

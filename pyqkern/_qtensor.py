@@ -64,9 +64,9 @@ class QTensor:
     def sections(self):
         """(q, s, z) uint8 arrays [N, rq], [N, rs], [N, rz] as the kernels take them.
 
-        nf4 with double quantization returns a freshly decompressed fp32 absmax as ``s``."""
+        nf4 / fp4 with double quantization return a freshly decompressed fp32 absmax as ``s``."""
         q, s, z = self._sections["q"], self._sections.get("s"), self._sections.get("z")
-        if self.format == "nf4" and self.params.get("double_quant"):
+        if self.format in _formats.BNB4 and self.params.get("double_quant"):
             d = self._sections
             absmax = _nf4_double.decompress(d["absmax_codes"], d["nested_absmax"], d["offset"][0], d["code_map"])
             s = absmax.reshape(self.shape[0], -1).view(np.uint8)
@@ -119,7 +119,7 @@ def _layout(fmt, n, k, params):
     """[(name, nbytes, row_shape_or_None)] in storage order."""
     rq, rs, rz = _formats.row_bytes(fmt, k, params)
     out = [("q", n * rq, rq)]
-    if fmt == "nf4" and params.get("double_quant"):
+    if fmt in _formats.BNB4 and params.get("double_quant"):
         nblk = n * k // params["group"]
         nested = -(-nblk // _nf4_double.NESTED_BLOCK)
         out += [("absmax_codes", nblk, None), ("nested_absmax", 4 * nested, None), ("offset", 4, None),
@@ -154,7 +154,7 @@ def _split(fmt, n, k, params, data):
 
 def assemble(fmt, n, k, params, q, s, z) -> QTensor:
     """Build a QTensor from kernel outputs (q, s, z row arrays)."""
-    if fmt == "nf4" and params.get("double_quant"):
+    if fmt in _formats.BNB4 and params.get("double_quant"):
         codes, nested, offset, cmap = _nf4_double.compress(np.ascontiguousarray(s).view(np.float32))
         parts = [q.ravel(), codes, nested.view(np.uint8), np.array([offset], np.float32).view(np.uint8),
                  cmap.view(np.uint8)]

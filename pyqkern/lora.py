@@ -211,7 +211,7 @@ def merge(qt: QTensor, ad: LoRA, *, warn_below: float | None = 0.5, chunk_rows: 
     step = _check_chunk(chunk_rows, max(1, _CHUNK_ELEMS // k))
     rows = _Rows(qt, backend)
     factor = ad.dora_factor(qt) if ad.is_dora else None
-    dq = fmt == "nf4" and bool(params.get("double_quant"))
+    dq = fmt in _formats.BNB4 and bool(params.get("double_quant"))
     rq, rs, rz = _formats.row_bytes(fmt, k, params)
     data = np.empty(n * (rq + rs + rz), np.uint8)
     secs = [data[: n * rq].reshape(n, rq), data[n * rq: n * (rq + rs)].reshape(n, rs),

@@ -21,6 +21,13 @@ NF4_CODE = np.array(
      0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
      0.7229568362236023, 1.0], dtype=F32)
 NF4_MID = ((NF4_CODE[:-1] + NF4_CODE[1:]) * F32(0.5)).astype(F32)
+# bitsandbytes FP4 in bit-pattern order (bit 3 = sign): raw {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12 in fp32
+FP4_CODE = (np.array([0.0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], F32)
+            / F32(12)).astype(F32)
+FP4_MAG_CODE = np.array([0, 1, 6, 7, 4, 5, 2, 3], np.uint8)  # codes of the magnitudes in ascending order
+FP4_MAG = FP4_CODE[FP4_MAG_CODE]
+FP4_MID = ((FP4_MAG[:-1] + FP4_MAG[1:]) * F32(0.5)).astype(F32)
+FP4_MIN_ABSMAX = F32(1e-38)   # the quantizer's reciprocal uses max(absmax, 1e-38), as bitsandbytes does
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
 def _empty(n):
@@ -186,6 +193,36 @@ def dequantize_nf4(q, s, z, k, group=64, sym=0):
     return (vals * amax[:, :, None]).astype(F32).reshape(n, k)
 
 
+# ---------------------------------------------------------------- fp4 (bitsandbytes)
+def fp4_index(v):
+    """FP4 code of v = x * (1 / absmax): sign bit 8 if v < 0; magnitude = nearest code magnitude by
+    fp32 midpoints, an exact midpoint going to the smaller magnitude."""
+    v = np.asarray(v, F32)
+    mag = FP4_MAG_CODE[(np.abs(v)[..., None] > FP4_MID).sum(axis=-1)]
+    return (mag | np.where(v < 0, np.uint8(8), np.uint8(0))).astype(np.uint8)
+
+
+def quantize_fp4(x, group=64, sym=0):
+    n, k = x.shape
+    b = x.reshape(-1, group).astype(F32)
+    amax = np.abs(b).max(axis=1, keepdims=True).astype(F32)
+    r = (F32(1) / np.maximum(amax, FP4_MIN_ABSMAX)).astype(F32)
+    idx = fp4_index((b * r).astype(F32)).reshape(n, k)
+    q = ((idx[:, 0::2] << 4) | idx[:, 1::2]).astype(np.uint8)
+    s = amax.reshape(n, -1).view(np.uint8).reshape(n, -1)
+    return q, np.ascontiguousarray(s), _empty(n)
+
+
+def dequantize_fp4(q, s, z, k, group=64, sym=0):
+    n = q.shape[0]
+    idx = np.empty((n, k), dtype=np.uint8)
+    idx[:, 0::2] = q >> 4
+    idx[:, 1::2] = q & 0x0F
+    amax = np.ascontiguousarray(s).view(F32).reshape(n, -1)
+    vals = FP4_CODE[idx].reshape(n, -1, group)
+    return (vals * amax[:, :, None]).astype(F32).reshape(n, k)
+
+
 # ---------------------------------------------------------------- int2/int3/int4 (GPTQ-style)
 def intq_group_params(g, sym, maxq=15):
     """g: [groups, gs] float32 -> (scale as float32 after fp16 rounding, fp16 bytes, zero int).
@@ -321,12 +358,12 @@ def dequantize_int8(q, s, z, k, group=0, sym=0):
 QUANTIZE = {
     "q4_0": quantize_q4_0, "q4_1": quantize_q4_1, "q8_0": quantize_q8_0,
     "nf4": quantize_nf4, "int4": quantize_int4, "int8": quantize_int8,
-    "int2": quantize_int2, "int3": quantize_int3,
+    "int2": quantize_int2, "int3": quantize_int3, "fp4": quantize_fp4,
 }
 DEQUANTIZE = {
     "q4_0": dequantize_q4_0, "q4_1": dequantize_q4_1, "q8_0": dequantize_q8_0,
     "iq4_nl": dequantize_iq4_nl, "nf4": dequantize_nf4, "int4": dequantize_int4, "int8": dequantize_int8,
-    "int2": dequantize_int2, "int3": dequantize_int3,
+    "int2": dequantize_int2, "int3": dequantize_int3, "fp4": dequantize_fp4,
 }
 
 # K-quants and iq4_nl quantize live in their own module
@@ -338,6 +375,7 @@ DEQUANTIZE.update(_KD)
 
 # ---------------------------------------------------------------- matmul (the spec)
 NF4_I8 = np.array([np.float32(np.rint(np.float32(127) * c)) for c in NF4_CODE], dtype=np.int32)
+FP4_I8 = np.array([np.float32(np.rint(np.float32(127) * c)) for c in FP4_CODE], dtype=np.int32)
 QBLK = 32
 
 
@@ -345,7 +383,7 @@ def decompose(fmt, q, s, z, k, group, sym):
     """Per row n and weight block b: w = a * (u - o) + m (see csrc/core/packed.h).
 
     Returns (blk, u int64 [N, K], a f32 [N, nb], o int64 [N, nb], m f32 [N, nb] or None).
-    nf4 uses its code book rounded to 1/127 (the int8 path's only approximation)."""
+    nf4 and fp4 use their code books rounded to 1/127 (the int8 path's only approximation)."""
     n = q.shape[0]
     if fmt in ("q4_0", "q4_1", "iq4_nl"):
         bs = 20 if fmt == "q4_1" else 18
@@ -373,13 +411,14 @@ def decompose(fmt, q, s, z, k, group, sym):
         a = np.repeat(sc, k // 32, axis=1).astype(F32)
         u = np.ascontiguousarray(q).view(np.int8).astype(np.int64) + 128
         return 32, u, a, np.full(a.shape, 128, np.int64), None
-    if fmt == "nf4":
+    if fmt in ("nf4", "fp4"):
         idx = np.empty((n, k), np.int64)
         idx[:, 0::2] = q >> 4
         idx[:, 1::2] = q & 0x0F
         amax = np.ascontiguousarray(s).view(F32).reshape(n, -1)
         a = np.repeat((amax / F32(127)).astype(F32), group // 32, axis=1)
-        return 32, NF4_I8[idx].astype(np.int64) + 128, a, np.full(a.shape, 128, np.int64), None
+        table = NF4_I8 if fmt == "nf4" else FP4_I8
+        return 32, table[idx].astype(np.int64) + 128, a, np.full(a.shape, 128, np.int64), None
     if fmt in ("int2", "int3", "int4"):
         bits = int(fmt[3])
         gs = k if group == -1 else group

@@ -10,7 +10,7 @@ import pyqkern as pq
 from pyqkern import reference
 
 F32 = np.float32
-ALL_FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8", "int2", "int3"]
+ALL_FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8", "int2", "int3", "fp4"]
 GGML_FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl"]
 
 # (format, options, expected bits per weight for a K=1024 row)
@@ -18,6 +18,7 @@ FORMAT_CASES = [
     ("q4_0", {}, 4.5), ("q4_1", {}, 5.0), ("q8_0", {}, 8.5),
     ("q4_k", {}, 4.5), ("q6_k", {}, 6.5625), ("iq4_nl", {}, 4.5),
     ("nf4", {}, 4.5), ("nf4", {"group": 32}, 5.0), ("nf4", {"group": 256}, 4.125),
+    ("fp4", {}, 4.5), ("fp4", {"group": 128}, 4.25),
     ("int4", {}, 4 + 24 / 128), ("int4", {"sym": True}, 4 + 16 / 128),
     ("int4", {"group": 32}, 4 + 24 / 32), ("int4", {"group": -1}, 4 + 24 / 1024),
     ("int4", {"group": -1, "sym": True}, 4 + 16 / 1024),
@@ -104,7 +105,7 @@ def test_qtensor_fields(fmt, opts, bpw):
     assert qt.data.flags.c_contiguous and qt.data.nbytes == qt.nbytes
     if fmt in ("int2", "int3", "int4"):
         assert qt.group == opts.get("group", 128) and qt.sym == bool(opts.get("sym"))
-    if fmt == "nf4":
+    if fmt in ("nf4", "fp4"):
         assert qt.group == opts.get("group", 64)
     r = repr(qt)
     assert fmt in r and str(n) in r and str(k) in r
@@ -152,8 +153,9 @@ def test_qtensor_equality_and_unhashable():
 
 # ---------------------------------------------------------------- from_bytes
 ROUNDTRIP_CASES = FORMAT_CASES + [("nf4", {"double_quant": True}, None),
-                                  ("nf4", {"group": 128, "double_quant": True}, None)]
-ROUNDTRIP_IDS = CASE_IDS + ["nf4-double_quant", "nf4-group128-double_quant"]
+                                  ("nf4", {"group": 128, "double_quant": True}, None),
+                                  ("fp4", {"double_quant": True}, None)]
+ROUNDTRIP_IDS = CASE_IDS + ["nf4-double_quant", "nf4-group128-double_quant", "fp4-double_quant"]
 
 
 @pytest.mark.parametrize("kind", ["bytes", "bytearray", "memoryview", "ndarray"])

@@ -8,9 +8,9 @@ import pytest
 import pyqkern as pq
 
 F32 = np.float32
-FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8", "int2", "int3"]
+FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8", "int2", "int3", "fp4"]
 # formats with a kernel in every backend today are exercised widely; the rest ride along
-LAYOUT_FORMATS = ["q4_0", "q4_1", "q8_0", "nf4", "int4", "int8", "q4_k", "q6_k", "iq4_nl", "int2", "int3"]
+LAYOUT_FORMATS = ["q4_0", "q4_1", "q8_0", "nf4", "int4", "int8", "q4_k", "q6_k", "iq4_nl", "int2", "int3", "fp4"]
 
 
 def w_ok(n=4, k=256, seed=0):

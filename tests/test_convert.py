@@ -1,5 +1,5 @@
 """Foreign 4-bit layouts <-> pyqkern QTensor: GPTQ (v1/v2, act-order), AWQ GEMM, ORT MatMulNBits,
-bitsandbytes NF4 (plain and double quant).
+bitsandbytes NF4 / FP4 (plain and double quant).
 
 Every dequantization is checked against an independent, deliberately naive loop implementation of
 the foreign layout written here from the spec (formats.md sections 2-5), not from the converters."""
@@ -11,7 +11,7 @@ import pytest
 import pyqkern as pq
 from pyqkern.io import safetensors as st
 from pyqkern.io.convert_awq import from_awq, to_awq
-from pyqkern.io.convert_bnb import from_bnb_nf4, to_bnb_nf4
+from pyqkern.io.convert_bnb import from_bnb, from_bnb_nf4, to_bnb, to_bnb_nf4
 from pyqkern.io.convert_ct import from_compressed_tensors, to_compressed_tensors
 from pyqkern.io.convert_gptq import from_gptq, load_gptq_dir, to_gptq
 from pyqkern.io.convert_ort import from_ort_nbits, to_onnx_matmulnbits, to_ort_nbits
@@ -21,6 +21,8 @@ NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
              0.7229568362236023, 1.0]
+# bitsandbytes FP4 in bit-pattern order (bit 3 = sign): raw magnitudes / 12
+FP4_TABLE = [F32(v) / F32(12) for v in (0.0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3)]
 
 
 def _rng(seed):
@@ -96,6 +98,7 @@ def ref_ort(b, scales, zp, k, n, bs):
 
 def ref_bnb(weight, state, shape):
     n, k = shape
+    table = FP4_TABLE if state.get("quant_type") == "fp4" else NF4_TABLE
     bs = state["blocksize"]
     flat = weight.reshape(-1)
     if "nested_absmax" in state:
@@ -110,7 +113,7 @@ def ref_bnb(weight, state, shape):
     for i in range(n * k):
         byte = int(flat[i // 2])
         c = byte >> 4 if i % 2 == 0 else byte & 0xF
-        out[i] = F32(NF4_TABLE[c]) * F32(absmax[i // bs])
+        out[i] = F32(table[c]) * F32(absmax[i // bs])
     return out.reshape(n, k)
 
 
@@ -415,47 +418,66 @@ def test_onnx_matmulnbits_runs_in_onnxruntime(tmp_path, case):
 
 
 # ------------------------------------------------------------------ bitsandbytes NF4
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
 @pytest.mark.parametrize("dq", [False, True], ids=["absmax", "double"])
-def test_bnb_from_pyqkern_and_back(dq):
+def test_bnb_from_pyqkern_and_back(dq, fmt, tmp_path):
     rng = _rng(14)
     w = rng.standard_normal((40, 128)).astype(F32)    # 80 blocks of 64 (< 256: one nested block)
-    qt = pq.quantize(w, "nf4", group=64, double_quant=dq)
-    weight, state = to_bnb_nf4(qt)
+    qt = pq.quantize(w, fmt, group=64, double_quant=dq)
+    weight, state = to_bnb(qt)
     assert weight.shape == (40 * 128 // 2, 1) and weight.dtype == np.uint8
-    assert state["blocksize"] == 64 and tuple(state["shape"]) == (40, 128)
+    assert state["blocksize"] == 64 and tuple(state["shape"]) == (40, 128) and state["quant_type"] == fmt
+    assert np.array_equal(state["quant_map"], np.array(FP4_TABLE if fmt == "fp4" else NF4_TABLE, F32))
     assert ("nested_absmax" in state) == dq
     np.testing.assert_array_equal(ref_bnb(weight, state, (40, 128)), pq.dequantize(qt))
-    assert from_bnb_nf4(weight, state, (40, 128)) == qt
-    wp, packed = to_bnb_nf4(qt, packed=True)
-    assert "quant_state.bitsandbytes__nf4" in packed
+    assert from_bnb(weight, state, (40, 128)) == qt
+    no_type = {key: v for key, v in state.items() if key != "quant_type"}    # the quant_map tells
+    assert from_bnb(weight, no_type, (40, 128)) == qt
+    wp, packed = to_bnb(qt, packed=True)
+    assert f"quant_state.bitsandbytes__{fmt}" in packed and len([key for key in packed if "bitsandbytes__" in key]) == 1
     assert all(isinstance(v, np.ndarray) for v in packed.values())
     prefixed = {f"model.layers.0.mlp.weight.{key}": v for key, v in packed.items()}
-    assert from_bnb_nf4(wp, prefixed) == qt
+    assert from_bnb(wp, prefixed) == qt
+    # through a safetensors file, as bitsandbytes / transformers store a Linear4bit
+    st.save(tmp_path / "m.safetensors", {"model.layers.0.mlp.weight": wp, **prefixed})
+    loaded, _ = st.load(tmp_path / "m.safetensors")
+    state_keys = {key: v for key, v in loaded.items() if key != "model.layers.0.mlp.weight"}
+    assert from_bnb(loaded["model.layers.0.mlp.weight"], state_keys) == qt
+    if fmt == "nf4":
+        assert from_bnb_nf4(wp, prefixed) == qt and to_bnb_nf4(qt)[0].tobytes() == weight.tobytes()
+    else:
+        with pytest.raises(ValueError, match="from_bnb"):
+            from_bnb_nf4(wp, prefixed)
+        with pytest.raises(ValueError, match="nf4 QTensor"):
+            to_bnb_nf4(qt)
 
 
-def test_bnb_random_double_quant_bytes():
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_bnb_random_double_quant_bytes(fmt):
     rng = _rng(15)
     n, k, bs = 72, 256, 32                              # 576 blocks -> 3 nested blocks
     nblk = n * k // bs
     weight = rng.integers(0, 256, size=(n * k // 2, 1), dtype=np.uint8)
     cmap = np.sort(rng.uniform(-1, 1, 256).astype(F32))
-    state = {"quant_type": "nf4", "blocksize": bs, "shape": (n, k), "dtype": "bfloat16",
+    state = {"quant_type": fmt, "blocksize": bs, "shape": (n, k), "dtype": "bfloat16",
              "absmax": rng.integers(0, 256, nblk, dtype=np.uint8),
              "nested_absmax": rng.uniform(0.1, 2, 3).astype(F32), "nested_quant_map": cmap,
              "nested_blocksize": 256, "nested_offset": float(F32(0.37)),
-             "quant_map": np.array(NF4_TABLE, F32)}
-    qt = from_bnb_nf4(weight, state)
+             "quant_map": np.array(FP4_TABLE if fmt == "fp4" else NF4_TABLE, F32)}
+    qt = from_bnb(weight, state)
+    assert qt.format == fmt
     np.testing.assert_array_equal(pq.dequantize(qt), ref_bnb(weight, state, (n, k)))
-    w2, s2 = to_bnb_nf4(qt, dtype="bfloat16")
+    w2, s2 = to_bnb(qt, dtype="bfloat16")
     np.testing.assert_array_equal(w2, weight)
-    for key in ("absmax", "nested_absmax", "nested_quant_map"):
+    for key in ("absmax", "nested_absmax", "nested_quant_map", "quant_map"):
         np.testing.assert_array_equal(s2[key], state[key], err_msg=key)
-    assert s2["nested_offset"] == state["nested_offset"]
+    assert s2["nested_offset"] == state["nested_offset"] and s2["dtype"] == "bfloat16"
     # plain absmax
-    st2 = {"blocksize": bs, "absmax": rng.uniform(0, 3, nblk).astype(F32), "quant_type": "nf4"}
-    q2 = from_bnb_nf4(weight, st2, (n, k))
+    st2 = {"blocksize": bs, "absmax": rng.uniform(0, 3, nblk).astype(F32), "quant_type": fmt}
+    q2 = from_bnb(weight, st2, (n, k))
     np.testing.assert_array_equal(pq.dequantize(q2), ref_bnb(weight, st2, (n, k)))
-    np.testing.assert_array_equal(to_bnb_nf4(q2)[1]["absmax"], st2["absmax"])
+    np.testing.assert_array_equal(to_bnb(q2)[1]["absmax"], st2["absmax"])
+    assert to_bnb(q2)[0].tobytes() == weight.tobytes()
 
 
 def test_bnb_bad_inputs():
@@ -476,8 +498,37 @@ def test_bnb_bad_inputs():
         from_bnb_nf4(weight, {"blocksize": 32, "absmax": np.ones(144, np.float16)}, (48, 96))
     with pytest.raises(ValueError, match="quant_map"):
         from_bnb_nf4(weight, {**st32, "quant_map": np.linspace(-1, 1, 16, dtype=F32)}, (48, 96))
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="from_bnb"):
         from_bnb_nf4(weight, {**st32, "quant_type": "fp4"}, (48, 96))
+    # FP4 states: code table, quant type and packed-key checks
+    fp4 = {**st32, "quant_type": "fp4"}
+    assert from_bnb(weight, fp4, (48, 96)).format == "fp4"
+    with pytest.raises(ValueError, match="quant_map is not the standard FP4"):
+        from_bnb(weight, {**fp4, "quant_map": np.array(NF4_TABLE, F32)}, (48, 96))
+    with pytest.raises(ValueError, match="quant_map is not the standard FP4"):   # bnb's 4-decimal display table
+        from_bnb(weight, {**fp4, "quant_map": np.round(np.array(FP4_TABLE, F32), 4)}, (48, 96))
+    with pytest.raises(ValueError, match="af4"):
+        from_bnb(weight, {**st32, "quant_type": "af4"}, (48, 96))
+    with pytest.raises(ValueError, match="cannot tell"):
+        from_bnb(weight, st32, (48, 96))                 # neither quant_type nor a standard quant_map
+    meta = np.frombuffer(json.dumps({"quant_type": "nf4", "blocksize": 32}).encode(), np.uint8)
+    with pytest.raises(ValueError, match="quant_type"):
+        from_bnb(weight, {"absmax": st32["absmax"], "quant_state.bitsandbytes__fp4": meta}, (48, 96))
+    plain_meta = np.frombuffer(json.dumps({"blocksize": 32}).encode(), np.uint8)
+    with pytest.raises(ValueError, match="more than one"):
+        from_bnb(weight, {"absmax": st32["absmax"], "quant_state.bitsandbytes__fp4": plain_meta,
+                          "quant_state.bitsandbytes__nf4": plain_meta}, (48, 96))
+    assert from_bnb(weight, {"absmax": st32["absmax"], "quant_state.bitsandbytes__fp4": plain_meta},
+                    (48, 96)).format == "fp4"
+    with pytest.raises(ValueError, match="unknown bitsandbytes quant type"):
+        from_bnb(weight, {"absmax": st32["absmax"], "quant_state.bitsandbytes__int4": meta}, (48, 96))
+    with pytest.raises(ValueError, match="JSON"):
+        from_bnb(weight, {"absmax": st32["absmax"], "quant_state.bitsandbytes__fp4": np.zeros(4, np.uint8) + 255},
+                 (48, 96))
+    with pytest.raises(ValueError, match="nf4 or fp4 QTensor"):
+        to_bnb(pq.quantize(np.zeros((4, 32), F32), "int4", group=16))
+    with pytest.raises(ValueError, match="permutation"):
+        to_bnb(pq.quantize(np.ones((4, 64), F32), "fp4").with_perm(np.arange(64)[::-1].copy()))
     with pytest.raises(ValueError, match="nested_blocksize"):
         from_bnb_nf4(weight, {"blocksize": 32, "absmax": np.zeros(144, np.uint8), "nested_absmax": np.ones(1, F32),
                               "nested_quant_map": np.zeros(256, F32), "nested_offset": 0.0,

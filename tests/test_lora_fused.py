@@ -14,7 +14,7 @@ import pyqkern as pq
 from pyqkern._lora import LoRA
 
 VARIANTS = pq.variants()
-FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8", "int2", "int3"]
+FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8", "int2", "int3", "fp4"]
 
 
 def make(fmt, n, k, rng):

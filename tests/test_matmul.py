@@ -15,7 +15,7 @@ import pyqkern as pq
 from pyqkern import reference as R
 
 VARIANTS = pq.variants()
-FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8", "int2", "int3"]
+FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8", "int2", "int3", "fp4"]
 BLOCK = {"q4_k": 256, "q6_k": 256}
 F16_SCALE_OFFSETS = {"q4_0": (18, [0]), "iq4_nl": (18, [0]), "q4_1": (20, [0, 2]), "q8_0": (34, [0]),
                      "q4_k": (144, [0, 2]), "q6_k": (210, [208])}
@@ -57,7 +57,7 @@ def bits_equal(a, b):
        seed=st.integers(0, 2**31 - 1))
 def test_int8_all_variants_equal_spec(fmt, m, nb, n, use_bias, seed):
     rng = np.random.default_rng(seed)
-    k = nb * BLOCK.get(fmt, 32) * (2 if fmt == "nf4" else 1) * (4 if fmt in ("int2", "int3", "int4") else 1)
+    k = nb * BLOCK.get(fmt, 32) * (2 if fmt in ("nf4", "fp4") else 1) * (4 if fmt in ("int2", "int3", "int4") else 1)
     qt = random_qtensor(fmt, n, k, rng)
     x = rng.standard_normal((m, k)).astype(np.float32)
     x[rng.random((m, k)) < 0.01] *= 50  # outliers
@@ -67,7 +67,7 @@ def test_int8_all_variants_equal_spec(fmt, m, nb, n, use_bias, seed):
         y = pq.matmul(x, qt, bias, compute="int8", isa=v)
         assert bits_equal(y, spec), f"{fmt} variant {v} differs from the spec"
     # The int8 result differs from the float one by the activation rounding (|x - dx*xq| <=
-    # dx/2 per element) and, for nf4, the 1/127 rounding of its code book (|wd - w8|).
+    # dx/2 per element) and, for nf4 / fp4, the 1/127 rounding of their code books (|wd - w8|).
     wd = pq.dequantize(qt).astype(np.float64)
     q, s, z = qt.sections()
     blk, u, a, o, mm = R.decompose(fmt, q, s, z, k, qt.group, qt.sym)
@@ -86,7 +86,7 @@ def test_int8_all_variants_equal_spec(fmt, m, nb, n, use_bias, seed):
        seed=st.integers(0, 2**31 - 1))
 def test_float_within_bound(fmt, m, n, use_bias, seed):
     rng = np.random.default_rng(seed)
-    k = BLOCK.get(fmt, 32) * (2 if fmt == "nf4" else 1) * (4 if fmt in ("int2", "int3", "int4") else 1) * 2
+    k = BLOCK.get(fmt, 32) * (2 if fmt in ("nf4", "fp4") else 1) * (4 if fmt in ("int2", "int3", "int4") else 1) * 2
     qt = random_qtensor(fmt, n, k, rng)
     x = rng.standard_normal((m, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32) if use_bias else None

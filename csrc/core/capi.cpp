@@ -16,7 +16,8 @@ static thread_local std::string t_last_error;
 void set_last_error(const std::string& msg) { t_last_error = msg; }
 
 static const char* const kFormatNames[PQK_FORMAT_COUNT] = {"q4_0", "q4_1", "q8_0", "q4_k", "q6_k",
-                                                           "iq4_nl", "nf4", "int4", "int8", "int2", "int3"};
+                                                           "iq4_nl", "nf4", "int4", "int8", "int2", "int3",
+                                                           "fp4"};
 static const char* const kIsaNames[PQK_ISA_COUNT] = {"ref", "avx2", "avx512", "avx512vnni", "neon", "dotprod"};
 
 static bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
@@ -38,10 +39,11 @@ pqk_row_bytes row_bytes(int fmt, int64_t k, pqk_qparams& p) {
     case PQK_IQ4_NL: need_multiple(32); r.q = k / 32 * IQ4NL_BYTES; break;
     case PQK_Q4_K: need_multiple(256); r.q = k / 256 * Q4_K_BYTES; break;
     case PQK_Q6_K: need_multiple(256); r.q = k / 256 * Q6_K_BYTES; break;
-    case PQK_NF4: {
+    case PQK_NF4: case PQK_FP4: {
       if (p.group == 0) p.group = 64;
       if (!is_pow2(p.group) || p.group < 32 || p.group > 4096)
-        throw Error(PQK_ERR_ARG, "nf4: block size must be a power of two in [32, 4096], got " + std::to_string(p.group));
+        throw Error(PQK_ERR_ARG, name + ": block size must be a power of two in [32, 4096], got " +
+                                     std::to_string(p.group));
       need_multiple(p.group);
       r.q = k / 2;
       r.s = k / p.group * 4;

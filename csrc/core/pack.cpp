@@ -27,6 +27,8 @@ int intn_bits(int fmt) { return fmt == PQK_INT2 ? 2 : (fmt == PQK_INT3 ? 3 : 4);
 // nf4 in the int8 path: codes rounded to 1/127 of absmax (the only lossy decomposition;
 // compute="float" uses the exact code book).
 int8_t nf4_i8(int i) { return (int8_t)std::nearbyint(127.0f * kNF4[i]); }
+// fp4 likewise: 127 * code rounded (its smallest magnitude, 1/192, becomes 1/127).
+int8_t fp4_i8(int i) { return (int8_t)std::nearbyint(127.0f * kFP4[i]); }
 
 struct RowDecomp {
   std::vector<uint8_t> u;   // [k]
@@ -74,7 +76,7 @@ void decompose_row(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z
       for (int64_t j = 0; j < k; ++j) r.u[j] = (uint8_t)((int)(int8_t)q[j] + 128);
       break;
     }
-    case PQK_NF4: {
+    case PQK_NF4: case PQK_FP4: {
       const int64_t g = p.group;
       for (int64_t b = 0; b < nb; ++b) {
         float amax; std::memcpy(&amax, s + 4 * ((b * blk) / g), 4);
@@ -171,21 +173,21 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
                                          ": int8 compute needs K % 32 == 0 and int4 groups >= 32");
   w.fmt = fmt; w.n = n; w.k = k;
   w.blk = fmt == PQK_Q6_K ? 16 : 32;
-  w.nibbles = fmt == PQK_Q4_0 || fmt == PQK_Q4_1 || fmt == PQK_IQ4_NL || fmt == PQK_NF4 || is_intn(fmt) ||
-              fmt == PQK_Q4_K;
+  w.nibbles = fmt == PQK_Q4_0 || fmt == PQK_Q4_1 || fmt == PQK_IQ4_NL || fmt == PQK_NF4 || fmt == PQK_FP4 ||
+              is_intn(fmt) || fmt == PQK_Q4_K;
   w.has_min = fmt == PQK_Q4_1 || fmt == PQK_Q4_K;
   w.row_offset = is_intn(fmt) && !p.sym;
-  w.lut = fmt == PQK_NF4 || fmt == PQK_IQ4_NL;
+  w.lut = fmt == PQK_NF4 || fmt == PQK_FP4 || fmt == PQK_IQ4_NL;
   for (int i = 0; i < 16; ++i)
-    w.lut16[i] = (uint8_t)((fmt == PQK_NF4 ? nf4_i8(i) : kIQ4NL[i]) + 128);
+    w.lut16[i] = (uint8_t)((fmt == PQK_NF4 ? nf4_i8(i) : (fmt == PQK_FP4 ? fp4_i8(i) : kIQ4NL[i])) + 128);
   w.o_const = fmt == PQK_Q4_0 ? 8 : (is_intn(fmt) ? 1 << (intn_bits(fmt) - 1) : (fmt == PQK_Q6_K ? 32 : (fmt == PQK_Q4_1 || fmt == PQK_Q4_K ? 0 : 128)));
   w.n_tiles = (n + NR - 1) / NR;
   w.nblk = k / w.blk;
   const int64_t bcb = w.block_code_bytes();
   w.tile_code_bytes = bcb * w.nblk;
-  // parameters shared by several blocks (int4 groups, nf4 blocks > 32) are stored once
+  // parameters shared by several blocks (int4 groups, nf4/fp4 blocks > 32) are stored once
   if (is_intn(fmt)) w.par_every = (p.group == -1 ? k : p.group) / w.blk;
-  else if (fmt == PQK_NF4) w.par_every = p.group / w.blk;
+  else if (fmt == PQK_NF4 || fmt == PQK_FP4) w.par_every = p.group / w.blk;
   else if (fmt == PQK_INT8) w.par_every = w.nblk;  // one scale per row
   else w.par_every = 1;
   const bool f16 = fmt == PQK_Q4_0 || fmt == PQK_Q4_1 || fmt == PQK_Q8_0 || fmt == PQK_IQ4_NL || is_intn(fmt);

@@ -25,6 +25,19 @@ static constexpr float kNF4[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
+// bitsandbytes FP4 code book in bit-pattern order (not sorted): bit 3 is the sign; the
+// magnitudes of bits 0..2 are {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12 (fp32, correctly rounded;
+// bitsandbytes' get_4bit_type("fp4") divides the raw table by its max, 12, in fp32).
+static constexpr float kFP4[16] = {
+    0.0f,  0.0625f / 12.0f,  8.0f / 12.0f,  1.0f,  4.0f / 12.0f,  6.0f / 12.0f,  2.0f / 12.0f,  3.0f / 12.0f,
+    -0.0f, -0.0625f / 12.0f, -8.0f / 12.0f, -1.0f, -4.0f / 12.0f, -6.0f / 12.0f, -2.0f / 12.0f, -3.0f / 12.0f};
+// the eight magnitudes in ascending order and their codes
+static constexpr float kFP4Mag[8] = {0.0f, 0.0625f / 12.0f, 2.0f / 12.0f, 3.0f / 12.0f,
+                                     4.0f / 12.0f, 6.0f / 12.0f, 8.0f / 12.0f, 1.0f};
+static constexpr uint8_t kFP4MagCode[8] = {0, 1, 6, 7, 4, 5, 2, 3};
+// lower bound of absmax in the FP4 quantizer's reciprocal (fp32 1e-38, a subnormal)
+static constexpr float kFP4MinAbsmax = 1e-38f;
+
 // ggml kvalues_iq4nl
 static constexpr int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                       1,    13,   25,  38,  53,  69,  89,  113};
@@ -113,6 +126,19 @@ static inline uint8_t nf4_index(float v) {
     lo += (v > mid);
   }
   return lo;
+}
+
+// FP4: code of v = x * (1 / absmax). Sign bit 8 if v < 0 (so +0 and tiny positives keep code 0);
+// the magnitude is the nearest of kFP4Mag by fp32 midpoints, an exact midpoint going to the
+// smaller magnitude (the comparisons are strict, as in bitsandbytes' quantizers).
+static inline uint8_t fp4_index(float v) {
+  const float a = std::fabs(v);
+  int r = 0;
+  for (int i = 0; i < 7; ++i) {
+    float mid = (kFP4Mag[i] + kFP4Mag[i + 1]) * 0.5f;
+    r += (a > mid);
+  }
+  return (uint8_t)((v < 0.0f ? 8 : 0) | kFP4MagCode[r]);
 }
 
 }  // namespace pqk

@@ -6,13 +6,13 @@ float operations of the dequantizers (:mod:`pyqkern.reference`, :mod:`pyqkern.re
 ``simple.py`` / ``kquants.py``), so every decoded weight has the bits ``pq.dequantize`` gives:
 
     q4_0  f32(c - 8) * d           q4_1  d * f32(c) + m           q8_0  f32(int8 c) * d
-    iq4_nl d * kvalue[c]           nf4   code[c] * absmax         int8  f32(int8 c) * scale
+    iq4_nl d * kvalue[c]           nf4 / fp4  code[c] * absmax    int8  f32(int8 c) * scale
     int4  f32(c - zero) * scale    q4_k  (d*sc) * f32(c) - (dmin*m)   q6_k (d*sc) * f32(c - 32)
     int2 / int3 as int4 (codes from their bit streams)
 
 Then each decoded weight is multiplied by x in float32 and accumulated in float32, in 32
 independent lanes (one element of every chunk of 32: element k = 32*c + j in lane j, or for the
-two-codes-per-byte nf4 / int4 layouts even elements in lanes 0..15 and odd ones in 16..31) that
+two-codes-per-byte nf4 / fp4 / int4 layouts even elements in lanes 0..15 and odd ones in 16..31) that
 are summed pairwise in a fixed order at the end of the row; bias is added last. No fastmath: no reassociation, no
 contraction, so the decode is exact and the accumulation order is the one written here.
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .simple import IQ4NL_VALUES, NF4_CODE, u32_as_f32
+from .simple import FP4_CODE, IQ4NL_VALUES, NF4_CODE, u32_as_f32
 
 _F32 = np.float32
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
@@ -38,7 +38,7 @@ LANES = 32       # accumulator lanes = decode chunk
 ROWS_PER_TASK = 8
 
 # format ids (pyqkern._formats.FORMAT_IDS)
-Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, IQ4_NL, NF4, INT4, INT8, INT2, INT3 = range(11)
+Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, IQ4_NL, NF4, INT4, INT8, INT2, INT3, FP4 = range(12)
 
 
 # ---------------------------------------------------------------- byte / fp16 helpers
@@ -185,14 +185,14 @@ def _row_q6_k(q, r, x, acc):
                 acc[m, l + 16] += (dd1 * _F32(c1)) * x[m, k0 + l + 16]
 
 
-# nf4 and int4 pack elements 2j, 2j+1 in byte j. They take x "split": within every chunk of 32
+# nf4, fp4 and int4 pack elements 2j, 2j+1 in byte j. They take x "split": within every chunk of 32
 # (and the shorter tail chunk of length L), the even elements first, then the odd ones (see
 # _split_pairs), so the even elements of a chunk go to lanes 0..L/2-1 and the odd ones to the next
 # L/2 lanes with contiguous loads, as the other formats do.
 
 @njit(inline="always", **_JIT)
-def _row_nf4(q, s, r, bshift, xs, acc):
-    """bitsandbytes order: element 2j = high nibble of byte j; code * absmax (block >= 32)."""
+def _row_bnb4(q, s, r, bshift, code, xs, acc):
+    """nf4 / fp4 (bitsandbytes order): element 2j = high nibble of byte j; code[c] * absmax (block >= 32)."""
     mm, k = xs.shape
     for ci in range(k // 32):
         k0 = ci * 32
@@ -201,8 +201,8 @@ def _row_nf4(q, s, r, bshift, xs, acc):
         for m in range(mm):
             for j in range(16):
                 c = np.int32(q[r, qo + j])
-                acc[m, j] += (NF4_CODE[c >> 4] * amax) * xs[m, k0 + j]
-                acc[m, 16 + j] += (NF4_CODE[c & 0xF] * amax) * xs[m, k0 + 16 + j]
+                acc[m, j] += (code[c >> 4] * amax) * xs[m, k0 + j]
+                acc[m, 16 + j] += (code[c & 0xF] * amax) * xs[m, k0 + 16 + j]
 
 
 @njit(inline="always", **_JIT)
@@ -320,7 +320,9 @@ def _matmul(fmt, q, s, z, gshift, sym, x, bias, has_bias, y):
             elif fmt == Q6_K:
                 _row_q6_k(q, r, x, acc)
             elif fmt == NF4:
-                _row_nf4(q, s, r, gshift, x, acc)
+                _row_bnb4(q, s, r, gshift, NF4_CODE, x, acc)
+            elif fmt == FP4:
+                _row_bnb4(q, s, r, gshift, FP4_CODE, x, acc)
             elif fmt == INT4:
                 _row_int4(q, s, z, r, gshift, sym, x, acc)
             elif fmt == INT2 or fmt == INT3:
@@ -346,11 +348,11 @@ def matmul_float(fmt_id, q, s, z, k, group, sym, x, bias, y):
     s = np.ascontiguousarray(s, dtype=np.uint8)
     z = np.ascontiguousarray(z, dtype=np.uint8)
     x = np.ascontiguousarray(x, dtype=_F32)
-    if fmt_id in (NF4, INT4):
+    if fmt_id in (NF4, FP4, INT4):
         x = _split_pairs(x)
     if fmt_id in (INT4, INT2, INT3):
         gshift = 62 if group == -1 else int(group).bit_length() - 1   # per-channel: group index 0
-    elif fmt_id == NF4:
+    elif fmt_id in (NF4, FP4):
         gshift = int(group).bit_length() - 1
     else:
         gshift = 0

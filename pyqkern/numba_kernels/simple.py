@@ -1,4 +1,4 @@
-"""Numba kernels for the block formats q4_0, q4_1, q8_0, iq4_nl (dequantize), nf4, int2/3/4, int8.
+"""Numba kernels for the block formats q4_0, q4_1, q8_0, iq4_nl (dequantize), nf4, fp4, int2/3/4, int8.
 
 Same contracts and the same bits as :mod:`pyqkern.reference` and ``csrc/kernels/ref``:
 
@@ -52,6 +52,13 @@ NF4_CODE = np.array(
 NF4_MID = ((NF4_CODE[:-1] + NF4_CODE[1:]) * _F32(0.5)).astype(_F32)  # fp32 midpoints, as in C++
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                         dtype=_F32)
+# bitsandbytes FP4, bit-pattern order (bit 3 = sign); see csrc/kernels/common.h kFP4
+FP4_CODE = (np.array([0.0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], _F32)
+            / _F32(12)).astype(_F32)
+FP4_MAG_CODE = np.array([0, 1, 6, 7, 4, 5, 2, 3], np.int64)
+_FP4_MAG = FP4_CODE[FP4_MAG_CODE]
+FP4_MID = ((_FP4_MAG[:-1] + _FP4_MAG[1:]) * _F32(0.5)).astype(_F32)
+FP4_MIN_ABSMAX = _F32(1e-38)
 
 
 # ---------------------------------------------------------------- bit casts
@@ -178,6 +185,18 @@ def nf4_index(v):
         if v > NF4_MID[i]:
             lo += 1
     return lo
+
+
+@njit(**_JIT)
+def fp4_index(v):
+    """FP4 code: sign bit 8 if v < 0; nearest magnitude by fp32 midpoints (a tie goes to the smaller)."""
+    a = abs(v)
+    i = 0
+    for j in range(7):
+        if a > FP4_MID[j]:
+            i += 1
+    c = FP4_MAG_CODE[i]
+    return c | 8 if v < F0 else c
 
 
 @njit(**_JIT)
@@ -362,6 +381,39 @@ def _dequantize_nf4(q, s, bs, y):
                 c = q[r, (yo + j) // 2]
                 y[r, yo + j] = NF4_CODE[c >> 4] * amax
                 y[r, yo + j + 1] = NF4_CODE[c & 0xF] * amax
+
+
+# ---------------------------------------------------------------- fp4 (bitsandbytes order)
+@njit(**_PJIT)
+def _quantize_fp4(x, bs, q, s):
+    n, k = x.shape
+    for r in prange(n):
+        for b in range(k // bs):
+            xo = b * bs
+            amax = F0
+            for j in range(bs):
+                a = abs(x[r, xo + j])
+                amax = amax if amax > a else a
+            store_f32(s, r, 4 * b, amax)
+            rc = F1 / (amax if amax > FP4_MIN_ABSMAX else FP4_MIN_ABSMAX)
+            qo = xo // 2
+            for j in range(0, bs, 2):
+                hi = fp4_index(x[r, xo + j] * rc)
+                lo = fp4_index(x[r, xo + j + 1] * rc)
+                q[r, qo + j // 2] = (hi << 4) | lo
+
+
+@njit(**_PJIT)
+def _dequantize_fp4(q, s, bs, y):
+    n, k = y.shape
+    for r in prange(n):
+        for b in range(k // bs):
+            amax = u32_as_f32(load_u32(s, r, 4 * b))
+            yo = b * bs
+            for j in range(0, bs, 2):
+                c = q[r, (yo + j) // 2]
+                y[r, yo + j] = FP4_CODE[c >> 4] * amax
+                y[r, yo + j + 1] = FP4_CODE[c & 0xF] * amax
 
 
 # ---------------------------------------------------------------- int4 (GPTQ quantizer)
@@ -581,6 +633,27 @@ def dequantize_nf4(q, s, z, k, group=64, sym=0):
     return y
 
 
+def quantize_fp4(x, group=64, sym=0):
+    x = _f32(x)
+    n, k = x.shape
+    if group <= 0 or group % 2 or k % group:
+        raise ValueError(f"fp4: K={k} is not a multiple of an even block size {group}")
+    q = np.empty((n, k // 2), dtype=np.uint8)
+    s = np.empty((n, k // group * 4), dtype=np.uint8)
+    _quantize_fp4(x, group, q, s)
+    return q, s, _empty(n)
+
+
+def dequantize_fp4(q, s, z, k, group=64, sym=0):
+    q, s = _u8(q), _u8(s)
+    n = q.shape[0]
+    if group <= 0 or group % 2 or k % group or q.shape[1] != k // 2 or s.shape != (n, k // group * 4):
+        raise ValueError(f"fp4: sections do not match K={k}, block {group}")
+    y = np.empty((n, k), dtype=_F32)
+    _dequantize_fp4(q, s, group, y)
+    return y
+
+
 def _int4_group(k, group):
     g = k if group == -1 else group
     if g <= 0 or g % 2 or k % g:
@@ -677,10 +750,10 @@ def dequantize_int8(q, s, z, k, group=0, sym=0):
 QUANTIZE = {
     "q4_0": quantize_q4_0, "q4_1": quantize_q4_1, "q8_0": quantize_q8_0,
     "nf4": quantize_nf4, "int4": quantize_int4, "int8": quantize_int8,
-    "int2": quantize_int2, "int3": quantize_int3,
+    "int2": quantize_int2, "int3": quantize_int3, "fp4": quantize_fp4,
 }
 DEQUANTIZE = {
     "q4_0": dequantize_q4_0, "q4_1": dequantize_q4_1, "q8_0": dequantize_q8_0, "iq4_nl": dequantize_iq4_nl,
     "nf4": dequantize_nf4, "int4": dequantize_int4, "int8": dequantize_int8,
-    "int2": dequantize_int2, "int3": dequantize_int3,
+    "int2": dequantize_int2, "int3": dequantize_int3, "fp4": dequantize_fp4,
 }

@@ -7,7 +7,7 @@
  * Quantized tensors are stored row-major, [n rows (output channels), k columns
  * (input features)], as up to three sections, each row-contiguous:
  *   q: codes / ggml blocks   (row_bytes.q bytes per row)
- *   s: scales                (row_bytes.s bytes per row; fp16 for int4, fp32 for nf4/int8)
+ *   s: scales                (row_bytes.s bytes per row; fp16 for int2/3/4, fp32 for nf4/fp4/int8)
  *   z: zero points           (row_bytes.z bytes per row; uint8, int4 asymmetric only)
  * ggml formats use only q, holding exactly the ggml block bytes.
  */
@@ -52,7 +52,8 @@ typedef enum pqk_format {
   PQK_INT8 = 8,
   PQK_INT2 = 9,  /* group-wise like int4, 4 codes per byte (low bits first) */
   PQK_INT3 = 10, /* group-wise like int4, little-endian 3-bit stream (8 codes per 3 bytes) */
-  PQK_FORMAT_COUNT = 11
+  PQK_FP4 = 11,  /* bitsandbytes FP4: as nf4 (fp32 absmax per block, high nibble first), FP4 code book */
+  PQK_FORMAT_COUNT = 12
 } pqk_format;
 
 typedef enum pqk_isa {
@@ -67,7 +68,7 @@ typedef enum pqk_isa {
 } pqk_isa;
 
 /* Format parameters. Zero-initialise and set what applies.
- *   group: nf4 block size (default 64, power of two 32..4096);
+ *   group: nf4 / fp4 block size (default 64, power of two 32..4096);
  *          int2/int3/int4 group size (default 128, power of two >= 16, or -1 = per-channel).
  *   sym:   int2/int3/int4 only: 1 = symmetric (zero point fixed at 2/4/8, no z section). */
 typedef struct pqk_qparams {

@@ -22,6 +22,7 @@ PQK_DECLARE_ROW_KERNELS(int4)
 PQK_DECLARE_ROW_KERNELS(int8)
 PQK_DECLARE_ROW_KERNELS(int2)
 PQK_DECLARE_ROW_KERNELS(int3)
+PQK_DECLARE_ROW_KERNELS(fp4)
 
 }}  // namespace pqk::ref
 #include "../../core/packed.h"

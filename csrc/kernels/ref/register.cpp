@@ -15,6 +15,7 @@ void register_kernels(KernelTable& t) {
   PQK_SET(PQK_INT8, int8)
   PQK_SET(PQK_INT2, int2)
   PQK_SET(PQK_INT3, int3)
+  PQK_SET(PQK_FP4, fp4)
 #undef PQK_SET
   t.quantize_act = quantize_act;
   t.gemm_int8 = gemm_int8;
