@@ -231,9 +231,11 @@ def test_gptq_bad_inputs():
         from_gptq(qw, qz, sc, gi + 5, format="v2")
     with pytest.raises(ValueError, match="format"):
         from_gptq(qw, qz, sc, format="v3")
-    with pytest.raises(NotImplementedError, match="4-bit"):
+    with pytest.raises(NotImplementedError, match="2, 3, 4 and 8"):
+        from_gptq(qw, qz, sc, bits=5)
+    with pytest.raises(ValueError, match="qzeros"):    # 4-bit arrays read as 8-bit: the shapes disagree
         from_gptq(qw, qz, sc, bits=8)
-    with pytest.raises(ValueError, match="int4 QTensor"):
+    with pytest.raises(ValueError, match="int4 or int8 QTensor"):
         to_gptq(pq.quantize(np.zeros((8, 64), F32), "nf4"))
 
 
@@ -278,7 +280,7 @@ def test_load_gptq_dir(tmp_path):
                                                     "checkpoint_format": "gptq_v2", "sym": False}}))
     mods2 = load_gptq_dir(tmp_path)
     np.testing.assert_array_equal(pq.dequantize(mods2["layers.0.q"]), ref_gptq(*a, False))
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"bits": 8, "quant_method": "gptq"}}))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"bits": 5, "quant_method": "gptq"}}))
     with pytest.raises(NotImplementedError):
         load_gptq_dir(tmp_path)
 
