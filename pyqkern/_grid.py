@@ -14,7 +14,8 @@ format's own round-to-nearest rule):
 - q4_0: ggml's d = p·max/-8 (max = the value of largest magnitude), codes trunc(x/d + 8.5);
 - q8_0: ggml's d = p·amax/127, codes rounded half away from zero;
 - q4_1: d = p·(max - min)/15, m = p·min, both fp16; codes nearest on 0..15;
-- nf4: absmax·p (fp32), nearest code-book entry;
+- nf4 / fp4: absmax·p (fp32), nearest code-book entry (fp4: of its 15 distinct values; table
+  indices map to bitsandbytes' codes in ``encode``);
 - iq4_nl: d from a search over candidate scales with a least-squares refit (as ggml's quantizer
   does, unweighted), fp16; nearest of the 16 values. ``search_params`` keeps it as it is.
 
@@ -26,14 +27,20 @@ from __future__ import annotations
 import numpy as np
 
 from . import _formats, _qtensor
-from .reference import IQ4NL_VALUES, NF4_CODE, intq_group_params, pack_codes
+from .reference import FP4_CODE, IQ4NL_VALUES, NF4_CODE, intq_group_params, pack_codes
 
 F32 = np.float32
 INT_BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8}
-TARGETS = ("int2", "int3", "int4", "int8", "q4_0", "q4_1", "q8_0", "iq4_nl", "nf4")
-TABLES = {"q4_1": np.arange(16, dtype=F32), "nf4": NF4_CODE.astype(F32), "iq4_nl": IQ4NL_VALUES.astype(F32)}
+TARGETS = ("int2", "int3", "int4", "int8", "q4_0", "q4_1", "q8_0", "iq4_nl", "nf4", "fp4")
+# code tables in ascending order; CODE_OF maps a table index to the stored code where they differ
+# (fp4: its 15 distinct values, -0 left out, codes in bitsandbytes' bit-pattern order)
+_FP4_ORDER = np.array(sorted((i for i in range(16) if i != 8), key=lambda i: float(FP4_CODE[i])), np.int32)
+TABLES = {"q4_1": np.arange(16, dtype=F32), "nf4": NF4_CODE.astype(F32), "iq4_nl": IQ4NL_VALUES.astype(F32),
+          "fp4": FP4_CODE[_FP4_ORDER].astype(F32)}
+CODE_OF = {"fp4": _FP4_ORDER}
 # GPTQ loop modes (pyqkern.numba_kernels.gptq_loop)
-MODE = {"int2": 0, "int3": 0, "int4": 0, "int8": 0, "q4_0": 1, "q8_0": 2, "q4_1": 3, "nf4": 3, "iq4_nl": 3}
+MODE = {"int2": 0, "int3": 0, "int4": 0, "int8": 0, "q4_0": 1, "q8_0": 2, "q4_1": 3, "nf4": 3, "iq4_nl": 3,
+        "fp4": 3}
 
 
 def block_size(fmt, k, group):
@@ -42,7 +49,7 @@ def block_size(fmt, k, group):
         return k if group == -1 else int(group)
     if fmt == "int8":
         return k
-    if fmt == "nf4":
+    if fmt in ("nf4", "fp4"):
         return int(group)
     return 32
 
@@ -138,7 +145,7 @@ def params(fmt, b, sym=False, shrink=1.0):
         mx = (b.max(axis=1) * p).astype(F32)
         d16 = _f16((mx - mn) / F32(15))
         return {"a": _inv(d16), "b": d16, "m": _f16(mn), "z": zero}
-    if fmt == "nf4":
+    if fmt in ("nf4", "fp4"):
         amax = (np.abs(b).max(axis=1) * p).astype(F32)
         return {"a": _inv(amax), "b": amax, "m": m, "z": zero}
     if fmt == "iq4_nl":
@@ -214,8 +221,8 @@ def encode(fmt, codes, tables, n, k, group=None, sym=False):
         q = codes.astype(np.int8).view(np.uint8)
         s = np.ascontiguousarray(T["b"][:, :1].astype(F32)).view(np.uint8).reshape(n, 4)
         return _qtensor.assemble(fmt, n, k, prm, q, s, empty)
-    if fmt == "nf4":
-        u = codes.astype(np.uint8)
+    if fmt in ("nf4", "fp4"):
+        u = (CODE_OF[fmt][codes] if fmt in CODE_OF else codes).astype(np.uint8)
         q = ((u[:, 0::2] << 4) | u[:, 1::2]).astype(np.uint8)
         s = np.ascontiguousarray(T["b"].astype(F32)).view(np.uint8).reshape(n, -1)
         return _qtensor.assemble(fmt, n, k, prm, q, s, empty)

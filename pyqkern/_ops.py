@@ -87,7 +87,8 @@ def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="
     ``search="mse"``: per block/group, try the format's scale (and range) shrunk by factors
     1, 0.99, ..., 0.21 and keep the one with the smallest sum |error|^2.4 (the GPTQ reference's
     ``mse`` option; :mod:`pyqkern._grid`). Formats int2/int3/int4/int8, q4_0, q4_1, q8_0,
-    iq4_nl, nf4 (without double quantization); NumPy, about 80 passes over the weight."""
+    iq4_nl (its scale rule is a search already), nf4, fp4 (without double quantization); NumPy,
+    about 80 passes over the weight."""
     _check_backend(backend)
     if not isinstance(fmt, str):
         raise TypeError(f"format must be a string, got {type(fmt).__name__}")

@@ -51,8 +51,9 @@ __all__ = ["GPTQ", "quantize", "FORMATS"]
 
 F32 = np.float32
 F64 = np.float64
-FORMATS = _grid.TARGETS  # int2 int3 int4 int8 q4_0 q4_1 q8_0 iq4_nl nf4
-BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8, "q4_0": 4, "q4_1": 4, "q8_0": 8, "iq4_nl": 4, "nf4": 4}
+FORMATS = _grid.TARGETS  # int2 int3 int4 int8 q4_0 q4_1 q8_0 iq4_nl nf4 fp4
+BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8, "q4_0": 4, "q4_1": 4, "q8_0": 8, "iq4_nl": 4, "nf4": 4,
+        "fp4": 4}
 # parameters fixed up front from the weights as they are at the start of the lazy block holding
 # the group boundary (the reference's rule); the others from the current working weights
 _UPFRONT = ("int2", "int3", "int4", "int8")
@@ -358,8 +359,8 @@ class GPTQ:
         format: "int2"/"int3"/"int4" (group_size default 128, -1 = per channel, ``sym``),
         "int8" (per channel, symmetric), ggml grids "q4_0", "q4_1", "q8_0", "iq4_nl" (blocks of
         32: group_size and sym do not apply; q4_1 and iq4_nl scales come from the current
-        working weights, iq4_nl's from a scale search), or "nf4" (group_size = block size,
-        default 64; no double quantization). ``bits`` picks the width within the int family
+        working weights, iq4_nl's from a scale search), or "nf4" / "fp4" (bitsandbytes;
+        group_size = block size, default 64; no double quantization). ``bits`` picks the width within the int family
         ("int4" with bits=3 is int3); for other formats it must be the format's own.
         ``search="mse"``: each group's / block's parameters from the MSE shrink search
         (:func:`pyqkern._grid.search_params`) instead of the plain min/max rule."""
@@ -384,11 +385,11 @@ class GPTQ:
             if g != -1 and (g <= 0 or k % g):
                 raise ValueError(f"GPTQ: K={k} is not a multiple of the group size {g}")
             _formats.resolve_params(fmt, k, g, sym)  # the format's own checks
-        elif fmt == "nf4":
+        elif fmt in ("nf4", "fp4"):
             g = 64 if group_size is None else int(group_size)
             _formats.resolve_params(fmt, k, g)
             if sym:
-                raise ValueError("GPTQ: sym does not apply to nf4")
+                raise ValueError(f"GPTQ: sym does not apply to {fmt}")
         else:
             if fmt == "int8":
                 if group_size not in (None, -1, 0):

@@ -11,7 +11,7 @@ from pyqkern import _grid
 from pyqkern import gptq as G
 
 F32 = np.float32
-TARGETS = ["int2", "int3", "int4", "int8", "q4_0", "q4_1", "q8_0", "iq4_nl", "nf4"]
+TARGETS = ["int2", "int3", "int4", "int8", "q4_0", "q4_1", "q8_0", "iq4_nl", "nf4", "fp4"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_every_target_beats_rtn_exact_bytes(layer, fmt, act_order):
     np.testing.assert_allclose(y, X[:3] @ g.values.T, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["int3", "int8", "q4_1", "iq4_nl", "nf4"])
+@pytest.mark.parametrize("fmt", ["int3", "int8", "q4_1", "iq4_nl", "nf4", "fp4"])
 def test_numba_and_numpy_loops_agree(layer, fmt):
     W, X = layer
     a = G.quantize(W, X=X, format=fmt, act_order=True, backend="numba", blocksize=64)
@@ -96,7 +96,8 @@ def test_gptq_with_mse_search(layer):
 # ---------------------------------------------------------------- MSE search for round-to-nearest
 @pytest.mark.parametrize("fmt,opts", [("int2", {}), ("int3", {"sym": True}), ("int4", {"group": 32}),
                                       ("int4", {"group": -1}), ("int8", {}), ("q4_0", {}), ("q4_1", {}),
-                                      ("q8_0", {}), ("iq4_nl", {}), ("nf4", {}), ("nf4", {"group": 128})])
+                                      ("q8_0", {}), ("iq4_nl", {}), ("nf4", {}), ("nf4", {"group": 128}),
+                                      ("fp4", {}), ("fp4", {"group": 32})])
 @settings(max_examples=6, deadline=None)
 @given(n=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), zero_row=st.booleans())
 def test_search_never_worse_per_block(fmt, opts, n, seed, zero_row):
@@ -127,7 +128,7 @@ def test_search_never_worse_per_block(fmt, opts, n, seed, zero_row):
 def test_search_lowers_error_on_heavy_tails():
     rng = np.random.default_rng(3)
     w = rng.standard_t(3, size=(128, 512)).astype(F32)
-    for fmt in ("int2", "int3", "int4", "q4_0", "nf4"):
+    for fmt in ("int2", "int3", "int4", "q4_0", "nf4", "fp4"):
         e_rtn = np.mean((pq.dequantize(pq.quantize(w, fmt)) - w) ** 2)
         e_mse = np.mean((pq.dequantize(pq.quantize(w, fmt, search="mse")) - w) ** 2)
         assert e_mse < 0.97 * e_rtn, (fmt, e_mse, e_rtn)
