@@ -387,3 +387,48 @@ def test_act_order_adapters_grads_and_compile():
     cq = torch.compile(q, backend="aot_eager", fullgraph=True)
     assert torch.equal(cq(x), q(x))
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- thread policy
+def test_threads_context_manager_and_attach():
+    saved = torch.get_num_threads(), pq.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pq.set_num_threads(1)
+        with pqt.threads():
+            assert (torch.get_num_threads(), pq.get_num_threads()) == (1, 2)  # pyqkern gets torch's cores
+            with pqt.threads(pyqkern_threads=1, torch_threads=2):  # nests
+                assert (torch.get_num_threads(), pq.get_num_threads()) == (2, 1)
+            assert (torch.get_num_threads(), pq.get_num_threads()) == (1, 2)
+        assert (torch.get_num_threads(), pq.get_num_threads()) == (2, 1)
+
+        @pqt.threads(pyqkern_threads=2)
+        def inside():
+            return torch.get_num_threads(), pq.get_num_threads()
+        assert inside() == (1, 2) and (torch.get_num_threads(), pq.get_num_threads()) == (2, 1)
+        with pytest.raises(RuntimeError):
+            with pqt.threads():
+                raise RuntimeError
+        assert (torch.get_num_threads(), pq.get_num_threads()) == (2, 1)
+        with pytest.raises(ValueError):
+            pqt.threads(0)
+
+        m = Tiny()
+        pqt.quantize_model(m, "q8_0", exclude="unused")
+        seen = []
+        m.layers[0].register_forward_pre_hook(lambda mod, a: seen.append((torch.get_num_threads(),
+                                                                           pq.get_num_threads())))
+        x = _correlated(2, 5, seed=0)
+        ref = m(x)
+        h = pqt.attach_threads(m)
+        y = m(x)
+        assert torch.equal(y, ref)  # results do not depend on threads
+        assert seen == [(2, 1), (1, 2)] and (torch.get_num_threads(), pq.get_num_threads()) == (2, 1)
+        m.layers[0].register_forward_pre_hook(lambda mod, a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            m(x)
+        assert (torch.get_num_threads(), pq.get_num_threads()) == (2, 1)  # restored after an error too
+        h.remove()
+    finally:
+        torch.set_num_threads(saved[0])
+        pq.set_num_threads(saved[1])
