@@ -150,7 +150,8 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     activation row is quantized, the expansion (+ DoRA rescale, + bias) on each output tile right
     after the base kernel wrote it.
 
-    backend="numba" supports compute="float" only ("auto" means "float" there)."""
+    backend="numba" supports compute="float" only ("auto" means "float" there), adapters fused the
+    same way (shrink first, expansion in the epilogue of each output value)."""
     _check_backend(backend)
     if backend == "numba" and compute == "auto":
         compute = "float"
@@ -168,7 +169,7 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
         return y
     y2 = y.reshape(m, n)
     ads, ids = _adapters(lora, adapter_ids, w, m)
-    if ads and backend != "native":
+    if ads and backend == "reference":
         base = w if w.perm is None else w.with_perm(np.arange(k))  # x2 is already permuted
         matmul(x2, base, None, compute=compute, out=y2, backend=backend, isa=isa)
         _lora_reference(y2, x2, w, ads, ids, b)
@@ -193,8 +194,12 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
         from .numba_kernels.matmul import matmul_float as _numba_matmul_float  # ImportError names numba
 
         q, s, z = w.sections()
+        nb_ads = None
+        if ads:  # fused: shrink first, expansion (+ DoRA rescale) in each output value's epilogue
+            nb_ads = [(a.A if w.perm is None else a.A[:, w.perm], a.B, a.scale,
+                       a.dora_factor(w) if a.is_dora else None) for a in ads]
         _numba_matmul_float(_formats.FORMAT_IDS[w.format], q, s, z, k, w.params["group"], w.params["sym"],
-                            x2, b, y2)
+                            x2, b, y2, nb_ads, ids)
         return y
     nat = _native()
     nat_ads = [a.native_args(w) for a in ads] if ads else None

@@ -297,8 +297,43 @@ def _row_int8(q, s, r, x, acc):
 
 
 # ---------------------------------------------------------------- the kernel
+@njit(inline="always", **_JIT)
+def _lora_epilogue(v, m, r, T, Bc, offs, ranks, scales, dfac, isdora, ids, use_ids):
+    """v + Σ_a scale_a · (T[m, off_a:off_a+r_a] · B_a[r]) for the adapters of row m (one, by ids,
+    or all), then the DoRA rescale of a DoRA adapter (alone on its rows)."""
+    na = offs.shape[0]
+    for a in range(na):
+        if use_ids and ids[m] != a:
+            continue
+        o = offs[a]
+        d = F0
+        for j in range(ranks[a]):
+            d += T[m, o + j] * Bc[r, o + j]
+        v = v + scales[a] * d
+        if isdora[a]:
+            v = v * dfac[a, r]
+    return v
+
+
 @njit(**_PJIT)
-def _matmul(fmt, q, s, z, gshift, sym, x, bias, has_bias, y):
+def _shrink(x, Ac, offs, ranks, ids, use_ids, T):
+    """T[m, c] = x[m] · Ac[c] for the rank columns of the adapters row m uses (float32, K order)."""
+    mm, k = x.shape
+    na = offs.shape[0]
+    for m in prange(mm):
+        for a in range(na):
+            if use_ids and ids[m] != a:
+                continue
+            for c in range(offs[a], offs[a] + ranks[a]):
+                acc = F0
+                for kk in range(k):
+                    acc += x[m, kk] * Ac[c, kk]
+                T[m, c] = acc
+
+
+@njit(**_PJIT)
+def _matmul(fmt, q, s, z, gshift, sym, x, bias, has_bias, y, T, Bc, offs, ranks, scales, dfac, isdora, ids,
+            use_ids):
     mm, k = x.shape
     n = y.shape[1]
     ntask = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
@@ -335,19 +370,59 @@ def _matmul(fmt, q, s, z, gshift, sym, x, bias, has_bias, y):
                     for j in range(half):
                         acc[m, j] = acc[m, j] + acc[m, j + half]
                 v = acc[m, 0]
+                if offs.shape[0] > 0:  # adapters: expansion on the value still in a register
+                    v = _lora_epilogue(v, m, r, T, Bc, offs, ranks, scales, dfac, isdora, ids, use_ids)
                 if has_bias:
                     v = v + bias[r]
                 y[m, r] = v
 
 
-def matmul_float(fmt_id, q, s, z, k, group, sym, x, bias, y):
-    """y [M, N] (float32, C-contiguous, written) = x [M, K] @ W.T (+ bias) from the row sections."""
+_NO_ADAPTERS = None
+
+
+def _no_adapters():
+    global _NO_ADAPTERS
+    if _NO_ADAPTERS is None:
+        z2 = np.zeros((1, 1), _F32)
+        zi = np.zeros(0, np.int64)
+        _NO_ADAPTERS = (z2, z2, zi, zi, np.zeros(0, _F32), z2, np.zeros(0, np.bool_), np.zeros(1, np.int32), False)
+    return _NO_ADAPTERS
+
+
+def lora_operands(x, n, adapters, ids):
+    """Operands of the fused adapter epilogue. adapters: list of (A [r, K], B [N, r], scale,
+    dora factor [N] or None), A already in x's column order; ids int32 [M] or None."""
+    mm = x.shape[0]
+    ranks = np.array([a[0].shape[0] for a in adapters], np.int64)
+    offs = np.concatenate([[0], np.cumsum(ranks)[:-1]]).astype(np.int64)
+    rt = int(ranks.sum())
+    Ac = np.ascontiguousarray(np.concatenate([np.asarray(a[0], _F32) for a in adapters]), dtype=_F32)
+    Bc = np.ascontiguousarray(np.concatenate([np.asarray(a[1], _F32) for a in adapters], axis=1), dtype=_F32)
+    scales = np.array([a[2] for a in adapters], _F32)
+    dfac = np.ones((len(adapters), n), _F32)
+    isdora = np.zeros(len(adapters), np.bool_)
+    for i, a in enumerate(adapters):
+        if a[3] is not None:
+            dfac[i] = a[3]
+            isdora[i] = True
+    use_ids = ids is not None
+    idv = np.ascontiguousarray(ids, dtype=np.int32) if use_ids else np.zeros(1, np.int32)
+    T = np.zeros((mm, rt), _F32)
+    _shrink(np.ascontiguousarray(x, dtype=_F32), Ac, offs, ranks, idv, use_ids, T)
+    return (T, Bc, offs, ranks, scales, dfac, isdora, idv, use_ids)
+
+
+def matmul_float(fmt_id, q, s, z, k, group, sym, x, bias, y, adapters=None, ids=None):
+    """y [M, N] (float32, C-contiguous, written) = x [M, K] @ W.T (+ adapters) (+ bias) from the
+    row sections. adapters: see :func:`lora_operands` (shrink first, expansion fused into the
+    epilogue of each output value, then the DoRA rescale, then bias)."""
     if x.shape[1] != k or y.shape != (x.shape[0], q.shape[0]):
         raise ValueError(f"shapes: x {x.shape}, K={k}, q {q.shape}, y {y.shape}")
     q = np.ascontiguousarray(q, dtype=np.uint8)
     s = np.ascontiguousarray(s, dtype=np.uint8)
     z = np.ascontiguousarray(z, dtype=np.uint8)
     x = np.ascontiguousarray(x, dtype=_F32)
+    lo = lora_operands(x, y.shape[1], adapters, ids) if adapters else _no_adapters()
     if fmt_id in (NF4, FP4, INT4):
         x = _split_pairs(x)
     if fmt_id in (INT4, INT2, INT3):
@@ -358,5 +433,5 @@ def matmul_float(fmt_id, q, s, z, k, group, sym, x, bias, y):
         gshift = 0
     has_bias = bias is not None
     b = np.ascontiguousarray(bias, dtype=_F32) if has_bias else np.zeros(1, _F32)
-    _matmul(np.int64(fmt_id), q, s, z, np.int64(gshift), bool(sym), x, b, has_bias, y)
+    _matmul(np.int64(fmt_id), q, s, z, np.int64(gshift), bool(sym), x, b, has_bias, y, *lo)
     return y
