@@ -13,7 +13,9 @@
    (and torch 1 + pyqkern 2: torch's OpenMP workers and pyqkern's pool compete for the cores otherwise);
 4. a QLoRA mini loop: rank-8 trainable adapters on the q4_0 model, 30 Adam steps pulling paraphrase
    pairs together; the adapter saved in PEFT's layout (pqt.save_peft_adapter) and loaded by peft
-   onto the float model with the dequantized weights (same embeddings).
+   onto the float model with the dequantized weights (same embeddings);
+5. QLoRA step time: pyqkern q4_0 / nf4 against PEFT LoRA on the fp32 model and PEFT + bitsandbytes
+   nf4 (bitsandbytes' CPU 4-bit path, when it installs), at 1 and 2 threads.
 """
 from __future__ import annotations
 
@@ -327,14 +329,7 @@ def main():
     print("\n== QLoRA: rank-8 trainable adapters on every q4_0 layer (base frozen), Adam lr 2e-4,")
     print("   in-batch contrastive loss on 8 paraphrase pairs (cross-entropy of cos/0.2, other pairs = negatives)")
     m = models["q4_0 RTN"]
-    g = torch.Generator().manual_seed(0)
-    params = []
-    for mod in m.modules():
-        if isinstance(mod, pqt.QuantLinear):
-            A = torch.randn(8, mod.in_features, generator=g) / mod.in_features ** 0.5
-            B = torch.zeros(mod.out_features, 8)  # LoRA init: the adapter starts as a no-op
-            mod.add_adapter("toy", A, B, alpha=16, trainable=True)
-            params += [mod.lora_A["toy"], mod.lora_B["toy"]]
+    params = add_toy_adapters(m)  # B = 0: the adapters start as a no-op
     ntrain = sum(p.numel() for p in params)
     print(f"trainable parameters: {ntrain} ({ntrain / nparams:.2%} of the linear weights)")
     opt = torch.optim.Adam(params, lr=2e-4)
@@ -357,6 +352,16 @@ def main():
     print(f"after training, the 64 sentences vs fp32: mean cos {mc:.5f}, min {mn:.5f}")
     peft_check(fp32, m, tok)
 
+    # ---------------------------------------------------------------- 5. QLoRA step time vs PEFT
+    print("\n== QLoRA step time (8 pairs = 16 sentences, forward + backward + Adam, rank 8 on all 36 Linear),")
+    print("   ms per step, min / median of 5 steps")
+    speed = qlora_speed(fp32, tok)
+    cols = ["1 thread", "2 threads", "2, pqt.threads()"]
+    print(f"{'':<34}" + "".join(f"{c:>20}" for c in cols))
+    for label, res in speed.items():
+        cells = [f"{res[c][0] * 1e3:.0f} / {res[c][1] * 1e3:.0f}" if c in res else "-" for c in cols]
+        print(f"{label:<34}" + "".join(f"{c:>20}" for c in cells), flush=True)
+
 
 def qlora_step(m, opt, ea, eb, labels):
     """One step of the toy objective: in-batch contrastive loss of the pairs' embeddings."""
@@ -367,6 +372,90 @@ def qlora_step(m, opt, ea, eb, labels):
     loss.backward()
     opt.step()
     return loss.item(), sim.detach()
+
+
+def add_toy_adapters(m, rank=8, alpha=16, seed=0):
+    """Rank-r trainable adapters on every QuantLinear (A random, B = 0: LoRA's init). -> params"""
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for mod in m.modules():
+        if isinstance(mod, pqt.QuantLinear):
+            A = torch.randn(rank, mod.in_features, generator=g) / mod.in_features ** 0.5
+            mod.add_adapter("toy", A, torch.zeros(mod.out_features, rank), alpha=alpha, trainable=True)
+            params += [mod.lora_A["toy"], mod.lora_B["toy"]]
+    return params
+
+
+def peft_model(fp32, quant=None, rank=8, alpha=16):
+    """PEFT LoRA (rank, alpha, every Linear) on the float model (quant=None) or on a bitsandbytes
+    4-bit model (quant="nf4" / "fp4", compute float32, loaded with transformers' BitsAndBytesConfig
+    on the CPU). -> (model, trainable params)."""
+    import peft
+
+    if quant is None:
+        base = copy.deepcopy(fp32)
+    else:
+        from transformers import AutoModel, BitsAndBytesConfig
+
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_compute_dtype=torch.float32)
+        base = AutoModel.from_pretrained(model_dir(), add_pooling_layer=False, quantization_config=cfg,
+                                         device_map="cpu")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    lcfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"])
+    pm = peft.get_peft_model(base.eval(), lcfg)
+    return pm, [p for p in pm.parameters() if p.requires_grad]
+
+
+def qlora_speed(fp32, tok, steps=5):
+    """Seconds per QLoRA step (forward + backward + Adam on the 8 pairs) for pyqkern and PEFT
+    (+ bitsandbytes when it installs), each at 1 and 2 threads. -> {label: {config: (min, median)}}"""
+    import warnings
+
+    ea, eb = encode(tok, [a for a, _ in PAIRS]), encode(tok, [b for _, b in PAIRS])
+    labels = torch.arange(len(PAIRS))
+    setups = []
+    for fmt in ("q4_0", "nf4"):
+        m = copy.deepcopy(fp32)
+        pqt.quantize_model(m, fmt)
+        setups.append((f"pyqkern {fmt} QLoRA", m, add_toy_adapters(m), True))
+    try:
+        setups.append(("PEFT LoRA on fp32 (torch)", *peft_model(fp32), False))
+    except ImportError as e:
+        print(f"  PEFT not available: {e}")
+    try:
+        import bitsandbytes  # noqa: F401
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            setups.append(("PEFT + bitsandbytes nf4 QLoRA", *peft_model(fp32, "nf4"), False))
+    except Exception as e:  # not installed, or no CPU 4-bit support in this build
+        print(f"  PEFT + bitsandbytes unavailable: {type(e).__name__}: {e}")
+    saved = torch.get_num_threads(), pq.get_num_threads()
+    out = {}
+    try:
+        for label, m, params, is_pq in setups:
+            opt = torch.optim.Adam(params, lr=2e-4)
+            configs = [("1 thread", 1, 1, False), ("2 threads", 2, 2, False)]
+            if is_pq:
+                configs.append(("2, pqt.threads()", 2, 2, True))
+            res = {}
+            for name, tt, pt, policy in configs:
+                torch.set_num_threads(tt)
+                pq.set_num_threads(pt)
+                with pqt.threads() if policy else contextlib.nullcontext():
+                    ts = []
+                    for i in range(steps + 1):
+                        t = time.perf_counter()
+                        qlora_step(m, opt, ea, eb, labels)
+                        if i:  # the first step warms up
+                            ts.append(time.perf_counter() - t)
+                res[name] = (min(ts), float(np.median(ts)))
+            out[label] = res
+    finally:
+        torch.set_num_threads(saved[0])
+        pq.set_num_threads(saved[1])
+    return out
 
 
 def peft_check(fp32, m, tok):

@@ -21,8 +21,9 @@ release the GIL):
 
 ``qdata`` is the QTensor's canonical bytes as a 1-D uint8 tensor (shared with NumPy, no copy).
 ``fmt`` is the format name; nf4 with double quantization is spelled ``"nf4:dq"``.
-Gradients: the weight is frozen; d/dx (dy @ W, W dequantized in row chunks) and, for adapters,
-d/dA and d/dB (pyqkern.lora.backward) are registered, so QLoRA training works with plain autograd.
+Gradients: the weight is frozen; d/dx (dy @ W, W dequantized by pyqkern in row chunks, products
+in torch) and, for adapters, d/dA and d/dB (pyqkern.lora.backward's math, in torch) are
+registered, so QLoRA training works with plain autograd.
 Importing this module imports torch; ``import pyqkern`` alone does not.
 """
 from __future__ import annotations
@@ -173,12 +174,35 @@ def _(w, fmt, group, sym):
     return w.new_empty((_nbytes(fmt, int(n), int(k), group, sym),), dtype=torch.uint8)
 
 
+_BWD_CHUNK = 1 << 22  # float32 weights dequantized at a time in the backward (16 MiB)
+
+
+def _dy_w(dy2: torch.Tensor, qt: QTensor) -> torch.Tensor:
+    """dy2 [M, N] @ W [N, K] for the frozen quantized W: W dequantized (pyqkern, native) in row
+    chunks of at most _BWD_CHUNK values, products accumulated in row order with torch's matmul.
+    torch, not NumPy: NumPy's BLAS brings a third thread pool whose busy-waiting workers fight
+    torch's and pyqkern's (a MiniLM QLoRA step: 240-3700 ms with OpenBLAS at 2 threads, 88 ms
+    with it at 1)."""
+    n, k = qt.shape
+    step = max(1, _BWD_CHUNK // max(k, 1))
+    if step >= n:
+        return dy2 @ torch.from_numpy(_pq_dequantize(qt))
+    rows = _pq_lora._Rows(qt)
+    dx = dy2.new_zeros((dy2.shape[0], k))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        dx.addmm_(dy2[:, r0:r1], torch.from_numpy(rows.dequantize(r0, r1)))
+    return dx
+
+
 @torch.library.custom_op("pyqkern::matmul_backward", mutates_args=())
 def _op_matmul_backward(dy: torch.Tensor, qdata: torch.Tensor, fmt: str, n: int, k: int, group: int,
                         sym: int) -> torch.Tensor:
     """dy @ W (W frozen): the gradient of pyqkern::matmul with respect to x."""
     qt = qtensor_from_tensor(qdata, fmt, n, k, group, sym)
-    return torch.from_numpy(np.ascontiguousarray(_pq_lora.backward_base(_x32(dy), qt)))
+    lead = tuple(dy.shape[:-1])
+    with torch.no_grad():
+        return _dy_w(dy.detach().reshape(-1, n).float(), qt).reshape(*lead, k)
 
 
 @_op_matmul_backward.register_fake
@@ -191,33 +215,32 @@ def _op_lora_backward(x: torch.Tensor, dy: torch.Tensor, qdata: torch.Tensor, fm
                       group: int, sym: int, As: List[torch.Tensor], Bs: List[torch.Tensor], scales: List[float],
                       adapter_ids: Optional[torch.Tensor]) -> List[torch.Tensor]:
     """-> [dx, dA_0, dB_0, dA_1, dB_1, ...] for y = x@W.T + sum_i s_i (x@A_i.T)@B_i.T (rows picked
-    by adapter_ids when given). One adapter on every row: exactly pyqkern.lora.backward."""
+    by adapter_ids when given): t = x@A.T, dB = s dy.T@t, dt = s dy@B, dA = dt.T@x,
+    dx = dy@W + sum dt@A (the math of pyqkern.lora.backward, in torch float32)."""
     qt = qtensor_from_tensor(qdata, fmt, n, k, group, sym)
-    x2, dy2 = _x32(x).reshape(-1, k), _x32(dy).reshape(-1, n)
     lead = tuple(x.shape[:-1])
-    ads = [_lora(a, b, s) for a, b, s in zip(As, Bs, scales)]
-    if len(ads) == 1 and adapter_ids is None:
-        dx, dA, dB = _pq_lora.backward(x2, dy2, qt, ads[0])
-        grads = [dA, dB]
-    else:
-        dx = _pq_lora.backward_base(dy2, qt)
-        ids = None if adapter_ids is None else adapter_ids.detach().reshape(-1).numpy()
+    with torch.no_grad():
+        x2 = x.detach().reshape(-1, k).float()
+        dy2 = dy.detach().reshape(-1, n).float()
+        dx = _dy_w(dy2, qt)
+        ids = None if adapter_ids is None else adapter_ids.detach().reshape(-1)
         grads = []
-        for i, ad in enumerate(ads):
-            rows = slice(None) if ids is None else (ids == i)
-            xr, dyr = x2[rows], dy2[rows]
-            s = np.float32(ad.scale)
-            t = xr @ ad.A.T
+        for i, (A, B, s) in enumerate(zip(As, Bs, scales)):
+            A, B = A.detach().float(), B.detach().float()
+            if ids is None:
+                xr, dyr = x2, dy2
+            else:
+                rows = ids == i
+                xr, dyr = x2[rows], dy2[rows]
+            t = xr @ A.T
             dB = (dyr.T @ t) * s
-            dt = (dyr @ ad.B) * s
+            dt = (dyr @ B) * s
             grads += [dt.T @ xr, dB]
             if ids is None:
-                dx += dt @ ad.A
+                dx += dt @ A
             else:
-                dx[rows] += dt @ ad.A
-    out = [torch.from_numpy(np.ascontiguousarray(dx, np.float32).reshape(*lead, k))]
-    out += [torch.from_numpy(np.ascontiguousarray(g, np.float32)) for g in grads]
-    return out
+                dx[rows] += dt @ A
+        return [dx.reshape(*lead, k)] + grads
 
 
 @_op_lora_backward.register_fake

@@ -264,11 +264,25 @@ def test_qlora_gradients_match_float_reference():
     (yr * dy).sum().backward()
     for got, want in ((xq.grad, xr.grad), (q.lora_A["t"].grad, A.grad), (q.lora_B["t"].grad, B.grad)):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-    # equals pyqkern.lora.backward
+    # pyqkern.lora.backward's math (computed with torch's matmul here, NumPy's there)
     dx, dA, dB = pq.lora.backward(x.numpy(), dy.numpy(), q.qtensor(), pq.LoRA(A0.numpy(), B0.numpy(), alpha=16))
-    np.testing.assert_array_equal(xq.grad.numpy(), dx)
-    np.testing.assert_array_equal(q.lora_A["t"].grad.numpy(), dA)
-    np.testing.assert_array_equal(q.lora_B["t"].grad.numpy(), dB)
+    np.testing.assert_allclose(xq.grad.numpy(), dx, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q.lora_A["t"].grad.numpy(), dA, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q.lora_B["t"].grad.numpy(), dB, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_weight_chunks(monkeypatch):
+    """dy @ W with W dequantized in row chunks (large layers) equals the one-shot product."""
+    q = pqt.QuantLinear.from_linear(_lin(64, 40), "q4_0", compute="float")
+    x = torch.randn(6, 64, requires_grad=True)
+    dy = torch.randn(6, 40)
+    (q(x) * dy).sum().backward()
+    whole = x.grad.clone()
+    monkeypatch.setattr(pqt, "_BWD_CHUNK", 64 * 7)  # 7 rows per chunk: 6 chunks, the last one short
+    x.grad = None
+    (q(x) * dy).sum().backward()
+    assert torch.allclose(x.grad, whole, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(whole, dy @ q.dequantize(), rtol=1e-6, atol=1e-6)
 
 
 def test_qlora_multi_adapter_grads_and_training_step():
