@@ -6,7 +6,8 @@
 - gptq: int4 g128 asym (act_order off / on) and q4_0, with a ready Hessian H (random SPD, from
   2048 random tokens), Numba inner loop vs the plain NumPy float64 loop (backend="numpy");
   the other targets (int3 g128, int8, q4_1, iq4_nl, nf4, int4 g128 + MSE search) with Numba.
-- hessian: GPTQ.add_batch over 128 x 2048 tokens (64 batches of 2 x 2048 tokens) in float64.
+- hessian: GPTQ.add_batch over 128 x 2048 tokens (64 batches of 2 x 2048 tokens) in float64
+  and in float32 (hessian_dtype="float32").
 Seconds are printed at the end of the run (bar: 4096 x 4096 int4 g128 in <= 10 s on 2 cores).
 """
 from __future__ import annotations
@@ -62,18 +63,19 @@ def test_gptq_other_targets(benchmark, weights, hessian, case):
     assert qt.shape == weights.shape
 
 
-def test_hessian_accumulation(benchmark, shape):
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_hessian_accumulation(benchmark, shape, dtype):
     k = shape[1]
     r = np.random.default_rng(2)
     batch = r.standard_normal((2, 2048, k), dtype=np.float32)  # 2 sequences of 2048 tokens
 
     def run():
-        g = pq.gptq.GPTQ(np.zeros((1, k), np.float32))
+        g = pq.gptq.GPTQ(np.zeros((1, k), np.float32), hessian_dtype=dtype)
         for _ in range(_NBATCH):
             g.add_batch(batch)
         return g
 
-    g = _one_round(benchmark, f"hessian {g_tokens(shape)} tokens K={k}", run)
+    g = _one_round(benchmark, f"hessian {dtype} {g_tokens(shape)} tokens K={k}", run)
     assert g.nsamples == _NBATCH * 2 * 2048
 
 

@@ -145,3 +145,19 @@ def test_search_bad_input():
     w[1, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         pq.quantize(w, "q4_0", search="mse")
+
+
+def test_float32_hessian_accumulation(layer):
+    W, X = layer
+    g64, g32 = G.GPTQ(W), G.GPTQ(W, hessian_dtype="float32")
+    for i in range(0, len(X), 100):
+        g64.add_batch(X[i:i + 100])
+        g32.add_batch(X[i:i + 100])
+    assert g32.H.dtype == np.float64
+    np.testing.assert_allclose(g32.H, g64.H, rtol=1e-4, atol=1e-4 * np.abs(g64.H).max())
+    np.testing.assert_allclose(g64.H, 2.0 / len(X) * X.astype(np.float64).T @ X, rtol=1e-9, atol=1e-9)
+    q32 = g32.quantize(format="int4", group_size=64)
+    assert g32.report(X)["gptq"] < 0.8 * g32.report(X)["rtn"]
+    assert q32.shape == W.shape
+    with pytest.raises(ValueError, match="hessian_dtype"):
+        G.GPTQ(W, hessian_dtype="float16")
