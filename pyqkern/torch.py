@@ -10,6 +10,9 @@
     with pqt.threads():     # torch's own ops on 1 thread, pyqkern's matmuls on torch's cores
         y = model(x)        # (pqt.attach_threads(model) does it around every forward)
 
+    pqt.load_peft_adapter(model, "adapter_dir", trainable=True)   # QLoRA: PEFT adapters in,
+    pqt.save_peft_adapter(model, "out_dir")                       # trained ones out (peft loads them)
+
 Custom ops (namespace ``pyqkern``; each has a fake/meta implementation, so torch.compile and
 torch.export trace them without graph breaks; the real ones call the native kernels, which
 release the GIL):
