@@ -185,7 +185,8 @@ def test_quantize_shards_dir_and_inspect_gguf(tmp_path, capsys):
     assert "q4_k" in text and "[2, 512]" in text and "4.500" in text and "GGUF, 3 tensors" in text
     # the same through the real command line
     r = subprocess.run([sys.executable, "-m", "pyqkern", "inspect", str(dst)], capture_output=True, text=True, check=False,
-                       env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(pq.__file__))))
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(pq.__file__))),
+                       cwd=str(tmp_path))  # -m puts the cwd first on sys.path: not the source tree
     assert r.returncode == 0 and "a.weight" in r.stdout
 
 

@@ -207,7 +207,7 @@ def test_quantize_peak_memory_is_one_tensor(tmp_path):
     res = {}
     for fmt, dst in (("q4_0", "o.gguf"), ("int4", "o.safetensors"), ("whole", "-")):
         r = subprocess.run([sys.executable, "-c", _PEAK, str(src), str(tmp_path / dst), fmt], capture_output=True,
-                           text=True, env=env, check=False, timeout=300)
+                           text=True, env=env, check=False, timeout=300, cwd=str(tmp_path))  # not the source tree
         assert r.returncode == 0, r.stderr
         res[fmt] = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"peak extra resident memory (MB): {({k: round(v / 2**20, 1) for k, v in res.items()})}, one tensor "
