@@ -5,6 +5,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -23,6 +24,39 @@ namespace {
 // Workers spin for a short while after a job before sleeping on the condition variable:
 // decode-sized jobs take ~50 us, and a futex wake-up costs about as much.
 constexpr auto kSpin = std::chrono::microseconds(200);
+constexpr int64_t kChunksPerThread = 4;
+
+// One parallel_for: [0, n) cut into nchunks fixed ranges that whoever is running takes in turn.
+// The caller works too and returns once every chunk is done; it never waits for a worker that
+// has not started (descheduled, still asleep, or busy in another process's time slice) — such
+// a worker later finds no chunk left. Shared ownership keeps the job alive for late workers;
+// fn is only called for claimed chunks, all of which finish before the caller returns.
+struct Job {
+  const std::function<void(int64_t, int64_t)>* fn = nullptr;
+  int64_t n = 0, nchunks = 0;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex m;
+  std::condition_variable cv;
+  std::exception_ptr error;
+
+  void work() {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= nchunks) return;
+      try {
+        (*fn)(n * c / nchunks, n * (c + 1) / nchunks);
+      } catch (...) {
+        std::lock_guard<std::mutex> g(m);
+        if (!error) error = std::current_exception();
+      }
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == nchunks) {
+        std::lock_guard<std::mutex> g(m);  // pairs with the caller's predicate check
+        cv.notify_all();
+      }
+    }
+  }
+  bool finished() const { return done.load(std::memory_order_acquire) == nchunks; }
+};
 
 class Pool {
  public:
@@ -37,63 +71,48 @@ class Pool {
     stop();
     nthreads_ = n;
     quit_.store(false);
-    // New workers must not mistake the last finished job for a new one: they start from the
-    // current generation.
-    const uint64_t gen = generation_.load();
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i, gen] { loop(i, gen); });
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this] { loop(); });
   }
 
-  // Runs job(t) for t in [0, ntasks) with the caller taking task 0.
-  void run(int ntasks, const std::function<void(int)>& job) {
-    if (ntasks <= 1) { job(0); return; }
-    job_ = &job;
-    ntasks_ = ntasks;
-    error_ = nullptr;
-    // Every worker acknowledges every job, even those with no task in it: then no worker can
-    // lag into the next job and read its ntasks_ / job_ for this generation.
-    pending_.store(nthreads_ - 1, std::memory_order_relaxed);
+  void run(const std::shared_ptr<Job>& job) {
     {
       std::lock_guard<std::mutex> g(m_);  // pairs with the sleepers' predicate check
+      job_ = job;
       generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    try { job(0); } catch (...) { record_error(); }
-    // wait for the others: spin, then sleep
+    job->work();
+    // chunks other threads still run: spin, then sleep
     const auto until = std::chrono::steady_clock::now() + kSpin;
-    while (pending_.load(std::memory_order_acquire) != 0 && std::chrono::steady_clock::now() < until) cpu_relax();
-    if (pending_.load(std::memory_order_acquire) != 0) {
-      std::unique_lock<std::mutex> lk(m_);
-      done_cv_.wait(lk, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    while (!job->finished() && std::chrono::steady_clock::now() < until) cpu_relax();
+    if (!job->finished()) {
+      std::unique_lock<std::mutex> lk(job->m);
+      job->cv.wait(lk, [&] { return job->finished(); });
     }
-    job_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
+    {
+      std::lock_guard<std::mutex> g(m_);
+      if (job_ == job) job_.reset();
+    }
+    if (job->error) std::rethrow_exception(job->error);
   }
 
  private:
-  void record_error() {
-    std::lock_guard<std::mutex> g(err_m_);
-    if (!error_) error_ = std::current_exception();
-  }
-
-  void loop(int id, uint64_t seen) {
+  void loop() {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
     for (;;) {
       const auto until = std::chrono::steady_clock::now() + kSpin;
       while (generation_.load(std::memory_order_acquire) == seen && !quit_.load(std::memory_order_relaxed) &&
              std::chrono::steady_clock::now() < until)
         cpu_relax();
-      if (generation_.load(std::memory_order_acquire) == seen && !quit_.load()) {
+      std::shared_ptr<Job> job;
+      {
         std::unique_lock<std::mutex> lk(m_);
         cv_.wait(lk, [&] { return quit_.load() || generation_.load(std::memory_order_acquire) != seen; });
+        if (quit_.load()) return;
+        seen = generation_.load(std::memory_order_acquire);
+        job = job_;  // null if the caller already finished it
       }
-      if (quit_.load()) return;
-      seen = generation_.load(std::memory_order_acquire);
-      if (id < ntasks_) {
-        try { (*job_)(id); } catch (...) { record_error(); }
-      }
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard<std::mutex> g(m_);
-        done_cv_.notify_one();
-      }
+      if (job) job->work();
     }
   }
 
@@ -110,14 +129,11 @@ class Pool {
 
   int nthreads_ = 1;
   std::vector<std::thread> workers_;
-  std::mutex m_, err_m_;
-  std::condition_variable cv_, done_cv_;
-  const std::function<void(int)>* job_ = nullptr;  // published by the generation_ release
-  int ntasks_ = 0;
-  std::atomic<int> pending_{0};
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::shared_ptr<Job> job_;  // the current job, published with generation_ under m_
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> quit_{false};
-  std::exception_ptr error_;
 };
 
 std::mutex g_pool_mutex;  // one parallel region at a time; callers from many threads queue
@@ -143,12 +159,14 @@ void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t
   if (min_chunk < 1) min_chunk = 1;
   std::lock_guard<std::mutex> g(g_pool_mutex);
   Pool& p = pool();
-  int64_t nt = std::min<int64_t>(p.size(), (n + min_chunk - 1) / min_chunk);
+  const int64_t max_chunks = (n + min_chunk - 1) / min_chunk;
+  const int64_t nt = std::min<int64_t>(p.size(), max_chunks);
   if (nt <= 1) { fn(0, n); return; }
-  p.run((int)nt, [&](int t) {
-    int64_t b = n * t / nt, e = n * (t + 1) / nt;
-    if (b < e) fn(b, e);
-  });
+  auto job = std::make_shared<Job>();
+  job->fn = &fn;
+  job->n = n;
+  job->nchunks = std::min<int64_t>(max_chunks, kChunksPerThread * nt);
+  p.run(job);
 }
 
 }  // namespace pqk

@@ -1,6 +1,7 @@
-// The library's own thread pool. Work is split into contiguous index ranges, one per
-// thread; kernels write disjoint outputs per index, so results never depend on the
-// thread count.
+// The library's own thread pool. Work is split into contiguous index ranges (about four per
+// thread) that the threads claim in turn; kernels write disjoint outputs per index and compute
+// each output the same way whatever range holds it, so results never depend on the thread
+// count or on which thread ran what.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -10,8 +11,10 @@ namespace pqk {
 void set_num_threads(int n);  // n <= 0: hardware concurrency
 int get_num_threads();  // takes the pool lock: never call it from inside a parallel_for body
 
-// Calls fn(begin, end) over [0, n) split into at most get_num_threads() chunks of at least
-// min_chunk items. Blocks until all are done. Exceptions in fn are rethrown on the caller.
+// Calls fn(begin, end) over [0, n) split into at most 4 * get_num_threads() chunks of at least
+// min_chunk items (one chunk, on the caller, when that is all there is). Blocks until all are
+// done, but not on a worker that has not started yet (the caller takes its chunks instead).
+// Exceptions in fn are rethrown on the caller.
 void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn);
 
 }  // namespace pqk
