@@ -1,4 +1,4 @@
-"""Command line: `pyqkern bench [--quick] [--threads N] [--formats ...]`, `pyqkern info`,
+"""Command line: `pyqkern bench [--quick] [--threads N] [--formats ...] [--json F] [--plot F.png]`, `pyqkern info`,
 `pyqkern quantize IN OUT --format F [--group G] [--sym] [--exclude REGEX] [--min-size N] [--quiet]
 [--gptq --calib FILE.npz|.npy|.txt [--act-order] [--damp D] [--calib-max-length T]]`,
 `pyqkern inspect FILE`."""
@@ -79,6 +79,49 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
                           f"{wgbs:7.1f} {row['pct_bw']:5.0f} {t_np / t:6.2f} {err:11.2e}", file=out)
             qt.release_packed()
     return rows
+
+
+def plot_roofline(rows, path):
+    """Roofline picture of bench rows (needs matplotlib): GFLOP/s against arithmetic intensity
+    (FLOP per weight byte), the measured read-bandwidth roof (bw · intensity) and the best int8
+    and float GFLOP/s this run reached as flat lines; one colour per format, circles int8, squares
+    float, filled at the highest thread count."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from e
+    if not rows:
+        raise ValueError("nothing to plot")
+    bw = next(r["weight_gbs"] * 100 / r["pct_bw"] for r in rows if r["pct_bw"] > 0)
+    ai = [2.0 * r["M"] * r["N"] * r["K"] / (r["weight_gbs"] * r["time_s"] * 1e9) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    xs = [min(ai) / 2, max(ai) * 2]
+    ax.plot(xs, [bw * x for x in xs], "k--", lw=1, label=f"read bandwidth {bw:.1f} GB/s")
+    for comp, ls in (("int8", ":"), ("float", "-.")):
+        best = max((r["gflops"] for r in rows if r["compute"] == comp), default=0)
+        if best:
+            ax.axhline(best, color="gray", ls=ls, lw=1, label=f"best {comp} {best:.0f} GFLOP/s")
+    fmts = sorted({r["format"] for r in rows})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    tmax = max(r["threads"] for r in rows)
+    for r, a in zip(rows, ai):
+        c = colours[fmts.index(r["format"]) % len(colours)]
+        ax.scatter([a], [r["gflops"]], marker="o" if r["compute"] == "int8" else "s", s=28, edgecolors=c,
+                   facecolors=c if r["threads"] == tmax else "none")
+    for f in fmts:
+        ax.scatter([], [], color=colours[fmts.index(f) % len(colours)], label=f)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP per weight byte)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title("pyqkern matmul roofline (o int8, s float; filled: most threads)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 _FLOAT_DT = ("F32", "F16", "BF16")
@@ -466,6 +509,7 @@ def main(argv=None):
     b.add_argument("--threads", type=int, nargs="*", help="thread counts to run (default: all CPUs)")
     b.add_argument("--formats", nargs="*", help="formats to run")
     b.add_argument("--json", help="also write the rows to this JSON file")
+    b.add_argument("--plot", help="also draw a roofline picture to this .png (needs matplotlib)")
     sub.add_parser("info", help="print CPU features and kernel variants")
     q = sub.add_parser("quantize", help="quantize a .safetensors file (or a directory of shards) to .gguf or "
                                         ".safetensors (pyqkern layout)")
@@ -508,7 +552,15 @@ def main(argv=None):
         print(json.dumps(pq.info(), indent=2))
         return 0
     if args.cmd == "bench":
+        if args.plot:  # fail before the run, not after it
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                print("pyqkern bench: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+                return 1
         rows = bench(args.quick, args.threads, args.formats)
+        if args.plot:
+            plot_roofline(rows, args.plot)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -228,3 +228,20 @@ def test_quantize_errors(tmp_path, model, capsys):
     assert main(["inspect", str(trunc)]) == 1
     assert "truncated" in capsys.readouterr().err
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_bench_rows_and_roofline_plot(tmp_path):
+    import io as _io
+
+    from pyqkern.__main__ import bench, plot_roofline
+
+    out = _io.StringIO()
+    rows = bench(True, [1], ["q4_0", "int4"], shapes=[(1, 256, 128), (16, 256, 128)], out=out)
+    assert len(rows) == 2 * 2 * 2  # shapes x formats x computes
+    for r in rows:
+        assert r["time_s"] > 0 and r["gflops"] > 0 and r["max_rel_err"] < 0.05
+    assert "q4_0" in out.getvalue() and "GFLOP/s" in out.getvalue()
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "roof.png"
+    plot_roofline(rows, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
