@@ -366,12 +366,12 @@ class QuantLinear(nn.Module):
 
         if compute not in COMPUTES:
             raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
-        ok = self.in_features % 32 == 0 and (not self.format.startswith("int4") or self.group == -1
-                                             or self.group >= 32)
+        ok = self.in_features % 32 == 0 and (_split_fmt(self.format)[0] not in _formats.INTN_BITS
+                                             or self.group == -1 or self.group >= 32)
         if compute == "auto":
             return "int8" if ok else "float"
         if compute == "int8" and not ok:
-            raise ValueError(f"{self.format}: compute='int8' needs K % 32 == 0 and int4 groups >= 32")
+            raise ValueError(f"{self.format}: compute='int8' needs K % 32 == 0 and int2/int3/int4 groups >= 32")
         return compute
 
     def qtensor(self) -> QTensor:
@@ -526,7 +526,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         fmt, dq = _split_fmt(self.format)
         extra = ""
-        if fmt in ("nf4", "int4"):
+        if fmt in _formats.GROUPED:
             extra = f", group={self.group}" + (", sym" if self.sym else "") + (", double_quant" if dq else "")
         if self.perm is not None:
             extra += ", act_order"

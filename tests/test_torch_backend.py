@@ -30,7 +30,8 @@ def test_import_pyqkern_does_not_import_torch():
 @pytest.mark.parametrize("fmt,opts", [("q4_0", {}), ("q4_1", {}), ("q8_0", {}), ("iq4_nl", {}),
                                       ("q4_k", {}), ("q6_k", {}), ("nf4", {"group": 64}),
                                       ("nf4", {"double_quant": True}), ("int4", {"group": 32}),
-                                      ("int4", {"group": 32, "sym": True}), ("int8", {})])
+                                      ("int4", {"group": 32, "sym": True}), ("int8", {}), ("int2", {}),
+                                      ("int3", {"group": 16, "sym": True}), ("fp4", {"double_quant": True})])
 def test_float_matches_dequantized_linear(fmt, opts):
     k = 256
     lin = _lin(k, 24)
