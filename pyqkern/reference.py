@@ -183,14 +183,19 @@ def quantize_nf4(x, group=64, sym=0):
     return q, np.ascontiguousarray(s), _empty(n)
 
 
-def dequantize_nf4(q, s, z, k, group=64, sym=0):
+def _dequantize_bnb4(table, q, s, k, group):
+    """bitsandbytes 4-bit layout (first element in the high nibble): table[code] * absmax."""
     n = q.shape[0]
     idx = np.empty((n, k), dtype=np.uint8)
     idx[:, 0::2] = q >> 4
     idx[:, 1::2] = q & 0x0F
     amax = np.ascontiguousarray(s).view(F32).reshape(n, -1)
-    vals = NF4_CODE[idx].reshape(n, -1, group)
+    vals = table[idx].reshape(n, -1, group)
     return (vals * amax[:, :, None]).astype(F32).reshape(n, k)
+
+
+def dequantize_nf4(q, s, z, k, group=64, sym=0):
+    return _dequantize_bnb4(NF4_CODE, q, s, k, group)
 
 
 # ---------------------------------------------------------------- fp4 (bitsandbytes)
@@ -214,13 +219,7 @@ def quantize_fp4(x, group=64, sym=0):
 
 
 def dequantize_fp4(q, s, z, k, group=64, sym=0):
-    n = q.shape[0]
-    idx = np.empty((n, k), dtype=np.uint8)
-    idx[:, 0::2] = q >> 4
-    idx[:, 1::2] = q & 0x0F
-    amax = np.ascontiguousarray(s).view(F32).reshape(n, -1)
-    vals = FP4_CODE[idx].reshape(n, -1, group)
-    return (vals * amax[:, :, None]).astype(F32).reshape(n, k)
+    return _dequantize_bnb4(FP4_CODE, q, s, k, group)
 
 
 # ---------------------------------------------------------------- int2/int3/int4 (GPTQ-style)

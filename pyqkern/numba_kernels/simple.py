@@ -612,46 +612,34 @@ for _f, _name in ((quantize_q4_0, "quantize_q4_0"), (quantize_q4_1, "quantize_q4
     _f.__name__ = _f.__qualname__ = _name
 
 
-def quantize_nf4(x, group=64, sym=0):
-    x = _f32(x)
-    n, k = x.shape
-    if group <= 0 or group % 2 or k % group:
-        raise ValueError(f"nf4: K={k} is not a multiple of an even block size {group}")
-    q = np.empty((n, k // 2), dtype=np.uint8)
-    s = np.empty((n, k // group * 4), dtype=np.uint8)
-    _quantize_nf4(x, group, q, s)
-    return q, s, _empty(n)
+def _make_bnb4(fmt, quantize_kernel, dequantize_kernel):
+    """Wrappers of the bitsandbytes-layout kernels (nf4, fp4): checks and section buffers."""
+
+    def quantize(x, group=64, sym=0):
+        x = _f32(x)
+        n, k = x.shape
+        if group <= 0 or group % 2 or k % group:
+            raise ValueError(f"{fmt}: K={k} is not a multiple of an even block size {group}")
+        q = np.empty((n, k // 2), dtype=np.uint8)
+        s = np.empty((n, k // group * 4), dtype=np.uint8)
+        quantize_kernel(x, group, q, s)
+        return q, s, _empty(n)
+
+    def dequantize(q, s, z, k, group=64, sym=0):
+        q, s = _u8(q), _u8(s)
+        n = q.shape[0]
+        if group <= 0 or group % 2 or k % group or q.shape[1] != k // 2 or s.shape != (n, k // group * 4):
+            raise ValueError(f"{fmt}: sections do not match K={k}, block {group}")
+        y = np.empty((n, k), dtype=_F32)
+        dequantize_kernel(q, s, group, y)
+        return y
+
+    quantize.__name__, dequantize.__name__ = f"quantize_{fmt}", f"dequantize_{fmt}"
+    return quantize, dequantize
 
 
-def dequantize_nf4(q, s, z, k, group=64, sym=0):
-    q, s = _u8(q), _u8(s)
-    n = q.shape[0]
-    if group <= 0 or group % 2 or k % group or q.shape[1] != k // 2 or s.shape != (n, k // group * 4):
-        raise ValueError(f"nf4: sections do not match K={k}, block {group}")
-    y = np.empty((n, k), dtype=_F32)
-    _dequantize_nf4(q, s, group, y)
-    return y
-
-
-def quantize_fp4(x, group=64, sym=0):
-    x = _f32(x)
-    n, k = x.shape
-    if group <= 0 or group % 2 or k % group:
-        raise ValueError(f"fp4: K={k} is not a multiple of an even block size {group}")
-    q = np.empty((n, k // 2), dtype=np.uint8)
-    s = np.empty((n, k // group * 4), dtype=np.uint8)
-    _quantize_fp4(x, group, q, s)
-    return q, s, _empty(n)
-
-
-def dequantize_fp4(q, s, z, k, group=64, sym=0):
-    q, s = _u8(q), _u8(s)
-    n = q.shape[0]
-    if group <= 0 or group % 2 or k % group or q.shape[1] != k // 2 or s.shape != (n, k // group * 4):
-        raise ValueError(f"fp4: sections do not match K={k}, block {group}")
-    y = np.empty((n, k), dtype=_F32)
-    _dequantize_fp4(q, s, group, y)
-    return y
+quantize_nf4, dequantize_nf4 = _make_bnb4("nf4", _quantize_nf4, _dequantize_nf4)
+quantize_fp4, dequantize_fp4 = _make_bnb4("fp4", _quantize_fp4, _dequantize_fp4)
 
 
 def _int4_group(k, group):

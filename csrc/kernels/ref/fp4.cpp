@@ -24,16 +24,7 @@ void quantize_row_fp4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
 }
 
 void dequantize_row_fp4(const uint8_t* q, const uint8_t* s, const uint8_t*, int64_t k, float* y, const pqk_qparams& p) {
-  const int64_t bs = p.group;
-  for (int64_t b = 0; b < k / bs; ++b) {
-    float amax;
-    std::memcpy(&amax, s + 4 * b, 4);
-    for (int64_t j = 0; j < bs; j += 2) {
-      uint8_t c = q[(b * bs + j) / 2];
-      y[b * bs + j] = kFP4[c >> 4] * amax;
-      y[b * bs + j + 1] = kFP4[c & 0xf] * amax;
-    }
-  }
+  dequantize_row_bnb4(kFP4, q, s, k, y, p.group);
 }
 
 }}  // namespace pqk::ref

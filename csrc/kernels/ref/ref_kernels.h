@@ -24,6 +24,21 @@ PQK_DECLARE_ROW_KERNELS(int2)
 PQK_DECLARE_ROW_KERNELS(int3)
 PQK_DECLARE_ROW_KERNELS(fp4)
 
+// bitsandbytes 4-bit layout (nf4, fp4): blocks of bs along the row, fp32 absmax per block in s,
+// two codes per byte with the first element in the HIGH nibble; y = table[code] * absmax.
+static inline void dequantize_row_bnb4(const float* table, const uint8_t* q, const uint8_t* s, int64_t k, float* y,
+                                       int64_t bs) {
+  for (int64_t b = 0; b < k / bs; ++b) {
+    float amax;
+    std::memcpy(&amax, s + 4 * b, 4);
+    for (int64_t j = 0; j < bs; j += 2) {
+      const uint8_t c = q[(b * bs + j) / 2];
+      y[b * bs + j] = table[c >> 4] * amax;
+      y[b * bs + j + 1] = table[c & 0xf] * amax;
+    }
+  }
+}
+
 }}  // namespace pqk::ref
 #include "../../core/packed.h"
 #include "../../core/kernel_table.h"
