@@ -111,6 +111,28 @@ def hinv_upper(H, damp, overwrite=False):
                      f"· mean(diag H) ({last}); give more or better calibration data")
 
 
+def _symmetric_from_upper(a, bs=256):
+    """float64 C-order copy of a [K, K] whose lower triangle is the transpose of its upper one
+    (BLAS syrk fills only the upper triangle). Block by block: two passes over the matrix
+    instead of the temporaries of triu + triu.T; a Fortran-order input is copied as its
+    transpose (a plain copy, whose lower triangle then holds the valid half)."""
+    from_lower = a.flags.f_contiguous and not a.flags.c_contiguous
+    out = np.array(a.T if from_lower else a, dtype=F64, order="C")
+    k = out.shape[0]
+    for i in range(0, k, bs):
+        e = min(k, i + bs)
+        d = out[i:e, i:e]
+        if from_lower:
+            d[np.triu_indices(e - i, 1)] = d.T[np.triu_indices(e - i, 1)]
+            if e < k:
+                out[i:e, e:] = out[e:, i:e].T
+        else:
+            d[np.tril_indices(e - i, -1)] = d.T[np.tril_indices(e - i, -1)]
+            if e < k:
+                out[e:, i:e] = out[i:e, e:].T
+    return out
+
+
 # ---------------------------------------------------------------- the column loop
 def _block_columns_numpy(Wb, Ub, Err, C, Qv, colgrp, A, Bt, Z, M, T, qlo, qhi, j0, j1, mode):
     """NumPy twin of :func:`pyqkern.numba_kernels.gptq_loop.block_columns` (same arithmetic)."""
@@ -317,8 +339,7 @@ class GPTQ:
     @property
     def H(self) -> np.ndarray:
         """The accumulated Hessian 2/n Σ x xᵀ, float64 [K, K] (a symmetric copy)."""
-        u = np.triu(self._H).astype(F64, copy=False)
-        return u + np.triu(u, 1).T
+        return _symmetric_from_upper(self._H)
 
     def add_batch(self, x) -> None:
         """Accumulate ``H = 2/n Σ x xᵀ`` over x [tokens, K] (any leading dims), float64 (or the
@@ -351,13 +372,15 @@ class GPTQ:
             self._H = np.asfortranarray(out)
 
     def set_hessian(self, H, nsamples=1) -> None:
-        """Use a ready Hessian H [K, K] (symmetric, finite) instead of add_batch."""
+        """Use a ready Hessian H [K, K] (symmetric, finite) instead of add_batch. Only one
+        triangle is read (H must be symmetric)."""
         k = self.W.shape[1]
         H = np.asarray(H, dtype=F64)
         if H.shape != (k, k):
             raise ValueError(f"GPTQ: H must be [{k}, {k}], got {H.shape}")
         _check_finite(H, "the Hessian")
-        self._H = np.array(H, dtype=self._hdt, copy=True, order="F")
+        # symmetric: the Fortran-order copy of H.T is a plain copy of a C-order H
+        self._H = np.array(H.T if H.flags.c_contiguous else H, dtype=self._hdt, copy=True, order="F")
         self.nsamples = int(nsamples)
 
     def quantize(self, format="int4", bits=None, group_size=None, sym=False, act_order=False,
