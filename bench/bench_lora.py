@@ -9,7 +9,7 @@ Rows (benchmark group per case):
     fused    pq.matmul(x, qt, lora=ad)          (one call; shrink + expansion inside)
     unfused  QLinear(x) + numpy (x @ A.T) @ B.T (what runtimes do today: base op + two GEMMs + add)
   extra_info["overhead_vs_base"] is reported on the fused/unfused rows (from the min times).
-- multi: 32 rows, rank 16: every row its own adapter (32 loaded) vs all rows sharing one;
+- multi: 32 rows, rank 16, fp32 and bf16 adapters: every row its own adapter (32 loaded) vs all rows sharing one;
   extra_info["ratio_vs_shared"] on the distinct row.
 - backward (if pyqkern.lora.backward exists): M=512 step vs dequantize-then-numpy.
 """
@@ -101,24 +101,26 @@ def test_decode(benchmark, layers, fmt, r, mode, threads):
         benchmark.extra_info["overhead_vs_base"] = t / base - 1.0
 
 
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", ["shared", "distinct"])
-def test_multi_adapter_batch(benchmark, layers, case, threads):
+def test_multi_adapter_batch(benchmark, layers, case, storage, threads):
     qt = layers["q4_0"]
     lin = pq.QLinear(qt)
     m = 32
     for i in range(m):
-        lin.add_adapter(f"a{i}", _adapter(16, 100 + i))
+        a = _adapter(16, 100 + i)
+        lin.add_adapter(f"a{i}", LoRA(a.A, a.B, alpha=a.alpha, storage=storage))
     x = np.random.default_rng(2).standard_normal((m, K)).astype(np.float32)
     y = np.empty((m, N), np.float32)
     ids = np.zeros(m, np.int32) if case == "shared" else np.arange(m, dtype=np.int32)
-    benchmark.group = f"lora 32 rows x rank 16 t{threads}"
+    benchmark.group = f"lora 32 rows x rank 16 {storage} t{threads}"
     benchmark.pedantic(lambda: lin(x, adapter_ids=ids, out=y), rounds=30, iterations=1, warmup_rounds=2)
     t = benchmark.stats.stats.min
-    _info(benchmark, case=case, threads=threads, min_us=t * 1e6)
+    _info(benchmark, case=case, storage=storage, threads=threads, min_us=t * 1e6)
     if case == "shared":
-        _shared_min[threads] = t
-    elif threads in _shared_min:
-        benchmark.extra_info["ratio_vs_shared"] = t / _shared_min[threads]
+        _shared_min[(storage, threads)] = t
+    elif (storage, threads) in _shared_min:
+        benchmark.extra_info["ratio_vs_shared"] = t / _shared_min[(storage, threads)]
 
 
 def test_backward_step(benchmark, layers):
