@@ -156,13 +156,18 @@ def params(fmt, b, sym=False, shrink=1.0):
 
 def codes_values(fmt, x, P):
     """Codes and values of x [R, gs] on the grid P (the arithmetic of the GPTQ loop)."""
+    qlo, qhi = code_range(fmt) if MODE[fmt] == 0 else (0, 0)
+    return mode_codes_values(MODE[fmt], x, P, qlo, qhi, TABLES.get(fmt))
+
+
+def mode_codes_values(mode, x, P, qlo=0, qhi=0, T=None):
+    """codes_values by the GPTQ loop's mode number: mode 0 clamps codes to [qlo, qhi], mode 3
+    reads the ascending table T (see pyqkern.numba_kernels.gptq_loop)."""
     x = np.asarray(x, F32)
     a, bb, m, z = (P[k][:, None] for k in ("a", "b", "m", "z"))
-    mode = MODE[fmt]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if mode == 0:
-            lo, hi = code_range(fmt)
-            t = np.clip(np.rint(x / a) + z.astype(F32), F32(lo), F32(hi))
+            t = np.clip(np.rint(x / a) + z.astype(F32), F32(qlo), F32(qhi))
             c = np.where(a == 0, z, t.astype(np.int32))
             v = (c - z).astype(F32) * a
         elif mode == 1:
@@ -176,7 +181,6 @@ def codes_values(fmt, x, P):
             c = np.clip(t, F32(-127), F32(127)).astype(np.int32)
             v = c.astype(F32) * bb
         else:
-            T = TABLES[fmt]
             c = nearest(T, (x - m) * a)
             v = (T[c] * bb + m).astype(F32)
     return c.astype(np.int32), v.astype(F32)

@@ -136,22 +136,11 @@ def _symmetric_from_upper(a, bs=256):
 # ---------------------------------------------------------------- the column loop
 def _block_columns_numpy(Wb, Ub, Err, C, Qv, colgrp, A, Bt, Z, M, T, qlo, qhi, j0, j1, mode):
     """NumPy twin of :func:`pyqkern.numba_kernels.gptq_loop.block_columns` (same arithmetic)."""
-    fmt = {0: None, 1: "q4_0", 2: "q8_0"}.get(mode)
     for j in range(j0, j1):
         g = colgrp[j]
-        x = Wb[j].astype(F32)
         P = {"a": A[g], "b": Bt[g], "m": M[g], "z": Z[g]}
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            if mode == 0:
-                t = np.clip(np.rint(x / P["a"]) + P["z"].astype(F32), F32(qlo), F32(qhi))
-                c = np.where(P["a"] == 0, P["z"], t.astype(np.int32))
-                q = (c - P["z"]).astype(F32) * P["a"]
-            elif mode == 3:
-                c = _grid.nearest(T, (x - P["m"]) * P["a"])
-                q = (T[c] * P["b"] + P["m"]).astype(F32)
-            else:  # q4_0 / q8_0: ggml's rules
-                c, q = _grid.codes_values(fmt, x[:, None], P)
-                c, q = c[:, 0], q[:, 0]
+        c, q = _grid.mode_codes_values(mode, Wb[j].astype(F32)[:, None], P, qlo, qhi, T)
+        c, q = c[:, 0], q[:, 0]
         C[j] = c
         Qv[j] = q
         Err[j] = (Wb[j] - q.astype(F64)) / Ub[j, j]
