@@ -371,7 +371,8 @@ def _quantize_nf4(x, bs, q, s):
 
 
 @njit(**_PJIT)
-def _dequantize_nf4(q, s, bs, y):
+def _dequantize_bnb4(q, s, bs, table, y):
+    """bitsandbytes 4-bit layout (nf4, fp4): table[code] * absmax, first element high nibble."""
     n, k = y.shape
     for r in prange(n):
         for b in range(k // bs):
@@ -379,8 +380,8 @@ def _dequantize_nf4(q, s, bs, y):
             yo = b * bs
             for j in range(0, bs, 2):
                 c = q[r, (yo + j) // 2]
-                y[r, yo + j] = NF4_CODE[c >> 4] * amax
-                y[r, yo + j + 1] = NF4_CODE[c & 0xF] * amax
+                y[r, yo + j] = table[c >> 4] * amax
+                y[r, yo + j + 1] = table[c & 0xF] * amax
 
 
 # ---------------------------------------------------------------- fp4 (bitsandbytes order)
@@ -401,19 +402,6 @@ def _quantize_fp4(x, bs, q, s):
                 hi = fp4_index(x[r, xo + j] * rc)
                 lo = fp4_index(x[r, xo + j + 1] * rc)
                 q[r, qo + j // 2] = (hi << 4) | lo
-
-
-@njit(**_PJIT)
-def _dequantize_fp4(q, s, bs, y):
-    n, k = y.shape
-    for r in prange(n):
-        for b in range(k // bs):
-            amax = u32_as_f32(load_u32(s, r, 4 * b))
-            yo = b * bs
-            for j in range(0, bs, 2):
-                c = q[r, (yo + j) // 2]
-                y[r, yo + j] = FP4_CODE[c >> 4] * amax
-                y[r, yo + j + 1] = FP4_CODE[c & 0xF] * amax
 
 
 # ---------------------------------------------------------------- int4 (GPTQ quantizer)
@@ -612,7 +600,7 @@ for _f, _name in ((quantize_q4_0, "quantize_q4_0"), (quantize_q4_1, "quantize_q4
     _f.__name__ = _f.__qualname__ = _name
 
 
-def _make_bnb4(fmt, quantize_kernel, dequantize_kernel):
+def _make_bnb4(fmt, quantize_kernel, table):
     """Wrappers of the bitsandbytes-layout kernels (nf4, fp4): checks and section buffers."""
 
     def quantize(x, group=64, sym=0):
@@ -631,15 +619,15 @@ def _make_bnb4(fmt, quantize_kernel, dequantize_kernel):
         if group <= 0 or group % 2 or k % group or q.shape[1] != k // 2 or s.shape != (n, k // group * 4):
             raise ValueError(f"{fmt}: sections do not match K={k}, block {group}")
         y = np.empty((n, k), dtype=_F32)
-        dequantize_kernel(q, s, group, y)
+        _dequantize_bnb4(q, s, group, table, y)
         return y
 
     quantize.__name__, dequantize.__name__ = f"quantize_{fmt}", f"dequantize_{fmt}"
     return quantize, dequantize
 
 
-quantize_nf4, dequantize_nf4 = _make_bnb4("nf4", _quantize_nf4, _dequantize_nf4)
-quantize_fp4, dequantize_fp4 = _make_bnb4("fp4", _quantize_fp4, _dequantize_fp4)
+quantize_nf4, dequantize_nf4 = _make_bnb4("nf4", _quantize_nf4, NF4_CODE)
+quantize_fp4, dequantize_fp4 = _make_bnb4("fp4", _quantize_fp4, FP4_CODE)
 
 
 def _int4_group(k, group):
