@@ -1,4 +1,4 @@
-// nf4 (bitsandbytes), int4 (group-wise, GPTQ rounding) and int8 (per-channel) rows.
+// nf4 (bitsandbytes) and int8 (per-channel) rows (int2/int3/int4: intn.cpp).
 #include "ref_kernels.h"
 
 namespace pqk { namespace ref {
@@ -23,43 +23,6 @@ void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
 
 void dequantize_row_nf4(const uint8_t* q, const uint8_t* s, const uint8_t*, int64_t k, float* y, const pqk_qparams& p) {
   dequantize_row_bnb4(kNF4, q, s, k, y, p.group);
-}
-
-// int4: per group, GPTQ's quantizer (range widened to include 0; sym: +-amax, zero 8;
-// asym: zero = round(-min/scale)); scale rounded to fp16 first and used for the codes;
-// q = clamp(round_half_even(x / scale) + zero, 0, 15). Codes: element 2i LOW, 2i+1 HIGH.
-void quantize_row_int4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t* z, const pqk_qparams& p) {
-  const int64_t g = p.group == -1 ? k : p.group;
-  for (int64_t b = 0; b < k / g; ++b) {
-    const float* xg = x + b * g;
-    float sf; uint16_t s16; int zero;
-    int4_group_params(xg, g, p.sym != 0, &sf, &s16, &zero);
-    std::memcpy(s + 2 * b, &s16, 2);
-    if (!p.sym) z[b] = (uint8_t)zero;
-    for (int64_t j = 0; j < g; j += 2) {
-      int c[2];
-      for (int t = 0; t < 2; ++t) {
-        int v = sf == 0.0f ? zero : round_even_i32(xg[j + t] / sf) + zero;
-        c[t] = v < 0 ? 0 : (v > 15 ? 15 : v);
-      }
-      q[(b * g + j) / 2] = (uint8_t)(c[0] | (c[1] << 4));
-    }
-  }
-}
-
-void dequantize_row_int4(const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_t k, float* y, const pqk_qparams& p) {
-  const int64_t g = p.group == -1 ? k : p.group;
-  for (int64_t b = 0; b < k / g; ++b) {
-    uint16_t s16;
-    std::memcpy(&s16, s + 2 * b, 2);
-    const float sf = fp16_to_fp32(s16);
-    const int zero = p.sym ? 8 : z[b];
-    for (int64_t j = 0; j < g; j += 2) {
-      uint8_t c = q[(b * g + j) / 2];
-      y[b * g + j] = (float)((c & 0xf) - zero) * sf;
-      y[b * g + j + 1] = (float)((c >> 4) - zero) * sf;
-    }
-  }
 }
 
 // int8: symmetric per row, fp32 scale = amax/127, q = round_half_even(x / scale).

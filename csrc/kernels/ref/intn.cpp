@@ -1,10 +1,13 @@
-// int2 and int3: group-wise like int4 (GPTQ's quantizer with maxq = 3 / 7, fp16 scales, uint8
-// zero points; sym: zero fixed at 2 / 4). Codes packed low bits first:
+// int2, int3, int4: group-wise, GPTQ's quantizer (range widened to include 0; sym: +-amax and
+// zero fixed at 2 / 4 / 8; asym: zero = round(-min/scale)), scale rounded to fp16 first and used
+// for the codes, q = clamp(round_half_even(x / scale) + zero, 0, maxq), maxq = 3 / 7 / 15.
+// Codes packed low bits first, the row read as a little-endian bit stream:
+//   int4: element 2i in the LOW nibble of byte i, 2i+1 in the high one;
 //   int2: byte i holds elements 4i..4i+3, element 4i+t in bits 2t..2t+1;
-//   int3: the row is a little-endian bit stream, element i in bits 3i..3i+2 (8 elements per
-//         3 bytes; GPTQ's int3 packs 32 values into three int32 words the same way).
-// Scalar only: these formats are GPTQ targets, and the matmul reads them through the packed
-// layout (4-bit lanes, as int4), so a SIMD quantizer would buy little.
+//   int3: element i in bits 3i..3i+2 (8 elements per 3 bytes; GPTQ's int3 packs 32 values into
+//         three int32 words the same way).
+// int2/int3 are scalar only (GPTQ targets; the matmul reads them through the packed layout's
+// 4-bit lanes); int4 has SIMD quantizers that must match this one.
 #include "ref_kernels.h"
 
 namespace pqk { namespace ref {
@@ -13,23 +16,18 @@ namespace {
 
 template <int BITS>
 void put_code(uint8_t* q, int64_t i, int c) {
-  if (BITS == 2) {
-    q[i >> 2] = (uint8_t)(q[i >> 2] | (c << (2 * (i & 3))));
-  } else {  // 3 bits may straddle a byte boundary
-    const int64_t bit = 3 * i;
-    const uint32_t v = (uint32_t)c << (bit & 7);
-    q[bit >> 3] = (uint8_t)(q[bit >> 3] | (v & 0xFF));
-    if ((bit & 7) > 5) q[(bit >> 3) + 1] = (uint8_t)(q[(bit >> 3) + 1] | (v >> 8));
-  }
+  const int64_t bit = BITS * i;
+  const uint32_t v = (uint32_t)c << (bit & 7);
+  q[bit >> 3] = (uint8_t)(q[bit >> 3] | (v & 0xFF));
+  if ((bit & 7) + BITS > 8) q[(bit >> 3) + 1] = (uint8_t)(q[(bit >> 3) + 1] | (v >> 8));  // int3 straddles
 }
 
 template <int BITS>
 int get_code(const uint8_t* q, int64_t i) {
-  if (BITS == 2) return (q[i >> 2] >> (2 * (i & 3))) & 3;
-  const int64_t bit = 3 * i;
+  const int64_t bit = BITS * i;
   uint32_t v = q[bit >> 3];
-  if ((bit & 7) > 5) v |= (uint32_t)q[(bit >> 3) + 1] << 8;
-  return (int)((v >> (bit & 7)) & 7);
+  if ((bit & 7) + BITS > 8) v |= (uint32_t)q[(bit >> 3) + 1] << 8;
+  return (int)((v >> (bit & 7)) & ((1u << BITS) - 1));
 }
 
 template <int BITS>
@@ -64,6 +62,13 @@ void dequantize_row(const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_
 
 }  // namespace
 
+void quantize_row_int4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t* z, const pqk_qparams& p) {
+  quantize_row<4>(x, k, q, s, z, p);
+}
+void dequantize_row_int4(const uint8_t* q, const uint8_t* s, const uint8_t* z, int64_t k, float* y,
+                         const pqk_qparams& p) {
+  dequantize_row<4>(q, s, z, k, y, p);
+}
 void quantize_row_int2(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t* z, const pqk_qparams& p) {
   quantize_row<2>(x, k, q, s, z, p);
 }
