@@ -64,6 +64,13 @@ def as_float32_2d(w, what="w", bf16_uint16=True, allow_empty=False) -> np.ndarra
     raise TypeError(f"{what} has dtype {dt}; expected float32, float16 or bfloat16")
 
 
+def _check_finite_weights(x, fmt):
+    """ValueError naming the first row with NaN/Inf (the native kernels check the same per row)."""
+    if not np.isfinite(x).all():
+        bad = int(np.argmax(~np.isfinite(x).all(axis=1)))
+        raise ValueError(f"{fmt}: weights contain NaN or Inf (row {bad})")
+
+
 def _check_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -100,9 +107,7 @@ def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="
             raise ValueError(f"search must be None or 'mse', got {search!r}")
         if double_quant:
             raise ValueError("search='mse' does not combine with double_quant")
-        if not np.isfinite(x).all():
-            bad = int(np.argmax(~np.isfinite(x).all(axis=1)))
-            raise ValueError(f"{fmt}: weights contain NaN or Inf (row {bad})")
+        _check_finite_weights(x, fmt)
         from . import _grid
 
         return _grid.quantize_search(x, fmt, params.get("group"), bool(params.get("sym")))
@@ -119,9 +124,7 @@ def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="
         return _qtensor.assemble(fmt, n, k, params, q, s, z)
     if isa is not None:
         raise ValueError("isa= applies to the native backend only")
-    if not np.isfinite(x).all():
-        bad = int(np.argmax(~np.isfinite(x).all(axis=1)))
-        raise ValueError(f"{fmt}: weights contain NaN or Inf (row {bad})")
+    _check_finite_weights(x, fmt)
     mod = _backend_module(backend)
     fn = mod.QUANTIZE.get(fmt)
     if fn is None:
