@@ -1,6 +1,7 @@
 """quantize / dequantize throughput per format: every runnable native variant (1 and 2 threads),
-the numba backend, and the gguf package's numpy implementation as the peer (its quantize for
-q4_0 / q4_1 / q8_0, its dequantize for every ggml type).
+the numba backend, and the peers: the gguf package's numpy implementation (its quantize for
+q4_0 / q4_1 / q8_0, its dequantize for every ggml type) and bitsandbytes' CPU path for nf4 / fp4
+(quantize_4bit / dequantize_4bit, when bitsandbytes is installed). int2 / int3 have no peer.
 
     pytest bench/bench_quantize.py --benchmark-only [--benchmark-columns=min,median]
 
@@ -14,7 +15,8 @@ import pytest
 import pyqkern as pq
 
 FORMATS = [("q4_0", {}), ("q4_1", {}), ("q8_0", {}), ("q4_k", {}), ("q6_k", {}), ("iq4_nl", {}),
-           ("nf4", {}), ("nf4", {"double_quant": True}), ("int4", {}), ("int4", {"sym": True}), ("int8", {})]
+           ("nf4", {}), ("nf4", {"double_quant": True}), ("fp4", {}), ("int4", {}), ("int4", {"sym": True}),
+           ("int3", {}), ("int2", {}), ("int8", {})]
 FORMAT_IDS = [f + "".join(f"-{k}" if v is True else f"-{k}{v}" for k, v in o.items()) for f, o in FORMATS]
 GGML = {"q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl"}
 GGUF_QUANTIZE = ["q4_0", "q4_1", "q8_0"]
@@ -133,3 +135,29 @@ def test_dequantize_gguf(measure, qtensors, fmt):
     blocks = qt.data.reshape(qt.shape[0], -1)
     fn = lambda: quants.dequantize(blocks, types[fmt])   # noqa: E731
     measure(fn, op="dequantize", fmt=fmt, impl="gguf-numpy", variant="numpy", threads=1)
+
+
+# ---------------------------------------------------------------- peer: bitsandbytes (torch, CPU)
+def _bnb():
+    try:
+        import torch
+        import bitsandbytes.functional as F
+    except ImportError as e:
+        pytest.skip(f"bitsandbytes is not installed ({e})")
+    return torch, F
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_quantize_bnb(measure, weights, fmt):
+    torch, F = _bnb()
+    w = torch.from_numpy(weights)
+    fn = lambda: F.quantize_4bit(w, blocksize=64, quant_type=fmt)   # noqa: E731
+    measure(fn, op="quantize", fmt=fmt, impl="bitsandbytes", variant="torch-cpu", threads=torch.get_num_threads())
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_dequantize_bnb(measure, weights, fmt):
+    torch, F = _bnb()
+    q, state = F.quantize_4bit(torch.from_numpy(weights), blocksize=64, quant_type=fmt)
+    fn = lambda: F.dequantize_4bit(q, state)   # noqa: E731
+    measure(fn, op="dequantize", fmt=fmt, impl="bitsandbytes", variant="torch-cpu", threads=torch.get_num_threads())

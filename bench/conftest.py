@@ -103,8 +103,8 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section(f"pyqkern throughput, GB/s of float32 weights ({SHAPE[0]}x{SHAPE[1]}; "
                f"cpu: {pq.info()['cpu']})")
-    tr.write_line(f"{'op':<11}{'format':<18}{'impl':<12}{'variant':<12}{'threads':>7}{'GB/s':>9}"
+    tr.write_line(f"{'op':<11}{'format':<18}{'impl':<14}{'variant':<12}{'threads':>7}{'GB/s':>9}"
                   f"{'best':>9}{'ms':>10}")
     for op, fmt, impl, variant, threads, gbs, best, med in sorted(_RESULTS, key=lambda r: (r[0], r[1], -r[5])):
-        tr.write_line(f"{op:<11}{fmt:<18}{impl:<12}{variant:<12}{threads:>7}{gbs:>9.2f}{best:>9.2f}"
+        tr.write_line(f"{op:<11}{fmt:<18}{impl:<14}{variant:<12}{threads:>7}{gbs:>9.2f}{best:>9.2f}"
                       f"{med * 1e3:>10.2f}")
