@@ -17,7 +17,8 @@ import numpy as np
 
 from . import _formats, reference
 from ._formats import INTN_BITS
-from ._ops import _check_backend, _native, isa_id
+from ._lora import LoRA
+from ._ops import _check_backend, _native, as_float32_2d, isa_id
 from ._qtensor import QTensor
 
 COMPUTES = ("auto", "int8", "float")
@@ -26,8 +27,6 @@ COMPUTES = ("auto", "int8", "float")
 def _x_rows(x, k):
     """x [..., K] (float32/16/bf16, numpy or a CPU torch tensor) -> (float32 [M, K] with
     contiguous rows, leading shape)."""
-    from ._ops import as_float32_2d
-
     if hasattr(x, "detach") and hasattr(x, "numpy"):
         x = x.detach()
     elif not isinstance(x, np.ndarray):
@@ -98,8 +97,6 @@ def _out(out, shape):
 
 def _adapters(lora, adapter_ids, w, m):
     """-> (list of LoRA, int32 ids [m] or None)"""
-    from ._lora import LoRA
-
     if lora is None:
         if adapter_ids is not None:
             raise ValueError("adapter_ids given without adapters")
@@ -246,8 +243,6 @@ class QLinear:
     # -- adapters
     def add_adapter(self, name: str, lora) -> None:
         """Attach an adapter under a name (active by default)."""
-        from ._lora import LoRA
-
         if not isinstance(lora, LoRA):
             raise TypeError(f"expected a LoRA, got {type(lora).__name__}")
         if not isinstance(name, str):

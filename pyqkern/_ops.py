@@ -16,10 +16,17 @@ except ImportError:  # ml_dtypes is optional: bf16 may also come as raw uint16
     _BF16 = None
 
 
-def _native():
-    from . import _native as n
+_NATIVE = None
 
-    return n
+
+def _native():
+    """The compiled extension, imported on first use (an import statement costs ~0.5 us per call)."""
+    global _NATIVE
+    if _NATIVE is None:
+        from . import _native as n
+
+        _NATIVE = n
+    return _NATIVE
 
 
 def isa_id(isa) -> int:
