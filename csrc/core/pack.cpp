@@ -156,7 +156,7 @@ void decompose_row(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z
 }
 
 // Next 64-byte aligned address (absolute, not relative to the buffer start) at or after off.
-uint8_t* align64(std::vector<uint8_t>& st, size_t& off, size_t bytes) {
+uint8_t* align64(ByteBuffer& st, size_t& off, size_t bytes) {
   uintptr_t base = (uintptr_t)st.data();
   off = (size_t)(((base + off + 63) & ~(uintptr_t)63) - base);
   uint8_t* p = st.data() + off;
@@ -195,7 +195,7 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
   const size_t code_bytes = (size_t)(w.n_tiles * w.tile_code_bytes);
   const size_t par_bytes = (size_t)(w.n_tiles * w.npar * NR * 4);
   const size_t fpar_bytes = f16 ? par_bytes / 2 : par_bytes;
-  w.storage.assign(code_bytes + fpar_bytes * (1 + (w.has_min ? 1 : 0)) + par_bytes * (w.row_offset ? 1 : 0) + 64 * 5, 0);
+  w.storage.assign_zero(code_bytes + fpar_bytes * (1 + (w.has_min ? 1 : 0)) + par_bytes * (w.row_offset ? 1 : 0) + 64 * 5);
   size_t off = 0;
   w.codes = align64(w.storage, off, code_bytes);
   if (f16) {
