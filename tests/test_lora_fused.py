@@ -280,3 +280,41 @@ def test_numba_fused_dora_and_perm():
         ref = pq.matmul(x, qt, lora=ad, compute="float", backend="reference")
         y = pq.matmul(x, qt, lora=ad, backend="numba")
         assert (np.abs(y - ref) <= bound(x, qt, [ad], None)).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(r=st.sampled_from([1, 2, 3, 6, 16, 18, 64, 130]), n=st.sampled_from([16, 37, 64]),
+       m=st.sampled_from([1, 2, 5]), storage=st.sampled_from(["float32", "float16", "bfloat16"]),
+       mode=st.sampled_from(["single", "sum", "rows", "dora"]), use_bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_expansion_bit_identical_across_variants(r, n, m, storage, mode, use_bias, seed):
+    """The expansion is specified exactly (rank r into FMA chain r % 4, (c0 + c1) + (c2 + c3),
+    scale, DoRA factor, bias), so with a shrink that is exact in any summation order (small
+    integer x, A in multiples of 1/8) every variant returns the same bits, including the SIMD
+    fast paths for full tiles and even ranks and the generic path for tails and odd ranks."""
+    rng = np.random.default_rng(seed)
+    k = 64
+    qt = make("q4_0", n, k, rng)
+    x = rng.integers(-4, 5, (m, k)).astype(np.float32)
+
+    def ad(rank, dora=False):
+        A = (rng.integers(-2, 3, (rank, k)) / 8).astype(np.float32)
+        B = (rng.standard_normal((n, rank)) * 0.05).astype(np.float32)
+        mag = (np.abs(rng.standard_normal(n)) + 0.5).astype(np.float32) if dora else None
+        return LoRA(A, B, alpha=2 * rank, magnitude=mag, storage=storage)
+
+    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    ids = None
+    if mode == "single":
+        lora = ad(r)
+    elif mode == "dora":
+        lora = ad(r, dora=True)
+    elif mode == "sum":
+        lora = [ad(r), ad(max(1, r // 2 + 1))]
+    else:
+        lora = [ad(r), ad(max(1, r - 1))]
+        ids = rng.integers(-1, 2, m).astype(np.int32)
+    outs = {v: pq.matmul(x, qt, bias, lora=lora, adapter_ids=ids, compute="int8", isa=v) for v in VARIANTS}
+    ref = outs["ref"]
+    for v, y in outs.items():
+        assert np.array_equal(y, ref), (v, np.abs(y - ref).max())

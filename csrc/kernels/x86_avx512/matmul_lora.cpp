@@ -1,6 +1,7 @@
 // Adapter kernels (AVX-512). Expansion: 16 output columns per vector, the same per-lane
 // operations and order as ref::lora_expand (rank r into FMA chain r % 4, chains added as
-// (c0 + c1) + (c2 + c3), then scale, DoRA factor and bias), so results are identical. Shrink: fp32 dot products (4 adapter rows share each load of x), FMA, any order.
+// (c0 + c1) + (c2 + c3), then scale, DoRA factor and bias), so results are identical.
+// Shrink: fp32 dot products (4 adapter rows share each load of x), FMA, any order.
 // A and B may be fp32, fp16 (vcvtph2ps) or bf16 (shift into the high half): widened exactly.
 #include <immintrin.h>
 
@@ -11,13 +12,6 @@ namespace pqk { namespace avx512 {
 namespace {
 
 // 16 elements at p + i (masked), widened to fp32
-inline __m512 load16(const void* p, int dtype, int64_t i, __mmask16 mk) {
-  if (dtype == 0) return _mm512_maskz_loadu_ps(mk, (const float*)p + i);
-  const __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t*)p + i);
-  if (dtype == 1) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 template <int DT>
 inline __m512 load16t(const void* p, int64_t i, __mmask16 mk) {
   if (DT == 0) return _mm512_maskz_loadu_ps(mk, (const float*)p + i);
@@ -43,27 +37,118 @@ inline __m512 rank_sum(const float* ta, const void* Bp, int64_t b0, int rank, __
   return _mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3));
 }
 
+
+// bf16 B, even rank, one full 16-column tile: one 64-byte load holds ranks r and r+1 of the 16
+// rows as 32-bit lanes (row 2j, row 2j+1) of rank r in lanes j < 8, of rank r+1 in lanes j >= 8.
+// Shifting a lane left by 16 widens its even row, masking the low half widens its odd row: two
+// ALU ops per two ranks instead of two zero-extending shuffles and two shifts. tv[p] holds
+// t[2p] in lanes 0-7 and t[2p+1] in lanes 8-15, so lane j < 8 of an accumulator fed by even
+// pairs (ranks 4q, 4q+1) is chain 0 of its row and lane j >= 8 chain 1; odd pairs give chains
+// 2 and 3. Each chain sees its ranks in the same order as rank_sum, so the sum is bit-identical.
+inline __m512 rank_sum_bf16_pairs(const __m512* tv, const uint16_t* Bt, int rank) {
+  const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+  __m512 e01 = _mm512_setzero_ps(), o01 = e01, e23 = e01, o23 = e01;
+  int p = 0;
+  for (; 2 * p + 4 <= rank; p += 2) {
+    const __m512i P0 = _mm512_loadu_si512((const void*)(Bt + 32 * p));
+    const __m512i P1 = _mm512_loadu_si512((const void*)(Bt + 32 * p + 32));
+    e01 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(P0, 16)), tv[p], e01);
+    o01 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(P0, hi)), tv[p], o01);
+    e23 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(P1, 16)), tv[p + 1], e23);
+    o23 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(P1, hi)), tv[p + 1], o23);
+  }
+  if (2 * p < rank) {  // rank % 4 == 2: one more even pair
+    const __m512i P0 = _mm512_loadu_si512((const void*)(Bt + 32 * p));
+    e01 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(P0, 16)), tv[p], e01);
+    o01 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(P0, hi)), tv[p], o01);
+  }
+  // lanes 0-7: even rows, lanes 8-15: odd rows; c0 + c1 then + (c2 + c3)
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(e01, o01, 0x44), _mm512_shuffle_f32x4(e01, o01, 0xEE));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(e23, o23, 0x44), _mm512_shuffle_f32x4(e23, o23, 0xEE));
+  const __m512i rows = _mm512_set_epi32(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+  return _mm512_permutexvar_ps(rows, _mm512_add_ps(s01, s23));
+}
+
+constexpr int kPairMaxRank = 128;  // tv on the stack: rank / 2 vectors
+
+// One adapter over the columns [n0, n0 + nr) of row i (v = y (+ scale * acc) (* row_scale)
+// (+ bias when last)): the fast bf16 path for full tiles, rank_sum elsewhere.
+template <int DT>
+void expand_one(const pqk_lora& ad, const float* ta, int64_t n0, int nr, float* yr, const float* bias) {
+  const bool pairs = DT == 2 && ad.rank % 2 == 0 && ad.rank <= kPairMaxRank;
+  __m512 tv[DT == 2 ? kPairMaxRank / 2 : 1];
+  if (pairs)
+    for (int p = 0; p < ad.rank / 2; ++p)
+      tv[p] = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(ta[2 * p]), _mm512_set1_ps(ta[2 * p + 1]));
+  const __m512 vs = _mm512_set1_ps(ad.scale);
+  for (int c0 = 0; c0 < nr;) {
+    const int64_t n = n0 + c0;
+    const int cn = nr - c0 < 16 - (int)(n % 16) ? nr - c0 : 16 - (int)(n % 16);
+    const __mmask16 mk = (__mmask16)((1u << cn) - 1);
+    const int64_t b0 = (n / 16) * ad.rank * 16 + n % 16;  // one contiguous [rank][16] block
+    float* yp = yr + c0;
+    __m512 acc;
+    if (pairs && cn == 16) acc = rank_sum_bf16_pairs(tv, (const uint16_t*)ad.Bp + b0, ad.rank);
+    else acc = rank_sum<DT>(ta, ad.Bp, b0, ad.rank, mk);
+    __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, yp), _mm512_mul_ps(vs, acc));
+    if (ad.row_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, ad.row_scale + n));
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + n));
+    _mm512_mask_storeu_ps(yp, mk, v);
+    c0 += cn;
+  }
+}
+
 }  // namespace
 
-void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
+namespace {
+
+// dot(x[0:k], A[r, 0:k]) for 4 rows r0..r0+3 at a time, A in dtype DT (the dtype branch is hoisted
+// out of the loop by the template).
+template <int DT>
+void shrink_rows_t(const void* A, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
   const int64_t k16 = k & ~(int64_t)15;
   const __mmask16 tail = (__mmask16)((1u << (k - k16)) - 1);
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t j = 0; j < k16; j += 16) {
+    int64_t j = 0;
+    if (DT == 2) {
+      // 32 bf16 per load: even elements by shifting left 16, odd ones by masking the low half;
+      // x split into its even and odd elements to match (two permutes shared by the 4 rows).
+      // Odd products go to their own accumulators (b*) so no chain has two FMAs per step.
+      const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+      const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+      const uint16_t* Ab = (const uint16_t*)A;
+      __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+      for (; j + 32 <= k; j += 32) {
+        const __m512 xl = _mm512_loadu_ps(x + j), xh = _mm512_loadu_ps(x + j + 16);
+        const __m512 xe = _mm512_permutex2var_ps(xl, ev, xh), xo = _mm512_permutex2var_ps(xl, od, xh);
+#define PQK_PAIR(acc, acco, row)                                                                  \
+  {                                                                                               \
+    const __m512i P = _mm512_loadu_si512((const void*)(Ab + (row) * k + j));                      \
+    acc = _mm512_fmadd_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(P, 16)), acc);                \
+    acco = _mm512_fmadd_ps(xo, _mm512_castsi512_ps(_mm512_and_si512(P, hi)), acco);               \
+  }
+        PQK_PAIR(a0, b0, r) PQK_PAIR(a1, b1, r + 1) PQK_PAIR(a2, b2, r + 2) PQK_PAIR(a3, b3, r + 3)
+#undef PQK_PAIR
+      }
+      a0 = _mm512_add_ps(a0, b0); a1 = _mm512_add_ps(a1, b1);
+      a2 = _mm512_add_ps(a2, b2); a3 = _mm512_add_ps(a3, b3);
+    }
+    for (; j < k16; j += 16) {
       const __m512 xv = _mm512_loadu_ps(x + j);
-      a0 = _mm512_fmadd_ps(xv, load16(ad.A, ad.dtype, r * k + j, 0xFFFF), a0);
-      a1 = _mm512_fmadd_ps(xv, load16(ad.A, ad.dtype, (r + 1) * k + j, 0xFFFF), a1);
-      a2 = _mm512_fmadd_ps(xv, load16(ad.A, ad.dtype, (r + 2) * k + j, 0xFFFF), a2);
-      a3 = _mm512_fmadd_ps(xv, load16(ad.A, ad.dtype, (r + 3) * k + j, 0xFFFF), a3);
+      a0 = _mm512_fmadd_ps(xv, load16t<DT>(A, r * k + j, 0xFFFF), a0);
+      a1 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 1) * k + j, 0xFFFF), a1);
+      a2 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 2) * k + j, 0xFFFF), a2);
+      a3 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 3) * k + j, 0xFFFF), a3);
     }
     if (tail) {
       const __m512 xv = _mm512_maskz_loadu_ps(tail, x + k16);
-      a0 = _mm512_fmadd_ps(xv, load16(ad.A, ad.dtype, r * k + k16, tail), a0);
-      a1 = _mm512_fmadd_ps(xv, load16(ad.A, ad.dtype, (r + 1) * k + k16, tail), a1);
-      a2 = _mm512_fmadd_ps(xv, load16(ad.A, ad.dtype, (r + 2) * k + k16, tail), a2);
-      a3 = _mm512_fmadd_ps(xv, load16(ad.A, ad.dtype, (r + 3) * k + k16, tail), a3);
+      a0 = _mm512_fmadd_ps(xv, load16t<DT>(A, r * k + k16, tail), a0);
+      a1 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 1) * k + k16, tail), a1);
+      a2 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 2) * k + k16, tail), a2);
+      a3 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 3) * k + k16, tail), a3);
     }
     t[r - r0] = _mm512_reduce_add_ps(a0);
     t[r - r0 + 1] = _mm512_reduce_add_ps(a1);
@@ -73,37 +158,44 @@ void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const fl
   for (; r < r1; ++r) {
     __m512 a0 = _mm512_setzero_ps();
     for (int64_t j = 0; j < k16; j += 16)
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), load16(ad.A, ad.dtype, r * k + j, 0xFFFF), a0);
-    if (tail) a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + k16), load16(ad.A, ad.dtype, r * k + k16, tail), a0);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), load16t<DT>(A, r * k + j, 0xFFFF), a0);
+    if (tail) a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + k16), load16t<DT>(A, r * k + k16, tail), a0);
     t[r - r0] = _mm512_reduce_add_ps(a0);
   }
 }
 
+}  // namespace
+
+void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
+  if (ad.dtype == 0) shrink_rows_t<0>(ad.A, r0, r1, k, x, t);
+  else if (ad.dtype == 1) shrink_rows_t<1>(ad.A, r0, r1, k, x, t);
+  else shrink_rows_t<2>(ad.A, r0, r1, k, x, t);
+}
+
 void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy) {
+  // adapter by adapter over the columns (y holds v between adapters: the same per-value order
+  // as ref, whose v stays in a register)
   for (int64_t i = m0; i < m1; ++i) {
     const float* ti = L.t + i * L.t_cols;
+    float* yr = y + i * ldy + n0;
     int a0 = 0, a1 = L.n_ad;
     if (L.row_adapter) { a0 = L.row_adapter[i]; a1 = a0 + 1; }
-    if (a0 < 0) a0 = a1;
-    for (int c0 = 0; c0 < nr;) {
-      const int cn = nr - c0 < 16 - (int)((n0 + c0) % 16) ? nr - c0 : 16 - (int)((n0 + c0) % 16);
-      const __mmask16 mk = (__mmask16)((1u << cn) - 1);
-      const int64_t n = n0 + c0;
-      float* yp = y + i * ldy + n;
-      __m512 v = _mm512_maskz_loadu_ps(mk, yp);
-      for (int a = a0; a < a1; ++a) {
-        const pqk_lora& ad = L.ad[a];
-        const float* ta = ti + (L.row_adapter ? 0 : L.t_off[a]);
-        const int64_t b0 = (n / 16) * ad.rank * 16 + n % 16;  // one contiguous [rank][16] block
-        const __m512 acc = ad.dtype == 0 ? rank_sum<0>(ta, ad.Bp, b0, ad.rank, mk)
-                           : ad.dtype == 1 ? rank_sum<1>(ta, ad.Bp, b0, ad.rank, mk)
-                                           : rank_sum<2>(ta, ad.Bp, b0, ad.rank, mk);
-        v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(ad.scale), acc));
-        if (ad.row_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, ad.row_scale + n));
-      }
-      if (L.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, L.bias + n));
-      _mm512_mask_storeu_ps(yp, mk, v);
-      c0 += cn;
+    if (a0 < 0 || a0 >= a1) {  // no adapter on this row: bias only
+      if (L.bias)
+        for (int c0 = 0; c0 < nr; c0 += 16) {
+          const __mmask16 mk = (__mmask16)(nr - c0 >= 16 ? 0xFFFF : (1u << (nr - c0)) - 1);
+          _mm512_mask_storeu_ps(yr + c0, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, yr + c0),
+                                                         _mm512_maskz_loadu_ps(mk, L.bias + n0 + c0)));
+        }
+      continue;
+    }
+    for (int a = a0; a < a1; ++a) {
+      const pqk_lora& ad = L.ad[a];
+      const float* ta = ti + (L.row_adapter ? 0 : L.t_off[a]);
+      const float* bias = a + 1 == a1 ? L.bias : nullptr;
+      if (ad.dtype == 0) expand_one<0>(ad, ta, n0, nr, yr, bias);
+      else if (ad.dtype == 1) expand_one<1>(ad, ta, n0, nr, yr, bias);
+      else expand_one<2>(ad, ta, n0, nr, yr, bias);
     }
   }
 }
