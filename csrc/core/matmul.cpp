@@ -85,24 +85,29 @@ struct Adapters {
     for (int32_t a = 0; a < n_ad; ++a) part(ad[a], t_off[a]);
   }
 
-  // t for rows [0, mc) of x (row i at x + i*ldx, global index c0 + i): rows in parallel, or for
-  // a few rows (decode) their rank columns in parallel so the shrink is not one thread's job.
+  // The shrink for a few rows (decode) as tasks of CC rank columns each, so it is not one
+  // thread's job: task j of [0, tasks(mc)) fills row j / per_row(), columns from (j % per_row()) * CC.
+  static constexpr int64_t CC = 4;
+  int64_t per_row() const { return (t_cols + CC - 1) / CC; }
+  int64_t tasks(int64_t mc) const { return mc * per_row(); }
+  void shrink_task(const KernelTable& t, const float* x, int64_t ldx, int64_t k, int64_t g0, float* T,
+                   int64_t j) const {
+    const int64_t i = j / per_row(), c = (j % per_row()) * CC;
+    shrink(t, x + i * ldx, k, g0 + i, T + i * t_cols, c, c + CC);
+  }
+
+  // t for rows [0, mc) of x (row i at x + i*ldx, global index g0 + i): rows in parallel, or for
+  // fewer rows than threads their rank columns in parallel.
   void shrink_rows(const KernelTable& t, const float* x, int64_t ldx, int64_t k, int64_t mc, int64_t g0,
                    float* T) const {
-    const int nt = get_num_threads();
-    if (mc >= nt) {
+    if (mc >= get_num_threads()) {
       parallel_for(mc, 1, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) shrink(t, x + i * ldx, k, g0 + i, T + i * t_cols);
       });
       return;
     }
-    constexpr int64_t CC = 4;  // rank columns per task
-    const int64_t per_row = (t_cols + CC - 1) / CC;
-    parallel_for(mc * per_row, 1, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        const int64_t i = j / per_row, c = (j % per_row) * CC;
-        shrink(t, x + i * ldx, k, g0 + i, T + i * t_cols, c, c + CC);
-      }
+    parallel_for(tasks(mc), 1, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) shrink_task(t, x, ldx, k, g0, T, j);
     });
   }
 
@@ -210,16 +215,23 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       std::vector<float> T((size_t)(AD.active() ? mc * AD.t_cols : 0));
       // read outside the parallel region: get_num_threads() takes the pool lock parallel_for holds
       const bool shrink_in_rows = mc >= get_num_threads();
-      parallel_for(mc, std::max<int64_t>(1, 16384 / w.k), [&](int64_t b, int64_t e) {
+      // Rows quantized in parallel; the shrink runs with each row (x still in cache) or, for fewer
+      // rows than threads (decode), as rank-column tasks after the rows in the same region, which
+      // saves a second fork/join on the critical path.
+      const int64_t extra = AD.active() && !shrink_in_rows ? AD.tasks(mc) : 0;
+      const float* xc = x + c0 * ldx;
+      parallel_for(mc + extra, extra ? 1 : std::max<int64_t>(1, 16384 / w.k), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
-          const float* xr = x + (c0 + i) * ldx;
+          if (i >= mc) {
+            AD.shrink_task(t, xc, ldx, w.k, c0, T.data(), i - mc);
+            continue;
+          }
+          const float* xr = xc + i * ldx;
           t.quantize_act(xr, w.k, a.xq.data() + i * w.k, a.dx.data() + i * (w.k / QBLK), a.xs.data() + i * (w.k / 16));
           if (AD.active() && shrink_in_rows)
             AD.shrink(t, xr, w.k, c0 + i, T.data() + i * AD.t_cols);  // x row still in cache
         }
       });
-      if (AD.active() && !shrink_in_rows)  // decode: split the shrink over the threads
-        AD.shrink_rows(t, x + c0 * ldx, ldx, w.k, mc, c0, T.data());
       float* yc = y + c0 * ldy;
       const LoraArgs L = AD.args(T.data(), c0, bias, w.n);
       parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
