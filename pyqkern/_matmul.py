@@ -289,6 +289,21 @@ class QLinear:
             return matmul(x, self.weight, self.bias, lora=lora, adapter_ids=ids, compute=self.compute, out=out,
                           isa=isa, _packed_w=self._packed)
         lora = [self._adapters[nm] for nm in self._active] or None
+        if (self._packed is not None and isa is None and type(x) is np.ndarray and x.dtype == np.float32
+                and x.ndim == 2 and x.shape[0] and x.flags.c_contiguous and x.shape[1] == self.weight.shape[1]
+                and self.weight.perm is None and (lora is None or len(lora) == 1)):
+            # decode fast path (a plain float32 [M, K] array): straight to the kernel. The general
+            # route costs ~2.5 us of argument handling per call, 2-4% of a 4096x4096 GEMV; the
+            # adapters were checked against the weight when attached.
+            m = x.shape[0]
+            if out is None:
+                out = np.empty((m, self.weight.shape[0]), np.float32)
+            elif not (type(out) is np.ndarray and out.dtype == np.float32 and out.shape == (m, self.weight.shape[0])
+                      and out.flags.c_contiguous and out.flags.writeable):
+                out = _out(out, (m, self.weight.shape[0]))  # raises the usual error
+            nat_ads = [lora[0].native_args(self.weight)] if lora else None
+            _native().matmul_int8(-1, self._packed, x, self.bias, out, nat_ads, None)
+            return out
         return matmul(x, self.weight, self.bias, lora=lora, compute=self.compute, out=out, isa=isa,
                       _packed_w=self._packed)
 

@@ -71,15 +71,20 @@ inline __m512 rank_sum_bf16_pairs(const __m512* tv, const uint16_t* Bt, int rank
 
 constexpr int kPairMaxRank = 128;  // tv on the stack: rank / 2 vectors
 
+// tv[p] = (t[2p] in lanes 0-7, t[2p+1] in lanes 8-15) for rank_sum_bf16_pairs
+inline void pair_vectors(const float* ta, int rank, __m512* tv) {
+  for (int p = 0; p < rank / 2; ++p)
+    tv[p] = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(ta[2 * p]), _mm512_set1_ps(ta[2 * p + 1]));
+}
+
 // One adapter over the columns [n0, n0 + nr) of row i (v = y (+ scale * acc) (* row_scale)
-// (+ bias when last)): the fast bf16 path for full tiles, rank_sum elsewhere.
+// (+ bias when last)): the bf16 pair path from a tile start (B tiles are padded to 16 rows, so
+// a short last tile reads only its own block), rank_sum elsewhere.
 template <int DT>
 void expand_one(const pqk_lora& ad, const float* ta, int64_t n0, int nr, float* yr, const float* bias) {
   const bool pairs = DT == 2 && ad.rank % 2 == 0 && ad.rank <= kPairMaxRank;
   __m512 tv[DT == 2 ? kPairMaxRank / 2 : 1];
-  if (pairs)
-    for (int p = 0; p < ad.rank / 2; ++p)
-      tv[p] = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(ta[2 * p]), _mm512_set1_ps(ta[2 * p + 1]));
+  if (pairs) pair_vectors(ta, ad.rank, tv);
   const __m512 vs = _mm512_set1_ps(ad.scale);
   for (int c0 = 0; c0 < nr;) {
     const int64_t n = n0 + c0;
@@ -88,7 +93,7 @@ void expand_one(const pqk_lora& ad, const float* ta, int64_t n0, int nr, float* 
     const int64_t b0 = (n / 16) * ad.rank * 16 + n % 16;  // one contiguous [rank][16] block
     float* yp = yr + c0;
     __m512 acc;
-    if (pairs && cn == 16) acc = rank_sum_bf16_pairs(tv, (const uint16_t*)ad.Bp + b0, ad.rank);
+    if (pairs && n % 16 == 0) acc = rank_sum_bf16_pairs(tv, (const uint16_t*)ad.Bp + b0, ad.rank);
     else acc = rank_sum<DT>(ta, ad.Bp, b0, ad.rank, mk);
     __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, yp), _mm512_mul_ps(vs, acc));
     if (ad.row_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, ad.row_scale + n));

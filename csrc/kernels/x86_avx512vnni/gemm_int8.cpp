@@ -103,22 +103,27 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
 // as 16*hi (P & 0xF0) in their own accumulator and shifted down once per block: the sum is a
 // multiple of 16, so (sum >> 4) is exact and the integer result is the same as above. Saves the
 // per-register shift of the decode, which dominates when few activation rows share it.
+// Returns the 16 row sums (no bias) of activation row i.
 template <bool HAS_MIN, bool ROW_OFF>
-void tile_kernel_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
-                      int64_t ldy, const float* bias) {
-  const int64_t n0 = tile * NR;
-  const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
-  const __mmask16 mask = (__mmask16)((1u << nr) - 1);
+inline __m512 gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i) {
   const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
   const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8((char)0xF0);
   const int64_t nkb = w.k / QBLK;
-  const __m512 vbias = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-  for (int64_t i = m0; i < m1; ++i) {
-    const int8_t* xq = a.row_q(i);
-    const int32_t* xs16 = a.row_s(i);
-    const float* dxr = a.row_d(i);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nkb; ++b) {
+  const int8_t* xq = a.row_q(i);
+  const int32_t* xs16 = a.row_s(i);
+  const float* dxr = a.row_d(i);
+  __m512 acc = _mm512_setzero_ps();
+  // blocks by parameter group (int4 g128: 4 blocks share a, o): no division per block, and the
+  // group's parameters are loaded once
+  const int64_t pe = w.par_every;
+  for (int64_t g = 0, b = 0; b < nkb; ++g) {
+    const int64_t pi = (tile * w.npar + g) * NR;
+    const __m512 va = load_par(w.scale, w.scale16, pi);
+    __m512i voff = _mm512_setzero_si512();
+    __m512 vmin = _mm512_setzero_ps();
+    if (ROW_OFF) voff = _mm512_load_si512((const void*)(w.offs + pi));
+    if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
+    for (const int64_t be = b + pe; b < be; ++b) {
       const uint8_t* cb = ct + b * (32 * NR / 2);
       const int8_t* xb = xq + b * 32;
       __m512i il = _mm512_setzero_si512(), ih = _mm512_setzero_si512();
@@ -131,19 +136,28 @@ void tile_kernel_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_
       __m512i isum = _mm512_add_epi32(il, _mm512_srai_epi32(ih, 4));
       const int32_t xs = xs16[2 * b] + xs16[2 * b + 1];
       const float dx = dxr[b];
-      const int64_t pi = w.par_index(tile, b);
-      if (ROW_OFF)
-        isum = _mm512_sub_epi32(isum, _mm512_madd_epi16(_mm512_load_si512((const void*)(w.offs + pi)),
-                                                        _mm512_set1_epi32((uint16_t)xs)));
-      else
-        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
-      const __m512 da = _mm512_mul_ps(load_par(w.scale, w.scale16, pi), _mm512_set1_ps(dx));
+      if (ROW_OFF) isum = _mm512_sub_epi32(isum, _mm512_madd_epi16(voff, _mm512_set1_epi32((uint16_t)xs)));
+      else isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
+      const __m512 da = _mm512_mul_ps(va, _mm512_set1_ps(dx));
       acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), da));
       if (HAS_MIN) {
         const float mx = dx * (float)xs;
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(load_par(w.minv, w.min16, pi), _mm512_set1_ps(mx)));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(vmin, _mm512_set1_ps(mx)));
       }
     }
+  }
+  return acc;
+}
+
+template <bool HAS_MIN, bool ROW_OFF>
+void tile_kernel_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
+                      int64_t ldy, const float* bias) {
+  const int64_t n0 = tile * NR;
+  const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
+  const __mmask16 mask = (__mmask16)((1u << nr) - 1);
+  const __m512 vbias = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+  for (int64_t i = m0; i < m1; ++i) {
+    const __m512 acc = gemv_row<HAS_MIN, ROW_OFF>(w, tile, a, i);
     _mm512_mask_storeu_ps(y + i * ldy + n0, mask, bias ? _mm512_add_ps(acc, vbias) : acc);
   }
 }
