@@ -318,3 +318,37 @@ def test_expansion_bit_identical_across_variants(r, n, m, storage, mode, use_bia
     ref = outs["ref"]
     for v, y in outs.items():
         assert np.array_equal(y, ref), (v, np.abs(y - ref).max())
+
+
+def test_qlinear_direct_path_matches_matmul_and_checks_input():
+    """QLinear sends a plain float32 [M, K] array straight to the kernel: same bits as
+    pq.matmul (with and without one adapter, DoRA too) and the same errors for bad out / x."""
+    rng = np.random.default_rng(11)
+    n, k = 48, 128
+    qt = make("int4", n, k, rng)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    for ad in (None, adapter(n, k, 6, rng), adapter(n, k, 4, rng, dora=True)):
+        lin = pq.QLinear(qt, bias)
+        if ad is not None:
+            lin.add_adapter("a", ad)
+        want = pq.matmul(x, qt, bias, lora=ad)
+        assert np.array_equal(lin(x), want)
+        out = np.empty((3, n), np.float32)
+        assert lin(x, out=out) is out and np.array_equal(out, want)
+        assert np.array_equal(lin(x[0]), want[0])           # 1-D x takes the general route
+        assert np.array_equal(lin(np.asfortranarray(x)), want)  # non-contiguous: general route
+    with pytest.raises(ValueError, match="shape"):
+        lin(x, out=np.empty((2, n), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        lin(x, out=np.empty((3, n), np.float64))
+    ro = np.empty((3, n), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        lin(x, out=ro)
+    bad = x.copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        lin(bad)
+    with pytest.raises(ValueError):
+        lin(np.ones((3, k + 1), np.float32))
