@@ -17,6 +17,18 @@ constexpr int MR = PQK_VNNI_MR;  // activation rows sharing one decode of the we
 // 4 activation bytes read as one int32 (folds into vpdpbusd's {1to16} memory broadcast)
 typedef int32_t __attribute__((may_alias, aligned(1))) i32_unaligned;
 
+// acc += u8 lanes of w times the 4 signed activation bytes at p, broadcast to every lane. GCC
+// (12) loads the broadcast with a separate vpbroadcastd instead of vpdpbusd's {1to16} memory
+// operand: one more FP-pipe op per dot product, ~25% of the GEMV loop's vector ops.
+inline __m512i dpbusd_x4(__m512i acc, __m512i w, const int8_t* p) {
+#if defined(__GNUC__) && !defined(__clang__)
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const i32_unaligned*)p));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(*(const i32_unaligned*)p));
+#endif
+}
+
 // 16 per-row parameters at index pi, stored as fp32 or fp16
 inline __m512 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
   return f16 ? _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(f16 + pi))) : _mm512_load_ps(f32 + pi);
@@ -75,8 +87,8 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
           // one long chain
           __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
           for (int j = 0; j < NQ; j += 2) {
-            i0 = _mm512_dpbusd_epi32(i0, W[j], _mm512_set1_epi32(*(const i32_unaligned*)(xb + 4 * j)));
-            i1 = _mm512_dpbusd_epi32(i1, W[j + 1], _mm512_set1_epi32(*(const i32_unaligned*)(xb + 4 * j + 4)));
+            i0 = dpbusd_x4(i0, W[j], xb + 4 * j);
+            i1 = dpbusd_x4(i1, W[j + 1], xb + 4 * j + 4);
           }
           __m512i isum = _mm512_add_epi32(i0, i1);
           // o * xs with vpmaddwd: o (0..15) sits in the low int16 of its lane, the high one is 0,
@@ -129,9 +141,8 @@ inline __m512 gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64
       __m512i il = _mm512_setzero_si512(), ih = _mm512_setzero_si512();
       for (int j = 0; j < 4; ++j) {
         const __m512i p = _mm512_load_si512((const void*)(cb + 64 * j));
-        il = _mm512_dpbusd_epi32(il, _mm512_and_si512(p, lo4), _mm512_set1_epi32(*(const i32_unaligned*)(xb + 4 * j)));
-        ih = _mm512_dpbusd_epi32(ih, _mm512_and_si512(p, hi4),
-                                 _mm512_set1_epi32(*(const i32_unaligned*)(xb + 16 + 4 * j)));
+        il = dpbusd_x4(il, _mm512_and_si512(p, lo4), xb + 4 * j);
+        ih = dpbusd_x4(ih, _mm512_and_si512(p, hi4), xb + 16 + 4 * j);
       }
       __m512i isum = _mm512_add_epi32(il, _mm512_srai_epi32(ih, 4));
       const int32_t xs = xs16[2 * b] + xs16[2 * b + 1];
