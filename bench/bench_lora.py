@@ -9,6 +9,8 @@ Rows (benchmark group per case):
     fused    pq.matmul(x, qt, lora=ad)          (one call; shrink + expansion inside)
     unfused  QLinear(x) + numpy (x @ A.T) @ B.T (what runtimes do today: base op + two GEMMs + add)
   extra_info["overhead_vs_base"] is reported on the fused/unfused rows (from the min times).
+- decode stack: 8 different (4096, 4096) layers with their own rank-16 adapter called in turn (~75 MB,
+  more than L3): base vs fused (fp32 / bf16 adapters); extra_info["overhead_vs_base"] per layer.
 - multi: 32 rows, rank 16, fp32 and bf16 adapters: every row its own adapter (32 loaded) vs all rows sharing one;
   extra_info["ratio_vs_shared"] on the distinct row.
 - backward (if pyqkern.lora.backward exists): M=512 step vs dequantize-then-numpy.
@@ -99,6 +101,42 @@ def test_decode(benchmark, layers, fmt, r, mode, threads):
     if mode != "base":
         base = _base_min.get(key) or _min_time(lambda: pq.QLinear(qt)(x, out=y))
         benchmark.extra_info["overhead_vs_base"] = t / base - 1.0
+
+
+_stack_base: dict = {}
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "int4-g128"])
+@pytest.mark.parametrize("mode", ["base", "fused", "fused-bf16"])
+def test_decode_stack(benchmark, fmt, mode, threads):
+    """Decode as in a model: 8 different layers (with their own rank-16 adapter) called in turn,
+    ~75 MB in all, so weights and adapters come from DRAM each token, not from L3."""
+    layers_n = 2 if QUICK else 8
+    rng = np.random.default_rng(5)
+    lins = []
+    for i in range(layers_n):
+        w = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
+        qt = pq.quantize(w, "q4_0") if fmt == "q4_0" else pq.quantize(w, "int4", group=128)
+        lin = pq.QLinear(qt)
+        if mode != "base":
+            a = _adapter(16, 200 + i)
+            lin.add_adapter("a", LoRA(a.A, a.B, alpha=a.alpha, storage="bfloat16" if mode == "fused-bf16" else "float32"))
+        lins.append(lin)
+    x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)
+    y = np.empty((1, N), np.float32)
+
+    def run():
+        for lin in lins:
+            lin(x, out=y)
+
+    benchmark.group = f"lora decode stack{layers_n} {fmt} r16 t{threads}"
+    benchmark.pedantic(run, rounds=60, iterations=1, warmup_rounds=3)
+    t = benchmark.stats.stats.min / layers_n
+    _info(benchmark, mode=mode, rank=16, threads=threads, shape=(1, K, N), layers=layers_n, min_us_per_layer=t * 1e6)
+    if mode == "base":
+        _stack_base[(fmt, threads)] = t
+    elif (fmt, threads) in _stack_base:
+        benchmark.extra_info["overhead_vs_base"] = t / _stack_base[(fmt, threads)] - 1.0
 
 
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
