@@ -78,15 +78,26 @@ struct PackedWeight {
   size_t nbytes() const { return storage.size(); }
 };
 
-// Quantized activations: per row, xq [k] int8, dx [k/32] fp32, xs [k/16] int32 (sums per 16).
+// Quantized activations: per row, xq [k] int8, dx [k/32] fp32, xs [k/16] int32 (sums per 16),
+// and xn [k/32]: minus the block sum as int16 in the low half of an int32, 0 in the high half
+// (|sum| <= 32 * 127), so one int16 dot product (VNNI vpdpwssd) with o in the low half of each
+// lane yields -o * sum: the offset term without a separate multiply and subtract.
 struct ActQ {
   int64_t m = 0, k = 0;
   std::vector<int8_t> xq;
   std::vector<float> dx;
   std::vector<int32_t> xs;
+  std::vector<int32_t> xn;
   const int8_t* row_q(int64_t i) const { return xq.data() + i * k; }
   const float* row_d(int64_t i) const { return dx.data() + i * (k / QBLK); }
   const int32_t* row_s(int64_t i) const { return xs.data() + i * (k / 16); }
+  const int32_t* row_n(int64_t i) const { return xn.data() + i * (k / QBLK); }
+  // xn of row i from its xs (after quantize_act)
+  void fill_xn(int64_t i) {
+    const int32_t* s = row_s(i);
+    int32_t* n = xn.data() + i * (k / QBLK);
+    for (int64_t b = 0; b < k / QBLK; ++b) n[b] = (int32_t)(uint16_t)(int16_t)(-(s[2 * b] + s[2 * b + 1]));
+  }
 };
 
 }  // namespace pqk

@@ -29,6 +29,17 @@ inline __m512i dpbusd_x4(__m512i acc, __m512i w, const int8_t* p) {
 #endif
 }
 
+// acc += (int16 low half of each lane of o) * (int16 at p), for p -> -block sum (ActQ::xn): the
+// offset term -o * sum(xq) in one op (vpdpwssd; the high halves are 0 on both sides).
+inline __m512i dpwssd_x1(__m512i acc, __m512i o, const int32_t* p) {
+#if defined(__GNUC__) && !defined(__clang__)
+  __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(o), "m"(*p));
+  return acc;
+#else
+  return _mm512_dpwssd_epi32(acc, o, _mm512_set1_epi32(*p));
+#endif
+}
+
 // 16 per-row parameters at index pi, stored as fp32 or fp16
 inline __m512 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
   return f16 ? _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(f16 + pi))) : _mm512_load_ps(f32 + pi);
@@ -122,8 +133,10 @@ inline __m512 gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64
   const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8((char)0xF0);
   const int64_t nkb = w.k / QBLK;
   const int8_t* xq = a.row_q(i);
-  const int32_t* xs16 = a.row_s(i);
+  const int32_t* xn = a.row_n(i);
   const float* dxr = a.row_d(i);
+  const bool off = ROW_OFF || w.o_const != 0;  // q4_1 / q4_k have o = 0
+  const __m512i vo_const = _mm512_set1_epi32(w.o_const);
   __m512 acc = _mm512_setzero_ps();
   // blocks by parameter group (int4 g128: 4 blocks share a, o): no division per block, and the
   // group's parameters are loaded once
@@ -131,28 +144,28 @@ inline __m512 gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64
   for (int64_t g = 0, b = 0; b < nkb; ++g) {
     const int64_t pi = (tile * w.npar + g) * NR;
     const __m512 va = load_par(w.scale, w.scale16, pi);
-    __m512i voff = _mm512_setzero_si512();
+    const __m512i vo = ROW_OFF ? _mm512_load_si512((const void*)(w.offs + pi)) : vo_const;
     __m512 vmin = _mm512_setzero_ps();
-    if (ROW_OFF) voff = _mm512_load_si512((const void*)(w.offs + pi));
     if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
     for (const int64_t be = b + pe; b < be; ++b) {
       const uint8_t* cb = ct + b * (32 * NR / 2);
       const int8_t* xb = xq + b * 32;
+      // the low-nibble sum starts from -o * sum(xq); the high nibbles, used in place as 16*hi,
+      // get their own accumulator and one shift
       __m512i il = _mm512_setzero_si512(), ih = _mm512_setzero_si512();
+      if (off) il = dpwssd_x1(il, vo, xn + b);
       for (int j = 0; j < 4; ++j) {
         const __m512i p = _mm512_load_si512((const void*)(cb + 64 * j));
         il = dpbusd_x4(il, _mm512_and_si512(p, lo4), xb + 4 * j);
         ih = dpbusd_x4(ih, _mm512_and_si512(p, hi4), xb + 16 + 4 * j);
       }
-      __m512i isum = _mm512_add_epi32(il, _mm512_srai_epi32(ih, 4));
-      const int32_t xs = xs16[2 * b] + xs16[2 * b + 1];
+      const __m512i isum = _mm512_add_epi32(il, _mm512_srai_epi32(ih, 4));
       const float dx = dxr[b];
-      if (ROW_OFF) isum = _mm512_sub_epi32(isum, _mm512_madd_epi16(voff, _mm512_set1_epi32((uint16_t)xs)));
-      else isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
       const __m512 da = _mm512_mul_ps(va, _mm512_set1_ps(dx));
       acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), da));
       if (HAS_MIN) {
-        const float mx = dx * (float)xs;
+        const int32_t* xs16 = a.row_s(i);
+        const float mx = dx * (float)(xs16[2 * b] + xs16[2 * b + 1]);
         acc = _mm512_add_ps(acc, _mm512_mul_ps(vmin, _mm512_set1_ps(mx)));
       }
     }
