@@ -195,7 +195,8 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
   const size_t code_bytes = (size_t)(w.n_tiles * w.tile_code_bytes);
   const size_t par_bytes = (size_t)(w.n_tiles * w.npar * NR * 4);
   const size_t fpar_bytes = f16 ? par_bytes / 2 : par_bytes;
-  w.storage.assign_zero(code_bytes + fpar_bytes * (1 + (w.has_min ? 1 : 0)) + par_bytes * (w.row_offset ? 1 : 0) + 64 * 5);
+  const size_t off_bytes = (size_t)(w.n_tiles * w.npar * NR);
+  w.storage.assign_zero(code_bytes + fpar_bytes * (1 + (w.has_min ? 1 : 0)) + off_bytes * (w.row_offset ? 1 : 0) + 64 * 5);
   size_t off = 0;
   w.codes = align64(w.storage, off, code_bytes);
   if (f16) {
@@ -205,7 +206,7 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
     w.scale = (float*)align64(w.storage, off, par_bytes);
     w.minv = w.has_min ? (float*)align64(w.storage, off, par_bytes) : nullptr;
   }
-  w.offs = w.row_offset ? (int32_t*)align64(w.storage, off, par_bytes) : nullptr;
+  w.offs = w.row_offset ? align64(w.storage, off, off_bytes) : nullptr;
 
   pqk_qparams pp = p;
   pqk_row_bytes rb = row_bytes(fmt, k, pp);
@@ -227,7 +228,7 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
             w.scale[pi] = rd.a[b];
             if (w.minv) w.minv[pi] = rd.m[b];
           }
-          if (w.offs) w.offs[pi] = rd.o[b];
+          if (w.offs) w.offs[pi] = (uint8_t)rd.o[b];
           uint8_t* cb = ct + b * bcb;
           const uint8_t* u = rd.u.data() + b * w.blk;
           if (w.nibbles) {  // 32 codes: reg j low nibble = quad j, high nibble = quad j+4

@@ -72,7 +72,7 @@ struct PackedWeight {
   float* minv = nullptr;        // [n_tiles][npar][NR] or null
   uint16_t* scale16 = nullptr;  // [n_tiles][npar][NR] instead of scale
   uint16_t* min16 = nullptr;    // [n_tiles][npar][NR] instead of minv
-  int32_t* offs = nullptr;      // [n_tiles][npar][NR] or null
+  uint8_t* offs = nullptr;      // [n_tiles][npar][NR] or null (o <= 15: one byte, not four)
   ByteBuffer storage;
   int64_t block_code_bytes() const { return nibbles ? (int64_t)blk * NR / 2 : (int64_t)blk * NR; }
   size_t nbytes() const { return storage.size(); }

@@ -13,6 +13,13 @@
 namespace pqk { namespace arm { namespace {
 
 // 16 code bytes of quad j (k = 4j..4j+3) for rows 4c..4c+3 (byte 4r' + i), as u8.
+// four uint8 zero points widened to int32 lanes
+inline int32x4_t offs4(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(v))))));
+}
+
 inline uint8x16_t codes16(const PackedWeight& w, const uint8_t* cb, int j, int c) {
   if (!w.nibbles) return vld1q_u8(cb + j * 64 + c * 16);
   const uint8x16_t v = vld1q_u8(cb + (j & 3) * 64 + c * 16);
@@ -45,7 +52,7 @@ inline void gemm_tile(const PackedWeight& w, int64_t tile, const ActQ& a, int64_
         const float32x4_t vdx = vdupq_n_f32(dx);
         const float mx = dx * (float)xs;
         for (int g = 0; g < 4; ++g) {
-          const int32x4_t o = w.offs ? vld1q_s32(w.offs + pi + 4 * g) : vdupq_n_s32(w.o_const);
+          const int32x4_t o = w.offs ? offs4(w.offs + pi + 4 * g) : vdupq_n_s32(w.o_const);
           const int32x4_t isum = vsubq_s32(dot[g], vmulq_s32(o, vdupq_n_s32(xs)));
           float32x4_t ar;
           if (w.scale16) {

@@ -72,7 +72,7 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
           __m256 vmin = _mm256_setzero_ps();
           __m256i voff = _mm256_setzero_si256();
           if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
-          if (ROW_OFF) voff = _mm256_load_si256((const __m256i*)(w.offs + pi));
+          if (ROW_OFF) voff = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
           for (int ii = 0; ii < mr; ++ii) {
             const int64_t i = i0 + ii;
             const int8_t* xb = a.row_q(i) + b * BLK;

@@ -87,7 +87,7 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
         __m512 vmin = _mm512_setzero_ps();
         __m512i voff = _mm512_setzero_si512();
         if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
-        if (ROW_OFF) voff = _mm512_load_si512((const void*)(w.offs + pi));
+        if (ROW_OFF) voff = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(w.offs + pi)));
         for (int ii = 0; ii < mr; ++ii) {
           const int64_t i = i0 + ii;
           const int8_t* xb = a.row_q(i) + b * BLK;
@@ -144,7 +144,7 @@ inline __m512 gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64
   for (int64_t g = 0, b = 0; b < nkb; ++g) {
     const int64_t pi = (tile * w.npar + g) * NR;
     const __m512 va = load_par(w.scale, w.scale16, pi);
-    const __m512i vo = ROW_OFF ? _mm512_load_si512((const void*)(w.offs + pi)) : vo_const;
+    const __m512i vo = ROW_OFF ? _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(w.offs + pi))) : vo_const;
     __m512 vmin = _mm512_setzero_ps();
     if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
     for (const int64_t be = b + pe; b < be; ++b) {
