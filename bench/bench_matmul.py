@@ -8,7 +8,8 @@ Shapes are (M, K, N): y[M, N] = x[M, K] @ W[N, K].T.
 
 Rows
   pyqkern    pq.QLinear(qt)(x) (weights prepacked once, as a model would use it) for q4_0, int4
-             (group 128, asymmetric) and q8_0, compute="int8" and compute="float".
+             (group 128, asymmetric) and q8_0, compute="int8" and compute="float"; for M <= 4 also
+             compute="float" with bfloat16 x (float-bf16x: the AVX512-BF16 kernel where available).
   decode     a stack of 8 different 11008x4096 (N x K) q4_0 / int4 matrices (~200 MB, larger than the
              32 MB L3), called in turn with M=1; one benchmark round = 8 matmuls.
   numpy      fp32 x @ W.T (BLAS threads limited with threadpoolctl).
@@ -226,6 +227,22 @@ def test_pyqkern(measure, shape, fmt, opts, compute, pq_threads):
     x = _x(m, k)
     y = np.empty((m, n), np.float32)
     measure(lambda: lin(x, out=y), impl="pyqkern", fmt=_fmt_label(fmt, opts), compute=compute, shape=shape,
+            threads=pq_threads, weight_bytes=qt.nbytes)
+
+
+@pytest.mark.parametrize("pq_threads", THREAD_P, indirect=True)
+@pytest.mark.parametrize("fmt,opts", [pytest.param(f, o, id=_fmt_label(f, o)) for f, o in PQ_FORMATS[:2]])
+@pytest.mark.parametrize("shape", [p for p in SHAPE_P if p.values[0][0] <= 4])
+def test_pyqkern_bf16x(measure, shape, fmt, opts, pq_threads):
+    """compute="float" with bfloat16 activations (torch's int4 peer gets bf16 too): the
+    AVX512-BF16 kernel where the CPU has it, else x widened to fp32."""
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes gives numpy a bfloat16 dtype")
+    m, k, n = shape
+    qt = _qt(fmt, opts, n, k)
+    lin = pq.QLinear(qt, compute="float")
+    x = _x(m, k).astype(ml_dtypes.bfloat16)
+    y = np.empty((m, n), np.float32)
+    measure(lambda: lin(x, out=y), impl="pyqkern", fmt=_fmt_label(fmt, opts), compute="float-bf16x", shape=shape,
             threads=pq_threads, weight_bytes=qt.nbytes)
 
 

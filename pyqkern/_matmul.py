@@ -8,7 +8,10 @@ compute:
           their code books rounded to 1/127 in this mode.
   "float" weights dequantized exactly (as pyqkern.dequantize) and multiplied in fp32; within
           fp32 accumulation error of x @ dequantize(W).T: |y - y_ref| <= K * 2^-23 * sum|x||w|
-          (a loose bound; tests check it).
+          (a loose bound; tests check it). bfloat16 x with M <= 4 on q4_0 / q4_1 / q4_k /
+          int2 / int3 / int4 takes an AVX512-BF16 kernel where the CPU has one: (u - o) * x is
+          exact in fp32, sums per block then scaled, under the same bound (x holding bf16
+          denormals, which that instruction reads as zero, goes the fp32 way).
   "auto"  "int8" where supported, else "float".
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from . import _formats, reference
 from ._formats import INTN_BITS
 from ._lora import LoRA
-from ._ops import _check_backend, _native, as_float32_2d, isa_id
+from ._ops import _BF16, _check_backend, _native, as_float32_2d, isa_id
 from ._qtensor import QTensor
 
 COMPUTES = ("auto", "int8", "float")
@@ -122,6 +125,49 @@ def _adapters(lora, adapter_ids, w, m):
     return ads, ids
 
 
+def _bf16_bits(x):
+    """x as a numpy uint16 array of bf16 bits if it is a bfloat16 array / CPU tensor (or uint16
+    bits), else None."""
+    if hasattr(x, "detach") and hasattr(x, "numpy"):
+        import torch  # noqa: F401 - only reached when torch is present
+
+        if x.dtype != torch.bfloat16:
+            return None
+        return x.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+    if isinstance(x, np.ndarray) and ((_BF16 is not None and x.dtype == _BF16) or x.dtype == np.uint16):
+        return x.view(np.uint16)  # uint16 holds bf16 bits, as everywhere in the API
+    return None
+
+
+def _float_bf16(x, w, bias, compute, out, isa):
+    """compute="float" with bfloat16 activations, decode-sized (M <= 4): the native kernel takes
+    x as it is (exact products, fp32 sums; see pqk_matmul_float_bf16). None when it does not
+    apply (then x is widened to fp32 and takes the usual route, with the same result bound)."""
+    xb = _bf16_bits(x)
+    if xb is None or xb.ndim < 1 or xb.shape[-1] != w.shape[1]:
+        return None
+    mode = resolve_compute(w, compute)
+    if mode != "float" or not int8_supported(w) or w.format not in _BF16_FORMATS:
+        return None
+    n, k = w.shape
+    lead = tuple(xb.shape[:-1])
+    x2 = np.ascontiguousarray(xb.reshape(-1, k))
+    m = x2.shape[0]
+    if not 1 <= m <= 4:
+        return None
+    if w.perm is not None:
+        x2 = np.ascontiguousarray(x2[:, w.perm])
+    b = _bias(bias, n)
+    y = _out(out, lead + (n,))
+    if not _native().matmul_float_bf16(isa_id(isa), _packed(w), x2, b, y.reshape(m, n)):
+        return None
+    return y
+
+
+# 4-bit codes without a code book: (u - o) and bf16 x multiply exactly
+_BF16_FORMATS = frozenset({"q4_0", "q4_1", "q4_k", "int2", "int3", "int4"})
+
+
 def _lora_reference(y2, x2, w, ads, ids, bias):
     """Unfused float reference of the adapter part, PEFT's definition (y2 holds x@W.T, no bias)."""
     xd = x2.astype(np.float32)  # already permuted when w.perm is set
@@ -155,6 +201,10 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     if not isinstance(w, QTensor):
         raise TypeError(f"w must be a QTensor, got {type(w).__name__}")
     n, k = w.shape
+    if backend == "native" and lora is None and compute != "int8":
+        done = _float_bf16(x, w, bias, compute, out, isa)
+        if done is not None:
+            return done
     x2, lead = _x_rows(x, k)
     if w.perm is not None and x2.shape[0]:
         x2 = np.ascontiguousarray(x2[:, w.perm])  # the stored weight is W[:, perm]

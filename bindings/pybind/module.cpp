@@ -235,6 +235,27 @@ PYBIND11_MODULE(_native, m) {
   }, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("adapters") = py::none(),
      py::arg("ids") = py::none());
 
+  // bf16 activations (uint16 bits, C-contiguous [m, k]), compute="float" on a packed weight:
+  // True when done, False when the kernel does not take this case (the caller widens x instead).
+  m.def("matmul_float_bf16", [](int isa, const Packed& w, py::array x, py::object bias, py::array y) {
+    if (x.itemsize() != 2 || x.ndim() != 2 || !(x.flags() & py::array::c_style))
+      throw py::type_error("x must be a C-contiguous 2-D array of bf16 bits (uint16)");
+    if (x.shape(1) != w.k) throw py::value_error("x has K=" + std::to_string(x.shape(1)) + ", weight has K=" + std::to_string(w.k));
+    Rows yr = rows_of(y, "out");
+    if (yr.m != x.shape(0) || yr.k != w.n) throw py::value_error("out has the wrong shape");
+    if (!y.writeable()) throw py::value_error("out is read-only");
+    const float* bp = bias_ptr(bias, w.n);
+    pqk_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = pqk_matmul_float_bf16(isa, w.p, static_cast<const uint16_t*>(x.data()), x.shape(0), w.k, bp,
+                                 const_cast<float*>(yr.p), yr.ld);
+    }
+    if (st == PQK_ERR_UNSUPPORTED) return false;
+    check(st);
+    return true;
+  }, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("bias"), py::arg("y"));
+
   m.def("matmul_float", [](int isa, int fmt, py::buffer q, py::object s, py::object z, int64_t n, int64_t k, int group,
                            int sym, py::array x, py::object bias, py::array y, py::object adapters, py::object ids) {
     pqk_qparams p{group, sym};
@@ -265,7 +286,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("matmul_sources", [name_of](int isa) {
     if (pqk_isa_runnable(isa) != 1) throw py::value_error("variant not runnable");
     py::dict d;
-    for (const char* slot : {"quantize_act", "gemm_int8", "gemm_f32", "lora_shrink", "lora_expand"})
+    for (const char* slot : {"quantize_act", "gemm_int8", "gemm_f32", "lora_shrink", "lora_expand", "gemv_bf16"})
       d[slot] = name_of(pqk_slot_variant(isa, slot, 0));
     return d;
   });

@@ -61,6 +61,7 @@ struct Tables {
       if (mine.lora_shrink) { dst.lora_shrink = mine.lora_shrink; dst.lora_shrink_isa = (int8_t)isa; }
       if (mine.lora_expand) { dst.lora_expand = mine.lora_expand; dst.lora_expand_isa = (int8_t)isa; }
       if (mine.gemm_f32) { dst.gemm_f32 = mine.gemm_f32; dst.gemm_f32_isa = (int8_t)isa; }
+      if (mine.gemv_bf16) { dst.gemv_bf16 = mine.gemv_bf16; dst.gemv_bf16_isa = (int8_t)isa; }
       for (int f = 0; f < PQK_FORMAT_COUNT; ++f) {
         if (mine.quantize[f]) { dst.quantize[f] = mine.quantize[f]; dst.quantize_isa[f] = (int8_t)isa; }
         if (mine.dequantize[f]) { dst.dequantize[f] = mine.dequantize[f]; dst.dequantize_isa[f] = (int8_t)isa; }
@@ -80,6 +81,12 @@ struct Tables {
     t[PQK_ISA_AVX512VNNI] = t[PQK_ISA_AVX512];
 #ifdef PQK_HAVE_AVX512VNNI
     overlay(t[PQK_ISA_AVX512VNNI], avx512vnni::register_kernels, PQK_ISA_AVX512VNNI);
+#endif
+#ifdef PQK_HAVE_AVX512BF16
+    // a slot of the VNNI variant where the CPU also has AVX512-BF16 (Zen 4, Cooper Lake, Sapphire
+    // Rapids); elsewhere it stays empty and bf16 activations take the fp32 route
+    if (cpu_can_run(PQK_ISA_AVX512VNNI) && cpu_features().avx512bf16)
+      overlay(t[PQK_ISA_AVX512VNNI], avx512bf16::register_kernels, PQK_ISA_AVX512VNNI);
 #endif
     // Arm: ref <- neon <- dotprod
     t[PQK_ISA_NEON] = t[PQK_ISA_REF];

@@ -43,6 +43,13 @@ struct LoraArgs {
 using lora_expand_fn = void (*)(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y,
                                 int64_t ldy);
 
+// compute="float" for m (<= 4) rows of bfloat16 activations x [m][ldx] (bits) on one 16-row tile
+// of packed 4-bit codes: y = x @ dequant(W).T (+ bias), fp32 sums (see x86_avx512bf16).
+// xsum [m][k/32]: per-block sums of x, read by formats with a min term. Returns false, having
+// written nothing, for formats or row counts it does not take.
+using gemv_bf16_fn = bool (*)(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t ldx, int64_t m,
+                              const float* xsum, float* y, int64_t ldy, const float* bias);
+
 // t[r - r0] = dot(x[0:k], A[r, 0:k]) for adapter rows r in [r0, r1), A in the adapter's dtype.
 using lora_shrink_fn = void (*)(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);
 
@@ -50,6 +57,8 @@ struct KernelTable {
   lora_expand_fn lora_expand = nullptr;
   lora_shrink_fn lora_shrink = nullptr;
   int8_t lora_expand_isa = 0, lora_shrink_isa = 0;
+  gemv_bf16_fn gemv_bf16 = nullptr;  // optional (CPUs with AVX512-BF16)
+  int8_t gemv_bf16_isa = 0;
   quantize_act_fn quantize_act = nullptr;
   gemm_int8_fn gemm_int8 = nullptr;
   gemm_f32_fn gemm_f32 = nullptr;
@@ -66,6 +75,7 @@ namespace ref { void register_kernels(KernelTable& t); }
 namespace avx2 { void register_kernels(KernelTable& t); }
 namespace avx512 { void register_kernels(KernelTable& t); }
 namespace avx512vnni { void register_kernels(KernelTable& t); }
+namespace avx512bf16 { void register_kernels(KernelTable& t); }  // only where the CPU has AVX512-BF16
 namespace neon { void register_kernels(KernelTable& t); }     // csrc/kernels/arm_neon (aarch64 only)
 namespace dotprod { void register_kernels(KernelTable& t); }  // csrc/kernels/arm_dotprod (aarch64 only)
 // matmul kernels register separately (matmul_register.cpp in each folder)

@@ -11,6 +11,7 @@
 #include "kernel_table.h"
 #include "pack.h"
 #include "threadpool.h"
+#include "../kernels/common.h"
 
 struct pqk_packed {
   pqk::PackedWeight w;
@@ -197,6 +198,43 @@ pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void*
                             const float* bias, float* y, int64_t ldy) {
   return guarded([&] {
     matmul_float_impl(isa, fmt, q, s, z, n, k, params, x, m, ldx, bias, y, ldy, nullptr, 0, nullptr);
+  });
+}
+
+pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* wp, const uint16_t* x, int64_t m, int64_t ldx,
+                                 const float* bias, float* y, int64_t ldy) {
+  return guarded([&] {
+    if (!wp) throw Error(PQK_ERR_ARG, "packed weight is NULL");
+    const PackedWeight& w = wp->w;
+    if (m < 0) throw Error(PQK_ERR_SHAPE, "m < 0");
+    if (m == 0) return;
+    if (!x || !y) throw Error(PQK_ERR_ARG, "NULL x/y");
+    if (ldx < w.k || ldy < w.n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
+    const KernelTable& t = kernel_table(resolve_isa(isa));
+    if (!t.gemv_bf16) throw Error(PQK_ERR_UNSUPPORTED, "no bf16 float kernel for this variant / CPU");
+    if (m > 4) throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel takes at most 4 rows");
+    if (!w.nibbles || w.lut || w.blk != QBLK)
+      throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel takes 4-bit codes without a code book");
+    const int64_t nkb = w.k / QBLK;
+    std::vector<float> xsum((size_t)(m * nkb));
+    for (int64_t i = 0; i < m; ++i) {
+      const uint16_t* xr = x + i * ldx;
+      for (int64_t j = 0; j < w.k; ++j)
+        if ((xr[j] & 0x7F80) == 0 && (xr[j] & 0x007F) != 0)
+          throw Error(PQK_ERR_UNSUPPORTED, "x holds bf16 denormals (read as zero by the bf16 kernel)");
+      if (w.has_min)
+        for (int64_t b = 0; b < nkb; ++b) {
+          float s = 0.0f;
+          for (int j = 0; j < QBLK; ++j) s += bf16_to_fp32(xr[b * QBLK + j]);
+          xsum[(size_t)(i * nkb + b)] = s;
+        }
+    }
+    std::atomic<bool> ok{true};
+    parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
+      for (int64_t tile = b; tile < e; ++tile)
+        if (!t.gemv_bf16(w, tile, x, ldx, m, xsum.data(), y, ldy, bias)) ok = false;  // same answer for every tile
+    });
+    if (!ok) throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel does not take this format");
   });
 }
 

@@ -1,0 +1,142 @@
+"""compute="float" with bfloat16 activations: the AVX512-BF16 GEMV kernel (decode-sized M <= 4,
+4-bit codes without a code book) takes x as it is, with exact products and fp32 sums, under
+the same bound as the fp32 path:
+    |y - y_ref| <= K * 2^-23 * (|x| @ |W|.T)   with y_ref = widen(x) @ dequantize(W).T
+Everything it does not take (other formats, M > 4, denormal x, CPUs without AVX512-BF16)
+goes the fp32 way, so results stay within that bound whatever route a call takes."""
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import pyqkern as pq
+from pyqkern import _ops
+from pyqkern._matmul import _packed
+
+from test_matmul import assert_float_close, bits_equal, random_qtensor
+
+BF16 = ml_dtypes.bfloat16
+KERNEL_FORMATS = ["q4_0", "q4_1", "q4_k", "int2", "int3", "int4"]
+NAT = _ops._native()
+
+
+def kernel_variant():
+    """The variant whose table holds the bf16 kernel on this CPU (None if none does)."""
+    for v in pq.variants():
+        if NAT.matmul_sources(_ops.isa_id(v)).get("gemv_bf16"):
+            return v
+    return None
+
+
+def qt_for(fmt, n, k, rng, sym=None):
+    if fmt in ("int2", "int3", "int4"):
+        return random_qtensor(fmt, n, k, rng, group=int(rng.choice([32, 64, 128])) if k % 128 == 0 else 32,
+                              sym=bool(rng.integers(0, 2)) if sym is None else sym)
+    return random_qtensor(fmt, n, k, rng)
+
+
+def test_kernel_present_where_the_cpu_has_avx512_bf16():
+    feats = pq.info()["features"]
+    v = kernel_variant()
+    if "avx512bf16" in feats and "avx512vnni" in feats:
+        assert v == "avx512vnni"
+    else:
+        assert v is None  # and every call below takes the fp32 route
+
+
+@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
+@settings(max_examples=8, deadline=None)
+@given(m=st.sampled_from([1, 2, 3, 4, 5]), n=st.sampled_from([1, 7, 16, 33]),
+       kb=st.sampled_from([1, 2, 4, 8]), use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_bf16_float_within_bound(fmt, m, n, kb, use_bias, seed):
+    rng = np.random.default_rng(seed)
+    k = kb * (256 if fmt == "q4_k" else 128)
+    qt = qt_for(fmt, n, k, rng)
+    x = rng.standard_normal((m, k)).astype(BF16)
+    x[:, rng.integers(0, k, 3)] = BF16(1e4)  # outliers
+    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    wd = pq.dequantize(qt, backend="reference")
+    x32 = x.astype(np.float32)
+    y = pq.matmul(x, qt, bias, compute="float")
+    assert_float_close(y, x32, wd, bias)
+    for v in pq.variants():
+        assert_float_close(pq.matmul(x, qt, bias, compute="float", isa=v), x32, wd, bias)
+
+
+@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
+def test_kernel_taken_and_thread_count_independent(fmt):
+    v = kernel_variant()
+    assert v is not None or "avx512bf16" not in pq.info()["features"]
+    rng = np.random.default_rng(3)
+    n, k = 37, 512
+    qt = qt_for(fmt, n, k, rng)
+    x = rng.standard_normal((3, k)).astype(BF16)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y = np.empty((3, n), np.float32)
+    if v is not None:  # the kernel takes it (elsewhere: the fp32 route, checked the same way below)
+        assert NAT.matmul_float_bf16(_ops.isa_id(v), _packed(qt), x.view(np.uint16), bias, y)
+    else:
+        y = pq.matmul(x.astype(np.float32), qt, bias, compute="float")
+    assert_float_close(y, x.astype(np.float32), pq.dequantize(qt), bias)
+    before = pq.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            pq.set_num_threads(t)
+            outs.append(pq.matmul(x, qt, bias, compute="float"))
+    finally:
+        pq.set_num_threads(before)
+    assert all(bits_equal(o, outs[0]) for o in outs)
+    assert bits_equal(outs[0], y)
+
+
+def test_routes_it_declines_and_inputs_it_accepts():
+    rng = np.random.default_rng(4)
+    n, k = 24, 256
+    x = rng.standard_normal((2, k)).astype(BF16)
+    v = kernel_variant()
+    y = np.empty((2, n), np.float32)
+    for fmt in ("nf4", "q8_0", "iq4_nl"):  # code books / 8-bit codes: the fp32 route
+        qt = random_qtensor(fmt, n, k, rng)
+        assert_float_close(pq.matmul(x, qt, compute="float"), x.astype(np.float32), pq.dequantize(qt))
+    qt = qt_for("int4", n, k, rng, sym=False)
+    wd = pq.dequantize(qt)
+    if v is not None:
+        isa = _ops.isa_id(v)
+        p = _packed(qt)
+        assert not NAT.matmul_float_bf16(isa, p, np.ascontiguousarray(np.repeat(x, 3, 0)[:5]).view(np.uint16), None,
+                                         np.empty((5, n), np.float32))            # M > 4
+        den = x.copy()
+        den[1, 7] = np.array([1], np.uint16).view(BF16)[0]                        # a bf16 denormal
+        assert not NAT.matmul_float_bf16(isa, p, den.view(np.uint16), None, y)
+        assert_float_close(pq.matmul(den, qt, compute="float"), den.astype(np.float32), wd)
+        assert not NAT.matmul_float_bf16(_ops.isa_id("avx512"), p, x.view(np.uint16), None, y)  # no slot there
+    # the same answer for every way of passing bf16: ml_dtypes, uint16 bits, torch, 1-D, out=
+    want = pq.matmul(x, qt, compute="float")
+    assert bits_equal(pq.matmul(x.view(np.uint16), qt, compute="float"), want)
+    torch = pytest.importorskip("torch")
+    xt = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
+    assert bits_equal(pq.matmul(xt, qt, compute="float"), want)
+    assert bits_equal(pq.matmul(x[1], qt, compute="float"), want[1])
+    out = np.empty((2, n), np.float32)
+    assert pq.matmul(x, qt, compute="float", out=out) is out and bits_equal(out, want)
+    assert bits_equal(pq.QLinear(qt, compute="float")(x), want)
+    # NaN / Inf propagate as in fp32
+    bad = x.copy()
+    bad[0, 5] = BF16(np.nan)
+    yb = pq.matmul(bad, qt, compute="float")
+    assert np.isnan(yb[0]).any() and np.isfinite(yb[1]).all()
+    with pytest.raises(ValueError, match="K="):
+        pq.matmul(np.ones((1, k + 1), BF16), qt, compute="float")
+
+
+def test_act_order_permutation():
+    """A GPTQ act-order weight (stored as W[:, perm]) takes x[:, perm] on this path too."""
+    rng = np.random.default_rng(5)
+    n, k = 16, 256
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    perm = rng.permutation(k)
+    qt = pq.quantize(w[:, perm], "int4", group=64).with_perm(perm)
+    x = rng.standard_normal((1, k)).astype(BF16)
+    wd = pq.dequantize(qt)  # in the original column order
+    assert_float_close(pq.matmul(x, qt, compute="float"), x.astype(np.float32), wd)
