@@ -140,11 +140,23 @@ def _bf16_bits(x):
 
 
 def _float_bf16(x, w, bias, compute, out, isa):
-    """compute="float" with bfloat16 activations, decode-sized (M <= 4): the native kernel takes
-    x as it is (exact products, fp32 sums; see pqk_matmul_float_bf16). None when it does not
-    apply (then x is widened to fp32 and takes the usual route, with the same result bound)."""
+    """compute="float" at decode size on the packed weight through the AVX512-BF16 kernel:
+    bfloat16 x (M <= 4) as it is, float32 x (M <= 2) split exactly into three bf16 parts; exact
+    products, fp32 sums (pqk_matmul_float_bf16 / _packed). None when it does not apply (then the
+    usual fp32 route runs, under the same result bound)."""
     xb = _bf16_bits(x)
-    if xb is None or xb.ndim < 1 or xb.shape[-1] != w.shape[1]:
+    f32 = xb is None
+    if f32:  # float32 x (numpy or torch), split exactly into three bf16 parts by the kernel
+        if hasattr(x, "detach") and hasattr(x, "numpy"):
+            import torch  # noqa: F401 - only reached when torch is present
+
+            if x.dtype != torch.float32:
+                return None
+            x = x.detach().numpy()
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+            return None
+        xb = x
+    if xb.ndim < 1 or xb.shape[-1] != w.shape[1]:
         return None
     mode = resolve_compute(w, compute)
     if mode != "float" or not int8_supported(w) or w.format not in _BF16_FORMATS:
@@ -153,13 +165,14 @@ def _float_bf16(x, w, bias, compute, out, isa):
     lead = tuple(xb.shape[:-1])
     x2 = np.ascontiguousarray(xb.reshape(-1, k))
     m = x2.shape[0]
-    if not 1 <= m <= 4:
+    if not 1 <= m <= (2 if f32 else 4):
         return None
     if w.perm is not None:
         x2 = np.ascontiguousarray(x2[:, w.perm])
     b = _bias(bias, n)
     y = _out(out, lead + (n,))
-    if not _native().matmul_float_bf16(isa_id(isa), _packed(w), x2, b, y.reshape(m, n)):
+    kernel = _native().matmul_float_packed if f32 else _native().matmul_float_bf16
+    if not kernel(isa_id(isa), _packed(w), x2, b, y.reshape(m, n)):
         return None
     return y
 

@@ -140,3 +140,56 @@ def test_act_order_permutation():
     x = rng.standard_normal((1, k)).astype(BF16)
     wd = pq.dequantize(qt)  # in the original column order
     assert_float_close(pq.matmul(x, qt, compute="float"), x.astype(np.float32), wd)
+
+
+@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
+@settings(max_examples=6, deadline=None)
+@given(m=st.sampled_from([1, 2, 3]), n=st.sampled_from([1, 16, 33]), kb=st.sampled_from([1, 2, 8]),
+       scale=st.sampled_from([1e-35, 1e-20, 1.0, 1e20]), use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fp32_x_split_within_bound(fmt, m, n, kb, scale, use_bias, seed):
+    """float32 x (M <= 2) goes through the same kernel split exactly into three bf16 parts: the
+    fp32 bound holds for any magnitude (tiny values that would make a part denormal go the fp32
+    way)."""
+    rng = np.random.default_rng(seed)
+    k = kb * (256 if fmt == "q4_k" else 128)
+    qt = qt_for(fmt, n, k, rng)
+    x = (rng.standard_normal((m, k)) * scale).astype(np.float32)
+    x[:, rng.integers(0, k, 2)] *= 1e3
+    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    wd = pq.dequantize(qt, backend="reference")
+    assert_float_close(pq.matmul(x, qt, bias, compute="float"), x, wd, bias)
+    v = kernel_variant()
+    if v is not None and m <= 2:
+        y = np.empty((m, n), np.float32)
+        taken = NAT.matmul_float_packed(_ops.isa_id(v), _packed(qt), x, bias, y)
+        assert taken == (scale > 1e-30)  # 1e-35 * N(0,1): second and third parts would be denormals
+        if taken:
+            assert_float_close(y, x, wd, bias)
+
+
+def test_fp32_x_split_declines_non_finite_and_matches_fp32_semantics():
+    rng = np.random.default_rng(6)
+    n, k = 16, 256
+    qt = qt_for("q4_0", n, k, rng)
+    wd = pq.dequantize(qt)
+    v = kernel_variant()
+    for special in (np.inf, -np.inf, np.nan, 1e-40):
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        x[0, 9] = special
+        if v is not None:
+            assert not NAT.matmul_float_packed(_ops.isa_id(v), _packed(qt), x, None, np.empty((1, n), np.float32))
+        y = pq.matmul(x, qt, compute="float")   # the fp32 route: IEEE semantics as before
+        want = pq.matmul(x, qt, compute="float", isa="avx512")
+        assert bits_equal(y, want) or (np.isnan(y) == np.isnan(want)).all()
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    if v is not None:  # the kernel's answer is what pq.matmul returns, for any thread count
+        y = np.empty((2, n), np.float32)
+        assert NAT.matmul_float_packed(_ops.isa_id(v), _packed(qt), x, None, y)
+        before = pq.get_num_threads()
+        try:
+            for t in (1, 2, 3):
+                pq.set_num_threads(t)
+                assert bits_equal(pq.matmul(x, qt, compute="float"), y)
+        finally:
+            pq.set_num_threads(before)
+    assert_float_close(pq.matmul(x, qt, compute="float"), x, wd)

@@ -256,6 +256,25 @@ PYBIND11_MODULE(_native, m) {
     return true;
   }, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("bias"), py::arg("y"));
 
+  // float32 activations, compute="float" on a packed weight through the same kernel (x split
+  // exactly into three bf16 parts): True when done, False when it does not take the case.
+  m.def("matmul_float_packed", [](int isa, const Packed& w, py::array x, py::object bias, py::array y) {
+    Rows xr = rows_of(x, "x");
+    if (xr.k != w.k) throw py::value_error("x has K=" + std::to_string(xr.k) + ", weight has K=" + std::to_string(w.k));
+    Rows yr = rows_of(y, "out");
+    if (yr.m != xr.m || yr.k != w.n) throw py::value_error("out has the wrong shape");
+    if (!y.writeable()) throw py::value_error("out is read-only");
+    const float* bp = bias_ptr(bias, w.n);
+    pqk_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = pqk_matmul_float_packed(isa, w.p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld);
+    }
+    if (st == PQK_ERR_UNSUPPORTED) return false;
+    check(st);
+    return true;
+  }, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("bias"), py::arg("y"));
+
   m.def("matmul_float", [](int isa, int fmt, py::buffer q, py::object s, py::object z, int64_t n, int64_t k, int group,
                            int sym, py::array x, py::object bias, py::array y, py::object adapters, py::object ids) {
     pqk_qparams p{group, sym};

@@ -43,12 +43,14 @@ struct LoraArgs {
 using lora_expand_fn = void (*)(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y,
                                 int64_t ldy);
 
-// compute="float" for m (<= 4) rows of bfloat16 activations x [m][ldx] (bits) on one 16-row tile
-// of packed 4-bit codes: y = x @ dequant(W).T (+ bias), fp32 sums (see x86_avx512bf16).
-// xsum [m][k/32]: per-block sums of x, read by formats with a min term. Returns false, having
-// written nothing, for formats or row counts it does not take.
+// compute="float" for m rows of bfloat16 activations on one 16-row tile of packed 4-bit codes:
+// y = x @ dequant(W).T (+ bias), exact products, fp32 sums (see x86_avx512bf16). parts = 1: x
+// [m][ldx] bf16 bits (m <= 4); parts = 3: fp32 activations split exactly into three bf16 parts,
+// part p at x + p * part_stride (m <= 2). xsum [m][k/32]: per-block sums of x, read by formats
+// with a min term. Returns false, having written nothing, for cases it does not take.
 using gemv_bf16_fn = bool (*)(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t ldx, int64_t m,
-                              const float* xsum, float* y, int64_t ldy, const float* bias);
+                              int parts, int64_t part_stride, const float* xsum, float* y, int64_t ldy,
+                              const float* bias);
 
 // t[r - r0] = dot(x[0:k], A[r, 0:k]) for adapter rows r in [r0, r1), A in the adapter's dtype.
 using lora_shrink_fn = void (*)(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);

@@ -145,6 +145,53 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
                        const pqk_qparams* params, const float* x, int64_t m, int64_t ldx, const float* bias, float* y,
                        int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows);
 
+// finite x to bf16, round to nearest even (may round up to Inf near FLT_MAX)
+inline uint16_t fp32_to_bf16_rne(float v) {
+  const uint32_t u = f32_bits(v);
+  return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// compute="float" on a packed weight through the bf16 kernel (gemv_bf16). fill(xp, ps) writes
+// nparts bf16 parts of the m x k activations (part p of row i at xp + p * ps + i * k) and
+// returns null, or why the kernel cannot take them. Throws UNSUPPORTED when the kernel does not
+// take the case: callers then go the fp32 way.
+template <class Fill>
+void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx, const float* bias, float* y,
+                       int64_t ldy, int64_t max_m, int nparts, Fill fill) {
+  if (!wp) throw Error(PQK_ERR_ARG, "packed weight is NULL");
+  const PackedWeight& w = wp->w;
+  if (m < 0) throw Error(PQK_ERR_SHAPE, "m < 0");
+  if (m == 0) return;
+  if (!y) throw Error(PQK_ERR_ARG, "NULL y");
+  if (ldx < w.k || ldy < w.n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
+  const KernelTable& t = kernel_table(resolve_isa(isa));
+  if (!t.gemv_bf16) throw Error(PQK_ERR_UNSUPPORTED, "no bf16 float kernel for this variant / CPU");
+  if (m > max_m) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the bf16 float kernel");
+  if (!w.nibbles || w.lut || w.blk != QBLK)
+    throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel takes 4-bit codes without a code book");
+  const int64_t k = w.k, nkb = k / QBLK, ps = m * k;
+  std::vector<uint16_t> xp((size_t)(nparts * ps));
+  if (const char* why = fill(xp.data(), ps)) throw Error(PQK_ERR_UNSUPPORTED, why);
+  std::vector<float> xsum((size_t)(m * nkb));
+  if (w.has_min)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t b = 0; b < nkb; ++b) {
+        float s = 0.0f;
+        for (int p = 0; p < nparts; ++p)
+          for (int j = 0; j < QBLK; ++j) s += bf16_to_fp32(xp[(size_t)(p * ps + i * k + b * QBLK + j)]);
+        xsum[(size_t)(i * nkb + b)] = s;
+      }
+  std::atomic<bool> ok{true};
+  parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t tile = b; tile < e; ++tile)  // the same answer for every tile
+      if (!t.gemv_bf16(w, tile, xp.data(), k, m, nparts, ps, xsum.data(), y, ldy, bias)) ok = false;
+  });
+  if (!ok) throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel does not take this case");
+}
+
+// a bf16 denormal (exponent 0, mantissa not): vdpbf16ps reads it as zero
+inline uint32_t bf16_denormal(uint16_t h) { return (uint32_t)((h & 0x7F80) == 0) & (uint32_t)((h & 0x7F) != 0); }
+
 }  // namespace
 }  // namespace pqk
 
@@ -204,37 +251,47 @@ pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void*
 pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* wp, const uint16_t* x, int64_t m, int64_t ldx,
                                  const float* bias, float* y, int64_t ldy) {
   return guarded([&] {
-    if (!wp) throw Error(PQK_ERR_ARG, "packed weight is NULL");
-    const PackedWeight& w = wp->w;
-    if (m < 0) throw Error(PQK_ERR_SHAPE, "m < 0");
-    if (m == 0) return;
-    if (!x || !y) throw Error(PQK_ERR_ARG, "NULL x/y");
-    if (ldx < w.k || ldy < w.n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
-    const KernelTable& t = kernel_table(resolve_isa(isa));
-    if (!t.gemv_bf16) throw Error(PQK_ERR_UNSUPPORTED, "no bf16 float kernel for this variant / CPU");
-    if (m > 4) throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel takes at most 4 rows");
-    if (!w.nibbles || w.lut || w.blk != QBLK)
-      throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel takes 4-bit codes without a code book");
-    const int64_t nkb = w.k / QBLK;
-    std::vector<float> xsum((size_t)(m * nkb));
-    for (int64_t i = 0; i < m; ++i) {
-      const uint16_t* xr = x + i * ldx;
-      for (int64_t j = 0; j < w.k; ++j)
-        if ((xr[j] & 0x7F80) == 0 && (xr[j] & 0x007F) != 0)
-          throw Error(PQK_ERR_UNSUPPORTED, "x holds bf16 denormals (read as zero by the bf16 kernel)");
-      if (w.has_min)
-        for (int64_t b = 0; b < nkb; ++b) {
-          float s = 0.0f;
-          for (int j = 0; j < QBLK; ++j) s += bf16_to_fp32(xr[b * QBLK + j]);
-          xsum[(size_t)(i * nkb + b)] = s;
+    if (!x) throw Error(PQK_ERR_ARG, "NULL x");
+    packed_float_bf16(isa, wp, m, ldx, bias, y, ldy, 4, 1, [&](uint16_t* xp, int64_t) -> const char* {
+      const int64_t k = wp->w.k;
+      uint32_t den = 0;
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < k; ++j) {
+          const uint16_t h = x[i * ldx + j];
+          den |= bf16_denormal(h);
+          xp[i * k + j] = h;
         }
-    }
-    std::atomic<bool> ok{true};
-    parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
-      for (int64_t tile = b; tile < e; ++tile)
-        if (!t.gemv_bf16(w, tile, x, ldx, m, xsum.data(), y, ldy, bias)) ok = false;  // same answer for every tile
+      return den ? "x holds bf16 denormals (read as zero by the bf16 kernel)" : nullptr;
     });
-    if (!ok) throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel does not take this format");
+  });
+}
+
+pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* wp, const float* x, int64_t m, int64_t ldx,
+                                   const float* bias, float* y, int64_t ldy) {
+  return guarded([&] {
+    if (!x) throw Error(PQK_ERR_ARG, "NULL x");
+    packed_float_bf16(isa, wp, m, ldx, bias, y, ldy, 2, 3, [&](uint16_t* xp, int64_t ps) -> const char* {
+      // x = x1 + x2 + x3 exactly: x has 24 significant bits and each bf16 part takes the next 8
+      // (rounded to nearest, so every remainder is exact in fp32); a part that is a denormal, or
+      // does not hold its remainder exactly (NaN/Inf x, |x| below ~2^-102), refuses the case
+      const int64_t k = wp->w.k;
+      uint32_t bad = 0;
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < k; ++j) {
+          const float v = x[i * ldx + j];
+          const uint16_t h1 = fp32_to_bf16_rne(v);
+          const float r1 = v - bf16_to_fp32(h1);
+          const uint16_t h2 = fp32_to_bf16_rne(r1);
+          const float r2 = r1 - bf16_to_fp32(h2);
+          const uint16_t h3 = fp32_to_bf16_rne(r2);
+          bad |= (uint32_t)(f32_bits(bf16_to_fp32(h3)) != f32_bits(r2)) | (uint32_t)((f32_bits(v) & 0x7F800000u) == 0x7F800000u) |
+                 bf16_denormal(h1) | bf16_denormal(h2) | bf16_denormal(h3);
+          xp[i * k + j] = h1;
+          xp[ps + i * k + j] = h2;
+          xp[2 * ps + i * k + j] = h3;
+        }
+      return bad ? "x holds NaN/Inf or values too small to split exactly into bf16 parts" : nullptr;
+    });
   });
 }
 

@@ -164,6 +164,11 @@ PQK_API pqk_status pqk_matmul_float_lora(int32_t isa, int32_t fmt, const void* q
  * as zero): callers then widen x to fp32 and use pqk_matmul_float. */
 PQK_API pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* w, const uint16_t* x, int64_t m,
                                          int64_t ldx, const float* bias, float* y, int64_t ldy);
+/* The same for float32 activations (m <= 2): each x split exactly into three bf16 parts
+ * (x = x1 + x2 + x3), so products stay exact; PQK_ERR_UNSUPPORTED also for NaN/Inf x and for
+ * |x| below ~2^-102 (a part would be a denormal). */
+PQK_API pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* w, const float* x, int64_t m,
+                                           int64_t ldx, const float* bias, float* y, int64_t ldy);
 
 /* compute="float": weights dequantized exactly (as pqk_dequantize) and multiplied in fp32. */
 PQK_API pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void* s, const void* z,
