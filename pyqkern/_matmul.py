@@ -8,10 +8,12 @@ compute:
           their code books rounded to 1/127 in this mode.
   "float" weights dequantized exactly (as pyqkern.dequantize) and multiplied in fp32; within
           fp32 accumulation error of x @ dequantize(W).T: |y - y_ref| <= K * 2^-23 * sum|x||w|
-          (a loose bound; tests check it). bfloat16 x with M <= 4 on q4_0 / q4_1 / q4_k /
-          int2 / int3 / int4 takes an AVX512-BF16 kernel where the CPU has one: (u - o) * x is
-          exact in fp32, sums per block then scaled, under the same bound (x holding bf16
-          denormals, which that instruction reads as zero, goes the fp32 way).
+          (a loose bound; tests check it). At decode size on q4_0 / q4_1 / q4_k / int2 / int3 /
+          int4 without adapters (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly
+          into three bf16 parts) an AVX512-BF16 kernel takes over where the CPU has one: (u - o)
+          * x is exact in fp32, sums per block then scaled, under the same bound (x a bf16 part
+          of which would be a denormal, or NaN/Inf for float32 x, goes the fp32 way). So in
+          this mode a row's last bits can depend on the batch it came in; "int8" never does.
   "auto"  "int8" where supported, else "float".
 """
 from __future__ import annotations
