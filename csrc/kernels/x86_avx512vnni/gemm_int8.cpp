@@ -11,7 +11,7 @@ namespace pqk { namespace avx512vnni {
 namespace {
 
 #ifndef PQK_VNNI_MR
-#define PQK_VNNI_MR 6
+#define PQK_VNNI_MR 8
 #endif
 constexpr int MR = PQK_VNNI_MR;  // activation rows sharing one decode of the weight block
 // 4 activation bytes read as one int32 (folds into vpdpbusd's {1to16} memory broadcast)
@@ -57,6 +57,7 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
   constexpr int NQ = BLK / 4;                           // quads (registers) per block
   const __m512i lo4 = _mm512_set1_epi8(0x0F);
   const __m512i vlut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)w.lut16));
+  const __m512i vo_const = _mm512_set1_epi32(w.o_const);
   const int64_t nkb = w.k / QBLK;
   const __m512 vbias = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
 
@@ -95,17 +96,21 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
           const int32_t xs = BLK == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
           const float dx = a.row_d(i)[kb];
           // two independent chains (even / odd quads): vpdpbusd latency, not throughput, bounds
-          // one long chain
+          // one long chain. Block 32: the first starts from -o * sum(xq) (one vpdpwssd, see
+          // ActQ::xn) instead of a multiply and a subtract per row.
           __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+          if (BLK == 32 && (ROW_OFF || w.o_const != 0)) i0 = dpwssd_x1(i0, ROW_OFF ? voff : vo_const, a.row_n(i) + kb);
           for (int j = 0; j < NQ; j += 2) {
             i0 = dpbusd_x4(i0, W[j], xb + 4 * j);
             i1 = dpbusd_x4(i1, W[j + 1], xb + 4 * j + 4);
           }
           __m512i isum = _mm512_add_epi32(i0, i1);
-          // o * xs with vpmaddwd: o (0..15) sits in the low int16 of its lane, the high one is 0,
-          // and |xs| <= 32 * 127 fits int16, so the product is exact and cheaper than vpmulld
-          if (ROW_OFF) isum = _mm512_sub_epi32(isum, _mm512_madd_epi16(voff, _mm512_set1_epi32((uint16_t)xs)));
-          else isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
+          // block 16 (q6_k): o * xs with vpmaddwd: o sits in the low int16 of its lane, the high
+          // one is 0, and |xs| <= 16 * 127 fits int16, so the product is exact
+          if (BLK != 32) {
+            if (ROW_OFF) isum = _mm512_sub_epi32(isum, _mm512_madd_epi16(voff, _mm512_set1_epi32((uint16_t)xs)));
+            else isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
+          }
           const __m512 da = _mm512_mul_ps(vscale, _mm512_set1_ps(dx));
           acc[ii] = _mm512_add_ps(acc[ii], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), da));
           if (HAS_MIN) {
