@@ -88,6 +88,19 @@ Rows rows_of(const py::array& x, const char* what) {
   return {static_cast<const float*>(x.data()), m, k, m > 1 ? (int64_t)(x.strides(0) / 4) : k};
 }
 
+// x has the weight's K
+void check_k(int64_t xk, int64_t wk) {
+  if (xk != wk) throw py::value_error("x has K=" + std::to_string(xk) + ", weight has K=" + std::to_string(wk));
+}
+
+// out: float32 [m, n] with contiguous rows, writeable
+Rows out_rows(const py::array& y, int64_t m, int64_t n) {
+  Rows yr = rows_of(y, "out");
+  if (yr.m != m || yr.k != n) throw py::value_error("out has the wrong shape");
+  if (!y.writeable()) throw py::value_error("out is read-only");
+  return yr;
+}
+
 const float* bias_ptr(const py::object& bias, int64_t n) {
   if (bias.is_none()) return nullptr;
   py::array b = bias.cast<py::array>();
@@ -218,10 +231,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("matmul_int8", [](int isa, const Packed& w, py::array x, py::object bias, py::array y, py::object adapters,
                           py::object ids) {
     Rows xr = rows_of(x, "x");
-    if (xr.k != w.k) throw py::value_error("x has K=" + std::to_string(xr.k) + ", weight has K=" + std::to_string(w.k));
-    Rows yr = rows_of(y, "out");
-    if (yr.m != xr.m || yr.k != w.n) throw py::value_error("out has the wrong shape");
-    if (!y.writeable()) throw py::value_error("out is read-only");
+    check_k(xr.k, w.k);
+    Rows yr = out_rows(y, xr.m, w.n);
     const float* bp = bias_ptr(bias, w.n);
     AdapterList L;
     adapters_of(adapters, ids, xr.m, w.k, w.n, L);
@@ -240,10 +251,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("matmul_float_bf16", [](int isa, const Packed& w, py::array x, py::object bias, py::array y) {
     if (x.itemsize() != 2 || x.ndim() != 2 || !(x.flags() & py::array::c_style))
       throw py::type_error("x must be a C-contiguous 2-D array of bf16 bits (uint16)");
-    if (x.shape(1) != w.k) throw py::value_error("x has K=" + std::to_string(x.shape(1)) + ", weight has K=" + std::to_string(w.k));
-    Rows yr = rows_of(y, "out");
-    if (yr.m != x.shape(0) || yr.k != w.n) throw py::value_error("out has the wrong shape");
-    if (!y.writeable()) throw py::value_error("out is read-only");
+    check_k(x.shape(1), w.k);
+    Rows yr = out_rows(y, x.shape(0), w.n);
     const float* bp = bias_ptr(bias, w.n);
     pqk_status st;
     {
@@ -260,10 +269,8 @@ PYBIND11_MODULE(_native, m) {
   // exactly into three bf16 parts): True when done, False when it does not take the case.
   m.def("matmul_float_packed", [](int isa, const Packed& w, py::array x, py::object bias, py::array y) {
     Rows xr = rows_of(x, "x");
-    if (xr.k != w.k) throw py::value_error("x has K=" + std::to_string(xr.k) + ", weight has K=" + std::to_string(w.k));
-    Rows yr = rows_of(y, "out");
-    if (yr.m != xr.m || yr.k != w.n) throw py::value_error("out has the wrong shape");
-    if (!y.writeable()) throw py::value_error("out is read-only");
+    check_k(xr.k, w.k);
+    Rows yr = out_rows(y, xr.m, w.n);
     const float* bp = bias_ptr(bias, w.n);
     pqk_status st;
     {
@@ -284,10 +291,8 @@ PYBIND11_MODULE(_native, m) {
     Sections sec(rb, n, s, z, false);
     const void* sp = sec.s; const void* zp = sec.z;
     Rows xr = rows_of(x, "x");
-    if (xr.k != k) throw py::value_error("x has K=" + std::to_string(xr.k) + ", weight has K=" + std::to_string(k));
-    Rows yr = rows_of(y, "out");
-    if (yr.m != xr.m || yr.k != n) throw py::value_error("out has the wrong shape");
-    if (!y.writeable()) throw py::value_error("out is read-only");
+    check_k(xr.k, k);
+    Rows yr = out_rows(y, xr.m, n);
     const float* bp = bias_ptr(bias, n);
     AdapterList L;
     adapters_of(adapters, ids, xr.m, k, n, L);
