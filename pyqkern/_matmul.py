@@ -9,7 +9,7 @@ compute:
   "float" weights dequantized exactly (as pyqkern.dequantize) and multiplied in fp32; within
           fp32 accumulation error of x @ dequantize(W).T: |y - y_ref| <= K * 2^-23 * sum|x||w|
           (a loose bound; tests check it). At decode size on q4_0 / q4_1 / q4_k / int2 / int3 /
-          int4 without adapters (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly
+          int4, adapters too (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly
           into three bf16 parts) an AVX512-BF16 kernel takes over where the CPU has one: (u - o)
           * x is exact in fp32, sums per block then scaled, under the same bound (x a bf16 part
           of which would be a denormal, or NaN/Inf for float32 x, goes the fp32 way). So in
@@ -141,11 +141,12 @@ def _bf16_bits(x):
     return None
 
 
-def _float_bf16(x, w, bias, compute, out, isa):
+def _float_bf16(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
     """compute="float" at decode size on the packed weight through the AVX512-BF16 kernel:
     bfloat16 x (M <= 4) as it is, float32 x (M <= 2) split exactly into three bf16 parts; exact
-    products, fp32 sums (pqk_matmul_float_bf16 / _packed). None when it does not apply (then the
-    usual fp32 route runs, under the same result bound)."""
+    products, fp32 sums (pqk_matmul_float_bf16 / _packed), adapters as in the fp32 route (shrink
+    on x, expansion after the base). None when it does not apply (then the usual fp32 route
+    runs, under the same result bound)."""
     xb = _bf16_bits(x)
     f32 = xb is None
     if f32:  # float32 x (numpy or torch), split exactly into three bf16 parts by the kernel
@@ -172,9 +173,11 @@ def _float_bf16(x, w, bias, compute, out, isa):
     if w.perm is not None:
         x2 = np.ascontiguousarray(x2[:, w.perm])
     b = _bias(bias, n)
+    ads, ids = _adapters(lora, adapter_ids, w, m)
+    nat_ads = [a.native_args(w) for a in ads] if ads else None
     y = _out(out, lead + (n,))
     kernel = _native().matmul_float_packed if f32 else _native().matmul_float_bf16
-    if not kernel(isa_id(isa), _packed(w), x2, b, y.reshape(m, n)):
+    if not kernel(isa_id(isa), _packed(w), x2, b, y.reshape(m, n), nat_ads, ids):
         return None
     return y
 
@@ -216,8 +219,8 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     if not isinstance(w, QTensor):
         raise TypeError(f"w must be a QTensor, got {type(w).__name__}")
     n, k = w.shape
-    if backend == "native" and lora is None and compute != "int8":
-        done = _float_bf16(x, w, bias, compute, out, isa)
+    if backend == "native" and compute != "int8":
+        done = _float_bf16(x, w, bias, compute, out, isa, lora, adapter_ids)
         if done is not None:
             return done
     x2, lead = _x_rows(x, k)

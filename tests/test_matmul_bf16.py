@@ -193,3 +193,45 @@ def test_fp32_x_split_declines_non_finite_and_matches_fp32_semantics():
         finally:
             pq.set_num_threads(before)
     assert_float_close(pq.matmul(x, qt, compute="float"), x, wd)
+
+
+@pytest.mark.parametrize("xdt", ["bfloat16", "float32"])
+@pytest.mark.parametrize("mode", ["single", "dora", "rows", "sum"])
+def test_adapters_on_the_decode_kernel(xdt, mode):
+    """LoRA / DoRA / per-row adapters / summed adapters with compute="float" at decode size:
+    the bf16 kernel for the base, the shrink on x and the expansion after it; within the fused
+    LoRA bound of the unfused float reference."""
+    from pyqkern._lora import LoRA
+    from test_lora_fused import adapter, bound
+
+    rng = np.random.default_rng(8)
+    n, k, m = 40, 256, 2
+    qt = qt_for("int4", n, k, rng, sym=False)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if xdt == "bfloat16":
+        x = x.astype(BF16)
+    x32 = x.astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    ids = None
+    if mode == "single":
+        lora = adapter(n, k, 8, rng)
+    elif mode == "dora":
+        lora = adapter(n, k, 4, rng, dora=True)
+    elif mode == "rows":
+        lora = [adapter(n, k, 8, rng), adapter(n, k, 3, rng)]
+        ids = np.array([1, -1], np.int32)
+    else:
+        a = adapter(n, k, 6, rng)
+        lora = [a, LoRA(a.A, a.B, alpha=a.alpha, storage="bfloat16")]
+    ads = lora if isinstance(lora, list) else [lora]
+    ref = pq.matmul(x32, qt, bias, lora=lora, adapter_ids=ids, compute="float", backend="reference")
+    lim = bound(x32, qt, ads, bias)
+    y = pq.matmul(x, qt, bias, lora=lora, adapter_ids=ids, compute="float")
+    assert (np.abs(y - ref) <= lim).all(), np.abs(y - ref).max()
+    v = kernel_variant()
+    if v is not None:  # it is the kernel's answer
+        xk = x.view(np.uint16) if xdt == "bfloat16" else x
+        call = NAT.matmul_float_bf16 if xdt == "bfloat16" else NAT.matmul_float_packed
+        out = np.empty((m, n), np.float32)
+        assert call(_ops.isa_id(v), _packed(qt), xk, bias, out, [a.native_args(qt) for a in ads], ids)
+        assert bits_equal(out, y)

@@ -248,39 +248,48 @@ PYBIND11_MODULE(_native, m) {
 
   // bf16 activations (uint16 bits, C-contiguous [m, k]), compute="float" on a packed weight:
   // True when done, False when the kernel does not take this case (the caller widens x instead).
-  m.def("matmul_float_bf16", [](int isa, const Packed& w, py::array x, py::object bias, py::array y) {
+  m.def("matmul_float_bf16", [](int isa, const Packed& w, py::array x, py::object bias, py::array y,
+                                py::object adapters, py::object ids) {
     if (x.itemsize() != 2 || x.ndim() != 2 || !(x.flags() & py::array::c_style))
       throw py::type_error("x must be a C-contiguous 2-D array of bf16 bits (uint16)");
     check_k(x.shape(1), w.k);
     Rows yr = out_rows(y, x.shape(0), w.n);
     const float* bp = bias_ptr(bias, w.n);
+    AdapterList L;
+    adapters_of(adapters, ids, x.shape(0), w.k, w.n, L);
     pqk_status st;
     {
       py::gil_scoped_release nogil;
       st = pqk_matmul_float_bf16(isa, w.p, static_cast<const uint16_t*>(x.data()), x.shape(0), w.k, bp,
-                                 const_cast<float*>(yr.p), yr.ld);
+                                 const_cast<float*>(yr.p), yr.ld, L.v.data(), (int32_t)L.v.size(), L.ids);
     }
     if (st == PQK_ERR_UNSUPPORTED) return false;
     check(st);
     return true;
-  }, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("bias"), py::arg("y"));
+  }, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("adapters") = py::none(),
+     py::arg("ids") = py::none());
 
   // float32 activations, compute="float" on a packed weight through the same kernel (x split
   // exactly into three bf16 parts): True when done, False when it does not take the case.
-  m.def("matmul_float_packed", [](int isa, const Packed& w, py::array x, py::object bias, py::array y) {
+  m.def("matmul_float_packed", [](int isa, const Packed& w, py::array x, py::object bias, py::array y,
+                                  py::object adapters, py::object ids) {
     Rows xr = rows_of(x, "x");
     check_k(xr.k, w.k);
     Rows yr = out_rows(y, xr.m, w.n);
     const float* bp = bias_ptr(bias, w.n);
+    AdapterList L;
+    adapters_of(adapters, ids, xr.m, w.k, w.n, L);
     pqk_status st;
     {
       py::gil_scoped_release nogil;
-      st = pqk_matmul_float_packed(isa, w.p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld);
+      st = pqk_matmul_float_packed(isa, w.p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld, L.v.data(),
+                                   (int32_t)L.v.size(), L.ids);
     }
     if (st == PQK_ERR_UNSUPPORTED) return false;
     check(st);
     return true;
-  }, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("bias"), py::arg("y"));
+  }, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("adapters") = py::none(),
+     py::arg("ids") = py::none());
 
   m.def("matmul_float", [](int isa, int fmt, py::buffer q, py::object s, py::object z, int64_t n, int64_t k, int group,
                            int sym, py::array x, py::object bias, py::array y, py::object adapters, py::object ids) {

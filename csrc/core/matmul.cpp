@@ -157,7 +157,8 @@ inline uint16_t fp32_to_bf16_rne(float v) {
 // take the case: callers then go the fp32 way.
 template <class Fill>
 void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx, const float* bias, float* y,
-                       int64_t ldy, int64_t max_m, int nparts, Fill fill) {
+                       int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows, int64_t max_m,
+                       int nparts, Fill fill) {
   if (!wp) throw Error(PQK_ERR_ARG, "packed weight is NULL");
   const PackedWeight& w = wp->w;
   if (m < 0) throw Error(PQK_ERR_SHAPE, "m < 0");
@@ -169,6 +170,7 @@ void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx
   if (m > max_m) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the bf16 float kernel");
   if (!w.nibbles || w.lut || w.blk != QBLK)
     throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel takes 4-bit codes without a code book");
+  const Adapters AD(ads, n_ad, rows, m, w.k, w.n);
   const int64_t k = w.k, nkb = k / QBLK, ps = m * k;
   std::vector<uint16_t> xp((size_t)(nparts * ps));
   if (const char* why = fill(xp.data(), ps)) throw Error(PQK_ERR_UNSUPPORTED, why);
@@ -181,12 +183,27 @@ void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx
           for (int j = 0; j < QBLK; ++j) s += bf16_to_fp32(xp[(size_t)(p * ps + i * k + b * QBLK + j)]);
         xsum[(size_t)(i * nkb + b)] = s;
       }
+  // adapters: the shrink on x (the parts add up to it exactly), the expansion after the base
+  std::vector<float> T((size_t)(AD.active() ? m * AD.t_cols : 0));
+  if (AD.active()) {
+    std::vector<float> xf((size_t)(m * k), 0.0f);
+    for (int p = nparts - 1; p >= 0; --p)  // x3 + x2 first (exact), then + x1 (exact): x
+      for (int64_t e = 0; e < m * k; ++e) xf[(size_t)e] += bf16_to_fp32(xp[(size_t)(p * ps + e)]);
+    for (int64_t i = 0; i < m; ++i) AD.shrink(t, xf.data() + i * k, k, i, T.data() + i * AD.t_cols);
+  }
   std::atomic<bool> ok{true};
   parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
     for (int64_t tile = b; tile < e; ++tile)  // the same answer for every tile
-      if (!t.gemv_bf16(w, tile, xp.data(), k, m, nparts, ps, xsum.data(), y, ldy, bias)) ok = false;
+      if (!t.gemv_bf16(w, tile, xp.data(), k, m, nparts, ps, xsum.data(), y, ldy, AD.active() ? nullptr : bias))
+        ok = false;
   });
   if (!ok) throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel does not take this case");
+  if (AD.active()) {
+    const LoraArgs L = AD.args(T.data(), 0, bias, w.n);
+    parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
+      t.lora_expand(L, 0, m, b * NR, (int)(std::min<int64_t>(e * NR, w.n) - b * NR), y, ldy);
+    });
+  }
 }
 
 // a bf16 denormal (exponent 0, mantissa not): vdpbf16ps reads it as zero
@@ -249,10 +266,11 @@ pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void*
 }
 
 pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* wp, const uint16_t* x, int64_t m, int64_t ldx,
-                                 const float* bias, float* y, int64_t ldy) {
+                                 const float* bias, float* y, int64_t ldy, const pqk_lora* ads, int32_t n_ad,
+                                 const int32_t* rows) {
   return guarded([&] {
     if (!x) throw Error(PQK_ERR_ARG, "NULL x");
-    packed_float_bf16(isa, wp, m, ldx, bias, y, ldy, 4, 1, [&](uint16_t* xp, int64_t) -> const char* {
+    packed_float_bf16(isa, wp, m, ldx, bias, y, ldy, ads, n_ad, rows, 4, 1, [&](uint16_t* xp, int64_t) -> const char* {
       const int64_t k = wp->w.k;
       uint32_t den = 0;
       for (int64_t i = 0; i < m; ++i)
@@ -267,10 +285,11 @@ pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* wp, const uint16
 }
 
 pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* wp, const float* x, int64_t m, int64_t ldx,
-                                   const float* bias, float* y, int64_t ldy) {
+                                   const float* bias, float* y, int64_t ldy, const pqk_lora* ads, int32_t n_ad,
+                                   const int32_t* rows) {
   return guarded([&] {
     if (!x) throw Error(PQK_ERR_ARG, "NULL x");
-    packed_float_bf16(isa, wp, m, ldx, bias, y, ldy, 2, 3, [&](uint16_t* xp, int64_t ps) -> const char* {
+    packed_float_bf16(isa, wp, m, ldx, bias, y, ldy, ads, n_ad, rows, 2, 3, [&](uint16_t* xp, int64_t ps) -> const char* {
       // x = x1 + x2 + x3 exactly: x has 24 significant bits and each bf16 part takes the next 8
       // (rounded to nearest, so every remainder is exact in fp32); a part that is a denormal, or
       // does not hold its remainder exactly (NaN/Inf x, |x| below ~2^-102), refuses the case

@@ -158,17 +158,21 @@ PQK_API pqk_status pqk_matmul_float_lora(int32_t isa, int32_t fmt, const void* q
                                          const pqk_lora* adapters, int32_t n_adapters, const int32_t* row_adapter);
 
 /* compute="float" for bfloat16 activations (x: m rows of bf16 bits, row stride ldx) on a packed
- * weight: y = x @ dequant(W).T (+ bias) with exact products and fp32 sums. Taken by 4-bit codes
- * without a code book (q4_0, q4_1, q4_k, int2/int3/int4) for m <= 4 on CPUs with AVX512-BF16;
- * PQK_ERR_UNSUPPORTED otherwise, and for x holding bf16 denormals (the instruction reads them
- * as zero): callers then widen x to fp32 and use pqk_matmul_float. */
+ * weight: y = x @ dequant(W).T (+ adapters, as pqk_matmul_float_lora) (+ bias) with exact
+ * products and fp32 sums. Taken by 4-bit codes without a code book (q4_0, q4_1, q4_k,
+ * int2/int3/int4) for m <= 4 on CPUs with AVX512-BF16; PQK_ERR_UNSUPPORTED otherwise, and for x
+ * holding bf16 denormals (the instruction reads them as zero): callers then widen x to fp32 and
+ * use pqk_matmul_float(_lora). adapters may be NULL (n_adapters 0). */
 PQK_API pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* w, const uint16_t* x, int64_t m,
-                                         int64_t ldx, const float* bias, float* y, int64_t ldy);
+                                         int64_t ldx, const float* bias, float* y, int64_t ldy,
+                                         const pqk_lora* adapters, int32_t n_adapters, const int32_t* row_adapter);
 /* The same for float32 activations (m <= 2): each x split exactly into three bf16 parts
  * (x = x1 + x2 + x3), so products stay exact; PQK_ERR_UNSUPPORTED also for NaN/Inf x and for
  * |x| below ~2^-102 (a part would be a denormal). */
 PQK_API pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* w, const float* x, int64_t m,
-                                           int64_t ldx, const float* bias, float* y, int64_t ldy);
+                                           int64_t ldx, const float* bias, float* y, int64_t ldy,
+                                           const pqk_lora* adapters, int32_t n_adapters,
+                                           const int32_t* row_adapter);
 
 /* compute="float": weights dequantized exactly (as pqk_dequantize) and multiplied in fp32. */
 PQK_API pqk_status pqk_matmul_float(int32_t isa, int32_t fmt, const void* q, const void* s, const void* z,
