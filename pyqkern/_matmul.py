@@ -162,7 +162,7 @@ def _float_bf16(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
     if xb.ndim < 1 or xb.shape[-1] != w.shape[1]:
         return None
     mode = resolve_compute(w, compute)
-    if mode != "float" or not int8_supported(w) or w.format not in _BF16_FORMATS:
+    if mode != "float" or not int8_supported(w) or w.format not in _BF16_FORMATS or not _has_bf16_kernel(isa):
         return None
     n, k = w.shape
     lead = tuple(xb.shape[:-1])
@@ -180,6 +180,20 @@ def _float_bf16(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
     if not kernel(isa_id(isa), _packed(w), x2, b, y.reshape(m, n), nat_ads, ids):
         return None
     return y
+
+
+_BF16_SLOT: dict = {}
+
+
+def _has_bf16_kernel(isa) -> bool:
+    """Whether the variant (None: the active one) has the bf16 float kernel on this CPU (checked
+    before packing the weight for it)."""
+    key = isa
+    if key not in _BF16_SLOT:
+        nat = _native()
+        i = nat.active_isa() if isa is None else isa_id(isa)
+        _BF16_SLOT[key] = bool(nat.matmul_sources(i).get("gemv_bf16")) if nat.isa_runnable(i) else False
+    return _BF16_SLOT[key]
 
 
 # 4-bit codes without a code book: (u - o) and bf16 x multiply exactly
@@ -233,6 +247,8 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     if m == 0:
         return y
     y2 = y.reshape(m, n)
+    if np.may_share_memory(x2, y2):  # out overlapping x: the kernels read x while writing y
+        x2 = x2.copy()
     ads, ids = _adapters(lora, adapter_ids, w, m)
     if ads and backend == "reference":
         base = w if w.perm is None else w.with_perm(np.arange(k))  # x2 is already permuted
@@ -306,7 +322,10 @@ class QLinear:
 
     @property
     def packed_nbytes(self) -> int:
-        return self._packed.nbytes if self._packed is not None else 0
+        """Bytes of the packed copy: made at construction for compute="int8", on the first
+        decode-size call for compute="float" where the bf16 kernel takes it; 0 if none."""
+        p = self._packed if self._packed is not None else self.weight._packed
+        return p.nbytes if p is not None else 0
 
     # -- adapters
     def add_adapter(self, name: str, lora) -> None:
@@ -369,6 +388,8 @@ class QLinear:
             elif not (type(out) is np.ndarray and out.dtype == np.float32 and out.shape == (m, self.weight.shape[0])
                       and out.flags.c_contiguous and out.flags.writeable):
                 out = _out(out, (m, self.weight.shape[0]))  # raises the usual error
+            if np.may_share_memory(x, out):
+                x = x.copy()
             nat_ads = [lora[0].native_args(self.weight)] if lora else None
             _native().matmul_int8(-1, self._packed, x, self.bias, out, nat_ads, None)
             return out

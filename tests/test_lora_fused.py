@@ -357,3 +357,53 @@ def test_qlinear_direct_path_matches_matmul_and_checks_input():
         lin(bad)
     with pytest.raises(ValueError):
         lin(np.ones((3, k + 1), np.float32))
+
+
+@pytest.mark.parametrize("compute", ["int8", "float"])
+def test_summed_bf16_adapters_thread_count_independent(compute):
+    """Two bf16 adapters summed on every row: the shrink's rank columns are split over threads in
+    slices that cross adapter boundaries, so each column must come out the same whichever slice
+    (4-row or single-row path) computed it."""
+    rng = np.random.default_rng(12)
+    n, k = 32, 64
+    qt = make("q8_0", n, k, rng)
+    ads = [LoRA((rng.standard_normal((r, k)) * 0.05).astype(np.float32),
+                (rng.standard_normal((n, r)) * 0.05).astype(np.float32), alpha=r, storage="bfloat16")
+           for r in (2, 5)]
+    before = pq.get_num_threads()
+    try:
+        for m in (1, 9):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            outs = []
+            for t in (1, 2, 3, 12):
+                pq.set_num_threads(t)
+                outs.append(pq.matmul(x, qt, lora=ads, compute=compute))
+            assert all(np.array_equal(o, outs[0]) for o in outs), m
+    finally:
+        pq.set_num_threads(before)
+
+
+@pytest.mark.parametrize("compute", ["int8", "float"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_out_aliasing_x(compute, threads):
+    """out=x (x overwritten by the result) gives the same answer as a separate out, adapters and
+    all: the shrink reads x before any output tile lands on it."""
+    rng = np.random.default_rng(13)
+    n = k = 64
+    qt = make("q4_0", n, k, rng)
+    ad = adapter(n, k, 8, rng)
+    before = pq.get_num_threads()
+    try:
+        pq.set_num_threads(threads)
+        for m in (1, 3):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            want = pq.matmul(x.copy(), qt, lora=ad, compute=compute)
+            got = pq.matmul(x, qt, lora=ad, compute=compute, out=x)
+            assert got is x and np.array_equal(got, want)
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            lin = pq.QLinear(qt, compute=compute)
+            lin.add_adapter("a", ad)
+            want = lin(x.copy())
+            assert np.array_equal(lin(x, out=x), want)
+    finally:
+        pq.set_num_threads(before)

@@ -235,3 +235,30 @@ def test_adapters_on_the_decode_kernel(xdt, mode):
         out = np.empty((m, n), np.float32)
         assert call(_ops.isa_id(v), _packed(qt), xk, bias, out, [a.native_args(qt) for a in ads], ids)
         assert bits_equal(out, y)
+
+
+def test_declined_inputs_match_the_fp32_route():
+    """Cases the kernel must not take go the fp32 way and give its answer: |x| near FLT_MAX or
+    Inf (the kernel sums (u - o) * x before scaling, which could overflow or make Inf * 0), and
+    zero points above 16 (possible only in hand-made bytes; the kernel's table covers -16..15)."""
+    rng = np.random.default_rng(9)
+    n, k = 8, 64
+    w = (rng.standard_normal((n, k)) * 0.01).astype(np.float32)
+    for fmt, kw in (("q4_0", {}), ("q4_1", {}), ("int4", dict(group=32))):
+        qt = pq.quantize(w, fmt, **kw)
+        for big in (3.4e38, 1e38, np.inf):
+            x = np.zeros((1, k), np.float32)
+            x[0, 0] = big
+            for xx in (x, x.astype(BF16)):
+                y = pq.matmul(xx, qt, compute="float")
+                want = pq.matmul(xx, qt, compute="float", isa="avx512")   # no bf16 kernel there
+                assert bits_equal(y, want), (fmt, big, xx.dtype, y, want)
+    q, s, _ = pq.quantize(w, "int4", group=32, sym=False).sections()
+    for zp in (16, 17, 40, 255):
+        qz = pq.QTensor.from_bytes("int4", (n, k), np.concatenate([q.ravel(), s.ravel(),
+                                                                   np.full(n * k // 32, zp, np.uint8)]),
+                                   group=32, sym=False)
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        assert_float_close(pq.matmul(x, qz, compute="float"), x, pq.dequantize(qz, backend="reference"))
+        assert_float_close(pq.matmul(x.astype(BF16), qz, compute="float"), x.astype(BF16).astype(np.float32),
+                           pq.dequantize(qz, backend="reference"))

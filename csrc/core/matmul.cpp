@@ -34,14 +34,6 @@ void check_x_finite(const float* x, int64_t m, int64_t k, int64_t ldx) {
                                        "); compute=int8 cannot quantize it; use compute=float");
 }
 
-inline void spin_pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  __asm__ __volatile__("yield");
-#endif
-}
-
 constexpr int64_t M_CHUNK = 128;  // activation rows per pass over the weights (L2-sized)
 
 // Adapters of one call: validation, shrink results t = x . A^T per row, expansion args.
@@ -170,6 +162,8 @@ void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx
   if (m > max_m) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the bf16 float kernel");
   if (!w.nibbles || w.lut || w.blk != QBLK)
     throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel takes 4-bit codes without a code book");
+  if (w.row_offset && w.max_offset > 16)  // its table covers u - o in -16..15
+    throw Error(PQK_ERR_UNSUPPORTED, "zero points above 16 (not from a quantizer) go the fp32 way");
   const Adapters AD(ads, n_ad, rows, m, w.k, w.n);
   const int64_t k = w.k, nkb = k / QBLK, ps = m * k;
   std::vector<uint16_t> xp((size_t)(nparts * ps));
@@ -208,6 +202,9 @@ void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx
 
 // a bf16 denormal (exponent 0, mantissa not): vdpbf16ps reads it as zero
 inline uint32_t bf16_denormal(uint16_t h) { return (uint32_t)((h & 0x7F80) == 0) & (uint32_t)((h & 0x7F) != 0); }
+// |x| >= 2^101, Inf or NaN: the kernel sums (u - o) * x before scaling by a, so such x could
+// overflow where the scaled fp32 route does not (and Inf * 0 would become NaN)
+inline uint32_t bf16_too_large(uint16_t h) { return (uint32_t)(((h >> 7) & 0xFF) > 127 + 100); }
 
 }  // namespace
 }  // namespace pqk
@@ -269,17 +266,17 @@ pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* wp, const uint16
                                  const float* bias, float* y, int64_t ldy, const pqk_lora* ads, int32_t n_ad,
                                  const int32_t* rows) {
   return guarded([&] {
-    if (!x) throw Error(PQK_ERR_ARG, "NULL x");
+    if (!x && m > 0) throw Error(PQK_ERR_ARG, "NULL x");
     packed_float_bf16(isa, wp, m, ldx, bias, y, ldy, ads, n_ad, rows, 4, 1, [&](uint16_t* xp, int64_t) -> const char* {
       const int64_t k = wp->w.k;
-      uint32_t den = 0;
+      uint32_t bad = 0;
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < k; ++j) {
           const uint16_t h = x[i * ldx + j];
-          den |= bf16_denormal(h);
+          bad |= bf16_denormal(h) | bf16_too_large(h);
           xp[i * k + j] = h;
         }
-      return den ? "x holds bf16 denormals (read as zero by the bf16 kernel)" : nullptr;
+      return bad ? "x holds bf16 denormals (read as zero by the bf16 kernel), NaN/Inf or |x| > 2^100" : nullptr;
     });
   });
 }
@@ -288,7 +285,7 @@ pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* wp, const floa
                                    const float* bias, float* y, int64_t ldy, const pqk_lora* ads, int32_t n_ad,
                                    const int32_t* rows) {
   return guarded([&] {
-    if (!x) throw Error(PQK_ERR_ARG, "NULL x");
+    if (!x && m > 0) throw Error(PQK_ERR_ARG, "NULL x");
     packed_float_bf16(isa, wp, m, ldx, bias, y, ldy, ads, n_ad, rows, 2, 3, [&](uint16_t* xp, int64_t ps) -> const char* {
       // x = x1 + x2 + x3 exactly: x has 24 significant bits and each bf16 part takes the next 8
       // (rounded to nearest, so every remainder is exact in fp32); a part that is a denormal, or
@@ -303,13 +300,13 @@ pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* wp, const floa
           const uint16_t h2 = fp32_to_bf16_rne(r1);
           const float r2 = r1 - bf16_to_fp32(h2);
           const uint16_t h3 = fp32_to_bf16_rne(r2);
-          bad |= (uint32_t)(f32_bits(bf16_to_fp32(h3)) != f32_bits(r2)) | (uint32_t)((f32_bits(v) & 0x7F800000u) == 0x7F800000u) |
-                 bf16_denormal(h1) | bf16_denormal(h2) | bf16_denormal(h3);
+          bad |= (uint32_t)(f32_bits(bf16_to_fp32(h3)) != f32_bits(r2)) | bf16_too_large(h1) | bf16_denormal(h1) |
+                 bf16_denormal(h2) | bf16_denormal(h3);
           xp[i * k + j] = h1;
           xp[ps + i * k + j] = h2;
           xp[2 * ps + i * k + j] = h3;
         }
-      return bad ? "x holds NaN/Inf or values too small to split exactly into bf16 parts" : nullptr;
+      return bad ? "x holds NaN/Inf, |x| > 2^100 or values too small to split exactly into bf16 parts" : nullptr;
     });
   });
 }
@@ -353,11 +350,13 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       // One thread, few rows (decode): A is prefetched in slices while the base kernel runs and
       // the shrink follows the base tiles, so A's reads (from DRAM, in a model) overlap the
       // weight stream instead of stalling before it.
-      const bool deferred = AD.active() && nthreads == 1 && mc <= 8;
+      // y overlapping x (out=x): the shrink must read x before any tile is written
+      const bool y_over_x = y < x + m * ldx && x < y + m * ldy;
+      const bool deferred = AD.active() && nthreads == 1 && mc <= 8 && !y_over_x;
       // Rows quantized in parallel; the shrink runs with each row (x still in cache) or, for fewer
       // rows than threads (decode), as rank-column tasks after the rows in the same region, which
       // saves a second fork/join on the critical path.
-      const bool decode_split = AD.active() && nthreads > 1 && mc <= 8;  // shrink after the base tiles
+      const bool decode_split = AD.active() && nthreads > 1 && mc <= 8 && !y_over_x;  // shrink after the base tiles
       const int64_t extra = AD.active() && !shrink_in_rows && !decode_split ? AD.tasks(mc) : 0;
       const float* xc = x + c0 * ldx;
       parallel_for(mc + extra, extra ? 1 : std::max<int64_t>(1, 16384 / w.k), [&](int64_t b, int64_t e) {
@@ -398,7 +397,9 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
         tiles(0, w.n_tiles);  // on this thread: the shrink must precede every expansion
       } else if (decode_split) {
         // decode on several threads: the first thread in does the whole shrink (A from DRAM, in a
-        // model) while the others start on base tiles; expansions wait for it
+        // model) while the others start on base tiles. A thread that reaches its expansion before
+        // the shrink is published computes its own copy instead of waiting (the shrinking thread
+        // may have lost its core): the same code, so the same numbers.
         std::atomic<int> claimed{0}, ready{0};
         parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
           if (claimed.exchange(1, std::memory_order_relaxed) == 0) {
@@ -406,8 +407,14 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
             ready.store(1, std::memory_order_release);
           }
           for (int64_t tile = b; tile < e; ++tile) t.gemm_int8(w, tile, a, 0, mc, yc, ldy, nullptr);
-          while (!ready.load(std::memory_order_acquire)) spin_pause();
-          t.lora_expand(L, 0, mc, b * NR, (int)(std::min<int64_t>(e * NR, w.n) - b * NR), yc, ldy);
+          const int nr = (int)(std::min<int64_t>(e * NR, w.n) - b * NR);
+          if (ready.load(std::memory_order_acquire)) {
+            t.lora_expand(L, 0, mc, b * NR, nr, yc, ldy);
+          } else {
+            std::vector<float> own((size_t)(mc * AD.t_cols));
+            for (int64_t i = 0; i < mc; ++i) AD.shrink(t, xc + i * ldx, w.k, c0 + i, own.data() + i * AD.t_cols);
+            t.lora_expand(AD.args(own.data(), c0, bias, w.n), 0, mc, b * NR, nr, yc, ldy);
+          }
         });
       } else {
         parallel_for(w.n_tiles, 1, tiles);

@@ -2,6 +2,7 @@
 // rows into 16-row tiles. Runs once per weight (QLinear) so it is plain scalar code.
 #include "pack.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -243,6 +244,8 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
       }
     }
   });
+  if (w.offs)  // kernels with a bounded offset table check this
+    for (size_t i = 0; i < off_bytes; ++i) w.max_offset = std::max<int>(w.max_offset, w.offs[i]);
 }
 
 }  // namespace pqk

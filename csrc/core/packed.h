@@ -72,7 +72,8 @@ struct PackedWeight {
   float* minv = nullptr;        // [n_tiles][npar][NR] or null
   uint16_t* scale16 = nullptr;  // [n_tiles][npar][NR] instead of scale
   uint16_t* min16 = nullptr;    // [n_tiles][npar][NR] instead of minv
-  uint8_t* offs = nullptr;      // [n_tiles][npar][NR] or null (o <= 15: one byte, not four)
+  uint8_t* offs = nullptr;      // [n_tiles][npar][NR] or null (o <= 255: one byte, not four)
+  int max_offset = 0;           // largest o in offs (bytes from a quantizer: <= 15)
   ByteBuffer storage;
   int64_t block_code_bytes() const { return nibbles ? (int64_t)blk * NR / 2 : (int64_t)blk * NR; }
   size_t nbytes() const { return storage.size(); }

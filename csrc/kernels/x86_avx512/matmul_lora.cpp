@@ -168,9 +168,26 @@ void shrink_rows_t(const void* A, int64_t r0, int64_t r1, int64_t k, const float
     t[r - r0 + 2] = _mm512_reduce_add_ps(a2);
     t[r - r0 + 3] = _mm512_reduce_add_ps(a3);
   }
+  // one row at a time, each with exactly the operations a row of the 4-row loop gets, so a
+  // column's value does not depend on how the columns were split into calls (threads)
   for (; r < r1; ++r) {
     __m512 a0 = _mm512_setzero_ps();
-    for (int64_t j = 0; j < k16; j += 16)
+    int64_t j = 0;
+    if (DT == 2) {
+      const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+      const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+      const uint16_t* Ab = (const uint16_t*)A;
+      __m512 b0 = _mm512_setzero_ps();
+      for (; j + 32 <= k; j += 32) {
+        const __m512 xl = _mm512_loadu_ps(x + j), xh = _mm512_loadu_ps(x + j + 16);
+        const __m512i P = _mm512_loadu_si512((const void*)(Ab + r * k + j));
+        a0 = _mm512_fmadd_ps(_mm512_permutex2var_ps(xl, ev, xh), _mm512_castsi512_ps(_mm512_slli_epi32(P, 16)), a0);
+        b0 = _mm512_fmadd_ps(_mm512_permutex2var_ps(xl, od, xh), _mm512_castsi512_ps(_mm512_and_si512(P, hi)), b0);
+      }
+      a0 = _mm512_add_ps(a0, b0);
+    }
+    for (; j < k16; j += 16)
       a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), load16t<DT>(A, r * k + j, 0xFFFF), a0);
     if (tail) a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + k16), load16t<DT>(A, r * k + k16, tail), a0);
     t[r - r0] = _mm512_reduce_add_ps(a0);
