@@ -347,16 +347,16 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       // read outside the parallel region: get_num_threads() takes the pool lock parallel_for holds
       const int nthreads = get_num_threads();
       const bool shrink_in_rows = mc >= nthreads;
-      // One thread, few rows (decode): A is prefetched in slices while the base kernel runs and
-      // the shrink follows the base tiles, so A's reads (from DRAM, in a model) overlap the
-      // weight stream instead of stalling before it.
-      // y overlapping x (out=x): the shrink must read x before any tile is written
+      // Where the shrink runs (results are the same either way: one dot product per t column):
+      // - decode (<= 8 rows), one thread: after the base tiles, A prefetched in slices while
+      //   they run, so A's reads (from DRAM, in a model) overlap the weight stream (deferred);
+      // - decode, several threads: the first thread into the tile region (decode_split);
+      // - otherwise with each row as it is quantized (x still in cache), or for fewer rows than
+      //   threads as rank-column tasks after the rows in the same region (one fork/join less).
+      // Not after any tile when y overlaps x (out=x): the shrink must read x first.
       const bool y_over_x = y < x + m * ldx && x < y + m * ldy;
       const bool deferred = AD.active() && nthreads == 1 && mc <= 8 && !y_over_x;
-      // Rows quantized in parallel; the shrink runs with each row (x still in cache) or, for fewer
-      // rows than threads (decode), as rank-column tasks after the rows in the same region, which
-      // saves a second fork/join on the critical path.
-      const bool decode_split = AD.active() && nthreads > 1 && mc <= 8 && !y_over_x;  // shrink after the base tiles
+      const bool decode_split = AD.active() && nthreads > 1 && mc <= 8 && !y_over_x;
       const int64_t extra = AD.active() && !shrink_in_rows && !decode_split ? AD.tasks(mc) : 0;
       const float* xc = x + c0 * ldx;
       parallel_for(mc + extra, extra ? 1 : std::max<int64_t>(1, 16384 / w.k), [&](int64_t b, int64_t e) {
