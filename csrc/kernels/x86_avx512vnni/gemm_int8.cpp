@@ -11,7 +11,7 @@ namespace pqk { namespace avx512vnni {
 namespace {
 
 #ifndef PQK_VNNI_MR
-#define PQK_VNNI_MR 8
+#define PQK_VNNI_MR 10
 #endif
 constexpr int MR = PQK_VNNI_MR;  // activation rows sharing one decode of the weight block
 // 4 activation bytes read as one int32 (folds into vpdpbusd's {1to16} memory broadcast)
