@@ -163,6 +163,21 @@ void adapters_of(const py::object& adapters, const py::object& ids, int64_t m, i
   }
 }
 
+// float32 x [m, k] on a packed weight: checks x / out / bias, converts the adapters, then calls
+// f(x rows, bias, out rows, adapters) without the GIL and returns its status
+template <class F>
+pqk_status packed_f32_call(const Packed& w, const py::array& x, const py::object& bias, const py::array& y,
+                           const py::object& adapters, const py::object& ids, F f) {
+  const Rows xr = rows_of(x, "x");
+  check_k(xr.k, w.k);
+  const Rows yr = out_rows(y, xr.m, w.n);
+  const float* bp = bias_ptr(bias, w.n);
+  AdapterList L;
+  adapters_of(adapters, ids, xr.m, w.k, w.n, L);
+  py::gil_scoped_release nogil;
+  return f(xr, bp, yr, L);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -230,19 +245,11 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("matmul_int8", [](int isa, const Packed& w, py::array x, py::object bias, py::array y, py::object adapters,
                           py::object ids) {
-    Rows xr = rows_of(x, "x");
-    check_k(xr.k, w.k);
-    Rows yr = out_rows(y, xr.m, w.n);
-    const float* bp = bias_ptr(bias, w.n);
-    AdapterList L;
-    adapters_of(adapters, ids, xr.m, w.k, w.n, L);
-    pqk_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = pqk_matmul_int8_lora(isa, w.p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld, L.v.data(),
-                                (int32_t)L.v.size(), L.ids);
-    }
-    check(st);
+    check(packed_f32_call(w, x, bias, y, adapters, ids, [&](const Rows& xr, const float* bp, const Rows& yr,
+                                                             const AdapterList& L) {
+      return pqk_matmul_int8_lora(isa, w.p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld, L.v.data(),
+                                  (int32_t)L.v.size(), L.ids);
+    }));
   }, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("adapters") = py::none(),
      py::arg("ids") = py::none());
 
@@ -273,18 +280,11 @@ PYBIND11_MODULE(_native, m) {
   // exactly into three bf16 parts): True when done, False when it does not take the case.
   m.def("matmul_float_packed", [](int isa, const Packed& w, py::array x, py::object bias, py::array y,
                                   py::object adapters, py::object ids) {
-    Rows xr = rows_of(x, "x");
-    check_k(xr.k, w.k);
-    Rows yr = out_rows(y, xr.m, w.n);
-    const float* bp = bias_ptr(bias, w.n);
-    AdapterList L;
-    adapters_of(adapters, ids, xr.m, w.k, w.n, L);
-    pqk_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = pqk_matmul_float_packed(isa, w.p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld, L.v.data(),
-                                   (int32_t)L.v.size(), L.ids);
-    }
+    const pqk_status st = packed_f32_call(w, x, bias, y, adapters, ids, [&](const Rows& xr, const float* bp,
+                                                                             const Rows& yr, const AdapterList& L) {
+      return pqk_matmul_float_packed(isa, w.p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p), yr.ld, L.v.data(),
+                                     (int32_t)L.v.size(), L.ids);
+    });
     if (st == PQK_ERR_UNSUPPORTED) return false;
     check(st);
     return true;

@@ -115,6 +115,12 @@ void expand_one(const pqk_lora& ad, const float* ta, int64_t n0, int nr, float* 
 
 namespace {
 
+// bf16 pairs in 32-bit lanes: the high half's mask, and the permutes taking the even / odd
+// elements of 32 floats held in two registers
+inline __m512i kHi() { return _mm512_set1_epi32((int)0xFFFF0000u); }
+inline __m512i kEven() { return _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0); }
+inline __m512i kOdd() { return _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1); }
+
 // dot(x[0:k], A[r, 0:k]) for 4 rows r0..r0+3 at a time, A in dtype DT (the dtype branch is hoisted
 // out of the loop by the template).
 template <int DT>
@@ -129,9 +135,7 @@ void shrink_rows_t(const void* A, int64_t r0, int64_t r1, int64_t k, const float
       // 32 bf16 per load: even elements by shifting left 16, odd ones by masking the low half;
       // x split into its even and odd elements to match (two permutes shared by the 4 rows).
       // Odd products go to their own accumulators (b*) so no chain has two FMAs per step.
-      const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
-      const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-      const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+      const __m512i hi = kHi(), ev = kEven(), od = kOdd();
       const uint16_t* Ab = (const uint16_t*)A;
       __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
       for (; j + 32 <= k; j += 32) {
@@ -174,9 +178,7 @@ void shrink_rows_t(const void* A, int64_t r0, int64_t r1, int64_t k, const float
     __m512 a0 = _mm512_setzero_ps();
     int64_t j = 0;
     if (DT == 2) {
-      const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
-      const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-      const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+      const __m512i hi = kHi(), ev = kEven(), od = kOdd();
       const uint16_t* Ab = (const uint16_t*)A;
       __m512 b0 = _mm512_setzero_ps();
       for (; j + 32 <= k; j += 32) {
