@@ -226,6 +226,16 @@ def store_f32(buf, r, o, v):
     buf[r, o + 3] = (u >> 24) & 0xFF
 
 
+@njit(**_JIT)
+def _abs_max(x, r, o, n):
+    """max |x[r, o:o+n]| (0 for none; the comparison keeps a NaN out, as in the C++ kernels)."""
+    amax = F0
+    for j in range(n):
+        a = abs(x[r, o + j])
+        amax = amax if amax > a else a
+    return amax
+
+
 # ---------------------------------------------------------------- ggml block-32 formats
 @njit(**_PJIT)
 def _quantize_q4_0(x, q):
@@ -310,10 +320,7 @@ def _quantize_q8_0(x, q):
         for b in range(k // 32):
             xo = b * 32
             o = b * 34
-            amax = F0
-            for j in range(32):
-                a = abs(x[r, xo + j])
-                amax = amax if amax > a else a
+            amax = _abs_max(x, r, xo, 32)
             d = amax / F127
             idv = F1 / d if d != F0 else F0
             store_f16(q, r, o, d)
@@ -354,10 +361,7 @@ def _quantize_nf4(x, bs, q, s):
     for r in prange(n):
         for b in range(k // bs):
             xo = b * bs
-            amax = F0
-            for j in range(bs):
-                a = abs(x[r, xo + j])
-                amax = amax if amax > a else a
+            amax = _abs_max(x, r, xo, bs)
             store_f32(s, r, 4 * b, amax)
             qo = xo // 2
             if amax == F0:
@@ -391,10 +395,7 @@ def _quantize_fp4(x, bs, q, s):
     for r in prange(n):
         for b in range(k // bs):
             xo = b * bs
-            amax = F0
-            for j in range(bs):
-                a = abs(x[r, xo + j])
-                amax = amax if amax > a else a
+            amax = _abs_max(x, r, xo, bs)
             store_f32(s, r, 4 * b, amax)
             rc = F1 / (amax if amax > FP4_MIN_ABSMAX else FP4_MIN_ABSMAX)
             qo = xo // 2
@@ -524,10 +525,7 @@ def _dequantize_int4(q, s, z, g, sym, y):
 def _quantize_int8(x, q, s):
     n, k = x.shape
     for r in prange(n):
-        amax = F0
-        for j in range(k):
-            a = abs(x[r, j])
-            amax = amax if amax > a else a
+        amax = _abs_max(x, r, 0, k)
         scale = amax / F127
         store_f32(s, r, 0, scale)
         for j in range(k):

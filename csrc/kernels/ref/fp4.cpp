@@ -13,8 +13,7 @@ void quantize_row_fp4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
   const int64_t bs = p.group;
   for (int64_t b = 0; b < k / bs; ++b) {
     const float* xb = x + b * bs;
-    float amax = 0.0f;
-    for (int64_t j = 0; j < bs; ++j) { float a = std::fabs(xb[j]); amax = amax > a ? amax : a; }
+    const float amax = abs_max(xb, bs);
     std::memcpy(s + 4 * b, &amax, 4);
     const float r = 1.0f / (amax > kFP4MinAbsmax ? amax : kFP4MinAbsmax);
     uint8_t* qb = q + b * bs / 2;

@@ -12,8 +12,7 @@ namespace pqk { namespace ref {
 void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs) {
   for (int64_t b = 0; b < k / QBLK; ++b) {
     const float* xb = x + b * QBLK;
-    float amax = 0.0f;
-    for (int j = 0; j < QBLK; ++j) { float a = std::fabs(xb[j]); amax = amax > a ? amax : a; }
+    const float amax = abs_max(xb, QBLK);
     const float d = amax / 127.0f;
     dx[b] = d;
     int32_t s0 = 0, s1 = 0;

@@ -9,8 +9,7 @@ void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
   const int64_t bs = p.group;
   for (int64_t b = 0; b < k / bs; ++b) {
     const float* xb = x + b * bs;
-    float amax = 0.0f;
-    for (int64_t j = 0; j < bs; ++j) { float a = std::fabs(xb[j]); amax = amax > a ? amax : a; }
+    const float amax = abs_max(xb, bs);
     std::memcpy(s + 4 * b, &amax, 4);
     uint8_t* qb = q + b * bs / 2;
     for (int64_t j = 0; j < bs; j += 2) {
@@ -27,8 +26,7 @@ void dequantize_row_nf4(const uint8_t* q, const uint8_t* s, const uint8_t*, int6
 
 // int8: symmetric per row, fp32 scale = amax/127, q = round_half_even(x / scale).
 void quantize_row_int8(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t*, const pqk_qparams&) {
-  float amax = 0.0f;
-  for (int64_t j = 0; j < k; ++j) { float a = std::fabs(x[j]); amax = amax > a ? amax : a; }
+  const float amax = abs_max(x, k);
   const float scale = amax / 127.0f;
   std::memcpy(s, &scale, 4);
   for (int64_t j = 0; j < k; ++j) {

@@ -24,6 +24,13 @@ PQK_DECLARE_ROW_KERNELS(int2)
 PQK_DECLARE_ROW_KERNELS(int3)
 PQK_DECLARE_ROW_KERNELS(fp4)
 
+// max |x[j]| over n values (0 for none; the comparison keeps a NaN out, as the quantizers expect)
+static inline float abs_max(const float* x, int64_t n) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < n; ++j) { const float a = std::fabs(x[j]); amax = amax > a ? amax : a; }
+  return amax;
+}
+
 // bitsandbytes 4-bit layout (nf4, fp4): blocks of bs along the row, fp32 absmax per block in s,
 // two codes per byte with the first element in the HIGH nibble; y = table[code] * absmax.
 static inline void dequantize_row_bnb4(const float* table, const uint8_t* q, const uint8_t* s, int64_t k, float* y,
