@@ -64,8 +64,7 @@ void dequantize_row_q4_1(const uint8_t* q, const uint8_t*, const uint8_t*, int64
 
 void quantize_row_q8_0(const float* x, int64_t k, uint8_t* q, uint8_t*, uint8_t*, const pqk_qparams&) {
   for (int64_t b = 0; b < k / 32; ++b, x += 32, q += Q8_0_BYTES) {
-    float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) { float a = std::fabs(x[j]); amax = amax > a ? amax : a; }
+    const float amax = abs_max(x, 32);
     const float d = amax / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     store_f16(q, d);
