@@ -11,16 +11,20 @@ from pyqkern import gptq as G
 F32 = np.float32
 
 
+def correlated_layer(seed, n, k, t, rank, every, boost):
+    """Strongly correlated inputs x = z L + noise (z of rank `rank`), a weight with every
+    `every`-th column scaled by `boost` (outliers)."""
+    r = np.random.default_rng(seed)
+    L = r.standard_normal((rank, k)) * r.uniform(0.2, 3.0, size=k)
+    X = (r.standard_normal((t, rank)) @ L + 0.05 * r.standard_normal((t, k))).astype(F32)
+    W = (r.standard_normal((n, k)) * 0.02).astype(F32)
+    W[:, ::every] *= boost
+    return W, X
+
+
 @pytest.fixture(scope="module")
 def layer():
-    """Strongly correlated inputs x = z L + noise, a weight with a few outlier columns."""
-    r = np.random.default_rng(0)
-    n, k, t = 48, 256, 768
-    L = r.standard_normal((12, k)) * r.uniform(0.2, 3.0, size=k)
-    X = (r.standard_normal((t, 12)) @ L + 0.05 * r.standard_normal((t, k))).astype(F32)
-    W = (r.standard_normal((n, k)) * 0.02).astype(F32)
-    W[:, ::37] *= 6
-    return W, X
+    return correlated_layer(0, 48, 256, 768, 12, 37, 6)
 
 
 def _rel(X, W, Wh):

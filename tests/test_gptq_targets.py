@@ -10,26 +10,15 @@ import pyqkern as pq
 from pyqkern import _grid
 from pyqkern import gptq as G
 
+from test_gptq import _rel, correlated_layer
+
 F32 = np.float32
 TARGETS = ["int2", "int3", "int4", "int8", "q4_0", "q4_1", "q8_0", "iq4_nl", "nf4", "fp4"]
 
 
 @pytest.fixture(scope="module")
 def layer():
-    """Strongly correlated inputs x = z L + noise, a weight with a few outlier columns."""
-    r = np.random.default_rng(1)
-    n, k, t = 40, 256, 640
-    L = r.standard_normal((10, k)) * r.uniform(0.2, 3.0, size=k)
-    X = (r.standard_normal((t, 10)) @ L + 0.05 * r.standard_normal((t, k))).astype(F32)
-    W = (r.standard_normal((n, k)) * 0.02).astype(F32)
-    W[:, ::29] *= 5
-    return W, X
-
-
-def _rel(X, W, Wh):
-    X = X.astype(np.float64)
-    ref = X @ W.astype(np.float64).T
-    return np.linalg.norm(ref - X @ Wh.astype(np.float64).T) / np.linalg.norm(ref)
+    return correlated_layer(1, 40, 256, 640, 10, 29, 5)
 
 
 @pytest.mark.parametrize("fmt", TARGETS)

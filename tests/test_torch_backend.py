@@ -245,26 +245,33 @@ def test_quantize_model_mlp(capsys):
         pqt.quantize_model(m, "q9_9")
 
 
-def test_qlora_gradients_match_float_reference():
-    k, n, r = 64, 24, 4
-    lin = _lin(k, n)
-    q = pqt.QuantLinear.from_linear(lin, "nf4", compute="float")
-    torch.manual_seed(5)
+def check_adapter_grads(q, k, n, r, alpha, seed, tol):
+    """Attach a trainable rank-r adapter "t" to q and check q's gradients (x, A, B) against autograd
+    on the float reference x @ W.T + bias + alpha/r (x A^T) B^T (W = q.dequantize()). Returns
+    x, dy, A0, B0, the x q differentiated (xq) and the reference output yr."""
+    torch.manual_seed(seed)
     A0, B0 = torch.randn(r, k) * 0.1, torch.randn(n, r) * 0.1
-    q.add_adapter("t", A0, B0, alpha=16, trainable=True)
-    assert q.qdata.requires_grad is False and q.lora_A["t"].requires_grad
+    q.add_adapter("t", A0, B0, alpha=alpha, trainable=True)
     x = torch.randn(2, 5, k)
     xq = x.clone().requires_grad_()
     dy = torch.randn(2, 5, n)
     (q(xq) * dy).sum().backward()
-    # float reference with autograd on the dequantized weight
     w = q.dequantize()
     A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
     xr = x.clone().requires_grad_()
-    yr = xr @ w.T + q.bias + (16 / r) * (xr @ A.T) @ B.T
+    yr = xr @ w.T + q.bias + (alpha / r) * (xr @ A.T) @ B.T
     (yr * dy).sum().backward()
     for got, want in ((xq.grad, xr.grad), (q.lora_A["t"].grad, A.grad), (q.lora_B["t"].grad, B.grad)):
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(got, want, rtol=tol, atol=tol)
+    return x, dy, A0, B0, xq, yr
+
+
+def test_qlora_gradients_match_float_reference():
+    k, n, r = 64, 24, 4
+    lin = _lin(k, n)
+    q = pqt.QuantLinear.from_linear(lin, "nf4", compute="float")
+    x, dy, A0, B0, xq, _ = check_adapter_grads(q, k, n, r, alpha=16, seed=5, tol=1e-5)
+    assert q.qdata.requires_grad is False and q.lora_A["t"].requires_grad
     # pyqkern.lora.backward's math (computed with torch's matmul here, NumPy's there)
     dx, dA, dB = pq.lora.backward(x.numpy(), dy.numpy(), q.qtensor(), pq.LoRA(A0.numpy(), B0.numpy(), alpha=16))
     np.testing.assert_allclose(xq.grad.numpy(), dx, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,8 @@ import pyqkern.gptq  # noqa: E402,F401
 import pyqkern.torch as pqt  # noqa: E402
 from torch import nn  # noqa: E402
 
+from test_torch_backend import check_adapter_grads  # noqa: E402
+
 D_IN, D = 32, 64
 
 
@@ -364,21 +366,8 @@ def test_act_order_quantlinear(fmt, tmp_path):
 def test_act_order_adapters_grads_and_compile():
     lin, q, qt = _act_order_layer(seed=3)
     k, n, r = 128, 24, 4
-    torch.manual_seed(7)
-    A0, B0 = torch.randn(r, k) * 0.1, torch.randn(n, r) * 0.1
-    q.add_adapter("t", A0, B0, alpha=8, trainable=True)
-    x = torch.randn(2, 5, k)
-    xq = x.clone().requires_grad_()
-    dy = torch.randn(2, 5, n)
-    (q(xq) * dy).sum().backward()
-    w = q.dequantize()
-    A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
-    xr = x.clone().requires_grad_()
-    yr = xr @ w.T + q.bias + 2.0 * (xr @ A.T) @ B.T
+    x, _, A0, B0, _, yr = check_adapter_grads(q, k, n, r, alpha=8, seed=7, tol=1e-4)
     assert torch.allclose(q(x), yr, atol=1e-4)
-    (yr * dy).sum().backward()
-    for got, want in ((xq.grad, xr.grad), (q.lora_A["t"].grad, A.grad), (q.lora_B["t"].grad, B.grad)):
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     # the same as pyqkern.matmul with the permuted QTensor and a LoRA
     np.testing.assert_allclose(q(x).detach().numpy().reshape(-1, n),
                                pq.matmul(x.reshape(-1, k).numpy(), qt, q.bias.numpy(),
