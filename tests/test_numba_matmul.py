@@ -5,7 +5,8 @@
   float32 dot-product bound of float64 x @ dequantize(W).T (+ bias);
 - the decode is exact: with one-hot activations every y element is one decoded weight, which
   must equal pq.dequantize's value;
-- the result does not depend on the Numba thread count (1 vs 2 threads: same bits).
+- the result does not depend on the Numba thread count (1 vs 2 threads: same bits), nor on the
+  batch: M = 1 runs its own kernel per format, and a row alone gives the bits it gives in a batch.
 """
 from __future__ import annotations
 
@@ -112,6 +113,28 @@ def test_thread_count_independent(fmt, kw):
     finally:
         numba.set_num_threads(old)
     np.testing.assert_array_equal(y1.view(np.uint32), y2.view(np.uint32))
+
+
+BATCH_CASES = CASES + [("fp4", {"group": 64}, (64, 192)), ("int3", {"group": 16}, (48,)), ("int3", {"group": 64}, (192,)),
+                       ("int3", {"group": -1}, (40, 72)), ("int2", {"group": 32, "sym": True}, (96,)),
+                       ("int2", {"group": -1}, (36, 100))]
+
+
+@pytest.mark.parametrize("fmt,kw,ks", BATCH_CASES, ids=[f + "".join(f"-{k}{v}" for k, v in kw.items())
+                                                        for f, kw, _ in BATCH_CASES])
+def test_gemv_rows_equal_batch_rows(fmt, kw, ks):
+    n = 21
+    for k in ks:
+        qt, rng = _quant(fmt, kw, n, k, k)
+        x = rng.standard_normal((5, k)).astype(F32)
+        x[1, :3] = [1e30, -1e-30, 0.0][:k]
+        b = rng.standard_normal(n).astype(F32)
+        ad = pq.LoRA(rng.standard_normal((4, k)).astype(F32), rng.standard_normal((n, 4)).astype(F32), alpha=8)
+        for bias, lora in ((None, None), (b, None), (b, ad)):
+            yb = pq.matmul(x, qt, bias, lora=lora, backend="numba")
+            for i in range(x.shape[0]):
+                yi = pq.matmul(x[i:i + 1], qt, bias, lora=lora, backend="numba")
+                np.testing.assert_array_equal(yi[0].view(np.uint32), yb[i].view(np.uint32), err_msg=f"{fmt} k={k} row {i}")
 
 
 def test_leading_dims_out_and_strided_x():

@@ -29,6 +29,7 @@ from numba import njit, prange
 from .simple import FP4_CODE, IQ4NL_VALUES, NF4_CODE, u32_as_f32
 
 _F32 = np.float32
+_I32 = np.int32
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 _PJIT = dict(_JIT, parallel=True)
 
@@ -67,75 +68,92 @@ def _f32le(buf, r, o):
 
 @njit(inline="always", **_JIT)
 def _i8(c):
-    c = np.int32(c)
-    return c - 256 if c > 127 else c
+    return np.int8(c)   # the byte's bits as int8
+
+
+# Numba computes integer arithmetic in int64; each result below is cast back to int32, which lets
+# LLVM keep the decode in 32-bit vector lanes (int64 lanes took 1.5-2x the time of the whole row).
+@njit(inline="always", **_JIT)
+def _lo(b):
+    return _I32(_I32(b) & _I32(15))
+
+
+@njit(inline="always", **_JIT)
+def _hi(b):
+    return _I32(_I32(b) >> _I32(4))
+
+
+@njit(inline="always", **_JIT)
+def _sub(a, b):
+    return _I32(a - b)
 
 
 # ---------------------------------------------------------------- fused row dots
-# _row_<fmt>(..., r, x, acc): for every m and k, acc[m, lane(k)] += w[n=r, k] * x[m, k].
-# Each weight is decoded with the dequantizer's float ops into a register and multiplied at once
-# (decoding into a scratch array and reading it back is several times slower in Numba). The decode
-# is repeated per m: M is small (GEMV) and the row bytes stay in L1.
+# _row_<fmt>(q, s, z, r, gshift, sym, x, m0, m1, acc): for m0 <= m < m1 and every k,
+# acc[m - m0, lane(k)] += w[n=r, k] * x[m, k]. Each weight is decoded with the dequantizer's float
+# ops into a register and multiplied at once (decoding into a scratch array and reading it back is
+# several times slower in Numba); the lanes of different m are independent, so where the m loop
+# sits does not change any bits.
 
 @njit(inline="always", **_JIT)
-def _row_q4_0(q, r, x, acc):
-    mm, k = x.shape
+def _row_q4_0(q, s, z, r, gshift, sym, x, m0, m1, acc):
+    k = x.shape[1]
     for ci in range(k // 32):
         o = ci * 18
         k0 = ci * 32
         d = _f16(q, r, o)
-        for m in range(mm):
+        for m in range(m0, m1):
             for j in range(16):
-                c = np.int32(q[r, o + 2 + j])
-                acc[m, j] += (_F32((c & 0xF) - 8) * d) * x[m, k0 + j]
-                acc[m, j + 16] += (_F32((c >> 4) - 8) * d) * x[m, k0 + j + 16]
+                c = q[r, o + 2 + j]
+                acc[m - m0, j] += (_F32(_sub(_lo(c), 8)) * d) * x[m, k0 + j]
+                acc[m - m0, j + 16] += (_F32(_sub(_hi(c), 8)) * d) * x[m, k0 + j + 16]
 
 
 @njit(inline="always", **_JIT)
-def _row_q4_1(q, r, x, acc):
-    mm, k = x.shape
+def _row_q4_1(q, s, z, r, gshift, sym, x, m0, m1, acc):
+    k = x.shape[1]
     for ci in range(k // 32):
         o = ci * 20
         k0 = ci * 32
         d = _f16(q, r, o)
         mn = _f16(q, r, o + 2)
-        for m in range(mm):
+        for m in range(m0, m1):
             for j in range(16):
-                c = np.int32(q[r, o + 4 + j])
-                acc[m, j] += (d * _F32(c & 0xF) + mn) * x[m, k0 + j]
-                acc[m, j + 16] += (d * _F32(c >> 4) + mn) * x[m, k0 + j + 16]
+                c = q[r, o + 4 + j]
+                acc[m - m0, j] += (d * _F32(_lo(c)) + mn) * x[m, k0 + j]
+                acc[m - m0, j + 16] += (d * _F32(_hi(c)) + mn) * x[m, k0 + j + 16]
 
 
 @njit(inline="always", **_JIT)
-def _row_q8_0(q, r, x, acc):
-    mm, k = x.shape
+def _row_q8_0(q, s, z, r, gshift, sym, x, m0, m1, acc):
+    k = x.shape[1]
     for ci in range(k // 32):
         o = ci * 34
         k0 = ci * 32
         d = _f16(q, r, o)
-        for m in range(mm):
+        for m in range(m0, m1):
             for j in range(32):
-                acc[m, j] += (_F32(_i8(q[r, o + 2 + j])) * d) * x[m, k0 + j]
+                acc[m - m0, j] += (_F32(_i8(q[r, o + 2 + j])) * d) * x[m, k0 + j]
 
 
 @njit(inline="always", **_JIT)
-def _row_iq4_nl(q, r, x, acc):
-    mm, k = x.shape
+def _row_iq4_nl(q, s, z, r, gshift, sym, x, m0, m1, acc):
+    k = x.shape[1]
     for ci in range(k // 32):
         o = ci * 18
         k0 = ci * 32
         d = _f16(q, r, o)
-        for m in range(mm):
+        for m in range(m0, m1):
             for j in range(16):
-                c = np.int32(q[r, o + 2 + j])
-                acc[m, j] += (d * IQ4NL_VALUES[c & 0xF]) * x[m, k0 + j]
-                acc[m, j + 16] += (d * IQ4NL_VALUES[c >> 4]) * x[m, k0 + j + 16]
+                c = q[r, o + 2 + j]
+                acc[m - m0, j] += (d * IQ4NL_VALUES[_lo(c)]) * x[m, k0 + j]
+                acc[m - m0, j + 16] += (d * IQ4NL_VALUES[_hi(c)]) * x[m, k0 + j + 16]
 
 
 @njit(inline="always", **_JIT)
-def _row_q4_k(q, r, x, acc):
+def _row_q4_k(q, s, z, r, gshift, sym, x, m0, m1, acc):
     """sub-block j of super-block b: (d*sc)*c - (dmin*m); low nibbles of 32 bytes, then high."""
-    mm, k = x.shape
+    k = x.shape[1]
     for ci in range(k // 32):
         b = ci >> 3
         j = ci & 7
@@ -154,15 +172,15 @@ def _row_q4_k(q, r, x, acc):
         dm = dmin * _F32(mn)
         qo = o + 16 + 32 * (j >> 1)
         sh = 4 * (j & 1)
-        for m in range(mm):
+        for m in range(m0, m1):
             for l in range(32):
-                acc[m, l] += (dd * _F32((np.int32(q[r, qo + l]) >> sh) & 0xF) - dm) * x[m, k0 + l]
+                acc[m - m0, l] += (dd * _F32(_lo(_I32(_I32(q[r, qo + l]) >> sh))) - dm) * x[m, k0 + l]
 
 
 @njit(inline="always", **_JIT)
-def _row_q6_k(q, r, x, acc):
+def _row_q6_k(q, s, z, r, gshift, sym, x, m0, m1, acc):
     """elements 32*ci .. +32: half h, quarter i of a 256 super-block; (d*sc)*(c-32)."""
-    mm, k = x.shape
+    k = x.shape[1]
     for ci in range(k // 32):
         b = ci >> 3
         h = (ci >> 2) & 1
@@ -176,13 +194,14 @@ def _row_q6_k(q, r, x, acc):
         lsh = 4 * (i >> 1)
         ho = o + 128 + 32 * h
         hsh = 2 * i
-        for m in range(mm):
+        for m in range(m0, m1):
             for l in range(16):
-                c0 = (((np.int32(q[r, lo + l]) >> lsh) & 0xF) | (((np.int32(q[r, ho + l]) >> hsh) & 3) << 4)) - 32
-                c1 = (((np.int32(q[r, lo + l + 16]) >> lsh) & 0xF)
-                      | (((np.int32(q[r, ho + l + 16]) >> hsh) & 3) << 4)) - 32
-                acc[m, l] += (dd0 * _F32(c0)) * x[m, k0 + l]
-                acc[m, l + 16] += (dd1 * _F32(c1)) * x[m, k0 + l + 16]
+                c0 = _sub(_I32(_lo(_I32(_I32(q[r, lo + l]) >> lsh))
+                               | _I32(_I32(_I32(_I32(q[r, ho + l]) >> hsh) & _I32(3)) << _I32(4))), 32)
+                c1 = _sub(_I32(_lo(_I32(_I32(q[r, lo + l + 16]) >> lsh))
+                               | _I32(_I32(_I32(_I32(q[r, ho + l + 16]) >> hsh) & _I32(3)) << _I32(4))), 32)
+                acc[m - m0, l] += (dd0 * _F32(c0)) * x[m, k0 + l]
+                acc[m - m0, l + 16] += (dd1 * _F32(c1)) * x[m, k0 + l + 16]
 
 
 # nf4, fp4 and int4 pack elements 2j, 2j+1 in byte j. They take x "split": within every chunk of 32
@@ -191,25 +210,25 @@ def _row_q6_k(q, r, x, acc):
 # L/2 lanes with contiguous loads, as the other formats do.
 
 @njit(inline="always", **_JIT)
-def _row_bnb4(q, s, r, bshift, code, xs, acc):
+def _row_bnb4(q, s, r, bshift, code, xs, m0, m1, acc):
     """nf4 / fp4 (bitsandbytes order): element 2j = high nibble of byte j; code[c] * absmax (block >= 32)."""
-    mm, k = xs.shape
+    k = xs.shape[1]
     for ci in range(k // 32):
         k0 = ci * 32
         amax = _f32le(s, r, 4 * (k0 >> bshift))
         qo = k0 >> 1
-        for m in range(mm):
+        for m in range(m0, m1):
             for j in range(16):
-                c = np.int32(q[r, qo + j])
-                acc[m, j] += (code[c >> 4] * amax) * xs[m, k0 + j]
-                acc[m, 16 + j] += (code[c & 0xF] * amax) * xs[m, k0 + 16 + j]
+                c = q[r, qo + j]
+                acc[m - m0, j] += (code[_hi(c)] * amax) * xs[m, k0 + j]
+                acc[m - m0, 16 + j] += (code[_lo(c)] * amax) * xs[m, k0 + 16 + j]
 
 
 @njit(inline="always", **_JIT)
-def _row_int4(q, s, z, r, gshift, sym, xs, acc):
+def _row_int4(q, s, z, r, gshift, sym, xs, m0, m1, acc):
     """element 2i = low nibble; f32(c - zero) * scale. Groups are 2^gshift (>= 16) or the whole
     row (gshift = 62): a chunk of 32 holds one group, or two of 16 (bytes 0..7 and 8..15)."""
-    mm, k = xs.shape
+    k = xs.shape[1]
     nfull = k // 32
     for ci in range(nfull):
         k0 = ci * 32
@@ -218,21 +237,21 @@ def _row_int4(q, s, z, r, gshift, sym, xs, acc):
         sf = _f16(s, r, 2 * gi)
         zero = np.int32(8) if sym else np.int32(z[r, gi])
         if gshift >= 5:
-            for m in range(mm):
+            for m in range(m0, m1):
                 for j in range(16):
-                    c = np.int32(q[r, qo + j])
-                    acc[m, j] += (_F32((c & 0xF) - zero) * sf) * xs[m, k0 + j]
-                    acc[m, 16 + j] += (_F32((c >> 4) - zero) * sf) * xs[m, k0 + 16 + j]
+                    c = q[r, qo + j]
+                    acc[m - m0, j] += (_F32(_sub(_lo(c), zero)) * sf) * xs[m, k0 + j]
+                    acc[m - m0, 16 + j] += (_F32(_sub(_hi(c), zero)) * sf) * xs[m, k0 + 16 + j]
         else:  # group 16
             sf1 = _f16(s, r, 2 * gi + 2)
             zero1 = np.int32(8) if sym else np.int32(z[r, gi + 1])
-            for m in range(mm):
+            for m in range(m0, m1):
                 for j in range(16):
-                    c = np.int32(q[r, qo + j])
+                    c = q[r, qo + j]
                     zj = zero if j < 8 else zero1
                     sj = sf if j < 8 else sf1
-                    acc[m, j] += (_F32((c & 0xF) - zj) * sj) * xs[m, k0 + j]
-                    acc[m, 16 + j] += (_F32((c >> 4) - zj) * sj) * xs[m, k0 + 16 + j]
+                    acc[m - m0, j] += (_F32(_sub(_lo(c), zj)) * sj) * xs[m, k0 + j]
+                    acc[m - m0, 16 + j] += (_F32(_sub(_hi(c), zj)) * sj) * xs[m, k0 + 16 + j]
     k0 = nfull * 32
     if k0 < k:  # tail chunk of length L < 32 (K even): one group (per-channel) or one of 16
         h = (k - k0) >> 1
@@ -240,32 +259,78 @@ def _row_int4(q, s, z, r, gshift, sym, xs, acc):
         sf = _f16(s, r, 2 * gi)
         zero = np.int32(8) if sym else np.int32(z[r, gi])
         qo = k0 >> 1
-        for m in range(mm):
+        for m in range(m0, m1):
             for j in range(h):
-                c = np.int32(q[r, qo + j])
-                acc[m, j] += (_F32((c & 0xF) - zero) * sf) * xs[m, k0 + j]
-                acc[m, 16 + j] += (_F32((c >> 4) - zero) * sf) * xs[m, k0 + h + j]
+                c = q[r, qo + j]
+                acc[m - m0, j] += (_F32(_sub(_lo(c), zero)) * sf) * xs[m, k0 + j]
+                acc[m - m0, 16 + j] += (_F32(_sub(_hi(c), zero)) * sf) * xs[m, k0 + h + j]
 
 
 @njit(inline="always", **_JIT)
-def _row_intq(q, s, z, r, gshift, sym, bits, x, acc):
+def _intq_code(q, r, bits, kk):
+    """code of element kk of row r in the bits-wide little-endian stream (int2 / int3)."""
+    bit = np.int64(kk) * bits
+    v = _I32(q[r, bit >> 3])
+    if (bit & 7) + bits > 8:
+        v = _I32(v | _I32(_I32(q[r, (bit >> 3) + 1]) << _I32(8)))
+    return _I32(_I32(v >> _I32(bit & 7)) & _I32((1 << bits) - 1))
+
+
+@njit(inline="always", **_JIT)
+def _row_intq(q, s, z, r, gshift, sym, bits, x, m0, m1, acc):
     """int2 / int3: element i's code at bit bits*i of the row (low bits first); f32(c - zero) *
-    scale, element k = 32*c + j in lane j."""
-    mm, k = x.shape
-    mask = np.int64((1 << bits) - 1)
-    zsym = np.int32(1 << (bits - 1))
-    for kk in range(k):
-        bit = np.int64(kk) * bits
-        v = np.int64(q[r, bit >> 3])
-        if (bit & 7) + bits > 8:
-            v |= np.int64(q[r, (bit >> 3) + 1]) << 8
-        c = np.int32((v >> (bit & 7)) & mask)
+    scale, element k = 32*c + j in lane j. A chunk of 32 codes is 8 (int2) or 12 (int3) whole
+    bytes: int2 reads 4 codes per byte, int3 8 codes per 3 bytes; groups of 16 and the tail chunk
+    take the code-by-code walk."""
+    k = x.shape[1]
+    zsym = _I32(1 << (bits - 1))
+    nfull = k // 32 if gshift >= 5 else 0
+    for ci in range(nfull):
+        k0 = ci * 32
+        gi = k0 >> gshift
+        sf = _f16(s, r, 2 * gi)
+        zero = zsym if sym else _I32(z[r, gi])
+        if bits == 2:
+            qo = ci * 8
+            for m in range(m0, m1):
+                for j in range(8):
+                    c = _I32(q[r, qo + j])
+                    for t in range(4):
+                        acc[m - m0, 4 * j + t] += (_F32(_sub(_I32(_I32(c >> _I32(2 * t)) & _I32(3)), zero)) * sf) * x[m, k0 + 4 * j + t]
+        else:
+            qo = ci * 12
+            for m in range(m0, m1):
+                for g in range(4):
+                    v = _I32(_I32(q[r, qo + 3 * g]) | _I32(_I32(q[r, qo + 3 * g + 1]) << _I32(8))
+                             | _I32(_I32(q[r, qo + 3 * g + 2]) << _I32(16)))
+                    for t in range(8):
+                        acc[m - m0, 8 * g + t] += (_F32(_sub(_I32(_I32(v >> _I32(3 * t)) & _I32(7)), zero)) * sf) * x[m, k0 + 8 * g + t]
+    for kk in range(nfull * 32, k):
         gi = kk >> gshift
-        zero = zsym if sym else np.int32(z[r, gi])
-        w = _F32(c - zero) * _f16(s, r, 2 * gi)
-        j = kk & 31
-        for m in range(mm):
-            acc[m, j] += w * x[m, kk]
+        zero = zsym if sym else _I32(z[r, gi])
+        w = _F32(_sub(_intq_code(q, r, bits, kk), zero)) * _f16(s, r, 2 * gi)
+        for m in range(m0, m1):
+            acc[m - m0, kk & 31] += w * x[m, kk]
+
+
+@njit(inline="always", **_JIT)
+def _row_nf4(q, s, z, r, gshift, sym, xs, m0, m1, acc):
+    _row_bnb4(q, s, r, gshift, NF4_CODE, xs, m0, m1, acc)
+
+
+@njit(inline="always", **_JIT)
+def _row_fp4(q, s, z, r, gshift, sym, xs, m0, m1, acc):
+    _row_bnb4(q, s, r, gshift, FP4_CODE, xs, m0, m1, acc)
+
+
+@njit(inline="always", **_JIT)
+def _row_int2(q, s, z, r, gshift, sym, x, m0, m1, acc):
+    _row_intq(q, s, z, r, gshift, sym, 2, x, m0, m1, acc)
+
+
+@njit(inline="always", **_JIT)
+def _row_int3(q, s, z, r, gshift, sym, x, m0, m1, acc):
+    _row_intq(q, s, z, r, gshift, sym, 3, x, m0, m1, acc)
 
 
 def _split_pairs(x):
@@ -281,19 +346,19 @@ def _split_pairs(x):
 
 
 @njit(inline="always", **_JIT)
-def _row_int8(q, s, r, x, acc):
-    mm, k = x.shape
+def _row_int8(q, s, z, r, gshift, sym, x, m0, m1, acc):
+    k = x.shape[1]
     scale = _f32le(s, r, 0)
     nfull = k // 32
     for ci in range(nfull):
         k0 = ci * 32
-        for m in range(mm):
+        for m in range(m0, m1):
             for j in range(32):
-                acc[m, j] += (_F32(_i8(q[r, k0 + j])) * scale) * x[m, k0 + j]
+                acc[m - m0, j] += (_F32(_i8(q[r, k0 + j])) * scale) * x[m, k0 + j]
     k0 = nfull * 32
-    for m in range(mm):
+    for m in range(m0, m1):
         for j in range(k - k0):
-            acc[m, j] += (_F32(_i8(q[r, k0 + j])) * scale) * x[m, k0 + j]
+            acc[m - m0, j] += (_F32(_i8(q[r, k0 + j])) * scale) * x[m, k0 + j]
 
 
 # ---------------------------------------------------------------- the kernel
@@ -331,9 +396,34 @@ def _shrink(x, Ac, offs, ranks, ids, use_ids, T):
                 T[m, c] = acc
 
 
+@njit(inline="always", **_JIT)
+def _lanesum(acc, i):
+    """the fixed pairwise reduction of the 32 lanes of acc[i]"""
+    for half in (16, 8, 4, 2, 1):
+        for j in range(half):
+            acc[i, j] = acc[i, j] + acc[i, j + half]
+    return acc[i, 0]
+
+
+@njit(inline="always", **_JIT)
+def _drive1(row, q, s, z, gshift, sym, x, y):
+    """M = 1: y[0, r] = the lane sum of row r against x[0], acc a fresh array of a shape known at
+    compile time, which LLVM keeps in registers. Inlined into one kernel per format below: one
+    kernel dispatching on the format (or also serving M > 1, or applying adapters and bias) keeps
+    acc in memory and takes 1.2-2.5x as long; a row function passed as an argument is not inlined."""
+    n = y.shape[1]
+    ntask = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for t in prange(ntask):
+        r1 = min(n, (t + 1) * ROWS_PER_TASK)
+        for r in range(t * ROWS_PER_TASK, r1):
+            acc = np.zeros((1, LANES), _F32)
+            row(q, s, z, r, gshift, sym, x, 0, 1, acc)
+            y[0, r] = _lanesum(acc, 0)
+
+
 @njit(**_PJIT)
-def _matmul(fmt, q, s, z, gshift, sym, x, bias, has_bias, y, T, Bc, offs, ranks, scales, dfac, isdora, ids,
-            use_ids):
+def _matmul(fmt, q, s, z, gshift, sym, x, y):
+    """M > 1: y[m, r] = the lane sum of row r against x[m]; each weight decoded once for all m."""
     mm, k = x.shape
     n = y.shape[1]
     ntask = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
@@ -343,38 +433,109 @@ def _matmul(fmt, q, s, z, gshift, sym, x, bias, has_bias, y, T, Bc, offs, ranks,
         for r in range(t * ROWS_PER_TASK, r1):
             acc[:, :] = F0
             if fmt == Q4_0:
-                _row_q4_0(q, r, x, acc)
+                _row_q4_0(q, s, z, r, gshift, sym, x, 0, mm, acc)
             elif fmt == Q4_1:
-                _row_q4_1(q, r, x, acc)
+                _row_q4_1(q, s, z, r, gshift, sym, x, 0, mm, acc)
             elif fmt == Q8_0:
-                _row_q8_0(q, r, x, acc)
+                _row_q8_0(q, s, z, r, gshift, sym, x, 0, mm, acc)
             elif fmt == IQ4_NL:
-                _row_iq4_nl(q, r, x, acc)
+                _row_iq4_nl(q, s, z, r, gshift, sym, x, 0, mm, acc)
             elif fmt == Q4_K:
-                _row_q4_k(q, r, x, acc)
+                _row_q4_k(q, s, z, r, gshift, sym, x, 0, mm, acc)
             elif fmt == Q6_K:
-                _row_q6_k(q, r, x, acc)
+                _row_q6_k(q, s, z, r, gshift, sym, x, 0, mm, acc)
             elif fmt == NF4:
-                _row_bnb4(q, s, r, gshift, NF4_CODE, x, acc)
+                _row_nf4(q, s, z, r, gshift, sym, x, 0, mm, acc)
             elif fmt == FP4:
-                _row_bnb4(q, s, r, gshift, FP4_CODE, x, acc)
+                _row_fp4(q, s, z, r, gshift, sym, x, 0, mm, acc)
             elif fmt == INT4:
-                _row_int4(q, s, z, r, gshift, sym, x, acc)
-            elif fmt == INT2 or fmt == INT3:
-                _row_intq(q, s, z, r, gshift, sym, fmt - INT2 + 2, x, acc)
+                _row_int4(q, s, z, r, gshift, sym, x, 0, mm, acc)
+            elif fmt == INT2:
+                _row_int2(q, s, z, r, gshift, sym, x, 0, mm, acc)
+            elif fmt == INT3:
+                _row_int3(q, s, z, r, gshift, sym, x, 0, mm, acc)
             else:
-                _row_int8(q, s, r, x, acc)
+                _row_int8(q, s, z, r, gshift, sym, x, 0, mm, acc)
             for m in range(mm):
-                # fixed pairwise reduction of the 32 lanes
-                for half in (16, 8, 4, 2, 1):
-                    for j in range(half):
-                        acc[m, j] = acc[m, j] + acc[m, j + half]
-                v = acc[m, 0]
-                if offs.shape[0] > 0:  # adapters: expansion on the value still in a register
-                    v = _lora_epilogue(v, m, r, T, Bc, offs, ranks, scales, dfac, isdora, ids, use_ids)
-                if has_bias:
-                    v = v + bias[r]
-                y[m, r] = v
+                y[m, r] = _lanesum(acc, m)
+
+
+@njit(**_PJIT)
+def _mv_q4_0(q, s, z, gshift, sym, x, y):
+    _drive1(_row_q4_0, q, s, z, gshift, sym, x, y)
+
+
+@njit(**_PJIT)
+def _mv_q4_1(q, s, z, gshift, sym, x, y):
+    _drive1(_row_q4_1, q, s, z, gshift, sym, x, y)
+
+
+@njit(**_PJIT)
+def _mv_q8_0(q, s, z, gshift, sym, x, y):
+    _drive1(_row_q8_0, q, s, z, gshift, sym, x, y)
+
+
+@njit(**_PJIT)
+def _mv_q4_k(q, s, z, gshift, sym, x, y):
+    _drive1(_row_q4_k, q, s, z, gshift, sym, x, y)
+
+
+@njit(**_PJIT)
+def _mv_q6_k(q, s, z, gshift, sym, x, y):
+    _drive1(_row_q6_k, q, s, z, gshift, sym, x, y)
+
+
+@njit(**_PJIT)
+def _mv_iq4_nl(q, s, z, gshift, sym, x, y):
+    _drive1(_row_iq4_nl, q, s, z, gshift, sym, x, y)
+
+
+@njit(**_PJIT)
+def _mv_nf4(q, s, z, gshift, sym, x, y):
+    _drive1(_row_nf4, q, s, z, gshift, sym, x, y)
+
+
+@njit(**_PJIT)
+def _mv_fp4(q, s, z, gshift, sym, x, y):
+    _drive1(_row_fp4, q, s, z, gshift, sym, x, y)
+
+
+@njit(**_PJIT)
+def _mv_int4(q, s, z, gshift, sym, x, y):
+    _drive1(_row_int4, q, s, z, gshift, sym, x, y)
+
+
+@njit(**_PJIT)
+def _mv_int2(q, s, z, gshift, sym, x, y):
+    _drive1(_row_int2, q, s, z, gshift, sym, x, y)
+
+
+@njit(**_PJIT)
+def _mv_int3(q, s, z, gshift, sym, x, y):
+    _drive1(_row_int3, q, s, z, gshift, sym, x, y)
+
+
+@njit(**_PJIT)
+def _mv_int8(q, s, z, gshift, sym, x, y):
+    _drive1(_row_int8, q, s, z, gshift, sym, x, y)
+
+
+_GEMV = {Q4_0: _mv_q4_0, Q4_1: _mv_q4_1, Q8_0: _mv_q8_0, Q4_K: _mv_q4_k, Q6_K: _mv_q6_k, IQ4_NL: _mv_iq4_nl,
+            NF4: _mv_nf4, INT4: _mv_int4, INT8: _mv_int8, INT2: _mv_int2, INT3: _mv_int3, FP4: _mv_fp4}
+
+
+@njit(**_PJIT)
+def _finish(y, bias, has_bias, T, Bc, offs, ranks, scales, dfac, isdora, ids, use_ids):
+    """y[m, r] (the base sum) -> + adapters (expansion, then DoRA rescale) + bias, in that order."""
+    mm, n = y.shape
+    for r in prange(n):
+        for m in range(mm):
+            v = y[m, r]
+            if offs.shape[0] > 0:
+                v = _lora_epilogue(v, m, r, T, Bc, offs, ranks, scales, dfac, isdora, ids, use_ids)
+            if has_bias:
+                v = v + bias[r]
+            y[m, r] = v
 
 
 _NO_ADAPTERS = None
@@ -433,5 +594,10 @@ def matmul_float(fmt_id, q, s, z, k, group, sym, x, bias, y, adapters=None, ids=
         gshift = 0
     has_bias = bias is not None
     b = np.ascontiguousarray(bias, dtype=_F32) if has_bias else np.zeros(1, _F32)
-    _matmul(np.int64(fmt_id), q, s, z, np.int64(gshift), bool(sym), x, b, has_bias, y, *lo)
+    if x.shape[0] == 1:
+        _GEMV[fmt_id](q, s, z, np.int64(gshift), bool(sym), x, y)
+    else:
+        _matmul(np.int64(fmt_id), q, s, z, np.int64(gshift), bool(sym), x, y)
+    if has_bias or adapters:
+        _finish(y, b, has_bias, *lo)
     return y
