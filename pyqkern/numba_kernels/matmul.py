@@ -151,57 +151,87 @@ def _row_iq4_nl(q, s, z, r, gshift, sym, x, m0, m1, acc):
 
 
 @njit(inline="always", **_JIT)
+def _q4k_scale_min(q, r, o, j):
+    """(sc, m) of sub-block j (0..7) of the super-block at byte o: 6-bit values packed in 12 bytes."""
+    so = o + 4
+    if j < 4:
+        sc = _I32(_I32(q[r, so + j]) & _I32(63))
+        mn = _I32(_I32(q[r, so + j + 4]) & _I32(63))
+    else:
+        sc = _I32(_I32(_I32(q[r, so + j + 4]) & _I32(15)) | _I32(_I32(_I32(q[r, so + j - 4]) >> _I32(6)) << _I32(4)))
+        mn = _I32(_I32(_I32(q[r, so + j + 4]) >> _I32(4)) | _I32(_I32(_I32(q[r, so + j]) >> _I32(6)) << _I32(4)))
+    return sc, mn
+
+
+@njit(inline="always", **_JIT)
 def _row_q4_k(q, s, z, r, gshift, sym, x, m0, m1, acc):
-    """sub-block j of super-block b: (d*sc)*c - (dmin*m); low nibbles of 32 bytes, then high."""
+    """sub-block j of super-block b: (d*sc)*c - (dmin*m); sub-blocks 2i and 2i+1 are the low and
+    high nibbles of the same 32 bytes, taken together (each lane still gets 2i before 2i+1)."""
     k = x.shape[1]
-    for ci in range(k // 32):
-        b = ci >> 3
-        j = ci & 7
+    for cp in range(k // 64):
+        b = cp >> 2
+        i = cp & 3
         o = 144 * b
-        k0 = ci * 32
+        k0 = cp * 64
         d = _f16(q, r, o)
         dmin = _f16(q, r, o + 2)
-        so = o + 4
-        if j < 4:
-            sc = np.int32(q[r, so + j]) & 63
-            mn = np.int32(q[r, so + j + 4]) & 63
-        else:
-            sc = (np.int32(q[r, so + j + 4]) & 0x0F) | ((np.int32(q[r, so + j - 4]) >> 6) << 4)
-            mn = (np.int32(q[r, so + j + 4]) >> 4) | ((np.int32(q[r, so + j]) >> 6) << 4)
-        dd = d * _F32(sc)
-        dm = dmin * _F32(mn)
-        qo = o + 16 + 32 * (j >> 1)
-        sh = 4 * (j & 1)
+        sc0, mn0 = _q4k_scale_min(q, r, o, 2 * i)
+        sc1, mn1 = _q4k_scale_min(q, r, o, 2 * i + 1)
+        dd0 = d * _F32(sc0)
+        dm0 = dmin * _F32(mn0)
+        dd1 = d * _F32(sc1)
+        dm1 = dmin * _F32(mn1)
+        qo = o + 16 + 32 * i
         for m in range(m0, m1):
             for l in range(32):
-                acc[m - m0, l] += (dd * _F32(_lo(_I32(_I32(q[r, qo + l]) >> sh))) - dm) * x[m, k0 + l]
+                c = q[r, qo + l]
+                acc[m - m0, l] += (dd0 * _F32(_lo(c)) - dm0) * x[m, k0 + l]
+                acc[m - m0, l] += (dd1 * _F32(_hi(c)) - dm1) * x[m, k0 + 32 + l]
 
 
 @njit(inline="always", **_JIT)
 def _row_q6_k(q, s, z, r, gshift, sym, x, m0, m1, acc):
-    """elements 32*ci .. +32: half h, quarter i of a 256 super-block; (d*sc)*(c-32)."""
+    """elements 32*ci .. +32: half h, quarter i of a 256 super-block; (d*sc)*(c-32). The four
+    quarters of a half share their bytes (quarter i: low bits from nibble i >> 1 of lo bytes
+    32*(i & 1) .., high bits 2i of the 32 hi bytes) and are taken together, each lane still in
+    quarter order."""
     k = x.shape[1]
-    for ci in range(k // 32):
-        b = ci >> 3
-        h = (ci >> 2) & 1
-        i = ci & 3
+    for hb in range(k // 128):
+        b = hb >> 1
+        h = hb & 1
         o = 210 * b
-        k0 = ci * 32
+        k0 = hb * 128
         d = _f16(q, r, o + 208)
-        dd0 = d * _F32(_i8(q[r, o + 192 + 8 * h + 2 * i]))
-        dd1 = d * _F32(_i8(q[r, o + 192 + 8 * h + 2 * i + 1]))
-        lo = o + 64 * h + 32 * (i & 1)
-        lsh = 4 * (i >> 1)
+        so = o + 192 + 8 * h
+        dd00 = d * _F32(_i8(q[r, so]))
+        dd01 = d * _F32(_i8(q[r, so + 1]))
+        dd10 = d * _F32(_i8(q[r, so + 2]))
+        dd11 = d * _F32(_i8(q[r, so + 3]))
+        dd20 = d * _F32(_i8(q[r, so + 4]))
+        dd21 = d * _F32(_i8(q[r, so + 5]))
+        dd30 = d * _F32(_i8(q[r, so + 6]))
+        dd31 = d * _F32(_i8(q[r, so + 7]))
+        lo = o + 64 * h
         ho = o + 128 + 32 * h
-        hsh = 2 * i
         for m in range(m0, m1):
-            for l in range(16):
-                c0 = _sub(_I32(_lo(_I32(_I32(q[r, lo + l]) >> lsh))
-                               | _I32(_I32(_I32(_I32(q[r, ho + l]) >> hsh) & _I32(3)) << _I32(4))), 32)
-                c1 = _sub(_I32(_lo(_I32(_I32(q[r, lo + l + 16]) >> lsh))
-                               | _I32(_I32(_I32(_I32(q[r, ho + l + 16]) >> hsh) & _I32(3)) << _I32(4))), 32)
-                acc[m - m0, l] += (dd0 * _F32(c0)) * x[m, k0 + l]
-                acc[m - m0, l + 16] += (dd1 * _F32(c1)) * x[m, k0 + l + 16]
+            for l in range(32):
+                a0 = _I32(q[r, lo + l])        # quarters 0 (low nibble) and 2 (high)
+                a1 = _I32(q[r, lo + 32 + l])   # quarters 1 and 3
+                hh = _I32(q[r, ho + l])
+                c0 = _sub(_I32(_lo(a0) | _I32(_I32(hh & _I32(3)) << _I32(4))), 32)
+                c1 = _sub(_I32(_lo(a1) | _I32(_I32(_I32(hh >> _I32(2)) & _I32(3)) << _I32(4))), 32)
+                c2 = _sub(_I32(_hi(a0) | _I32(_I32(_I32(hh >> _I32(4)) & _I32(3)) << _I32(4))), 32)
+                c3 = _sub(_I32(_hi(a1) | _I32(_I32(hh >> _I32(6)) << _I32(4))), 32)
+                if l < 16:
+                    acc[m - m0, l] += (dd00 * _F32(c0)) * x[m, k0 + l]
+                    acc[m - m0, l] += (dd10 * _F32(c1)) * x[m, k0 + 32 + l]
+                    acc[m - m0, l] += (dd20 * _F32(c2)) * x[m, k0 + 64 + l]
+                    acc[m - m0, l] += (dd30 * _F32(c3)) * x[m, k0 + 96 + l]
+                else:
+                    acc[m - m0, l] += (dd01 * _F32(c0)) * x[m, k0 + l]
+                    acc[m - m0, l] += (dd11 * _F32(c1)) * x[m, k0 + 32 + l]
+                    acc[m - m0, l] += (dd21 * _F32(c2)) * x[m, k0 + 64 + l]
+                    acc[m - m0, l] += (dd31 * _F32(c3)) * x[m, k0 + 96 + l]
 
 
 # nf4, fp4 and int4 pack elements 2j, 2j+1 in byte j. They take x "split": within every chunk of 32
