@@ -310,8 +310,7 @@ def _intq_code(q, r, bits, kk):
 def _row_intq(q, s, z, r, gshift, sym, bits, x, m0, m1, acc):
     """int2 / int3: element i's code at bit bits*i of the row (low bits first); f32(c - zero) *
     scale, element k = 32*c + j in lane j. A chunk of 32 codes is 8 (int2) or 12 (int3) whole
-    bytes: int2 reads 4 codes per byte, int3 8 codes per 3 bytes; groups of 16 and the tail chunk
-    take the code-by-code walk."""
+    bytes (int3: 8 codes per 3); groups of 16 and the tail chunk take the code-by-code walk."""
     k = x.shape[1]
     zsym = _I32(1 << (bits - 1))
     nfull = k // 32 if gshift >= 5 else 0
@@ -323,18 +322,18 @@ def _row_intq(q, s, z, r, gshift, sym, bits, x, m0, m1, acc):
         if bits == 2:
             qo = ci * 8
             for m in range(m0, m1):
-                for j in range(8):
-                    c = _I32(q[r, qo + j])
-                    for t in range(4):
-                        acc[m - m0, 4 * j + t] += (_F32(_sub(_I32(_I32(c >> _I32(2 * t)) & _I32(3)), zero)) * sf) * x[m, k0 + 4 * j + t]
+                for j in range(32):
+                    c = _I32(_I32(_I32(q[r, qo + (j >> 2)]) >> _I32(2 * (j & 3))) & _I32(3))
+                    acc[m - m0, j] += (_F32(_sub(c, zero)) * sf) * x[m, k0 + j]
         else:
             qo = ci * 12
             for m in range(m0, m1):
-                for g in range(4):
+                for g in range(4):   # 8 codes in 3 bytes
                     v = _I32(_I32(q[r, qo + 3 * g]) | _I32(_I32(q[r, qo + 3 * g + 1]) << _I32(8))
                              | _I32(_I32(q[r, qo + 3 * g + 2]) << _I32(16)))
                     for t in range(8):
-                        acc[m - m0, 8 * g + t] += (_F32(_sub(_I32(_I32(v >> _I32(3 * t)) & _I32(7)), zero)) * sf) * x[m, k0 + 8 * g + t]
+                        c = _I32(_I32(v >> _I32(3 * t)) & _I32(7))
+                        acc[m - m0, 8 * g + t] += (_F32(_sub(c, zero)) * sf) * x[m, k0 + 8 * g + t]
     for kk in range(nfull * 32, k):
         gi = kk >> gshift
         zero = zsym if sym else _I32(z[r, gi])
