@@ -12,6 +12,9 @@ Rows
              compute="float" with bfloat16 x (float-bf16x: the AVX512-BF16 kernel where available).
   decode     a stack of 8 different 11008x4096 (N x K) q4_0 / int4 matrices (~200 MB, larger than the
              32 MB L3), called in turn with M=1; one benchmark round = 8 matmuls.
+  numba      pq.matmul(x, qt, backend="numba") (compute="float", the Numba backend) for q4_0 and
+             int4-g128 at M <= 8, Numba threads = the row's thread count: set against the pyqkern
+             compute="float" row of the same shape and threads (numba has no int8 compute).
   numpy      fp32 x @ W.T (BLAS threads limited with threadpoolctl).
   ort        onnxruntime com.microsoft MatMulNBits, bits=4, block_size 32 (weights = pyqkern's q4_0
              codes / scales, zero point 8) and 128 (pyqkern's int4 group-128 codes, scales and zero
@@ -270,6 +273,25 @@ def test_pyqkern_decode_stack(measure, fmt, opts, compute, pq_threads):
 
     measure(run, impl="pyqkern", fmt=_fmt_label(fmt, opts) + "-stack8", compute=compute, shape=(1, k, n),
             threads=pq_threads, weight_bytes=lins[0].weight.nbytes, calls=8)
+
+
+# ---------------------------------------------------------------- numba backend
+@pytest.mark.parametrize("threads", THREAD_P)
+@pytest.mark.parametrize("fmt,opts", [pytest.param(f, o, id=_fmt_label(f, o)) for f, o in PQ_FORMATS[:2]])
+@pytest.mark.parametrize("shape", [p for p in SHAPE_P if p.values[0][0] <= 8])
+def test_numba(measure, shape, fmt, opts, threads):
+    numba = pytest.importorskip("numba", reason="numba is not installed")
+    m, k, n = shape
+    qt = _qt(fmt, opts, n, k)
+    x = _x(m, k)
+    y = np.empty((m, n), np.float32)
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        measure(lambda: pq.matmul(x, qt, backend="numba", out=y), impl="numba", fmt=_fmt_label(fmt, opts),
+                compute="float", shape=shape, threads=threads, weight_bytes=qt.nbytes)
+    finally:
+        numba.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- numpy fp32
