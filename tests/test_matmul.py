@@ -114,6 +114,45 @@ def test_int4_groups(params):
             assert bits_equal(pq.matmul(x, qt, compute="int8", isa=v), spec)
 
 
+CHUNK_CASES = [("q4_0", {}, 1056), ("q4_1", {}, 4096), ("q8_0", {}, 544), ("iq4_nl", {}, 1056), ("q4_k", {}, 768),
+               ("q6_k", {}, 1280), ("nf4", {"group": 64}, 1088), ("nf4", {"group": 1024}, 2048), ("fp4", {"group": 128}, 640),
+               ("int4", {"group": 128}, 1152), ("int4", {"group": -1}, 1000), ("int4", {"group": 16}, 528),
+               ("int3", {"group": 64}, 576), ("int3", {"group": -1}, 1032), ("int2", {"group": 32}, 544),
+               ("int2", {"group": -1}, 1028), ("int8", {}, 1037)]
+
+
+@pytest.mark.parametrize("fmt,params,k", CHUNK_CASES, ids=[f"{f}-{p.get('group', '')}-{k}" for f, p, k in CHUNK_CASES])
+def test_float_few_rows_in_k_chunks(fmt, params, k):
+    """compute="float" with M <= 4 and K > 512 takes each row group in K chunks (L1-sized): within
+    the bound on every variant, with bias and with adapters, and the same bits for any thread count."""
+    rng = np.random.default_rng(k)
+    n = 21
+    qt = random_qtensor(fmt, n, k, rng, **params)
+    wd = pq.dequantize(qt, backend="reference")
+    bias = rng.standard_normal(n).astype(np.float32)
+    A = rng.standard_normal((4, k)).astype(np.float32) * 0.1
+    B = rng.standard_normal((n, 4)).astype(np.float32) * 0.1
+    ad = pq.LoRA(A, B, alpha=4)
+    wl = wd + (B @ A) * np.float32(ad.scale)
+    before = pq.get_num_threads()
+    try:
+        for m in (1, 2, 4):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            for v in VARIANTS:
+                outs = []
+                for th in (1, 2, 3):
+                    pq.set_num_threads(th)
+                    outs.append(pq.matmul(x, qt, bias, compute="float", isa=v))
+                assert all(bits_equal(o, outs[0]) for o in outs), (v, m)
+                assert_float_close(outs[0], x, wd, bias)
+                ya = pq.matmul(x, qt, compute="float", isa=v, lora=ad)
+                err = np.abs(ya - x.astype(np.float64) @ wl.T.astype(np.float64))
+                bound = 2 * k * 2.0 ** -23 * (np.abs(x).astype(np.float64) @ (np.abs(wd) + np.abs(wl - wd)).T) + 1e-6
+                assert (err <= bound).all(), (v, m, float(err.max()))
+    finally:
+        pq.set_num_threads(before)
+
+
 def test_thread_count_does_not_change_results():
     rng = np.random.default_rng(1)
     qt = random_qtensor("q4_0", 300, 1024, rng)

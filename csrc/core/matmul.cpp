@@ -431,6 +431,19 @@ extern "C" {
 
 namespace pqk { namespace {
 
+// compute="float" over canonical rows: for m <= FLOAT_CHUNK_MAX_M, K in chunks of FLOAT_CHUNK_K
+// (or the format's parameter span if longer) so the dequantized chunk stays in L1.
+constexpr int64_t FLOAT_CHUNK_MAX_M = 4, FLOAT_CHUNK_K = 512;
+
+// elements that share one set of parameters (a chunk must not split them)
+int64_t param_span(int32_t fmt, const pqk_qparams& p) {
+  switch (fmt) {
+    case PQK_Q4_K: case PQK_Q6_K: return 256;
+    case PQK_NF4: case PQK_FP4: case PQK_INT2: case PQK_INT3: case PQK_INT4: return p.group > 0 ? p.group : 32;
+    default: return 32;
+  }
+}
+
 void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, const void* z, int64_t n, int64_t k,
                        const pqk_qparams* params, const float* x, int64_t m, int64_t ldx, const float* bias, float* y,
                        int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows) {
@@ -454,6 +467,40 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
     // Rows of W in groups of FR, dequantized into a per-thread buffer, then fp32 dots.
     constexpr int FR = 8;
     const int64_t groups = (n + FR - 1) / FR;
+    if (m <= FLOAT_CHUNK_MAX_M && k > FLOAT_CHUNK_K) {
+      // Few rows: the dequantized weight is used m times, so writing FR whole rows (FR*k floats,
+      // 128 KiB at k = 4096) and reading them back through L2 costs more than the dots. Instead
+      // each group goes in K chunks that stay in L1 (FR*FLOAT_CHUNK_K floats); the chunks' dot
+      // products are added in K order, one fixed sum tree whatever the thread count.
+      const int64_t unit = std::max<int64_t>(FLOAT_CHUNK_K, param_span(fmt, p));
+      const bool per_row_params = fmt == PQK_INT8 || p.group == -1;
+      parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
+        std::vector<float> wbuf((size_t)(FR * unit));
+        float part[FLOAT_CHUNK_MAX_M * FR], acc[FLOAT_CHUNK_MAX_M * FR];
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t r0 = g * FR;
+          const int nr = (int)std::min<int64_t>(FR, n - r0);
+          for (int64_t k0 = 0; k0 < k; k0 += unit) {
+            const int64_t kc = std::min(unit, k - k0);
+            pqk_row_bytes off{0, 0, 0};
+            if (k0 > 0) off = row_bytes(fmt, k0, p);
+            if (per_row_params) off.s = off.z = 0;
+            for (int r = 0; r < nr; ++r)
+              deq(Q + (r0 + r) * rb.q + off.q, S ? S + (r0 + r) * rb.s + off.s : nullptr,
+                  Z ? Z + (r0 + r) * rb.z + off.z : nullptr, kc, wbuf.data() + (size_t)r * kc, p);
+            t.gemm_f32(wbuf.data(), nr, kc, x + k0, ldx, m, k0 ? part : acc, FR, nullptr);
+            if (k0)
+              for (int64_t i = 0; i < m; ++i)
+                for (int r = 0; r < nr; ++r) acc[i * FR + r] += part[i * FR + r];
+          }
+          for (int64_t i = 0; i < m; ++i)
+            for (int r = 0; r < nr; ++r)
+              y[i * ldy + r0 + r] = (bias && !AD.active()) ? acc[i * FR + r] + bias[r0 + r] : acc[i * FR + r];
+          if (AD.active()) t.lora_expand(L, 0, m, r0, nr, y, ldy);
+        }
+      });
+      return;
+    }
     parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
       std::vector<float> wbuf((size_t)(FR * k));
       for (int64_t g = g0; g < g1; ++g) {
