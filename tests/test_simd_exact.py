@@ -34,11 +34,13 @@ QUANT_CASES = [
     ("int4", {"group": -1, "sym": False}), ("int4", {"group": -1, "sym": True}),
     ("int8", {}),
 ]
-DEQUANT_ONLY = [("iq4_nl", {})]
+DEQUANT_ONLY = [("iq4_nl", {}), ("q4_k", {}), ("q6_k", {}), ("fp4", {"group": 32}), ("fp4", {"group": 256})]
 CASE_IDS = [f + "".join(f"-{k}{v}" for k, v in o.items()) for f, o in QUANT_CASES]
+DEQUANT_IDS = [f + "".join(f"-{k}{v}" for k, v in o.items()) for f, o in DEQUANT_ONLY]
 # slot ownership: format -> (quantize, dequantize) filled by each SIMD folder
 OWNED = {"q8_0": (True, True), "q4_0": (True, True), "q4_1": (True, True), "iq4_nl": (False, True),
          "nf4": (True, True), "int4": (True, True), "int8": (True, True)}
+OWNED_AVX512 = dict(OWNED, q4_k=(False, True), q6_k=(False, True), fp4=(False, True))
 
 NF4 = reference.NF4_CODE
 NF4_MID = reference.NF4_MID    # the 15 fp32 midpoints the kernels compare against
@@ -52,6 +54,8 @@ def unit_of(fmt, params, k):
     """Elements sharing one scale: ggml block, nf4 block, int4 group, int8 row."""
     if fmt in ("q8_0", "q4_0", "q4_1", "iq4_nl"):
         return 32
+    if fmt in ("q4_k", "q6_k"):
+        return 256
     g = params.get("group", 0)
     return k if (fmt == "int8" or g == -1) else g
 
@@ -255,12 +259,13 @@ def test_slots_run_own_code(isa):
     if isa not in pq.variants():
         pytest.skip(f"{isa} does not run here")
     src = _native.kernel_sources(_native.isa_names().index(isa))
-    for fmt, (has_q, has_d) in OWNED.items():
+    owned = OWNED_AVX512 if isa == "avx512" else OWNED
+    for fmt, (has_q, has_d) in owned.items():
         want = (isa if has_q else src[fmt][0], isa if has_d else src[fmt][1])
         assert src[fmt] == want, f"{isa}: {fmt} slots come from {src[fmt]}"
     if "avx512vnni" in pq.variants() and isa == "avx512":
         above = _native.kernel_sources(_native.isa_names().index("avx512vnni"))
-        for fmt, (has_q, has_d) in OWNED.items():
+        for fmt, (has_q, has_d) in owned.items():
             assert (not has_q or above[fmt][0] in ("avx512", "avx512vnni")) and \
                 (not has_d or above[fmt][1] in ("avx512", "avx512vnni")), (fmt, above[fmt])
 
@@ -374,7 +379,7 @@ def test_strided_and_misaligned_rows(fmt, params):
 
 # ---------------------------------------------------------------- dequantize of arbitrary bytes
 @pytest.mark.parametrize("fmt,params", QUANT_CASES + DEQUANT_ONLY,
-                         ids=CASE_IDS + [f for f, _ in DEQUANT_ONLY])
+                         ids=CASE_IDS + DEQUANT_IDS)
 @given(data=st.data())
 def test_dequantize_any_bytes(fmt, params, data):
     """Every code, zero point (even > 15) and scale bit pattern (fp16/fp32 subnormal, inf, NaN)."""

@@ -116,6 +116,17 @@ static inline int nearest_int(float fval) {
 static inline void store_f16(uint8_t* p, float v) { uint16_t h = fp32_to_fp16(v); std::memcpy(p, &h, 2); }
 static inline float load_f16(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return fp16_to_fp32(h); }
 
+// 6-bit scale j (0..7) and min of a q4_k block's 12-byte scales field.
+static inline void q4k_scale_min(const uint8_t* sc, int j, int* s, int* m) {
+  if (j < 4) {
+    *s = sc[j] & 63;
+    *m = sc[j + 4] & 63;
+  } else {
+    *s = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
+    *m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+  }
+}
+
 // NF4: index of the nearest code to v in [-1, 1]; an exact midpoint goes to the lower code
 // (bitsandbytes' argmin over |v - code| keeps the first minimum).
 static inline uint8_t nf4_index(float v) {

@@ -96,17 +96,6 @@ float fit_q4k_sub(const float* x, const float* w, uint8_t* L, float* neg_min) {
   return scale;
 }
 
-// 6-bit scale j (0..7) and min of a q4_k block's 12-byte scales field.
-inline void q4k_scale_min(const uint8_t* sc, int j, int* s, int* m) {
-  if (j < 4) {
-    *s = sc[j] & 63;
-    *m = sc[j + 4] & 63;
-  } else {
-    *s = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
-    *m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-  }
-}
-
 // ---------------------------------------------------------------- q6_k helpers
 inline int clamp_i(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 

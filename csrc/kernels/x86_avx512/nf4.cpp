@@ -47,11 +47,12 @@ void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
   }
 }
 
-void dequantize_row_nf4(const uint8_t* q, const uint8_t* s, const uint8_t*, int64_t k, float* y, const pqk_qparams& p) {
-  const int64_t bs = p.group;
-  const __m512 code = _mm512_loadu_ps(kNF4);
+// bitsandbytes 4-bit dequantization through a 16-entry code book (nf4 or fp4)
+static void dequantize_row_bnb4(const float* book, const uint8_t* q, const uint8_t* s, int64_t k, float* y,
+                                int64_t bs) {
+  const __m512 code = _mm512_loadu_ps(book);
   for (int64_t b = 0; b < k / bs; ++b) {
-    // table[c] = kNF4[c] * absmax: the reference's product, computed once per block
+    // table[c] = book[c] * absmax: the reference's product, computed once per block
     const __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(load_f32(s + 4 * b)));
     const uint8_t* qb = q + b * bs / 2;
     float* yb = y + b * bs;
@@ -62,6 +63,14 @@ void dequantize_row_nf4(const uint8_t* q, const uint8_t* s, const uint8_t*, int6
       _mm512_storeu_ps(yb + j + 16, _mm512_permutexvar_ps(e1, t));
     }
   }
+}
+
+void dequantize_row_nf4(const uint8_t* q, const uint8_t* s, const uint8_t*, int64_t k, float* y, const pqk_qparams& p) {
+  dequantize_row_bnb4(kNF4, q, s, k, y, p.group);
+}
+
+void dequantize_row_fp4(const uint8_t* q, const uint8_t* s, const uint8_t*, int64_t k, float* y, const pqk_qparams& p) {
+  dequantize_row_bnb4(kFP4, q, s, k, y, p.group);
 }
 
 }}  // namespace pqk::avx512

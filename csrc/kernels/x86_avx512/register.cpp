@@ -15,6 +15,9 @@ void register_kernels(KernelTable& t) {
   PQK_SET(PQK_INT8, int8)
 #undef PQK_SET
   t.dequantize[PQK_IQ4_NL] = dequantize_row_iq4_nl;
+  t.dequantize[PQK_Q4_K] = dequantize_row_q4_k;
+  t.dequantize[PQK_Q6_K] = dequantize_row_q6_k;
+  t.dequantize[PQK_FP4] = dequantize_row_fp4;
 }
 
 }}  // namespace pqk::avx512
