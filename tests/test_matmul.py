@@ -153,6 +153,43 @@ def test_float_few_rows_in_k_chunks(fmt, params, k):
         pq.set_num_threads(before)
 
 
+PANEL_CASES = [("q4_0", {}, 800), ("q8_0", {}, 288), ("q4_k", {}, 512), ("nf4", {"group": 64}, 320),
+               ("int4", {"group": 128}, 640), ("int4", {"group": -1}, 262), ("int8", {}, 257), ("int3", {"group": -1}, 24)]
+
+
+@pytest.mark.parametrize("fmt,params,k", PANEL_CASES, ids=[f"{f}-{k}" for f, _, k in PANEL_CASES])
+def test_float_many_rows_panel(fmt, params, k):
+    """compute="float" with M >= 16: the panel kernel where the variant has one (K in blocks of 256,
+    panels of 32 rows, weight rows in 8s): within the bound on every variant for M across panel
+    edges, N not a multiple of 8, K across the block edge; bias, adapters; any thread count."""
+    rng = np.random.default_rng(k)
+    n = 19
+    qt = random_qtensor(fmt, n, k, rng, **params)
+    wd = pq.dequantize(qt, backend="reference")
+    bias = rng.standard_normal(n).astype(np.float32)
+    ad = pq.LoRA(rng.standard_normal((3, k)).astype(np.float32), rng.standard_normal((n, 3)).astype(np.float32),
+                 alpha=3)
+    before = pq.get_num_threads()
+    try:
+        for m in (16, 31, 32, 33, 70):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            x[m // 2, : min(k, 4)] = [1e20, -1e20, 1e-30, 0.0][: min(k, 4)]
+            for v in VARIANTS:
+                outs = []
+                for th in (1, 2, 3):
+                    pq.set_num_threads(th)
+                    outs.append(pq.matmul(x, qt, bias, compute="float", isa=v))
+                assert all(bits_equal(o, outs[0]) for o in outs), (v, m)
+                assert_float_close(outs[0], x, wd, bias)
+                # adapters on this path: the base part is the same call, the expansion as in other paths
+                xa = rng.standard_normal((m, k)).astype(np.float32)
+                delta = pq.matmul(xa, qt, compute="float", isa=v, lora=ad) - pq.matmul(xa, qt, compute="float", isa=v)
+                want = (xa.astype(np.float64) @ ad.A.astype(np.float64).T) @ ad.B.T.astype(np.float64) * ad.scale
+                assert np.allclose(delta, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()), (v, m)
+    finally:
+        pq.set_num_threads(before)
+
+
 def test_thread_count_does_not_change_results():
     rng = np.random.default_rng(1)
     qt = random_qtensor("q4_0", 300, 1024, rng)

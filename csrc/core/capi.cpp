@@ -125,6 +125,7 @@ int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt) {
   if (s == "quantize_act") return t.quantize_act ? t.quantize_act_isa : -1;
   if (s == "gemm_int8") return t.gemm_int8 ? t.gemm_int8_isa : -1;
   if (s == "gemm_f32") return t.gemm_f32 ? t.gemm_f32_isa : -1;
+  if (s == "gemm_f32_xt") return t.gemm_f32_xt ? t.gemm_f32_xt_isa : -1;
   if (s == "lora_shrink") return t.lora_shrink ? t.lora_shrink_isa : -1;
   if (s == "lora_expand") return t.lora_expand ? t.lora_expand_isa : -1;
   if (s == "gemv_bf16") return t.gemv_bf16 ? t.gemv_bf16_isa : -1;

@@ -61,6 +61,7 @@ struct Tables {
       if (mine.lora_shrink) { dst.lora_shrink = mine.lora_shrink; dst.lora_shrink_isa = (int8_t)isa; }
       if (mine.lora_expand) { dst.lora_expand = mine.lora_expand; dst.lora_expand_isa = (int8_t)isa; }
       if (mine.gemm_f32) { dst.gemm_f32 = mine.gemm_f32; dst.gemm_f32_isa = (int8_t)isa; }
+      if (mine.gemm_f32_xt) { dst.gemm_f32_xt = mine.gemm_f32_xt; dst.gemm_f32_xt_isa = (int8_t)isa; }
       if (mine.gemv_bf16) { dst.gemv_bf16 = mine.gemv_bf16; dst.gemv_bf16_isa = (int8_t)isa; }
       for (int f = 0; f < PQK_FORMAT_COUNT; ++f) {
         if (mine.quantize[f]) { dst.quantize[f] = mine.quantize[f]; dst.quantize_isa[f] = (int8_t)isa; }

@@ -25,6 +25,13 @@ using gemm_int8_fn = void (*)(const PackedWeight& w, int64_t tile, const ActQ& a
 using gemm_f32_fn = void (*)(const float* w, int nr, int64_t k, const float* x, int64_t ldx, int64_t m,
                              float* y, int64_t ldy, const float* bias);
 
+// Many rows (optional): y[i, r] (+ bias[r]) for i < mb <= XT_MB, r < nr <= 8 from w [nr][k] and a
+// transposed activation panel xt [k][XT_MB] (rows i >= mb zero): per element one fused-multiply-add
+// chain in k order, so a row's result does not depend on the panel it sits in.
+constexpr int XT_MB = 32;
+using gemm_f32_xt_fn = void (*)(const float* w, int nr, int64_t k, const float* xt, int mb, float* y, int64_t ldy,
+                                const float* bias);
+
 // Adapter epilogue over output rows [m0, m1) and columns [n0, n0 + nr): see LoraArgs.
 struct LoraArgs {
   const pqk_lora* ad = nullptr;
@@ -65,6 +72,8 @@ struct KernelTable {
   gemm_int8_fn gemm_int8 = nullptr;
   gemm_f32_fn gemm_f32 = nullptr;
   int8_t quantize_act_isa = 0, gemm_int8_isa = 0, gemm_f32_isa = 0;
+  gemm_f32_xt_fn gemm_f32_xt = nullptr;
+  int8_t gemm_f32_xt_isa = 0;
   quantize_row_fn quantize[PQK_FORMAT_COUNT] = {};
   dequantize_row_fn dequantize[PQK_FORMAT_COUNT] = {};
   // Where each slot came from (for info() and tests): the pqk_isa that filled it.

@@ -434,6 +434,8 @@ namespace pqk { namespace {
 // compute="float" over canonical rows: for m <= FLOAT_CHUNK_MAX_M, K in chunks of FLOAT_CHUNK_K
 // (or the format's parameter span if longer) so the dequantized chunk stays in L1.
 constexpr int64_t FLOAT_CHUNK_MAX_M = 4, FLOAT_CHUNK_K = 512;
+// from this many rows on, the panel kernel (gemm_f32_xt) where the variant has one
+constexpr int64_t XT_MIN_M = 16;
 
 // elements that share one set of parameters (a chunk must not split them)
 int64_t param_span(int32_t fmt, const pqk_qparams& p) {
@@ -501,6 +503,24 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
       });
       return;
     }
+    // Many rows with a panel kernel: x transposed once into panels of XT_MB rows ([k][XT_MB],
+    // zero-padded), so each dequantized weight is broadcast against XT_MB activations at a time
+    // instead of every weight row re-reading all of x.
+    const bool use_xt = t.gemm_f32_xt != nullptr && m >= XT_MIN_M;
+    const int64_t npan = use_xt ? (m + XT_MB - 1) / XT_MB : 0;
+    ByteBuffer xtb;
+    if (use_xt) xtb.assign_zero((size_t)(npan * k * XT_MB) * sizeof(float));
+    float* xt = (float*)xtb.data();
+    if (use_xt)
+      parallel_for(npan * ((k + 255) / 256), 1, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; ++c) {
+          const int64_t pi = c / ((k + 255) / 256), k0 = c % ((k + 255) / 256) * 256, k1 = std::min(k, k0 + 256);
+          float* dst = xt + pi * k * XT_MB;
+          const int64_t i0 = pi * XT_MB, rows = std::min<int64_t>(XT_MB, m - i0);
+          for (int64_t j = k0; j < k1; ++j)
+            for (int64_t i = 0; i < rows; ++i) dst[j * XT_MB + i] = x[(i0 + i) * ldx + j];
+        }
+      });
     parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
       std::vector<float> wbuf((size_t)(FR * k));
       for (int64_t g = g0; g < g1; ++g) {
@@ -509,7 +529,14 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
         for (int r = 0; r < nr; ++r)
           deq(Q + (r0 + r) * rb.q, S ? S + (r0 + r) * rb.s : nullptr, Z ? Z + (r0 + r) * rb.z : nullptr, k,
               wbuf.data() + (size_t)r * k, p);
-        t.gemm_f32(wbuf.data(), nr, k, x, ldx, m, y + r0, ldy, (bias && !AD.active()) ? bias + r0 : nullptr);
+        const float* bg = (bias && !AD.active()) ? bias + r0 : nullptr;
+        if (use_xt) {
+          for (int64_t pi = 0; pi < npan; ++pi)
+            t.gemm_f32_xt(wbuf.data(), nr, k, xt + pi * k * XT_MB, (int)std::min<int64_t>(XT_MB, m - pi * XT_MB),
+                          y + pi * XT_MB * ldy + r0, ldy, bg);
+        } else {
+          t.gemm_f32(wbuf.data(), nr, k, x, ldx, m, y + r0, ldy, bg);
+        }
         if (AD.active()) t.lora_expand(L, 0, m, r0, nr, y, ldy);
       }
     });

@@ -1,5 +1,12 @@
-// fp32 row-dot kernel for compute="float": 4 weight rows share each load of x.
+// fp32 kernels for compute="float": row dots (4 weight rows share each load of x) and, for many
+// rows, the panel kernel over transposed activations.
 #include <immintrin.h>
+
+// GCC 12's AVX-512 headers: see simd512.h (GCC bug 105593)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 
 #include "../../core/kernel_table.h"
 
@@ -79,6 +86,51 @@ void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, in
   }
 }
 
+namespace {
+// R weight rows x 32 activation rows: per k, two vectors of the panel and R broadcast weights feed
+// 2R fused-multiply-adds (acc[r][h] lane l = y[16h + l][r]). Each element sums its products in
+// k order in blocks of XT_KB, the block sums added in order: one chain of k products would carry
+// ~K/16 times the rounding error of the row-dot kernel's 16-lane partial sums.
+constexpr int64_t XT_KB = 256;
+
+template <int R>
+void panel(const float* w, int64_t k, const float* xt, int mb, float* y, int64_t ldy, const float* bias) {
+  alignas(64) float out[R][XT_MB];
+  for (int64_t j0 = 0; j0 < k; j0 += XT_KB) {
+    const int64_t j1 = j0 + XT_KB < k ? j0 + XT_KB : k;
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      const __m512 x0 = _mm512_load_ps(xt + j * XT_MB), x1 = _mm512_load_ps(xt + j * XT_MB + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = _mm512_set1_ps(w[r * k + j]);
+        acc[r][0] = _mm512_fmadd_ps(x0, wv, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(x1, wv, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 2; ++h)
+        _mm512_store_ps(out[r] + 16 * h, j0 ? _mm512_add_ps(_mm512_load_ps(out[r] + 16 * h), acc[r][h]) : acc[r][h]);
+  }
+  for (int i = 0; i < mb; ++i)
+    for (int r = 0; r < R; ++r) y[i * ldy + r] = bias ? out[r][i] + bias[r] : out[r][i];
+}
+}  // namespace
+
+void gemm_f32_xt(const float* w, int nr, int64_t k, const float* xt, int mb, float* y, int64_t ldy,
+                 const float* bias) {
+  switch (nr) {
+    case 8: return panel<8>(w, k, xt, mb, y, ldy, bias);
+    case 7: return panel<7>(w, k, xt, mb, y, ldy, bias);
+    case 6: return panel<6>(w, k, xt, mb, y, ldy, bias);
+    case 5: return panel<5>(w, k, xt, mb, y, ldy, bias);
+    case 4: return panel<4>(w, k, xt, mb, y, ldy, bias);
+    case 3: return panel<3>(w, k, xt, mb, y, ldy, bias);
+    case 2: return panel<2>(w, k, xt, mb, y, ldy, bias);
+    default: return panel<1>(w, k, xt, mb, y, ldy, bias);
+  }
+}
+
 void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs);
 
 void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy);
@@ -86,6 +138,7 @@ void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const fl
 
 void register_matmul_kernels(KernelTable& t) {
   t.gemm_f32 = gemm_f32;
+  t.gemm_f32_xt = gemm_f32_xt;
   t.lora_expand = lora_expand;
   t.lora_shrink = lora_shrink;
   t.quantize_act = quantize_act;
