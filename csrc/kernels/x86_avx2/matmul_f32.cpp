@@ -1,4 +1,5 @@
-// fp32 row-dot kernel for compute="float" (AVX2 + FMA): 4 weight rows share each load of x.
+// fp32 kernels for compute="float" (AVX2 + FMA): row dots (4 weight rows share each load of x)
+// and, for many rows, the panel kernel over transposed activations.
 #include <immintrin.h>
 
 #include "../../core/kernel_table.h"
@@ -54,8 +55,62 @@ void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const fl
 void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy);
 void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs);
 
+namespace {
+// The AVX-512 panel kernel's arithmetic (x86_avx512/matmul_f32.cpp) on 16 registers: R <= 6 weight
+// rows x 16 activation rows (one half of a 32-row panel) in 2R accumulators; sums in k blocks of
+// XT_KB, block sums added in order.
+constexpr int64_t XT_KB = 256;
+
+template <int R>
+void panel_half(const float* w, int64_t k, const float* xt, int rows, float* y, int64_t ldy, const float* bias) {
+  alignas(32) float out[R][16];
+  for (int64_t j0 = 0; j0 < k; j0 += XT_KB) {
+    const int64_t j1 = j0 + XT_KB < k ? j0 + XT_KB : k;
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      const __m256 x0 = _mm256_load_ps(xt + j * XT_MB), x1 = _mm256_load_ps(xt + j * XT_MB + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 wv = _mm256_broadcast_ss(w + r * k + j);
+        acc[r][0] = _mm256_fmadd_ps(x0, wv, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(x1, wv, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 2; ++h)
+        _mm256_store_ps(out[r] + 8 * h, j0 ? _mm256_add_ps(_mm256_load_ps(out[r] + 8 * h), acc[r][h]) : acc[r][h]);
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int r = 0; r < R; ++r) y[i * ldy + r] = bias ? out[r][i] + bias[r] : out[r][i];
+}
+
+void panel_rows(const float* w, int nr, int64_t k, const float* xt, int rows, float* y, int64_t ldy,
+                const float* bias) {
+  switch (nr) {
+    case 6: return panel_half<6>(w, k, xt, rows, y, ldy, bias);
+    case 5: return panel_half<5>(w, k, xt, rows, y, ldy, bias);
+    case 4: return panel_half<4>(w, k, xt, rows, y, ldy, bias);
+    case 3: return panel_half<3>(w, k, xt, rows, y, ldy, bias);
+    case 2: return panel_half<2>(w, k, xt, rows, y, ldy, bias);
+    default: return panel_half<1>(w, k, xt, rows, y, ldy, bias);
+  }
+}
+}  // namespace
+
+void gemm_f32_xt(const float* w, int nr, int64_t k, const float* xt, int mb, float* y, int64_t ldy,
+                 const float* bias) {
+  for (int h = 0; h < 2 && 16 * h < mb; ++h) {
+    const int rows = mb - 16 * h < 16 ? mb - 16 * h : 16;
+    for (int r = 0; r < nr; r += 6) {
+      const int rr = nr - r < 6 ? nr - r : 6;
+      panel_rows(w + (int64_t)r * k, rr, k, xt + 16 * h, rows, y + 16 * h * ldy + r, ldy, bias ? bias + r : nullptr);
+    }
+  }
+}
+
 void register_matmul_kernels(KernelTable& t) {
   t.gemm_f32 = gemm_f32;
+  t.gemm_f32_xt = gemm_f32_xt;
   t.gemm_int8 = gemm_int8;
   t.lora_shrink = lora_shrink;
   t.lora_expand = lora_expand;
