@@ -15,7 +15,8 @@ Rows (benchmark group per case):
   more than L3): base vs fused (fp32 / bf16 adapters); extra_info["overhead_vs_base"] per layer,
   "overhead_paired" as above.
 - multi: 32 rows, rank 16, fp32 and bf16 adapters: every row its own adapter (32 loaded) vs all rows sharing one;
-  extra_info["ratio_vs_shared"] on the distinct row.
+  extra_info["ratio_vs_shared"] on the distinct row (min times of the two rows), and "ratio_paired":
+  shared and distinct called alternately, 1 + median difference over median shared.
 - backward (if pyqkern.lora.backward exists): M=512 step vs dequantize-then-numpy.
 """
 from __future__ import annotations
@@ -192,6 +193,9 @@ def test_multi_adapter_batch(benchmark, layers, case, storage, threads):
         _shared_min[(storage, threads)] = t
     elif (storage, threads) in _shared_min:
         benchmark.extra_info["ratio_vs_shared"] = t / _shared_min[(storage, threads)]
+        shared = np.zeros(m, np.int32)
+        benchmark.extra_info["ratio_paired"] = 1.0 + _paired_overhead(lambda: lin(x, adapter_ids=shared, out=y),
+                                                                      lambda: lin(x, adapter_ids=ids, out=y), pairs=60)
 
 
 def test_backward_step(benchmark, layers):

@@ -16,6 +16,10 @@ two-codes-per-byte nf4 / fp4 / int4 layouts even elements in lanes 0..15 and odd
 are summed pairwise in a fixed order at the end of the row; bias is added last. No fastmath: no reassociation, no
 contraction, so the decode is exact and the accumulation order is the one written here.
 
+M = 1 runs its own kernel per format (see _drive1), with the same lanes and order: a row alone
+gives the bits it gives in a batch, except the sign of a NaN result (x86 keeps the first NaN
+operand of an add, and LLVM may order an add's operands differently in the two kernels).
+
 Rows n run in parallel (``prange`` over fixed chunks of rows); each y[m, n] is computed by one
 thread in the same order whatever the thread count, so the result does not depend on it.
 The error against x @ dequantize(W).T (in exact arithmetic) is within the usual float32 dot
