@@ -171,7 +171,7 @@ def test_float_many_rows_panel(fmt, params, k):
                  alpha=3)
     before = pq.get_num_threads()
     try:
-        for m in (16, 31, 32, 33, 70):
+        for m in (16, 31, 32, 33, 70, 530):   # 530: two passes of 512 rows
             x = rng.standard_normal((m, k)).astype(np.float32)
             x[m // 2, : min(k, 4)] = [1e20, -1e20, 1e-30, 0.0][: min(k, 4)]
             for v in VARIANTS:
@@ -188,6 +188,26 @@ def test_float_many_rows_panel(fmt, params, k):
                 assert np.allclose(delta, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()), (v, m)
     finally:
         pq.set_num_threads(before)
+
+
+def test_float_many_rows_adapter_ids_across_passes():
+    """M > 512 rows in two passes of the float path, each row with its own adapter (or none): every
+    row's adapter delta as computed for that row alone."""
+    rng = np.random.default_rng(5)
+    n, k, m = 24, 96, 530
+    lin = pq.QLinear(random_qtensor("q8_0", n, k, rng), compute="float")
+    ads = [pq.LoRA(rng.standard_normal((r, k)).astype(np.float32), rng.standard_normal((n, r)).astype(np.float32),
+                   alpha=2 * r) for r in (2, 4, 6)]
+    for i, ad in enumerate(ads):
+        lin.add_adapter(f"a{i}", ad)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    ids = rng.integers(-1, 3, m).astype(np.int32)
+    ids[0], ids[-1] = 2, 1
+    delta = lin(x, adapter_ids=ids) - lin(x, adapter_ids=np.full(m, -1, np.int32))
+    for i in range(m):
+        want = np.zeros(n) if ids[i] < 0 else \
+            (x[i].astype(np.float64) @ ads[ids[i]].A.T.astype(np.float64)) @ ads[ids[i]].B.T.astype(np.float64) * ads[ids[i]].scale
+        assert np.allclose(delta[i], want, rtol=1e-4, atol=1e-4 * (1 + np.abs(want).max())), i
 
 
 def test_thread_count_does_not_change_results():

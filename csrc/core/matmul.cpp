@@ -435,7 +435,7 @@ namespace pqk { namespace {
 // (or the format's parameter span if longer) so the dequantized chunk stays in L1.
 constexpr int64_t FLOAT_CHUNK_MAX_M = 4, FLOAT_CHUNK_K = 512;
 // from this many rows on, the panel kernel (gemm_f32_xt) where the variant has one
-constexpr int64_t XT_MIN_M = 16;
+constexpr int64_t XT_MIN_M = 16, XT_ROWS = 512;
 
 // elements that share one set of parameters (a chunk must not split them)
 int64_t param_span(int32_t fmt, const pqk_qparams& p) {
@@ -503,43 +503,50 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
       });
       return;
     }
-    // Many rows with a panel kernel: x transposed once into panels of XT_MB rows ([k][XT_MB],
+    // Many rows with a panel kernel: x transposed into panels of XT_MB rows ([k][XT_MB],
     // zero-padded), so each dequantized weight is broadcast against XT_MB activations at a time
-    // instead of every weight row re-reading all of x.
+    // instead of every weight row re-reading all of x; XT_ROWS rows per pass over the weights
+    // bound the panel memory (8 MiB at k = 4096).
     const bool use_xt = t.gemm_f32_xt != nullptr && m >= XT_MIN_M;
-    const int64_t npan = use_xt ? (m + XT_MB - 1) / XT_MB : 0;
-    ByteBuffer xtb;
-    if (use_xt) xtb.assign_zero((size_t)(npan * k * XT_MB) * sizeof(float));
-    float* xt = (float*)xtb.data();
-    if (use_xt)
-      parallel_for(npan * ((k + 255) / 256), 1, [&](int64_t b, int64_t e) {
-        for (int64_t c = b; c < e; ++c) {
-          const int64_t pi = c / ((k + 255) / 256), k0 = c % ((k + 255) / 256) * 256, k1 = std::min(k, k0 + 256);
-          float* dst = xt + pi * k * XT_MB;
-          const int64_t i0 = pi * XT_MB, rows = std::min<int64_t>(XT_MB, m - i0);
-          for (int64_t j = k0; j < k1; ++j)
-            for (int64_t i = 0; i < rows; ++i) dst[j * XT_MB + i] = x[(i0 + i) * ldx + j];
+    const int64_t rows_per_pass = use_xt ? XT_ROWS : m;
+    for (int64_t c0 = 0; c0 < m; c0 += rows_per_pass) {
+      const int64_t mc = std::min(rows_per_pass, m - c0);
+      const float* xc = x + c0 * ldx;
+      float* yc = y + c0 * ldy;
+      const int64_t npan = use_xt ? (mc + XT_MB - 1) / XT_MB : 0, kch = (k + 255) / 256;
+      ByteBuffer xtb;
+      if (use_xt) xtb.assign_zero((size_t)(npan * k * XT_MB) * sizeof(float));
+      float* xt = (float*)xtb.data();
+      if (use_xt)
+        parallel_for(npan * kch, 1, [&](int64_t b, int64_t e) {
+          for (int64_t c = b; c < e; ++c) {
+            const int64_t pi = c / kch, k0 = c % kch * 256, k1 = std::min(k, k0 + 256);
+            float* dst = xt + pi * k * XT_MB;
+            const int64_t i0 = pi * XT_MB, rows = std::min<int64_t>(XT_MB, mc - i0);
+            for (int64_t j = k0; j < k1; ++j)
+              for (int64_t i = 0; i < rows; ++i) dst[j * XT_MB + i] = xc[(i0 + i) * ldx + j];
+          }
+        });
+      parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
+        std::vector<float> wbuf((size_t)(FR * k));
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t r0 = g * FR;
+          const int nr = (int)std::min<int64_t>(FR, n - r0);
+          for (int r = 0; r < nr; ++r)
+            deq(Q + (r0 + r) * rb.q, S ? S + (r0 + r) * rb.s : nullptr, Z ? Z + (r0 + r) * rb.z : nullptr, k,
+                wbuf.data() + (size_t)r * k, p);
+          const float* bg = (bias && !AD.active()) ? bias + r0 : nullptr;
+          if (use_xt) {
+            for (int64_t pi = 0; pi < npan; ++pi)
+              t.gemm_f32_xt(wbuf.data(), nr, k, xt + pi * k * XT_MB, (int)std::min<int64_t>(XT_MB, mc - pi * XT_MB),
+                            yc + pi * XT_MB * ldy + r0, ldy, bg);
+          } else {
+            t.gemm_f32(wbuf.data(), nr, k, xc, ldx, mc, yc + r0, ldy, bg);
+          }
+          if (AD.active()) t.lora_expand(L, c0, c0 + mc, r0, nr, y, ldy);
         }
       });
-    parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> wbuf((size_t)(FR * k));
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t r0 = g * FR;
-        const int nr = (int)std::min<int64_t>(FR, n - r0);
-        for (int r = 0; r < nr; ++r)
-          deq(Q + (r0 + r) * rb.q, S ? S + (r0 + r) * rb.s : nullptr, Z ? Z + (r0 + r) * rb.z : nullptr, k,
-              wbuf.data() + (size_t)r * k, p);
-        const float* bg = (bias && !AD.active()) ? bias + r0 : nullptr;
-        if (use_xt) {
-          for (int64_t pi = 0; pi < npan; ++pi)
-            t.gemm_f32_xt(wbuf.data(), nr, k, xt + pi * k * XT_MB, (int)std::min<int64_t>(XT_MB, m - pi * XT_MB),
-                          y + pi * XT_MB * ldy + r0, ldy, bg);
-        } else {
-          t.gemm_f32(wbuf.data(), nr, k, x, ldx, m, y + r0, ldy, bg);
-        }
-        if (AD.active()) t.lora_expand(L, 0, m, r0, nr, y, ldy);
-      }
-    });
+    }
   }
 }
 
