@@ -16,6 +16,9 @@ Rows
              int4-g128 at M <= 8, Numba threads = the row's thread count: set against the pyqkern
              compute="float" row of the same shape and threads (numba has no int8 compute).
   numpy      fp32 x @ W.T (BLAS threads limited with threadpoolctl).
+  paired     (128,4096,4096): pyqkern int8 (q4_0, int4-g128) and ORT MatMulNBits b128 accuracy 4
+             called alternately; the speed-up is the ratio of their medians, printed under the
+             table (separate rows can land in different states of a shared machine).
   ort        onnxruntime com.microsoft MatMulNBits, bits=4, block_size 32 (weights = pyqkern's q4_0
              codes / scales, zero point 8) and 128 (pyqkern's int4 group-128 codes, scales and zero
              points), accuracy_level 0 (fp32 compute) and 4 (int8 compute), intra_op_num_threads=n.
@@ -61,6 +64,7 @@ PQ_FORMATS = [("q4_0", {}), ("int4", {"group": 128}), ("q8_0", {})]
 TARGET_S = 0.6 if QUICK else 1.0   # wall time per benchmark (after one warm-up call)
 
 _RESULTS: list = []
+_PAIRED: list = []
 
 
 def _sid(s):
@@ -102,6 +106,11 @@ class _Summary:
             tr.write_line(f"{str(r['shape']):<18}{r['impl']:<9}{r['format']:<20}{r['compute']:<9}"
                           f"{r['threads']:>4}{r['ms']:>10.3f}{r['gflops']:>10.1f}{r['weight_gbs']:>9.2f}"
                           f"{100 * r['frac_read_bw']:>6.0f}{100 * r['frac_int8_peak']:>7.1f}")
+        if _PAIRED:
+            tr.write_line("paired (alternate calls, medians): pyqkern int8 vs ORT MatMulNBits b128 accuracy 4")
+            for r in _PAIRED:
+                tr.write_line(f"{str(r['shape']):<18}{r['fmt']:<12} t{r['threads']}  pyqkern {r['pq_median_ms']:.3f} ms"
+                              f"  ort {r['ort_b128_acc4_median_ms']:.3f} ms  speed-up {r['speedup_vs_ort_paired']:.2f}x")
 
 
 def _read_bw(arr, threads):
@@ -374,6 +383,51 @@ def test_ort_matmulnbits(measure, shape, block, acc, threads):
     feed = {"A": x}
     measure(lambda: sess.run(None, feed), impl="ort", fmt=f"mmnbits-b{block}",
             compute="int8" if acc == 4 else "float", shape=shape, threads=threads, weight_bytes=nbytes)
+
+
+PAIRED_SHAPES = [(128, 4096, 4096)]   # not GEMV: alternating two 9 MB weights thrashes the L3 both need
+
+
+@pytest.mark.parametrize("pq_threads", THREAD_P, indirect=True)
+@pytest.mark.parametrize("fmt,opts", [pytest.param(f, o, id=_fmt_label(f, o)) for f, o in PQ_FORMATS[:2]])
+@pytest.mark.parametrize("shape", [pytest.param(s, id=_sid(s)) for s in PAIRED_SHAPES if s in SHAPES])
+def test_paired_vs_ort(measure, shape, fmt, opts, pq_threads):
+    """pyqkern int8 vs ORT MatMulNBits b128 accuracy 4 at M=128, called alternately: the speed-up is
+    the ratio of the medians over the same stretch of time (separate rows can land in different
+    states of this shared machine). ORT's threads do not spin between calls here (they would take
+    the core from pyqkern's next call), which can cost it a thread wake-up per call at 2 threads;
+    pyqkern's pool spins up to 200 us after a call, which can cost ORT's next call the same."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    m, k, n = shape
+    blob, _ = _ort_model(n, k, 128, 4)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = pq_threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    qt = _qt(fmt, opts, n, k)
+    lin = pq.QLinear(qt, compute="int8")
+    x = _x(m, k)
+    y = np.empty((m, n), np.float32)
+    feed = {"A": x}
+    pairs = 40
+    for _ in range(5):
+        lin(x, out=y)
+        sess.run(None, feed)
+    tp, to = [], []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        lin(x, out=y)
+        t1 = time.perf_counter()
+        sess.run(None, feed)
+        t2 = time.perf_counter()
+        tp.append(t1 - t0)
+        to.append(t2 - t1)
+    measure(lambda: lin(x, out=y), impl="pyqkern", fmt=_fmt_label(fmt, opts) + "-paired", compute="int8", shape=shape,
+            threads=pq_threads, weight_bytes=qt.nbytes)
+    info = {"ort_b128_acc4_median_ms": float(np.median(to)) * 1e3, "pq_median_ms": float(np.median(tp)) * 1e3,
+            "speedup_vs_ort_paired": float(np.median(to) / np.median(tp))}
+    _PAIRED.append(dict(info, fmt=_fmt_label(fmt, opts), shape=shape, threads=pq_threads))
 
 
 # ---------------------------------------------------------------- torch
