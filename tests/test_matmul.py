@@ -7,6 +7,8 @@ compute="float": within fp32 accumulation error of x @ dequantize(W).T:
 Weights come from random block bytes (every ggml/int format field exercised, any finite fp16
 scale) as well as from pq.quantize.
 """
+import zlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -78,6 +80,29 @@ def test_int8_all_variants_equal_spec(fmt, m, nb, n, use_bias, seed):
     bound = (half_dx @ np.abs(w8).T + np.abs(x).astype(np.float64) @ np.abs(wd - w8).T
              + 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(wd).T + (np.abs(bias) if use_bias else 0)) + 1e-6)
     assert (np.abs(spec - exact) <= bound).all()
+
+
+INT8_GEMV_CASES = [(f, {}) for f in FORMATS if f not in ("int2", "int3", "int4")] + \
+    [(f, {"group": g, "sym": sym}) for f in ("int2", "int3", "int4") for g in (32, 128, -1) for sym in (False, True)]
+
+
+@pytest.mark.parametrize("fmt,params", INT8_GEMV_CASES,
+                         ids=[f + "".join(f"-{k}{v}" for k, v in p.items()) for f, p in INT8_GEMV_CASES])
+def test_int8_gemv_all_variants_equal_spec(fmt, params):
+    """Decode sizes (M = 1, 2) take their own kernels on several variants: every format and
+    parameterisation, a partial last tile, bias, against the spec bit for bit."""
+    rng = np.random.default_rng(zlib.crc32(repr((fmt, params)).encode()))
+    k = 256 * (2 if fmt in ("nf4", "fp4") else 1)
+    n = 41
+    qt = random_qtensor(fmt, n, k, rng, **params)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for m in (1, 2):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[0, :: 17] *= 40
+        for b in (None, bias):
+            spec = pq.matmul(x, qt, b, compute="int8", backend="reference")
+            for v in VARIANTS:
+                assert bits_equal(pq.matmul(x, qt, b, compute="int8", isa=v), spec), (fmt, params, m, v)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
