@@ -42,10 +42,15 @@ def _nat():
     return _native
 
 
+# worst to best (dispatch picks the best runnable one; ids are in the order variants were added)
+_VARIANT_RANK = {"ref": 0, "avx2": 1, "avx512": 2, "avxvnni": 3, "avx512vnni": 4, "neon": 1, "dotprod": 2}
+
+
 def variants() -> list:
     """Native kernel variants compiled in that this CPU can run, best last."""
     n = _nat()
-    return [name for i, name in enumerate(n.isa_names()) if n.isa_runnable(i)]
+    names = [name for i, name in enumerate(n.isa_names()) if n.isa_runnable(i)]
+    return sorted(names, key=lambda v: _VARIANT_RANK.get(v, 99))
 
 
 def set_num_threads(n: int) -> None:
@@ -71,7 +76,8 @@ def info() -> dict:
         "version": __version__,
         "cpu": n.cpu_brand(),
         "features": n.cpu_features().split(),
-        "compiled_variants": [v for i, v in enumerate(names) if n.isa_compiled(i)],
+        "compiled_variants": sorted((v for i, v in enumerate(names) if n.isa_compiled(i)),
+                                    key=lambda v: _VARIANT_RANK.get(v, 99)),
         "runnable_variants": variants(),
         "active_variant": active,
         "forced_by_env": _os.environ.get("PYQKERN_ISA") or None,

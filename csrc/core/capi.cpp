@@ -18,7 +18,7 @@ void set_last_error(const std::string& msg) { t_last_error = msg; }
 static const char* const kFormatNames[PQK_FORMAT_COUNT] = {"q4_0", "q4_1", "q8_0", "q4_k", "q6_k",
                                                            "iq4_nl", "nf4", "int4", "int8", "int2", "int3",
                                                            "fp4"};
-static const char* const kIsaNames[PQK_ISA_COUNT] = {"ref", "avx2", "avx512", "avx512vnni", "neon", "dotprod"};
+static const char* const kIsaNames[PQK_ISA_COUNT] = {"ref", "avx2", "avx512", "avx512vnni", "neon", "dotprod", "avxvnni"};
 
 static bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 

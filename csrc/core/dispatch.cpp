@@ -22,6 +22,9 @@ bool isa_compiled(int isa) {
 #ifdef PQK_HAVE_AVX512VNNI
     case PQK_ISA_AVX512VNNI: return true;
 #endif
+#ifdef PQK_HAVE_AVXVNNI
+    case PQK_ISA_AVXVNNI: return true;
+#endif
 #ifdef PQK_HAVE_NEON
     case PQK_ISA_NEON: return true;
 #endif
@@ -39,6 +42,7 @@ static bool cpu_can_run(int isa) {
     case PQK_ISA_AVX2: return f.avx2 && f.fma && f.f16c && f.bmi1 && f.bmi2;
     case PQK_ISA_AVX512: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.f16c && f.fma && f.bmi1 && f.bmi2;
     case PQK_ISA_AVX512VNNI: return cpu_can_run(PQK_ISA_AVX512) && f.avx512vnni;
+    case PQK_ISA_AVXVNNI: return cpu_can_run(PQK_ISA_AVX2) && f.avxvnni;
     case PQK_ISA_NEON: return f.neon;
     case PQK_ISA_DOTPROD: return f.neon && f.asimddp;
     default: return false;
@@ -89,6 +93,11 @@ struct Tables {
     if (cpu_can_run(PQK_ISA_AVX512VNNI) && cpu_features().avx512bf16)
       overlay(t[PQK_ISA_AVX512VNNI], avx512bf16::register_kernels, PQK_ISA_AVX512VNNI);
 #endif
+    // AVX-VNNI without AVX-512: avx2 <- avxvnni
+    t[PQK_ISA_AVXVNNI] = t[PQK_ISA_AVX2];
+#ifdef PQK_HAVE_AVXVNNI
+    overlay(t[PQK_ISA_AVXVNNI], avxvnni::register_kernels, PQK_ISA_AVXVNNI);
+#endif
     // Arm: ref <- neon <- dotprod
     t[PQK_ISA_NEON] = t[PQK_ISA_REF];
 #ifdef PQK_HAVE_NEON
@@ -118,9 +127,10 @@ int pick_active() {
         return i;
       }
     }
-    throw std::runtime_error(std::string("PYQKERN_ISA=") + env + ": unknown variant (ref, avx2, avx512, avx512vnni, neon, dotprod)");
+    throw std::runtime_error(std::string("PYQKERN_ISA=") + env + ": unknown variant (ref, avx2, avx512, avx512vnni, avxvnni, neon, dotprod)");
   }
-  for (int i = PQK_ISA_COUNT - 1; i > 0; --i)
+  // best first (AVX-512 VNNI CPUs with AVX-VNNI too, e.g. Sapphire Rapids, Zen 5, keep the 512-bit one)
+  for (int i : {PQK_ISA_AVX512VNNI, PQK_ISA_AVXVNNI, PQK_ISA_AVX512, PQK_ISA_AVX2, PQK_ISA_DOTPROD, PQK_ISA_NEON})
     if (isa_runnable(i)) return i;
   return PQK_ISA_REF;
 }

@@ -64,7 +64,8 @@ typedef enum pqk_isa {
   PQK_ISA_AVX512VNNI = 3,  /* AVX-512 F/BW/VL/DQ + VNNI */
   PQK_ISA_NEON = 4,        /* AArch64 Advanced SIMD (ARMv8.0) */
   PQK_ISA_DOTPROD = 5,     /* AArch64 NEON + dot product (ARMv8.2 SDOT/UDOT) */
-  PQK_ISA_COUNT = 6
+  PQK_ISA_AVXVNNI = 6,     /* AVX2 + FMA + F16C + AVX-VNNI (VEX vpdpbusd; Alder Lake and later, no AVX-512) */
+  PQK_ISA_COUNT = 7
 } pqk_isa;
 
 /* Format parameters. Zero-initialise and set what applies.

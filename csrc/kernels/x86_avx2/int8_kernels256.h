@@ -1,0 +1,257 @@
+// int8-compute kernels over packed weights on 256-bit vectors, shared by the avx2 folder
+// (VNNI = false: maddubs + madd) and the avxvnni folder (VNNI = true: VEX vpdpbusd), each
+// compiling them with its own flags; everything here has internal linkage. Same packed layout and
+// float arithmetic as core/packed.h, so every instantiation is bit-identical to ref.
+//
+// maddubs multiplies u8 x s8 into saturating int16 pairs. Codes <= 63 (nibbles, q6_k) cannot
+// saturate (2*63*127 < 32767). Codes with offset 128 (q8_0, int8, nf4, iq4_nl) use the signed
+// code c = u ^ 0x80 (= u - 128) instead: dot(c, xq) is already the exact isum, and the
+// abs/sign trick keeps every pair <= 2*128*127 (vpdpbusd takes the same operands).
+#pragma once
+#include <immintrin.h>
+
+#include "../../core/kernel_table.h"
+#include "../../core/packed.h"
+
+namespace pqk { namespace {
+
+
+constexpr int MR = 4;
+
+// 8 per-row parameters at index pi, stored as fp32 or fp16
+inline __m256 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
+  return f16 ? _mm256_cvtph_ps(_mm_load_si128((const __m128i*)(f16 + pi))) : _mm256_load_ps(f32 + pi);
+}
+
+template <bool VNNI, bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool SIGNED>
+void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+                 const float* bias) {
+  const int64_t n0 = tile * NR;
+  const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
+  const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
+  constexpr int BCB = NIB ? BLK * NR / 2 : BLK * NR;
+  constexpr int PER = QBLK / BLK;
+  constexpr int NQ = BLK / 4;
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  alignas(16) uint8_t lut_s[16];
+  for (int i = 0; i < 16; ++i) lut_s[i] = (uint8_t)(w.lut16[i] ^ (SIGNED ? 0x80 : 0));
+  const __m256i vlut = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)lut_s));
+  const int64_t nkb = w.k / QBLK;
+
+  for (int64_t i0 = m0; i0 < m1; i0 += MR) {
+    const int mr = (int)(m1 - i0 < MR ? m1 - i0 : MR);
+    for (int h = 0; h < 2; ++h) {  // rows 0-7, then rows 8-15 of the tile
+      __m256 acc[MR];
+      for (int ii = 0; ii < MR; ++ii) acc[ii] = _mm256_setzero_ps();
+      int64_t g = 0, g_end = w.par_every;  // parameter group of block b (no division per block)
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        for (int sub = 0; sub < PER; ++sub) {
+          const int64_t b = kb * PER + sub;
+          if (b == g_end) { ++g; g_end += w.par_every; }
+          const uint8_t* cb = ct + b * BCB + 32 * h;
+          __m256i W[8];
+          if (NIB) {
+            for (int j = 0; j < 4; ++j) {
+              __m256i p = _mm256_load_si256((const __m256i*)(cb + 64 * j));
+              W[j] = _mm256_and_si256(p, lo4);
+              W[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4);
+              if (LUT) {
+                W[j] = _mm256_shuffle_epi8(vlut, W[j]);
+                W[j + 4] = _mm256_shuffle_epi8(vlut, W[j + 4]);
+              }
+            }
+          } else {
+            for (int j = 0; j < NQ; ++j) {
+              W[j] = _mm256_load_si256((const __m256i*)(cb + 64 * j));
+              if (SIGNED) W[j] = _mm256_xor_si256(W[j], flip);
+            }
+          }
+          __m256i Wabs[8];
+          if (SIGNED)
+            for (int j = 0; j < NQ; ++j) Wabs[j] = _mm256_abs_epi8(W[j]);
+          const int64_t pi = (tile * w.npar + g) * NR + 8 * h;
+          const __m256 vscale = load_par(w.scale, w.scale16, pi);
+          __m256 vmin = _mm256_setzero_ps();
+          __m256i voff = _mm256_setzero_si256();
+          if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
+          if (ROW_OFF) voff = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
+          for (int ii = 0; ii < mr; ++ii) {
+            const int64_t i = i0 + ii;
+            const int8_t* xb = a.row_q(i) + b * BLK;
+            const int32_t* xs16 = a.row_s(i);
+            const int32_t xs = BLK == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
+            const float dx = a.row_d(i)[kb];
+            __m256i isum = _mm256_setzero_si256();
+            if constexpr (VNNI) {
+              for (int j = 0; j < NQ; ++j) {
+                int32_t quad;
+                __builtin_memcpy(&quad, xb + 4 * j, 4);
+                const __m256i xv = _mm256_set1_epi32(quad);
+                isum = SIGNED ? _mm256_dpbusd_avx_epi32(isum, Wabs[j], _mm256_sign_epi8(xv, W[j]))
+                              : _mm256_dpbusd_avx_epi32(isum, W[j], xv);
+              }
+            } else if (NIB && !SIGNED) {
+              // codes <= 15: a pair sum is <= 2*15*127 and all 8 of a block <= 30480, so they add
+              // exactly in int16; one madd per block instead of one per quad
+              __m256i p16 = _mm256_setzero_si256();
+              for (int j = 0; j < NQ; ++j) {
+                int32_t quad;
+                __builtin_memcpy(&quad, xb + 4 * j, 4);
+                p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(W[j], _mm256_set1_epi32(quad)));
+              }
+              isum = _mm256_madd_epi16(p16, ones16);
+            } else {
+              for (int j = 0; j < NQ; ++j) {
+                int32_t quad;
+                __builtin_memcpy(&quad, xb + 4 * j, 4);
+                const __m256i xv = _mm256_set1_epi32(quad);
+                __m256i p16 = SIGNED ? _mm256_maddubs_epi16(Wabs[j], _mm256_sign_epi8(xv, W[j]))
+                                     : _mm256_maddubs_epi16(W[j], xv);
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones16));
+              }
+            }
+            if (!SIGNED) {
+              if (ROW_OFF) isum = _mm256_sub_epi32(isum, _mm256_mullo_epi32(voff, _mm256_set1_epi32(xs)));
+              else isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(w.o_const * xs));
+            }
+            const __m256 da = _mm256_mul_ps(vscale, _mm256_set1_ps(dx));
+            acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), da));
+            if (HAS_MIN) {
+              const float mx = dx * (float)xs;
+              acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(vmin, _mm256_set1_ps(mx)));
+            }
+          }
+        }
+      }
+      for (int ii = 0; ii < mr; ++ii) {
+        alignas(32) float out[8];
+        _mm256_store_ps(out, acc[ii]);
+        for (int r = 0; r < 8; ++r) {
+          const int row = 8 * h + r;
+          if (row >= nr) break;
+          y[(i0 + ii) * ldy + n0 + row] = bias ? out[r] + bias[n0 + row] : out[r];
+        }
+      }
+    }
+  }
+}
+
+// GEMV path for nibble codes without a code book (q4_0, q4_1, q4_k, int2/3/4): one activation
+// row, both halves of the tile at once, the tile's bytes decoded as they stream (the tile kernel
+// above keeps MR rows' accumulators and the decoded block in arrays, which spill with 16 ymm
+// registers). Block sums in int16 as above; the same integer and float operations, so the same
+// bits.
+template <bool VNNI, bool HAS_MIN, bool ROW_OFF>
+void gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i, float* yr, const float* bias, int nr) {
+  const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
+  const __m256i lo4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
+  const int8_t* xq = a.row_q(i);
+  const int32_t* xs16 = a.row_s(i);
+  const float* dxr = a.row_d(i);
+  const int64_t nkb = w.k / QBLK;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t g = 0, b = 0; b < nkb; ++g) {
+    const int64_t pi = (tile * w.npar + g) * NR;
+    const __m256 va0 = load_par(w.scale, w.scale16, pi), va1 = load_par(w.scale, w.scale16, pi + 8);
+    __m256 vm0 = _mm256_setzero_ps(), vm1 = vm0;
+    if (HAS_MIN) { vm0 = load_par(w.minv, w.min16, pi); vm1 = load_par(w.minv, w.min16, pi + 8); }
+    __m256i vo0 = _mm256_setzero_si256(), vo1 = vo0;  // o in the low int16 of each lane
+    if (ROW_OFF) {
+      vo0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
+      vo1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi + 8)));
+    }
+    for (const int64_t be = b + w.par_every; b < be; ++b) {
+      const uint8_t* cb = ct + b * (QBLK * NR / 2);
+      const int8_t* xb = xq + b * QBLK;
+      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+      __m256i i0, i1;
+      if constexpr (VNNI) {  // int32 sums straight from the dot products
+        __m256i h0 = _mm256_setzero_si256(), h1 = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {
+          int32_t ql, qh;
+          __builtin_memcpy(&ql, xb + 4 * j, 4);
+          __builtin_memcpy(&qh, xb + 16 + 4 * j, 4);
+          const __m256i xl = _mm256_set1_epi32(ql), xh = _mm256_set1_epi32(qh);
+          const __m256i p0 = _mm256_load_si256((const __m256i*)(cb + 64 * j));
+          const __m256i p1 = _mm256_load_si256((const __m256i*)(cb + 64 * j + 32));
+          s0 = _mm256_dpbusd_avx_epi32(s0, _mm256_and_si256(p0, lo4), xl);
+          h0 = _mm256_dpbusd_avx_epi32(h0, _mm256_and_si256(_mm256_srli_epi16(p0, 4), lo4), xh);
+          s1 = _mm256_dpbusd_avx_epi32(s1, _mm256_and_si256(p1, lo4), xl);
+          h1 = _mm256_dpbusd_avx_epi32(h1, _mm256_and_si256(_mm256_srli_epi16(p1, 4), lo4), xh);
+        }
+        i0 = _mm256_add_epi32(s0, h0);
+        i1 = _mm256_add_epi32(s1, h1);
+      } else {
+        for (int j = 0; j < 4; ++j) {
+          int32_t ql, qh;
+          __builtin_memcpy(&ql, xb + 4 * j, 4);
+          __builtin_memcpy(&qh, xb + 16 + 4 * j, 4);
+          const __m256i xl = _mm256_set1_epi32(ql), xh = _mm256_set1_epi32(qh);
+          const __m256i p0 = _mm256_load_si256((const __m256i*)(cb + 64 * j));
+          const __m256i p1 = _mm256_load_si256((const __m256i*)(cb + 64 * j + 32));
+          s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(p0, lo4), xl),
+                                                     _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p0, 4), lo4), xh)));
+          s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(p1, lo4), xl),
+                                                     _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p1, 4), lo4), xh)));
+        }
+        i0 = _mm256_madd_epi16(s0, ones16);
+        i1 = _mm256_madd_epi16(s1, ones16);
+      }
+      const int32_t xs = xs16[2 * b] + xs16[2 * b + 1];
+      if (ROW_OFF) {  // o * xs: o and |xs| <= 32 * 127 both fit int16, high halves 0: exact
+        const __m256i vx = _mm256_set1_epi32((int32_t)(uint16_t)(int16_t)xs);
+        i0 = _mm256_sub_epi32(i0, _mm256_madd_epi16(vo0, vx));
+        i1 = _mm256_sub_epi32(i1, _mm256_madd_epi16(vo1, vx));
+      } else if (w.o_const != 0) {
+        const __m256i vox = _mm256_set1_epi32(w.o_const * xs);
+        i0 = _mm256_sub_epi32(i0, vox);
+        i1 = _mm256_sub_epi32(i1, vox);
+      }
+      const float dx = dxr[b];
+      const __m256 vdx = _mm256_set1_ps(dx);
+      acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(va0, vdx)));
+      acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(va1, vdx)));
+      if (HAS_MIN) {
+        const __m256 mx = _mm256_set1_ps(dx * (float)xs);
+        acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(vm0, mx));
+        acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(vm1, mx));
+      }
+    }
+  }
+  alignas(32) float out[16];
+  _mm256_store_ps(out, acc0);
+  _mm256_store_ps(out + 8, acc1);
+  for (int r = 0; r < nr; ++r) yr[r] = bias ? out[r] + bias[r] : out[r];
+}
+
+template <bool VNNI, bool HAS_MIN, bool ROW_OFF>
+void tile_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+               const float* bias) {
+  const int64_t n0 = tile * NR;
+  const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
+  for (int64_t i = m0; i < m1; ++i)
+    gemv_row<VNNI, HAS_MIN, ROW_OFF>(w, tile, a, i, y + i * ldy + n0, bias ? bias + n0 : nullptr, nr);
+}
+
+
+template <bool VNNI>
+void gemm_int8_256(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+               const float* bias) {
+  if (w.nibbles && !w.lut && m1 - m0 <= 2 && !(w.has_min && w.row_offset)) {
+    if (w.has_min) return tile_gemv<VNNI, true, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.row_offset) return tile_gemv<VNNI, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+    return tile_gemv<VNNI, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+  }
+  if (w.nibbles) {
+    if (w.lut) return tile_kernel<VNNI, true, 32, false, false, true, true>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.has_min) return tile_kernel<VNNI, true, 32, true, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.row_offset) return tile_kernel<VNNI, true, 32, false, true, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+    return tile_kernel<VNNI, true, 32, false, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+  }
+  if (w.blk == 16) return tile_kernel<VNNI, false, 16, false, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+  return tile_kernel<VNNI, false, 32, false, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+}
+
+}}  // namespace pqk::(anonymous)
