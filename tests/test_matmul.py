@@ -139,6 +139,16 @@ def test_int4_groups(params):
             assert bits_equal(pq.matmul(x, qt, compute="int8", isa=v), spec)
 
 
+def float_same_bits_any_threads(x, qt, bias, v):
+    """compute="float" on variant v with 1, 2 and 3 threads: the same bits; returns the result."""
+    outs = []
+    for th in (1, 2, 3):
+        pq.set_num_threads(th)
+        outs.append(pq.matmul(x, qt, bias, compute="float", isa=v))
+    assert all(bits_equal(o, outs[0]) for o in outs), v
+    return outs[0]
+
+
 CHUNK_CASES = [("q4_0", {}, 1056), ("q4_1", {}, 4096), ("q8_0", {}, 544), ("iq4_nl", {}, 1056), ("q4_k", {}, 768),
                ("q6_k", {}, 1280), ("nf4", {"group": 64}, 1088), ("nf4", {"group": 1024}, 2048), ("fp4", {"group": 128}, 640),
                ("int4", {"group": 128}, 1152), ("int4", {"group": -1}, 1000), ("int4", {"group": 16}, 528),
@@ -164,12 +174,7 @@ def test_float_few_rows_in_k_chunks(fmt, params, k):
         for m in (1, 2, 4):
             x = rng.standard_normal((m, k)).astype(np.float32)
             for v in VARIANTS:
-                outs = []
-                for th in (1, 2, 3):
-                    pq.set_num_threads(th)
-                    outs.append(pq.matmul(x, qt, bias, compute="float", isa=v))
-                assert all(bits_equal(o, outs[0]) for o in outs), (v, m)
-                assert_float_close(outs[0], x, wd, bias)
+                assert_float_close(float_same_bits_any_threads(x, qt, bias, v), x, wd, bias)
                 ya = pq.matmul(x, qt, compute="float", isa=v, lora=ad)
                 err = np.abs(ya - x.astype(np.float64) @ wl.T.astype(np.float64))
                 bound = 2 * k * 2.0 ** -23 * (np.abs(x).astype(np.float64) @ (np.abs(wd) + np.abs(wl - wd)).T) + 1e-6
@@ -200,12 +205,7 @@ def test_float_many_rows_panel(fmt, params, k):
             x = rng.standard_normal((m, k)).astype(np.float32)
             x[m // 2, : min(k, 4)] = [1e20, -1e20, 1e-30, 0.0][: min(k, 4)]
             for v in VARIANTS:
-                outs = []
-                for th in (1, 2, 3):
-                    pq.set_num_threads(th)
-                    outs.append(pq.matmul(x, qt, bias, compute="float", isa=v))
-                assert all(bits_equal(o, outs[0]) for o in outs), (v, m)
-                assert_float_close(outs[0], x, wd, bias)
+                assert_float_close(float_same_bits_any_threads(x, qt, bias, v), x, wd, bias)
                 # adapters on this path: the base part is the same call, the expansion as in other paths
                 xa = rng.standard_normal((m, k)).astype(np.float32)
                 delta = pq.matmul(xa, qt, compute="float", isa=v, lora=ad) - pq.matmul(xa, qt, compute="float", isa=v)

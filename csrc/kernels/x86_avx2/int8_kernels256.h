@@ -165,37 +165,32 @@ void gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i, flo
     for (const int64_t be = b + w.par_every; b < be; ++b) {
       const uint8_t* cb = ct + b * (QBLK * NR / 2);
       const int8_t* xb = xq + b * QBLK;
-      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-      __m256i i0, i1;
-      if constexpr (VNNI) {  // int32 sums straight from the dot products
-        __m256i h0 = _mm256_setzero_si256(), h1 = _mm256_setzero_si256();
-        for (int j = 0; j < 4; ++j) {
-          int32_t ql, qh;
-          __builtin_memcpy(&ql, xb + 4 * j, 4);
-          __builtin_memcpy(&qh, xb + 16 + 4 * j, 4);
-          const __m256i xl = _mm256_set1_epi32(ql), xh = _mm256_set1_epi32(qh);
-          const __m256i p0 = _mm256_load_si256((const __m256i*)(cb + 64 * j));
-          const __m256i p1 = _mm256_load_si256((const __m256i*)(cb + 64 * j + 32));
-          s0 = _mm256_dpbusd_avx_epi32(s0, _mm256_and_si256(p0, lo4), xl);
-          h0 = _mm256_dpbusd_avx_epi32(h0, _mm256_and_si256(_mm256_srli_epi16(p0, 4), lo4), xh);
-          s1 = _mm256_dpbusd_avx_epi32(s1, _mm256_and_si256(p1, lo4), xl);
-          h1 = _mm256_dpbusd_avx_epi32(h1, _mm256_and_si256(_mm256_srli_epi16(p1, 4), lo4), xh);
+      // VNNI: int32 sums straight from the dot products (h* for the high nibbles); else int16 sums
+      __m256i s0 = _mm256_setzero_si256(), s1 = s0, h0 = s0, h1 = s0;
+      for (int j = 0; j < 4; ++j) {
+        int32_t ql, qh;
+        __builtin_memcpy(&ql, xb + 4 * j, 4);
+        __builtin_memcpy(&qh, xb + 16 + 4 * j, 4);
+        const __m256i xl = _mm256_set1_epi32(ql), xh = _mm256_set1_epi32(qh);
+        const __m256i p0 = _mm256_load_si256((const __m256i*)(cb + 64 * j));
+        const __m256i p1 = _mm256_load_si256((const __m256i*)(cb + 64 * j + 32));
+        const __m256i l0 = _mm256_and_si256(p0, lo4), u0 = _mm256_and_si256(_mm256_srli_epi16(p0, 4), lo4);
+        const __m256i l1 = _mm256_and_si256(p1, lo4), u1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), lo4);
+        if constexpr (VNNI) {
+          s0 = _mm256_dpbusd_avx_epi32(s0, l0, xl);
+          h0 = _mm256_dpbusd_avx_epi32(h0, u0, xh);
+          s1 = _mm256_dpbusd_avx_epi32(s1, l1, xl);
+          h1 = _mm256_dpbusd_avx_epi32(h1, u1, xh);
+        } else {
+          s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(l0, xl), _mm256_maddubs_epi16(u0, xh)));
+          s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(l1, xl), _mm256_maddubs_epi16(u1, xh)));
         }
+      }
+      __m256i i0, i1;
+      if constexpr (VNNI) {
         i0 = _mm256_add_epi32(s0, h0);
         i1 = _mm256_add_epi32(s1, h1);
       } else {
-        for (int j = 0; j < 4; ++j) {
-          int32_t ql, qh;
-          __builtin_memcpy(&ql, xb + 4 * j, 4);
-          __builtin_memcpy(&qh, xb + 16 + 4 * j, 4);
-          const __m256i xl = _mm256_set1_epi32(ql), xh = _mm256_set1_epi32(qh);
-          const __m256i p0 = _mm256_load_si256((const __m256i*)(cb + 64 * j));
-          const __m256i p1 = _mm256_load_si256((const __m256i*)(cb + 64 * j + 32));
-          s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(p0, lo4), xl),
-                                                     _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p0, 4), lo4), xh)));
-          s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(p1, lo4), xl),
-                                                     _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p1, 4), lo4), xh)));
-        }
         i0 = _mm256_madd_epi16(s0, ones16);
         i1 = _mm256_madd_epi16(s1, ones16);
       }
