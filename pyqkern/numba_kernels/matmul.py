@@ -264,12 +264,17 @@ def _row_int4(q, s, z, r, gshift, sym, xs, m0, m1, acc):
     row (gshift = 62): a chunk of 32 holds one group, or two of 16 (bytes 0..7 and 8..15)."""
     k = xs.shape[1]
     nfull = k // 32
+    gprev = -1
+    sf = F0
+    zero = np.int32(8)
     for ci in range(nfull):
         k0 = ci * 32
         qo = k0 >> 1
         gi = k0 >> gshift
-        sf = _f16(s, r, 2 * gi)
-        zero = np.int32(8) if sym else np.int32(z[r, gi])
+        if gi != gprev:  # scale and zero once per group (4 chunks at group 128)
+            sf = _f16(s, r, 2 * gi)
+            zero = np.int32(8) if sym else np.int32(z[r, gi])
+            gprev = gi
         if gshift >= 5:
             for m in range(m0, m1):
                 for j in range(16):
