@@ -43,7 +43,7 @@ def _nat():
 
 
 # worst to best (dispatch picks the best runnable one; ids are in the order variants were added)
-_VARIANT_RANK = {"ref": 0, "avx2": 1, "avx512": 2, "avxvnni": 3, "avx512vnni": 4, "neon": 1, "dotprod": 2}
+_VARIANT_RANK = {"ref": 0, "avx2": 1, "avxvnni": 2, "avx512": 3, "avx512vnni": 4, "neon": 1, "dotprod": 2}
 
 
 def variants() -> list:

@@ -129,8 +129,9 @@ int pick_active() {
     }
     throw std::runtime_error(std::string("PYQKERN_ISA=") + env + ": unknown variant (ref, avx2, avx512, avx512vnni, avxvnni, neon, dotprod)");
   }
-  // best first (AVX-512 VNNI CPUs with AVX-VNNI too, e.g. Sapphire Rapids, Zen 5, keep the 512-bit one)
-  for (int i : {PQK_ISA_AVX512VNNI, PQK_ISA_AVXVNNI, PQK_ISA_AVX512, PQK_ISA_AVX2, PQK_ISA_DOTPROD, PQK_ISA_NEON})
+  // best first. No CPU has AVX-VNNI and AVX-512 without AVX512-VNNI, so avxvnni only competes
+  // with avx512 under PYQKERN_DISABLE_FEATURES; there the AVX-512 float / quantize kernels win.
+  for (int i : {PQK_ISA_AVX512VNNI, PQK_ISA_AVX512, PQK_ISA_AVXVNNI, PQK_ISA_AVX2, PQK_ISA_DOTPROD, PQK_ISA_NEON})
     if (isa_runnable(i)) return i;
   return PQK_ISA_REF;
 }

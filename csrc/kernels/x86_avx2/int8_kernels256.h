@@ -1,6 +1,8 @@
-// int8-compute kernels over packed weights on 256-bit vectors, shared by the avx2 folder
-// (VNNI = false: maddubs + madd) and the avxvnni folder (VNNI = true: VEX vpdpbusd), each
-// compiling them with its own flags; everything here has internal linkage. Same packed layout and
+// int8-compute kernels over packed weights on 256-bit vectors, shared by the avx2 folder and the
+// avxvnni folder, each compiling them with its own flags; everything here has internal linkage.
+// DP is the folder's dot product: DP::kVnni (one vpdpbusd per quad, int32 sums) and
+// DP::dot(acc, u8, s8) = acc + the 4-product sums per lane. The VNNI intrinsic appears only in
+// the avxvnni folder, so this header compiles where the compiler has no AVX-VNNI (GCC < 11). Same packed layout and
 // float arithmetic as core/packed.h, so every instantiation is bit-identical to ref.
 //
 // maddubs multiplies u8 x s8 into saturating int16 pairs. Codes <= 63 (nibbles, q6_k) cannot
@@ -23,7 +25,7 @@ inline __m256 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
   return f16 ? _mm256_cvtph_ps(_mm_load_si128((const __m128i*)(f16 + pi))) : _mm256_load_ps(f32 + pi);
 }
 
-template <bool VNNI, bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool SIGNED>
+template <class DP, bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool SIGNED>
 void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                  const float* bias) {
   const int64_t n0 = tile * NR;
@@ -84,13 +86,13 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
             const int32_t xs = BLK == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
             const float dx = a.row_d(i)[kb];
             __m256i isum = _mm256_setzero_si256();
-            if constexpr (VNNI) {
+            if constexpr (DP::kVnni) {
               for (int j = 0; j < NQ; ++j) {
                 int32_t quad;
                 __builtin_memcpy(&quad, xb + 4 * j, 4);
                 const __m256i xv = _mm256_set1_epi32(quad);
-                isum = SIGNED ? _mm256_dpbusd_avx_epi32(isum, Wabs[j], _mm256_sign_epi8(xv, W[j]))
-                              : _mm256_dpbusd_avx_epi32(isum, W[j], xv);
+                isum = SIGNED ? DP::dot(isum, Wabs[j], _mm256_sign_epi8(xv, W[j]))
+                              : DP::dot(isum, W[j], xv);
               }
             } else if (NIB && !SIGNED) {
               // codes <= 15: a pair sum is <= 2*15*127 and all 8 of a block <= 30480, so they add
@@ -143,7 +145,7 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
 // above keeps MR rows' accumulators and the decoded block in arrays, which spill with 16 ymm
 // registers). Block sums in int16 as above; the same integer and float operations, so the same
 // bits.
-template <bool VNNI, bool HAS_MIN, bool ROW_OFF>
+template <class DP, bool HAS_MIN, bool ROW_OFF>
 void gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i, float* yr, const float* bias, int nr) {
   const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
   const __m256i lo4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
@@ -176,18 +178,18 @@ void gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i, flo
         const __m256i p1 = _mm256_load_si256((const __m256i*)(cb + 64 * j + 32));
         const __m256i l0 = _mm256_and_si256(p0, lo4), u0 = _mm256_and_si256(_mm256_srli_epi16(p0, 4), lo4);
         const __m256i l1 = _mm256_and_si256(p1, lo4), u1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), lo4);
-        if constexpr (VNNI) {
-          s0 = _mm256_dpbusd_avx_epi32(s0, l0, xl);
-          h0 = _mm256_dpbusd_avx_epi32(h0, u0, xh);
-          s1 = _mm256_dpbusd_avx_epi32(s1, l1, xl);
-          h1 = _mm256_dpbusd_avx_epi32(h1, u1, xh);
+        if constexpr (DP::kVnni) {
+          s0 = DP::dot(s0, l0, xl);
+          h0 = DP::dot(h0, u0, xh);
+          s1 = DP::dot(s1, l1, xl);
+          h1 = DP::dot(h1, u1, xh);
         } else {
           s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(l0, xl), _mm256_maddubs_epi16(u0, xh)));
           s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(l1, xl), _mm256_maddubs_epi16(u1, xh)));
         }
       }
       __m256i i0, i1;
-      if constexpr (VNNI) {
+      if constexpr (DP::kVnni) {
         i0 = _mm256_add_epi32(s0, h0);
         i1 = _mm256_add_epi32(s1, h1);
       } else {
@@ -221,32 +223,32 @@ void gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i, flo
   for (int r = 0; r < nr; ++r) yr[r] = bias ? out[r] + bias[r] : out[r];
 }
 
-template <bool VNNI, bool HAS_MIN, bool ROW_OFF>
+template <class DP, bool HAS_MIN, bool ROW_OFF>
 void tile_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                const float* bias) {
   const int64_t n0 = tile * NR;
   const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
   for (int64_t i = m0; i < m1; ++i)
-    gemv_row<VNNI, HAS_MIN, ROW_OFF>(w, tile, a, i, y + i * ldy + n0, bias ? bias + n0 : nullptr, nr);
+    gemv_row<DP, HAS_MIN, ROW_OFF>(w, tile, a, i, y + i * ldy + n0, bias ? bias + n0 : nullptr, nr);
 }
 
 
-template <bool VNNI>
+template <class DP>
 void gemm_int8_256(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                const float* bias) {
   if (w.nibbles && !w.lut && m1 - m0 <= 2 && !(w.has_min && w.row_offset)) {
-    if (w.has_min) return tile_gemv<VNNI, true, false>(w, tile, a, m0, m1, y, ldy, bias);
-    if (w.row_offset) return tile_gemv<VNNI, false, true>(w, tile, a, m0, m1, y, ldy, bias);
-    return tile_gemv<VNNI, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.has_min) return tile_gemv<DP, true, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.row_offset) return tile_gemv<DP, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+    return tile_gemv<DP, false, false>(w, tile, a, m0, m1, y, ldy, bias);
   }
   if (w.nibbles) {
-    if (w.lut) return tile_kernel<VNNI, true, 32, false, false, true, true>(w, tile, a, m0, m1, y, ldy, bias);
-    if (w.has_min) return tile_kernel<VNNI, true, 32, true, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
-    if (w.row_offset) return tile_kernel<VNNI, true, 32, false, true, false, false>(w, tile, a, m0, m1, y, ldy, bias);
-    return tile_kernel<VNNI, true, 32, false, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.lut) return tile_kernel<DP, true, 32, false, false, true, true>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.has_min) return tile_kernel<DP, true, 32, true, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.row_offset) return tile_kernel<DP, true, 32, false, true, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+    return tile_kernel<DP, true, 32, false, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
   }
-  if (w.blk == 16) return tile_kernel<VNNI, false, 16, false, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
-  return tile_kernel<VNNI, false, 32, false, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+  if (w.blk == 16) return tile_kernel<DP, false, 16, false, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+  return tile_kernel<DP, false, 32, false, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
 }
 
 }}  // namespace pqk::(anonymous)
