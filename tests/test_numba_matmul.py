@@ -149,3 +149,20 @@ def test_leading_dims_out_and_strided_x():
     np.testing.assert_array_equal(y, ref)
     with pytest.raises(NotImplementedError):
         pq.matmul(x, qt, compute="int8", backend="numba")
+
+
+def test_fp16_table_matches_the_bit_decoder():
+    """the matmul kernels read fp16 scales through a 65536-entry table: every pattern (subnormals,
+    Inf, NaN payloads, -0) must give simple.fp16_to_fp32's bits."""
+    from pyqkern.numba_kernels.matmul import _F16_TABLE
+    from pyqkern.numba_kernels.simple import fp16_to_fp32
+
+    @numba.njit
+    def decode_all(out):
+        for i in range(65536):
+            out[i] = fp16_to_fp32(np.uint16(i))
+
+    want = np.empty(65536, F32)
+    decode_all(want)
+    assert _F16_TABLE.dtype == F32
+    np.testing.assert_array_equal(_F16_TABLE.view(np.uint32), want.view(np.uint32))

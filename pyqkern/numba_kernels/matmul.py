@@ -38,7 +38,6 @@ _JIT = dict(cache=True, nogil=True, error_model="numpy")
 _PJIT = dict(_JIT, parallel=True)
 
 F0 = _F32(0.0)
-F_2M24 = _F32(5.9604644775390625e-08)  # 2^-24
 LANES = 32       # accumulator lanes = decode chunk
 ROWS_PER_TASK = 8
 
@@ -47,21 +46,16 @@ Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, IQ4_NL, NF4, INT4, INT8, INT2, INT3, FP4 = range(1
 
 
 # ---------------------------------------------------------------- byte / fp16 helpers
+# fp16 bits -> float32 for all 65536 patterns (numpy's conversion: exact, the same bits as
+# simple.fp16_to_fp32, NaN payloads included; checked exhaustively in tests). A load from this
+# 256 KiB table replaces the branchy bit assembly: q4_1 GEMV 1.2 -> 0.7 ms.
+_F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(_F32)
+
+
 @njit(inline="always", **_JIT)
 def _f16(buf, r, o):
-    """fp16 at bytes o, o+1 of row r -> float32 (exact; same bits as simple.fp16_to_fp32)."""
-    h = np.int64(buf[r, o]) | (np.int64(buf[r, o + 1]) << 8)
-    sign = (h & 0x8000) << 16
-    e = (h >> 10) & 0x1F
-    man = h & 0x3FF
-    if e == 0:
-        if man == 0:
-            return u32_as_f32(sign)
-        v = _F32(man) * F_2M24
-        return -v if sign != 0 else v
-    if e == 31:
-        return u32_as_f32(sign | 0x7F800000 | (man << 13))
-    return u32_as_f32(sign | ((e + 112) << 23) | (man << 13))
+    """fp16 at bytes o, o+1 of row r -> float32 (exact)."""
+    return _F16_TABLE[np.int64(buf[r, o]) | (np.int64(buf[r, o + 1]) << 8)]
 
 
 @njit(inline="always", **_JIT)
