@@ -86,8 +86,8 @@ namespace ref { void register_kernels(KernelTable& t); }
 namespace avx2 { void register_kernels(KernelTable& t); }
 namespace avx512 { void register_kernels(KernelTable& t); }
 namespace avx512vnni { void register_kernels(KernelTable& t); }
-namespace avx512bf16 { void register_kernels(KernelTable& t); }
-namespace avxvnni { void register_kernels(KernelTable& t); }  // only where the CPU has AVX512-BF16
+namespace avx512bf16 { void register_kernels(KernelTable& t); }  // only where the CPU has AVX512-BF16
+namespace avxvnni { void register_kernels(KernelTable& t); }
 namespace neon { void register_kernels(KernelTable& t); }     // csrc/kernels/arm_neon (aarch64 only)
 namespace dotprod { void register_kernels(KernelTable& t); }  // csrc/kernels/arm_dotprod (aarch64 only)
 // matmul kernels register separately (matmul_register.cpp in each folder)

@@ -475,7 +475,14 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
       // each group goes in K chunks that stay in L1 (FR*FLOAT_CHUNK_K floats); the chunks' dot
       // products are added in K order, one fixed sum tree whatever the thread count.
       const int64_t unit = std::max<int64_t>(FLOAT_CHUNK_K, param_span(fmt, p));
+      // byte offsets of each chunk within a row (the same for every row; per-row parameters of
+      // int8 and per-channel int2/3/4 stay at offset 0)
       const bool per_row_params = fmt == PQK_INT8 || p.group == -1;
+      std::vector<pqk_row_bytes> off((size_t)((k + unit - 1) / unit), pqk_row_bytes{0, 0, 0});
+      for (size_t c = 1; c < off.size(); ++c) {
+        off[c] = row_bytes(fmt, (int64_t)c * unit, p);
+        if (per_row_params) off[c].s = off[c].z = 0;
+      }
       parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
         std::vector<float> wbuf((size_t)(FR * unit));
         float part[FLOAT_CHUNK_MAX_M * FR], acc[FLOAT_CHUNK_MAX_M * FR];
@@ -484,12 +491,10 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
           const int nr = (int)std::min<int64_t>(FR, n - r0);
           for (int64_t k0 = 0; k0 < k; k0 += unit) {
             const int64_t kc = std::min(unit, k - k0);
-            pqk_row_bytes off{0, 0, 0};
-            if (k0 > 0) off = row_bytes(fmt, k0, p);
-            if (per_row_params) off.s = off.z = 0;
+            const pqk_row_bytes& o = off[(size_t)(k0 / unit)];
             for (int r = 0; r < nr; ++r)
-              deq(Q + (r0 + r) * rb.q + off.q, S ? S + (r0 + r) * rb.s + off.s : nullptr,
-                  Z ? Z + (r0 + r) * rb.z + off.z : nullptr, kc, wbuf.data() + (size_t)r * kc, p);
+              deq(Q + (r0 + r) * rb.q + o.q, S ? S + (r0 + r) * rb.s + o.s : nullptr,
+                  Z ? Z + (r0 + r) * rb.z + o.z : nullptr, kc, wbuf.data() + (size_t)r * kc, p);
             t.gemm_f32(wbuf.data(), nr, kc, x + k0, ldx, m, k0 ? part : acc, FR, nullptr);
             if (k0)
               for (int64_t i = 0; i < m; ++i)
@@ -513,14 +518,15 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
       const int64_t mc = std::min(rows_per_pass, m - c0);
       const float* xc = x + c0 * ldx;
       float* yc = y + c0 * ldy;
-      const int64_t npan = use_xt ? (mc + XT_MB - 1) / XT_MB : 0, kch = (k + 255) / 256;
+      constexpr int64_t TK = 256;  // k per transposition task
+      const int64_t npan = use_xt ? (mc + XT_MB - 1) / XT_MB : 0, kch = (k + TK - 1) / TK;
       ByteBuffer xtb;
       if (use_xt) xtb.assign_zero((size_t)(npan * k * XT_MB) * sizeof(float));
       float* xt = (float*)xtb.data();
       if (use_xt)
         parallel_for(npan * kch, 1, [&](int64_t b, int64_t e) {
           for (int64_t c = b; c < e; ++c) {
-            const int64_t pi = c / kch, k0 = c % kch * 256, k1 = std::min(k, k0 + 256);
+            const int64_t pi = c / kch, k0 = c % kch * TK, k1 = std::min(k, k0 + TK);
             float* dst = xt + pi * k * XT_MB;
             const int64_t i0 = pi * XT_MB, rows = std::min<int64_t>(XT_MB, mc - i0);
             for (int64_t j = k0; j < k1; ++j)

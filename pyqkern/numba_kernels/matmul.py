@@ -553,7 +553,7 @@ def _mv_int8(q, s, z, gshift, sym, x, y):
 
 
 _GEMV = {Q4_0: _mv_q4_0, Q4_1: _mv_q4_1, Q8_0: _mv_q8_0, Q4_K: _mv_q4_k, Q6_K: _mv_q6_k, IQ4_NL: _mv_iq4_nl,
-            NF4: _mv_nf4, INT4: _mv_int4, INT8: _mv_int8, INT2: _mv_int2, INT3: _mv_int3, FP4: _mv_fp4}
+         NF4: _mv_nf4, INT4: _mv_int4, INT8: _mv_int8, INT2: _mv_int2, INT3: _mv_int3, FP4: _mv_fp4}
 
 
 @njit(**_PJIT)

@@ -2,8 +2,9 @@
 // avxvnni folder, each compiling them with its own flags; everything here has internal linkage.
 // DP is the folder's dot product: DP::kVnni (one vpdpbusd per quad, int32 sums) and
 // DP::dot(acc, u8, s8) = acc + the 4-product sums per lane. The VNNI intrinsic appears only in
-// the avxvnni folder, so this header compiles where the compiler has no AVX-VNNI (GCC < 11). Same packed layout and
-// float arithmetic as core/packed.h, so every instantiation is bit-identical to ref.
+// the avxvnni folder, so this header compiles where the compiler has no AVX-VNNI (GCC < 11).
+// Same packed layout and float arithmetic as core/packed.h, so every instantiation is
+// bit-identical to ref.
 //
 // maddubs multiplies u8 x s8 into saturating int16 pairs. Codes <= 63 (nibbles, q6_k) cannot
 // saturate (2*63*127 < 32767). Codes with offset 128 (q8_0, int8, nf4, iq4_nl) use the signed
@@ -16,7 +17,6 @@
 #include "../../core/packed.h"
 
 namespace pqk { namespace {
-
 
 constexpr int MR = 4;
 
@@ -232,10 +232,9 @@ void tile_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, i
     gemv_row<DP, HAS_MIN, ROW_OFF>(w, tile, a, i, y + i * ldy + n0, bias ? bias + n0 : nullptr, nr);
 }
 
-
 template <class DP>
 void gemm_int8_256(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
-               const float* bias) {
+                   const float* bias) {
   if (w.nibbles && !w.lut && m1 - m0 <= 2 && !(w.has_min && w.row_offset)) {
     if (w.has_min) return tile_gemv<DP, true, false>(w, tile, a, m0, m1, y, ldy, bias);
     if (w.row_offset) return tile_gemv<DP, false, true>(w, tile, a, m0, m1, y, ldy, bias);
