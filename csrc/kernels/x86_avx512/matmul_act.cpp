@@ -2,6 +2,7 @@
 // xq = round_half_even(x / dx) clamped to +-127, sums per 16. Same IEEE operations as
 // ref::quantize_act (two correctly rounded divisions; cvtps2dq rounds to nearest even in the
 // default MXCSR mode, which pyqkern never changes), so the bytes are identical.
+#include "../avx512_gcc12_warnings.h"  // before <immintrin.h>
 #include <immintrin.h>
 
 #include "../../core/kernel_table.h"

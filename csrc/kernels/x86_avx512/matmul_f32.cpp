@@ -1,12 +1,7 @@
 // fp32 kernels for compute="float": row dots (4 weight rows share each load of x) and, for many
 // rows, the panel kernel over transposed activations.
+#include "../avx512_gcc12_warnings.h"  // before <immintrin.h>
 #include <immintrin.h>
-
-// GCC 12's AVX-512 headers: see simd512.h (GCC bug 105593)
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 
 #include "../../core/kernel_table.h"
 

@@ -3,6 +3,7 @@
 // (c0 + c1) + (c2 + c3), then scale, DoRA factor and bias), so results are identical.
 // Shrink: fp32 dot products (4 adapter rows share each load of x), FMA, any order.
 // A and B may be fp32, fp16 (vcvtph2ps) or bf16 (shift into the high half): widened exactly.
+#include "../avx512_gcc12_warnings.h"  // before <immintrin.h>
 #include <immintrin.h>
 
 #include "../../core/kernel_table.h"

@@ -13,14 +13,8 @@
 // - F16C fp32 -> fp16 with _MM_FROUND_TO_NEAREST_INT equals fp32_to_fp16 for every non-NaN
 //   float (subnormals, overflow to inf); fp16 -> fp32 is exact (checked exhaustively).
 #pragma once
+#include "../avx512_gcc12_warnings.h"  // before <immintrin.h>
 #include <immintrin.h>
-
-// GCC 12's AVX-512 headers self-initialise placeholder vectors (`__m512 __Y = __Y;`), which
-// -Wall reports as uninitialised at every inlined use (GCC bug 105593, fixed in GCC 13).
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 
 #include <cstdint>
 #include <cstring>

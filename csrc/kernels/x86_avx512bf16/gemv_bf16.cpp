@@ -14,6 +14,7 @@
 // rows in the low nibbles, k = 16+4j.. in the high ones). vpshufb spreads bytes 0,1 and 2,3 of
 // each row lane into 16-bit words, and vpermw maps a word's low 5 bits to a bf16 through a
 // 32-entry table, so decoding 128 codes into four bf16 pair registers costs 8 shuffles.
+#include "../avx512_gcc12_warnings.h"  // before <immintrin.h>
 #include <immintrin.h>
 
 #include "../../core/kernel_table.h"
