@@ -343,6 +343,7 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       a.dx.resize((size_t)(mc * (w.k / QBLK)));
       a.xs.resize((size_t)(mc * (w.k / 16)));
       a.xn.resize((size_t)(mc * (w.k / QBLK)));
+      if (w.o_const != 0) a.xo.resize((size_t)(mc * (w.k / QBLK)));
       std::vector<float> T((size_t)(AD.active() ? mc * AD.t_cols : 0));
       // read outside the parallel region: get_num_threads() takes the pool lock parallel_for holds
       const int nthreads = get_num_threads();
@@ -367,7 +368,7 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
           }
           const float* xr = xc + i * ldx;
           t.quantize_act(xr, w.k, a.xq.data() + i * w.k, a.dx.data() + i * (w.k / QBLK), a.xs.data() + i * (w.k / 16));
-          a.fill_xn(i);
+          a.fill_xn(i, w.o_const);
           if (AD.active() && shrink_in_rows && !deferred && !decode_split)
             AD.shrink(t, xr, w.k, c0 + i, T.data() + i * AD.t_cols);  // x row still in cache
         }

@@ -89,15 +89,24 @@ struct ActQ {
   std::vector<float> dx;
   std::vector<int32_t> xs;
   std::vector<int32_t> xn;
+  // xo [k/32]: -o * (block sum) for weights with one offset o for all rows (q4_0: 8), else
+  // empty: the start value of a block's dot product, so the offset term costs no vector op
+  std::vector<int32_t> xo;
   const int8_t* row_q(int64_t i) const { return xq.data() + i * k; }
   const float* row_d(int64_t i) const { return dx.data() + i * (k / QBLK); }
   const int32_t* row_s(int64_t i) const { return xs.data() + i * (k / 16); }
   const int32_t* row_n(int64_t i) const { return xn.data() + i * (k / QBLK); }
   // xn of row i from its xs (after quantize_act)
-  void fill_xn(int64_t i) {
+  const int32_t* row_o(int64_t i) const { return xo.data() + i * (k / QBLK); }
+  // xn (and xo for a weight offset o_const != 0, sized by the caller) of row i from its xs
+  void fill_xn(int64_t i, int32_t o_const) {
     const int32_t* s = row_s(i);
     int32_t* n = xn.data() + i * (k / QBLK);
     for (int64_t b = 0; b < k / QBLK; ++b) n[b] = (int32_t)(uint16_t)(int16_t)(-(s[2 * b] + s[2 * b + 1]));
+    if (!xo.empty()) {
+      int32_t* o = xo.data() + i * (k / QBLK);
+      for (int64_t b = 0; b < k / QBLK; ++b) o[b] = -o_const * (s[2 * b] + s[2 * b + 1]);
+    }
   }
 };
 
