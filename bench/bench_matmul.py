@@ -24,6 +24,9 @@ Rows
   ort        onnxruntime com.microsoft MatMulNBits, bits=4, block_size 32 (weights = pyqkern's q4_0
              codes / scales, zero point 8) and 128 (pyqkern's int4 group-128 codes, scales and zero
              points), accuracy_level 0 (fp32 compute) and 4 (int8 compute), intra_op_num_threads=n.
+  ggml       llama.cpp's ggml CPU backend (q4_0 repacked, q8_0, as llama.cpp loads them), built from the
+             llama-cpp-python sdist with -march=native into ~/.cache/pyqkern-bench on first use
+             (ggml_peer.py); skipped with the reason where that is not possible.
   torch      torch._weight_int4pack_mm_for_cpu (pyqkern's int4 group-128 codes; zero mapped to
              torch's (q - 8) * s + z form) and torch.ao dynamic int8 quantize_dynamic(nn.Linear).
   Missing peers are skipped (pytest.importorskip) with the reason.
@@ -449,6 +452,40 @@ def test_paired_vs_ort(measure, shape, fmt, opts, pq_threads):
     info = {"ort_b128_acc4_median_ms": float(np.median(to)) * 1e3, "pq_median_ms": float(np.median(tp)) * 1e3,
             "speedup_vs_ort_paired": float(np.median(to) / np.median(tp))}
     _PAIRED.append(dict(info, fmt=_fmt_label(fmt, opts), shape=shape, threads=pq_threads))
+
+
+# ---------------------------------------------------------------- llama.cpp ggml
+@pytest.mark.parametrize("threads", THREAD_P)
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("shape", SHAPE_P)
+def test_ggml(measure, shape, fmt, threads):
+    """llama.cpp's ggml CPU backend on the same ggml bytes, repacked where llama.cpp would repack a
+    model's weights (q4_0 -> q4_0_8x8 on x86; q8_0 stays plain there), ggml_mul_mat with float32
+    activations. Built
+    from the llama-cpp-python sdist with -march=native (see ggml_peer.py); skipped with the
+    reason if that cannot be done here."""
+    from ggml_peer import GgmlUnavailable, MatMul, load
+
+    try:
+        gg = load()
+    except GgmlUnavailable as e:
+        pytest.skip(f"llama.cpp's ggml not available: {e}")
+    m, k, n = shape
+    qt = _qt(fmt, {}, n, k)
+    mm = MatMul(gg, fmt, qt.data, n, k, m)
+    try:
+        x = _x(m, k)
+        mm.set_x(x)
+        mm.run(threads)
+        # the same product as ours up to ggml's q8_0 activation rounding: a wrong layout or a
+        # misread API would be far off
+        ref = pq.matmul(x, qt, compute="float")
+        err = float(np.abs(mm.result() - ref).max() / np.abs(ref).max())
+        assert err < 0.05, f"ggml's result is off by {err:.3g} (relative to max |y|)"
+        measure(lambda: mm.run(threads), impl="ggml", fmt=fmt + ("-repacked" if mm.repacked else ""), compute="int8",
+                shape=shape, threads=threads, weight_bytes=mm.weight_bytes)
+    finally:
+        mm.close()
 
 
 # ---------------------------------------------------------------- torch
