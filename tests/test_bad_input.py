@@ -132,6 +132,27 @@ def test_nonfinite_every_variant(fmt, native_variant):
         pq.quantize(w, fmt, isa=native_variant)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_nonfinite_found_at_every_position(bad, native_variant):
+    # each variant's all_finite kernel: every position of rows whose length is not a multiple
+    # of its vector width (the tails), and finite extremes that must pass
+    for k in (1, 15, 16, 17, 31, 32, 33, 47, 64, 95):
+        ok = np.full((1, k), -3.4028235e38, np.float32)
+        ok[0, ::2] = 1e-45                           # largest finite and smallest subnormal
+        pq.quantize(ok, "int8", isa=native_variant)
+        for j in range(k):
+            w = ok.copy()
+            w[0, j] = bad
+            with pytest.raises(ValueError, match=r"NaN or Inf.*row 0\b"):
+                pq.quantize(w, "int8", isa=native_variant)
+    # and the int8 matmul's check of x (the same kernel, on activations)
+    qt = pq.quantize(w_ok(n=16, k=96), "q8_0")
+    x = np.ones((3, 96), np.float32)
+    x[2, 95] = bad
+    with pytest.raises(ValueError, match=r"row 2\b"):
+        pq.matmul(x, qt, compute="int8", isa=native_variant)
+
+
 def test_nonfinite_in_half_inputs():
     w = w_ok(n=3, k=64).astype(np.float16)
     w[1, 1] = np.inf

@@ -83,17 +83,6 @@ int resolve_isa(int32_t isa) {
   return isa;
 }
 
-// True if every value is finite. Written branch-free so the compiler vectorises it.
-bool row_finite(const float* x, int64_t k) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    uint32_t u;
-    std::memcpy(&u, x + i, 4);
-    bad |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
-  }
-  return bad == 0;
-}
-
 // rows per parallel task: aim for >= ~32K elements per task
 static int64_t min_rows(int64_t k) { return k >= 32768 ? 1 : 32768 / k; }
 
@@ -128,6 +117,7 @@ int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt) {
   if (s == "gemm_f32_xt") return t.gemm_f32_xt ? t.gemm_f32_xt_isa : -1;
   if (s == "lora_shrink") return t.lora_shrink ? t.lora_shrink_isa : -1;
   if (s == "lora_expand") return t.lora_expand ? t.lora_expand_isa : -1;
+  if (s == "all_finite") return t.all_finite ? t.all_finite_isa : -1;
   if (s == "gemv_bf16") return t.gemv_bf16 ? t.gemv_bf16_isa : -1;
   return -1;
 }
@@ -177,7 +167,7 @@ pqk_status pqk_quantize(int32_t isa, int32_t fmt, const float* x, int64_t n, int
     uint8_t* Q = (uint8_t*)q; uint8_t* S = (uint8_t*)s; uint8_t* Z = (uint8_t*)z;
     parallel_for(n, min_rows(k), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        if (!row_finite(x + i * ldx, k)) {
+        if (!t.all_finite(x + i * ldx, k)) {
           record_lowest(bad_row, i);
           return;
         }

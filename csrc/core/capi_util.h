@@ -43,8 +43,6 @@ pqk_row_bytes row_bytes(int fmt, int64_t k, pqk_qparams& p);
 
 // isa id (or PQK_ISA_ACTIVE) -> a runnable variant; throws Error.
 int resolve_isa(int32_t isa);
-// true if no NaN/Inf in x[0:k]
-bool row_finite(const float* x, int64_t k);
 
 // Lowers *lowest to i if i is smaller (lock-free; threads report bad rows, the lowest wins, so
 // the error names the same row whatever the thread count).

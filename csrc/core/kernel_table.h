@@ -62,7 +62,13 @@ using gemv_bf16_fn = bool (*)(const PackedWeight& w, int64_t tile, const uint16_
 // t[r - r0] = dot(x[0:k], A[r, 0:k]) for adapter rows r in [r0, r1), A in the adapter's dtype.
 using lora_shrink_fn = void (*)(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);
 
+// true if x[0, k) holds no NaN or Inf (exponent bits all ones): the int8 path and the quantizers
+// refuse such input, and this runs on every activation row before the kernels see it.
+using all_finite_fn = bool (*)(const float* x, int64_t k);
+
 struct KernelTable {
+  all_finite_fn all_finite = nullptr;
+  int8_t all_finite_isa = 0;
   lora_expand_fn lora_expand = nullptr;
   lora_shrink_fn lora_shrink = nullptr;
   int8_t lora_expand_isa = 0, lora_shrink_isa = 0;

@@ -20,11 +20,11 @@ struct pqk_packed {
 namespace pqk {
 namespace {
 
-void check_x_finite(const float* x, int64_t m, int64_t k, int64_t ldx) {
+void check_x_finite(const KernelTable& t, const float* x, int64_t m, int64_t k, int64_t ldx) {
   std::atomic<int64_t> bad{INT64_MAX};
   parallel_for(m, std::max<int64_t>(1, 65536 / k), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
-      if (!row_finite(x + i * ldx, k)) {
+      if (!t.all_finite(x + i * ldx, k)) {
         record_lowest(bad, i);
         return;
       }
@@ -334,7 +334,7 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
     const KernelTable& t = kernel_table(resolve_isa(isa));
     if (!t.quantize_act || !t.gemm_int8) throw Error(PQK_ERR_INTERNAL, "int8 matmul kernels not registered");
     const Adapters AD(ads, n_ad, rows, m, w.k, w.n);
-    check_x_finite(x, m, w.k, ldx);
+    check_x_finite(t, x, m, w.k, ldx);
     for (int64_t c0 = 0; c0 < m; c0 += M_CHUNK) {
       const int64_t mc = std::min(M_CHUNK, m - c0);
       ActQ a;

@@ -9,6 +9,17 @@ namespace pqk { namespace ref {
 // x ~ dx * xq per block of 32: dx = amax / 127, xq = round_half_even(x / dx), |xq| <= 127.
 // Division, not multiplication by 1/dx: 1/dx overflows to inf for subnormal dx, x / dx cannot
 // (|x| <= amax), so every finite input has one well-defined result.
+// No exponent field all ones. Branch-free so the compiler vectorises it.
+bool all_finite(const float* x, int64_t k) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    bad |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+
 void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs) {
   for (int64_t b = 0; b < k / QBLK; ++b) {
     const float* xb = x + b * QBLK;

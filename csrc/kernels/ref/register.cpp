@@ -17,6 +17,7 @@ void register_kernels(KernelTable& t) {
   PQK_SET(PQK_INT3, int3)
   PQK_SET(PQK_FP4, fp4)
 #undef PQK_SET
+  t.all_finite = all_finite;
   t.quantize_act = quantize_act;
   t.gemm_int8 = gemm_int8;
   t.gemm_f32 = gemm_f32;

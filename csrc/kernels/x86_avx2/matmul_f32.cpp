@@ -108,7 +108,10 @@ void gemm_f32_xt(const float* w, int nr, int64_t k, const float* xt, int mb, flo
   }
 }
 
+bool all_finite(const float* x, int64_t k);
+
 void register_matmul_kernels(KernelTable& t) {
+  t.all_finite = all_finite;
   t.gemm_f32 = gemm_f32;
   t.gemm_f32_xt = gemm_f32_xt;
   t.gemm_int8 = gemm_int8;
