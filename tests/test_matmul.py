@@ -377,6 +377,25 @@ def test_activation_quantization_edges_all_variants():
         assert bits_equal(pq.matmul(x, qt, compute="int8", isa=v), spec), v
 
 
+def test_activation_quantization_block_groups_all_variants():
+    """Rows of 33 blocks (kernels may take 16 blocks at a time, then a tail), each block drawn
+    from zeros, -0, subnormals, huge values, ties and plain values: every variant's int8 result
+    equals the spec bit for bit."""
+    rng = np.random.default_rng(16)
+    k = 32 * 33
+    qt = random_qtensor("q8_0", 19, k, rng)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    kinds = [lambda: np.zeros(32), lambda: np.full(32, -0.0), lambda: rng.standard_normal(32) * 1e-41,
+             lambda: rng.standard_normal(32) * 1e37, lambda: rng.integers(-3, 4, 32) * 1e-45,
+             lambda: np.arange(32) - 15.5, lambda: rng.standard_normal(32)]
+    for i in range(5):
+        for b in range(33):
+            x[i, 32 * b:32 * b + 32] = kinds[(i * 7 + b * 3) % len(kinds)]()
+    spec = pq.matmul(x, qt, compute="int8", backend="reference")
+    for v in VARIANTS:
+        assert bits_equal(pq.matmul(x, qt, compute="int8", isa=v), spec), v
+
+
 def test_input_permutation_act_order():
     """QTensor.with_perm: the stored weight is W[:, perm] (GPTQ act-order, groups in order);
     dequantize returns W in the original column order, matmul reads x[..., perm], adapters too."""
