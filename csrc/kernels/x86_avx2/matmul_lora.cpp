@@ -117,37 +117,80 @@ void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, 
   }
 }
 
-void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs) {
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+namespace {
+
+// v[j] -> lane j of the result = OP over the 8 lanes of v[j] (OP exact and order-free: max of
+// |x| as int32, integer add), by a transposing tree of shuffles
+template <class Op>
+inline __m256i reduce8(const __m256i* v, Op op) {
+  __m256i a[4], c[2];
+  for (int i = 0; i < 4; ++i)
+    a[i] = op(_mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    c[i] = op(_mm256_unpacklo_epi64(a[2 * i], a[2 * i + 1]), _mm256_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
+  return op(_mm256_permute2x128_si256(c[0], c[1], 0x20), _mm256_permute2x128_si256(c[0], c[1], 0x31));
+}
+
+// block of 32 at xb: codes x / vd (round half to even, the default MXCSR mode), clamped to
+// +-127, stored as bytes in order; the two sums of 16 as vectors of 8 partial sums
+inline void codes(const float* xb, __m256 vd, int8_t* q, __m256i& s0, __m256i& s1) {
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
-  for (int64_t b = 0; b < k / QBLK; ++b) {
+  __m256i c[4];
+  for (int j = 0; j < 4; ++j)
+    c[j] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(xb + 8 * j), vd)), lo), hi);
+  // packs work per 128-bit lane (no saturation: |c| <= 127); the permute restores the order
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  s0 = _mm256_add_epi32(c[0], c[1]);
+  s1 = _mm256_add_epi32(c[2], c[3]);
+}
+
+inline __m256 block_absmax(const float* xb) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 am = _mm256_and_ps(_mm256_loadu_ps(xb), absmask);
+  for (int j = 1; j < 4; ++j) am = _mm256_max_ps(am, _mm256_and_ps(_mm256_loadu_ps(xb + 8 * j), absmask));
+  return am;
+}
+
+}  // namespace
+
+void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs) {
+  const int64_t nb = k / QBLK;
+  int64_t b = 0;
+  // 8 blocks at a time: maxima and sums through transposing trees, 8 scales in one division
+  for (; b + 8 <= nb; b += 8) {
+    __m256i am[8];
+    for (int j = 0; j < 8; ++j) am[j] = _mm256_castps_si256(block_absmax(x + (b + j) * QBLK));
+    // |x| as int32 orders like the floats (non-negative, no NaN: the caller checked)
+    const __m256 amax = _mm256_castsi256_ps(reduce8(am, [](__m256i p, __m256i q) { return _mm256_max_epi32(p, q); }));
+    const __m256 d = _mm256_div_ps(amax, _mm256_set1_ps(127.0f));
+    _mm256_storeu_ps(dx + b, d);
+    // d == 0 only for an all-zero block: 0 / 1 = 0 gives the same codes as the ref's 0
+    alignas(32) float vd[8];
+    _mm256_store_ps(vd, _mm256_blendv_ps(d, _mm256_set1_ps(1.0f), _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_EQ_OQ)));
+    __m256i h[16];
+    for (int j = 0; j < 8; ++j) codes(x + (b + j) * QBLK, _mm256_set1_ps(vd[j]), xq + (b + j) * QBLK, h[2 * j], h[2 * j + 1]);
+    auto add = [](__m256i p, __m256i q) { return _mm256_add_epi32(p, q); };
+    _mm256_storeu_si256((__m256i*)(xs + 2 * b), reduce8(h, add));
+    _mm256_storeu_si256((__m256i*)(xs + 2 * b + 8), reduce8(h + 8, add));
+  }
+  for (; b < nb; ++b) {
     const float* xb = x + b * QBLK;
-    __m256 v[4];
-    __m256 am = _mm256_setzero_ps();
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm256_loadu_ps(xb + 8 * j);
-      am = _mm256_max_ps(am, _mm256_and_ps(v[j], absmask));
-    }
+    const __m256 am = block_absmax(xb);
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float amax = _mm_cvtss_f32(m4);
-    const float d = amax / 127.0f;
+    const float d = _mm_cvtss_f32(m4) / 127.0f;
     dx[b] = d;
-    const __m256 vd = _mm256_set1_ps(d != 0.0f ? d : 1.0f);  // all-zero block: 0 / 1 = 0
-    int32_t s[2] = {0, 0};
-    for (int j = 0; j < 4; ++j) {
-      __m256i q = _mm256_cvtps_epi32(_mm256_div_ps(v[j], vd));  // round half to even (MXCSR default)
-      q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
-      alignas(32) int32_t qi[8];
-      _mm256_store_si256((__m256i*)qi, q);
-      for (int l = 0; l < 8; ++l) {
-        xq[b * QBLK + 8 * j + l] = (int8_t)qi[l];
-        s[j / 2] += qi[l];
-      }
-    }
-    xs[2 * b] = s[0];
-    xs[2 * b + 1] = s[1];
+    __m256i s0, s1;
+    codes(xb, _mm256_set1_ps(d != 0.0f ? d : 1.0f), xq + b * QBLK, s0, s1);
+    alignas(32) int32_t t[16];
+    _mm256_store_si256((__m256i*)t, s0);
+    _mm256_store_si256((__m256i*)(t + 8), s1);
+    int32_t a0 = 0, a1 = 0;
+    for (int l = 0; l < 8; ++l) { a0 += t[l]; a1 += t[8 + l]; }
+    xs[2 * b] = a0;
+    xs[2 * b + 1] = a1;
   }
 }
 
