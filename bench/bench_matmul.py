@@ -32,9 +32,11 @@ Rows
   Missing peers are skipped (pytest.importorskip) with the reason.
 
 Ceilings (session fixture ``ceilings``, measured at the start of the run)
-  read bandwidth  np.add.reduce over a 512 MB int64 array (the best of 5); 2 threads = two Python
-                  threads each reducing one half concurrently (numpy releases the GIL in the
-                  reduction), wall time of both. No BLAS involved, so threadpoolctl is not needed.
+  read bandwidth  pyqkern._membw.read_bandwidth: a 512 MB buffer read by float32 max and by int64
+                  sum, the better of the two, best of 5 (either alone can be compute-bound below
+                  the memory: np.add.reduce over int64 alone gave 30 GB/s at 2 threads where the
+                  max reads 67); 2 threads = two Python threads each reducing one half
+                  concurrently (numpy releases the GIL in the reduction), wall time of both.
   int8 peak       *achieved*, not theoretical: the best GOP/s of pq.QLinear(compute="int8") over a few
                   small L2-resident q8_0 / q4_0 shapes (weights 0.1-1 MB), per thread count. It is what
                   pyqkern reaches when memory is not the limit, not the hardware's limit: larger shapes
@@ -50,13 +52,13 @@ time), frac_read_bw (weight_gbs / measured read bandwidth at that thread count),
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import numpy as np
 import pytest
 
 import pyqkern as pq
+from pyqkern._membw import read_bandwidth
 
 QUICK = os.environ.get("PYQKERN_BENCH_QUICK", "") not in ("", "0")
 
@@ -118,28 +120,11 @@ class _Summary:
                               f"  ort {r['ort_b128_acc4_median_ms']:.3f} ms  speed-up {r['speedup_vs_ort_paired']:.2f}x")
 
 
-def _read_bw(arr, threads):
-    if threads == 1:
-        return arr.nbytes / _best_time(lambda: np.add.reduce(arr), 5) / 1e9
-    parts = np.array_split(arr, threads)
-
-    def run():
-        ts = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
-    return arr.nbytes / _best_time(run, 5) / 1e9
-
-
 @pytest.fixture(scope="session")
 def ceilings(request):
     info = pq.info()
     before = pq.get_num_threads()
-    arr = np.ones(512 * 2**20 // 8, dtype=np.int64)
-    bw = {t: _read_bw(arr, t) for t in THREADS}
-    del arr
+    bw = {t: read_bandwidth(512 << 20, t) for t in THREADS}
     r = np.random.default_rng(7)
     peak = {}
     for t in THREADS:

@@ -25,13 +25,6 @@ def _best_time(fn, min_time=0.2, max_reps=200):
     return min(times)
 
 
-def _read_bandwidth(nbytes=256 << 20):
-    """Measured memory read bandwidth (GB/s) of this process: sum over a buffer larger than L3."""
-    a = np.ones(nbytes // 8, dtype=np.float64)
-    t = _best_time(lambda: a.sum(), min_time=0.3, max_reps=10)
-    return nbytes / t / 1e9
-
-
 def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     import pyqkern as pq
 
@@ -42,13 +35,16 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     formats = formats or (["q4_0", "int4", "q8_0"] if quick else
                           ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8"])
     thread_list = threads or ([pq.get_num_threads()] if quick else sorted({1, pq.get_num_threads()}))
-    bw = _read_bandwidth(64 << 20 if quick else 256 << 20)
+    from ._membw import read_bandwidth
+
+    bws = {th: read_bandwidth(64 << 20 if quick else 256 << 20, th) for th in thread_list}
     print(f"pyqkern {info['version']}  cpu: {info['cpu']}  variant: {info['active_variant']}  "
-          f"threads: {thread_list}  numpy read bandwidth: {bw:.1f} GB/s", file=out)
+          f"threads: {thread_list}  read bandwidth: " + ", ".join(f"{th}t {v:.1f}" for th, v in bws.items())
+          + " GB/s", file=out)
     hdr = (f"{'format':7s} {'compute':7s} {'M':>4s} {'K':>6s} {'N':>6s} {'thr':>3s} {'time':>10s} "
            f"{'GFLOP/s':>8s} {'W GB/s':>7s} {'%bw':>5s} {'vs np':>6s} {'max rel err':>11s}")
-    print("W GB/s: weight bytes per second; %bw: of the read bandwidth above (above 100%: the weights "
-          "are served from cache); vs np: speed-up over numpy fp32 x @ W.T; max rel err: vs x @ dequantize(W).T",
+    print("W GB/s: weight bytes per second; %bw: of the read bandwidth above at that thread count (above "
+          "100%: the weights are served from cache); vs np: speed-up over numpy fp32 x @ W.T; max rel err: vs x @ dequantize(W).T",
           file=out)
     print(hdr, file=out)
     rng = np.random.default_rng(0)
@@ -73,7 +69,7 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
                     gflops = 2.0 * m * n * k / t / 1e9
                     wgbs = qt.nbytes / t / 1e9
                     row = dict(format=fmt, compute=compute, M=m, K=k, N=n, threads=th, time_s=t, gflops=gflops,
-                               weight_gbs=wgbs, pct_bw=100 * wgbs / bw, speedup_vs_numpy=t_np / t, max_rel_err=err)
+                               weight_gbs=wgbs, pct_bw=100 * wgbs / bws[th], speedup_vs_numpy=t_np / t, max_rel_err=err)
                     rows.append(row)
                     print(f"{fmt:7s} {compute:7s} {m:4d} {k:6d} {n:6d} {th:3d} {t * 1e6:8.1f}us {gflops:8.1f} "
                           f"{wgbs:7.1f} {row['pct_bw']:5.0f} {t_np / t:6.2f} {err:11.2e}", file=out)
@@ -95,7 +91,7 @@ def plot_roofline(rows, path):
         raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from e
     if not rows:
         raise ValueError("nothing to plot")
-    bw = next(r["weight_gbs"] * 100 / r["pct_bw"] for r in rows if r["pct_bw"] > 0)
+    bw = max(r["weight_gbs"] * 100 / r["pct_bw"] for r in rows if r["pct_bw"] > 0)  # the best thread count's
     ai = [2.0 * r["M"] * r["N"] * r["K"] / (r["weight_gbs"] * r["time_s"] * 1e9) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     xs = [min(ai) / 2, max(ai) * 2]

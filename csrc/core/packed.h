@@ -96,9 +96,9 @@ struct ActQ {
   const float* row_d(int64_t i) const { return dx.data() + i * (k / QBLK); }
   const int32_t* row_s(int64_t i) const { return xs.data() + i * (k / 16); }
   const int32_t* row_n(int64_t i) const { return xn.data() + i * (k / QBLK); }
-  // xn of row i from its xs (after quantize_act)
   const int32_t* row_o(int64_t i) const { return xo.data() + i * (k / QBLK); }
-  // xn (and xo for a weight offset o_const != 0, sized by the caller) of row i from its xs
+  // xn (and xo, for a weight offset o_const != 0, sized by the caller) of row i from its xs
+  // (after quantize_act)
   void fill_xn(int64_t i, int32_t o_const) {
     const int32_t* s = row_s(i);
     int32_t* n = xn.data() + i * (k / QBLK);
