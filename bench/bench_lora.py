@@ -17,6 +17,9 @@ Rows (benchmark group per case):
 - multi: 32 rows, rank 16, fp32 and bf16 adapters: every row its own adapter (32 loaded) vs all rows sharing one;
   extra_info["ratio_vs_shared"] on the distinct row (min times of the two rows), and "ratio_paired":
   shared and distinct called alternately, 1 + median difference over median shared.
+- decode_ggml: llama.cpp's ggml on the same q4_0 bytes (repacked), the adapter applied as llama.cpp
+  does (two more mul_mat, a scale and an add), fp32 / bf16 A and B; "overhead_paired" against
+  ggml's own base. Skipped with the reason if ggml cannot be built here (bench/ggml_peer.py).
 - backward (if pyqkern.lora.backward exists): M=512 step vs dequantize-then-numpy.
 """
 from __future__ import annotations
@@ -127,6 +130,41 @@ def test_decode(benchmark, layers, fmt, r, mode, threads):
         # slow/fast phases hit both (the separate rows above are minutes apart in a full run)
         lb = pq.QLinear(qt)
         benchmark.extra_info["overhead_paired"] = _paired_overhead(lambda: lb(x, out=y), fn)
+
+
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("ab", ["f32", "bf16"])
+def test_decode_ggml(benchmark, layers, r, ab, threads):
+    """llama.cpp's way, same q4_0 bytes: ggml's repacked q4_0 mul_mat plus the adapter as two more
+    mul_mat, a scale and an add in the graph (fp32 or bf16 A/B), built from the llama-cpp-python
+    sdist (bench/ggml_peer.py; skipped with the reason where it cannot be built).
+    overhead_paired: against ggml's own base, alternating calls."""
+    from ggml_peer import GgmlUnavailable, MatMul, load
+
+    try:
+        gg = load()
+    except GgmlUnavailable as e:
+        pytest.skip(f"llama.cpp's ggml not available: {e}")
+    qt = layers["q4_0"]
+    ad = _adapter(r, r)
+    x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)
+    base = MatMul(gg, "q4_0", qt.data, N, K, 1)
+    mm = MatMul(gg, "q4_0", qt.data, N, K, 1, lora=(ad.A, ad.B, ad.scale, ab))
+    try:
+        base.set_x(x)
+        mm.set_x(x)
+        mm.run(threads)
+        ref = pq.matmul(x, qt, lora=ad, compute="float")
+        err = float(np.abs(mm.result() - ref).max() / np.abs(ref).max())
+        assert err < 0.05, f"ggml's result is off by {err:.3g}"
+        benchmark.group = f"lora decode q4_0 r{r} t{threads}"
+        benchmark.pedantic(lambda: mm.run(threads), rounds=200, iterations=1, warmup_rounds=5)
+        _info(benchmark, impl="ggml", mode=f"base+lora-{ab}", rank=r, threads=threads, shape=(1, K, N),
+              min_us=benchmark.stats.stats.min * 1e6)
+        benchmark.extra_info["overhead_paired"] = _paired_overhead(lambda: base.run(threads), lambda: mm.run(threads))
+    finally:
+        base.close()
+        mm.close()
 
 
 _stack_base: dict = {}

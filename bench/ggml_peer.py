@@ -33,7 +33,7 @@ import numpy as np
 
 SDIST = ("llama-cpp-python", "0.3.36")   # pinned: the ctypes calls below follow its ggml API
 GGML_TYPES = {"q4_0": 2, "q8_0": 8}       # enum ggml_type
-GGML_F32 = 0
+GGML_F32, GGML_BF16 = 0, 30
 
 
 class GgmlUnavailable(RuntimeError):
@@ -131,6 +131,8 @@ class Ggml:
         self.free = f(base, "ggml_free", None, [P])
         self.new_2d = f(base, "ggml_new_tensor_2d", P, [P, ctypes.c_int, I64, I64])
         self.mul_mat = f(base, "ggml_mul_mat", P, [P, P, P])
+        self.add = f(base, "ggml_add", P, [P, P, P])
+        self.scale = f(base, "ggml_scale", P, [P, P, ctypes.c_float])
         self.new_graph = f(base, "ggml_new_graph", P, [P])
         self.expand = f(base, "ggml_build_forward_expand", None, [P, P])
         self.nbytes = f(base, "ggml_nbytes", SZ, [P])
@@ -165,11 +167,16 @@ class Ggml:
 class MatMul:
     """y[M, N] = x[M, K] @ W.T with W in ggml block bytes (row-major [N, K/32 blocks]), in the
     CPU_REPACK buffer where ggml has a repacked kernel for the type on this CPU (q4_0 on AVX2 /
-    AVX-512: q4_0_8x8), else in a plain CPU buffer, as llama.cpp's model loader decides."""
+    AVX-512: q4_0_8x8), else in a plain CPU buffer, as llama.cpp's model loader decides.
 
-    def __init__(self, gg: Ggml, fmt: str, raw: np.ndarray, n: int, k: int, m: int):
+    lora=(A [r, K], B [N, r], scale, "f32" | "bf16") adds scale * (x @ A.T) @ B.T as llama.cpp
+    applies an adapter: two more mul_mat, a scale and an add in the graph (llm_graph build_lora_mm),
+    A and B in a plain CPU buffer in that type."""
+
+    def __init__(self, gg: Ggml, fmt: str, raw: np.ndarray, n: int, k: int, m: int, lora=None):
         self.gg = gg
-        self.bx = self.bw = None
+        self.bx = self.bw = self.ba = None
+        self.ca = None
         self.be = gg.cpu_init()
         raw = np.ascontiguousarray(raw).view(np.uint8)
         # probe as llama.cpp does: a mul_mat whose weight sits in a CPU_REPACK buffer, asked of the
@@ -190,6 +197,23 @@ class MatMul:
         self.cx = gg.init(_InitParams(1 << 20, None, True))
         self.X = gg.new_2d(self.cx, GGML_F32, k, m)
         self.Y = gg.mul_mat(self.cx, self.W, self.X)
+        self.adapter_bytes = 0
+        if lora is not None:
+            A, B, scale, dtype = lora
+            r = A.shape[0]
+            gt = {"f32": GGML_F32, "bf16": GGML_BF16}[dtype]
+            self.ca = gg.init(_InitParams(1 << 20, None, True))
+            ta, tb = gg.new_2d(self.ca, gt, k, r), gg.new_2d(self.ca, gt, r, n)
+            self.ba = gg.alloc_backend(self.ca, self.be)
+            for t, arr in ((ta, A), (tb, B)):
+                arr = np.ascontiguousarray(arr, dtype=np.float32)
+                if dtype == "bf16":   # round to nearest even, as ggml's fp32 -> bf16
+                    u = arr.view(np.uint32)
+                    arr = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+                gg.tensor_set(t, arr.ctypes.data, 0, arr.nbytes)
+                self.adapter_bytes += arr.nbytes
+            low = gg.mul_mat(self.cx, tb, gg.mul_mat(self.cx, ta, self.X))
+            self.Y = gg.add(self.cx, self.Y, gg.scale(self.cx, low, float(scale)))
         self.graph = gg.new_graph(self.cx)
         gg.expand(self.graph, self.Y)
         self.bx = gg.alloc_backend(self.cx, self.be)
@@ -212,13 +236,15 @@ class MatMul:
 
     def close(self):
         gg = self.gg
-        for b in (self.bx, self.bw):
+        for b in (self.bx, self.bw, self.ba):
             if b:
                 gg.buffer_free(b)
         gg.free(self.cx)
         gg.free(self.cw)
+        if self.ca:
+            gg.free(self.ca)
         gg.backend_free(self.be)
-        self.bx = self.bw = None
+        self.bx = self.bw = self.ba = None
 
 
 _LOADED: list = []
