@@ -141,15 +141,17 @@ def test_decode_ggml(benchmark, layers, r, ab, threads):
     overhead_paired: against ggml's own base, alternating calls."""
     from ggml_peer import GgmlUnavailable, MatMul, load
 
-    try:
-        gg = load()
-    except GgmlUnavailable as e:
-        pytest.skip(f"llama.cpp's ggml not available: {e}")
     qt = layers["q4_0"]
     ad = _adapter(r, r)
     x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)
-    base = MatMul(gg, "q4_0", qt.data, N, K, 1)
-    mm = MatMul(gg, "q4_0", qt.data, N, K, 1, lora=(ad.A, ad.B, ad.scale, ab))
+    base = None
+    try:
+        base = MatMul(load(), "q4_0", qt.data, N, K, 1)
+        mm = MatMul(load(), "q4_0", qt.data, N, K, 1, lora=(ad.A, ad.B, ad.scale, ab))
+    except GgmlUnavailable as e:
+        if base is not None:
+            base.close()
+        pytest.skip(f"llama.cpp's ggml not available: {e}")
     try:
         base.set_x(x)
         mm.set_x(x)

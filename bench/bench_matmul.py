@@ -451,13 +451,12 @@ def test_ggml(measure, shape, fmt, threads):
     reason if that cannot be done here."""
     from ggml_peer import GgmlUnavailable, MatMul, load
 
-    try:
-        gg = load()
-    except GgmlUnavailable as e:
-        pytest.skip(f"llama.cpp's ggml not available: {e}")
     m, k, n = shape
     qt = _qt(fmt, {}, n, k)
-    mm = MatMul(gg, fmt, qt.data, n, k, m)
+    try:
+        mm = MatMul(load(), fmt, qt.data, n, k, m)
+    except GgmlUnavailable as e:
+        pytest.skip(f"llama.cpp's ggml not available: {e}")
     try:
         x = _x(m, k)
         mm.set_x(x)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import urllib.parse
@@ -41,12 +42,20 @@ class GgmlUnavailable(RuntimeError):
 
 
 def _run(cmd, log, timeout):
+    """cmd in its own process group, all of which is killed on timeout (a build tool's children
+    must not go on compiling while the benchmarks run)."""
     with open(log, "ab") as f:
         f.write(("\n$ " + " ".join(map(str, cmd)) + "\n").encode())
         f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    if r.returncode != 0:
-        raise GgmlUnavailable(f"{cmd[0]} {cmd[1]} failed (rc {r.returncode}); see {log}")
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            raise GgmlUnavailable(f"{cmd[0]} {cmd[1]} timed out after {timeout} s; see {log}") from None
+    if rc != 0:
+        raise GgmlUnavailable(f"{cmd[0]} {cmd[1]} failed (rc {rc}); see {log}")
 
 
 def _fetch_sdist(dest: Path) -> Path:
@@ -73,13 +82,27 @@ def _fetch_sdist(dest: Path) -> Path:
     return out
 
 
+LIBS = ("libggml-base.so", "libggml-cpu.so", "libggml.so")
+
+
 def _build(cache: Path) -> Path:
-    """Download, extract ggml, build; returns the directory with the shared libraries."""
+    """Download, extract ggml, build; returns the directory with the shared libraries. A failed
+    build leaves no build directory behind (the next run configures afresh)."""
     name, version = SDIST
     root = cache / f"ggml-{name}-{version}"
     libdir = root / "build" / "ggml" / "src"
-    if (libdir / "libggml-cpu.so").exists():
+    if all((libdir / nm).exists() for nm in LIBS):
         return libdir
+    try:
+        _build_in(root, libdir)
+    except BaseException:
+        shutil.rmtree(root / "build", ignore_errors=True)
+        raise
+    return libdir
+
+
+def _build_in(root: Path, libdir: Path):
+    name, version = SDIST
     root.mkdir(parents=True, exist_ok=True)
     log = root / "build.log"
     tgz = _fetch_sdist(root)
@@ -88,7 +111,13 @@ def _build(cache: Path) -> Path:
         members = [m for m in tf.getmembers() if m.name.startswith(prefix)]
         if not members:
             raise GgmlUnavailable(f"{tgz.name} holds no {prefix}")
-        tf.extractall(root / "src", members=members, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(root / "src", members=members, filter="data")
+        else:  # Python without extraction filters: plain files and directories, no escaping paths
+            for m in members:
+                if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in Path(m.name).parts:
+                    raise GgmlUnavailable(f"unexpected member {m.name!r} in {tgz.name}")
+            tf.extractall(root / "src", members=members)
     # ggml as a sub-project: its standalone mode wants tests/, examples/ and ggml.pc.in, which the
     # sdist does not ship
     wrap = root / "wrap"
@@ -103,9 +132,9 @@ def _build(cache: Path) -> Path:
     _run([cmake, "-S", str(wrap), "-B", str(root / "build"), *gen, "-DCMAKE_BUILD_TYPE=Release",
           "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=ON", "-DGGML_BACKEND_DL=OFF"], log, 300)
     _run([cmake, "--build", str(root / "build"), "-j", str(os.cpu_count() or 2)], log, 1800)
-    if not (libdir / "libggml-cpu.so").exists():
-        raise GgmlUnavailable(f"build finished without libggml-cpu.so; see {log}")
-    return libdir
+    missing = [nm for nm in LIBS if not (libdir / nm).exists()]
+    if missing:
+        raise GgmlUnavailable(f"build finished without {missing}; see {log}")
 
 
 class _InitParams(ctypes.Structure):
@@ -117,9 +146,7 @@ class Ggml:
 
     def __init__(self, libdir: Path):
         P, I64, SZ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
-        libs = []
-        for nm in ("libggml-base.so", "libggml-cpu.so", "libggml.so"):
-            libs.append(ctypes.CDLL(str(libdir / nm), mode=ctypes.RTLD_GLOBAL))
+        libs = [ctypes.CDLL(str(libdir / nm), mode=ctypes.RTLD_GLOBAL) for nm in LIBS]
         base, cpu = libs[0], libs[1]
 
         def f(lib, name, res, args):
@@ -175,8 +202,15 @@ class MatMul:
 
     def __init__(self, gg: Ggml, fmt: str, raw: np.ndarray, n: int, k: int, m: int, lora=None):
         self.gg = gg
-        self.bx = self.bw = self.ba = None
-        self.ca = None
+        self.be = self.cw = self.cx = self.ca = self.bw = self.bx = self.ba = None
+        try:
+            self._build(fmt, raw, n, k, m, lora)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, fmt, raw, n, k, m, lora):
+        gg = self.gg
         self.be = gg.cpu_init()
         raw = np.ascontiguousarray(raw).view(np.uint8)
         # probe as llama.cpp does: a mul_mat whose weight sits in a CPU_REPACK buffer, asked of the
@@ -235,16 +269,19 @@ class MatMul:
         return y
 
     def close(self):
+        """Frees everything; safe to call twice and on a half-built object."""
         gg = self.gg
-        for b in (self.bx, self.bw, self.ba):
-            if b:
-                gg.buffer_free(b)
-        gg.free(self.cx)
-        gg.free(self.cw)
-        if self.ca:
-            gg.free(self.ca)
-        gg.backend_free(self.be)
-        self.bx = self.bw = self.ba = None
+        for nm in ("bx", "bw", "ba"):
+            if getattr(self, nm):
+                gg.buffer_free(getattr(self, nm))
+                setattr(self, nm, None)
+        for nm in ("cx", "cw", "ca"):
+            if getattr(self, nm):
+                gg.free(getattr(self, nm))
+                setattr(self, nm, None)
+        if self.be:
+            gg.backend_free(self.be)
+            self.be = None
 
 
 _LOADED: list = []
@@ -269,7 +306,8 @@ def load() -> Ggml:
     except GgmlUnavailable as e:
         _LOADED.append(e)
         raise
-    except (OSError, subprocess.SubprocessError, ValueError, KeyError, tarfile.TarError) as e:
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, AttributeError, TypeError,
+            tarfile.TarError) as e:   # AttributeError: a symbol this ggml does not export
         err = GgmlUnavailable(f"{type(e).__name__}: {e}")
         _LOADED.append(err)
         raise err from e

@@ -35,6 +35,8 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     formats = formats or (["q4_0", "int4", "q8_0"] if quick else
                           ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8"])
     thread_list = threads or ([pq.get_num_threads()] if quick else sorted({1, pq.get_num_threads()}))
+    # n <= 0 means one per CPU (as set_num_threads): the count the rows and the bandwidth run at
+    thread_list = sorted({th if th > 0 else (os.cpu_count() or 1) for th in thread_list})
     from ._membw import read_bandwidth
 
     bws = {th: read_bandwidth(64 << 20 if quick else 256 << 20, th) for th in thread_list}

@@ -304,17 +304,49 @@ class QLinear:
     def __init__(self, weight: QTensor, bias=None, *, compute="auto"):
         if not isinstance(weight, QTensor):
             raise TypeError(f"weight must be a QTensor, got {type(weight).__name__}")
-        self.weight = weight
+        self._weight = weight
         n, _ = weight.shape
         self.bias = _bias(bias, n)
-        self.compute = resolve_compute(weight, compute)
-        self._packed = _packed(weight) if self.compute == "int8" else None
+        self._packed = None
         self._adapters = {}
         self._active = []
         self._active_loras = []  # self._adapters[nm] for nm in self._active, kept by the setters
-        # the decode fast path's conditions that do not depend on x
-        self._fast = self._packed is not None and weight.perm is None
         self._k, self._n = weight.shape[1], weight.shape[0]
+        self.compute = compute
+
+    @property
+    def weight(self) -> QTensor:
+        """The QTensor the layer was built from (fixed: the packed copy and the adapters' shapes
+        belong to it; build a new QLinear for another weight)."""
+        return self._weight
+
+    @weight.setter
+    def weight(self, value):
+        raise AttributeError("QLinear.weight cannot be reassigned (the packed copy and the adapters belong to it); "
+                             "build a new QLinear")
+
+    @property
+    def compute(self) -> str:
+        """"int8" or "float" (set "auto", "int8" or "float" to switch; int8 packs the weight)."""
+        return self._compute
+
+    @compute.setter
+    def compute(self, value):
+        c = resolve_compute(self._weight, value)
+        if c != "int8":
+            self._packed = None
+        elif self._packed is None:
+            self._packed = _packed(self._weight)
+        self._compute = c
+        # the decode fast path's conditions that do not depend on x
+        self._fast = self._packed is not None and self._weight.perm is None
+
+    def __copy__(self):
+        # a copy gets its own adapter registry (the packed weight and the LoRAs are shared)
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._adapters, new._active, new._active_loras = dict(self._adapters), list(self._active), list(self._active_loras)
+        return new
 
     @property
     def in_features(self):
@@ -398,7 +430,7 @@ class QLinear:
                 if np.may_share_memory(x, out):
                     x = x.copy()
             _native().matmul_int8(-1, self._packed, x, self.bias, out,
-                                  [lora[0].native_args(self.weight)] if lora else None, None)
+                                  [lora[0].native_args(self._weight)] if lora else None, None)
             return out
         return matmul(x, self.weight, self.bias, lora=lora or None, compute=self.compute, out=out, isa=isa,
                       _packed_w=self._packed)

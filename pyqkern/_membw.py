@@ -13,6 +13,7 @@ def read_bandwidth(nbytes: int = 256 << 20, threads: int = 1, reps: int = 5) -> 
     max and int64 sum. Either alone can be compute-bound below the memory (a float64 sum reads
     ~20 GB/s on a Zen 4 core that streams ~38 GB/s; numpy's int64 sum ~34), so the better of
     the two is taken: a lower bound of what the memory delivers, not the hardware's peak."""
+    threads = max(1, int(threads))
     a = np.ones(nbytes // 8, dtype=np.int64)
     a[::4096] = 3                                      # touched pages, no shared zero page
     views = [(np.max, a.view(np.float32)), (np.add.reduce, a)]

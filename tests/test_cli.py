@@ -241,6 +241,9 @@ def test_bench_rows_and_roofline_plot(tmp_path):
     for r in rows:
         assert r["time_s"] > 0 and r["gflops"] > 0 and r["max_rel_err"] < 0.05
     assert "q4_0" in out.getvalue() and "GFLOP/s" in out.getvalue()
+    # 0 threads = one per CPU, as set_num_threads (the bandwidth probe used to split its buffer in 0)
+    rows0 = bench(True, [0], ["q4_0"], shapes=[(1, 256, 128)], out=_io.StringIO())
+    assert {r["threads"] for r in rows0} == {os.cpu_count() or 1}
     pytest.importorskip("matplotlib")
     png = tmp_path / "roof.png"
     plot_roofline(rows, png)

@@ -158,6 +158,36 @@ def test_qlinear_adapters_api():
         lin(x, adapter_ids=["zzz"] * 4)
 
 
+def test_qlinear_copy_compute_switch_and_fixed_weight():
+    """A copy has its own adapter registry; switching compute repacks or drops the packed copy and
+    the decode path follows; the weight cannot be swapped under the packed copy."""
+    import copy
+
+    rng = np.random.default_rng(41)
+    n, k = 48, 128
+    qt = make("q4_0", n, k, rng)
+    a, b = adapter(n, k, 4, rng), adapter(n, k, 2, rng)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    lin = pq.QLinear(qt)
+    lin.add_adapter("a", a)
+    c = copy.copy(lin)
+    c.add_adapter("b", b)
+    c.remove_adapter("a")
+    assert lin.adapter_names == ["a"] and c.adapter_names == ["b"]
+    assert np.array_equal(lin(x), pq.matmul(x, qt, lora=a))
+    assert np.array_equal(c(x), pq.matmul(x, qt, lora=b))
+    assert lin.compute == "int8" and lin.packed_nbytes > 0
+    lin.compute = "float"
+    assert lin.compute == "float" and lin._packed is None
+    assert np.array_equal(lin(x), pq.matmul(x, qt, lora=a, compute="float"))
+    lin.compute = "int8"
+    assert np.array_equal(lin(x), pq.matmul(x, qt, lora=a, compute="int8"))
+    with pytest.raises(ValueError):
+        lin.compute = "fast"
+    with pytest.raises(AttributeError, match="new QLinear"):
+        lin.weight = qt.with_perm(np.arange(k)[::-1].copy())
+
+
 def test_bad_adapter_input():
     rng = np.random.default_rng(5)
     n, k = 16, 64

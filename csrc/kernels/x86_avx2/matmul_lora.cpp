@@ -165,7 +165,8 @@ void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs)
     const __m256 amax = _mm256_castsi256_ps(reduce8(am, [](__m256i p, __m256i q) { return _mm256_max_epi32(p, q); }));
     const __m256 d = _mm256_div_ps(amax, _mm256_set1_ps(127.0f));
     _mm256_storeu_ps(dx + b, d);
-    // d == 0 only for an all-zero block: 0 / 1 = 0 gives the same codes as the ref's 0
+    // d == 0 for an all-zero block or when amax / 127 underflows (amax <= 63 * 2^-149): x / 1
+    // then rounds every x of the block to 0, the codes the ref gives
     alignas(32) float vd[8];
     _mm256_store_ps(vd, _mm256_blendv_ps(d, _mm256_set1_ps(1.0f), _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_EQ_OQ)));
     __m256i h[16];

@@ -57,7 +57,8 @@ void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs)
     const __m512 amax = _mm512_castsi512_ps(reduce16(am, [](__m512i p, __m512i q) { return _mm512_max_epi32(p, q); }));
     const __m512 d = _mm512_div_ps(amax, _mm512_set1_ps(127.0f));
     _mm512_storeu_ps(dx + b, d);
-    // d == 0 only for an all-zero block: 0 / 1 = 0 gives the same codes as the ref's 0
+    // d == 0 for an all-zero block or when amax / 127 underflows (amax <= 63 * 2^-149): x / 1
+    // then rounds every x of the block to 0, the codes the ref gives
     alignas(64) float vd[16];
     _mm512_store_ps(vd, _mm512_mask_blend_ps(_mm512_cmpeq_ps_mask(d, _mm512_setzero_ps()), d, _mm512_set1_ps(1.0f)));
     __m512i h[32];
