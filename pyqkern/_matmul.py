@@ -309,8 +309,7 @@ class QLinear:
         self.bias = _bias(bias, n)
         self._packed = None
         self._adapters = {}
-        self._active = []
-        self._active_loras = []  # self._adapters[nm] for nm in self._active, kept by the setters
+        self._set_active([])
         self._k, self._n = weight.shape[1], weight.shape[0]
         self.compute = compute
 
@@ -374,15 +373,13 @@ class QLinear:
             raise ValueError(f"adapter {name!r} already attached")
         lora.check_base(self.weight.shape)
         self._adapters[name] = lora
-        self._active.append(name)
-        self._active_loras = [self._adapters[nm] for nm in self._active]
+        self._set_active(self._active + [name])
 
     def remove_adapter(self, name: str) -> None:
         if name not in self._adapters:
             raise KeyError(f"no adapter named {name!r}; attached: {list(self._adapters)}")
         del self._adapters[name]
-        self._active = [a for a in self._active if a != name]
-        self._active_loras = [self._adapters[nm] for nm in self._active]
+        self._set_active([a for a in self._active if a != name])
 
     def set_adapter(self, names) -> None:
         """Adapters applied to every row when no adapter_ids are given (a name, a list, or [] for none)."""
@@ -390,6 +387,10 @@ class QLinear:
         for nm in names:
             if nm not in self._adapters:
                 raise KeyError(f"no adapter named {nm!r}; attached: {list(self._adapters)}")
+        self._set_active(names)
+
+    def _set_active(self, names) -> None:
+        # the names, and the LoRAs the decode path reads without a lookup per call
         self._active = names
         self._active_loras = [self._adapters[nm] for nm in names]
 
