@@ -44,10 +44,12 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
           f"threads: {thread_list}  read bandwidth: " + ", ".join(f"{th}t {v:.1f}" for th, v in bws.items())
           + " GB/s", file=out)
     hdr = (f"{'format':7s} {'compute':7s} {'M':>4s} {'K':>6s} {'N':>6s} {'thr':>3s} {'time':>10s} "
-           f"{'GFLOP/s':>8s} {'W GB/s':>7s} {'%bw':>5s} {'vs np':>6s} {'max rel err':>11s}")
+           f"{'GFLOP/s':>8s} {'W GB/s':>7s} {'%bw':>5s} {'%bwW':>5s} {'vs np':>6s} {'max rel err':>11s}")
     print("W GB/s: weight bytes per second; %bw: of the read bandwidth above at that thread count (above "
-          "100%: the weights are served from cache); vs np: speed-up over numpy fp32 x @ W.T; max rel err: vs x @ dequantize(W).T",
+          "100%: the weights are served from cache); %bwW: of the read ceiling of a buffer the weight's size "
+          "(from cache when it fits); vs np: speed-up over numpy fp32 x @ W.T; max rel err: vs x @ dequantize(W).T",
           file=out)
+    bw_w: dict = {}
     print(hdr, file=out)
     rng = np.random.default_rng(0)
     rows = []
@@ -70,11 +72,16 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
                     t = _best_time(lambda: pq.matmul(x, qt, compute=compute))
                     gflops = 2.0 * m * n * k / t / 1e9
                     wgbs = qt.nbytes / t / 1e9
+                    if (qt.nbytes, th) not in bw_w:
+                        bw_w[(qt.nbytes, th)] = read_bandwidth(qt.nbytes, th, reps=50)
                     row = dict(format=fmt, compute=compute, M=m, K=k, N=n, threads=th, time_s=t, gflops=gflops,
-                               weight_gbs=wgbs, pct_bw=100 * wgbs / bws[th], speedup_vs_numpy=t_np / t, max_rel_err=err)
+                               weight_gbs=wgbs, pct_bw=100 * wgbs / bws[th],
+                               pct_bw_wsize=100 * wgbs / bw_w[(qt.nbytes, th)], speedup_vs_numpy=t_np / t,
+                               max_rel_err=err)
                     rows.append(row)
                     print(f"{fmt:7s} {compute:7s} {m:4d} {k:6d} {n:6d} {th:3d} {t * 1e6:8.1f}us {gflops:8.1f} "
-                          f"{wgbs:7.1f} {row['pct_bw']:5.0f} {t_np / t:6.2f} {err:11.2e}", file=out)
+                          f"{wgbs:7.1f} {row['pct_bw']:5.0f} {row['pct_bw_wsize']:5.0f} {t_np / t:6.2f} {err:11.2e}",
+                          file=out)
             qt.release_packed()
     return rows
 

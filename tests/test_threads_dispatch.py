@@ -253,3 +253,35 @@ def test_out_of_range_isa_id_is_error(isa_id):
     with pytest.raises((RuntimeError, ValueError), match="ISA|isa|variant"):
         _native.dequantize(isa_id, 2, q, None, None, 2, 32, 0, 0, y)
     assert _native.isa_runnable(isa_id) is False
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_read_probe_reads_every_word_once_per_pass(threads, restore_threads):
+    """pqk_read_probe (the benchmarks' read ceiling): whatever the thread count, each pass reads
+    every 64-bit word exactly once (checksum = passes x their sum) and the time is positive."""
+    r = np.random.default_rng(threads)
+    a = r.integers(0, 1 << 40, size=(5 * 4096 + 3 * 16), dtype=np.int64)    # 128-byte multiple
+    pq.set_num_threads(threads)
+    secs, checksum = _native.read_probe(a, 3)
+    assert 0 < secs < 1
+    assert checksum == (3 * int(a.sum())) % (1 << 64)
+    assert pq.get_num_threads() == threads
+
+
+def test_read_probe_bad_input():
+    with pytest.raises(Exception, match="multiple of 128"):
+        _native.read_probe(np.zeros(4096 // 8 + 1, np.int64), 1)
+    with pytest.raises(Exception, match="at least 4096"):
+        _native.read_probe(np.zeros(16, np.int64), 1)
+    with pytest.raises(Exception, match="reps"):
+        _native.read_probe(np.zeros(4096 // 8, np.int64), 0)
+
+
+def test_read_bandwidth_cached_and_threads_restored(restore_threads):
+    from pyqkern._membw import read_bandwidth
+
+    pq.set_num_threads(1)
+    for th in (1, 2):
+        bw = read_bandwidth(1 << 20, th, reps=3)
+        assert np.isfinite(bw) and bw > 0.1                                # GB/s
+    assert pq.get_num_threads() == 1

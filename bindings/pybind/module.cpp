@@ -326,6 +326,17 @@ PYBIND11_MODULE(_native, m) {
   });
   m.def("set_num_threads", [](int n) { check(pqk_set_num_threads(n)); });
   m.def("get_num_threads", &pqk_get_num_threads);
+  m.def("read_probe", [](py::array buf, int reps) {
+    py::buffer_info bi = buf.request();
+    if (!(buf.flags() & py::array::c_style)) throw py::value_error("read_probe: buffer must be C-contiguous");
+    double best = 0.0;
+    uint64_t sum = 0;
+    {
+      py::gil_scoped_release nogil;
+      check(pqk_read_probe(bi.ptr, (int64_t)(bi.size * bi.itemsize), reps, &best, &sum));
+    }
+    return py::make_tuple(best, sum);
+  });
 
   m.def("row_bytes", [](int fmt, int64_t k, int group, int sym) {
     pqk_qparams p{group, sym};

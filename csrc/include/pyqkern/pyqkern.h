@@ -104,6 +104,13 @@ PQK_API const char* pqk_cpu_features(void);
 
 PQK_API pqk_status pqk_set_num_threads(int32_t n); /* n <= 0: number of CPUs */
 PQK_API int32_t pqk_get_num_threads(void);
+/* Read-bandwidth probe: reads the nbytes at buf (>= 4096, a multiple of 128)
+ * reps times, split over the library's threads as a GEMV is, and stores the best pass's
+ * seconds (and, if checksum is not NULL, the sum of the 64-bit words read, so the reads
+ * cannot be skipped). nbytes over the weight size of a layer gives the ceiling of a GEMV whose
+ * weight stays in cache; over much more than the L3, the memory's. */
+PQK_API pqk_status pqk_read_probe(const void* buf, int64_t nbytes, int32_t reps, double* best_seconds,
+                                  uint64_t* checksum);
 
 /* Resolves defaults in *params (group 0 -> the format's default) and checks them. */
 PQK_API pqk_status pqk_row_bytes_of(int32_t fmt, int64_t k, pqk_qparams* params, pqk_row_bytes* out);
