@@ -318,7 +318,7 @@ def test_numba_fused_dora_and_perm():
 
 
 @settings(max_examples=25, deadline=None)
-@given(r=st.sampled_from([1, 2, 3, 6, 16, 18, 64, 130]), n=st.sampled_from([16, 37, 64]),
+@given(r=st.sampled_from([1, 2, 3, 6, 16, 18, 64, 130]), n=st.sampled_from([16, 37, 64, 133]),
        m=st.sampled_from([1, 2, 5]), storage=st.sampled_from(["float32", "float16", "bfloat16"]),
        mode=st.sampled_from(["single", "sum", "rows", "dora"]), use_bias=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
@@ -326,7 +326,9 @@ def test_expansion_bit_identical_across_variants(r, n, m, storage, mode, use_bia
     """The expansion is specified exactly (rank r into FMA chain r % 4, (c0 + c1) + (c2 + c3),
     scale, DoRA factor, bias), so with a shrink that is exact in any summation order (small
     integer x, A in multiples of 1/8) every variant returns the same bits, including the SIMD
-    fast paths for full tiles and even ranks and the generic path for tails and odd ranks."""
+    fast paths for full tiles (two at a time) and even ranks and the generic path for tails and
+    odd ranks; at 1 thread the decode expansion covers all tiles in one call, at 2 one call per
+    chunk of tiles."""
     rng = np.random.default_rng(seed)
     k = 64
     qt = make("q4_0", n, k, rng)
@@ -349,8 +351,16 @@ def test_expansion_bit_identical_across_variants(r, n, m, storage, mode, use_bia
     else:
         lora = [ad(r), ad(max(1, r - 1))]
         ids = rng.integers(-1, 2, m).astype(np.int32)
-    outs = {v: pq.matmul(x, qt, bias, lora=lora, adapter_ids=ids, compute="int8", isa=v) for v in VARIANTS}
-    ref = outs["ref"]
+    before = pq.get_num_threads()
+    try:
+        outs = {}
+        for th in (1, 2):
+            pq.set_num_threads(th)
+            outs.update({(v, th): pq.matmul(x, qt, bias, lora=lora, adapter_ids=ids, compute="int8", isa=v)
+                         for v in VARIANTS})
+    finally:
+        pq.set_num_threads(before)
+    ref = outs[("ref", 1)]
     for v, y in outs.items():
         assert np.array_equal(y, ref), (v, np.abs(y - ref).max())
 
