@@ -399,26 +399,28 @@ def test_qlinear_direct_path_matches_matmul_and_checks_input():
         lin(np.ones((3, k + 1), np.float32))
 
 
+@pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("compute", ["int8", "float"])
-def test_summed_bf16_adapters_thread_count_independent(compute):
-    """Two bf16 adapters summed on every row: the shrink's rank columns are split over threads in
+def test_summed_adapters_thread_count_independent(compute, storage):
+    """Two adapters summed on every row: the shrink's rank columns are split over threads in
     slices that cross adapter boundaries, so each column must come out the same whichever slice
-    (4-row or single-row path) computed it."""
+    (4-row or single-row path) computed it, in every variant."""
     rng = np.random.default_rng(12)
     n, k = 32, 64
     qt = make("q8_0", n, k, rng)
     ads = [LoRA((rng.standard_normal((r, k)) * 0.05).astype(np.float32),
-                (rng.standard_normal((n, r)) * 0.05).astype(np.float32), alpha=r, storage="bfloat16")
+                (rng.standard_normal((n, r)) * 0.05).astype(np.float32), alpha=r, storage=storage)
            for r in (2, 5)]
     before = pq.get_num_threads()
     try:
         for m in (1, 9):
             x = rng.standard_normal((m, k)).astype(np.float32)
-            outs = []
-            for t in (1, 2, 3, 12):
-                pq.set_num_threads(t)
-                outs.append(pq.matmul(x, qt, lora=ads, compute=compute))
-            assert all(np.array_equal(o, outs[0]) for o in outs), m
+            for v in VARIANTS:
+                outs = []
+                for t in (1, 2, 3, 12):
+                    pq.set_num_threads(t)
+                    outs.append(pq.matmul(x, qt, lora=ads, compute=compute, isa=v))
+                assert all(np.array_equal(o, outs[0]) for o in outs), (m, v)
     finally:
         pq.set_num_threads(before)
 

@@ -4,6 +4,8 @@
 // matches ref::quantize_act bit for bit (x / dx, round half to even, clamp, sums per 16).
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "../../core/kernel_table.h"
 #include "../../core/packed.h"
 
@@ -31,20 +33,30 @@ inline __m256 load8(const void* p, int64_t i, int n) {
   return _mm256_load_ps(tmp);
 }
 
-template <int DT>
-inline __m256 rank_sum(const float* ta, const void* Bp, int64_t b0, int rank, int n) {
-  __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+// out[h] = sum_r ta[r] * Bp[b0 + 8 h + 16 r + lane] for the H halves (8 columns each) of a
+// 16-column tile: rank r into FMA chain r % 4 of its half, then (c0 + c1) + (c2 + c3). The two
+// halves' chains are independent and interleave (one half's 4 chains alone leave the FMA pipes
+// idle); n: columns of a single half (H = 1) that exist, zeros beyond.
+template <int DT, int H>
+inline void rank_sums(const float* ta, const void* Bp, int64_t b0, int rank, int n, __m256* out) {
+  __m256 c[H][4];
+  for (int h = 0; h < H; ++h) c[h][0] = c[h][1] = c[h][2] = c[h][3] = _mm256_setzero_ps();
   int r = 0;
-  for (; r + 4 <= rank; r += 4) {
-    c0 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r]), load8<DT>(Bp, b0 + r * 16, n), c0);
-    c1 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r + 1]), load8<DT>(Bp, b0 + (r + 1) * 16, n), c1);
-    c2 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r + 2]), load8<DT>(Bp, b0 + (r + 2) * 16, n), c2);
-    c3 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r + 3]), load8<DT>(Bp, b0 + (r + 3) * 16, n), c3);
-  }
-  if (r < rank) c0 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r]), load8<DT>(Bp, b0 + r * 16, n), c0);
-  if (r + 1 < rank) c1 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r + 1]), load8<DT>(Bp, b0 + (r + 1) * 16, n), c1);
-  if (r + 2 < rank) c2 = _mm256_fmadd_ps(_mm256_set1_ps(ta[r + 2]), load8<DT>(Bp, b0 + (r + 2) * 16, n), c2);
-  return _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3));
+  for (; r + 4 <= rank; r += 4)
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __m256 tq = _mm256_set1_ps(ta[r + q]);
+#pragma GCC unroll 2
+      for (int h = 0; h < H; ++h) c[h][q] = _mm256_fmadd_ps(tq, load8<DT>(Bp, b0 + 8 * h + (r + q) * 16, n), c[h][q]);
+    }
+  // the last rank % 4 ranks (constant indices: a variable one keeps c in memory)
+#pragma GCC unroll 3
+  for (int q = 0; q < 3; ++q)
+    if (r + q < rank)
+#pragma GCC unroll 2
+      for (int h = 0; h < H; ++h)
+        c[h][q] = _mm256_fmadd_ps(_mm256_set1_ps(ta[r + q]), load8<DT>(Bp, b0 + 8 * h + (r + q) * 16, n), c[h][q]);
+  for (int h = 0; h < H; ++h) out[h] = _mm256_add_ps(_mm256_add_ps(c[h][0], c[h][1]), _mm256_add_ps(c[h][2], c[h][3]));
 }
 
 inline float hsum8(__m256 v) {
@@ -54,24 +66,89 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int DT>
-void shrink_t(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
+// dot(x, A[r]) for G rows r0.. at a time (G loads of x shared): two chains per row over steps of
+// 16 (even and odd 8), then the 8-step and tail chains, summed as (a0 + a1) then the lanes. Every
+// row gets these operations whatever G, so a column's value does not depend on how the columns
+// were split into calls (threads).
+template <int DT, int G>
+inline void shrink_rows(const void* A, int64_t r0, int64_t k, const float* x, float* t) {
   const int64_t k8 = k & ~(int64_t)7;
   const int tail = (int)(k - k8);
-  for (int64_t r = r0; r < r1; ++r) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    int64_t j = 0;
-    for (; j + 16 <= k8; j += 16) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), load8<DT>(ad.A, r * k + j, 8), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), load8<DT>(ad.A, r * k + j + 8, 8), a1);
+  __m256 a0[G], a1[G];
+  for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= k8; j += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      a0[g] = _mm256_fmadd_ps(x0, load8<DT>(A, (r0 + g) * k + j, 8), a0[g]);
+      a1[g] = _mm256_fmadd_ps(x1, load8<DT>(A, (r0 + g) * k + j + 8, 8), a1[g]);
     }
-    for (; j < k8; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), load8<DT>(ad.A, r * k + j, 8), a0);
-    if (tail) {
-      alignas(32) float xt[8] = {};
-      for (int q = 0; q < tail; ++q) xt[q] = x[k8 + q];
-      a0 = _mm256_fmadd_ps(_mm256_load_ps(xt), load8<DT>(ad.A, r * k + k8, tail), a0);
+  }
+  if (j < k8) {
+    const __m256 x0 = _mm256_loadu_ps(x + j);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) a0[g] = _mm256_fmadd_ps(x0, load8<DT>(A, (r0 + g) * k + j, 8), a0[g]);
+  }
+  if (tail) {
+    alignas(32) float xt[8] = {};
+    for (int q = 0; q < tail; ++q) xt[q] = x[k8 + q];
+    const __m256 x0 = _mm256_load_ps(xt);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) a0[g] = _mm256_fmadd_ps(x0, load8<DT>(A, (r0 + g) * k + k8, tail), a0[g]);
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) t[g] = hsum8(_mm256_add_ps(a0[g], a1[g]));
+}
+
+template <int DT>
+void shrink_t(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) shrink_rows<DT, 4>(ad.A, r, k, x, t + (r - r0));
+  for (; r < r1; ++r) shrink_rows<DT, 1>(ad.A, r, k, x, t + (r - r0));
+}
+
+// One adapter over the columns [n0, n0 + nr) of a row (v = y (+ scale * acc) (* row_scale)
+// (+ bias when last)): whole 16-column tiles as two interleaved halves, then pieces of at most
+// 8 columns that do not cross a tile.
+template <int DT>
+void expand_one(const pqk_lora& ad, const float* ta, int64_t n0, int nr, float* yr, const float* bias) {
+  const __m256 vs = _mm256_set1_ps(ad.scale);
+  auto finish = [&](__m256 acc, int64_t n, float* yp, int cnt) {
+    __m256 v;
+    if (cnt == 8) v = _mm256_loadu_ps(yp);
+    else {
+      alignas(32) float buf[8] = {};
+      for (int q = 0; q < cnt; ++q) buf[q] = yp[q];
+      v = _mm256_load_ps(buf);
     }
-    t[r - r0] = hsum8(_mm256_add_ps(a0, a1));
+    v = _mm256_add_ps(v, _mm256_mul_ps(vs, acc));
+    if (ad.row_scale) v = _mm256_mul_ps(v, load8<0>(ad.row_scale, n, cnt));
+    if (bias) v = _mm256_add_ps(v, load8<0>(bias, n, cnt));
+    if (cnt == 8) _mm256_storeu_ps(yp, v);
+    else {
+      alignas(32) float buf[8];
+      _mm256_store_ps(buf, v);
+      for (int q = 0; q < cnt; ++q) yp[q] = buf[q];
+    }
+  };
+  int c0 = 0;
+  if (n0 % 16 == 0)
+    for (; c0 + 16 <= nr; c0 += 16) {
+      const int64_t n = n0 + c0;
+      __m256 acc[2];
+      rank_sums<DT, 2>(ta, ad.Bp, (n / 16) * ad.rank * 16, ad.rank, 8, acc);
+      finish(acc[0], n, yr + c0, 8);
+      finish(acc[1], n + 8, yr + c0 + 8, 8);
+    }
+  while (c0 < nr) {
+    const int64_t n = n0 + c0;
+    const int in_tile = 16 - (int)(n % 16);
+    const int cnt = std::min(std::min(nr - c0, 8), in_tile);
+    __m256 acc;
+    rank_sums<DT, 1>(ta, ad.Bp, (n / 16) * ad.rank * 16 + n % 16, ad.rank, cnt, &acc);
+    finish(acc, n, yr + c0, cnt);
+    c0 += cnt;
   }
 }
 
@@ -83,36 +160,26 @@ void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const fl
   return shrink_t<2>(ad, r0, r1, k, x, t);
 }
 
+// adapter by adapter over the columns (y holds v between adapters: the same per-value order as
+// ref, whose v stays in a register)
 void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy) {
   for (int64_t i = m0; i < m1; ++i) {
     const float* ti = L.t + i * L.t_cols;
+    float* yr = y + i * ldy + n0;
     int a0 = 0, a1 = L.n_ad;
     if (L.row_adapter) { a0 = L.row_adapter[i]; a1 = a0 + 1; }
-    if (a0 < 0) a0 = a1;
-    for (int c0 = 0; c0 < nr;) {
-      // 8 columns at most, never crossing a 16-column tile of Bp
-      const int in_tile = 16 - (int)((n0 + c0) % 16);
-      const int cn = nr - c0 < 8 ? nr - c0 : 8;
-      const int cnt = cn < in_tile ? cn : in_tile;
-      const int64_t n = n0 + c0;
-      float* yp = y + i * ldy + n;
-      alignas(32) float buf[8] = {};
-      for (int q = 0; q < cnt; ++q) buf[q] = yp[q];
-      __m256 v = _mm256_load_ps(buf);
-      for (int a = a0; a < a1; ++a) {
-        const pqk_lora& ad = L.ad[a];
-        const float* ta = ti + (L.row_adapter ? 0 : L.t_off[a]);
-        const int64_t b0 = (n / 16) * ad.rank * 16 + n % 16;
-        const __m256 acc = ad.dtype == 0 ? rank_sum<0>(ta, ad.Bp, b0, ad.rank, cnt)
-                           : ad.dtype == 1 ? rank_sum<1>(ta, ad.Bp, b0, ad.rank, cnt)
-                                           : rank_sum<2>(ta, ad.Bp, b0, ad.rank, cnt);
-        v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_set1_ps(ad.scale), acc));
-        if (ad.row_scale) v = _mm256_mul_ps(v, load8<0>(ad.row_scale, n, cnt));
-      }
-      if (L.bias) v = _mm256_add_ps(v, load8<0>(L.bias, n, cnt));
-      _mm256_store_ps(buf, v);
-      for (int q = 0; q < cnt; ++q) yp[q] = buf[q];
-      c0 += cnt;
+    if (a0 < 0 || a0 >= a1) {  // no adapter on this row: bias only
+      if (L.bias)
+        for (int c = 0; c < nr; ++c) yr[c] = yr[c] + L.bias[n0 + c];
+      continue;
+    }
+    for (int a = a0; a < a1; ++a) {
+      const pqk_lora& ad = L.ad[a];
+      const float* ta = ti + (L.row_adapter ? 0 : L.t_off[a]);
+      const float* bias = a + 1 == a1 ? L.bias : nullptr;
+      if (ad.dtype == 0) expand_one<0>(ad, ta, n0, nr, yr, bias);
+      else if (ad.dtype == 1) expand_one<1>(ad, ta, n0, nr, yr, bias);
+      else expand_one<2>(ad, ta, n0, nr, yr, bias);
     }
   }
 }
