@@ -17,6 +17,9 @@ Rows (benchmark group per case):
 - multi: 32 rows, rank 16, fp32 and bf16 adapters: every row its own adapter (32 loaded) vs all rows sharing one;
   extra_info["ratio_vs_shared"] on the distinct row (min times of the two rows), and "ratio_paired":
   shared and distinct called alternately, 1 + median difference over median shared.
+- decode_other_variants: rank 16, q4_0, fp32 / bf16 A and B, with each variant this CPU runs
+    besides ref and the active one (pq.matmul(..., isa=v)); "overhead_paired" against that
+    variant's base.
 - decode_ggml: llama.cpp's ggml on the same q4_0 bytes (repacked), the adapter applied as llama.cpp
   does (two more mul_mat, a scale and an add), fp32 / bf16 A and B; "overhead_paired" against
   ggml's own base. Skipped with the reason if ggml cannot be built here (bench/ggml_peer.py).
@@ -130,6 +133,30 @@ def test_decode(benchmark, layers, fmt, r, mode, threads):
         # slow/fast phases hit both (the separate rows above are minutes apart in a full run)
         lb = pq.QLinear(qt)
         benchmark.extra_info["overhead_paired"] = _paired_overhead(lambda: lb(x, out=y), fn)
+
+
+_OTHER_VARIANTS = [v for v in pq.variants() if v not in ("ref", pq.info()["active_variant"])]
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", _OTHER_VARIANTS or [pytest.param(None, marks=pytest.mark.skip(
+    reason="this CPU runs no variant besides ref and the active one"))])
+def test_decode_other_variants(benchmark, layers, variant, storage, threads):
+    """Rank 16 on q4_0 with the kernels of a variant this CPU runs but does not pick (avx2, avxvnni
+    on an AVX-512 machine: what CPUs without AVX-512 run): pq.matmul(x, qt, lora=ad, isa=v),
+    overhead against the same variant's base in alternating calls."""
+    qt = layers["q4_0"]
+    a = _adapter(16, 16)
+    ad = LoRA(a.A, a.B, alpha=a.alpha, storage=storage)
+    x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)
+    y = np.empty((1, N), np.float32)
+    fn = lambda: pq.matmul(x, qt, lora=ad, out=y, isa=variant)  # noqa: E731
+    benchmark.group = f"lora decode q4_0 r16 t{threads} other variants"
+    benchmark.pedantic(fn, rounds=100, iterations=1, warmup_rounds=5)
+    _info(benchmark, mode=f"fused@{variant}", storage=storage, rank=16, threads=threads, shape=(1, K, N),
+          min_us=benchmark.stats.stats.min * 1e6)
+    benchmark.extra_info["overhead_paired"] = _paired_overhead(
+        lambda: pq.matmul(x, qt, out=y, isa=variant), fn, pairs=200)
 
 
 @pytest.mark.parametrize("r", RANKS)
