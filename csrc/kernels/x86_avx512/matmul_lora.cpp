@@ -1,7 +1,8 @@
 // Adapter kernels (AVX-512). Expansion: 16 output columns per vector, the same per-lane
 // operations and order as ref::lora_expand (rank r into FMA chain r % 4, chains added as
 // (c0 + c1) + (c2 + c3), then scale, DoRA factor and bias), so results are identical.
-// Shrink: fp32 dot products (4 adapter rows share each load of x), FMA, any order.
+// Shrink: fp32 dot products (4 adapter rows share each load of x), FMA, any order (the same for
+// every split of the rank columns).
 // A and B may be fp32, fp16 (vcvtph2ps) or bf16 (shift into the high half): widened exactly.
 #include "../avx512_gcc12_warnings.h"  // before <immintrin.h>
 #include <immintrin.h>
@@ -162,90 +163,57 @@ void expand_one(const pqk_lora& ad, const float* ta, int64_t n0, int nr, float* 
 
 namespace {
 
-// bf16 pairs in 32-bit lanes: the high half's mask, and the permutes taking the even / odd
-// elements of 32 floats held in two registers
-inline __m512i kHi() { return _mm512_set1_epi32((int)0xFFFF0000u); }
-inline __m512i kEven() { return _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0); }
-inline __m512i kOdd() { return _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1); }
-
-// dot(x[0:k], A[r, 0:k]) for 4 rows r0..r0+3 at a time, A in dtype DT (the dtype branch is hoisted
-// out of the loop by the template).
-template <int DT>
-void shrink_rows_t(const void* A, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
+// dot(x[0:k], A[r + g, 0:k]) for the G rows from r (4 at a time, then 1): each row has two FMA
+// chains (the 16-element halves of every 32), the last full 16 and the masked tail go to the
+// first, then a + b and the lanes. Every row gets these operations whatever G, so a column's
+// value does not depend on how the columns were split into calls (threads). A is widened by
+// load16t (bf16: zero-extend and shift): faster here than widening 32 bf16 at once into even /
+// odd lanes, whose x permutes took a third of the time (rank 16 bf16 at 4096, A in L2: 1.5 ->
+// 1.0 us, the rate L2 delivers A at).
+template <int DT, int G>
+inline void shrink_rows(const void* A, int64_t r, int64_t k, const float* x, float* t) {
   const int64_t k16 = k & ~(int64_t)15;
   const __mmask16 tail = (__mmask16)((1u << (k - k16)) - 1);
+  __m512 a[G], b[G];
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) a[g] = b[g] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= k16; j += 32) {
+    // fp32 A: each row (16 KB apart at K = 4096) two lines per step, 1 KB ahead; the hardware
+    // prefetcher alone leaves these strided streams below the L3's rate (rank 16 at 4096, one
+    // cached layer: about -0.4 us of the shrink; 16-bit A: no difference measured)
+    if (DT == 0)
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        _mm_prefetch((const char*)A + ((r + g) * k + j) * 4 + 1024, _MM_HINT_T0);
+        _mm_prefetch((const char*)A + ((r + g) * k + j) * 4 + 1088, _MM_HINT_T0);
+      }
+    const __m512 x0 = _mm512_loadu_ps(x + j), x1 = _mm512_loadu_ps(x + j + 16);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      a[g] = _mm512_fmadd_ps(x0, load16t<DT>(A, (r + g) * k + j, 0xFFFF), a[g]);
+      b[g] = _mm512_fmadd_ps(x1, load16t<DT>(A, (r + g) * k + j + 16, 0xFFFF), b[g]);
+    }
+  }
+  if (j < k16) {
+    const __m512 x0 = _mm512_loadu_ps(x + j);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(x0, load16t<DT>(A, (r + g) * k + j, 0xFFFF), a[g]);
+  }
+  if (tail) {
+    const __m512 x0 = _mm512_maskz_loadu_ps(tail, x + k16);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(x0, load16t<DT>(A, (r + g) * k + k16, tail), a[g]);
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) t[g] = _mm512_reduce_add_ps(_mm512_add_ps(a[g], b[g]));
+}
+
+template <int DT>
+void shrink_rows_t(const void* A, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
   int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t j = 0;
-    if (DT == 2) {
-      // 32 bf16 per load: even elements by shifting left 16, odd ones by masking the low half;
-      // x split into its even and odd elements to match (two permutes shared by the 4 rows).
-      // Odd products go to their own accumulators (b*) so no chain has two FMAs per step.
-      const __m512i hi = kHi(), ev = kEven(), od = kOdd();
-      const uint16_t* Ab = (const uint16_t*)A;
-      __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
-      for (; j + 32 <= k; j += 32) {
-        const __m512 xl = _mm512_loadu_ps(x + j), xh = _mm512_loadu_ps(x + j + 16);
-        const __m512 xe = _mm512_permutex2var_ps(xl, ev, xh), xo = _mm512_permutex2var_ps(xl, od, xh);
-#define PQK_PAIR(acc, acco, row)                                                                  \
-  {                                                                                               \
-    const __m512i P = _mm512_loadu_si512((const void*)(Ab + (row) * k + j));                      \
-    acc = _mm512_fmadd_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(P, 16)), acc);                \
-    acco = _mm512_fmadd_ps(xo, _mm512_castsi512_ps(_mm512_and_si512(P, hi)), acco);               \
-  }
-        PQK_PAIR(a0, b0, r) PQK_PAIR(a1, b1, r + 1) PQK_PAIR(a2, b2, r + 2) PQK_PAIR(a3, b3, r + 3)
-#undef PQK_PAIR
-      }
-      a0 = _mm512_add_ps(a0, b0); a1 = _mm512_add_ps(a1, b1);
-      a2 = _mm512_add_ps(a2, b2); a3 = _mm512_add_ps(a3, b3);
-    }
-    for (; j < k16; j += 16) {
-      // fp32 A: each of the 4 rows (16 KB apart at K = 4096) one line per step, 1 KB ahead; the
-      // hardware prefetcher alone leaves these strided streams below the L3's rate (rank 16 at
-      // 4096, one cached layer: about -0.4 us of the shrink; 16-bit A: no difference measured)
-      if (DT == 0)
-        for (int u = 0; u < 4; ++u) _mm_prefetch((const char*)A + ((r + u) * k + j) * 4 + 1024, _MM_HINT_T0);
-      const __m512 xv = _mm512_loadu_ps(x + j);
-      a0 = _mm512_fmadd_ps(xv, load16t<DT>(A, r * k + j, 0xFFFF), a0);
-      a1 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 1) * k + j, 0xFFFF), a1);
-      a2 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 2) * k + j, 0xFFFF), a2);
-      a3 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 3) * k + j, 0xFFFF), a3);
-    }
-    if (tail) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + k16);
-      a0 = _mm512_fmadd_ps(xv, load16t<DT>(A, r * k + k16, tail), a0);
-      a1 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 1) * k + k16, tail), a1);
-      a2 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 2) * k + k16, tail), a2);
-      a3 = _mm512_fmadd_ps(xv, load16t<DT>(A, (r + 3) * k + k16, tail), a3);
-    }
-    t[r - r0] = _mm512_reduce_add_ps(a0);
-    t[r - r0 + 1] = _mm512_reduce_add_ps(a1);
-    t[r - r0 + 2] = _mm512_reduce_add_ps(a2);
-    t[r - r0 + 3] = _mm512_reduce_add_ps(a3);
-  }
-  // one row at a time, each with exactly the operations a row of the 4-row loop gets, so a
-  // column's value does not depend on how the columns were split into calls (threads)
-  for (; r < r1; ++r) {
-    __m512 a0 = _mm512_setzero_ps();
-    int64_t j = 0;
-    if (DT == 2) {
-      const __m512i hi = kHi(), ev = kEven(), od = kOdd();
-      const uint16_t* Ab = (const uint16_t*)A;
-      __m512 b0 = _mm512_setzero_ps();
-      for (; j + 32 <= k; j += 32) {
-        const __m512 xl = _mm512_loadu_ps(x + j), xh = _mm512_loadu_ps(x + j + 16);
-        const __m512i P = _mm512_loadu_si512((const void*)(Ab + r * k + j));
-        a0 = _mm512_fmadd_ps(_mm512_permutex2var_ps(xl, ev, xh), _mm512_castsi512_ps(_mm512_slli_epi32(P, 16)), a0);
-        b0 = _mm512_fmadd_ps(_mm512_permutex2var_ps(xl, od, xh), _mm512_castsi512_ps(_mm512_and_si512(P, hi)), b0);
-      }
-      a0 = _mm512_add_ps(a0, b0);
-    }
-    for (; j < k16; j += 16)
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), load16t<DT>(A, r * k + j, 0xFFFF), a0);
-    if (tail) a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + k16), load16t<DT>(A, r * k + k16, tail), a0);
-    t[r - r0] = _mm512_reduce_add_ps(a0);
-  }
+  for (; r + 4 <= r1; r += 4) shrink_rows<DT, 4>(A, r, k, x, t + (r - r0));
+  for (; r < r1; ++r) shrink_rows<DT, 1>(A, r, k, x, t + (r - r0));
 }
 
 }  // namespace
