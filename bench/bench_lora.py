@@ -94,7 +94,8 @@ def threads(request):
 
 
 def _info(benchmark, **kw):
-    benchmark.extra_info.update(cpu=pq.info()["cpu"], variant=pq.info()["active_variant"], **kw)
+    """cpu, variant (the active one unless kw names another) and kw into the row's extra_info."""
+    benchmark.extra_info.update(dict(cpu=pq.info()["cpu"], variant=pq.info()["active_variant"]), **kw)
 
 
 @pytest.mark.parametrize("r", RANKS)
@@ -153,7 +154,7 @@ def test_decode_other_variants(benchmark, layers, variant, storage, threads):
     fn = lambda: pq.matmul(x, qt, lora=ad, out=y, isa=variant)  # noqa: E731
     benchmark.group = f"lora decode q4_0 r16 t{threads} other variants"
     benchmark.pedantic(fn, rounds=100, iterations=1, warmup_rounds=5)
-    _info(benchmark, mode=f"fused@{variant}", storage=storage, rank=16, threads=threads, shape=(1, K, N),
+    _info(benchmark, mode=f"fused@{variant}", variant=variant, storage=storage, rank=16, threads=threads, shape=(1, K, N),
           min_us=benchmark.stats.stats.min * 1e6)
     benchmark.extra_info["overhead_paired"] = _paired_overhead(
         lambda: pq.matmul(x, qt, out=y, isa=variant), fn, pairs=200)

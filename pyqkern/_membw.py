@@ -64,7 +64,7 @@ def read_bandwidth(nbytes: int = 256 << 20, threads: int = 1, reps: int = 5) -> 
     measure a cached buffer at 2 threads: starting Python threads costs about as long as
     reading 9 MB from L3 (numpy gave 45 GB/s there, the native probe ~200). numpy's int64 sum
     alone is compute-bound below the memory (30 GB/s at 2 threads where the max reads 67)."""
-    threads = max(1, int(threads))
+    threads, reps = max(1, int(threads)), max(1, int(reps))
     a = _buffer(int(nbytes))
     best = _numpy_probe(a, threads, reps)
     try:

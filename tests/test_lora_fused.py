@@ -8,7 +8,7 @@ of the unfused reference computed the same way (all native variants, both comput
 """
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import pyqkern as pq
 from pyqkern._lora import LoRA
@@ -317,28 +317,35 @@ def test_numba_fused_dora_and_perm():
         assert (np.abs(y - ref) <= bound(x, qt, [ad], None)).all()
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
+# the multi-tile paths with each B dtype (16-bit ranks % 4 == 2 end on an extra pair)
+@example(r=6, n=37, m=1, storage="bfloat16", mode="single", use_bias=False, seed=0)
+@example(r=18, n=133, m=2, storage="float16", mode="sum", use_bias=True, seed=1)
+@example(r=16, n=64, m=1, storage="float32", mode="dora", use_bias=False, seed=2)
 @given(r=st.sampled_from([1, 2, 3, 6, 16, 18, 64, 130]), n=st.sampled_from([16, 37, 64, 133]),
        m=st.sampled_from([1, 2, 5]), storage=st.sampled_from(["float32", "float16", "bfloat16"]),
        mode=st.sampled_from(["single", "sum", "rows", "dora"]), use_bias=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
 def test_expansion_bit_identical_across_variants(r, n, m, storage, mode, use_bias, seed):
     """The expansion is specified exactly (rank r into FMA chain r % 4, (c0 + c1) + (c2 + c3),
-    scale, DoRA factor, bias), so with a shrink that is exact in any summation order (small
-    integer x, A in multiples of 1/8) every variant returns the same bits, including the SIMD
+    scale, DoRA factor, bias), so with a shrink that is exact in any summation order (each row of
+    A one nonzero +-2^e: t[r] = +-2^e * x[j], a full-mantissa value, so the products and chain
+    sums of 16-bit B round and a changed order shows) every variant returns the same bits, including the SIMD
     fast paths for full tiles (two at a time) and even ranks and the generic path for tails and
     odd ranks; at 1 thread the decode expansion covers all tiles in one call, at 2 one call per
     chunk of tiles."""
     rng = np.random.default_rng(seed)
     k = 64
     qt = make("q4_0", n, k, rng)
-    x = rng.integers(-4, 5, (m, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
 
     def ad(rank, dora=False):
-        A = (rng.integers(-2, 3, (rank, k)) / 8).astype(np.float32)
+        A = np.zeros((rank, k), np.float32)
+        A[np.arange(rank), rng.integers(0, k, rank)] = (rng.choice([-1, 1], rank)
+                                                        * 2.0 ** rng.integers(-3, 2, rank))
         B = (rng.standard_normal((n, rank)) * 0.05).astype(np.float32)
         mag = (np.abs(rng.standard_normal(n)) + 0.5).astype(np.float32) if dora else None
-        return LoRA(A, B, alpha=2 * rank, magnitude=mag, storage=storage)
+        return LoRA(A, B, alpha=1.7 * rank, magnitude=mag, storage=storage)
 
     bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
     ids = None
