@@ -25,9 +25,11 @@ inline __m256 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
   return f16 ? _mm256_cvtph_ps(_mm_load_si128((const __m128i*)(f16 + pi))) : _mm256_load_ps(f32 + pi);
 }
 
-template <class DP, bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool SIGNED>
-void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
-                 const float* bias) {
+// R activation rows from i0 over one tile (R a constant, so no run-time trip count keeps the row
+// loop's accumulators on the stack)
+template <class DP, bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool SIGNED, int R>
+void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
+               const float* bias) {
   const int64_t n0 = tile * NR;
   const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
   const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
@@ -42,11 +44,11 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
   const __m256i vlut = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)lut_s));
   const int64_t nkb = w.k / QBLK;
 
-  for (int64_t i0 = m0; i0 < m1; i0 += MR) {
-    const int mr = (int)(m1 - i0 < MR ? m1 - i0 : MR);
+  {
     for (int h = 0; h < 2; ++h) {  // rows 0-7, then rows 8-15 of the tile
-      __m256 acc[MR];
-      for (int ii = 0; ii < MR; ++ii) acc[ii] = _mm256_setzero_ps();
+      __m256 acc[R];
+#pragma GCC unroll 8
+      for (int ii = 0; ii < R; ++ii) acc[ii] = _mm256_setzero_ps();
       int64_t g = 0, g_end = w.par_every;  // parameter group of block b (no division per block)
       for (int64_t kb = 0; kb < nkb; ++kb) {
         for (int sub = 0; sub < PER; ++sub) {
@@ -79,7 +81,8 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
           __m256i voff = _mm256_setzero_si256();
           if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
           if (ROW_OFF) voff = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
-          for (int ii = 0; ii < mr; ++ii) {
+#pragma GCC unroll 8
+          for (int ii = 0; ii < R; ++ii) {
             const int64_t i = i0 + ii;
             const int8_t* xb = a.row_q(i) + b * BLK;
             const int32_t* xs16 = a.row_s(i);
@@ -127,7 +130,7 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
           }
         }
       }
-      for (int ii = 0; ii < mr; ++ii) {
+      for (int ii = 0; ii < R; ++ii) {
         alignas(32) float out[8];
         _mm256_store_ps(out, acc[ii]);
         for (int r = 0; r < 8; ++r) {
@@ -137,6 +140,21 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
         }
       }
     }
+  }
+}
+
+// rows [m0, m1) over one tile: groups of MR rows, then the remaining ones
+template <class DP, bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool SIGNED>
+void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+                 const float* bias) {
+  static_assert(MR == 4, "the tail below covers 1..3 remaining rows");
+  int64_t i0 = m0;
+  for (; i0 + MR <= m1; i0 += MR) tile_rows<DP, NIB, BLK, HAS_MIN, ROW_OFF, LUT, SIGNED, MR>(w, tile, a, i0, y, ldy, bias);
+  switch (m1 - i0) {
+    case 1: return tile_rows<DP, NIB, BLK, HAS_MIN, ROW_OFF, LUT, SIGNED, 1>(w, tile, a, i0, y, ldy, bias);
+    case 2: return tile_rows<DP, NIB, BLK, HAS_MIN, ROW_OFF, LUT, SIGNED, 2>(w, tile, a, i0, y, ldy, bias);
+    case 3: return tile_rows<DP, NIB, BLK, HAS_MIN, ROW_OFF, LUT, SIGNED, 3>(w, tile, a, i0, y, ldy, bias);
+    default: return;
   }
 }
 

@@ -15,6 +15,7 @@ namespace {
 #define PQK_VNNI_MR 10
 #endif
 constexpr int MR = PQK_VNNI_MR;  // activation rows sharing one decode of the weight block
+static_assert(MR >= 1 && MR <= 16, "tile_kernel's tail switch covers 1..15 remaining rows");
 // 4 activation bytes read as one int32 (folds into vpdpbusd's {1to16} memory broadcast)
 typedef int32_t __attribute__((may_alias, aligned(1))) i32_unaligned;
 
@@ -46,9 +47,12 @@ inline __m512 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
   return f16 ? _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(f16 + pi))) : _mm512_load_ps(f32 + pi);
 }
 
-template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT = false>
-void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
-                 const float* bias) {
+// R activation rows from i0 over one tile: the row loop has a constant trip count, so the R
+// accumulators stay in registers (a run-time count kept them on the stack: a load and a store
+// per row and block)
+template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, int R>
+void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
+               const float* bias) {
   const int64_t n0 = tile * NR;
   const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
   const __mmask16 mask = (__mmask16)((1u << nr) - 1);
@@ -59,74 +63,88 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
   const __m512i lo4 = _mm512_set1_epi8(0x0F);
   const __m512i vlut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)w.lut16));
   const int64_t nkb = w.k / QBLK;
-  const __m512 vbias = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-
-  for (int64_t i0 = m0; i0 < m1; i0 += MR) {
-    const int mr = (int)(m1 - i0 < MR ? m1 - i0 : MR);
-    __m512 acc[MR];
-    for (int ii = 0; ii < MR; ++ii) acc[ii] = _mm512_setzero_ps();
-    for (int64_t kb = 0; kb < nkb; ++kb) {
-      for (int sub = 0; sub < PER; ++sub) {
-        const int64_t b = kb * PER + sub;
-        const uint8_t* cb = ct + b * BCB;
-        __m512i W[NQ > 8 ? NQ : 8];
-        if (NIB) {
-          for (int j = 0; j < 4; ++j) {
-            __m512i p = _mm512_load_si512((const void*)(cb + 64 * j));
-            W[j] = _mm512_and_si512(p, lo4);
-            W[j + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), lo4);
-            if (LUT) {
-              W[j] = _mm512_shuffle_epi8(vlut, W[j]);
-              W[j + 4] = _mm512_shuffle_epi8(vlut, W[j + 4]);
-            }
+  __m512 acc[R];
+#pragma GCC unroll 16
+  for (int ii = 0; ii < R; ++ii) acc[ii] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    for (int sub = 0; sub < PER; ++sub) {
+      const int64_t b = kb * PER + sub;
+      const uint8_t* cb = ct + b * BCB;
+      __m512i W[NQ > 8 ? NQ : 8];
+      if (NIB) {
+        for (int j = 0; j < 4; ++j) {
+          __m512i p = _mm512_load_si512((const void*)(cb + 64 * j));
+          W[j] = _mm512_and_si512(p, lo4);
+          W[j + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), lo4);
+          if (LUT) {
+            W[j] = _mm512_shuffle_epi8(vlut, W[j]);
+            W[j + 4] = _mm512_shuffle_epi8(vlut, W[j + 4]);
           }
-        } else {
-          for (int j = 0; j < NQ; ++j) W[j] = _mm512_load_si512((const void*)(cb + 64 * j));
         }
-        const int64_t pi = w.par_index(tile, b);
-        const __m512 vscale = load_par(w.scale, w.scale16, pi);
-        __m512 vmin = _mm512_setzero_ps();
-        __m512i voff = _mm512_setzero_si512();
-        if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
-        if (ROW_OFF) voff = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(w.offs + pi)));
-        for (int ii = 0; ii < mr; ++ii) {
-          const int64_t i = i0 + ii;
-          const int8_t* xb = a.row_q(i) + b * BLK;
-          const int32_t* xs16 = a.row_s(i);
-          const int32_t xs = BLK == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
-          const float dx = a.row_d(i)[kb];
-          // two independent chains (even / odd quads): vpdpbusd latency, not throughput, bounds
-          // one long chain. Block 32: the first starts from -o * sum(xq): for one o for all rows
-          // (q4_0) that value is in ActQ::xo and its broadcast is a load, no vector op (M=128
-          // q4_0 6% faster); for an o per row, one vpdpwssd (see ActQ::xn) instead of a multiply
-          // and a subtract per row.
-          __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
-          if (BLK == 32 && ROW_OFF) i0 = dpwssd_x1(i0, voff, a.row_n(i) + kb);
-          else if (BLK == 32 && w.o_const != 0) i0 = _mm512_set1_epi32(a.row_o(i)[kb]);
-          for (int j = 0; j < NQ; j += 2) {
-            i0 = dpbusd_x4(i0, W[j], xb + 4 * j);
-            i1 = dpbusd_x4(i1, W[j + 1], xb + 4 * j + 4);
-          }
-          __m512i isum = _mm512_add_epi32(i0, i1);
-          // block 16 (q6_k): o * xs with vpmaddwd: o sits in the low int16 of its lane, the high
-          // one is 0, and |xs| <= 16 * 127 fits int16, so the product is exact
-          if (BLK != 32) {
-            if (ROW_OFF) isum = _mm512_sub_epi32(isum, _mm512_madd_epi16(voff, _mm512_set1_epi32((uint16_t)xs)));
-            else isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
-          }
-          const __m512 da = _mm512_mul_ps(vscale, _mm512_set1_ps(dx));
-          acc[ii] = _mm512_add_ps(acc[ii], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), da));
-          if (HAS_MIN) {
-            const float mx = dx * (float)xs;
-            acc[ii] = _mm512_add_ps(acc[ii], _mm512_mul_ps(vmin, _mm512_set1_ps(mx)));
-          }
+      } else {
+        for (int j = 0; j < NQ; ++j) W[j] = _mm512_load_si512((const void*)(cb + 64 * j));
+      }
+      const int64_t pi = w.par_index(tile, b);
+      const __m512 vscale = load_par(w.scale, w.scale16, pi);
+      __m512 vmin = _mm512_setzero_ps();
+      __m512i voff = _mm512_setzero_si512();
+      if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
+      if (ROW_OFF) voff = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(w.offs + pi)));
+#pragma GCC unroll 16
+      for (int ii = 0; ii < R; ++ii) {
+        const int64_t i = i0 + ii;
+        const int8_t* xb = a.row_q(i) + b * BLK;
+        const int32_t* xs16 = a.row_s(i);
+        const int32_t xs = BLK == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
+        const float dx = a.row_d(i)[kb];
+        // two independent chains (even / odd quads): vpdpbusd latency, not throughput, bounds
+        // one long chain. Block 32: the first starts from -o * sum(xq): for one o for all rows
+        // (q4_0) that value is in ActQ::xo and its broadcast is a load, no vector op (M=128
+        // q4_0 6% faster); for an o per row, one vpdpwssd (see ActQ::xn) instead of a multiply
+        // and a subtract per row.
+        __m512i c0 = _mm512_setzero_si512(), c1 = _mm512_setzero_si512();
+        if (BLK == 32 && ROW_OFF) c0 = dpwssd_x1(c0, voff, a.row_n(i) + kb);
+        else if (BLK == 32 && w.o_const != 0) c0 = _mm512_set1_epi32(a.row_o(i)[kb]);
+#pragma GCC unroll 8
+        for (int j = 0; j < NQ; j += 2) {
+          c0 = dpbusd_x4(c0, W[j], xb + 4 * j);
+          c1 = dpbusd_x4(c1, W[j + 1], xb + 4 * j + 4);
+        }
+        __m512i isum = _mm512_add_epi32(c0, c1);
+        // block 16 (q6_k): o * xs with vpmaddwd: o sits in the low int16 of its lane, the high
+        // one is 0, and |xs| <= 16 * 127 fits int16, so the product is exact
+        if (BLK != 32) {
+          if (ROW_OFF) isum = _mm512_sub_epi32(isum, _mm512_madd_epi16(voff, _mm512_set1_epi32((uint16_t)xs)));
+          else isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.o_const * xs));
+        }
+        const __m512 da = _mm512_mul_ps(vscale, _mm512_set1_ps(dx));
+        acc[ii] = _mm512_add_ps(acc[ii], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), da));
+        if (HAS_MIN) {
+          const float mx = dx * (float)xs;
+          acc[ii] = _mm512_add_ps(acc[ii], _mm512_mul_ps(vmin, _mm512_set1_ps(mx)));
         }
       }
     }
-    for (int ii = 0; ii < mr; ++ii) {
-      __m512 v = bias ? _mm512_add_ps(acc[ii], vbias) : acc[ii];
-      _mm512_mask_storeu_ps(y + (i0 + ii) * ldy + n0, mask, v);
-    }
+  }
+  const __m512 vbias = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int ii = 0; ii < R; ++ii)
+    _mm512_mask_storeu_ps(y + (i0 + ii) * ldy + n0, mask, bias ? _mm512_add_ps(acc[ii], vbias) : acc[ii]);
+}
+
+// rows [m0, m1) over one tile: groups of MR rows, then the remaining 1..MR-1
+template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT = false>
+void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+                 const float* bias) {
+  int64_t i0 = m0;
+  for (; i0 + MR <= m1; i0 += MR) tile_rows<NIB, BLK, HAS_MIN, ROW_OFF, LUT, MR>(w, tile, a, i0, y, ldy, bias);
+  switch (m1 - i0) {
+#define PQK_ROWS(r) \
+  case r: return tile_rows<NIB, BLK, HAS_MIN, ROW_OFF, LUT, (r < MR ? r : 1)>(w, tile, a, i0, y, ldy, bias);
+    PQK_ROWS(1) PQK_ROWS(2) PQK_ROWS(3) PQK_ROWS(4) PQK_ROWS(5) PQK_ROWS(6) PQK_ROWS(7) PQK_ROWS(8) PQK_ROWS(9)
+    PQK_ROWS(10) PQK_ROWS(11) PQK_ROWS(12) PQK_ROWS(13) PQK_ROWS(14) PQK_ROWS(15)
+#undef PQK_ROWS
+    default: return;
   }
 }
 
