@@ -25,6 +25,19 @@ def _best_time(fn, min_time=0.2, max_reps=200):
     return min(times)
 
 
+def _int8_hw_peak(threads):
+    """The active variant's int8 dot-product instruction peak (GOP/s) at this many threads, or
+    None (no probe for the variant). Leaves the thread count at `threads`."""
+    from . import _native
+    import pyqkern as pq
+
+    pq.set_num_threads(threads)
+    try:
+        return _native.int8_peak(_native.isa_names().index(pq.info()["active_variant"]), 5)
+    except (NotImplementedError, ValueError):
+        return None
+
+
 def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     import pyqkern as pq
 
@@ -40,14 +53,17 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     from ._membw import read_bandwidth
 
     bws = {th: read_bandwidth(64 << 20 if quick else 256 << 20, th) for th in thread_list}
+    peaks = {th: _int8_hw_peak(th) for th in thread_list}
     print(f"pyqkern {info['version']}  cpu: {info['cpu']}  variant: {info['active_variant']}  "
           f"threads: {thread_list}  read bandwidth: " + ", ".join(f"{th}t {v:.1f}" for th, v in bws.items())
-          + " GB/s", file=out)
+          + " GB/s  int8 instruction peak: "
+          + ", ".join(f"{th}t " + (f"{v:.0f} GOP/s" if v else "n/a") for th, v in peaks.items()), file=out)
     hdr = (f"{'format':7s} {'compute':7s} {'M':>4s} {'K':>6s} {'N':>6s} {'thr':>3s} {'time':>10s} "
-           f"{'GFLOP/s':>8s} {'W GB/s':>7s} {'%bw':>5s} {'%bwW':>5s} {'vs np':>6s} {'max rel err':>11s}")
+           f"{'GFLOP/s':>8s} {'W GB/s':>7s} {'%bw':>5s} {'%bwW':>5s} {'%hw':>5s} {'vs np':>6s} {'max rel err':>11s}")
     print("W GB/s: weight bytes per second; %bw: of the read bandwidth above at that thread count (above "
           "100%: the weights are served from cache); %bwW: of the read ceiling of a buffer the weight's size "
-          "(from cache when it fits); vs np: speed-up over numpy fp32 x @ W.T; max rel err: vs x @ dequantize(W).T",
+          "(from cache when it fits); %hw: int8 GOP/s of the instruction peak above; vs np: speed-up over numpy "
+          "fp32 x @ W.T; max rel err: vs x @ dequantize(W).T",
           file=out)
     bw_w: dict = {}
     print(hdr, file=out)
@@ -78,10 +94,14 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
                                weight_gbs=wgbs, pct_bw=100 * wgbs / bws[th],
                                pct_bw_wsize=100 * wgbs / bw_w[(qt.nbytes, th)], speedup_vs_numpy=t_np / t,
                                max_rel_err=err)
+                    hw = f"{'-':>5s}"
+                    if compute == "int8" and peaks[th]:
+                        row["pct_int8_hw_peak"] = 100 * gflops / peaks[th]
+                        hw = f"{row['pct_int8_hw_peak']:5.0f}"
                     rows.append(row)
                     print(f"{fmt:7s} {compute:7s} {m:4d} {k:6d} {n:6d} {th:3d} {t * 1e6:8.1f}us {gflops:8.1f} "
-                          f"{wgbs:7.1f} {row['pct_bw']:5.0f} {row['pct_bw_wsize']:5.0f} {t_np / t:6.2f} {err:11.2e}",
-                          file=out)
+                          f"{wgbs:7.1f} {row['pct_bw']:5.0f} {row['pct_bw_wsize']:5.0f} {hw} {t_np / t:6.2f} "
+                          f"{err:11.2e}", file=out)
             qt.release_packed()
     return rows
 

@@ -285,3 +285,22 @@ def test_read_bandwidth_cached_and_threads_restored(restore_threads):
         bw = read_bandwidth(1 << 20, th, reps=3)
         assert np.isfinite(bw) and bw > 0.1                                # GB/s
     assert pq.get_num_threads() == 1
+
+
+def test_int8_peak_probe(restore_threads):
+    """pqk_int8_peak (the benchmarks' int8 compute ceiling): a positive rate for the variants with
+    a dot-product instruction probe, NotImplementedError for the others, bad reps refused."""
+    names = _native.isa_names()
+    with_probe = [v for v in NATIVE_VARIANTS if _native.matmul_sources(names.index(v))["int8_peak"]]
+    for v in NATIVE_VARIANTS:
+        i = names.index(v)
+        if v in with_probe:
+            for th in (1, 2):
+                pq.set_num_threads(th)
+                g = _native.int8_peak(i, 1)
+                assert np.isfinite(g) and g > 1.0, (v, th, g)                  # GOP/s
+        else:
+            with pytest.raises(NotImplementedError):
+                _native.int8_peak(i, 1)
+    with pytest.raises(ValueError, match="reps"):
+        _native.int8_peak(names.index("ref"), 0)

@@ -320,21 +320,33 @@ PYBIND11_MODULE(_native, m) {
     if (pqk_isa_runnable(isa) != 1) throw py::value_error("variant not runnable");
     py::dict d;
     for (const char* slot : {"quantize_act", "gemm_int8", "gemm_f32", "gemm_f32_xt", "lora_shrink", "lora_expand", "gemv_bf16",
-                             "all_finite"})
+                             "all_finite", "int8_peak"})
       d[slot] = name_of(pqk_slot_variant(isa, slot, 0));
     return d;
   });
   m.def("set_num_threads", [](int n) { check(pqk_set_num_threads(n)); });
   m.def("get_num_threads", &pqk_get_num_threads);
+  m.def("int8_peak", [](int isa, int reps) {
+    double gops = 0.0;
+    pqk_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = pqk_int8_peak(isa, reps, &gops);
+    }
+    check(st);
+    return gops;
+  });
   m.def("read_probe", [](py::array buf, int reps) {
     py::buffer_info bi = buf.request();
     if (!(buf.flags() & py::array::c_style)) throw py::value_error("read_probe: buffer must be C-contiguous");
     double best = 0.0;
     uint64_t sum = 0;
+    pqk_status st;
     {
       py::gil_scoped_release nogil;
-      check(pqk_read_probe(bi.ptr, (int64_t)(bi.size * bi.itemsize), reps, &best, &sum));
+      st = pqk_read_probe(bi.ptr, (int64_t)(bi.size * bi.itemsize), reps, &best, &sum);
     }
+    check(st);
     return py::make_tuple(best, sum);
   });
 

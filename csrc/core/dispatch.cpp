@@ -63,6 +63,11 @@ struct Tables {
       if (mine.quantize_act) { dst.quantize_act = mine.quantize_act; dst.quantize_act_isa = (int8_t)isa; }
       if (mine.gemm_int8) { dst.gemm_int8 = mine.gemm_int8; dst.gemm_int8_isa = (int8_t)isa; }
       if (mine.all_finite) { dst.all_finite = mine.all_finite; dst.all_finite_isa = (int8_t)isa; }
+      if (mine.int8_peak) {
+        dst.int8_peak = mine.int8_peak;
+        dst.int8_peak_ops = mine.int8_peak_ops;
+        dst.int8_peak_isa = (int8_t)isa;
+      }
       if (mine.lora_shrink) { dst.lora_shrink = mine.lora_shrink; dst.lora_shrink_isa = (int8_t)isa; }
       if (mine.lora_expand) { dst.lora_expand = mine.lora_expand; dst.lora_expand_isa = (int8_t)isa; }
       if (mine.gemm_f32) { dst.gemm_f32 = mine.gemm_f32; dst.gemm_f32_isa = (int8_t)isa; }

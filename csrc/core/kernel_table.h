@@ -66,7 +66,15 @@ using lora_shrink_fn = void (*)(const pqk_lora& ad, int64_t r0, int64_t r1, int6
 // refuse such input, and this runs on every activation row before the kernels see it.
 using all_finite_fn = bool (*)(const float* x, int64_t k);
 
+// The variant's int8 dot-product instruction (vpdpbusd) on 16 independent accumulators, iters
+// times, for the benchmarks' compute ceiling; returns their sum so nothing is optimised away.
+// int8_peak_ops: integer operations (2 per multiply-add) per iteration.
+using int8_peak_fn = uint64_t (*)(int64_t iters);
+
 struct KernelTable {
+  int8_peak_fn int8_peak = nullptr;
+  int32_t int8_peak_ops = 0;
+  int8_t int8_peak_isa = 0;
   all_finite_fn all_finite = nullptr;
   int8_t all_finite_isa = 0;
   lora_expand_fn lora_expand = nullptr;

@@ -111,6 +111,12 @@ PQK_API int32_t pqk_get_num_threads(void);
  * weight stays in cache; over much more than the L3, the memory's. */
 PQK_API pqk_status pqk_read_probe(const void* buf, int64_t nbytes, int32_t reps, double* best_seconds,
                                   uint64_t* checksum);
+/* Int8 compute ceiling: every thread of the library's pool runs variant isa's int8 dot-product
+ * instruction (vpdpbusd on avx512vnni and avxvnni) on independent accumulators; *gops = integer
+ * operations (2 per multiply-add) per second over all threads, the best of reps passes of ~1 ms
+ * per thread (after one unmeasured pass). PQK_ERR_UNSUPPORTED for variants without such an
+ * instruction probe. */
+PQK_API pqk_status pqk_int8_peak(int32_t isa, int32_t reps, double* gops);
 
 /* Resolves defaults in *params (group 0 -> the format's default) and checks them. */
 PQK_API pqk_status pqk_row_bytes_of(int32_t fmt, int64_t k, pqk_qparams* params, pqk_row_bytes* out);

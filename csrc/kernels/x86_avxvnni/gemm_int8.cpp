@@ -18,6 +18,11 @@ void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, i
   gemm_int8_256<VnniDot>(w, tile, a, m0, m1, y, ldy, bias);
 }
 
-void register_kernels(KernelTable& t) { t.gemm_int8 = gemm_int8; }
+void register_int8_peak(KernelTable& t);  // int8_peak.cpp
+
+void register_kernels(KernelTable& t) {
+  t.gemm_int8 = gemm_int8;
+  register_int8_peak(t);
+}
 
 }}  // namespace pqk::avxvnni

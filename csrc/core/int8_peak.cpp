@@ -1,0 +1,36 @@
+// pqk_int8_peak (pyqkern.h): the int8 dot-product instruction ceiling of a variant on this CPU,
+// with every thread of the library's pool running it, for the benchmarks' compute roofline
+// (the kernels' own best is a lower bound of it, not the ceiling).
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+
+#include "capi_util.h"
+#include "kernel_table.h"
+#include "threadpool.h"
+
+extern "C" pqk_status pqk_int8_peak(int32_t isa, int32_t reps, double* gops) {
+  using namespace pqk;
+  return guarded([&] {
+    if (!gops) throw Error(PQK_ERR_ARG, "NULL result");
+    if (reps < 1) throw Error(PQK_ERR_ARG, "reps must be at least 1");
+    const KernelTable& t = kernel_table(resolve_isa(isa));
+    if (!t.int8_peak) throw Error(PQK_ERR_UNSUPPORTED, "this variant has no int8 dot-product instruction probe");
+    // 4 chunks per thread of ~0.2 ms each at 2 instructions per cycle (100000 iterations), so
+    // a pass takes ~1 ms per thread; one pass first to wake the workers (a worker woken from
+    // sleep on this VM can take longer than a short pass, which then runs on one thread)
+    constexpr int64_t kIters = 100000;
+    const int64_t chunks = 4 * (int64_t)get_num_threads();
+    double best = 0.0;
+    std::atomic<uint64_t> sink{0};
+    for (int32_t r = -1; r < reps; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      parallel_for(chunks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; ++c) sink.fetch_add(t.int8_peak(kIters), std::memory_order_relaxed);
+      });
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (r >= 0) best = std::max(best, (double)chunks * kIters * t.int8_peak_ops / s / 1e9);
+    }
+    *gops = best;
+  });
+}
