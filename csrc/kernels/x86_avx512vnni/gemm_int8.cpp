@@ -50,7 +50,7 @@ inline __m512 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
 // R activation rows from i0 over one tile: the row loop has a constant trip count, so the R
 // accumulators stay in registers (a run-time count kept them on the stack: a load and a store
 // per row and block)
-template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, int R>
+template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool XO, int R>
 void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
                const float* bias) {
   const int64_t n0 = tile * NR;
@@ -104,7 +104,7 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
         // and a subtract per row.
         __m512i c0 = _mm512_setzero_si512(), c1 = _mm512_setzero_si512();
         if (BLK == 32 && ROW_OFF) c0 = dpwssd_x1(c0, voff, a.row_n(i) + kb);
-        else if (BLK == 32 && w.o_const != 0) c0 = _mm512_set1_epi32(a.row_o(i)[kb]);
+        else if (BLK == 32 && XO) c0 = _mm512_set1_epi32(a.row_o(i)[kb]);
 #pragma GCC unroll 8
         for (int j = 0; j < NQ; j += 2) {
           c0 = dpbusd_x4(c0, W[j], xb + 4 * j);
@@ -133,14 +133,14 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
 }
 
 // rows [m0, m1) over one tile: groups of MR rows, then the remaining 1..MR-1
-template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT = false>
+template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT = false, bool XO = false>
 void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                  const float* bias) {
   int64_t i0 = m0;
-  for (; i0 + MR <= m1; i0 += MR) tile_rows<NIB, BLK, HAS_MIN, ROW_OFF, LUT, MR>(w, tile, a, i0, y, ldy, bias);
+  for (; i0 + MR <= m1; i0 += MR) tile_rows<NIB, BLK, HAS_MIN, ROW_OFF, LUT, XO, MR>(w, tile, a, i0, y, ldy, bias);
   switch (m1 - i0) {
 #define PQK_ROWS(r) \
-  case r: return tile_rows<NIB, BLK, HAS_MIN, ROW_OFF, LUT, (r < MR ? r : 1)>(w, tile, a, i0, y, ldy, bias);
+  case r: return tile_rows<NIB, BLK, HAS_MIN, ROW_OFF, LUT, XO, (r < MR ? r : 1)>(w, tile, a, i0, y, ldy, bias);
     PQK_ROWS(1) PQK_ROWS(2) PQK_ROWS(3) PQK_ROWS(4) PQK_ROWS(5) PQK_ROWS(6) PQK_ROWS(7) PQK_ROWS(8) PQK_ROWS(9)
     PQK_ROWS(10) PQK_ROWS(11) PQK_ROWS(12) PQK_ROWS(13) PQK_ROWS(14) PQK_ROWS(15)
 #undef PQK_ROWS
@@ -223,11 +223,16 @@ void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, i
   }
   if (w.nibbles) {
     if (w.has_min) return tile_kernel<true, 32, true, false>(w, tile, a, m0, m1, y, ldy, bias);
-    if (w.lut) return tile_kernel<true, 32, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.lut) {
+      if (w.o_const != 0) return tile_kernel<true, 32, false, false, true, true>(w, tile, a, m0, m1, y, ldy, bias);
+      return tile_kernel<true, 32, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+    }
     if (w.row_offset) return tile_kernel<true, 32, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.o_const != 0) return tile_kernel<true, 32, false, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
     return tile_kernel<true, 32, false, false>(w, tile, a, m0, m1, y, ldy, bias);
   }
   if (w.blk == 16) return tile_kernel<false, 16, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+  if (w.o_const != 0) return tile_kernel<false, 32, false, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
   return tile_kernel<false, 32, false, false>(w, tile, a, m0, m1, y, ldy, bias);
 }
 
