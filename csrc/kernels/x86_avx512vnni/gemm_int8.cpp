@@ -153,7 +153,7 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
 // multiple of 16, so (sum >> 4) is exact and the integer result is the same as above. Saves the
 // per-register shift of the decode, which dominates when few activation rows share it.
 // Returns the 16 row sums (no bias) of activation row i.
-template <bool HAS_MIN, bool ROW_OFF>
+template <bool HAS_MIN, bool ROW_OFF, bool XO>
 inline __m512 gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i) {
   const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
   const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8((char)0xF0);
@@ -161,7 +161,7 @@ inline __m512 gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64
   const int8_t* xq = a.row_q(i);
   const int32_t* xn = a.row_n(i);
   const float* dxr = a.row_d(i);
-  const int32_t* xo = w.o_const != 0 ? a.row_o(i) : nullptr;  // q4_1 / q4_k have o = 0
+  const int32_t* xo = XO ? a.row_o(i) : nullptr;  // q4_1 / q4_k have o = 0
   __m512 acc = _mm512_setzero_ps();
   // blocks by parameter group (int4 g128: 4 blocks share a, o): no division per block, and the
   // group's parameters are loaded once
@@ -179,7 +179,7 @@ inline __m512 gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64
       // in place as 16*hi, get their own accumulator and one shift
       __m512i il = _mm512_setzero_si512(), ih = _mm512_setzero_si512();
       if (ROW_OFF) il = dpwssd_x1(il, vo, xn + b);
-      else if (w.o_const != 0) il = _mm512_set1_epi32(xo[b]);
+      else if (XO) il = _mm512_set1_epi32(xo[b]);
       for (int j = 0; j < 4; ++j) {
         const __m512i p = _mm512_load_si512((const void*)(cb + 64 * j));
         il = dpbusd_x4(il, _mm512_and_si512(p, lo4), xb + 4 * j);
@@ -199,7 +199,7 @@ inline __m512 gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64
   return acc;
 }
 
-template <bool HAS_MIN, bool ROW_OFF>
+template <bool HAS_MIN, bool ROW_OFF, bool XO = false>
 void tile_kernel_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
                       int64_t ldy, const float* bias) {
   const int64_t n0 = tile * NR;
@@ -207,7 +207,7 @@ void tile_kernel_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_
   const __mmask16 mask = (__mmask16)((1u << nr) - 1);
   const __m512 vbias = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
   for (int64_t i = m0; i < m1; ++i) {
-    const __m512 acc = gemv_row<HAS_MIN, ROW_OFF>(w, tile, a, i);
+    const __m512 acc = gemv_row<HAS_MIN, ROW_OFF, XO>(w, tile, a, i);
     _mm512_mask_storeu_ps(y + i * ldy + n0, mask, bias ? _mm512_add_ps(acc, vbias) : acc);
   }
 }
@@ -219,6 +219,7 @@ void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, i
   if (w.nibbles && !w.lut && m1 - m0 <= 2) {
     if (w.has_min) return tile_kernel_gemv<true, false>(w, tile, a, m0, m1, y, ldy, bias);
     if (w.row_offset) return tile_kernel_gemv<false, true>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.o_const != 0) return tile_kernel_gemv<false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
     return tile_kernel_gemv<false, false>(w, tile, a, m0, m1, y, ldy, bias);
   }
   if (w.nibbles) {
