@@ -49,7 +49,9 @@ inline __m512 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
 
 // R activation rows from i0 over one tile: the row loop has a constant trip count, so the R
 // accumulators stay in registers (a run-time count kept them on the stack: a load and a store
-// per row and block)
+// per row and block). XO: one offset for all rows (w.o_const != 0), each block's dot product
+// starting from ActQ::xo; a template parameter, because a test of it in the row loop split the
+// rows into separate basic blocks that GCC then did not interleave (q4_0 M=128 -15-20%).
 template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool XO, int R>
 void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
                const float* bias) {
