@@ -44,100 +44,98 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
   const __m256i vlut = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)lut_s));
   const int64_t nkb = w.k / QBLK;
 
-  {
-    for (int h = 0; h < 2; ++h) {  // rows 0-7, then rows 8-15 of the tile
-      __m256 acc[R];
+  for (int h = 0; h < 2; ++h) {  // rows 0-7, then rows 8-15 of the tile
+    __m256 acc[R];
 #pragma GCC unroll 8
-      for (int ii = 0; ii < R; ++ii) acc[ii] = _mm256_setzero_ps();
-      int64_t g = 0, g_end = w.par_every;  // parameter group of block b (no division per block)
-      for (int64_t kb = 0; kb < nkb; ++kb) {
-        for (int sub = 0; sub < PER; ++sub) {
-          const int64_t b = kb * PER + sub;
-          if (b == g_end) { ++g; g_end += w.par_every; }
-          const uint8_t* cb = ct + b * BCB + 32 * h;
-          __m256i W[8];
-          if (NIB) {
-            for (int j = 0; j < 4; ++j) {
-              __m256i p = _mm256_load_si256((const __m256i*)(cb + 64 * j));
-              W[j] = _mm256_and_si256(p, lo4);
-              W[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4);
-              if (LUT) {
-                W[j] = _mm256_shuffle_epi8(vlut, W[j]);
-                W[j + 4] = _mm256_shuffle_epi8(vlut, W[j + 4]);
-              }
-            }
-          } else {
-            for (int j = 0; j < NQ; ++j) {
-              W[j] = _mm256_load_si256((const __m256i*)(cb + 64 * j));
-              if (SIGNED) W[j] = _mm256_xor_si256(W[j], flip);
+    for (int ii = 0; ii < R; ++ii) acc[ii] = _mm256_setzero_ps();
+    int64_t g = 0, g_end = w.par_every;  // parameter group of block b (no division per block)
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      for (int sub = 0; sub < PER; ++sub) {
+        const int64_t b = kb * PER + sub;
+        if (b == g_end) { ++g; g_end += w.par_every; }
+        const uint8_t* cb = ct + b * BCB + 32 * h;
+        __m256i W[8];
+        if (NIB) {
+          for (int j = 0; j < 4; ++j) {
+            __m256i p = _mm256_load_si256((const __m256i*)(cb + 64 * j));
+            W[j] = _mm256_and_si256(p, lo4);
+            W[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4);
+            if (LUT) {
+              W[j] = _mm256_shuffle_epi8(vlut, W[j]);
+              W[j + 4] = _mm256_shuffle_epi8(vlut, W[j + 4]);
             }
           }
-          __m256i Wabs[8];
-          if (SIGNED)
-            for (int j = 0; j < NQ; ++j) Wabs[j] = _mm256_abs_epi8(W[j]);
-          const int64_t pi = (tile * w.npar + g) * NR + 8 * h;
-          const __m256 vscale = load_par(w.scale, w.scale16, pi);
-          __m256 vmin = _mm256_setzero_ps();
-          __m256i voff = _mm256_setzero_si256();
-          if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
-          if (ROW_OFF) voff = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
+        } else {
+          for (int j = 0; j < NQ; ++j) {
+            W[j] = _mm256_load_si256((const __m256i*)(cb + 64 * j));
+            if (SIGNED) W[j] = _mm256_xor_si256(W[j], flip);
+          }
+        }
+        __m256i Wabs[8];
+        if (SIGNED)
+          for (int j = 0; j < NQ; ++j) Wabs[j] = _mm256_abs_epi8(W[j]);
+        const int64_t pi = (tile * w.npar + g) * NR + 8 * h;
+        const __m256 vscale = load_par(w.scale, w.scale16, pi);
+        __m256 vmin = _mm256_setzero_ps();
+        __m256i voff = _mm256_setzero_si256();
+        if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
+        if (ROW_OFF) voff = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
 #pragma GCC unroll 8
-          for (int ii = 0; ii < R; ++ii) {
-            const int64_t i = i0 + ii;
-            const int8_t* xb = a.row_q(i) + b * BLK;
-            const int32_t* xs16 = a.row_s(i);
-            const int32_t xs = BLK == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
-            const float dx = a.row_d(i)[kb];
-            __m256i isum = _mm256_setzero_si256();
-            if constexpr (DP::kVnni) {
-              for (int j = 0; j < NQ; ++j) {
-                int32_t quad;
-                __builtin_memcpy(&quad, xb + 4 * j, 4);
-                const __m256i xv = _mm256_set1_epi32(quad);
-                isum = SIGNED ? DP::dot(isum, Wabs[j], _mm256_sign_epi8(xv, W[j]))
-                              : DP::dot(isum, W[j], xv);
-              }
-            } else if (NIB && !SIGNED) {
-              // codes <= 15: a pair sum is <= 2*15*127 and all 8 of a block <= 30480, so they add
-              // exactly in int16; one madd per block instead of one per quad
-              __m256i p16 = _mm256_setzero_si256();
-              for (int j = 0; j < NQ; ++j) {
-                int32_t quad;
-                __builtin_memcpy(&quad, xb + 4 * j, 4);
-                p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(W[j], _mm256_set1_epi32(quad)));
-              }
-              isum = _mm256_madd_epi16(p16, ones16);
-            } else {
-              for (int j = 0; j < NQ; ++j) {
-                int32_t quad;
-                __builtin_memcpy(&quad, xb + 4 * j, 4);
-                const __m256i xv = _mm256_set1_epi32(quad);
-                __m256i p16 = SIGNED ? _mm256_maddubs_epi16(Wabs[j], _mm256_sign_epi8(xv, W[j]))
-                                     : _mm256_maddubs_epi16(W[j], xv);
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones16));
-              }
+        for (int ii = 0; ii < R; ++ii) {
+          const int64_t i = i0 + ii;
+          const int8_t* xb = a.row_q(i) + b * BLK;
+          const int32_t* xs16 = a.row_s(i);
+          const int32_t xs = BLK == 32 ? xs16[2 * kb] + xs16[2 * kb + 1] : xs16[b];
+          const float dx = a.row_d(i)[kb];
+          __m256i isum = _mm256_setzero_si256();
+          if constexpr (DP::kVnni) {
+            for (int j = 0; j < NQ; ++j) {
+              int32_t quad;
+              __builtin_memcpy(&quad, xb + 4 * j, 4);
+              const __m256i xv = _mm256_set1_epi32(quad);
+              isum = SIGNED ? DP::dot(isum, Wabs[j], _mm256_sign_epi8(xv, W[j]))
+                            : DP::dot(isum, W[j], xv);
             }
-            if (!SIGNED) {
-              if (ROW_OFF) isum = _mm256_sub_epi32(isum, _mm256_mullo_epi32(voff, _mm256_set1_epi32(xs)));
-              else isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(w.o_const * xs));
+          } else if (NIB && !SIGNED) {
+            // codes <= 15: a pair sum is <= 2*15*127 and all 8 of a block <= 30480, so they add
+            // exactly in int16; one madd per block instead of one per quad
+            __m256i p16 = _mm256_setzero_si256();
+            for (int j = 0; j < NQ; ++j) {
+              int32_t quad;
+              __builtin_memcpy(&quad, xb + 4 * j, 4);
+              p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(W[j], _mm256_set1_epi32(quad)));
             }
-            const __m256 da = _mm256_mul_ps(vscale, _mm256_set1_ps(dx));
-            acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), da));
-            if (HAS_MIN) {
-              const float mx = dx * (float)xs;
-              acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(vmin, _mm256_set1_ps(mx)));
+            isum = _mm256_madd_epi16(p16, ones16);
+          } else {
+            for (int j = 0; j < NQ; ++j) {
+              int32_t quad;
+              __builtin_memcpy(&quad, xb + 4 * j, 4);
+              const __m256i xv = _mm256_set1_epi32(quad);
+              __m256i p16 = SIGNED ? _mm256_maddubs_epi16(Wabs[j], _mm256_sign_epi8(xv, W[j]))
+                                   : _mm256_maddubs_epi16(W[j], xv);
+              isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones16));
             }
+          }
+          if (!SIGNED) {
+            if (ROW_OFF) isum = _mm256_sub_epi32(isum, _mm256_mullo_epi32(voff, _mm256_set1_epi32(xs)));
+            else isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(w.o_const * xs));
+          }
+          const __m256 da = _mm256_mul_ps(vscale, _mm256_set1_ps(dx));
+          acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), da));
+          if (HAS_MIN) {
+            const float mx = dx * (float)xs;
+            acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(vmin, _mm256_set1_ps(mx)));
           }
         }
       }
-      for (int ii = 0; ii < R; ++ii) {
-        alignas(32) float out[8];
-        _mm256_store_ps(out, acc[ii]);
-        for (int r = 0; r < 8; ++r) {
-          const int row = 8 * h + r;
-          if (row >= nr) break;
-          y[(i0 + ii) * ldy + n0 + row] = bias ? out[r] + bias[n0 + row] : out[r];
-        }
+    }
+    for (int ii = 0; ii < R; ++ii) {
+      alignas(32) float out[8];
+      _mm256_store_ps(out, acc[ii]);
+      for (int r = 0; r < 8; ++r) {
+        const int row = 8 * h + r;
+        if (row >= nr) break;
+        y[(i0 + ii) * ldy + n0 + row] = bias ? out[r] + bias[n0 + row] : out[r];
       }
     }
   }

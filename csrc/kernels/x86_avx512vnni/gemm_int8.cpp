@@ -135,8 +135,8 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
 }
 
 // rows [m0, m1) over one tile: groups of MR rows, then the remaining 1..MR-1
-template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT = false, bool XO = false>
-void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool XO>
+void tile_groups(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                  const float* bias) {
   int64_t i0 = m0;
   for (; i0 + MR <= m1; i0 += MR) tile_rows<NIB, BLK, HAS_MIN, ROW_OFF, LUT, XO, MR>(w, tile, a, i0, y, ldy, bias);
@@ -148,6 +148,15 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
 #undef PQK_ROWS
     default: return;
   }
+}
+
+// w.o_const (block 32, one offset for all rows) made a compile-time XO for tile_rows
+template <bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT = false>
+void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+                 const float* bias) {
+  if constexpr (BLK == 32 && !ROW_OFF)
+    if (w.o_const != 0) return tile_groups<NIB, BLK, HAS_MIN, ROW_OFF, LUT, true>(w, tile, a, m0, m1, y, ldy, bias);
+  tile_groups<NIB, BLK, HAS_MIN, ROW_OFF, LUT, false>(w, tile, a, m0, m1, y, ldy, bias);
 }
 
 // GEMV-oriented variant for plain nibble formats (no LUT): the high nibbles are used in place
@@ -201,7 +210,7 @@ inline __m512 gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64
   return acc;
 }
 
-template <bool HAS_MIN, bool ROW_OFF, bool XO = false>
+template <bool HAS_MIN, bool ROW_OFF>
 void tile_kernel_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
                       int64_t ldy, const float* bias) {
   const int64_t n0 = tile * NR;
@@ -209,7 +218,8 @@ void tile_kernel_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_
   const __mmask16 mask = (__mmask16)((1u << nr) - 1);
   const __m512 vbias = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
   for (int64_t i = m0; i < m1; ++i) {
-    const __m512 acc = gemv_row<HAS_MIN, ROW_OFF, XO>(w, tile, a, i);
+    const __m512 acc = !ROW_OFF && w.o_const != 0 ? gemv_row<HAS_MIN, ROW_OFF, true>(w, tile, a, i)
+                                                  : gemv_row<HAS_MIN, ROW_OFF, false>(w, tile, a, i);
     _mm512_mask_storeu_ps(y + i * ldy + n0, mask, bias ? _mm512_add_ps(acc, vbias) : acc);
   }
 }
@@ -221,21 +231,15 @@ void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, i
   if (w.nibbles && !w.lut && m1 - m0 <= 2) {
     if (w.has_min) return tile_kernel_gemv<true, false>(w, tile, a, m0, m1, y, ldy, bias);
     if (w.row_offset) return tile_kernel_gemv<false, true>(w, tile, a, m0, m1, y, ldy, bias);
-    if (w.o_const != 0) return tile_kernel_gemv<false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
     return tile_kernel_gemv<false, false>(w, tile, a, m0, m1, y, ldy, bias);
   }
   if (w.nibbles) {
     if (w.has_min) return tile_kernel<true, 32, true, false>(w, tile, a, m0, m1, y, ldy, bias);
-    if (w.lut) {
-      if (w.o_const != 0) return tile_kernel<true, 32, false, false, true, true>(w, tile, a, m0, m1, y, ldy, bias);
-      return tile_kernel<true, 32, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
-    }
+    if (w.lut) return tile_kernel<true, 32, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
     if (w.row_offset) return tile_kernel<true, 32, false, true>(w, tile, a, m0, m1, y, ldy, bias);
-    if (w.o_const != 0) return tile_kernel<true, 32, false, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
     return tile_kernel<true, 32, false, false>(w, tile, a, m0, m1, y, ldy, bias);
   }
   if (w.blk == 16) return tile_kernel<false, 16, false, false>(w, tile, a, m0, m1, y, ldy, bias);
-  if (w.o_const != 0) return tile_kernel<false, 32, false, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
   return tile_kernel<false, 32, false, false>(w, tile, a, m0, m1, y, ldy, bias);
 }
 
