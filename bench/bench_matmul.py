@@ -54,9 +54,10 @@ Ceilings (session fixture ``ceilings``, measured at the start of the run)
 extra_info per row: cpu, impl, format, compute, variant (pq.info()['active_variant']), threads, M/K/N,
 gflops (2MNK / min time), weight_gbs (bytes of the weight as that implementation stores it / min
 time), frac_read_bw (weight_gbs / measured read bandwidth at that thread count), frac_read_bw_wsize
-(weight_gbs / the read ceiling of a buffer of the weight's size), frac_int8_peak
-(gflops / achieved int8 peak at that thread count), frac_int8_hw_peak (gflops / int8 hw peak). All derived numbers use the *minimum* time
-(the machine is shared; the minimum is the least disturbed round). A table is printed at the end.
+(weight_gbs / the read ceiling of a buffer of the weight's size), frac_int8_peak (gflops /
+achieved int8 peak at that thread count), frac_int8_hw_peak (gflops / int8 hw peak). All derived
+numbers use the *minimum* time (the machine is shared; the minimum is the least disturbed round).
+A table is printed at the end.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ import numpy as np
 import pytest
 
 import pyqkern as pq
-from pyqkern._membw import read_bandwidth
+from pyqkern._membw import int8_hw_peak, read_bandwidth
 
 QUICK = os.environ.get("PYQKERN_BENCH_QUICK", "") not in ("", "0")
 
@@ -134,17 +135,6 @@ class _Summary:
                               f"  ort {r['ort_b128_acc4_median_ms']:.3f} ms  speed-up {r['speedup_vs_ort_paired']:.2f}x")
 
 
-def _int8_hw_peak(threads):
-    """pqk_int8_peak of the active variant at this many pool threads, or None without a probe."""
-    from pyqkern import _native
-
-    pq.set_num_threads(threads)
-    try:
-        return _native.int8_peak(_native.isa_names().index(pq.info()["active_variant"]), 10)
-    except NotImplementedError:
-        return None
-
-
 @pytest.fixture(scope="session")
 def ceilings(request):
     info = pq.info()
@@ -173,8 +163,7 @@ def ceilings(request):
             memo[key] = read_bandwidth(int(nbytes), threads, reps=100 if nbytes < (64 << 20) else 5)
         return memo[key]
 
-    hw = {t: _int8_hw_peak(t) for t in THREADS}
-    pq.set_num_threads(before)
+    hw = {t: int8_hw_peak(t, reps=10) for t in THREADS}
     ceil = {"cpu": info["cpu"], "variant": info["active_variant"], "bw": bw, "peak": peak, "bw_at": bw_at,
             "hw_peak": hw}
     request.config.pluginmanager.register(_Summary(ceil), "pyqkern_bench_matmul_summary")

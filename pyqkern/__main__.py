@@ -25,19 +25,6 @@ def _best_time(fn, min_time=0.2, max_reps=200):
     return min(times)
 
 
-def _int8_hw_peak(threads):
-    """The active variant's int8 dot-product instruction peak (GOP/s) at this many threads, or
-    None (no probe for the variant). Leaves the thread count at `threads`."""
-    from . import _native
-    import pyqkern as pq
-
-    pq.set_num_threads(threads)
-    try:
-        return _native.int8_peak(_native.isa_names().index(pq.info()["active_variant"]), 5)
-    except (NotImplementedError, ValueError):
-        return None
-
-
 def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     import pyqkern as pq
 
@@ -50,10 +37,10 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     thread_list = threads or ([pq.get_num_threads()] if quick else sorted({1, pq.get_num_threads()}))
     # n <= 0 means one per CPU (as set_num_threads): the count the rows and the bandwidth run at
     thread_list = sorted({th if th > 0 else (os.cpu_count() or 1) for th in thread_list})
-    from ._membw import read_bandwidth
+    from ._membw import int8_hw_peak, read_bandwidth
 
     bws = {th: read_bandwidth(64 << 20 if quick else 256 << 20, th) for th in thread_list}
-    peaks = {th: _int8_hw_peak(th) for th in thread_list}
+    peaks = {th: int8_hw_peak(th) for th in thread_list}
     print(f"pyqkern {info['version']}  cpu: {info['cpu']}  variant: {info['active_variant']}  "
           f"threads: {thread_list}  read bandwidth: " + ", ".join(f"{th}t {v:.1f}" for th, v in bws.items())
           + " GB/s  int8 instruction peak: "

@@ -1,4 +1,5 @@
-"""Read bandwidth of this machine as the benchmarks' ceiling (GB/s)."""
+"""The benchmarks' ceilings measured on this machine: read bandwidth (GB/s) and the int8
+dot-product instruction peak (GOP/s)."""
 from __future__ import annotations
 
 import threading
@@ -72,3 +73,18 @@ def read_bandwidth(nbytes: int = 256 << 20, threads: int = 1, reps: int = 5) -> 
     except ImportError:                    # no native library (numba-only use): numpy's figure
         pass
     return best
+
+
+def int8_hw_peak(threads: int, reps: int = 5):
+    """The active variant's int8 dot-product instruction peak (GOP/s, pqk_int8_peak) at this many
+    pool threads, or None where the variant has no such probe (or PYQKERN_ISA names none)."""
+    from . import _native
+
+    before = _native.get_num_threads()
+    _native.set_num_threads(max(1, int(threads)))
+    try:
+        return _native.int8_peak(_native.active_isa(), reps)
+    except (NotImplementedError, RuntimeError):
+        return None
+    finally:
+        _native.set_num_threads(before)

@@ -304,3 +304,11 @@ def test_int8_peak_probe(restore_threads):
                 _native.int8_peak(i, 1)
     with pytest.raises(ValueError, match="reps"):
         _native.int8_peak(names.index("ref"), 0)
+    # the Python helper the benchmarks use: the active variant's rate (or None), threads restored
+    from pyqkern._membw import int8_hw_peak
+
+    pq.set_num_threads(1)
+    g = int8_hw_peak(2, reps=1)
+    assert g is None or (np.isfinite(g) and g > 1.0)
+    assert (g is not None) == bool(_native.matmul_sources(_native.active_isa())["int8_peak"])
+    assert pq.get_num_threads() == 1

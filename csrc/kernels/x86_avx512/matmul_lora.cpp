@@ -95,7 +95,7 @@ inline void rank_sums_bf16_pairs(const __m512* tv, const uint16_t* Bt, int64_t s
 
 constexpr int kPairMaxRank = 128;  // tv on the stack: rank / 2 vectors
 
-// tv[p] = (t[2p] in lanes 0-7, t[2p+1] in lanes 8-15) for rank_sum_bf16_pairs
+// tv[p] = (t[2p] in lanes 0-7, t[2p+1] in lanes 8-15) for rank_sums_bf16_pairs
 inline void pair_vectors(const float* ta, int rank, __m512* tv) {
   for (int p = 0; p < rank / 2; ++p)
     tv[p] = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(ta[2 * p]), _mm512_set1_ps(ta[2 * p + 1]));
