@@ -32,6 +32,7 @@ CASES = [
     ("nf4", {"group": 32}, (32, 96)),
     ("nf4", {"group": 64}, (64, 192)),
     ("nf4", {"group": 64, "double_quant": True}, (64, 192)),
+    ("fp4", {"group": 64}, (64, 192)),
     ("int4", {"group": 16}, (16, 48, 80)),
     ("int4", {"group": 16, "sym": True}, (16, 48)),
     ("int4", {"group": 32}, (32, 96)),
@@ -117,7 +118,7 @@ def test_thread_count_independent(fmt, kw):
     np.testing.assert_array_equal(y1.view(np.uint32), y2.view(np.uint32))
 
 
-BATCH_CASES = CASES + [("fp4", {"group": 64}, (64, 192)), ("int3", {"group": 16}, (48,)), ("int3", {"group": 64}, (192,)),
+BATCH_CASES = CASES + [("int3", {"group": 16}, (48,)), ("int3", {"group": 64}, (192,)),
                        ("int3", {"group": -1}, (40, 72)), ("int2", {"group": 32, "sym": True}, (96,)),
                        ("int2", {"group": -1}, (36, 100))]
 

@@ -16,6 +16,10 @@ two-codes-per-byte nf4 / fp4 / int4 layouts even elements in lanes 0..15 and odd
 are summed pairwise in a fixed order at the end of the row; bias is added last. No fastmath: no reassociation, no
 contraction, so the decode is exact and the accumulation order is the one written here.
 
+The code-book formats (iq4_nl, nf4, fp4) decode a block of 32 through the intrinsics of
+:mod:`.lut` (a register permute per 16 codes; LLVM turns the plain ``table[code]`` loop into one
+scalar load per weight), with the same float operations.
+
 M = 1 runs its own kernel per format (see _drive1), with the same lanes and order: a row alone
 gives the bits it gives in a batch, except the sign of a NaN result (x86 keeps the first NaN
 operand of an add, and LLVM may order an add's operands differently in the two kernels).
@@ -30,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .lut import lut16_hi_first, lut16_lo_first
 from .simple import FP4_CODE, IQ4NL_VALUES, NF4_CODE, u32_as_f32
 
 _F32 = np.float32
@@ -141,11 +146,8 @@ def _row_iq4_nl(q, s, z, r, gshift, sym, x, m0, m1, acc):
         o = ci * 18
         k0 = ci * 32
         d = _f16(q, r, o)
-        for m in range(m0, m1):
-            for j in range(16):
-                c = q[r, o + 2 + j]
-                acc[m - m0, j] += (d * IQ4NL_VALUES[_lo(c)]) * x[m, k0 + j]
-                acc[m - m0, j + 16] += (d * IQ4NL_VALUES[_hi(c)]) * x[m, k0 + j + 16]
+        for m in range(m0, m1):   # (kvalue[c] * d) * x, as d * kvalue[c]: a product is commutative
+            lut16_lo_first(q, r, o + 2, IQ4NL_VALUES, d, x, m, k0, acc, m - m0)
 
 
 @njit(inline="always", **_JIT)
@@ -246,10 +248,7 @@ def _row_bnb4(q, s, r, bshift, code, xs, m0, m1, acc):
         amax = _f32le(s, r, 4 * (k0 >> bshift))
         qo = k0 >> 1
         for m in range(m0, m1):
-            for j in range(16):
-                c = q[r, qo + j]
-                acc[m - m0, j] += (code[_hi(c)] * amax) * xs[m, k0 + j]
-                acc[m - m0, 16 + j] += (code[_lo(c)] * amax) * xs[m, k0 + 16 + j]
+            lut16_hi_first(q, r, qo, code, amax, xs, m, k0, acc, m - m0)
 
 
 @njit(inline="always", **_JIT)
