@@ -215,6 +215,13 @@ PYBIND11_MODULE(_native, m) {
                                                       name_of(pqk_slot_variant(isa, "dequantize", f)));
     return d;
   });
+  m.def("gemv_f32_sources", [name_of](int isa) {
+    // {format: isa name of its fused compute="float" decode kernel, or None}
+    if (pqk_isa_runnable(isa) != 1) throw py::value_error("variant not runnable");
+    py::dict d;
+    for (int f = 0; f < PQK_FORMAT_COUNT; ++f) d[py::str(pqk_format_name(f))] = name_of(pqk_slot_variant(isa, "gemv_f32", f));
+    return d;
+  });
   py::class_<Packed, std::shared_ptr<Packed>>(m, "Packed")
       .def_property_readonly("nbytes", [](const Packed& p) { return pqk_packed_nbytes(p.p); })
       .def_readonly("n", &Packed::n)

@@ -111,6 +111,7 @@ int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt) {
   const bool fmt_ok = fmt >= 0 && fmt < PQK_FORMAT_COUNT;
   if (s == "quantize") return fmt_ok && t.quantize[fmt] ? t.quantize_isa[fmt] : -1;
   if (s == "dequantize") return fmt_ok && t.dequantize[fmt] ? t.dequantize_isa[fmt] : -1;
+  if (s == "gemv_f32") return fmt_ok && t.gemv_f32[fmt] ? t.gemv_f32_isa[fmt] : -1;
   if (s == "quantize_act") return t.quantize_act ? t.quantize_act_isa : -1;
   if (s == "gemm_int8") return t.gemm_int8 ? t.gemm_int8_isa : -1;
   if (s == "gemm_f32") return t.gemm_f32 ? t.gemm_f32_isa : -1;

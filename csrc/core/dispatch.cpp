@@ -76,6 +76,7 @@ struct Tables {
       for (int f = 0; f < PQK_FORMAT_COUNT; ++f) {
         if (mine.quantize[f]) { dst.quantize[f] = mine.quantize[f]; dst.quantize_isa[f] = (int8_t)isa; }
         if (mine.dequantize[f]) { dst.dequantize[f] = mine.dequantize[f]; dst.dequantize_isa[f] = (int8_t)isa; }
+        if (mine.gemv_f32[f]) { dst.gemv_f32[f] = mine.gemv_f32[f]; dst.gemv_f32_isa[f] = (int8_t)isa; }
       }
     };
     overlay(t[PQK_ISA_REF], ref::register_kernels, PQK_ISA_REF);

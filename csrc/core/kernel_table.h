@@ -59,6 +59,15 @@ using gemv_bf16_fn = bool (*)(const PackedWeight& w, int64_t tile, const uint16_
                               int parts, int64_t part_stride, const float* xsum, float* y, int64_t ldy,
                               const float* bias);
 
+// compute="float" for m <= GEMV_F32_MAX_M activation rows straight from a format's canonical row
+// bytes (optional, per format): y[i, r] (+ bias[r]) for weight rows r0 <= r < r1 and i < m, each
+// weight decoded to the float dequantize_row gives, fp32 fused-multiply-add sums; a row's result
+// does not depend on [r0, r1).
+constexpr int64_t GEMV_F32_MAX_M = 4;
+using gemv_f32_fn = void (*)(const uint8_t* q, const uint8_t* s, const pqk_row_bytes& rb, int64_t r0, int64_t r1,
+                             int64_t k, const pqk_qparams& p, const float* x, int64_t ldx, int64_t m, float* y,
+                             int64_t ldy, const float* bias);
+
 // t[r - r0] = dot(x[0:k], A[r, 0:k]) for adapter rows r in [r0, r1), A in the adapter's dtype.
 using lora_shrink_fn = void (*)(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);
 
@@ -90,9 +99,11 @@ struct KernelTable {
   int8_t gemm_f32_xt_isa = 0;
   quantize_row_fn quantize[PQK_FORMAT_COUNT] = {};
   dequantize_row_fn dequantize[PQK_FORMAT_COUNT] = {};
+  gemv_f32_fn gemv_f32[PQK_FORMAT_COUNT] = {};
   // Where each slot came from (for info() and tests): the pqk_isa that filled it.
   int8_t quantize_isa[PQK_FORMAT_COUNT] = {};
   int8_t dequantize_isa[PQK_FORMAT_COUNT] = {};
+  int8_t gemv_f32_isa[PQK_FORMAT_COUNT] = {};
 };
 
 // Each ISA folder defines one of these; it only sets the slots it implements.

@@ -1,0 +1,128 @@
+"""compute="float" at decode size through the formats' fused decode kernels (gemv_f32 slot:
+nf4, fp4, iq4_nl, q8_0, int8 on AVX-512), which decode each weight in registers instead of
+dequantizing a chunk into a buffer.
+
+- each weight decodes to exactly pq.dequantize's float: one-hot activation rows (m = 1..4) give
+  y[i, r] = W[r, j_i] exactly (a -0.0 weight gives +0.0);
+- N not a multiple of the 4- and 2-row passes, K with int8 tails (k % 32 != 0), bias: within the
+  fp32 bound of test_matmul, the same bits for 1, 2 and 3 threads, and a row's result does not
+  depend on the other rows of its call;
+- NaN / Inf in x give NaN / Inf where float64 arithmetic does.
+Bound, adapters and K chunking for every format are in test_matmul.py.
+"""
+import numpy as np
+import pytest
+
+import pyqkern as pq
+from pyqkern import _native, _ops
+
+from test_matmul import assert_float_close, bits_equal, random_qtensor
+
+FUSED = ["nf4", "fp4", "iq4_nl", "q8_0", "int8"]
+PARAMS = {"nf4": {"group": 64}, "fp4": {"group": 32}}
+
+
+def _variants_with(fmt):
+    return [v for v in pq.variants() if _native.gemv_f32_sources(_ops.isa_id(v))[fmt]]
+
+
+def test_the_fused_kernels_are_registered_where_avx512_runs():
+    names = pq.variants()
+    for v in ("avx512", "avx512vnni"):
+        if v in names:
+            src = _native.gemv_f32_sources(_ops.isa_id(v))
+            assert all(src[f] == "avx512" for f in FUSED), (v, src)
+            assert src["q4_0"] is None  # formats without one keep the dequantize-a-chunk path
+
+
+def _k_for(fmt, nblocks):
+    return 32 * nblocks * (2 if fmt == "fp4" else (2 if fmt == "nf4" else 1))
+
+
+@pytest.mark.parametrize("fmt", FUSED)
+def test_one_hot_rows_give_the_dequantized_weights(fmt):
+    vs = _variants_with(fmt)
+    if not vs:
+        pytest.skip("no variant of this build has a fused float decode kernel on this CPU")
+    rng = np.random.default_rng(7)
+    k = _k_for(fmt, 4) + (5 if fmt == "int8" else 0)
+    n = 23
+    qt = random_qtensor(fmt, n, k, rng, **PARAMS.get(fmt, {}))
+    wd = pq.dequantize(qt, backend="reference")
+    for v in vs:
+        for m in (1, 2, 3, 4):
+            for j0 in range(0, k, m):
+                cols = np.arange(j0, min(k, j0 + m))
+                x = np.zeros((len(cols), k), np.float32)
+                x[np.arange(len(cols)), cols] = 1.0
+                y = pq.matmul(x, qt, compute="float", isa=v)
+                # exact values; a -0.0 weight sums to +0.0 with the zero lanes, as in any dot product
+                assert np.array_equal(y, wd[:, cols].T), (fmt, v, m, j0)
+
+
+SHAPES = [(f, kb, 0) for f in FUSED for kb in (1, 3)] + [("int8", kb, t) for kb, t in ((2, 1), (1, 31), (5, 17), (0, 7))]
+
+
+@pytest.mark.parametrize("fmt,k_blocks,tail", SHAPES, ids=[f"{f}-{kb}x32+{t}" for f, kb, t in SHAPES])
+def test_bound_threads_and_row_independence(fmt, k_blocks, tail):
+    vs = _variants_with(fmt)
+    if not vs:
+        pytest.skip("no variant of this build has a fused float decode kernel on this CPU")
+    rng = np.random.default_rng(k_blocks * 100 + tail)
+    k = _k_for(fmt, k_blocks) + tail
+    n = 39  # 4-row passes, then 2-row, then single rows
+    qt, sub = _with_rows(fmt, n, k, rng, 5, 13)
+    wd = pq.dequantize(qt, backend="reference")
+    bias = rng.standard_normal(n).astype(np.float32)
+    before = pq.get_num_threads()
+    try:
+        for m in (1, 2, 3, 4):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            x[rng.random((m, k)) < 0.02] *= 100
+            for v in vs:
+                outs = []
+                for th in (1, 2, 3):
+                    pq.set_num_threads(th)
+                    outs.append(pq.matmul(x, qt, bias, compute="float", isa=v))
+                assert all(bits_equal(o, outs[0]) for o in outs), (fmt, v, m)
+                assert_float_close(outs[0], x, wd, bias)
+                # rows 5..12 alone: the same bits as inside the whole call (other passes, tails)
+                assert bits_equal(pq.matmul(x, sub, bias[5:13], compute="float", isa=v), outs[0][:, 5:13]), (fmt, v, m)
+    finally:
+        pq.set_num_threads(before)
+
+
+def _with_rows(fmt, n, k, rng, r0, r1):
+    """(qt [n, k], the QTensor of its rows r0..r1 alone)."""
+    if fmt in ("iq4_nl", "q8_0"):  # random ggml blocks, one row after another
+        qt = random_qtensor(fmt, n, k, rng)
+        sub = pq.QTensor.from_bytes(fmt, (r1 - r0, k), qt.data.reshape(n, -1)[r0:r1].ravel())
+    else:  # quantized row by row
+        w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 1.0, size=(n, 1))).astype(np.float32)
+        qt, sub = pq.quantize(w, fmt, **PARAMS.get(fmt, {})), pq.quantize(w[r0:r1], fmt, **PARAMS.get(fmt, {}))
+    assert bits_equal(pq.dequantize(sub), pq.dequantize(qt)[r0:r1])
+    return qt, sub
+
+
+@pytest.mark.parametrize("fmt", FUSED)
+def test_nan_and_inf_in_x(fmt):
+    vs = _variants_with(fmt)
+    if not vs:
+        pytest.skip("no variant of this build has a fused float decode kernel on this CPU")
+    rng = np.random.default_rng(3)
+    k = _k_for(fmt, 2) + (3 if fmt == "int8" else 0)
+    n = 9
+    qt = random_qtensor(fmt, n, k, rng, **PARAMS.get(fmt, {}))
+    wd = pq.dequantize(qt, backend="reference").astype(np.float64)
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    x[0, 3] = np.nan
+    x[1, k - 1] = np.inf
+    x[2, 5], x[2, 6] = np.inf, -np.inf
+    with np.errstate(all="ignore"):
+        ref = x.astype(np.float64) @ wd.T
+    for v in vs:
+        y = pq.matmul(x, qt, compute="float", isa=v)
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(ref), err_msg=v)
+        fin = ~np.isnan(ref)
+        np.testing.assert_array_equal(np.isinf(y[fin]), np.isinf(ref[fin]), err_msg=v)
+        np.testing.assert_array_equal(np.sign(y[np.isinf(ref)]), np.sign(ref[np.isinf(ref)]), err_msg=v)
