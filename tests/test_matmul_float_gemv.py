@@ -1,6 +1,6 @@
-"""compute="float" at decode size through the formats' fused decode kernels (gemv_f32 slot:
-nf4, fp4, iq4_nl, q8_0, int8 on AVX-512), which decode each weight in registers instead of
-dequantizing a chunk into a buffer.
+"""compute="float" at decode size through the formats' fused decode kernels (gemv_f32 slot, on
+AVX-512: every format but int2 / int3, int4 with groups of 32 or more), which decode each weight
+in registers instead of dequantizing a chunk into a buffer.
 
 - each weight decodes to exactly pq.dequantize's float: one-hot activation rows (m = 1..4) give
   y[i, r] = W[r, j_i] exactly (a -0.0 weight gives +0.0);
@@ -18,12 +18,18 @@ from pyqkern import _native, _ops
 
 from test_matmul import assert_float_close, bits_equal, random_qtensor
 
-FUSED = ["nf4", "fp4", "iq4_nl", "q8_0", "int8"]
-PARAMS = {"nf4": {"group": 64}, "fp4": {"group": 32}}
+FUSED = ["nf4", "fp4", "iq4_nl", "q8_0", "int8", "q4_0", "q4_1", "q4_k", "q6_k", "int4", "int4-sym32", "int4-pc"]
+PARAMS = {"nf4": {"group": 64}, "fp4": {"group": 32}, "int4": {"group": 128}, "int4-sym32": {"group": 32, "sym": True},
+          "int4-pc": {"group": -1}}
+BLOCK = {"q4_k": 256, "q6_k": 256, "nf4": 64, "int4": 128}
 
 
-def _variants_with(fmt):
-    return [v for v in pq.variants() if _native.gemv_f32_sources(_ops.isa_id(v))[fmt]]
+def _fmt(case):
+    return case.split("-")[0]
+
+
+def _variants_with(case):
+    return [v for v in pq.variants() if _native.gemv_f32_sources(_ops.isa_id(v))[_fmt(case)]]
 
 
 def test_the_fused_kernels_are_registered_where_avx512_runs():
@@ -31,12 +37,12 @@ def test_the_fused_kernels_are_registered_where_avx512_runs():
     for v in ("avx512", "avx512vnni"):
         if v in names:
             src = _native.gemv_f32_sources(_ops.isa_id(v))
-            assert all(src[f] == "avx512" for f in FUSED), (v, src)
-            assert src["q4_0"] is None  # formats without one keep the dequantize-a-chunk path
+            assert all(src[_fmt(f)] == "avx512" for f in FUSED), (v, src)
+            assert src["int2"] is None and src["int3"] is None  # these keep the dequantize-a-chunk path
 
 
-def _k_for(fmt, nblocks):
-    return 32 * nblocks * (2 if fmt == "fp4" else (2 if fmt == "nf4" else 1))
+def _k_for(case, nblocks):
+    return nblocks * BLOCK.get(_fmt(case), 32)
 
 
 @pytest.mark.parametrize("fmt", FUSED)
@@ -47,7 +53,7 @@ def test_one_hot_rows_give_the_dequantized_weights(fmt):
     rng = np.random.default_rng(7)
     k = _k_for(fmt, 4) + (5 if fmt == "int8" else 0)
     n = 23
-    qt = random_qtensor(fmt, n, k, rng, **PARAMS.get(fmt, {}))
+    qt = random_qtensor(_fmt(fmt), n, k, rng, **PARAMS.get(fmt, {}))
     wd = pq.dequantize(qt, backend="reference")
     for v in vs:
         for m in (1, 2, 3, 4):
@@ -92,14 +98,19 @@ def test_bound_threads_and_row_independence(fmt, k_blocks, tail):
         pq.set_num_threads(before)
 
 
-def _with_rows(fmt, n, k, rng, r0, r1):
+GGML = ("q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl")
+
+
+def _with_rows(case, n, k, rng, r0, r1):
     """(qt [n, k], the QTensor of its rows r0..r1 alone)."""
-    if fmt in ("iq4_nl", "q8_0"):  # random ggml blocks, one row after another
+    fmt = _fmt(case)
+    if fmt in GGML:  # random ggml blocks, one row after another
         qt = random_qtensor(fmt, n, k, rng)
         sub = pq.QTensor.from_bytes(fmt, (r1 - r0, k), qt.data.reshape(n, -1)[r0:r1].ravel())
     else:  # quantized row by row
         w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 1.0, size=(n, 1))).astype(np.float32)
-        qt, sub = pq.quantize(w, fmt, **PARAMS.get(fmt, {})), pq.quantize(w[r0:r1], fmt, **PARAMS.get(fmt, {}))
+        kw = PARAMS.get(case, {})
+        qt, sub = pq.quantize(w, fmt, **kw), pq.quantize(w[r0:r1], fmt, **kw)
     assert bits_equal(pq.dequantize(sub), pq.dequantize(qt)[r0:r1])
     return qt, sub
 
@@ -112,7 +123,7 @@ def test_nan_and_inf_in_x(fmt):
     rng = np.random.default_rng(3)
     k = _k_for(fmt, 2) + (3 if fmt == "int8" else 0)
     n = 9
-    qt = random_qtensor(fmt, n, k, rng, **PARAMS.get(fmt, {}))
+    qt = random_qtensor(_fmt(fmt), n, k, rng, **PARAMS.get(fmt, {}))
     wd = pq.dequantize(qt, backend="reference").astype(np.float64)
     x = rng.standard_normal((4, k)).astype(np.float32)
     x[0, 3] = np.nan

@@ -62,11 +62,12 @@ using gemv_bf16_fn = bool (*)(const PackedWeight& w, int64_t tile, const uint16_
 // compute="float" for m <= GEMV_F32_MAX_M activation rows straight from a format's canonical row
 // bytes (optional, per format): y[i, r] (+ bias[r]) for weight rows r0 <= r < r1 and i < m, each
 // weight decoded to the float dequantize_row gives, fp32 fused-multiply-add sums; a row's result
-// does not depend on [r0, r1).
+// does not depend on [r0, r1). Returns false, having written nothing, for parameters it does not
+// take (r0 == r1 asks).
 constexpr int64_t GEMV_F32_MAX_M = 4;
-using gemv_f32_fn = void (*)(const uint8_t* q, const uint8_t* s, const pqk_row_bytes& rb, int64_t r0, int64_t r1,
-                             int64_t k, const pqk_qparams& p, const float* x, int64_t ldx, int64_t m, float* y,
-                             int64_t ldy, const float* bias);
+using gemv_f32_fn = bool (*)(const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0,
+                             int64_t r1, int64_t k, const pqk_qparams& p, const float* x, int64_t ldx, int64_t m,
+                             float* y, int64_t ldy, const float* bias);
 
 // t[r - r0] = dot(x[0:k], A[r, 0:k]) for adapter rows r in [r0, r1), A in the adapter's dtype.
 using lora_shrink_fn = void (*)(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);

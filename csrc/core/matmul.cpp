@@ -470,12 +470,12 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
     // Few rows, a format the variant decodes in registers: no dequantized copy at all. Tiles of
     // 16 weight rows, the adapters' expansion on each (it never crosses a 16-row tile).
     gemv_f32_fn gemv = t.gemv_f32[fmt];
-    if (gemv && m <= GEMV_F32_MAX_M && !((fmt == PQK_NF4 || fmt == PQK_FP4) && p.group < 32)) {
+    if (gemv && m <= GEMV_F32_MAX_M && gemv(Q, S, Z, rb, 0, 0, k, p, x, ldx, m, y, ldy, nullptr)) {
       const int64_t tiles = (n + 15) / 16;
       parallel_for(tiles, std::max<int64_t>(1, 16384 / k), [&](int64_t b, int64_t e) {
         for (int64_t tile = b; tile < e; ++tile) {
           const int64_t r0 = tile * 16, r1 = std::min(n, r0 + 16);
-          gemv(Q, S, rb, r0, r1, k, p, x, ldx, m, y, ldy, AD.active() ? nullptr : bias);
+          gemv(Q, S, Z, rb, r0, r1, k, p, x, ldx, m, y, ldy, AD.active() ? nullptr : bias);
           if (AD.active()) t.lora_expand(L, 0, m, r0, (int)(r1 - r0), y, ldy);
         }
       });

@@ -32,44 +32,89 @@ inline __m512 bcast_f16(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_set1_epi16(h));
 }
 
-// bitsandbytes nf4 / fp4: fp32 absmax per block of p.group (a power of two >= 32), element 2i the
-// high nibble of byte i. x comes split per chunk of 32 (even elements, then odd ones).
-struct Bnb4 {
+// A per-group 16-entry table read with vpermps, codes two per byte, element 2i the high nibble
+// (nf4 / fp4, bitsandbytes) or the low one (int4); x comes split per chunk of 32 (even elements,
+// then odd ones). Groups are a whole number of chunks (the table is rebuilt every cpg chunks).
+template <class Tab, bool HighFirst>
+struct GroupNib {
   static constexpr bool kSplitX = true;
-  __m512 book;
-  int shift;  // log2(chunks of 32 per block)
-  struct Row { const uint8_t* q; const uint8_t* s; __m512 tab; };
-  Row row(const uint8_t* q, const uint8_t* s) const { return Row{q, s, _mm512_setzero_ps()}; }
+  static constexpr int kStep = 1;
+  Tab tab_of;       // (s, z, group index) -> table
+  int64_t cpg;      // chunks of 32 per group
+  struct Row { const uint8_t* q; const uint8_t* s; const uint8_t* z; __m512 tab; int64_t left, g; };
+  Row row(const uint8_t* q, const uint8_t* s, const uint8_t* z) const {
+    return Row{q, s, z, _mm512_setzero_ps(), 0, -1};
+  }
+  template <int J>
   void chunk(Row& r, int64_t ci, __m512& w0, __m512& w1) const {
-    if ((ci & ((int64_t{1} << shift) - 1)) == 0)  // table[c] = book[c] * absmax, as dequantize_row_nf4
-      r.tab = _mm512_mul_ps(book, _mm512_set1_ps(load_f32(r.s + 4 * (ci >> shift))));
-    const __m512i c = zext16(r.q + 16 * ci);
-    w0 = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), r.tab);
-    w1 = _mm512_permutexvar_ps(c, r.tab);  // vpermps reads the low 4 bits: the low nibble
+    if (r.left-- == 0) {
+      r.tab = tab_of(r.s, r.z, ++r.g);
+      r.left = cpg - 1;
+    }
+    const __m512i c = zext16(r.q + 16 * ci), c4 = _mm512_srli_epi32(c, 4);
+    w0 = _mm512_permutexvar_ps(HighFirst ? c4 : c, r.tab);  // vpermps reads the low 4 bits
+    w1 = _mm512_permutexvar_ps(HighFirst ? c : c4, r.tab);
   }
 };
 
-// ggml iq4_nl: blocks of 18 bytes (fp16 d, 16 code bytes), element j the low nibble of byte j,
-// element j + 16 its high nibble
-struct Iq4nl {
+// nf4 / fp4: table[c] = book[c] * absmax (fp32 per block), as dequantize_row_nf4
+struct BookTab {
+  __m512 book;
+  __m512 operator()(const uint8_t* s, const uint8_t*, int64_t g) const {
+    return _mm512_mul_ps(book, _mm512_set1_ps(load_f32(s + 4 * g)));
+  }
+};
+// int4: table[c] = f32(c - zero) * scale (fp16 per group; zero a byte per group, or 8)
+struct Int4Tab {
+  bool sym;
+  __m512 operator()(const uint8_t* s, const uint8_t* z, int64_t g) const {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i c = _mm512_sub_epi32(iota, _mm512_set1_epi32(sym ? 8 : z[g]));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(c), bcast_f16(s + 2 * g));
+  }
+};
+
+// ggml blocks of 32 with a 16-entry table per block (fp16 fields first, then 16 code bytes,
+// element j the low nibble of byte j, element j + 16 its high nibble): q4_0, q4_1, iq4_nl
+template <int BYTES, int CODES, class Tab>
+struct Ggml32 {
   static constexpr bool kSplitX = false;
-  __m512 kv;
+  static constexpr int kStep = 1;
+  Tab tab_of;  // block -> table
   struct Row { const uint8_t* q; };
-  Row row(const uint8_t* q, const uint8_t*) const { return Row{q}; }
+  Row row(const uint8_t* q, const uint8_t*, const uint8_t*) const { return Row{q}; }
+  template <int J>
   void chunk(Row& r, int64_t ci, __m512& w0, __m512& w1) const {
-    const uint8_t* b = r.q + ci * IQ4NL_BYTES;
-    const __m512 tab = _mm512_mul_ps(bcast_f16(b), kv);  // d * kvalue, as the dequantizer
-    const __m512i c = zext16(b + 2);
+    const uint8_t* b = r.q + ci * BYTES;
+    const __m512 tab = tab_of(b);
+    const __m512i c = zext16(b + CODES);
     w0 = _mm512_permutexvar_ps(c, tab);
     w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), tab);
   }
+};
+inline __m512 iota_ps() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+struct Q40Tab {  // f32(c - 8) * d
+  __m512 operator()(const uint8_t* b) const {
+    return _mm512_mul_ps(_mm512_sub_ps(iota_ps(), _mm512_set1_ps(8.0f)), bcast_f16(b));
+  }
+};
+struct Q41Tab {  // d * f32(c) + m
+  __m512 operator()(const uint8_t* b) const {
+    return _mm512_add_ps(_mm512_mul_ps(bcast_f16(b), iota_ps()), bcast_f16(b + 2));
+  }
+};
+struct Iq4nlTab {  // d * kvalue[c]
+  __m512 kv;
+  __m512 operator()(const uint8_t* b) const { return _mm512_mul_ps(bcast_f16(b), kv); }
 };
 
 // ggml q8_0: blocks of 34 bytes (fp16 d, 32 int8 codes), weight f32(q) * d
 struct Q80 {
   static constexpr bool kSplitX = false;
+  static constexpr int kStep = 1;
   struct Row { const uint8_t* q; };
-  Row row(const uint8_t* q, const uint8_t*) const { return Row{q}; }
+  Row row(const uint8_t* q, const uint8_t*, const uint8_t*) const { return Row{q}; }
+  template <int J>
   void chunk(Row& r, int64_t ci, __m512& w0, __m512& w1) const {
     const uint8_t* b = r.q + ci * Q8_0_BYTES;
     const __m512 d = bcast_f16(b);
@@ -78,11 +123,81 @@ struct Q80 {
   }
 };
 
+inline __m512 lane(__m512 v, int j) { return _mm512_permutexvar_ps(_mm512_set1_epi32(j), v); }
+
+// q4_k: chunk j of a 256-element super-block is sub-block j: the low (j even) or high nibbles of
+// 32 code bytes, (d * sc) * f32(c) - (dmin * m) as a 16-entry table, as dequantize_row_q4_k. At a
+// super-block's first chunk its 8 products d * sc and dmin * m, in lanes 0..7 of two registers.
+struct Q4K {
+  static constexpr bool kSplitX = false;
+  static constexpr int kStep = 8;  // chunks per super-block
+  struct Row { const uint8_t* q; __m512 dsc, dm; };
+  Row row(const uint8_t* q, const uint8_t*, const uint8_t*) const { return Row{q, _mm512_setzero_ps(), _mm512_setzero_ps()}; }
+  static void scales(const uint8_t* b, __m512& dsc, __m512& dm) {
+    // 12 bytes of 6-bit fields, four lanes at a time (q4k_scale_min): sub-blocks 0..3 from the
+    // low 6 bits of bytes 0..3 (scales) and 4..7 (mins); 4..7 from the nibbles of bytes 8..11 and
+    // the top 2 bits of bytes 0..3 / 4..7
+    uint32_t u0, u1, u2;
+    __builtin_memcpy(&u0, b + 4, 4);
+    __builtin_memcpy(&u1, b + 8, 4);
+    __builtin_memcpy(&u2, b + 12, 4);
+    const uint32_t s_lo = u0 & 0x3F3F3F3Fu, m_lo = u1 & 0x3F3F3F3Fu;
+    const uint32_t s_hi = (u2 & 0x0F0F0F0Fu) | ((u0 >> 2) & 0x30303030u);
+    const uint32_t m_hi = ((u2 >> 4) & 0x0F0F0F0Fu) | ((u1 >> 2) & 0x30303030u);
+    const __m128i sm = _mm_set_epi32((int)m_hi, (int)m_lo, (int)s_hi, (int)s_lo);  // scales 0..7, mins 0..7
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sm));
+    dsc = _mm512_mul_ps(bcast_f16(b), f);       // lanes 0..7: d * sc
+    dm = _mm512_mul_ps(bcast_f16(b + 2), _mm512_shuffle_f32x4(f, f, 0x0E));  // lanes 0..7: dmin * m
+  }
+  template <int J>
+  void chunk(Row& r, int64_t sb, __m512& w0, __m512& w1) const {
+    const uint8_t* b = r.q + sb * Q4_K_BYTES;
+    constexpr int j = J;
+    if (j == 0) scales(b, r.dsc, r.dm);
+    const __m512 tab = _mm512_sub_ps(_mm512_mul_ps(lane(r.dsc, j), iota_ps()), lane(r.dm, j));
+    const uint8_t* qs = b + 16 + 32 * (j >> 1);
+    __m512i c0 = zext16(qs), c1 = zext16(qs + 16);
+    if constexpr (j & 1) {
+      c0 = _mm512_srli_epi32(c0, 4);
+      c1 = _mm512_srli_epi32(c1, 4);
+    }
+    w0 = _mm512_permutexvar_ps(c0, tab);
+    w1 = _mm512_permutexvar_ps(c1, tab);
+  }
+};
+
+// q6_k: chunk j of a super-block is quarter i = j & 3 of half h = j >> 2: nibble i >> 1 of
+// ql[64h + 32(i & 1) + l] and bits 2i of qh[32h + l]; (d * sc) * f32(c - 32), one scale per 16
+// elements (the super-block's 16 products d * sc computed at its first chunk, one per lane)
+struct Q6K {
+  static constexpr bool kSplitX = false;
+  static constexpr int kStep = 8;  // chunks per super-block
+  struct Row { const uint8_t* q; __m512 ds; };
+  Row row(const uint8_t* q, const uint8_t*, const uint8_t*) const { return Row{q, _mm512_setzero_ps()}; }
+  template <int J>
+  void chunk(Row& r, int64_t sb, __m512& w0, __m512& w1) const {
+    const uint8_t* b = r.q + sb * Q6_K_BYTES;
+    constexpr int j = J, h = j >> 2, i = j & 3;
+    if (j == 0) r.ds = _mm512_mul_ps(bcast_f16(b + 208), sext16(b + 192));
+    const __m256i l = _mm256_loadu_si256((const __m256i*)(b + 64 * h + 32 * (i & 1)));
+    const __m256i hb = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h));
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    const __m256i nib = _mm256_and_si256((i >> 1) ? _mm256_srli_epi16(l, 4) : l, m4);
+    const __m256i top = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * i), m2);
+    const __m256i c = _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
+    w0 = _mm512_mul_ps(lane(r.ds, 8 * h + 2 * i), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c))));
+    w1 = _mm512_mul_ps(lane(r.ds, 8 * h + 2 * i + 1),
+                       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1))));
+  }
+};
+
 // int8: k codes per row and one fp32 scale, weight f32(q) * scale; k need not be a multiple of 32
 struct Int8 {
   static constexpr bool kSplitX = false;
+  static constexpr int kStep = 1;
   struct Row { const uint8_t* q; __m512 s; };
-  Row row(const uint8_t* q, const uint8_t* s) const { return Row{q, _mm512_set1_ps(load_f32(s))}; }
+  Row row(const uint8_t* q, const uint8_t* s, const uint8_t*) const { return Row{q, _mm512_set1_ps(load_f32(s))}; }
+  template <int J>
   void chunk(Row& r, int64_t ci, __m512& w0, __m512& w1) const {
     w0 = _mm512_mul_ps(sext16(r.q + 32 * ci), r.s);
     w1 = _mm512_mul_ps(sext16(r.q + 32 * ci + 16), r.s);
@@ -97,6 +212,15 @@ struct Int8 {
   }
 };
 
+// f(std::integral_constant<int, J>) for J = B .. E-1, each J a compile-time constant
+template <int B, int E, class F>
+inline void static_for(F&& f) {
+  if constexpr (B < E) {
+    f(std::integral_constant<int, B>{});
+    static_for<B + 1, E>(f);
+  }
+}
+
 template <class D, class = void>
 struct HasTail : std::false_type {};
 template <class D>
@@ -104,29 +228,32 @@ struct HasTail<D, decltype(void(&D::tail))> : std::true_type {};
 
 // R weight rows from r0 against M activation rows (x rows ldx apart)
 template <class D, int R, int M>
-void rows(const D& dec, const uint8_t* q, const uint8_t* s, const pqk_row_bytes& rb, int64_t r0, int64_t k,
-          const float* x, int64_t ldx, float* y, int64_t ldy, const float* bias) {
+void rows(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0,
+          int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy, const float* bias) {
   typename D::Row row[R];
-  for (int r = 0; r < R; ++r) row[r] = dec.row(q + (r0 + r) * rb.q, s ? s + (r0 + r) * rb.s : nullptr);
+  for (int r = 0; r < R; ++r)
+    row[r] = dec.row(q + (r0 + r) * rb.q, s ? s + (r0 + r) * rb.s : nullptr, z ? z + (r0 + r) * rb.z : nullptr);
   __m512 acc[R][M][2];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < M; ++i) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
   const int64_t nc = k / 32;
-  for (int64_t ci = 0; ci < nc; ++ci) {
-    __m512 xv[M][2];
-    for (int i = 0; i < M; ++i) {
-      xv[i][0] = _mm512_loadu_ps(x + i * ldx + 32 * ci);
-      xv[i][1] = _mm512_loadu_ps(x + i * ldx + 32 * ci + 16);
-    }
-    for (int r = 0; r < R; ++r) {
-      __m512 w0, w1;
-      dec.chunk(row[r], ci, w0, w1);
+  for (int64_t st = 0; st < nc / D::kStep; ++st)
+    static_for<0, D::kStep>([&](auto J) {
+      const int64_t ci = st * D::kStep + J;
+      __m512 xv[M][2];
       for (int i = 0; i < M; ++i) {
-        acc[r][i][0] = _mm512_fmadd_ps(w0, xv[i][0], acc[r][i][0]);
-        acc[r][i][1] = _mm512_fmadd_ps(w1, xv[i][1], acc[r][i][1]);
+        xv[i][0] = _mm512_loadu_ps(x + i * ldx + 32 * ci);
+        xv[i][1] = _mm512_loadu_ps(x + i * ldx + 32 * ci + 16);
       }
-    }
-  }
+      for (int r = 0; r < R; ++r) {
+        __m512 w0, w1;
+        dec.template chunk<J>(row[r], st, w0, w1);
+        for (int i = 0; i < M; ++i) {
+          acc[r][i][0] = _mm512_fmadd_ps(w0, xv[i][0], acc[r][i][0]);
+          acc[r][i][1] = _mm512_fmadd_ps(w1, xv[i][1], acc[r][i][1]);
+        }
+      }
+    });
   if constexpr (HasTail<D>::value) {
     const int n = (int)(k - 32 * nc);
     if (n) {
@@ -155,17 +282,18 @@ void rows(const D& dec, const uint8_t* q, const uint8_t* s, const pqk_row_bytes&
 
 // rows [r0, r1): R at a time (8 accumulator chains or more), then one at a time
 template <class D, int M>
-void run_m(const D& dec, const uint8_t* q, const uint8_t* s, const pqk_row_bytes& rb, int64_t r0, int64_t r1,
-           int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy, const float* bias) {
+void run_m(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0,
+           int64_t r1, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy, const float* bias) {
   constexpr int R = M == 1 ? 4 : 2;
   int64_t r = r0;
-  for (; r + R <= r1; r += R) rows<D, R, M>(dec, q, s, rb, r, k, x, ldx, y, ldy, bias);
-  for (; r < r1; ++r) rows<D, 1, M>(dec, q, s, rb, r, k, x, ldx, y, ldy, bias);
+  for (; r + R <= r1; r += R) rows<D, R, M>(dec, q, s, z, rb, r, k, x, ldx, y, ldy, bias);
+  for (; r < r1; ++r) rows<D, 1, M>(dec, q, s, z, rb, r, k, x, ldx, y, ldy, bias);
 }
 
 template <class D>
-void run(const D& dec, const uint8_t* q, const uint8_t* s, const pqk_row_bytes& rb, int64_t r0, int64_t r1, int64_t k,
-         const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, const float* bias) {
+bool run(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0,
+         int64_t r1, int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, const float* bias) {
+  if (r0 >= r1) return true;
   std::vector<float> split;
   if (D::kSplitX) {  // each chunk of 32 as its 16 even elements, then its 16 odd ones
     split.resize((size_t)(m * k));
@@ -181,44 +309,48 @@ void run(const D& dec, const uint8_t* q, const uint8_t* s, const pqk_row_bytes& 
     ldx = k;
   }
   switch (m) {
-    case 1: return run_m<D, 1>(dec, q, s, rb, r0, r1, k, x, ldx, y, ldy, bias);
-    case 2: return run_m<D, 2>(dec, q, s, rb, r0, r1, k, x, ldx, y, ldy, bias);
-    case 3: return run_m<D, 3>(dec, q, s, rb, r0, r1, k, x, ldx, y, ldy, bias);
-    default: return run_m<D, 4>(dec, q, s, rb, r0, r1, k, x, ldx, y, ldy, bias);
+    case 1: run_m<D, 1>(dec, q, s, z, rb, r0, r1, k, x, ldx, y, ldy, bias); break;
+    case 2: run_m<D, 2>(dec, q, s, z, rb, r0, r1, k, x, ldx, y, ldy, bias); break;
+    case 3: run_m<D, 3>(dec, q, s, z, rb, r0, r1, k, x, ldx, y, ldy, bias); break;
+    default: run_m<D, 4>(dec, q, s, z, rb, r0, r1, k, x, ldx, y, ldy, bias); break;
   }
+  return true;
 }
 
 }  // namespace
 
-void gemv_f32_nf4(const uint8_t* q, const uint8_t* s, const pqk_row_bytes& rb, int64_t r0, int64_t r1, int64_t k,
-                  const pqk_qparams& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
-                  const float* bias) {
-  run(Bnb4{_mm512_loadu_ps(kNF4), __builtin_ctzll((unsigned long long)p.group / 32)}, q, s, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
-}
+#define PQK_GEMV_F32(fmt)                                                                               \
+  bool gemv_f32_##fmt(const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0, \
+                      int64_t r1, int64_t k, const pqk_qparams& p, const float* x, int64_t ldx, int64_t m,   \
+                      float* y, int64_t ldy, const float* bias)
+#define PQK_RUN(dec) run(dec, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias)
 
-void gemv_f32_fp4(const uint8_t* q, const uint8_t* s, const pqk_row_bytes& rb, int64_t r0, int64_t r1, int64_t k,
-                  const pqk_qparams& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
-                  const float* bias) {
-  run(Bnb4{_mm512_loadu_ps(kFP4), __builtin_ctzll((unsigned long long)p.group / 32)}, q, s, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
+PQK_GEMV_F32(nf4) {
+  if (p.group < 32) return false;
+  return PQK_RUN((GroupNib<BookTab, true>{BookTab{_mm512_loadu_ps(kNF4)}, p.group / 32}));
 }
-
-void gemv_f32_iq4_nl(const uint8_t* q, const uint8_t* s, const pqk_row_bytes& rb, int64_t r0, int64_t r1, int64_t k,
-                     const pqk_qparams&, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
-                     const float* bias) {
+PQK_GEMV_F32(fp4) {
+  if (p.group < 32) return false;
+  return PQK_RUN((GroupNib<BookTab, true>{BookTab{_mm512_loadu_ps(kFP4)}, p.group / 32}));
+}
+PQK_GEMV_F32(int4) {  // groups of 32 or more (or the whole row, k a multiple of 32)
+  const int64_t g = p.group == -1 ? k : p.group;
+  if (g < 32 || g % 32 || k % g) return false;
+  return PQK_RUN((GroupNib<Int4Tab, false>{Int4Tab{p.sym != 0}, g / 32}));
+}
+PQK_GEMV_F32(q4_0) { (void)p; return PQK_RUN((Ggml32<Q4_0_BYTES, 2, Q40Tab>{})); }
+PQK_GEMV_F32(q4_1) { (void)p; return PQK_RUN((Ggml32<Q4_1_BYTES, 4, Q41Tab>{})); }
+PQK_GEMV_F32(iq4_nl) {
+  (void)p;
   const __m512 kv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)kIQ4NL)));
-  run(Iq4nl{kv}, q, s, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
+  return PQK_RUN((Ggml32<IQ4NL_BYTES, 2, Iq4nlTab>{Iq4nlTab{kv}}));
 }
+PQK_GEMV_F32(q8_0) { (void)p; return PQK_RUN(Q80{}); }
+PQK_GEMV_F32(q4_k) { (void)p; return PQK_RUN(Q4K{}); }
+PQK_GEMV_F32(q6_k) { (void)p; return PQK_RUN(Q6K{}); }
+PQK_GEMV_F32(int8) { (void)p; return PQK_RUN(Int8{}); }
 
-void gemv_f32_q8_0(const uint8_t* q, const uint8_t* s, const pqk_row_bytes& rb, int64_t r0, int64_t r1, int64_t k,
-                   const pqk_qparams&, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
-                   const float* bias) {
-  run(Q80{}, q, s, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
-}
-
-void gemv_f32_int8(const uint8_t* q, const uint8_t* s, const pqk_row_bytes& rb, int64_t r0, int64_t r1, int64_t k,
-                   const pqk_qparams&, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
-                   const float* bias) {
-  run(Int8{}, q, s, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
-}
+#undef PQK_RUN
+#undef PQK_GEMV_F32
 
 }}  // namespace pqk::avx512
