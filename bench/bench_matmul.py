@@ -17,6 +17,8 @@ Rows
   numba      pq.matmul(x, qt, backend="numba") (compute="float", the Numba backend) for q4_0 and
              int4-g128 at M <= 8, Numba threads = the row's thread count: set against the pyqkern
              compute="float" row of the same shape and threads (numba has no int8 compute).
+  every fmt  (1,4096,4096), 1 thread, compute="float" for all twelve formats, pq.QLinear and the Numba
+             backend (full run only); the Numba / native ratio per format is printed under the table.
   numpy      fp32 x @ W.T (BLAS threads limited with threadpoolctl).
   paired     (128,4096,4096): pyqkern int8 (q4_0, int4-g128) and ORT MatMulNBits b128 accuracy 4
              called alternately; the speed-up is the ratio of their medians, printed under the
@@ -128,6 +130,13 @@ class _Summary:
                           f"{r['threads']:>4}{r['ms']:>10.3f}{r['gflops']:>10.1f}{r['weight_gbs']:>9.2f}"
                           f"{100 * r['frac_read_bw']:>6.0f}{100 * r['frac_read_bw_wsize']:>6.0f}{100 * r['frac_int8_peak']:>7.1f}"
                           f"{100 * r['frac_int8_hw_peak']:>6.1f}")
+        native = {(r["shape"], r["threads"], r["format"]): r["ms"] for r in _RESULTS
+                  if r["impl"] == "pyqkern" and r["compute"] == "float"}
+        ratios = [(r["shape"], r["threads"], r["format"], r["ms"] / native[(r["shape"], r["threads"], r["format"])])
+                  for r in _RESULTS if r["impl"] == "numba" and (r["shape"], r["threads"], r["format"]) in native]
+        if ratios:
+            tr.write_line("numba / native compute=\"float\" time (bar: <= 3): " + ", ".join(
+                f"{f} {s[0]}x{s[1]}x{s[2]} t{t} {q:.2f}" for s, t, f, q in sorted(ratios)))
         if _PAIRED:
             tr.write_line("paired (alternate calls, medians): pyqkern int8 vs ORT MatMulNBits b128 accuracy 4")
             for r in _PAIRED:
@@ -341,6 +350,43 @@ def test_numba(measure, shape, fmt, opts, threads):
                 compute="float", shape=shape, threads=threads, weight_bytes=qt.nbytes)
     finally:
         numba.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- compute="float", every format
+ALL_FORMATS = [("q4_0", {}), ("q4_1", {}), ("q8_0", {}), ("q4_k", {}), ("q6_k", {}), ("iq4_nl", {}),
+               ("nf4", {"group": 64}), ("fp4", {"group": 64}), ("int4", {"group": 128}), ("int8", {}),
+               ("int3", {"group": 128}), ("int2", {"group": 128})]
+
+
+@pytest.mark.skipif(QUICK, reason="full run only")
+@pytest.mark.parametrize("impl", ["pyqkern", "numba"])
+@pytest.mark.parametrize("fmt,opts", [pytest.param(f, o, id=_fmt_label(f, o)) for f, o in ALL_FORMATS])
+def test_float_every_format(measure, fmt, opts, impl):
+    """(1,4096,4096), 1 thread, compute="float" for every format: pq.QLinear (native) and the
+    Numba backend side by side (the ratio per format is printed under the table)."""
+    shape = (1, 4096, 4096)
+    m, k, n = shape
+    qt = _qt(fmt, opts, n, k)
+    x = _x(m, k)
+    y = np.empty((m, n), np.float32)
+    before = pq.get_num_threads()
+    pq.set_num_threads(1)
+    try:
+        if impl == "numba":
+            numba = pytest.importorskip("numba", reason="numba is not installed")
+            nb_before = numba.get_num_threads()
+            numba.set_num_threads(1)
+            try:
+                measure(lambda: pq.matmul(x, qt, backend="numba", out=y), impl="numba", fmt=_fmt_label(fmt, opts),
+                        compute="float", shape=shape, threads=1, weight_bytes=qt.nbytes)
+            finally:
+                numba.set_num_threads(nb_before)
+        else:
+            lin = pq.QLinear(qt, compute="float")
+            measure(lambda: lin(x, out=y), impl="pyqkern", fmt=_fmt_label(fmt, opts), compute="float", shape=shape,
+                    threads=1, weight_bytes=qt.nbytes)
+    finally:
+        pq.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- numpy fp32

@@ -40,6 +40,11 @@ CASES = [
     ("int4", {"group": -1}, (2, 30, 34, 64, 98)),
     ("int4", {"group": -1, "sym": True}, (6, 66)),
     ("int8", {}, (1, 31, 32, 33, 95)),
+    ("int3", {"group": 16}, (48,)),
+    ("int3", {"group": 64}, (192,)),
+    ("int3", {"group": -1}, (40, 72, 96)),
+    ("int2", {"group": 32, "sym": True}, (96,)),
+    ("int2", {"group": -1}, (36, 100, 128)),
 ]
 IDS = [f + "".join(f"-{k}{v}" for k, v in kw.items()) for f, kw, _ in CASES]
 
@@ -118,13 +123,7 @@ def test_thread_count_independent(fmt, kw):
     np.testing.assert_array_equal(y1.view(np.uint32), y2.view(np.uint32))
 
 
-BATCH_CASES = CASES + [("int3", {"group": 16}, (48,)), ("int3", {"group": 64}, (192,)),
-                       ("int3", {"group": -1}, (40, 72)), ("int2", {"group": 32, "sym": True}, (96,)),
-                       ("int2", {"group": -1}, (36, 100))]
-
-
-@pytest.mark.parametrize("fmt,kw,ks", BATCH_CASES, ids=[f + "".join(f"-{k}{v}" for k, v in kw.items())
-                                                        for f, kw, _ in BATCH_CASES])
+@pytest.mark.parametrize("fmt,kw,ks", CASES, ids=IDS)
 def test_gemv_rows_equal_batch_rows(fmt, kw, ks):
     n = 21
     for k in ks:

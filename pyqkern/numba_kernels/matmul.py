@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .intq import int2_block, int3_block
 from .lut import lut16_hi_first, lut16_lo_first
 from .simple import FP4_CODE, IQ4NL_VALUES, NF4_CODE, u32_as_f32
 
@@ -311,8 +312,9 @@ def _intq_code(q, r, bits, kk):
 @njit(inline="always", **_JIT)
 def _row_intq(q, s, z, r, gshift, sym, bits, x, m0, m1, acc):
     """int2 / int3: element i's code at bit bits*i of the row (low bits first); f32(c - zero) *
-    scale, element k = 32*c + j in lane j. A chunk of 32 codes is 8 (int2) or 12 (int3) whole
-    bytes (int3: 8 codes per 3); groups of 16 and the tail chunk take the code-by-code walk."""
+    scale. A chunk of 32 codes is 8 (int2) or 12 (int3: 8 codes per 3) whole bytes, decoded by
+    the intrinsics of .intq with x in their lane order (_INTQ_LANES); groups of 16 and the tail
+    chunk take the code-by-code walk, x in element order, element k = 32*c + j in lane j."""
     k = x.shape[1]
     zsym = _I32(1 << (bits - 1))
     nfull = k // 32 if gshift >= 5 else 0
@@ -322,20 +324,11 @@ def _row_intq(q, s, z, r, gshift, sym, bits, x, m0, m1, acc):
         sf = _f16(s, r, 2 * gi)
         zero = zsym if sym else _I32(z[r, gi])
         if bits == 2:
-            qo = ci * 8
             for m in range(m0, m1):
-                for j in range(32):
-                    c = _I32(_I32(_I32(q[r, qo + (j >> 2)]) >> _I32(2 * (j & 3))) & _I32(3))
-                    acc[m - m0, j] += (_F32(_sub(c, zero)) * sf) * x[m, k0 + j]
+                int2_block(q, r, ci * 8, zero, sf, x, m, k0, acc, m - m0)
         else:
-            qo = ci * 12
             for m in range(m0, m1):
-                for g in range(4):   # 8 codes in 3 bytes
-                    v = _I32(_I32(q[r, qo + 3 * g]) | _I32(_I32(q[r, qo + 3 * g + 1]) << _I32(8))
-                             | _I32(_I32(q[r, qo + 3 * g + 2]) << _I32(16)))
-                    for t in range(8):
-                        c = _I32(_I32(v >> _I32(3 * t)) & _I32(7))
-                        acc[m - m0, 8 * g + t] += (_F32(_sub(c, zero)) * sf) * x[m, k0 + 8 * g + t]
+                int3_block(q, r, ci * 12, zero, sf, x, m, k0, acc, m - m0)
     for kk in range(nfull * 32, k):
         gi = kk >> gshift
         zero = zsym if sym else _I32(z[r, gi])
@@ -362,6 +355,23 @@ def _row_int2(q, s, z, r, gshift, sym, x, m0, m1, acc):
 @njit(inline="always", **_JIT)
 def _row_int3(q, s, z, r, gshift, sym, x, m0, m1, acc):
     _row_intq(q, s, z, r, gshift, sym, 3, x, m0, m1, acc)
+
+
+# lane L of a full int2 / int3 chunk holds element _INTQ_LANES[bits][L] of it
+_INTQ_LANES = {2: np.array([4 * (L % 8) + L // 8 for L in range(32)]),   # lane 8t + j: element 4j + t
+               3: np.array([8 * (L % 4) + L // 4 for L in range(32)])}   # lane 4t + g: element 8g + t
+
+
+def _intq_lanes(x, bits, group):
+    """x for _row_intq: each full chunk of 32 in lane order, when chunks lie inside one group
+    (group >= 32 or per-channel); the tail chunk, and groups of 16, in element order."""
+    if 0 < group < 32:
+        return x
+    mm, k = x.shape
+    kf = k // 32 * 32
+    xs = x.copy()
+    xs[:, :kf] = x[:, :kf].reshape(mm, -1, 32)[:, :, _INTQ_LANES[bits]].reshape(mm, kf)
+    return xs
 
 
 def _split_pairs(x):
@@ -617,6 +627,8 @@ def matmul_float(fmt_id, q, s, z, k, group, sym, x, bias, y, adapters=None, ids=
     lo = lora_operands(x, y.shape[1], adapters, ids) if adapters else _no_adapters()
     if fmt_id in (NF4, FP4, INT4):
         x = _split_pairs(x)
+    elif fmt_id in (INT2, INT3):
+        x = _intq_lanes(x, 2 if fmt_id == INT2 else 3, group)
     if fmt_id in (INT4, INT2, INT3):
         gshift = 62 if group == -1 else int(group).bit_length() - 1   # per-channel: group index 0
     elif fmt_id in (NF4, FP4):
