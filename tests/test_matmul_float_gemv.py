@@ -1,6 +1,6 @@
-"""compute="float" at decode size through the formats' fused decode kernels (gemv_f32 slot, on
-AVX-512: every format but int2 / int3, int4 with groups of 32 or more), which decode each weight
-in registers instead of dequantizing a chunk into a buffer.
+"""compute="float" at decode size through the formats' fused decode kernels (gemv_f32 slot, AVX2
+and AVX-512: every format but int2 / int3, int4 with groups of 32 or more), which decode each
+weight in registers instead of dequantizing a chunk into a buffer.
 
 - each weight decodes to exactly pq.dequantize's float: one-hot activation rows (m = 1..4) give
   y[i, r] = W[r, j_i] exactly (a -0.0 weight gives +0.0);
@@ -32,13 +32,14 @@ def _variants_with(case):
     return [v for v in pq.variants() if _native.gemv_f32_sources(_ops.isa_id(v))[_fmt(case)]]
 
 
-def test_the_fused_kernels_are_registered_where_avx512_runs():
+def test_the_fused_kernels_are_registered_on_x86():
     names = pq.variants()
-    for v in ("avx512", "avx512vnni"):
+    for v, impl in (("avx2", "avx2"), ("avxvnni", "avx2"), ("avx512", "avx512"), ("avx512vnni", "avx512")):
         if v in names:
             src = _native.gemv_f32_sources(_ops.isa_id(v))
-            assert all(src[_fmt(f)] == "avx512" for f in FUSED), (v, src)
+            assert all(src[_fmt(f)] == impl for f in FUSED), (v, src)
             assert src["int2"] is None and src["int3"] is None  # these keep the dequantize-a-chunk path
+    assert _native.gemv_f32_sources(_ops.isa_id("ref"))["q4_0"] is None
 
 
 def _k_for(case, nblocks):

@@ -1,20 +1,15 @@
 // compute="float" at decode size (m <= GEMV_F32_MAX_M activation rows) straight from a format's
-// canonical row bytes, for the formats decoded by a table lookup or a widening (nf4, fp4, iq4_nl,
-// q8_0, int8). Each weight is decoded in registers to the float dequantize_row gives (the same
-// product: code * absmax, d * kvalue, f32(q) * d), then fused-multiply-added against x. The
-// dequantize-a-chunk path this replaces stored every weight and read it back: nf4 at
-// (1,4096,4096) took 1.05 ms, half of it in those stores.
-//
-// Per weight row and activation row two accumulators (the two 16-element halves of each chunk of
-// 32), summed at the end; a row's result does not depend on which rows share its pass.
+// canonical row bytes, AVX-512: every format but int2 / int3. Each weight is decoded in registers
+// to the float dequantize_row gives (the same products: code * absmax, f32(c - 8) * d,
+// d * kvalue, f32(q) * d, ...), then fused-multiply-added against x (row loop:
+// ../gemv_f32_rows.h). The dequantize-a-chunk path this replaces stored every weight and read it
+// back: nf4 at (1,4096,4096) took 1.05 ms, half of it in those stores.
 #include "../avx512_gcc12_warnings.h"  // before <immintrin.h>
 #include <immintrin.h>
 
-#include <type_traits>
-#include <vector>
-
 #include "../../core/kernel_table.h"
 #include "../common.h"
+#include "../gemv_f32_rows.h"
 #include "simd512.h"
 
 namespace pqk { namespace avx512 {
@@ -46,14 +41,14 @@ struct GroupNib {
     return Row{q, s, z, _mm512_setzero_ps(), 0, -1};
   }
   template <int J>
-  void chunk(Row& r, int64_t ci, __m512& w0, __m512& w1) const {
+  void chunk(Row& r, int64_t ci, __m512* w) const {
     if (r.left-- == 0) {
       r.tab = tab_of(r.s, r.z, ++r.g);
       r.left = cpg - 1;
     }
     const __m512i c = zext16(r.q + 16 * ci), c4 = _mm512_srli_epi32(c, 4);
-    w0 = _mm512_permutexvar_ps(HighFirst ? c4 : c, r.tab);  // vpermps reads the low 4 bits
-    w1 = _mm512_permutexvar_ps(HighFirst ? c : c4, r.tab);
+    w[0] = _mm512_permutexvar_ps(HighFirst ? c4 : c, r.tab);  // vpermps reads the low 4 bits
+    w[1] = _mm512_permutexvar_ps(HighFirst ? c : c4, r.tab);
   }
 };
 
@@ -84,12 +79,12 @@ struct Ggml32 {
   struct Row { const uint8_t* q; };
   Row row(const uint8_t* q, const uint8_t*, const uint8_t*) const { return Row{q}; }
   template <int J>
-  void chunk(Row& r, int64_t ci, __m512& w0, __m512& w1) const {
+  void chunk(Row& r, int64_t ci, __m512* w) const {
     const uint8_t* b = r.q + ci * BYTES;
     const __m512 tab = tab_of(b);
     const __m512i c = zext16(b + CODES);
-    w0 = _mm512_permutexvar_ps(c, tab);
-    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), tab);
+    w[0] = _mm512_permutexvar_ps(c, tab);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), tab);
   }
 };
 inline __m512 iota_ps() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
@@ -115,11 +110,11 @@ struct Q80 {
   struct Row { const uint8_t* q; };
   Row row(const uint8_t* q, const uint8_t*, const uint8_t*) const { return Row{q}; }
   template <int J>
-  void chunk(Row& r, int64_t ci, __m512& w0, __m512& w1) const {
+  void chunk(Row& r, int64_t ci, __m512* w) const {
     const uint8_t* b = r.q + ci * Q8_0_BYTES;
     const __m512 d = bcast_f16(b);
-    w0 = _mm512_mul_ps(sext16(b + 2), d);
-    w1 = _mm512_mul_ps(sext16(b + 18), d);
+    w[0] = _mm512_mul_ps(sext16(b + 2), d);
+    w[1] = _mm512_mul_ps(sext16(b + 18), d);
   }
 };
 
@@ -150,7 +145,7 @@ struct Q4K {
     dm = _mm512_mul_ps(bcast_f16(b + 2), _mm512_shuffle_f32x4(f, f, 0x0E));  // lanes 0..7: dmin * m
   }
   template <int J>
-  void chunk(Row& r, int64_t sb, __m512& w0, __m512& w1) const {
+  void chunk(Row& r, int64_t sb, __m512* w) const {
     const uint8_t* b = r.q + sb * Q4_K_BYTES;
     constexpr int j = J;
     if (j == 0) scales(b, r.dsc, r.dm);
@@ -161,8 +156,8 @@ struct Q4K {
       c0 = _mm512_srli_epi32(c0, 4);
       c1 = _mm512_srli_epi32(c1, 4);
     }
-    w0 = _mm512_permutexvar_ps(c0, tab);
-    w1 = _mm512_permutexvar_ps(c1, tab);
+    w[0] = _mm512_permutexvar_ps(c0, tab);
+    w[1] = _mm512_permutexvar_ps(c1, tab);
   }
 };
 
@@ -175,7 +170,7 @@ struct Q6K {
   struct Row { const uint8_t* q; __m512 ds; };
   Row row(const uint8_t* q, const uint8_t*, const uint8_t*) const { return Row{q, _mm512_setzero_ps()}; }
   template <int J>
-  void chunk(Row& r, int64_t sb, __m512& w0, __m512& w1) const {
+  void chunk(Row& r, int64_t sb, __m512* w) const {
     const uint8_t* b = r.q + sb * Q6_K_BYTES;
     constexpr int j = J, h = j >> 2, i = j & 3;
     if (j == 0) r.ds = _mm512_mul_ps(bcast_f16(b + 208), sext16(b + 192));
@@ -185,8 +180,8 @@ struct Q6K {
     const __m256i nib = _mm256_and_si256((i >> 1) ? _mm256_srli_epi16(l, 4) : l, m4);
     const __m256i top = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * i), m2);
     const __m256i c = _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
-    w0 = _mm512_mul_ps(lane(r.ds, 8 * h + 2 * i), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c))));
-    w1 = _mm512_mul_ps(lane(r.ds, 8 * h + 2 * i + 1),
+    w[0] = _mm512_mul_ps(lane(r.ds, 8 * h + 2 * i), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c))));
+    w[1] = _mm512_mul_ps(lane(r.ds, 8 * h + 2 * i + 1),
                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1))));
   }
 };
@@ -198,124 +193,30 @@ struct Int8 {
   struct Row { const uint8_t* q; __m512 s; };
   Row row(const uint8_t* q, const uint8_t* s, const uint8_t*) const { return Row{q, _mm512_set1_ps(load_f32(s))}; }
   template <int J>
-  void chunk(Row& r, int64_t ci, __m512& w0, __m512& w1) const {
-    w0 = _mm512_mul_ps(sext16(r.q + 32 * ci), r.s);
-    w1 = _mm512_mul_ps(sext16(r.q + 32 * ci + 16), r.s);
+  void chunk(Row& r, int64_t ci, __m512* w) const {
+    w[0] = _mm512_mul_ps(sext16(r.q + 32 * ci), r.s);
+    w[1] = _mm512_mul_ps(sext16(r.q + 32 * ci + 16), r.s);
   }
   // the last n (< 32) elements at chunk ci; lanes past them are zero
-  void tail(Row& r, int64_t ci, int n, __m512& w0, __m512& w1) const {
+  void tail(Row& r, int64_t ci, int n, __m512* w) const {
     const uint32_t m = (1u << n) - 1u;
     const __mmask16 m0 = (__mmask16)m, m1 = (__mmask16)(m >> 16);
     const uint8_t* p = r.q + 32 * ci;
-    w0 = _mm512_maskz_mul_ps(m0, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m0, p))), r.s);
-    w1 = _mm512_maskz_mul_ps(m1, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m1, p + 16))), r.s);
+    w[0] = _mm512_maskz_mul_ps(m0, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m0, p))), r.s);
+    w[1] = _mm512_maskz_mul_ps(m1, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m1, p + 16))), r.s);
   }
 };
 
-// f(std::integral_constant<int, J>) for J = B .. E-1, each J a compile-time constant
-template <int B, int E, class F>
-inline void static_for(F&& f) {
-  if constexpr (B < E) {
-    f(std::integral_constant<int, B>{});
-    static_for<B + 1, E>(f);
-  }
-}
-
-template <class D, class = void>
-struct HasTail : std::false_type {};
-template <class D>
-struct HasTail<D, decltype(void(&D::tail))> : std::true_type {};
-
-// R weight rows from r0 against M activation rows (x rows ldx apart)
-template <class D, int R, int M>
-void rows(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0,
-          int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy, const float* bias) {
-  typename D::Row row[R];
-  for (int r = 0; r < R; ++r)
-    row[r] = dec.row(q + (r0 + r) * rb.q, s ? s + (r0 + r) * rb.s : nullptr, z ? z + (r0 + r) * rb.z : nullptr);
-  __m512 acc[R][M][2];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < M; ++i) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
-  const int64_t nc = k / 32;
-  for (int64_t st = 0; st < nc / D::kStep; ++st)
-    static_for<0, D::kStep>([&](auto J) {
-      const int64_t ci = st * D::kStep + J;
-      __m512 xv[M][2];
-      for (int i = 0; i < M; ++i) {
-        xv[i][0] = _mm512_loadu_ps(x + i * ldx + 32 * ci);
-        xv[i][1] = _mm512_loadu_ps(x + i * ldx + 32 * ci + 16);
-      }
-      for (int r = 0; r < R; ++r) {
-        __m512 w0, w1;
-        dec.template chunk<J>(row[r], st, w0, w1);
-        for (int i = 0; i < M; ++i) {
-          acc[r][i][0] = _mm512_fmadd_ps(w0, xv[i][0], acc[r][i][0]);
-          acc[r][i][1] = _mm512_fmadd_ps(w1, xv[i][1], acc[r][i][1]);
-        }
-      }
-    });
-  if constexpr (HasTail<D>::value) {
-    const int n = (int)(k - 32 * nc);
-    if (n) {
-      const uint32_t m = (1u << n) - 1u;
-      __m512 xv[M][2];
-      for (int i = 0; i < M; ++i) {
-        xv[i][0] = _mm512_maskz_loadu_ps((__mmask16)m, x + i * ldx + 32 * nc);
-        xv[i][1] = _mm512_maskz_loadu_ps((__mmask16)(m >> 16), x + i * ldx + 32 * nc + 16);
-      }
-      for (int r = 0; r < R; ++r) {
-        __m512 w0, w1;
-        dec.tail(row[r], nc, n, w0, w1);
-        for (int i = 0; i < M; ++i) {
-          acc[r][i][0] = _mm512_fmadd_ps(w0, xv[i][0], acc[r][i][0]);
-          acc[r][i][1] = _mm512_fmadd_ps(w1, xv[i][1], acc[r][i][1]);
-        }
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < M; ++i) {
-      const float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][i][0], acc[r][i][1]));
-      y[i * ldy + r0 + r] = bias ? v + bias[r0 + r] : v;
-    }
-}
-
-// rows [r0, r1): R at a time (8 accumulator chains or more), then one at a time
-template <class D, int M>
-void run_m(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0,
-           int64_t r1, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy, const float* bias) {
-  constexpr int R = M == 1 ? 4 : 2;
-  int64_t r = r0;
-  for (; r + R <= r1; r += R) rows<D, R, M>(dec, q, s, z, rb, r, k, x, ldx, y, ldy, bias);
-  for (; r < r1; ++r) rows<D, 1, M>(dec, q, s, z, rb, r, k, x, ldx, y, ldy, bias);
-}
-
-template <class D>
-bool run(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0,
-         int64_t r1, int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, const float* bias) {
-  if (r0 >= r1) return true;
-  std::vector<float> split;
-  if (D::kSplitX) {  // each chunk of 32 as its 16 even elements, then its 16 odd ones
-    split.resize((size_t)(m * k));
-    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < k; j += 32) {
-        const __m512 a = _mm512_loadu_ps(x + i * ldx + j), b = _mm512_loadu_ps(x + i * ldx + j + 16);
-        _mm512_storeu_ps(split.data() + i * k + j, _mm512_permutex2var_ps(a, ev, b));
-        _mm512_storeu_ps(split.data() + i * k + j + 16, _mm512_permutex2var_ps(a, od, b));
-      }
-    x = split.data();
-    ldx = k;
-  }
-  switch (m) {
-    case 1: run_m<D, 1>(dec, q, s, z, rb, r0, r1, k, x, ldx, y, ldy, bias); break;
-    case 2: run_m<D, 2>(dec, q, s, z, rb, r0, r1, k, x, ldx, y, ldy, bias); break;
-    case 3: run_m<D, 3>(dec, q, s, z, rb, r0, r1, k, x, ldx, y, ldy, bias); break;
-    default: run_m<D, 4>(dec, q, s, z, rb, r0, r1, k, x, ldx, y, ldy, bias); break;
-  }
-  return true;
-}
+struct V512 {
+  using vec = __m512;
+  static constexpr int N = 16;
+  static constexpr int rows(int m) { return m == 1 ? 4 : 2; }  // 8 accumulator chains or more
+  static vec zero() { return _mm512_setzero_ps(); }
+  static vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static float hsum(vec a) { return _mm512_reduce_add_ps(a); }
+};
 
 }  // namespace
 
@@ -323,7 +224,7 @@ bool run(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, con
   bool gemv_f32_##fmt(const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0, \
                       int64_t r1, int64_t k, const pqk_qparams& p, const float* x, int64_t ldx, int64_t m,   \
                       float* y, int64_t ldy, const float* bias)
-#define PQK_RUN(dec) run(dec, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias)
+#define PQK_RUN(dec) gemv_f32::run<V512>(dec, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias)
 
 PQK_GEMV_F32(nf4) {
   if (p.group < 32) return false;

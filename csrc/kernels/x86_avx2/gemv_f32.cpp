@@ -1,0 +1,272 @@
+// compute="float" at decode size (m <= GEMV_F32_MAX_M activation rows) straight from a format's
+// canonical row bytes, AVX2 (+FMA, F16C): every format but int2 / int3, the same decoders as
+// ../x86_avx512/gemv_f32.cpp on 8 lanes (row loop: ../gemv_f32_rows.h). Each weight is decoded in
+// registers to the float dequantize_row gives, then fused-multiply-added against x. A 16-entry
+// table is two 8-entry vpermps and a blend on bit 3 of the code.
+#include <immintrin.h>
+
+#include "../../core/kernel_table.h"
+#include "../common.h"
+#include "../gemv_f32_rows.h"
+#include "simd256.h"
+
+namespace pqk { namespace avx2 {
+
+namespace {
+
+struct V256 {
+  using vec = __m256;
+  static constexpr int N = 8;
+  static constexpr int rows(int m) { return m == 1 ? 2 : 1; }  // 4 accumulators per row pair
+  static vec zero() { return _mm256_setzero_ps(); }
+  static vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static float hsum(vec a) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
+};
+
+inline __m256i zext8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+inline __m256 sext8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+inline __m256 bcast_f16(const uint8_t* p) {  // the fp16 at p in every lane (exact)
+  short h;
+  __builtin_memcpy(&h, p, 2);
+  return _mm256_cvtph_ps(_mm_set1_epi16(h));
+}
+inline __m256 iota_lo() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
+inline __m256 iota_hi() { return _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15); }
+
+// a 16-entry table in two registers (entries 0..7, 8..15)
+struct Tab16 {
+  __m256 lo, hi;
+  // table[idx & 15] per lane (vpermps reads the low 3 bits; bit 3 moved to the sign picks the half)
+  __m256 operator()(__m256i idx) const {
+    const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), sel);
+  }
+  Tab16 mul(__m256 s) const { return Tab16{_mm256_mul_ps(lo, s), _mm256_mul_ps(hi, s)}; }
+};
+inline __m256 lane(__m256 v, int j) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j)); }
+
+// 16 code bytes, two codes each -> w[0..3]: first nibbles of bytes 0..7, 8..15, then second ones
+inline void nibbles(const uint8_t* p, bool high_first, const Tab16& t, __m256* w) {
+  const __m256i a = zext8(p), b = zext8(p + 8);
+  const __m256i a4 = _mm256_srli_epi32(a, 4), b4 = _mm256_srli_epi32(b, 4);
+  w[0] = t(high_first ? a4 : a);
+  w[1] = t(high_first ? b4 : b);
+  w[2] = t(high_first ? a : a4);
+  w[3] = t(high_first ? b : b4);
+}
+
+// nf4 / fp4 (high nibble first, fp32 absmax per group) and int4 (low nibble first, fp16 scale and
+// a zero per group); x split per chunk into even then odd elements; groups of whole chunks
+template <class TabOf, bool HighFirst>
+struct GroupNib {
+  static constexpr bool kSplitX = true;
+  static constexpr int kStep = 1;
+  TabOf tab_of;
+  int64_t cpg;  // chunks of 32 per group
+  struct Row { const uint8_t* q; const uint8_t* s; const uint8_t* z; Tab16 tab; int64_t left, g; };
+  Row row(const uint8_t* q, const uint8_t* s, const uint8_t* z) const { return Row{q, s, z, {}, 0, -1}; }
+  template <int J>
+  void chunk(Row& r, int64_t ci, __m256* w) const {
+    if (r.left-- == 0) {
+      r.tab = tab_of(r.s, r.z, ++r.g);
+      r.left = cpg - 1;
+    }
+    nibbles(r.q + 16 * ci, HighFirst, r.tab, w);
+  }
+};
+struct BookTab {  // book[c] * absmax, as dequantize_row_nf4
+  Tab16 book;
+  Tab16 operator()(const uint8_t* s, const uint8_t*, int64_t g) const {
+    float a;
+    __builtin_memcpy(&a, s + 4 * g, 4);
+    return book.mul(_mm256_set1_ps(a));
+  }
+};
+struct Int4Tab {  // f32(c - zero) * scale
+  bool sym;
+  Tab16 operator()(const uint8_t* s, const uint8_t* z, int64_t g) const {
+    const __m256 zero = _mm256_set1_ps((float)(sym ? 8 : z[g]));
+    const __m256 sc = bcast_f16(s + 2 * g);
+    // f32(c - zero) == f32(c) - f32(zero): both small integers, exact
+    return Tab16{_mm256_mul_ps(_mm256_sub_ps(iota_lo(), zero), sc), _mm256_mul_ps(_mm256_sub_ps(iota_hi(), zero), sc)};
+  }
+};
+
+// ggml blocks of 32 with a per-block table (element j low nibble of byte j, j + 16 high)
+template <int BYTES, int CODES, class TabOf>
+struct Ggml32 {
+  static constexpr bool kSplitX = false;
+  static constexpr int kStep = 1;
+  TabOf tab_of;
+  struct Row { const uint8_t* q; };
+  Row row(const uint8_t* q, const uint8_t*, const uint8_t*) const { return Row{q}; }
+  template <int J>
+  void chunk(Row& r, int64_t ci, __m256* w) const {
+    const uint8_t* b = r.q + ci * BYTES;
+    nibbles(b + CODES, false, tab_of(b), w);
+  }
+};
+struct Q40Tab {  // f32(c - 8) * d
+  Tab16 operator()(const uint8_t* b) const {
+    const __m256 d = bcast_f16(b), e = _mm256_set1_ps(8.0f);
+    return Tab16{_mm256_mul_ps(_mm256_sub_ps(iota_lo(), e), d), _mm256_mul_ps(_mm256_sub_ps(iota_hi(), e), d)};
+  }
+};
+struct Q41Tab {  // d * f32(c) + m
+  Tab16 operator()(const uint8_t* b) const {
+    const __m256 d = bcast_f16(b), m = bcast_f16(b + 2);
+    return Tab16{_mm256_add_ps(_mm256_mul_ps(d, iota_lo()), m), _mm256_add_ps(_mm256_mul_ps(d, iota_hi()), m)};
+  }
+};
+struct Iq4nlTab {  // d * kvalue[c]
+  Tab16 kv;
+  Tab16 operator()(const uint8_t* b) const {
+    const __m256 d = bcast_f16(b);
+    return Tab16{_mm256_mul_ps(d, kv.lo), _mm256_mul_ps(d, kv.hi)};
+  }
+};
+
+struct Q80 {  // f32(q) * d
+  static constexpr bool kSplitX = false;
+  static constexpr int kStep = 1;
+  struct Row { const uint8_t* q; };
+  Row row(const uint8_t* q, const uint8_t*, const uint8_t*) const { return Row{q}; }
+  template <int J>
+  void chunk(Row& r, int64_t ci, __m256* w) const {
+    const uint8_t* b = r.q + ci * Q8_0_BYTES;
+    const __m256 d = bcast_f16(b);
+    for (int v = 0; v < 4; ++v) w[v] = _mm256_mul_ps(sext8(b + 2 + 8 * v), d);
+  }
+};
+
+// q4_k: as the AVX-512 decoder, a super-block per step; its 8 (d * sc, dmin * m) in two registers
+struct Q4K {
+  static constexpr bool kSplitX = false;
+  static constexpr int kStep = 8;
+  struct Row { const uint8_t* q; __m256 dsc, dm; };
+  Row row(const uint8_t* q, const uint8_t*, const uint8_t*) const {
+    return Row{q, _mm256_setzero_ps(), _mm256_setzero_ps()};
+  }
+  template <int J>
+  void chunk(Row& r, int64_t sb, __m256* w) const {
+    const uint8_t* b = r.q + sb * Q4_K_BYTES;
+    if constexpr (J == 0) {
+      alignas(32) float dsc[8], dm[8];
+      const float d = load_f16v(b), dmin = load_f16v(b + 2);
+      for (int t = 0; t < 8; ++t) {
+        int sc, mn;
+        q4k_scale_min(b + 4, t, &sc, &mn);
+        dsc[t] = d * (float)sc;
+        dm[t] = dmin * (float)mn;
+      }
+      r.dsc = _mm256_load_ps(dsc);
+      r.dm = _mm256_load_ps(dm);
+    }
+    const __m256 ds = lane(r.dsc, J), m = lane(r.dm, J);
+    const Tab16 t{_mm256_sub_ps(_mm256_mul_ps(ds, iota_lo()), m), _mm256_sub_ps(_mm256_mul_ps(ds, iota_hi()), m)};
+    const uint8_t* qs = b + 16 + 32 * (J >> 1);
+    for (int v = 0; v < 4; ++v) {
+      __m256i c = zext8(qs + 8 * v);
+      if constexpr (J & 1) c = _mm256_srli_epi32(c, 4);
+      w[v] = t(c);
+    }
+  }
+};
+
+// q6_k: as the AVX-512 decoder; the 16 products d * sc per super-block in two registers
+struct Q6K {
+  static constexpr bool kSplitX = false;
+  static constexpr int kStep = 8;
+  struct Row { const uint8_t* q; __m256 ds[2]; };
+  Row row(const uint8_t* q, const uint8_t*, const uint8_t*) const { return Row{q, {}}; }
+  template <int J>
+  void chunk(Row& r, int64_t sb, __m256* w) const {
+    const uint8_t* b = r.q + sb * Q6_K_BYTES;
+    constexpr int h = J >> 2, i = J & 3;
+    if constexpr (J == 0) {
+      const __m256 d = bcast_f16(b + 208);
+      r.ds[0] = _mm256_mul_ps(d, sext8(b + 192));
+      r.ds[1] = _mm256_mul_ps(d, sext8(b + 200));
+    }
+    const __m256i l = _mm256_loadu_si256((const __m256i*)(b + 64 * h + 32 * (i & 1)));
+    const __m256i hb = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h));
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    const __m256i nib = _mm256_and_si256((i >> 1) ? _mm256_srli_epi16(l, 4) : l, m4);
+    const __m256i top = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * i), m2);
+    const __m256i c = _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
+    constexpr int s0 = 8 * h + 2 * i;  // scale of elements 0..15; s0 + 1 for 16..31
+    const __m256 d0 = lane(r.ds[s0 >> 3], s0 & 7), d1 = lane(r.ds[(s0 + 1) >> 3], (s0 + 1) & 7);
+    const __m128i c0 = _mm256_castsi256_si128(c), c1 = _mm256_extracti128_si256(c, 1);
+    const __m128i part[4] = {c0, _mm_srli_si128(c0, 8), c1, _mm_srli_si128(c1, 8)};
+    for (int v = 0; v < 4; ++v) w[v] = _mm256_mul_ps(v < 2 ? d0 : d1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[v])));
+  }
+};
+
+struct Int8 {  // f32(q) * scale, one fp32 scale per row; any k
+  static constexpr bool kSplitX = false;
+  static constexpr int kStep = 1;
+  struct Row { const uint8_t* q; __m256 s; };
+  Row row(const uint8_t* q, const uint8_t* s, const uint8_t*) const {
+    float f;
+    __builtin_memcpy(&f, s, 4);
+    return Row{q, _mm256_set1_ps(f)};
+  }
+  template <int J>
+  void chunk(Row& r, int64_t ci, __m256* w) const {
+    for (int v = 0; v < 4; ++v) w[v] = _mm256_mul_ps(sext8(r.q + 32 * ci + 8 * v), r.s);
+  }
+  void tail(Row& r, int64_t ci, int n, __m256* w) const {  // codes past n read as 0: weight 0
+    alignas(32) uint8_t c[32] = {};
+    for (int j = 0; j < n; ++j) c[j] = r.q[32 * ci + j];
+    for (int v = 0; v < 4; ++v) w[v] = _mm256_mul_ps(sext8(c + 8 * v), r.s);
+  }
+};
+
+}  // namespace
+
+#define PQK_GEMV_F32(fmt)                                                                               \
+  bool gemv_f32_##fmt(const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0, \
+                      int64_t r1, int64_t k, const pqk_qparams& p, const float* x, int64_t ldx, int64_t m,   \
+                      float* y, int64_t ldy, const float* bias)
+#define PQK_RUN(dec) gemv_f32::run<V256>(dec, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias)
+
+static Tab16 book(const float* b) { return Tab16{_mm256_loadu_ps(b), _mm256_loadu_ps(b + 8)}; }
+
+PQK_GEMV_F32(nf4) {
+  if (p.group < 32) return false;
+  return PQK_RUN((GroupNib<BookTab, true>{BookTab{book(kNF4)}, p.group / 32}));
+}
+PQK_GEMV_F32(fp4) {
+  if (p.group < 32) return false;
+  return PQK_RUN((GroupNib<BookTab, true>{BookTab{book(kFP4)}, p.group / 32}));
+}
+PQK_GEMV_F32(int4) {  // groups of 32 or more (or the whole row, k a multiple of 32)
+  const int64_t g = p.group == -1 ? k : p.group;
+  if (g < 32 || g % 32 || k % g) return false;
+  return PQK_RUN((GroupNib<Int4Tab, false>{Int4Tab{p.sym != 0}, g / 32}));
+}
+PQK_GEMV_F32(q4_0) { (void)p; return PQK_RUN((Ggml32<Q4_0_BYTES, 2, Q40Tab>{})); }
+PQK_GEMV_F32(q4_1) { (void)p; return PQK_RUN((Ggml32<Q4_1_BYTES, 4, Q41Tab>{})); }
+PQK_GEMV_F32(iq4_nl) {
+  (void)p;
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)kIQ4NL)));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(kIQ4NL + 8))));
+  return PQK_RUN((Ggml32<IQ4NL_BYTES, 2, Iq4nlTab>{Iq4nlTab{Tab16{lo, hi}}}));
+}
+PQK_GEMV_F32(q8_0) { (void)p; return PQK_RUN(Q80{}); }
+PQK_GEMV_F32(q4_k) { (void)p; return PQK_RUN(Q4K{}); }
+PQK_GEMV_F32(q6_k) { (void)p; return PQK_RUN(Q6K{}); }
+PQK_GEMV_F32(int8) { (void)p; return PQK_RUN(Int8{}); }
+
+#undef PQK_RUN
+#undef PQK_GEMV_F32
+
+}}  // namespace pqk::avx2
