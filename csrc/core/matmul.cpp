@@ -475,7 +475,8 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
       parallel_for(tiles, std::max<int64_t>(1, 16384 / k), [&](int64_t b, int64_t e) {
         for (int64_t tile = b; tile < e; ++tile) {
           const int64_t r0 = tile * 16, r1 = std::min(n, r0 + 16);
-          gemv(Q, S, Z, rb, r0, r1, k, p, x, ldx, m, y, ldy, AD.active() ? nullptr : bias);
+          if (!gemv(Q, S, Z, rb, r0, r1, k, p, x, ldx, m, y, ldy, AD.active() ? nullptr : bias))
+            throw Error(PQK_ERR_NOMEM, "out of memory in the float decode kernel");
           if (AD.active()) t.lora_expand(L, 0, m, r0, (int)(r1 - r0), y, ldy);
         }
       });

@@ -9,11 +9,12 @@
 // D::tail(row, chunk, n, w) for a last chunk of n < 32 elements (lanes past n zero).
 //
 // Instantiated only with a folder's own internal-linkage V and D, so each instantiation stays in
-// the translation unit (and ISA flags) it was compiled with.
+// the translation unit (and ISA flags) it was compiled with; no inline function of a library
+// (std:: containers) is instantiated here, whose one kept copy could carry those flags.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
-#include <vector>
 
 #include "../core/kernel_table.h"
 
@@ -102,16 +103,19 @@ template <class V, class D>
 bool run(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0,
          int64_t r1, int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, const float* bias) {
   if (r0 >= r1) return true;
-  std::vector<float> split;
+  // malloc, not a std:: container: an inline library template instantiated here would be compiled
+  // with this folder's ISA flags, and the linker may keep that copy for baseline code too
+  float* split = nullptr;
   if (D::kSplitX) {
-    split.resize((size_t)(m * k));
+    split = (float*)std::malloc((size_t)(m * k) * sizeof(float));
+    if (!split) return false;
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < k; j += 32)
         for (int t = 0; t < 16; ++t) {
-          split[(size_t)(i * k + j + t)] = x[i * ldx + j + 2 * t];
-          split[(size_t)(i * k + j + 16 + t)] = x[i * ldx + j + 2 * t + 1];
+          split[i * k + j + t] = x[i * ldx + j + 2 * t];
+          split[i * k + j + 16 + t] = x[i * ldx + j + 2 * t + 1];
         }
-    x = split.data();
+    x = split;
     ldx = k;
   }
   switch (m) {
@@ -120,6 +124,7 @@ bool run(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, con
     case 3: run_m<V, D, 3>(dec, q, s, z, rb, r0, r1, k, x, ldx, y, ldy, bias); break;
     default: run_m<V, D, 4>(dec, q, s, z, rb, r0, r1, k, x, ldx, y, ldy, bias); break;
   }
+  std::free(split);
   return true;
 }
 

@@ -49,10 +49,12 @@ inline uint16_t bf16_of(float f) {  // exact for the small integers used here
 
 // vpshufb controls: within each 128-bit lane, row lane r's bytes 0,1 (a) or 2,3 (b) -> two
 // zero-extended 16-bit words
+// (constexpr: built at compile time, not by a static initializer, which would run this folder's
+// AVX-512 code when the library loads on any CPU)
 struct Spread {
-  alignas(64) int8_t a[64];
-  alignas(64) int8_t b[64];
-  Spread() {
+  alignas(64) int8_t a[64] = {};
+  alignas(64) int8_t b[64] = {};
+  constexpr Spread() {
     for (int l = 0; l < 4; ++l)
       for (int r = 0; r < 4; ++r)
         for (int t = 0; t < 2; ++t) {
@@ -62,7 +64,7 @@ struct Spread {
         }
   }
 };
-const Spread kSpread;
+constexpr Spread kSpread;
 
 // MR activation rows share each decoded register. ROW_OFF: o per row and group (subtracted in
 // bytes, table of -16..15); else o constant (folded into the table, high-nibble parity ignored).
