@@ -57,7 +57,12 @@ struct Tables {
   Tables() {
     // Each variant starts as a copy of the one below it, then overlays its own kernels.
     // A slot's *_isa field records which variant really implements it.
+    // A folder's register function is compiled with its ISA flags (GCC stores the table with
+    // zmm registers in the AVX-512 ones), so it runs only where the CPU runs that variant; the
+    // table of a variant this CPU cannot run stays a copy of the one below (never used:
+    // kernel_table() is only asked for runnable variants).
     auto overlay = [](KernelTable& dst, void (*reg)(KernelTable&), int isa) {
+      if (!cpu_can_run(isa)) return;
       KernelTable mine;
       reg(mine);
       if (mine.quantize_act) { dst.quantize_act = mine.quantize_act; dst.quantize_act_isa = (int8_t)isa; }
