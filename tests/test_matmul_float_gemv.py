@@ -46,16 +46,20 @@ def _k_for(case, nblocks):
     return nblocks * BLOCK.get(_fmt(case), 32)
 
 
-@pytest.mark.parametrize("fmt", FUSED)
-def test_one_hot_rows_give_the_dequantized_weights(fmt):
+def _case(fmt, seed, nblocks, int8_tail, n):
+    """(variants with the kernel, rng, k, qt, reference dequantization) for a test case."""
     vs = _variants_with(fmt)
     if not vs:
         pytest.skip("no variant of this build has a fused float decode kernel on this CPU")
-    rng = np.random.default_rng(7)
-    k = _k_for(fmt, 4) + (5 if fmt == "int8" else 0)
-    n = 23
+    rng = np.random.default_rng(seed)
+    k = _k_for(fmt, nblocks) + (int8_tail if fmt == "int8" else 0)
     qt = random_qtensor(_fmt(fmt), n, k, rng, **PARAMS.get(fmt, {}))
-    wd = pq.dequantize(qt, backend="reference")
+    return vs, rng, k, qt, pq.dequantize(qt, backend="reference")
+
+
+@pytest.mark.parametrize("fmt", FUSED)
+def test_one_hot_rows_give_the_dequantized_weights(fmt):
+    vs, rng, k, qt, wd = _case(fmt, 7, 4, 5, 23)
     for v in vs:
         for m in (1, 2, 3, 4):
             for j0 in range(0, k, m):
@@ -118,14 +122,8 @@ def _with_rows(case, n, k, rng, r0, r1):
 
 @pytest.mark.parametrize("fmt", FUSED)
 def test_nan_and_inf_in_x(fmt):
-    vs = _variants_with(fmt)
-    if not vs:
-        pytest.skip("no variant of this build has a fused float decode kernel on this CPU")
-    rng = np.random.default_rng(3)
-    k = _k_for(fmt, 2) + (3 if fmt == "int8" else 0)
-    n = 9
-    qt = random_qtensor(_fmt(fmt), n, k, rng, **PARAMS.get(fmt, {}))
-    wd = pq.dequantize(qt, backend="reference").astype(np.float64)
+    vs, rng, k, qt, wd = _case(fmt, 3, 2, 3, 9)
+    wd = wd.astype(np.float64)
     x = rng.standard_normal((4, k)).astype(np.float32)
     x[0, 3] = np.nan
     x[1, k - 1] = np.inf

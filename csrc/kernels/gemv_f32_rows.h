@@ -20,6 +20,11 @@
 
 namespace pqk { namespace gemv_f32 {
 
+// chunks of 32 per parameter group for the grouped nibble formats (nf4 / fp4 block, int4 group or
+// the whole row), or 0 for parameters the decode kernels do not take (groups of 16, groups or a
+// row not a multiple of 32): those keep the dequantize-a-chunk path
+static inline int64_t group_chunks(int64_t k, int64_t g) { return g >= 32 && g % 32 == 0 && k % g == 0 ? g / 32 : 0; }
+
 // f(std::integral_constant<int, J>) for J = B .. E-1, each J a compile-time constant
 template <int B, int E, class F>
 inline void static_for(F&& f) {

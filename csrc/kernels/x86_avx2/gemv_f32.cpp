@@ -8,6 +8,7 @@
 #include "../../core/kernel_table.h"
 #include "../common.h"
 #include "../gemv_f32_rows.h"
+#include "kernels256.h"
 #include "simd256.h"
 
 namespace pqk { namespace avx2 {
@@ -230,43 +231,15 @@ struct Int8 {  // f32(q) * scale, one fp32 scale per row; any k
   }
 };
 
+using V = V256;
+Tab16 book(const float* b) { return Tab16{_mm256_loadu_ps(b), _mm256_loadu_ps(b + 8)}; }
+Tab16 iq4nl_kv() {
+  return Tab16{_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)kIQ4NL))),
+               _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(kIQ4NL + 8))))};
+}
+
 }  // namespace
 
-#define PQK_GEMV_F32(fmt)                                                                               \
-  bool gemv_f32_##fmt(const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0, \
-                      int64_t r1, int64_t k, const pqk_qparams& p, const float* x, int64_t ldx, int64_t m,   \
-                      float* y, int64_t ldy, const float* bias)
-#define PQK_RUN(dec) gemv_f32::run<V256>(dec, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias)
-
-static Tab16 book(const float* b) { return Tab16{_mm256_loadu_ps(b), _mm256_loadu_ps(b + 8)}; }
-
-PQK_GEMV_F32(nf4) {
-  if (p.group < 32) return false;
-  return PQK_RUN((GroupNib<BookTab, true>{BookTab{book(kNF4)}, p.group / 32}));
-}
-PQK_GEMV_F32(fp4) {
-  if (p.group < 32) return false;
-  return PQK_RUN((GroupNib<BookTab, true>{BookTab{book(kFP4)}, p.group / 32}));
-}
-PQK_GEMV_F32(int4) {  // groups of 32 or more (or the whole row, k a multiple of 32)
-  const int64_t g = p.group == -1 ? k : p.group;
-  if (g < 32 || g % 32 || k % g) return false;
-  return PQK_RUN((GroupNib<Int4Tab, false>{Int4Tab{p.sym != 0}, g / 32}));
-}
-PQK_GEMV_F32(q4_0) { (void)p; return PQK_RUN((Ggml32<Q4_0_BYTES, 2, Q40Tab>{})); }
-PQK_GEMV_F32(q4_1) { (void)p; return PQK_RUN((Ggml32<Q4_1_BYTES, 4, Q41Tab>{})); }
-PQK_GEMV_F32(iq4_nl) {
-  (void)p;
-  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)kIQ4NL)));
-  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(kIQ4NL + 8))));
-  return PQK_RUN((Ggml32<IQ4NL_BYTES, 2, Iq4nlTab>{Iq4nlTab{Tab16{lo, hi}}}));
-}
-PQK_GEMV_F32(q8_0) { (void)p; return PQK_RUN(Q80{}); }
-PQK_GEMV_F32(q4_k) { (void)p; return PQK_RUN(Q4K{}); }
-PQK_GEMV_F32(q6_k) { (void)p; return PQK_RUN(Q6K{}); }
-PQK_GEMV_F32(int8) { (void)p; return PQK_RUN(Int8{}); }
-
-#undef PQK_RUN
-#undef PQK_GEMV_F32
+#include "../gemv_f32_entries.inc"
 
 }}  // namespace pqk::avx2

@@ -15,16 +15,7 @@ void register_kernels(KernelTable& t) {
   PQK_SET(PQK_INT8, int8)
 #undef PQK_SET
   t.dequantize[PQK_IQ4_NL] = dequantize_row_iq4_nl;
-  t.gemv_f32[PQK_NF4] = gemv_f32_nf4;
-  t.gemv_f32[PQK_FP4] = gemv_f32_fp4;
-  t.gemv_f32[PQK_INT4] = gemv_f32_int4;
-  t.gemv_f32[PQK_Q4_0] = gemv_f32_q4_0;
-  t.gemv_f32[PQK_Q4_1] = gemv_f32_q4_1;
-  t.gemv_f32[PQK_IQ4_NL] = gemv_f32_iq4_nl;
-  t.gemv_f32[PQK_Q8_0] = gemv_f32_q8_0;
-  t.gemv_f32[PQK_Q4_K] = gemv_f32_q4_k;
-  t.gemv_f32[PQK_Q6_K] = gemv_f32_q6_k;
-  t.gemv_f32[PQK_INT8] = gemv_f32_int8;
+  PQK_GEMV_F32_FORMATS(PQK_GEMV_F32_REGISTER)
 }
 
 }}  // namespace pqk::avx2

@@ -10,6 +10,7 @@
 #include "../../core/kernel_table.h"
 #include "../common.h"
 #include "../gemv_f32_rows.h"
+#include "kernels512.h"
 #include "simd512.h"
 
 namespace pqk { namespace avx512 {
@@ -218,40 +219,12 @@ struct V512 {
   static float hsum(vec a) { return _mm512_reduce_add_ps(a); }
 };
 
+using V = V512;
+__m512 book(const float* b) { return _mm512_loadu_ps(b); }
+__m512 iq4nl_kv() { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)kIQ4NL))); }
+
 }  // namespace
 
-#define PQK_GEMV_F32(fmt)                                                                               \
-  bool gemv_f32_##fmt(const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0, \
-                      int64_t r1, int64_t k, const pqk_qparams& p, const float* x, int64_t ldx, int64_t m,   \
-                      float* y, int64_t ldy, const float* bias)
-#define PQK_RUN(dec) gemv_f32::run<V512>(dec, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias)
-
-PQK_GEMV_F32(nf4) {
-  if (p.group < 32) return false;
-  return PQK_RUN((GroupNib<BookTab, true>{BookTab{_mm512_loadu_ps(kNF4)}, p.group / 32}));
-}
-PQK_GEMV_F32(fp4) {
-  if (p.group < 32) return false;
-  return PQK_RUN((GroupNib<BookTab, true>{BookTab{_mm512_loadu_ps(kFP4)}, p.group / 32}));
-}
-PQK_GEMV_F32(int4) {  // groups of 32 or more (or the whole row, k a multiple of 32)
-  const int64_t g = p.group == -1 ? k : p.group;
-  if (g < 32 || g % 32 || k % g) return false;
-  return PQK_RUN((GroupNib<Int4Tab, false>{Int4Tab{p.sym != 0}, g / 32}));
-}
-PQK_GEMV_F32(q4_0) { (void)p; return PQK_RUN((Ggml32<Q4_0_BYTES, 2, Q40Tab>{})); }
-PQK_GEMV_F32(q4_1) { (void)p; return PQK_RUN((Ggml32<Q4_1_BYTES, 4, Q41Tab>{})); }
-PQK_GEMV_F32(iq4_nl) {
-  (void)p;
-  const __m512 kv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)kIQ4NL)));
-  return PQK_RUN((Ggml32<IQ4NL_BYTES, 2, Iq4nlTab>{Iq4nlTab{kv}}));
-}
-PQK_GEMV_F32(q8_0) { (void)p; return PQK_RUN(Q80{}); }
-PQK_GEMV_F32(q4_k) { (void)p; return PQK_RUN(Q4K{}); }
-PQK_GEMV_F32(q6_k) { (void)p; return PQK_RUN(Q6K{}); }
-PQK_GEMV_F32(int8) { (void)p; return PQK_RUN(Int8{}); }
-
-#undef PQK_RUN
-#undef PQK_GEMV_F32
+#include "../gemv_f32_entries.inc"
 
 }}  // namespace pqk::avx512

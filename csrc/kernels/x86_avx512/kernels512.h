@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "pyqkern/pyqkern.h"
+#include "../gemv_f32_list.h"
 
 namespace pqk { namespace avx512 {
 
@@ -23,15 +24,7 @@ PQK_AVX512_QUANTIZE(nf4) PQK_AVX512_DEQUANTIZE(nf4)
 PQK_AVX512_QUANTIZE(int4) PQK_AVX512_DEQUANTIZE(int4)
 PQK_AVX512_QUANTIZE(int8) PQK_AVX512_DEQUANTIZE(int8)
 
-#define PQK_AVX512_GEMV_F32(fmt)                                                                      \
-  bool gemv_f32_##fmt(const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0,  \
-                      int64_t r1, int64_t k, const pqk_qparams& p, const float* x, int64_t ldx, int64_t m,    \
-                      float* y, int64_t ldy, const float* bias);
-PQK_AVX512_GEMV_F32(nf4) PQK_AVX512_GEMV_F32(fp4) PQK_AVX512_GEMV_F32(int4) PQK_AVX512_GEMV_F32(q4_0)
-PQK_AVX512_GEMV_F32(q4_1) PQK_AVX512_GEMV_F32(iq4_nl) PQK_AVX512_GEMV_F32(q8_0) PQK_AVX512_GEMV_F32(q4_k)
-PQK_AVX512_GEMV_F32(q6_k) PQK_AVX512_GEMV_F32(int8)
-
-#undef PQK_AVX512_GEMV_F32
+PQK_GEMV_F32_FORMATS(PQK_GEMV_F32_DECLARE)
 #undef PQK_AVX512_QUANTIZE
 #undef PQK_AVX512_DEQUANTIZE
 
