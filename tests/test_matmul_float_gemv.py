@@ -136,3 +136,58 @@ def test_nan_and_inf_in_x(fmt):
         fin = ~np.isnan(ref)
         np.testing.assert_array_equal(np.isinf(y[fin]), np.isinf(ref[fin]), err_msg=v)
         np.testing.assert_array_equal(np.sign(y[np.isinf(ref)]), np.sign(ref[np.isinf(ref)]), err_msg=v)
+
+
+@pytest.mark.parametrize("tail", list(range(1, 32)))
+def test_int8_tail_reads_only_its_row(tail):
+    """K = 32 + tail: the last chunk's x is only this row's `tail` elements; Inf / NaN at the start
+    of the next x row (and in the padding of a row stride ldx > k, through the C ABI) must not reach
+    this row (0 * Inf would make it NaN)."""
+    vs = _variants_with("int8")
+    if not vs:
+        pytest.skip("no variant of this build has a fused float decode kernel on this CPU")
+    rng = np.random.default_rng(tail)
+    k, n = 32 + tail, 7
+    qt = random_qtensor("int8", n, k, rng)
+    wd = pq.dequantize(qt, backend="reference")
+    for m in (2, 3, 4):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[1:, 0] = np.inf                      # the first element of every row after the first
+        x[1:, 1] = np.nan
+        for v in vs:
+            y = pq.matmul(x, qt, compute="float", isa=v)
+            assert np.isfinite(y[0]).all(), (v, m, tail)
+            assert_float_close(y[:1], x[:1], wd)
+
+
+def test_strided_x_and_y_through_the_c_abi():
+    """ldx > k (NaN in the padding) and ldy > n at M = 1..4 give the bits of the contiguous call,
+    and nothing past n in a y row is written."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bindings" / "cffi"))
+    import pyqkern_cffi as C
+    from pyqkern import _formats
+    lib = C.lib
+    rng = np.random.default_rng(11)
+    n = 21
+    for case in FUSED:
+        fmt = _fmt(case)
+        k = _k_for(case, 2) + (7 if fmt == "int8" else 0)
+        qt = random_qtensor(fmt, n, k, rng, **PARAMS.get(case, {}))
+        params = C.qparams(qt.params["group"], qt.params["sym"])
+        q, s, z = (np.ascontiguousarray(a) if a.size else None for a in qt.sections())
+        for v in _variants_with(case):
+            isa = _ops.isa_id(v)
+            for m in (1, 2, 3, 4):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                xs = np.full((m, k + 5), np.nan, np.float32)
+                xs[:, :k] = x
+                y1 = np.empty((m, n), np.float32)
+                y2 = np.full((m, n + 3), -7.0, np.float32)
+                C.check(lib.pqk_matmul_float(isa, _formats.FORMAT_IDS[fmt], C.ptr(q), C.ptr(s), C.ptr(z), n, k, params,
+                                             C.ptr(x, "float*"), m, k, C.ffi.NULL, C.ptr(y1, "float*"), n))
+                C.check(lib.pqk_matmul_float(isa, _formats.FORMAT_IDS[fmt], C.ptr(q), C.ptr(s), C.ptr(z), n, k, params,
+                                             C.ptr(xs, "float*"), m, k + 5, C.ffi.NULL, C.ptr(y2, "float*"), n + 3))
+                assert bits_equal(y2[:, :n], y1), (case, v, m)
+                assert (y2[:, n:] == -7.0).all(), (case, v, m)

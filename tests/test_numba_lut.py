@@ -22,11 +22,12 @@ F32 = np.float32
 
 
 def _host_has(mode):
-    if mode == "generic":
-        return True
-    import llvmlite.binding as llb
-    feats = llb.get_host_cpu_features()
-    return bool(feats.get("avx512f" if mode == "avx512" else "avx2", False))
+    """Whether Numba compiles for a CPU with this lowering's instructions (its target is the host's
+    CPU unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise; LLVM aborts on an intrinsic the
+    target lacks): the modes at or below the one lut picks for that target."""
+    from numba.core.registry import cpu_target
+    best = lut.target_mode(cpu_target.target_context)
+    return lut.MODES.index(mode) >= lut.MODES.index(best)
 
 
 _KERNELS = {}

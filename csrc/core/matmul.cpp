@@ -467,18 +467,18 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
     if (AD.active()) AD.shrink_rows(t, x, ldx, k, m, 0, T.data());
     const LoraArgs L = AD.args(T.data(), 0, bias, n);
     const uint8_t* Q = (const uint8_t*)q; const uint8_t* S = (const uint8_t*)s; const uint8_t* Z = (const uint8_t*)z;
-    // Few rows, a format the variant decodes in registers: no dequantized copy at all. Tiles of
-    // 16 weight rows, the adapters' expansion on each (it never crosses a 16-row tile).
+    // Few rows, a format the variant decodes in registers: no dequantized copy at all. One kernel
+    // call per range of 16-row tiles (it prepares x once per call), then the adapters' expansion
+    // on each tile (it never crosses a 16-row tile).
     gemv_f32_fn gemv = t.gemv_f32[fmt];
     if (gemv && m <= GEMV_F32_MAX_M && gemv(Q, S, Z, rb, 0, 0, k, p, x, ldx, m, y, ldy, nullptr)) {
       const int64_t tiles = (n + 15) / 16;
       parallel_for(tiles, std::max<int64_t>(1, 16384 / k), [&](int64_t b, int64_t e) {
-        for (int64_t tile = b; tile < e; ++tile) {
-          const int64_t r0 = tile * 16, r1 = std::min(n, r0 + 16);
-          if (!gemv(Q, S, Z, rb, r0, r1, k, p, x, ldx, m, y, ldy, AD.active() ? nullptr : bias))
-            throw Error(PQK_ERR_NOMEM, "out of memory in the float decode kernel");
-          if (AD.active()) t.lora_expand(L, 0, m, r0, (int)(r1 - r0), y, ldy);
-        }
+        if (!gemv(Q, S, Z, rb, b * 16, std::min(n, e * 16), k, p, x, ldx, m, y, ldy, AD.active() ? nullptr : bias))
+          throw Error(PQK_ERR_NOMEM, "out of memory in the float decode kernel");
+        if (AD.active())
+          for (int64_t tile = b; tile < e; ++tile)
+            t.lora_expand(L, 0, m, tile * 16, (int)(std::min(n, tile * 16 + 16) - tile * 16), y, ldy);
       });
       return;
     }

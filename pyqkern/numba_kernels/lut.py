@@ -9,9 +9,10 @@ permute where the target has one:
     avx2     two 8-entry vpermps and a select on bit 3 of the code
     generic  per-lane extracts and scalar loads (the code LLVM made of the plain loop)
 
-chosen when the kernel is compiled, from the features Numba compiles for (its host CPU, or
-NUMBA_CPU_NAME / NUMBA_CPU_FEATURES); that feature string is part of Numba's cache key, so a
-cached kernel is never run on a CPU it was not compiled for.
+chosen when the kernel is compiled, from the feature string Numba compiles with (the host's,
+unless NUMBA_CPU_FEATURES is set or NUMBA_CPU_NAME=generic empties it; a CPU name alone keeps the
+host's features); that string is part of Numba's cache key, so a cached kernel is never run on a
+CPU it was not compiled for.
 
 The float operations are those of the plain loop, in the same order per lane:
 ``w = table[c] * scale`` (as the dequantizers), then ``acc += w * x``, no contraction into an FMA,

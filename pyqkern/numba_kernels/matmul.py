@@ -12,13 +12,15 @@ float operations of the dequantizers (:mod:`pyqkern.reference`, :mod:`pyqkern.re
 
 Then each decoded weight is multiplied by x in float32 and accumulated in float32, in 32
 independent lanes (one element of every chunk of 32: element k = 32*c + j in lane j, or for the
-two-codes-per-byte nf4 / fp4 / int4 layouts even elements in lanes 0..15 and odd ones in 16..31) that
-are summed pairwise in a fixed order at the end of the row; bias is added last. No fastmath: no reassociation, no
+two-codes-per-byte nf4 / fp4 / int4 layouts even elements in lanes 0..15 and odd ones in 16..31,
+and for full int2 / int3 chunks the lane order of .intq) that are summed pairwise in a fixed order
+at the end of the row; bias is added last. No fastmath: no reassociation, no
 contraction, so the decode is exact and the accumulation order is the one written here.
 
 The code-book formats (iq4_nl, nf4, fp4) decode a block of 32 through the intrinsics of
 :mod:`.lut` (a register permute per 16 codes; LLVM turns the plain ``table[code]`` loop into one
-scalar load per weight), with the same float operations.
+scalar load per weight), int2 / int3 chunks through those of :mod:`.intq`, with the same float
+operations.
 
 M = 1 runs its own kernel per format (see _drive1), with the same lanes and order: a row alone
 gives the bits it gives in a batch, except the sign of a NaN result (x86 keeps the first NaN
