@@ -18,10 +18,11 @@ from pyqkern import _native, _ops
 
 from test_matmul import assert_float_close, bits_equal, random_qtensor
 
-FUSED = ["nf4", "fp4", "iq4_nl", "q8_0", "int8", "q4_0", "q4_1", "q4_k", "q6_k", "int4", "int4-sym32", "int4-pc"]
+FUSED = ["nf4", "fp4", "iq4_nl", "q8_0", "int8", "q4_0", "q4_1", "q4_k", "q6_k", "int4", "int4-sym32", "int4-pc",
+         "nf4-g1024", "fp4-g512"]
 PARAMS = {"nf4": {"group": 64}, "fp4": {"group": 32}, "int4": {"group": 128}, "int4-sym32": {"group": 32, "sym": True},
-          "int4-pc": {"group": -1}}
-BLOCK = {"q4_k": 256, "q6_k": 256, "nf4": 64, "int4": 128}
+          "int4-pc": {"group": -1}, "nf4-g1024": {"group": 1024}, "fp4-g512": {"group": 512}}
+BLOCK = {"q4_k": 256, "q6_k": 256, "nf4": 64, "int4": 128, "nf4-g1024": 1024, "fp4-g512": 512}
 
 
 def _fmt(case):
@@ -43,7 +44,7 @@ def test_the_fused_kernels_are_registered_on_x86():
 
 
 def _k_for(case, nblocks):
-    return nblocks * BLOCK.get(_fmt(case), 32)
+    return nblocks * BLOCK.get(case, BLOCK.get(_fmt(case), 32))
 
 
 def _case(fmt, seed, nblocks, int8_tail, n):
