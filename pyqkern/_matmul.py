@@ -14,7 +14,7 @@ compute:
           * x is exact in fp32, sums per block then scaled, under the same bound (x a bf16 part
           of which would be a denormal, or NaN/Inf for float32 x, goes the fp32 way). So in
           this mode a row's last bits can depend on the batch it came in; "int8" never does.
-          Otherwise at decode size (M <= 4) every format but int2 / int3 (int4: groups >= 32)
+          Otherwise for M <= 8 every format but int2 / int3 (int4: groups >= 32)
           has an AVX2 / AVX-512 kernel that decodes each weight in registers to dequantize's float
           and multiply-adds it into fp32 sums (no dequantized chunk in memory), same bound.
   "auto"  "int8" where supported, else "float".

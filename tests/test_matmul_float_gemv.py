@@ -2,11 +2,11 @@
 and AVX-512: every format but int2 / int3, int4 with groups of 32 or more), which decode each
 weight in registers instead of dequantizing a chunk into a buffer.
 
-- each weight decodes to exactly pq.dequantize's float: one-hot activation rows (m = 1..4) give
+- each weight decodes to exactly pq.dequantize's float: one-hot activation rows (m = 1..4, 7) give
   y[i, r] = W[r, j_i] exactly (a -0.0 weight gives +0.0);
-- N not a multiple of the 4- and 2-row passes, K with int8 tails (k % 32 != 0), bias: within the
-  fp32 bound of test_matmul, the same bits for 1, 2 and 3 threads, and a row's result does not
-  depend on the other rows of its call;
+- M = 1..8, N not a multiple of the 4- and 2-row passes, K with int8 tails (k % 32 != 0), bias:
+  within the fp32 bound of test_matmul, the same bits for 1, 2 and 3 threads, and a row's result
+  does not depend on the other rows of its call;
 - NaN / Inf in x give NaN / Inf where float64 arithmetic does.
 Bound, adapters and K chunking for every format are in test_matmul.py.
 """
@@ -62,7 +62,7 @@ def _case(fmt, seed, nblocks, int8_tail, n):
 def test_one_hot_rows_give_the_dequantized_weights(fmt):
     vs, rng, k, qt, wd = _case(fmt, 7, 4, 5, 23)
     for v in vs:
-        for m in (1, 2, 3, 4):
+        for m in (1, 2, 3, 4, 7):
             for j0 in range(0, k, m):
                 cols = np.arange(j0, min(k, j0 + m))
                 x = np.zeros((len(cols), k), np.float32)
@@ -88,7 +88,7 @@ def test_bound_threads_and_row_independence(fmt, k_blocks, tail):
     bias = rng.standard_normal(n).astype(np.float32)
     before = pq.get_num_threads()
     try:
-        for m in (1, 2, 3, 4):
+        for m in (1, 2, 3, 4, 5, 8):
             x = rng.standard_normal((m, k)).astype(np.float32)
             x[rng.random((m, k)) < 0.02] *= 100
             for v in vs:
@@ -151,7 +151,7 @@ def test_int8_tail_reads_only_its_row(tail):
     k, n = 32 + tail, 7
     qt = random_qtensor("int8", n, k, rng)
     wd = pq.dequantize(qt, backend="reference")
-    for m in (2, 3, 4):
+    for m in (2, 3, 4, 8):
         x = rng.standard_normal((m, k)).astype(np.float32)
         x[1:, 0] = np.inf                      # the first element of every row after the first
         x[1:, 1] = np.nan
@@ -162,7 +162,7 @@ def test_int8_tail_reads_only_its_row(tail):
 
 
 def test_strided_x_and_y_through_the_c_abi():
-    """ldx > k (NaN in the padding) and ldy > n at M = 1..4 give the bits of the contiguous call,
+    """ldx > k (NaN in the padding) and ldy > n at M = 1..8 give the bits of the contiguous call,
     and nothing past n in a y row is written."""
     import sys
     from pathlib import Path
@@ -180,7 +180,7 @@ def test_strided_x_and_y_through_the_c_abi():
         q, s, z = (np.ascontiguousarray(a) if a.size else None for a in qt.sections())
         for v in _variants_with(case):
             isa = _ops.isa_id(v)
-            for m in (1, 2, 3, 4):
+            for m in (1, 2, 4, 6, 8):
                 x = rng.standard_normal((m, k)).astype(np.float32)
                 xs = np.full((m, k + 5), np.nan, np.float32)
                 xs[:, :k] = x

@@ -64,7 +64,7 @@ using gemv_bf16_fn = bool (*)(const PackedWeight& w, int64_t tile, const uint16_
 // weight decoded to the float dequantize_row gives, fp32 fused-multiply-add sums; a row's result
 // does not depend on [r0, r1). Returns false, having written nothing, for parameters it does not
 // take (r0 == r1 asks), or for a range it could not run (no memory for its scratch).
-constexpr int64_t GEMV_F32_MAX_M = 4;
+constexpr int GEMV_F32_MAX_M = 8;
 using gemv_f32_fn = bool (*)(const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0,
                              int64_t r1, int64_t k, const pqk_qparams& p, const float* x, int64_t ldx, int64_t m,
                              float* y, int64_t ldy, const float* bias);

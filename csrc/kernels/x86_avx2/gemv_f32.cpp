@@ -18,7 +18,8 @@ namespace {
 struct V256 {
   using vec = __m256;
   static constexpr int N = 8;
-  static constexpr int rows(int m) { return m == 1 ? 2 : 1; }  // 4 accumulators per row pair
+  static constexpr int rows(int m) { return m == 1 ? 2 : 1; }
+  static constexpr int accs(int m) { return m <= 2 ? 4 : 2; }  // 8 or more chains, within 16 registers
   static vec zero() { return _mm256_setzero_ps(); }
   static vec load(const float* p) { return _mm256_loadu_ps(p); }
   static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }

@@ -211,7 +211,8 @@ struct Int8 {
 struct V512 {
   using vec = __m512;
   static constexpr int N = 16;
-  static constexpr int rows(int m) { return m == 1 ? 4 : 2; }  // 8 accumulator chains or more
+  static constexpr int rows(int m) { return m == 1 ? 4 : m <= 4 ? 2 : 1; }  // 8 accumulator chains or more
+  static constexpr int accs(int) { return 2; }
   static vec zero() { return _mm512_setzero_ps(); }
   static vec load(const float* p) { return _mm512_loadu_ps(p); }
   static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
