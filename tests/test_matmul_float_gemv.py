@@ -192,3 +192,25 @@ def test_strided_x_and_y_through_the_c_abi():
                                              C.ptr(xs, "float*"), m, k + 5, C.ffi.NULL, C.ptr(y2, "float*"), n + 3))
                 assert bits_equal(y2[:, :n], y1), (case, v, m)
                 assert (y2[:, n:] == -7.0).all(), (case, v, m)
+
+
+# (case, k, m): K blocks of the float decode kernels are kc chunks of 32 (kc = 24 at M = 7..8,
+# 192 at M = 1 for one-chunk steps): a last block one chunk long, and an int8 tail after several
+# blocks (it must be added once, in the last block)
+K_BLOCK_CASES = [("int8", 25 * 32 + 7, 8), ("int8", 193 * 32 + 5, 1), ("int8", 49 * 32 + 31, 7),
+                 ("q8_0", 25 * 32, 8), ("q4_0", 49 * 32, 8), ("iq4_nl", 193 * 32, 1), ("q4_k", 65 * 256, 2)]
+
+
+@pytest.mark.parametrize("case,k,m", K_BLOCK_CASES, ids=[f"{c}-k{k}-m{m}" for c, k, m in K_BLOCK_CASES])
+def test_k_block_boundaries(case, k, m):
+    vs = _variants_with(case)
+    if not vs:
+        pytest.skip("no variant of this build has a fused float decode kernel on this CPU")
+    rng = np.random.default_rng(k + m)
+    n = 19
+    qt = random_qtensor(_fmt(case), n, k, rng, **PARAMS.get(case, {}))
+    wd = pq.dequantize(qt, backend="reference")
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for v in vs:
+        assert_float_close(pq.matmul(x, qt, bias, compute="float", isa=v), x, wd, bias)

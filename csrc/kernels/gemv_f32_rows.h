@@ -10,9 +10,8 @@
 //
 // Instantiated only with a folder's own internal-linkage V and D, so each instantiation stays in
 // the translation unit (and ISA flags) it was compiled with; no inline function of a library
-// (std:: containers) is instantiated here, whose one kept copy could carry those flags.
+// (std:: containers, std::min) is instantiated here, whose one kept copy could carry those flags.
 #pragma once
-#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -107,10 +106,10 @@ void run_m(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, c
   constexpr int R = V::rows(M), RB = 16, NA = V::accs(M);
   constexpr int64_t kL1 = 24 * 1024;  // bytes of x per K block
   const int64_t nc = k / 32, unit = 8 * D::kStep;  // K blocks of whole steps (a K-quant super-block)
-  const int64_t kc = std::max<int64_t>(unit, kL1 / (M * 4 * 32) / unit * unit);
+  const int64_t kfit = kL1 / (M * 4 * 32) / unit * unit, kc = kfit > unit ? kfit : unit;
   RowState<V, D, M> st[RB];
   for (int64_t b0 = r0; b0 < r1; b0 += RB) {
-    const int nb = (int)std::min<int64_t>(RB, r1 - b0);
+    const int nb = (int)(r1 - b0 < RB ? r1 - b0 : RB);
     for (int r = 0; r < nb; ++r) {
       const int64_t row = b0 + r;
       st[r].row = dec.row(q + row * rb.q, s ? s + row * rb.s : nullptr, z ? z + row * rb.z : nullptr);
@@ -118,7 +117,7 @@ void run_m(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, c
         for (int a = 0; a < NA; ++a) st[r].acc[i][a] = V::zero();
     }
     for (int64_t c0 = 0; c0 < nc || c0 == 0; c0 += kc) {
-      const int64_t c1 = std::min(nc, c0 + kc);
+      const int64_t c1 = c0 + kc < nc ? c0 + kc : nc;
       const bool last = c1 == nc;
       int r = 0;
       for (; r + R <= nb; r += R) rows<V, D, R, M>(dec, st + r, c0, c1, last, k, xp);
@@ -157,7 +156,7 @@ bool run(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, con
       for (int64_t i = 0; i < m; ++i) {
         float* dst = xp + (ci * m + i) * 32;
         const float* src = x + i * ldx + 32 * ci;
-        const int64_t n = std::min<int64_t>(32, k - 32 * ci);
+        const int64_t n = k - 32 * ci < 32 ? k - 32 * ci : 32;
         if (D::kSplitX) {  // n == 32: split formats have k % 32 == 0
           for (int t = 0; t < 16; ++t) {
             dst[t] = src[2 * t];
