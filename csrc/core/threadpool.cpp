@@ -24,7 +24,6 @@ namespace {
 // Workers spin for a short while after a job before sleeping on the condition variable:
 // decode-sized jobs take ~50 us, and a futex wake-up costs about as much.
 constexpr auto kSpin = std::chrono::microseconds(200);
-constexpr int64_t kChunksPerThread = 4;
 
 // One parallel_for: [0, n) cut into nchunks fixed ranges that whoever is running takes in turn.
 // The caller works too and returns once every chunk is done; it never waits for a worker that
@@ -154,7 +153,8 @@ int get_num_threads() {
   return pool().size();
 }
 
-void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn) {
+void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn,
+                  int chunks_per_thread) {
   if (n <= 0) return;
   if (min_chunk < 1) min_chunk = 1;
   std::lock_guard<std::mutex> g(g_pool_mutex);
@@ -165,7 +165,7 @@ void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t
   auto job = std::make_shared<Job>();
   job->fn = &fn;
   job->n = n;
-  job->nchunks = std::min<int64_t>(max_chunks, kChunksPerThread * nt);
+  job->nchunks = std::min<int64_t>(max_chunks, (int64_t)chunks_per_thread * nt);
   p.run(job);
 }
 
