@@ -134,16 +134,16 @@ void run_m(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, c
   }
 }
 
-// The whole call. x is first packed by chunks of 32 (chunk ci of row i at (ci * m + i) * 32: the
-// m rows' chunk side by side, whatever ldx; with ldx a multiple of 4 KiB the rows' chunks fell in
-// one L1 set and M = 8 ran 1.5x slower), for a kSplitX decoder each chunk as its 16 even elements
-// then its 16 odd ones, a K tail zero-padded to a chunk.
+// The whole call. x is first packed by chunks of 32 into a 64-byte aligned buffer (chunk ci of
+// row i at (ci * m + i) * 32: the m rows' chunk side by side, each vector load one whole cache
+// line whatever the caller's alignment and ldx), for a kSplitX decoder each chunk as its 16 even
+// elements then its 16 odd ones, a K tail zero-padded to a chunk.
 template <class V, class D>
 bool run(const D& dec, const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0,
          int64_t r1, int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, const float* bias) {
   if (r0 >= r1) return true;
-  // malloc, not a std:: container: an inline library template instantiated here would be compiled
-  // with this folder's ISA flags, and the linker may keep that copy for baseline code too
+  // posix_memalign, not a std:: container: an inline library template instantiated here would be
+  // compiled with this folder's ISA flags, and the linker may keep that copy for baseline code too
   const int64_t nct = (k + 31) / 32;
   float* xp = nullptr;
   if (m > 1 || D::kSplitX || k % 32) {  // one row already is its chunks in order
