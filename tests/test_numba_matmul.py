@@ -6,7 +6,7 @@
 - the decode is exact: with one-hot activations every y element is one decoded weight, which
   must equal pq.dequantize's value;
 - the result does not depend on the Numba thread count (1 vs 2 threads: same bits), nor on the
-  batch: M = 1 runs its own kernel per format, and a row alone gives the bits it gives in a batch
+  batch: M <= 8 runs one kernel per format, more rows another, and a row alone gives the bits it gives in a batch
   (except the sign of a NaN result: x86 keeps the first NaN operand of an add, and LLVM may order
   the operands of the lane sums differently in the two kernels).
 """

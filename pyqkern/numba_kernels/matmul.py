@@ -22,9 +22,10 @@ The code-book formats (iq4_nl, nf4, fp4) decode a block of 32 through the intrin
 scalar load per weight), int2 / int3 chunks through those of :mod:`.intq`, with the same float
 operations.
 
-M = 1 runs its own kernel per format (see _drive1), with the same lanes and order: a row alone
-gives the bits it gives in a batch, except the sign of a NaN result (x86 keeps the first NaN
-operand of an add, and LLVM may order an add's operands differently in the two kernels).
+M <= MAX_SMALL_M runs one kernel per format (see _drive_small), M above it one kernel for all
+formats (_matmul), with the same lanes and order: a row alone gives the bits it gives in a batch,
+except the sign of a NaN result (x86 keeps the first NaN operand of an add, and LLVM may order an
+add's operands differently in the two kernels).
 
 Rows n run in parallel (``prange`` over fixed chunks of rows); each y[m, n] is computed by one
 thread in the same order whatever the thread count, so the result does not depend on it.
@@ -449,27 +450,13 @@ def _lanesum(acc, i):
 
 
 @njit(inline="always", **_JIT)
-def _drive1(row, q, s, z, gshift, sym, x, y):
-    """M = 1: y[0, r] = the lane sum of row r against x[0], acc a fresh array of a shape known at
-    compile time, which LLVM keeps in registers. Inlined into one kernel per format below: one
-    kernel dispatching on the format (or also serving M > 1, or applying adapters and bias) keeps
-    acc in memory and takes 1.2-2.5x as long; a row function passed as an argument is not inlined."""
-    n = y.shape[1]
-    ntask = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for t in prange(ntask):
-        r1 = min(n, (t + 1) * ROWS_PER_TASK)
-        for r in range(t * ROWS_PER_TASK, r1):
-            acc = np.zeros((1, LANES), _F32)
-            row(q, s, z, r, gshift, sym, x, 0, 1, acc)
-            y[0, r] = _lanesum(acc, 0)
-
-
-@njit(inline="always", **_JIT)
-def _drive4(row, q, s, z, gshift, sym, x, y):
-    """2 <= M <= MAX_M4: activation rows in groups of 4 with acc of the compile-time shape
-    (4, LANES) (kept in registers, so a weight is decoded once per group), the remaining rows one
-    at a time as in _drive1. _matmul's acc of run-time shape stayed in memory: (8,4096,4096) q4_0
-    took 6.3 ms, 10x the M = 1 kernel."""
+def _drive_small(row, q, s, z, gshift, sym, x, y):
+    """M <= MAX_SMALL_M: activation rows in groups of 4, then the remaining rows one at a time,
+    each with acc a fresh array of a shape known at compile time, (4, LANES) or (1, LANES), which
+    LLVM keeps in registers (a weight is decoded once per group). Inlined into one kernel per format
+    below: one kernel dispatching on the format, or taking acc of run-time shape as _matmul does,
+    keeps acc in memory (M = 1: 1.2-2.5x as long; (8,4096,4096) q4_0: 6.3 ms against 4.3); a row
+    function passed as an argument is not inlined."""
     mm = x.shape[0]
     n = y.shape[1]
     m4 = mm // 4 * 4
@@ -488,76 +475,12 @@ def _drive4(row, q, s, z, gshift, sym, x, y):
                 y[m, r] = _lanesum(acc1, 0)
 
 
-MAX_M4 = 8   # _drive4 up to this many rows; beyond, _matmul (one decode for all rows)
-
-
-@njit(**_PJIT)
-def _mm4_q4_0(q, s, z, gshift, sym, x, y):
-    _drive4(_row_q4_0, q, s, z, gshift, sym, x, y)
-
-
-@njit(**_PJIT)
-def _mm4_q4_1(q, s, z, gshift, sym, x, y):
-    _drive4(_row_q4_1, q, s, z, gshift, sym, x, y)
-
-
-@njit(**_PJIT)
-def _mm4_q8_0(q, s, z, gshift, sym, x, y):
-    _drive4(_row_q8_0, q, s, z, gshift, sym, x, y)
-
-
-@njit(**_PJIT)
-def _mm4_q4_k(q, s, z, gshift, sym, x, y):
-    _drive4(_row_q4_k, q, s, z, gshift, sym, x, y)
-
-
-@njit(**_PJIT)
-def _mm4_q6_k(q, s, z, gshift, sym, x, y):
-    _drive4(_row_q6_k, q, s, z, gshift, sym, x, y)
-
-
-@njit(**_PJIT)
-def _mm4_iq4_nl(q, s, z, gshift, sym, x, y):
-    _drive4(_row_iq4_nl, q, s, z, gshift, sym, x, y)
-
-
-@njit(**_PJIT)
-def _mm4_nf4(q, s, z, gshift, sym, x, y):
-    _drive4(_row_nf4, q, s, z, gshift, sym, x, y)
-
-
-@njit(**_PJIT)
-def _mm4_fp4(q, s, z, gshift, sym, x, y):
-    _drive4(_row_fp4, q, s, z, gshift, sym, x, y)
-
-
-@njit(**_PJIT)
-def _mm4_int4(q, s, z, gshift, sym, x, y):
-    _drive4(_row_int4, q, s, z, gshift, sym, x, y)
-
-
-@njit(**_PJIT)
-def _mm4_int2(q, s, z, gshift, sym, x, y):
-    _drive4(_row_int2, q, s, z, gshift, sym, x, y)
-
-
-@njit(**_PJIT)
-def _mm4_int3(q, s, z, gshift, sym, x, y):
-    _drive4(_row_int3, q, s, z, gshift, sym, x, y)
-
-
-@njit(**_PJIT)
-def _mm4_int8(q, s, z, gshift, sym, x, y):
-    _drive4(_row_int8, q, s, z, gshift, sym, x, y)
-
-
-_MM4 = {Q4_0: _mm4_q4_0, Q4_1: _mm4_q4_1, Q8_0: _mm4_q8_0, Q4_K: _mm4_q4_k, Q6_K: _mm4_q6_k, IQ4_NL: _mm4_iq4_nl,
-        NF4: _mm4_nf4, INT4: _mm4_int4, INT8: _mm4_int8, INT2: _mm4_int2, INT3: _mm4_int3, FP4: _mm4_fp4}
+MAX_SMALL_M = 8   # _drive_small up to this many rows; beyond, _matmul (one decode for all rows)
 
 
 @njit(**_PJIT)
 def _matmul(fmt, q, s, z, gshift, sym, x, y):
-    """M > 1: y[m, r] = the lane sum of row r against x[m]; each weight decoded once for all m."""
+    """M > MAX_SMALL_M: y[m, r] = the lane sum of row r against x[m]; each weight decoded once for all m."""
     mm, k = x.shape
     n = y.shape[1]
     ntask = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
@@ -595,67 +518,67 @@ def _matmul(fmt, q, s, z, gshift, sym, x, y):
 
 
 @njit(**_PJIT)
-def _mv_q4_0(q, s, z, gshift, sym, x, y):
-    _drive1(_row_q4_0, q, s, z, gshift, sym, x, y)
+def _small_q4_0(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_q4_0, q, s, z, gshift, sym, x, y)
 
 
 @njit(**_PJIT)
-def _mv_q4_1(q, s, z, gshift, sym, x, y):
-    _drive1(_row_q4_1, q, s, z, gshift, sym, x, y)
+def _small_q4_1(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_q4_1, q, s, z, gshift, sym, x, y)
 
 
 @njit(**_PJIT)
-def _mv_q8_0(q, s, z, gshift, sym, x, y):
-    _drive1(_row_q8_0, q, s, z, gshift, sym, x, y)
+def _small_q8_0(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_q8_0, q, s, z, gshift, sym, x, y)
 
 
 @njit(**_PJIT)
-def _mv_q4_k(q, s, z, gshift, sym, x, y):
-    _drive1(_row_q4_k, q, s, z, gshift, sym, x, y)
+def _small_q4_k(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_q4_k, q, s, z, gshift, sym, x, y)
 
 
 @njit(**_PJIT)
-def _mv_q6_k(q, s, z, gshift, sym, x, y):
-    _drive1(_row_q6_k, q, s, z, gshift, sym, x, y)
+def _small_q6_k(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_q6_k, q, s, z, gshift, sym, x, y)
 
 
 @njit(**_PJIT)
-def _mv_iq4_nl(q, s, z, gshift, sym, x, y):
-    _drive1(_row_iq4_nl, q, s, z, gshift, sym, x, y)
+def _small_iq4_nl(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_iq4_nl, q, s, z, gshift, sym, x, y)
 
 
 @njit(**_PJIT)
-def _mv_nf4(q, s, z, gshift, sym, x, y):
-    _drive1(_row_nf4, q, s, z, gshift, sym, x, y)
+def _small_nf4(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_nf4, q, s, z, gshift, sym, x, y)
 
 
 @njit(**_PJIT)
-def _mv_fp4(q, s, z, gshift, sym, x, y):
-    _drive1(_row_fp4, q, s, z, gshift, sym, x, y)
+def _small_fp4(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_fp4, q, s, z, gshift, sym, x, y)
 
 
 @njit(**_PJIT)
-def _mv_int4(q, s, z, gshift, sym, x, y):
-    _drive1(_row_int4, q, s, z, gshift, sym, x, y)
+def _small_int4(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_int4, q, s, z, gshift, sym, x, y)
 
 
 @njit(**_PJIT)
-def _mv_int2(q, s, z, gshift, sym, x, y):
-    _drive1(_row_int2, q, s, z, gshift, sym, x, y)
+def _small_int2(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_int2, q, s, z, gshift, sym, x, y)
 
 
 @njit(**_PJIT)
-def _mv_int3(q, s, z, gshift, sym, x, y):
-    _drive1(_row_int3, q, s, z, gshift, sym, x, y)
+def _small_int3(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_int3, q, s, z, gshift, sym, x, y)
 
 
 @njit(**_PJIT)
-def _mv_int8(q, s, z, gshift, sym, x, y):
-    _drive1(_row_int8, q, s, z, gshift, sym, x, y)
+def _small_int8(q, s, z, gshift, sym, x, y):
+    _drive_small(_row_int8, q, s, z, gshift, sym, x, y)
 
 
-_GEMV = {Q4_0: _mv_q4_0, Q4_1: _mv_q4_1, Q8_0: _mv_q8_0, Q4_K: _mv_q4_k, Q6_K: _mv_q6_k, IQ4_NL: _mv_iq4_nl,
-         NF4: _mv_nf4, INT4: _mv_int4, INT8: _mv_int8, INT2: _mv_int2, INT3: _mv_int3, FP4: _mv_fp4}
+_SMALL = {Q4_0: _small_q4_0, Q4_1: _small_q4_1, Q8_0: _small_q8_0, Q4_K: _small_q4_k, Q6_K: _small_q6_k, IQ4_NL: _small_iq4_nl,
+         NF4: _small_nf4, INT4: _small_int4, INT8: _small_int8, INT2: _small_int2, INT3: _small_int3, FP4: _small_fp4}
 
 
 @njit(**_PJIT)
@@ -730,10 +653,8 @@ def matmul_float(fmt_id, q, s, z, k, group, sym, x, bias, y, adapters=None, ids=
         gshift = 0
     has_bias = bias is not None
     b = np.ascontiguousarray(bias, dtype=_F32) if has_bias else np.zeros(1, _F32)
-    if x.shape[0] == 1:
-        _GEMV[fmt_id](q, s, z, np.int64(gshift), bool(sym), x, y)
-    elif x.shape[0] <= MAX_M4:
-        _MM4[fmt_id](q, s, z, np.int64(gshift), bool(sym), x, y)
+    if x.shape[0] <= MAX_SMALL_M:
+        _SMALL[fmt_id](q, s, z, np.int64(gshift), bool(sym), x, y)
     else:
         _matmul(np.int64(fmt_id), q, s, z, np.int64(gshift), bool(sym), x, y)
     if has_bias or adapters:
