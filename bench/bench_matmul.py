@@ -12,8 +12,9 @@ Rows
              compute="float" with bfloat16 x (float-bf16x: the AVX512-BF16 kernel where available).
   decode     a stack of 8 different 11008x4096 (N x K) q4_0 / int4 matrices (~200 MB, larger than the
              32 MB L3), called in turn with M=1; one benchmark round = 8 matmuls.
-  variants   pq.matmul(x, qt, compute="int8", isa=v) at (1,4096,4096) and (128,4096,4096) for every
-             variant this CPU runs besides ref and the active one (format column "fmt@variant").
+  variants   pq.matmul(x, qt, compute="int8", isa=v) at (1,4096,4096) and (128,4096,4096), and
+             compute="float" at (1,4096,4096), for every variant this CPU runs besides ref and the
+             active one (format column "fmt@variant").
   numba      pq.matmul(x, qt, backend="numba") (compute="float", the Numba backend) for q4_0 and
              int4-g128 at M <= 8, Numba threads = the row's thread count: set against the pyqkern
              compute="float" row of the same shape and threads (numba has no int8 compute).
@@ -291,19 +292,25 @@ def test_pyqkern_bf16x(measure, shape, fmt, opts, pq_threads):
 OTHER_VARIANTS = [v for v in pq.variants() if v not in ("ref", pq.info()["active_variant"])]
 
 
+OTHER_CASES = [pytest.param(s.values[0], c, id=f"{s.id}-{c}") for s in SHAPE_P
+               if s.values[0] in ((1, 4096, 4096), (128, 4096, 4096))
+               for c in (("int8", "float") if s.values[0][0] == 1 else ("int8",))]
+
+
 @pytest.mark.parametrize("pq_threads", THREAD_P, indirect=True)
 @pytest.mark.parametrize("variant", OTHER_VARIANTS)
 @pytest.mark.parametrize("fmt,opts", [pytest.param(f, o, id=_fmt_label(f, o)) for f, o in PQ_FORMATS[:2]])
-@pytest.mark.parametrize("shape", [p for p in SHAPE_P if p.values[0] in ((1, 4096, 4096), (128, 4096, 4096))])
-def test_pyqkern_other_variants(measure, shape, fmt, opts, variant, pq_threads):
+@pytest.mark.parametrize("shape,compute", OTHER_CASES)
+def test_pyqkern_other_variants(measure, shape, compute, fmt, opts, variant, pq_threads):
     """compute="int8" on the variants this CPU runs besides the active one (what a CPU without
-    its best ISA gets: avx2, avxvnni for Alder Lake-class cores, avx512 without VNNI)."""
+    its best ISA gets: avx2, avxvnni for Alder Lake-class cores, avx512 without VNNI), and at
+    decode size compute="float" too (their own float decode kernels, no AVX512-BF16)."""
     m, k, n = shape
     qt = _qt(fmt, opts, n, k)
     x = _x(m, k)
     y = np.empty((m, n), np.float32)
-    measure(lambda: pq.matmul(x, qt, compute="int8", isa=variant, out=y), impl="pyqkern",
-            fmt=f"{_fmt_label(fmt, opts)}@{variant}", compute="int8", shape=shape, threads=pq_threads,
+    measure(lambda: pq.matmul(x, qt, compute=compute, isa=variant, out=y), impl="pyqkern",
+            fmt=f"{_fmt_label(fmt, opts)}@{variant}", compute=compute, shape=shape, threads=pq_threads,
             weight_bytes=qt.nbytes)
 
 
