@@ -4,6 +4,7 @@ No -march=native: the per-ISA kernel folders get their own flags and the best va
 picked at run time. Set PYQKERN_NATIVE=1 for a machine-specific developer build.
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,9 +36,14 @@ class CMakeBuild(build_ext):
             f"-DPYQKERN_NATIVE={'ON' if os.environ.get('PYQKERN_NATIVE') == '1' else 'OFF'}",
         ]
         try:
-            import ninja  # noqa: F401
+            import ninja
 
-            args += ["-G", "Ninja"]
+            # the ninja of this build's environment, named explicitly: pip builds in a temporary
+            # environment, and a build tree left by an earlier `pip install .` of this checkout
+            # caches the path of that one's ninja, long deleted (the README's test command after
+            # its main job failed with "ninja: no such file or directory")
+            exe = shutil.which("ninja", path=ninja.BIN_DIR) or shutil.which("ninja")
+            args += ["-G", "Ninja"] + ([f"-DCMAKE_MAKE_PROGRAM={exe}"] if exe else [])
         except ImportError:
             pass
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
