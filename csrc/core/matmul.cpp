@@ -397,21 +397,22 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       if (deferred) {
         tiles(0, w.n_tiles);  // on this thread: the shrink must precede every expansion
       } else if (decode_split) {
-        // decode on several threads: the first thread in does the whole shrink (A from DRAM, in a
-        // model) while the others start on base tiles. A thread that reaches its expansion before
-        // the shrink is published computes its own copy instead of waiting (the shrinking thread
-        // may have lost its core): the same code, so the same numbers. Two tile ranges per thread:
-        // with four the adapter cost 1-2.5 us more at 2 threads (rank 16, 4096x4096, alternated
-        // in one process).
-        std::atomic<int> claimed{0}, ready{0};
+        // decode on several threads: the shrink's rank-column tasks go to whichever thread takes
+        // them first, each thread claiming tasks before its base tiles (A from DRAM, in a model),
+        // so the threads share A's reads. A thread that reaches its expansion before every task
+        // is published computes its own copy instead of waiting (the other may have lost its
+        // core): the same code, so the same numbers. Two tile ranges per thread: with four the
+        // adapter cost 1-2.5 us more at 2 threads (rank 16, 4096x4096, alternated in one process).
+        const int64_t ntask = AD.tasks(mc);
+        std::atomic<int64_t> next{0}, done{0};
         parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
-          if (claimed.exchange(1, std::memory_order_relaxed) == 0) {
-            for (int64_t i = 0; i < mc; ++i) AD.shrink(t, xc + i * ldx, w.k, c0 + i, T.data() + i * AD.t_cols);
-            ready.store(1, std::memory_order_release);
+          for (int64_t j; (j = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
+            AD.shrink_task(t, xc, ldx, w.k, c0, T.data(), j);
+            done.fetch_add(1, std::memory_order_release);
           }
           for (int64_t tile = b; tile < e; ++tile) t.gemm_int8(w, tile, a, 0, mc, yc, ldy, nullptr);
           const int nr = (int)(std::min<int64_t>(e * NR, w.n) - b * NR);
-          if (ready.load(std::memory_order_acquire)) {
+          if (done.load(std::memory_order_acquire) == ntask) {
             t.lora_expand(L, 0, mc, b * NR, nr, yc, ldy);
           } else {
             std::vector<float> own((size_t)(mc * AD.t_cols));
