@@ -36,6 +36,18 @@ void check_x_finite(const KernelTable& t, const float* x, int64_t m, int64_t k, 
 
 constexpr int64_t M_CHUNK = 128;  // activation rows per pass over the weights (L2-sized)
 
+// The kernels read x while they write y. When out overlaps x (C callers; Python copies x
+// itself), x is copied first and x / ldx point at the copy.
+void apart_from_y(const float*& x, int64_t& ldx, int64_t m, int64_t k, const float* y, int64_t ldy, int64_t n,
+                  std::vector<float>& copy) {
+  const uintptr_t xa = (uintptr_t)x, ya = (uintptr_t)y;
+  if (!(ya < xa + (uintptr_t)(((m - 1) * ldx + k) * 4) && xa < ya + (uintptr_t)(((m - 1) * ldy + n) * 4))) return;
+  copy.resize((size_t)(m * k));
+  for (int64_t i = 0; i < m; ++i) std::memcpy(copy.data() + i * k, x + i * ldx, (size_t)k * 4);
+  x = copy.data();
+  ldx = k;
+}
+
 // Adapters of one call: validation, shrink results t = x . A^T per row, expansion args.
 struct Adapters {
   const pqk_lora* ad = nullptr;
@@ -128,6 +140,39 @@ struct Adapters {
     L.ad = ad; L.n_ad = n_ad; L.row_adapter = row_adapter ? row_adapter + c0 : nullptr;
     L.t = T; L.t_cols = t_cols; L.t_off = t_off.data(); L.bias = bias; L.n = nout;
     return L;
+  }
+};
+
+// The shrink of a few rows (decode) shared by the ranges of one parallel_for over output tiles:
+// each range first claims the rank-column tasks nobody has taken, so the threads split A's reads
+// (from DRAM, in a model) instead of one of them doing it all while the others wait at the end.
+// Before its expansion a range takes the shared t if every task is published, else computes its
+// own copy rather than wait (the thread holding a task may have lost its core): the same code,
+// so the same numbers. x must stay unchanged until the parallel_for returns (y must not overlap it).
+struct SharedShrink {
+  const Adapters& AD;
+  const KernelTable& t;
+  const float* x;
+  int64_t ldx, k, mc, g0;  // rows [0, mc) of x, global row index g0 + i
+  float* T;
+  int64_t ntask = AD.tasks(mc);
+  std::atomic<int64_t> next{0}, done{0};
+
+  void claim() {
+    for (int64_t j; (j = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
+      AD.shrink_task(t, x, ldx, k, g0, T, j);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+  // expansion (with bias) of output columns [n0, n0 + nr) of every row
+  void expand(const float* bias, int64_t nout, int64_t n0, int nr, float* y, int64_t ldy) const {
+    if (done.load(std::memory_order_acquire) == ntask) {
+      t.lora_expand(AD.args(T, g0, bias, nout), 0, mc, n0, nr, y, ldy);
+      return;
+    }
+    std::vector<float> own((size_t)(mc * AD.t_cols));
+    for (int64_t i = 0; i < mc; ++i) AD.shrink(t, x + i * ldx, k, g0 + i, own.data() + i * AD.t_cols);
+    t.lora_expand(AD.args(own.data(), g0, bias, nout), 0, mc, n0, nr, y, ldy);
   }
 };
 
@@ -335,6 +380,8 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
     if (!t.quantize_act || !t.gemm_int8) throw Error(PQK_ERR_INTERNAL, "int8 matmul kernels not registered");
     const Adapters AD(ads, n_ad, rows, m, w.k, w.n);
     check_x_finite(t, x, m, w.k, ldx);
+    std::vector<float> xcopy;
+    apart_from_y(x, ldx, m, w.k, y, ldy, w.n, xcopy);  // a later chunk, the shrink, read x
     for (int64_t c0 = 0; c0 < m; c0 += M_CHUNK) {
       const int64_t mc = std::min(M_CHUNK, m - c0);
       ActQ a;
@@ -351,13 +398,11 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       // Where the shrink runs (results are the same either way: one dot product per t column):
       // - decode (<= 8 rows), one thread: after the base tiles, A prefetched in slices while
       //   they run, so A's reads (from DRAM, in a model) overlap the weight stream (deferred);
-      // - decode, several threads: the first thread into the tile region (decode_split);
+      // - decode, several threads: shared by the tile ranges (decode_split, SharedShrink);
       // - otherwise with each row as it is quantized (x still in cache), or for fewer rows than
       //   threads as rank-column tasks after the rows in the same region (one fork/join less).
-      // Not after any tile when y overlaps x (out=x): the shrink must read x first.
-      const bool y_over_x = y < x + m * ldx && x < y + m * ldy;
-      const bool deferred = AD.active() && nthreads == 1 && mc <= 8 && !y_over_x;
-      const bool decode_split = AD.active() && nthreads > 1 && mc <= 8 && !y_over_x;
+      const bool deferred = AD.active() && nthreads == 1 && mc <= 8;
+      const bool decode_split = AD.active() && nthreads > 1 && mc <= 8;
       const int64_t extra = AD.active() && !shrink_in_rows && !decode_split ? AD.tasks(mc) : 0;
       const float* xc = x + c0 * ldx;
       parallel_for(mc + extra, extra ? 1 : std::max<int64_t>(1, 16384 / w.k), [&](int64_t b, int64_t e) {
@@ -397,28 +442,14 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       if (deferred) {
         tiles(0, w.n_tiles);  // on this thread: the shrink must precede every expansion
       } else if (decode_split) {
-        // decode on several threads: the shrink's rank-column tasks go to whichever thread takes
-        // them first, each thread claiming tasks before its base tiles (A from DRAM, in a model),
-        // so the threads share A's reads. A thread that reaches its expansion before every task
-        // is published computes its own copy instead of waiting (the other may have lost its
-        // core): the same code, so the same numbers. Two tile ranges per thread: with four the
-        // adapter cost 1-2.5 us more at 2 threads (rank 16, 4096x4096, alternated in one process).
-        const int64_t ntask = AD.tasks(mc);
-        std::atomic<int64_t> next{0}, done{0};
+        // decode on several threads: the shrink shared by the tile ranges (SharedShrink). Two
+        // ranges per thread: with four the adapter cost 1-2.5 us more at 2 threads (rank 16,
+        // 4096x4096, alternated in one process).
+        SharedShrink sh{AD, t, xc, ldx, w.k, mc, c0, T.data()};
         parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
-          for (int64_t j; (j = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
-            AD.shrink_task(t, xc, ldx, w.k, c0, T.data(), j);
-            done.fetch_add(1, std::memory_order_release);
-          }
+          sh.claim();
           for (int64_t tile = b; tile < e; ++tile) t.gemm_int8(w, tile, a, 0, mc, yc, ldy, nullptr);
-          const int nr = (int)(std::min<int64_t>(e * NR, w.n) - b * NR);
-          if (done.load(std::memory_order_acquire) == ntask) {
-            t.lora_expand(L, 0, mc, b * NR, nr, yc, ldy);
-          } else {
-            std::vector<float> own((size_t)(mc * AD.t_cols));
-            for (int64_t i = 0; i < mc; ++i) AD.shrink(t, xc + i * ldx, w.k, c0 + i, own.data() + i * AD.t_cols);
-            t.lora_expand(AD.args(own.data(), c0, bias, w.n), 0, mc, b * NR, nr, yc, ldy);
-          }
+          sh.expand(bias, w.n, b * NR, (int)(std::min<int64_t>(e * NR, w.n) - b * NR), yc, ldy);
         }, 2);
       } else {
         parallel_for(w.n_tiles, 1, tiles);
@@ -466,25 +497,27 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
     if (!deq) throw Error(PQK_ERR_UNSUPPORTED, "dequantize not implemented for this format");
     if (!t.gemm_f32) throw Error(PQK_ERR_INTERNAL, "float matmul kernel not registered");
     const Adapters AD(ads, n_ad, rows, m, k, n);
+    std::vector<float> xcopy;
+    apart_from_y(x, ldx, m, k, y, ldy, n, xcopy);
     std::vector<float> T((size_t)(AD.active() ? m * AD.t_cols : 0));
-    if (AD.active()) AD.shrink_rows(t, x, ldx, k, m, 0, T.data());
-    const LoraArgs L = AD.args(T.data(), 0, bias, n);
     const uint8_t* Q = (const uint8_t*)q; const uint8_t* S = (const uint8_t*)s; const uint8_t* Z = (const uint8_t*)z;
     // Few rows, a format the variant decodes in registers: no dequantized copy at all. One kernel
-    // call per range of 16-row tiles (it prepares x once per call), then the adapters' expansion
-    // on each tile (it never crosses a 16-row tile).
+    // call per range of 16-row tiles (it prepares x once per call), the adapters' shrink shared by
+    // the ranges (as in the int8 decode), their expansion once per range.
     gemv_f32_fn gemv = t.gemv_f32[fmt];
     if (gemv && m <= GEMV_F32_MAX_M && gemv(Q, S, Z, rb, 0, 0, k, p, x, ldx, m, y, ldy, nullptr)) {
       const int64_t tiles = (n + 15) / 16;
+      SharedShrink sh{AD, t, x, ldx, k, m, 0, T.data()};
       parallel_for(tiles, std::max<int64_t>(1, 16384 / k), [&](int64_t b, int64_t e) {
+        if (AD.active()) sh.claim();
         if (!gemv(Q, S, Z, rb, b * 16, std::min(n, e * 16), k, p, x, ldx, m, y, ldy, AD.active() ? nullptr : bias))
           throw Error(PQK_ERR_NOMEM, "out of memory in the float decode kernel");
-        if (AD.active())
-          for (int64_t tile = b; tile < e; ++tile)
-            t.lora_expand(L, 0, m, tile * 16, (int)(std::min(n, tile * 16 + 16) - tile * 16), y, ldy);
+        if (AD.active()) sh.expand(bias, n, b * 16, (int)(std::min(n, e * 16) - b * 16), y, ldy);
       });
       return;
     }
+    if (AD.active()) AD.shrink_rows(t, x, ldx, k, m, 0, T.data());
+    const LoraArgs L = AD.args(T.data(), 0, bias, n);
     // Rows of W in groups of FR, dequantized into a per-thread buffer, then fp32 dots.
     constexpr int FR = 8;
     const int64_t groups = (n + FR - 1) / FR;
