@@ -84,24 +84,35 @@ def _fetch_sdist(dest: Path) -> Path:
 
 LIBS = ("libggml-base.so", "libggml-cpu.so", "libggml.so")
 
+# CMake options per build flavor: "native" is llama.cpp at its best on this machine; "avx2" and
+# "avxvnni" are what a CPU without AVX-512 runs (most laptops; AVX-VNNI from Intel's 12th
+# generation on), for comparison with pyqkern's variants of the same names (pq.matmul(isa=...)).
+_X86_256 = ["-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+            "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF",
+            "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_BF16=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+            "-DGGML_AMX_BF16=OFF"]
+FLAVORS = {"native": ["-DGGML_NATIVE=ON"], "avx2": _X86_256 + ["-DGGML_AVX_VNNI=OFF"],
+           "avxvnni": _X86_256 + ["-DGGML_AVX_VNNI=ON"]}
 
-def _build(cache: Path) -> Path:
+
+def _build(cache: Path, flavor: str = "native") -> Path:
     """Download, extract ggml, build; returns the directory with the shared libraries. A failed
     build leaves no build directory behind (the next run configures afresh)."""
     name, version = SDIST
     root = cache / f"ggml-{name}-{version}"
-    libdir = root / "build" / "ggml" / "src"
+    build = root / ("build" if flavor == "native" else f"build-{flavor}")
+    libdir = build / "ggml" / "src"
     if all((libdir / nm).exists() for nm in LIBS):
         return libdir
     try:
-        _build_in(root, libdir)
+        _build_in(root, build, libdir, FLAVORS[flavor])
     except BaseException:
-        shutil.rmtree(root / "build", ignore_errors=True)
+        shutil.rmtree(build, ignore_errors=True)
         raise
     return libdir
 
 
-def _build_in(root: Path, libdir: Path):
+def _build_in(root: Path, build: Path, libdir: Path, options: list):
     name, version = SDIST
     root.mkdir(parents=True, exist_ok=True)
     log = root / "build.log"
@@ -129,9 +140,9 @@ def _build_in(root: Path, libdir: Path):
     if not cmake:
         raise GgmlUnavailable("cmake not found")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run([cmake, "-S", str(wrap), "-B", str(root / "build"), *gen, "-DCMAKE_BUILD_TYPE=Release",
-          "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=ON", "-DGGML_BACKEND_DL=OFF"], log, 300)
-    _run([cmake, "--build", str(root / "build"), "-j", str(os.cpu_count() or 2)], log, 1800)
+    _run([cmake, "-S", str(wrap), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release", *options,
+          "-DBUILD_SHARED_LIBS=ON", "-DGGML_BACKEND_DL=OFF"], log, 300)
+    _run([cmake, "--build", str(build), "-j", str(os.cpu_count() or 2)], log, 1800)
     missing = [nm for nm in LIBS if not (libdir / nm).exists()]
     if missing:
         raise GgmlUnavailable(f"build finished without {missing}; see {log}")
@@ -284,32 +295,39 @@ class MatMul:
             self.be = None
 
 
-_LOADED: list = []
+_LOADED: dict = {}
 
 
-def load() -> Ggml:
-    """The ggml peer, built if needed (cached for the process); GgmlUnavailable with the reason."""
-    if _LOADED:
-        if isinstance(_LOADED[0], Exception):
-            raise _LOADED[0]
-        return _LOADED[0]
+def load(flavor: str = "native") -> Ggml:
+    """The ggml peer of that build flavor (FLAVORS), built if needed (cached for the process);
+    GgmlUnavailable with the reason. One flavor per process: the builds' libraries share their
+    names and exported symbols, so a second one loaded beside the first could run the first's
+    code (bench/isa_peer.py runs each flavor in a process of its own)."""
+    if flavor in _LOADED:
+        if isinstance(_LOADED[flavor], Exception):
+            raise _LOADED[flavor]
+        return _LOADED[flavor]
+    other = [f for f, v in _LOADED.items() if not isinstance(v, Exception)]
+    if other:
+        raise GgmlUnavailable(f"ggml's {other[0]} build is loaded in this process; run the {flavor} build in "
+                              "another process")
     try:
         if os.environ.get("PYQKERN_BENCH_NO_GGML", "") not in ("", "0"):
             raise GgmlUnavailable("PYQKERN_BENCH_NO_GGML is set")
-        libdir = os.environ.get("PYQKERN_GGML_LIB_DIR")
+        libdir = os.environ.get("PYQKERN_GGML_LIB_DIR") if flavor == "native" else None
         if libdir:
             lib = Path(libdir)
         else:
             cache = Path(os.environ.get("PYQKERN_GGML_CACHE", Path.home() / ".cache" / "pyqkern-bench"))
-            lib = _build(cache)
+            lib = _build(cache, flavor)
         gg = Ggml(lib)
     except GgmlUnavailable as e:
-        _LOADED.append(e)
+        _LOADED[flavor] = e
         raise
     except (OSError, subprocess.SubprocessError, ValueError, KeyError, AttributeError, TypeError,
             tarfile.TarError) as e:   # AttributeError: a symbol this ggml does not export
         err = GgmlUnavailable(f"{type(e).__name__}: {e}")
-        _LOADED.append(err)
+        _LOADED[flavor] = err
         raise err from e
-    _LOADED.append(gg)
+    _LOADED[flavor] = gg
     return gg
