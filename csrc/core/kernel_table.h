@@ -44,7 +44,7 @@ struct LoraArgs {
   const float* bias = nullptr;
 };
 // y[i, n] = ((y[i, n] + sum_a scale_a * sum_r t[i, off_a + r] * B_a[n, r]) * row_scale_a[n]) + bias[n]
-// (B_a read from its 16-row tiles Bp, see pqk_lora; [n0, n0 + nr) never crosses a 16-tile)
+// for the columns [n0, n0 + nr) (any range: B_a is read from its 16-row tiles Bp, see pqk_lora)
 // with, per adapter, the rank sum in four fused-multiply-add chains (r % 4) added as
 // (c0 + c1) + (c2 + c3), then scaled once.
 using lora_expand_fn = void (*)(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y,

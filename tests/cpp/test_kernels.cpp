@@ -170,6 +170,168 @@ static void test_matmul(const std::vector<int>& isas, const Case& c, int64_t n, 
   pqk_packed_free(pw);
 }
 
+// fp32 -> fp16 bits for a value fp16 holds exactly (zero or normal): the test's B values are
+static uint16_t f16_exact(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) == 0) return (uint16_t)(u >> 16);
+  const int e = (int)((u >> 23) & 0xFF) - 127 + 15;
+  return (uint16_t)(((u >> 16) & 0x8000u) | ((uint32_t)e << 10) | ((u & 0x7FFFFFu) >> 13));
+}
+
+// LoRA through the int8 matmul. The expansion is specified exactly, the shrink only to fp32
+// accuracy: with each row of A one +-2^e (t[r] = +-2^e * x[j], exact in any order) every variant
+// must return ref's bits; with random A within 1e-5 of ref's. B holds i / 128 (exact in fp16 and
+// bf16). Ranks 1..33, fp32 / fp16 / bf16 A and B, two adapters summed, per-row ids (-1: none), a
+// DoRA factor; n not a multiple of 4 or 16; column offsets from the matmul's tile ranges.
+static void test_lora(const std::vector<int>& isas, int64_t n, int64_t k, std::mt19937& rng) {
+  pqk_qparams p{0, 0};
+  std::vector<float> w(n * k);
+  for (int64_t i = 0; i < n; ++i) fill_row(&w[i * k], k, 0, rng);
+  pqk_row_bytes rb;
+  CHECK_OK(pqk_row_bytes_of(PQK_Q4_0, k, &p, &rb));
+  std::vector<uint8_t> q(n * rb.q + 1), s(n * rb.s + 1), z(1);
+  CHECK_OK(pqk_quantize(PQK_ISA_REF, PQK_Q4_0, w.data(), n, k, k, &p, q.data(), s.data(), z.data()));
+  pqk_packed* pw = nullptr;
+  CHECK_OK(pqk_pack(PQK_Q4_0, q.data(), s.data(), z.data(), n, k, &p, &pw));
+  std::uniform_int_distribution<int> bi(-127, 127), ei(-3, 1), ji(0, (int)k - 1), sg(0, 1), idd(-1, 1);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int64_t tiles = (n + 15) / 16;
+  std::vector<float> bias(n), rs(n);
+  for (int64_t i = 0; i < n; ++i) {
+    bias[i] = nd(rng);
+    rs[i] = 0.5f + std::fabs(nd(rng));
+  }
+  for (int dtype : {0, 1, 2})
+    for (int rank : {1, 3, 4, 6, 16, 17, 33})
+      for (int exact : {1, 0}) {
+        const int ranks[2] = {rank, rank / 2 + 1};
+        std::vector<std::vector<float>> A32(2), B32(2);
+        std::vector<std::vector<uint8_t>> Ab(2), Bb(2);
+        pqk_lora ads[2];
+        const int isz = dtype == 0 ? 4 : 2;
+        for (int a = 0; a < 2; ++a) {
+          const int r = ranks[a];
+          A32[a].assign(r * k, 0.0f);
+          for (int i = 0; i < r; ++i)
+            if (exact) A32[a][i * k + ji(rng)] = (sg(rng) ? 1.0f : -1.0f) * std::ldexp(1.0f, ei(rng));
+            else
+              for (int64_t j = 0; j < k; ++j) A32[a][i * k + j] = (float)bi(rng) / 1024.0f;
+          B32[a].assign(tiles * r * 16, 0.0f);  // [tile][rank][16], zero padded
+          for (int64_t nn = 0; nn < n; ++nn)
+            for (int i = 0; i < r; ++i) B32[a][(nn / 16) * r * 16 + i * 16 + nn % 16] = (float)bi(rng) / 128.0f;
+          for (auto* pr : {&A32[a], &B32[a]}) {
+            std::vector<uint8_t>& dst = pr == &A32[a] ? Ab[a] : Bb[a];
+            dst.resize(pr->size() * isz);
+            for (size_t e = 0; e < pr->size(); ++e) {
+              const float f = (*pr)[e];
+              uint32_t u;
+              std::memcpy(&u, &f, 4);
+              if (dtype == 0) std::memcpy(&dst[e * 4], &f, 4);
+              else {
+                const uint16_t h = dtype == 1 ? f16_exact(f) : (uint16_t)(u >> 16);
+                std::memcpy(&dst[e * 2], &h, 2);
+              }
+            }
+          }
+          ads[a] = pqk_lora{r, Ab[a].data(), Bb[a].data(), 0.37f * (float)(a + 1), nullptr, dtype};
+        }
+        for (int mode = 0; mode < 3; ++mode)  // 0: both summed, 1: per-row ids, 2: DoRA (one adapter)
+          for (int64_t m : {1, 3, 9}) {
+            const int64_t ldx = k + 3, ldy = n + 1;
+            std::vector<float> x(m * ldx);
+            for (int64_t i = 0; i < m; ++i) fill_row(&x[i * ldx], k, 0, rng);
+            std::vector<int32_t> ids(m);
+            for (auto& v : ids) v = idd(rng);
+            pqk_lora dora = ads[0];
+            dora.row_scale = rs.data();
+            const pqk_lora* list = mode == 2 ? &dora : ads;
+            const int32_t nad = mode == 2 ? 1 : 2;
+            const int32_t* rows = mode == 1 ? ids.data() : nullptr;
+            const float* bp = (m % 2) ? bias.data() : nullptr;
+            std::vector<float> y0(m * ldy, -1.0f);
+            CHECK_OK(pqk_matmul_int8_lora(PQK_ISA_REF, pw, x.data(), m, ldx, bp, y0.data(), ldy, list, nad, rows));
+            float ymax = 0.0f;
+            for (float v : y0) ymax = std::fmax(ymax, std::fabs(v));
+            for (int isa : isas) {
+              if (isa == PQK_ISA_REF) continue;
+              std::vector<float> y(m * ldy, -1.0f);
+              CHECK_OK(pqk_matmul_int8_lora(isa, pw, x.data(), m, ldx, bp, y.data(), ldy, list, nad, rows));
+              size_t at = 0;
+              bool ok = bytes_equal(y.data(), y0.data(), y.size() * 4, &at);
+              if (!exact) {
+                ok = true;
+                for (size_t e = 0; e < y.size(); ++e)
+                  if (!(std::fabs(y[e] - y0[e]) <= 1e-5f * ymax)) { ok = false; at = e * 4; break; }
+              }
+              char buf[160];
+              std::snprintf(buf, sizeof buf, "dtype=%d rank=%d mode=%d m=%lld %s", dtype, rank, mode, (long long)m,
+                            exact ? "exact" : "1e-5");
+              const Case c{PQK_Q4_0, p, "+lora"};
+              report(ok, "matmul_int8_lora", pqk_isa_name(isa), c, n, k, at, buf);
+            }
+          }
+      }
+  pqk_packed_free(pw);
+}
+
+// The shrink's scalar tail (k not a multiple of 8) is out of the int8 path's reach (K a multiple
+// of 32): through the float matmul on a per-channel int4 weight, random A, within 1e-5 of ref
+// (the float base is not bit-exact across variants either).
+static void test_lora_float(const std::vector<int>& isas, std::mt19937& rng) {
+  pqk_qparams p{-1, 0};
+  std::uniform_int_distribution<int> bi(-127, 127);
+  for (int64_t k : {6, 38, 100})
+    for (int dtype : {0, 1, 2})
+      for (int rank : {1, 5, 17}) {
+        const int64_t n = 21;
+        std::vector<float> w(n * k);
+        for (int64_t i = 0; i < n; ++i) fill_row(&w[i * k], k, 0, rng);
+        pqk_row_bytes rb;
+        CHECK_OK(pqk_row_bytes_of(PQK_INT4, k, &p, &rb));
+        std::vector<uint8_t> q(n * rb.q + 1), s(n * rb.s + 1), z(n * rb.z + 1);
+        CHECK_OK(pqk_quantize(PQK_ISA_REF, PQK_INT4, w.data(), n, k, k, &p, q.data(), s.data(), z.data()));
+        const int isz = dtype == 0 ? 4 : 2;
+        std::vector<uint8_t> A(rank * k * isz), B(((n + 15) / 16) * rank * 16 * isz, 0);
+        auto put = [&](std::vector<uint8_t>& dst, size_t e, float f) {
+          uint32_t u;
+          std::memcpy(&u, &f, 4);
+          if (dtype == 0) std::memcpy(&dst[e * 4], &f, 4);
+          else {
+            const uint16_t h = dtype == 1 ? f16_exact(f) : (uint16_t)(u >> 16);
+            std::memcpy(&dst[e * 2], &h, 2);
+          }
+        };
+        for (int64_t e = 0; e < rank * k; ++e) put(A, (size_t)e, (float)bi(rng) / 128.0f);
+        for (int64_t nn = 0; nn < n; ++nn)
+          for (int i = 0; i < rank; ++i) put(B, (size_t)((nn / 16) * rank * 16 + i * 16 + nn % 16), (float)bi(rng) / 128.0f);
+        const pqk_lora ad{rank, A.data(), B.data(), 0.5f, nullptr, dtype};
+        for (int64_t m : {1, 3}) {
+          std::vector<float> x(m * k);
+          for (int64_t i = 0; i < m; ++i) fill_row(&x[i * k], k, 0, rng);
+          std::vector<float> y0(m * n);
+          CHECK_OK(pqk_matmul_float_lora(PQK_ISA_REF, PQK_INT4, q.data(), s.data(), z.data(), n, k, &p, x.data(), m,
+                                         k, nullptr, y0.data(), n, &ad, 1, nullptr));
+          float ymax = 0.0f;
+          for (float v : y0) ymax = std::fmax(ymax, std::fabs(v));
+          for (int isa : isas) {
+            if (isa == PQK_ISA_REF) continue;
+            std::vector<float> y(m * n);
+            CHECK_OK(pqk_matmul_float_lora(isa, PQK_INT4, q.data(), s.data(), z.data(), n, k, &p, x.data(), m, k,
+                                           nullptr, y.data(), n, &ad, 1, nullptr));
+            size_t at = 0;
+            bool ok = true;
+            for (size_t e = 0; e < y.size(); ++e)
+              if (!(std::fabs(y[e] - y0[e]) <= 1e-5f * ymax)) { ok = false; at = e * 4; break; }
+            char buf[96];
+            std::snprintf(buf, sizeof buf, "float dtype=%d rank=%d m=%lld", dtype, rank, (long long)m);
+            const Case c{PQK_INT4, p, "(perchan)+lora"};
+            report(ok, "matmul_float_lora", pqk_isa_name(isa), c, n, k, at, buf);
+          }
+        }
+      }
+}
+
 int main(int argc, char** argv) {
   std::vector<int> isas;
   std::string ran;
@@ -189,7 +351,7 @@ int main(int argc, char** argv) {
   if (isas.empty() || isas[0] != PQK_ISA_REF) isas.insert(isas.begin(), PQK_ISA_REF);
   for (int isa : isas)  // which variant really implements a few slots in each table
     std::printf("table %s: quantize q8_0 <- %s, quantize q4_0 <- %s, dequantize q8_0 <- %s, gemm_int8 <- %s, "
-                "quantize/dequantize nf4 <- %s/%s, quantize/dequantize int4 <- %s/%s\n",
+                "quantize/dequantize nf4 <- %s/%s, quantize/dequantize int4 <- %s/%s, lora shrink/expand <- %s/%s\n",
                 pqk_isa_name(isa), pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q8_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q4_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_Q8_0)),
@@ -197,7 +359,9 @@ int main(int argc, char** argv) {
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_NF4)),
                 pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_NF4)),
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_INT4)),
-                pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_INT4)));
+                pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_INT4)),
+                pqk_isa_name(pqk_slot_variant(isa, "lora_shrink", 0)),
+                pqk_isa_name(pqk_slot_variant(isa, "lora_expand", 0)));
   std::mt19937 rng(1234);
   const Case cases[] = {
       {PQK_Q8_0, {0, 0}, ""},          {PQK_Q4_0, {0, 0}, ""},          {PQK_Q4_1, {0, 0}, ""},
@@ -224,6 +388,9 @@ int main(int argc, char** argv) {
   for (const Case& c : cases)
     for (int64_t n : ns)
       for (int64_t k : mks) test_matmul(isas, c, n, k, rng);
+  for (int64_t n : {5, 37, 70})
+    for (int64_t k : {32, 96}) test_lora(isas, n, k, rng);
+  test_lora_float(isas, rng);
   int32_t active = -1;
   CHECK_OK(pqk_active_isa(&active));
   std::printf("active variant: %s\n", pqk_isa_name(active));
