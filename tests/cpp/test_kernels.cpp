@@ -170,6 +170,42 @@ static void test_matmul(const std::vector<int>& isas, const Case& c, int64_t n, 
   pqk_packed_free(pw);
 }
 
+// compute="float": specified to fp32 accuracy (each variant sums in its own order), so within
+// 1e-5 of the largest |y| of ref's, on random data; M up to 17 reaches the panel kernels.
+static void test_matmul_float(const std::vector<int>& isas, const Case& c, int64_t n, int64_t k, std::mt19937& rng) {
+  pqk_qparams p = c.p;
+  pqk_row_bytes rb;
+  if (pqk_row_bytes_of(c.fmt, k, &p, &rb) != PQK_OK) return;
+  std::vector<float> w(n * k);
+  for (int64_t i = 0; i < n; ++i) fill_row(&w[i * k], k, 0, rng);
+  std::vector<uint8_t> q(n * rb.q + 1), s(n * rb.s + 1), z(n * rb.z + 1);
+  CHECK_OK(pqk_quantize(PQK_ISA_REF, c.fmt, w.data(), n, k, k, &p, q.data(), s.data(), z.data()));
+  for (int64_t m : {1, 4, 9, 17}) {
+    const int64_t ldx = k + 1, ldy = n + 3;
+    std::vector<float> x(m * ldx);
+    for (int64_t i = 0; i < m; ++i) fill_row(&x[i * ldx], k, 0, rng);
+    std::vector<float> bias(n);
+    for (auto& b : bias) b = (float)(rng() % 1000) / 250.0f - 2.0f;
+    const float* bp = (m % 2) ? bias.data() : nullptr;
+    std::vector<float> y0(m * ldy, 0.0f);
+    CHECK_OK(pqk_matmul_float(PQK_ISA_REF, c.fmt, q.data(), s.data(), z.data(), n, k, &p, x.data(), m, ldx, bp,
+                              y0.data(), ldy));
+    float ymax = 0.0f;
+    for (float v : y0) ymax = std::fmax(ymax, std::fabs(v));
+    for (int isa : isas) {
+      if (isa == PQK_ISA_REF) continue;
+      std::vector<float> y(m * ldy, 0.0f);
+      CHECK_OK(pqk_matmul_float(isa, c.fmt, q.data(), s.data(), z.data(), n, k, &p, x.data(), m, ldx, bp,
+                                y.data(), ldy));
+      size_t at = 0;
+      bool ok = true;
+      for (size_t e = 0; e < y.size(); ++e)
+        if (!(std::fabs(y[e] - y0[e]) <= 1e-5f * ymax)) { ok = false; at = e * 4; break; }
+      report(ok, "matmul_float", pqk_isa_name(isa), c, n, k, at, "m=" + std::to_string(m));
+    }
+  }
+}
+
 // fp32 -> fp16 bits for a value fp16 holds exactly (zero or normal): the test's B values are
 static uint16_t f16_exact(float f) {
   uint32_t u;
@@ -351,7 +387,7 @@ int main(int argc, char** argv) {
   if (isas.empty() || isas[0] != PQK_ISA_REF) isas.insert(isas.begin(), PQK_ISA_REF);
   for (int isa : isas)  // which variant really implements a few slots in each table
     std::printf("table %s: quantize q8_0 <- %s, quantize q4_0 <- %s, dequantize q8_0 <- %s, gemm_int8 <- %s, "
-                "quantize/dequantize nf4 <- %s/%s, quantize/dequantize int4 <- %s/%s, lora shrink/expand <- %s/%s\n",
+                "quantize/dequantize nf4 <- %s/%s, quantize/dequantize int4 <- %s/%s, lora shrink/expand <- %s/%s, gemm_f32 <- %s\n",
                 pqk_isa_name(isa), pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q8_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q4_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_Q8_0)),
@@ -361,7 +397,8 @@ int main(int argc, char** argv) {
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_INT4)),
                 pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_INT4)),
                 pqk_isa_name(pqk_slot_variant(isa, "lora_shrink", 0)),
-                pqk_isa_name(pqk_slot_variant(isa, "lora_expand", 0)));
+                pqk_isa_name(pqk_slot_variant(isa, "lora_expand", 0)),
+                pqk_isa_name(pqk_slot_variant(isa, "gemm_f32", 0)));
   std::mt19937 rng(1234);
   const Case cases[] = {
       {PQK_Q8_0, {0, 0}, ""},          {PQK_Q4_0, {0, 0}, ""},          {PQK_Q4_1, {0, 0}, ""},
@@ -388,6 +425,11 @@ int main(int argc, char** argv) {
   for (const Case& c : cases)
     for (int64_t n : ns)
       for (int64_t k : mks) test_matmul(isas, c, n, k, rng);
+  for (const Case& c : cases)
+    for (int64_t n : {5, 17})
+      for (int64_t k : {32, 256}) test_matmul_float(isas, c, n, k, rng);
+  for (const Case& c : extra)
+    for (int64_t k : {6, 38}) test_matmul_float(isas, c, 9, k, rng);
   for (int64_t n : {5, 37, 70})
     for (int64_t k : {32, 96}) test_lora(isas, n, k, rng);
   test_lora_float(isas, rng);

@@ -15,28 +15,12 @@
 #include <arm_neon.h>
 
 #include "../../core/kernel_table.h"
-#include "../common.h"
 #include "../ref/ref_kernels.h"
+#include "row_dots.h"  // load4, row dots (the shrink)
 
 namespace pqk { namespace neon {
 
 namespace {
-
-// 4 elements at p + i, widened to fp32
-template <int DT>
-inline float32x4_t load4(const void* p, int64_t i) {
-  if (DT == 0) return vld1q_f32((const float*)p + i);
-  const uint16x4_t h = vld1_u16((const uint16_t*)p + i);
-  if (DT == 1) return vcvt_f32_f16(vreinterpret_f16_u16(h));
-  return vreinterpretq_f32_u32(vshll_n_u16(h, 16));
-}
-
-template <int DT>
-inline float elem(const void* p, int64_t i) {
-  if (DT == 0) return ((const float*)p)[i];
-  const uint16_t h = ((const uint16_t*)p)[i];
-  return DT == 1 ? fp16_to_fp32(h) : bf16_to_fp32(h);
-}
 
 // acc[v] (columns 4v..4v+3 from b0 of a [rank][16] tile) = ref's chain sum for V vectors
 template <int DT, int V>
@@ -87,41 +71,12 @@ void expand_one(const pqk_lora& ad, const float* ta, int64_t n0, int c0, int c1,
   }
 }
 
-// dot(x[0:k], A[r + g, 0:k]) for G rows from r: two 4-lane FMA chains per row over each 8 of x,
-// their sum reduced across lanes, then the last k % 8 in one scalar FMA chain (the same for
-// every G)
-template <int DT, int G>
-inline void shrink_rows(const void* A, int64_t r, int64_t k, const float* x, float* t) {
-  float32x4_t a[G], b[G];
-  for (int g = 0; g < G; ++g) a[g] = b[g] = vdupq_n_f32(0.0f);
-  int64_t j = 0;
-  for (; j + 8 <= k; j += 8) {
-    const float32x4_t x0 = vld1q_f32(x + j), x1 = vld1q_f32(x + j + 4);
-    for (int g = 0; g < G; ++g) {
-      a[g] = vfmaq_f32(a[g], x0, load4<DT>(A, (r + g) * k + j));
-      b[g] = vfmaq_f32(b[g], x1, load4<DT>(A, (r + g) * k + j + 4));
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    float s = vaddvq_f32(vaddq_f32(a[g], b[g]));
-    for (int64_t jj = j; jj < k; ++jj) s = __builtin_fmaf(x[jj], elem<DT>(A, (r + g) * k + jj), s);
-    t[g] = s;
-  }
-}
-
-template <int DT>
-void shrink_t(const void* A, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) shrink_rows<DT, 4>(A, r, k, x, t + (r - r0));
-  for (; r < r1; ++r) shrink_rows<DT, 1>(A, r, k, x, t + (r - r0));
-}
-
 }  // namespace
 
 void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t) {
-  if (ad.dtype == 0) shrink_t<0>(ad.A, r0, r1, k, x, t);
-  else if (ad.dtype == 1) shrink_t<1>(ad.A, r0, r1, k, x, t);
-  else shrink_t<2>(ad.A, r0, r1, k, x, t);
+  if (ad.dtype == 0) dots<0>(ad.A, r0, r1, k, x, t);
+  else if (ad.dtype == 1) dots<1>(ad.A, r0, r1, k, x, t);
+  else dots<2>(ad.A, r0, r1, k, x, t);
 }
 
 void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy) {
