@@ -387,7 +387,7 @@ int main(int argc, char** argv) {
   if (isas.empty() || isas[0] != PQK_ISA_REF) isas.insert(isas.begin(), PQK_ISA_REF);
   for (int isa : isas)  // which variant really implements a few slots in each table
     std::printf("table %s: quantize q8_0 <- %s, quantize q4_0 <- %s, dequantize q8_0 <- %s, gemm_int8 <- %s, "
-                "quantize/dequantize nf4 <- %s/%s, quantize/dequantize int4 <- %s/%s, lora shrink/expand <- %s/%s, gemm_f32 <- %s\n",
+                "quantize/dequantize nf4 <- %s/%s, quantize/dequantize int4 <- %s/%s, lora shrink/expand <- %s/%s, gemm_f32 <- %s, quantize_act <- %s\n",
                 pqk_isa_name(isa), pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q8_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q4_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_Q8_0)),
@@ -398,7 +398,8 @@ int main(int argc, char** argv) {
                 pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_INT4)),
                 pqk_isa_name(pqk_slot_variant(isa, "lora_shrink", 0)),
                 pqk_isa_name(pqk_slot_variant(isa, "lora_expand", 0)),
-                pqk_isa_name(pqk_slot_variant(isa, "gemm_f32", 0)));
+                pqk_isa_name(pqk_slot_variant(isa, "gemm_f32", 0)),
+                pqk_isa_name(pqk_slot_variant(isa, "quantize_act", 0)));
   std::mt19937 rng(1234);
   const Case cases[] = {
       {PQK_Q8_0, {0, 0}, ""},          {PQK_Q4_0, {0, 0}, ""},          {PQK_Q4_1, {0, 0}, ""},

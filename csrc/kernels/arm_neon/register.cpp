@@ -18,6 +18,7 @@ void dequantize_row_int4(const uint8_t* q, const uint8_t* s, const uint8_t* z, i
                          const pqk_qparams& p);
 void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                const float* bias);
+void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs);  // quantize_act.cpp
 void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
               const float* bias);  // matmul_f32.cpp
 void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);  // lora.cpp
@@ -32,6 +33,7 @@ void register_kernels(KernelTable& t) {
   t.dequantize[PQK_NF4] = dequantize_row_nf4;
   t.quantize[PQK_INT4] = quantize_row_int4;
   t.dequantize[PQK_INT4] = dequantize_row_int4;
+  t.quantize_act = quantize_act;
   t.gemm_int8 = gemm_int8;
   t.gemm_f32 = gemm_f32;
   t.lora_shrink = lora_shrink;
