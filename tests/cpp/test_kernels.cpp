@@ -215,6 +215,18 @@ static uint16_t f16_exact(float f) {
   return (uint16_t)(((u >> 16) & 0x8000u) | ((uint32_t)e << 10) | ((u & 0x7FFFFFu) >> 13));
 }
 
+// element e of an adapter array in dtype (0 fp32, 1 fp16, 2 bf16) set to f (exact in that dtype)
+static void put_elem(std::vector<uint8_t>& dst, int dtype, size_t e, float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (dtype == 0) {
+    std::memcpy(&dst[e * 4], &f, 4);
+    return;
+  }
+  const uint16_t h = dtype == 1 ? f16_exact(f) : (uint16_t)(u >> 16);
+  std::memcpy(&dst[e * 2], &h, 2);
+}
+
 // LoRA through the int8 matmul. The expansion is specified exactly, the shrink only to fp32
 // accuracy: with each row of A one +-2^e (t[r] = +-2^e * x[j], exact in any order) every variant
 // must return ref's bits; with random A within 1e-5 of ref's. B holds i / 128 (exact in fp16 and
@@ -259,16 +271,7 @@ static void test_lora(const std::vector<int>& isas, int64_t n, int64_t k, std::m
           for (auto* pr : {&A32[a], &B32[a]}) {
             std::vector<uint8_t>& dst = pr == &A32[a] ? Ab[a] : Bb[a];
             dst.resize(pr->size() * isz);
-            for (size_t e = 0; e < pr->size(); ++e) {
-              const float f = (*pr)[e];
-              uint32_t u;
-              std::memcpy(&u, &f, 4);
-              if (dtype == 0) std::memcpy(&dst[e * 4], &f, 4);
-              else {
-                const uint16_t h = dtype == 1 ? f16_exact(f) : (uint16_t)(u >> 16);
-                std::memcpy(&dst[e * 2], &h, 2);
-              }
-            }
+            for (size_t e = 0; e < pr->size(); ++e) put_elem(dst, dtype, e, (*pr)[e]);
           }
           ads[a] = pqk_lora{r, Ab[a].data(), Bb[a].data(), 0.37f * (float)(a + 1), nullptr, dtype};
         }
@@ -329,18 +332,9 @@ static void test_lora_float(const std::vector<int>& isas, std::mt19937& rng) {
         CHECK_OK(pqk_quantize(PQK_ISA_REF, PQK_INT4, w.data(), n, k, k, &p, q.data(), s.data(), z.data()));
         const int isz = dtype == 0 ? 4 : 2;
         std::vector<uint8_t> A(rank * k * isz), B(((n + 15) / 16) * rank * 16 * isz, 0);
-        auto put = [&](std::vector<uint8_t>& dst, size_t e, float f) {
-          uint32_t u;
-          std::memcpy(&u, &f, 4);
-          if (dtype == 0) std::memcpy(&dst[e * 4], &f, 4);
-          else {
-            const uint16_t h = dtype == 1 ? f16_exact(f) : (uint16_t)(u >> 16);
-            std::memcpy(&dst[e * 2], &h, 2);
-          }
-        };
-        for (int64_t e = 0; e < rank * k; ++e) put(A, (size_t)e, (float)bi(rng) / 128.0f);
+        for (int64_t e = 0; e < rank * k; ++e) put_elem(A, dtype, (size_t)e, (float)bi(rng) / 128.0f);
         for (int64_t nn = 0; nn < n; ++nn)
-          for (int i = 0; i < rank; ++i) put(B, (size_t)((nn / 16) * rank * 16 + i * 16 + nn % 16), (float)bi(rng) / 128.0f);
+          for (int i = 0; i < rank; ++i) put_elem(B, dtype, (size_t)((nn / 16) * rank * 16 + i * 16 + nn % 16), (float)bi(rng) / 128.0f);
         const pqk_lora ad{rank, A.data(), B.data(), 0.5f, nullptr, dtype};
         for (int64_t m : {1, 3}) {
           std::vector<float> x(m * k);
