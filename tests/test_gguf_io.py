@@ -195,6 +195,26 @@ def test_gguf_truncated_and_garbage(tmp_path):
         pq.io.load_gguf(p)
 
 
+def test_gguf_item_count_bounded(tmp_path):
+    """A header of a few MB whose arrays hold millions of items (the gguf package's reader builds
+    objects per item: ~700 bytes of memory each) is refused before that reader runs; a real
+    tokenizer's count passes."""
+    from pyqkern.io import gguf as g
+
+    def one_array(n):
+        hdr = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)
+        return hdr + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 9) + struct.pack("<IQ", 0, n) + b"\0" * n
+
+    p = tmp_path / "many.gguf"
+    p.write_bytes(one_array(g._MAX_ITEMS + 1))
+    for read in (pq.io.load_gguf, g.read_gguf_info):
+        with pytest.raises(ValueError, match=r"many\.gguf.*more than 2000000 keys, tensors and array items"):
+            read(p)
+    p.write_bytes(one_array(150_000))   # a tokenizer array's size (llama-3: 128256 tokens, 280147 merges)
+    _, meta = g.read_gguf_info(p)
+    assert len(meta["k"]) == 150_000
+
+
 def _check_load(path, loader):
     try:
         out, _ = loader(path)

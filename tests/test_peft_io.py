@@ -293,6 +293,12 @@ def test_pattern_key_matches_peft():
         assert pio.get_pattern_key(keys, m) == peft_key(keys, m), m
     with pytest.raises(ValueError, match="regular expression"):
         pio.get_pattern_key(["(unclosed"], "x")
+    # what PEFT configs use passes the backtracking guard (at most two unbounded repetitions, no
+    # repetition or alternatives inside one)
+    for key in (r"^(?!.*vision).*q_proj", r"layers\.\d+\.mlp", "(q|k|v)_proj", r"[a-z_]+\.\d+"):
+        pio.get_pattern_key([key], "model.layers.0.q_proj")
+    with pytest.raises(ValueError, match="more than 1000"):
+        pio.get_pattern_key(["q"], "a" * 1001)
 
 
 def test_load_rslora_dora_bf16(tmp_path):
@@ -386,6 +392,18 @@ def test_load_rejects(tmp_path):
         ({f"{P}m.lora_A.weight": a, f"{P}m.lora_B.weight": b[:, :3]}, {"r": 4}, "rank mismatch"),
         ({"other.weight": a}, {"r": 4}, "no LoRA weights"),
         ({f"{P}m.lora_A.weight": np.full_like(a, np.nan), f"{P}m.lora_B.weight": b}, {"r": 4}, "NaN"),
+        (ok, {"r": float("inf")}, "positive integer"),
+        (ok, {"r": 4, "lora_alpha": float("nan")}, "finite number"),
+        (ok, {"r": 4, "rank_pattern": {"m": 2.5}}, "positive integers"),
+        (ok, {"r": 4, "alpha_pattern": {"m": float("inf")}}, "finite numbers"),
+        # pattern keys whose matching could take exponential time (a hostile config must not hang
+        # the loader: "(a+)+" against a 40-character name runs for hours in re)
+        (ok, {"r": 4, "rank_pattern": {"(m+)+": 4}}, "repetition inside a repetition"),
+        (ok, {"r": 4, "alpha_pattern": {"(a|aa)+b": 2}}, "alternatives inside a repetition"),
+        (ok, {"r": 4, "rank_pattern": {r"(\w+)\1": 4}}, "back-reference"),
+        (ok, {"r": 4, "rank_pattern": {".*.*.*m": 4}}, "3 unbounded repetitions"),
+        (ok, {"r": 4, "rank_pattern": {"m{99999999999}": 4}}, "usable regular expression"),
+        (ok, {"r": 4, "rank_pattern": {"(" * 3000 + ")" * 3000: 4}}, "usable regular expression"),
     ]
     for i, (t, cfg, msg) in enumerate(cases):
         d = _bad_dir(tmp_path, t, cfg, f"c{i}")

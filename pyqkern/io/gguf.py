@@ -46,6 +46,10 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_DEPTH = 4
+# Keys, tensors and array items in all: the gguf package's reader builds Python / NumPy objects
+# per item (~700 bytes of memory for a 1-byte item), so a few MB of hostile header could cost
+# gigabytes. Real files stay well below: llama-3's tokenizer is ~0.54M items, Gemma 3's ~0.79M.
+_MAX_ITEMS = 2_000_000
 
 
 def _gguf():
@@ -60,7 +64,13 @@ class _Scan:
     """Strict walk over a GGUF header held in a buffer."""
 
     def __init__(self, buf, path):
-        self.b, self.n, self.path, self.pos = buf, len(buf), path, 0
+        self.b, self.n, self.path, self.pos, self.items = buf, len(buf), path, 0, 0
+
+    def count(self, n, what):
+        self.items += n
+        if self.items > _MAX_ITEMS:
+            raise self.err(f"{what}: more than {_MAX_ITEMS} keys, tensors and array items in all (a GGUF "
+                           "header this large is refused: reading it would take gigabytes of memory)")
 
     def err(self, msg):
         return ValueError(f"{self.path}: {msg}")
@@ -99,6 +109,7 @@ class _Scan:
                 raise self.err(f"{what}: arrays nested deeper than {_MAX_DEPTH}")
             itype = self.unpack("<I", f"{what} item type")
             count = self.unpack("<Q", f"{what} item count")
+            self.count(count, what)
             if itype in _SCALARS:
                 fmt, size = _SCALARS[itype]
                 p = self.take(count * size, f"{what} ({count} items)")
@@ -137,6 +148,7 @@ def _prescan(path):
             if n_kv * 12 > size or n_tensors * 24 > size:
                 raise s.err(f"truncated GGUF file: header claims {n_kv} key/values and {n_tensors} tensors")
             keys, alignment = set(), 32
+            s.count(n_kv + n_tensors, "header")
             for i in range(n_kv):
                 key = s.string(f"key #{i}")
                 if key in keys:

@@ -20,6 +20,7 @@ B @ A is [out, in], which is pyqkern's [N, K] weight orientation.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -40,14 +41,77 @@ _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vect
 _FLOATS = (np.float32, np.float16)
 
 
+try:  # the regular-expression parser behind re (Python 3.11 moved it)
+    from re import _constants as _sre_c, _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python < 3.11
+    import sre_constants as _sre_c
+    import sre_parse as _sre_parse
+
+_MAX_NAME = 1000  # characters of a module name a pattern key is matched against
+
+
+def _backtracking_risk(tree, outer=False):
+    """Why matching this parsed pattern could take exponential time, or None: a repetition
+    (more than once) or alternatives inside a repetition, a back-reference. Returns the number
+    of unbounded repetitions too (each multiplies the worst case by the name's length)."""
+    unbounded = 0
+    for op, av in tree:
+        name = str(op)
+        subs = []
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            lo, hi, sub = av
+            repeats = hi > 1
+            if repeats and outer:
+                return "a repetition inside a repetition", 0
+            unbounded += hi == _sre_c.MAXREPEAT
+            why, u = _backtracking_risk(sub, outer or repeats)
+            if why:
+                return why, 0
+            unbounded += u
+            continue
+        if name == "BRANCH":
+            if outer:
+                return "alternatives inside a repetition", 0
+            subs = av[1]
+        elif name == "SUBPATTERN":
+            subs = [av[-1]]
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            subs = [av[1]]
+        elif name == "ATOMIC_GROUP":
+            subs = [av]
+        elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+            return "a back-reference", 0
+        for sub in subs:
+            why, u = _backtracking_risk(sub, outer)
+            if why:
+                return why, 0
+            unbounded += u
+    return None, unbounded
+
+
+def _checked_pattern(key: str) -> str:
+    """key if it is a regular expression whose match time stays low (PEFT runs it on every module
+    name, and a hostile adapter_config.json could otherwise make loading hang), else ValueError."""
+    try:
+        why, unbounded = _backtracking_risk(_sre_parse.parse(key))
+    except (re.error, OverflowError, RecursionError) as e:
+        raise ValueError(f"rank_pattern/alpha_pattern key {key[:80]!r} is not a usable regular expression: "
+                         f"{type(e).__name__}: {e}") from None
+    if not why and unbounded > 2:
+        why = f"{unbounded} unbounded repetitions"
+    if why:
+        raise ValueError(f"rank_pattern/alpha_pattern key {key[:80]!r}: {why} (matching could take exponential "
+                         "or high-polynomial time); refused")
+    return key
+
+
 def get_pattern_key(pattern_keys, module: str) -> str:
-    """PEFT's rule: the first pattern key that matches ``module`` as a dotted suffix regex, else ``module``."""
+    """PEFT's rule: the first pattern key that matches ``module`` as a dotted suffix regex, else
+    ``module``. Keys whose matching could take exponential time are refused (ValueError)."""
+    if len(module) > _MAX_NAME:
+        raise ValueError(f"module name of {len(module)} characters (more than {_MAX_NAME}): {module[:80]!r}...")
     for key in pattern_keys:
-        try:
-            hit = re.match(rf"(.*\.)?({key})$", module)
-        except re.error as e:
-            raise ValueError(f"rank_pattern/alpha_pattern key {key!r} is not a valid regular expression: {e}") from None
-        if hit:
+        if re.match(rf"(.*\.)?({_checked_pattern(key)})$", module):
             return key
     return module
 
@@ -79,15 +143,22 @@ def _read_config(path):
     out = {"r": cfg.get("r", 8), "lora_alpha": cfg.get("lora_alpha", 8),  # LoraConfig defaults
            "use_rslora": cfg.get("use_rslora", False), "use_dora": cfg.get("use_dora", False),
            "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {}}
+    def bad(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return True
+        return name in ("r", "rank_pattern") and (v != int(v) or v < 1)
+
     for name in ("r", "lora_alpha"):
-        v = out[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (name == "r" and (v != int(v) or v < 1)):
-            raise ValueError(f"{path}: {name} must be a {'positive integer' if name == 'r' else 'number'}, got {v!r}")
+        if bad(name, out[name]):
+            raise ValueError(f"{path}: {name} must be a {'positive integer' if name == 'r' else 'finite number'}, "
+                             f"got {out[name]!r}")
     for name in ("rank_pattern", "alpha_pattern"):
         pat = out[name]
-        if not isinstance(pat, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
-                                                and not isinstance(v, bool) for k, v in pat.items()):
-            raise ValueError(f"{path}: {name} must map strings to numbers, got {pat!r}")
+        if not isinstance(pat, dict) or not all(isinstance(k, str) and not bad(name, v) for k, v in pat.items()):
+            raise ValueError(f"{path}: {name} must map strings to {'positive integers' if name == 'rank_pattern' else 'finite numbers'}, "
+                             f"got {str(pat)[:200]}")
+        for k in pat:
+            _checked_pattern(k)
     for name in ("use_rslora", "use_dora"):
         if not isinstance(out[name], bool):
             raise ValueError(f"{path}: {name} must be true or false, got {out[name]!r}")
