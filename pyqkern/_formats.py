@@ -66,7 +66,10 @@ def resolve_params(fmt: str, k: int, group=None, sym=None, double_quant=False) -
         if info.block and k % info.block:
             raise ValueError(f"{fmt}: K={k} is not a multiple of the block size {info.block}")
         return {"group": 0, "sym": 0}
-    g = DEFAULT_GROUP[fmt] if group in (None, 0) else int(group)
+    try:
+        g = DEFAULT_GROUP[fmt] if group in (None, 0) else int(group)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+        raise ValueError(f"{fmt}: group must be an integer, got {group!r}") from None
     if fmt in BNB4:
         if sym not in (None, False, 0):
             raise ValueError(f"{fmt}: 'sym' applies to int2/int3/int4 only")

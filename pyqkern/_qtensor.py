@@ -80,7 +80,7 @@ class QTensor:
         length does not match the format and shape."""
         try:
             n, k = (int(v) for v in shape)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise ValueError(f"shape must be (N, K), got {shape!r}") from None
         if n <= 0 or k <= 0:
             raise ValueError(f"shape must be positive, got {(n, k)}")

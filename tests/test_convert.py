@@ -612,6 +612,41 @@ def test_compressed_tensors_bad_inputs_and_dir(tmp_path):
     np.testing.assert_array_equal(pq.dequantize(mods["l"]), ref_ct(wp, sc, zp, None, 64))
 
 
+def test_quant_config_and_state_garbage(tmp_path):
+    """Hostile config / quant-state values give ValueErrors naming the file or field, not
+    AttributeError / OverflowError / KeyError / RecursionError / ZeroDivisionError (fuzzing)."""
+    rng = _rng(20)
+    qw, qz, sc = rand_awq(rng, 64, 16, 32)
+    st.save(tmp_path / "model.safetensors", {"m.qweight": qw, "m.scales": sc})   # no m.qzeros
+    cases = [(b"[]", "quantize_config.json.*must be a JSON object"),
+             (b'{"bits": Infinity}', "'bits' must be an integer"),
+             (b"\xff", "quantize_config.json: not valid JSON"),
+             (b"[" * 100000, "quantize_config.json: not valid JSON"),
+             (b'{"quant_method": "awq", "bits": 4}', "module 'm' lacks tensor 'qzeros'")]
+    for raw, msg in cases:
+        (tmp_path / "quantize_config.json").write_bytes(raw)
+        with pytest.raises(ValueError, match=msg):
+            load_gptq_dir(tmp_path)
+    (tmp_path / "quantize_config.json").unlink()
+    for qc, msg in ((5, "quantization_config must be a JSON object"),
+                    ({"quant_method": "compressed-tensors", "config_groups": []}, "config_groups")):
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
+        with pytest.raises(ValueError, match=msg):
+            load_gptq_dir(tmp_path)
+    # bitsandbytes quant state
+    w = rng.integers(0, 256, size=(4 * 64 // 2, 1), dtype=np.uint8)
+    for bad, msg in (({"blocksize": 0}, "blocksize"), ({"blocksize": []}, "blocksize"),
+                     ({"blocksize": [64, 0]}, "blocksize"), ({"blocksize": "64"}, "blocksize"),
+                     ({"shape": [float("inf"), 64]}, "shape"), ({"shape": [4.5, 64]}, "shape")):
+        state = {"blocksize": 64, "absmax": np.ones(4, F32), "shape": (4, 64), **bad}
+        with pytest.raises(ValueError, match=msg):
+            from_bnb_nf4(w, state)
+    with pytest.raises(ValueError, match="shape must be"):
+        pq.QTensor.from_bytes("int4", (float("inf"), 128), b"")
+    with pytest.raises(ValueError, match="group must be an integer"):
+        pq.QTensor.from_bytes("int4", (4, 128), b"", group=float("inf"))
+
+
 def test_load_awq_dir(tmp_path):
     rng = _rng(19)
     qw, qz, sc = rand_awq(rng, 64, 16, 32)
@@ -669,3 +704,12 @@ def test_load_onnx_matmulnbits_reads_back_what_was_written(tmp_path):
     bad.write_bytes(b"\x08\x07garbage" * 10)
     with pytest.raises(ValueError, match="ONNX"):
         pq.io.load_onnx_matmulnbits(bad)
+    import onnx
+
+    m = onnx.load(str(path))
+    node = next(nd for nd in m.graph.node if nd.op_type == "MatMulNBits")
+    attr = next(a for a in node.attribute if a.name == "block_size")
+    node.attribute.remove(attr)
+    node.attribute.append(onnx.helper.make_attribute("block_size", float("inf")))
+    with pytest.raises(ValueError, match="block_size must be an integer"):
+        pq.io.load_onnx_matmulnbits(m)

@@ -159,6 +159,8 @@ BAD_FILES = [
     (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8), "hole"),
     (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), "unindexed"),
     (_file({"a": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}}, b"\x01\x07"), "BOOL"),
+    (_file(None, raw_header=b'{"\\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', data=b"\x01"),
+     "lone surrogate"),
 ]
 
 

@@ -52,8 +52,9 @@ def _normalize_state(qs: dict) -> dict:
             raw = np.asarray(v, dtype=np.uint8).tobytes()
             try:
                 meta = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{key}: not a JSON-packed bitsandbytes quant state: {e}") from None
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{key}: not a JSON-packed bitsandbytes quant state: {type(e).__name__}: "
+                                 f"{str(e)[:200]}") from None
             if not isinstance(meta, dict):
                 raise ValueError(f"{key}: the packed quant state is not a JSON object")
             if str(meta.get("quant_type", qtype)) != qtype:
@@ -109,19 +110,28 @@ def from_bnb_nf4(weight_uint8, quant_state: dict, shape=None) -> QTensor:
     return _from_state(weight_uint8, qs, "nf4", shape)
 
 
+def _pos_ints(v, what, count):
+    """count positive integers from a quant-state entry (a number, list or array), else ValueError."""
+    a = np.asarray(v)
+    if a.dtype.kind not in "iuf" or a.size != count:
+        raise ValueError(f"{what} must be {count} positive integer{'s' if count > 1 else ''}, got {v!r}")
+    a = a.reshape(-1).astype(np.float64)
+    if not (np.all(np.isfinite(a)) and np.all(a == np.round(a)) and np.all(a >= 1) and np.all(a < 2.0 ** 62)):
+        raise ValueError(f"{what} must be {count} positive integer{'s' if count > 1 else ''}, got {v!r}")
+    return tuple(int(x) for x in a)
+
+
 def _from_state(weight_uint8, qs, fmt, shape) -> QTensor:
     code = _CODES[fmt]
     if shape is None:
         shape = qs.get("shape")
         if shape is None:
             raise ValueError("shape not given and not in the quant state")
-    shape = tuple(int(v) for v in np.asarray(shape).reshape(-1))
-    if len(shape) != 2:
-        raise ValueError(f"shape must be (out, in), got {shape}")
+    shape = _pos_ints(shape, "shape (out, in)", 2)
     n, k = shape
     if "blocksize" not in qs:
         raise ValueError("quant state lacks 'blocksize'")
-    bs = int(np.asarray(qs["blocksize"]).reshape(-1)[0])
+    bs, = _pos_ints(qs["blocksize"], "blocksize", 1)
     if k % bs:
         raise ValueError(f"in_features K={k} is not a multiple of the blocksize {bs}: bitsandbytes' flattened "
                          f"blocks cross rows, which pyqkern {fmt} (per-row blocks) cannot represent losslessly")
@@ -151,7 +161,7 @@ def _from_state(weight_uint8, qs, fmt, shape) -> QTensor:
         return QTensor(fmt, (n, k), data, params)
     if absmax.dtype != np.uint8:
         raise ValueError(f"double-quantized absmax must be uint8 codes, got {absmax.dtype}")
-    nbs = int(np.asarray(qs.get("nested_blocksize", _nf4_double.NESTED_BLOCK)).reshape(-1)[0])
+    nbs, = _pos_ints(qs.get("nested_blocksize", _nf4_double.NESTED_BLOCK), "nested_blocksize", 1)
     if nbs != _nf4_double.NESTED_BLOCK:
         raise ValueError(f"nested_blocksize {nbs} is not supported (only {_nf4_double.NESTED_BLOCK})")
     nested_absmax = np.asarray(qs["nested_absmax"])
@@ -164,7 +174,10 @@ def _from_state(weight_uint8, qs, fmt, shape) -> QTensor:
     cmap = np.asarray(qs["nested_quant_map"])
     if cmap.dtype != np.float32 or cmap.size != 256:
         raise ValueError(f"nested_quant_map must be float32 [256], got {cmap.dtype} {cmap.shape}")
-    offset = np.float32(np.asarray(qs["nested_offset"], dtype=np.float64).reshape(-1)[0])
+    off = np.asarray(qs["nested_offset"])
+    if off.dtype.kind not in "iuf" or off.size != 1:
+        raise ValueError(f"nested_offset must be one number, got {qs['nested_offset']!r}")
+    offset = np.float32(off.reshape(-1)[0])
     data = np.concatenate([q, np.ascontiguousarray(absmax).reshape(-1), nested_absmax.reshape(-1).view(np.uint8),
                            np.array([offset], np.float32).view(np.uint8),
                            np.ascontiguousarray(cmap).reshape(-1).view(np.uint8)])

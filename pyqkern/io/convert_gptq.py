@@ -229,18 +229,45 @@ def to_gptq(qt: QTensor, format="v2") -> dict:
             "bits": bits}
 
 
+def _json_object(fn, what="the file"):
+    """A JSON file holding an object -> dict; ValueError naming the file otherwise."""
+    try:
+        with open(fn, encoding="utf-8") as f:
+            v = json.load(f)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{fn}: not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(v, dict):
+        raise ValueError(f"{fn}: {what} must be a JSON object, got {type(v).__name__}")
+    return v
+
+
 def _read_quant_config(path):
     qc_path = os.path.join(path, "quantize_config.json")
     if os.path.exists(qc_path):
-        with open(qc_path) as f:
-            return json.load(f)
+        return _json_object(qc_path)
     cfg_path = os.path.join(path, "config.json")
     if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        cfg = _json_object(cfg_path)
         if "quantization_config" in cfg:
-            return cfg["quantization_config"]
+            qc = cfg["quantization_config"]
+            if not isinstance(qc, dict):
+                raise ValueError(f"{cfg_path}: quantization_config must be a JSON object, got {type(qc).__name__}")
+            return qc
     raise ValueError(f"{path}: no quantize_config.json and no quantization_config in config.json")
+
+
+def _config_int(cfg, key, default, path):
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), -float("inf")) \
+            or v != int(v):
+        raise ValueError(f"{path}: quantization config {key!r} must be an integer, got {v!r}")
+    return int(v)
+
+
+def _tensor(tensors, name, path):
+    if name not in tensors:
+        raise ValueError(f"{path}: module {name.rsplit('.', 1)[0]!r} lacks tensor {name.rsplit('.', 1)[1]!r}")
+    return tensors[name]
 
 
 def load_gptq_dir(path) -> dict:
@@ -258,7 +285,7 @@ def load_gptq_dir(path) -> dict:
     path = os.fspath(path)
     cfg = _read_quant_config(path)
     method = str(cfg.get("quant_method", "gptq")).lower()
-    bits = int(cfg.get("bits", cfg.get("w_bit", 4)))
+    bits = _config_int(cfg, "bits", _config_int(cfg, "w_bit", 4, path), path)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ValueError(f"{path}: no *.safetensors files")
@@ -276,16 +303,21 @@ def load_gptq_dir(path) -> dict:
         if bits != 4:
             raise NotImplementedError(f"AWQ bits={bits}: only 4-bit AWQ checkpoints are supported")
         for m in mods:
-            out[m] = from_awq(tensors[m + ".qweight"], tensors[m + ".qzeros"], tensors[m + ".scales"])
+            out[m] = from_awq(*(_tensor(tensors, m + t, path) for t in (".qweight", ".qzeros", ".scales")))
         return out
     if method == "compressed-tensors":
         from .convert_ct import from_compressed_tensors
-        nbits = [grp.get("weights", {}).get("num_bits", 4) for grp in cfg.get("config_groups", {}).values()]
+        groups = cfg.get("config_groups", {})
+        if not isinstance(groups, dict) or not all(isinstance(g, dict) and isinstance(g.get("weights", {}), dict)
+                                                   for g in groups.values()):
+            raise ValueError(f"{path}: compressed-tensors config_groups must map names to objects with a 'weights' "
+                             "object")
+        nbits = [grp.get("weights", {}).get("num_bits", 4) for grp in groups.values()]
         if any(b != 4 for b in nbits):
             raise NotImplementedError(f"compressed-tensors num_bits {nbits}: only 4-bit is supported")
         for name in sorted(t for t in tensors if t.endswith(".weight_packed")):
             m = name[: -len(".weight_packed")]
-            out[m] = from_compressed_tensors(tensors[name], tensors[m + ".weight_scale"],
+            out[m] = from_compressed_tensors(tensors[name], _tensor(tensors, m + ".weight_scale", path),
                                              tensors.get(m + ".weight_zero_point"), tensors.get(m + ".weight_g_idx"),
                                              tensors.get(m + ".weight_shape"))
         return out

@@ -14,6 +14,7 @@ one padded block of size next_pow2(K).
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -217,6 +218,10 @@ def load_onnx_matmulnbits(model_or_path):
         for req in ("K", "N", "block_size"):
             if req not in attrs:
                 raise ValueError(f"MatMulNBits {nd.name or '?'}: attribute {req} missing")
+        for a in ("K", "N", "block_size", "bits"):
+            v = attrs.get(a, 4)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
+                raise ValueError(f"MatMulNBits {nd.name or '?'}: attribute {a} must be an integer, got {v!r}")
         bits = int(attrs.get("bits", 4))
         if bits != 4:
             raise NotImplementedError(f"MatMulNBits {nd.name or '?'}: bits={bits}; only 4-bit is supported")

@@ -76,6 +76,11 @@ def _parse_header(raw: bytes, data_len: int):
         raise ValueError(f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(hdr, dict):
         raise ValueError("safetensors header must be a JSON object")
+    try:  # a JSON escape can spell a lone surrogate, which no UTF-8 file can hold (nor a re-save)
+        json.dumps(hdr, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"safetensors header holds an escaped lone surrogate ({e.reason}), not a Unicode "
+                         "string") from None
     meta = hdr.pop("__metadata__", None)
     if meta is None:
         meta = {}
