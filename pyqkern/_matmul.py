@@ -224,9 +224,10 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     lora: a LoRA, or a list of them. Without adapter_ids every adapter applies to every row (their
     terms add up; use LoRA.scaled(w) for weighted blends). adapter_ids [M] (one per row of x
     flattened, -1 = none) picks one adapter per row: different adapters and ranks in one batch.
-    The adapter term is computed in fp32 inside the same call: the shrink x@A.T right after each
-    activation row is quantized, the expansion (+ DoRA rescale, + bias) on each output tile right
-    after the base kernel wrote it.
+    The adapter term is computed in fp32 inside the same call: the shrink x@A.T as each
+    activation row is quantized (decode, M <= 8: shared by the threads before their weight tiles,
+    or after them at one thread), the expansion (+ DoRA rescale, + bias) on each range of output
+    tiles right after the base kernel wrote it.
 
     backend="numba" supports compute="float" only ("auto" means "float" there), adapters fused the
     same way (shrink first, expansion in the epilogue of each output value)."""

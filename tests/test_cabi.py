@@ -203,44 +203,52 @@ def test_matmul_match_pybind(variant, fmt, kw):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matmul_out_overlapping_x(threads):
     """A C caller may pass an out that overlaps x (Python copies x before the call; C callers
-    get no such help): every path (float decode kernel, K-chunked, panel; int8 past one
-    128-row chunk, where a later chunk and the adapter's shrink read x after outputs landed)
-    gives the answer of a separate out. y has twice x's row stride, so y's first rows cover
-    x's later ones."""
+    get no such help): every path gives the answer of a separate out. Paths: the float decode
+    kernel (M <= 8), the plain row path (M 9..15), the K-chunked path (ref, M <= 4, K > 512), the
+    panel path over two passes of 512 rows (M = 520), int8 past one 128-row chunk, each with and
+    without an adapter. y has x's row stride or twice it (then y's first rows cover x's later
+    ones)."""
     r = _rng(21)
-    n = k = 64
-    w = (r.standard_normal((n, k)) * 0.2).astype(F32)
-    qt = pq.quantize(w, "q4_0")
-    params = C.qparams(qt.params["group"], qt.params["sym"])
-    q = np.ascontiguousarray(qt.sections()[0])
-    lo = pq.LoRA(r.standard_normal((4, k)).astype(F32) * 0.1, r.standard_normal((n, 4)).astype(F32) * 0.1)
-    keep = []
-    ads = ffi.new("pqk_lora[]", [_lora_struct(keep, lo, qt)])
-    packed = C.pack(FID["q4_0"], q, None, None, n, k, params)
     before = pq.get_num_threads()
     try:
         pq.set_num_threads(threads)
-        for m in (1, 3, 6, 20, 130):
-            x = r.standard_normal((m, k)).astype(F32)
-            calls = {
-                "float": (lambda xp, yp, ldy: lib.pqk_matmul_float(-1, FID["q4_0"], C.ptr(q), ffi.NULL, ffi.NULL, n, k,
-                                                                   params, xp, m, k, ffi.NULL, yp, ldy)),
-                "float lora": (lambda xp, yp, ldy: lib.pqk_matmul_float_lora(
-                    -1, FID["q4_0"], C.ptr(q), ffi.NULL, ffi.NULL, n, k, params, xp, m, k, ffi.NULL, yp, ldy, ads, 1,
-                    ffi.NULL)),
-                "int8": (lambda xp, yp, ldy: lib.pqk_matmul_int8(-1, packed, xp, m, k, ffi.NULL, yp, ldy)),
-                "int8 lora": (lambda xp, yp, ldy: lib.pqk_matmul_int8_lora(-1, packed, xp, m, k, ffi.NULL, yp, ldy,
-                                                                           ads, 1, ffi.NULL)),
-            }
-            for name, call in calls.items():
-                want = np.empty((m, n), F32)
-                C.check(call(C.ptr(x, "float*"), C.ptr(want, "float*"), n))
-                for ldy in (n, 2 * n):
-                    buf = np.zeros((m - 1) * ldy + n, F32)
-                    buf[: m * k] = x.ravel()
-                    C.check(call(C.ptr(buf, "float*"), C.ptr(buf, "float*"), ldy))
-                    got = np.lib.stride_tricks.as_strided(buf, (m, n), (4 * ldy, 4))
-                    assert np.array_equal(_f32_bits(got), _f32_bits(want)), (name, m, ldy)
+        for variant, k, ms in ((None, 64, (1, 3, 6, 9, 12, 20, 130, 520)), ("ref", 1024, (1, 3))):
+            isa = -1 if variant is None else ISA_ID[variant]
+            n = k
+            w = (r.standard_normal((n, k)) * 0.2).astype(F32)
+            qt = pq.quantize(w, "q4_0")
+            params = C.qparams(qt.params["group"], qt.params["sym"])
+            q = np.ascontiguousarray(qt.sections()[0])
+            lo = pq.LoRA(r.standard_normal((4, k)).astype(F32) * 0.1, r.standard_normal((n, 4)).astype(F32) * 0.1)
+            keep = []
+            ads = ffi.new("pqk_lora[]", [_lora_struct(keep, lo, qt)])
+            packed = C.pack(FID["q4_0"], q, None, None, n, k, params)
+            for m in ms:
+                x = r.standard_normal((m, k)).astype(F32)
+
+                def fl(xp, yp, ldy, ad=None):
+                    if ad is None:
+                        return lib.pqk_matmul_float(isa, FID["q4_0"], C.ptr(q), ffi.NULL, ffi.NULL, n, k, params, xp,
+                                                    m, k, ffi.NULL, yp, ldy)
+                    return lib.pqk_matmul_float_lora(isa, FID["q4_0"], C.ptr(q), ffi.NULL, ffi.NULL, n, k, params,
+                                                     xp, m, k, ffi.NULL, yp, ldy, ad, 1, ffi.NULL)
+
+                calls = {
+                    "float": fl,
+                    "float lora": lambda xp, yp, ldy: fl(xp, yp, ldy, ads),
+                    "int8": lambda xp, yp, ldy: lib.pqk_matmul_int8(isa, packed, xp, m, k, ffi.NULL, yp, ldy),
+                    "int8 lora": lambda xp, yp, ldy: lib.pqk_matmul_int8_lora(isa, packed, xp, m, k, ffi.NULL, yp,
+                                                                              ldy, ads, 1, ffi.NULL),
+                }
+                for name, call in calls.items():
+                    want = np.empty((m, n), F32)
+                    C.check(call(C.ptr(x, "float*"), C.ptr(want, "float*"), n))
+                    for ldy in (n, 2 * n):
+                        buf = np.zeros((m - 1) * ldy + n, F32)
+                        buf[: m * k] = x.ravel()
+                        C.check(call(C.ptr(buf, "float*"), C.ptr(buf, "float*"), ldy))
+                        got = np.lib.stride_tricks.as_strided(buf, (m, n), (4 * ldy, 4))
+                        assert np.array_equal(_f32_bits(got), _f32_bits(want)), (variant, name, m, ldy)
     finally:
         pq.set_num_threads(before)
 

@@ -406,6 +406,34 @@ def test_qlinear_direct_path_matches_matmul_and_checks_input():
         lin(np.ones((3, k + 1), np.float32))
 
 
+@pytest.mark.parametrize("compute", ["int8", "float"])
+def test_decode_shared_shrink_thread_count_independent(compute):
+    """Decode (M <= 8) on a weight large enough for several tile ranges per call (K = 2048, N =
+    200: the float decode kernel splits from N*K > 262144 on): the shrink is shared by the
+    ranges, each claiming rank-column tasks, so which thread computes a t column varies from
+    call to call; the output must not. Single, summed (fp32 + bf16), per-row ids with DoRA."""
+    rng = np.random.default_rng(14)
+    n, k = 200, 2048
+    qt = make("q4_0", n, k, rng)
+    bias = rng.standard_normal(n).astype(np.float32)
+    a16 = adapter(n, k, 16, rng)
+    abf = LoRA(a16.A[:5], a16.B[:, :5], alpha=7.0, storage="bfloat16")
+    cases = [(a16, None), ([a16, abf], None), ([a16, adapter(n, k, 9, rng, dora=True)], "ids")]
+    before = pq.get_num_threads()
+    try:
+        for lora, ids in cases:
+            for m in (1, 3, 8):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                row_ids = rng.integers(-1, 2, m).astype(np.int32) if ids else None
+                outs = []
+                for t in (1, 2, 3, 1, 2):
+                    pq.set_num_threads(t)
+                    outs.append(pq.matmul(x, qt, bias, lora=lora, adapter_ids=row_ids, compute=compute))
+                assert all(np.array_equal(o, outs[0]) for o in outs), (m, ids)
+    finally:
+        pq.set_num_threads(before)
+
+
 @pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("compute", ["int8", "float"])
 def test_summed_adapters_thread_count_independent(compute, storage):
@@ -436,7 +464,7 @@ def test_summed_adapters_thread_count_independent(compute, storage):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_out_aliasing_x(compute, threads):
     """out=x (x overwritten by the result) gives the same answer as a separate out, adapters and
-    all: the shrink reads x before any output tile lands on it."""
+    all (Python copies x first; the C ABI copies it too, see test_cabi)."""
     rng = np.random.default_rng(13)
     n = k = 64
     qt = make("q4_0", n, k, rng)

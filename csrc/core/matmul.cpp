@@ -159,6 +159,7 @@ struct SharedShrink {
   std::atomic<int64_t> next{0}, done{0};
 
   void claim() {
+    if (next.load(std::memory_order_relaxed) >= ntask) return;  // all taken: no atomic write per range
     for (int64_t j; (j = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
       AD.shrink_task(t, x, ldx, k, g0, T, j);
       done.fetch_add(1, std::memory_order_release);

@@ -130,6 +130,8 @@ PQK_API pqk_status pqk_dequantize(int32_t isa, int32_t fmt, const void* q, const
                                   float* y);
 
 /* ---- matmul: y[m, n] = x[m, :] . W[n, :] (+ bias[n]) ------------------------------------ */
+/* y may overlap x (out = x: x is copied first); the weight, bias, adapters and row ids must not
+ * overlap y. */
 
 /* Prepacked weight for compute="int8" (opaque; see csrc/core/packed.h for the arithmetic). */
 typedef struct pqk_packed pqk_packed;
@@ -163,7 +165,7 @@ typedef struct pqk_lora {
 /* int8 / float matmul with adapters. row_adapter: NULL = every adapter applies to every row
  * (their terms add up; row_scale must then be NULL), else row_adapter[i] in [-1, n_adapters)
  * picks row i's adapter (-1: none). The adapter part is fp32 (shrink, then expansion added to
- * each output tile right after the base kernel wrote it). */
+ * each range of output tiles right after the base kernel wrote it). */
 PQK_API pqk_status pqk_matmul_int8_lora(int32_t isa, const pqk_packed* w, const float* x, int64_t m, int64_t ldx,
                                         const float* bias, float* y, int64_t ldy, const pqk_lora* adapters,
                                         int32_t n_adapters, const int32_t* row_adapter);
