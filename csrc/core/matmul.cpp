@@ -55,10 +55,9 @@ struct Adapters {
   const int32_t* row_adapter = nullptr;
   int64_t t_cols = 0;
   std::vector<int64_t> t_off;
-  int64_t k_ = 0;
 
-  Adapters(const pqk_lora* a, int32_t n, const int32_t* rows, int64_t m, int64_t k, int64_t nout)
-      : ad(a), n_ad(n), row_adapter(rows), k_(k) {
+  Adapters(const pqk_lora* a, int32_t n, const int32_t* rows, int64_t m)
+      : ad(a), n_ad(n), row_adapter(rows) {
     if (n < 0 || (n > 0 && !a)) throw Error(PQK_ERR_ARG, "bad adapter list");
     if (rows && n == 0) throw Error(PQK_ERR_ARG, "row adapter ids given without adapters");
     int64_t sum = 0, mx = 0;
@@ -78,7 +77,6 @@ struct Adapters {
         if (rows[i] < -1 || rows[i] >= n)
           throw Error(PQK_ERR_ARG, "adapter id " + std::to_string(rows[i]) + " of row " + std::to_string(i) +
                                        " is out of range [-1, " + std::to_string(n) + ")");
-    (void)nout;
   }
   bool active() const { return n_ad > 0; }
 
@@ -123,16 +121,6 @@ struct Adapters {
     parallel_for(tasks(mc), 1, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) shrink_task(t, x, ldx, k, g0, T, j);
     });
-  }
-
-  // Slice j of nj of all adapters' A, prefetched into L2 (a hint; no effect on results).
-  void prefetch_a(int64_t j, int64_t nj) const {
-    for (int32_t i = 0; i < n_ad; ++i) {
-      const int64_t bytes = (int64_t)ad[i].rank * k_ * (ad[i].dtype == 0 ? 4 : 2);
-      const int64_t per = (bytes / nj + 63) & ~(int64_t)63;
-      const char* p = (const char*)ad[i].A;
-      for (int64_t o = j * per; o < std::min(bytes, (j + 1) * per); o += 64) __builtin_prefetch(p + o, 0, 2);
-    }
   }
 
   LoraArgs args(const float* T, int64_t c0, const float* bias, int64_t nout) const {
@@ -210,7 +198,7 @@ void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx
     throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel takes 4-bit codes without a code book");
   if (w.row_offset && w.max_offset > 16)  // its table covers u - o in -16..15
     throw Error(PQK_ERR_UNSUPPORTED, "zero points above 16 (not from a quantizer) go the fp32 way");
-  const Adapters AD(ads, n_ad, rows, m, w.k, w.n);
+  const Adapters AD(ads, n_ad, rows, m);
   const int64_t k = w.k, nkb = k / QBLK, ps = m * k;
   std::vector<uint16_t> xp((size_t)(nparts * ps));
   if (const char* why = fill(xp.data(), ps)) throw Error(PQK_ERR_UNSUPPORTED, why);
@@ -379,7 +367,7 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
     if (ldx < w.k || ldy < w.n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
     const KernelTable& t = kernel_table(resolve_isa(isa));
     if (!t.quantize_act || !t.gemm_int8) throw Error(PQK_ERR_INTERNAL, "int8 matmul kernels not registered");
-    const Adapters AD(ads, n_ad, rows, m, w.k, w.n);
+    const Adapters AD(ads, n_ad, rows, m);
     check_x_finite(t, x, m, w.k, ldx);
     std::vector<float> xcopy;
     apart_from_y(x, ldx, m, w.k, y, ldy, w.n, xcopy);  // a later chunk, the shrink, read x
@@ -397,14 +385,11 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       const int nthreads = get_num_threads();
       const bool shrink_in_rows = mc >= nthreads;
       // Where the shrink runs (results are the same either way: one dot product per t column):
-      // - decode (<= 8 rows), one thread: after the base tiles, A prefetched in slices while
-      //   they run, so A's reads (from DRAM, in a model) overlap the weight stream (deferred);
-      // - decode, several threads: shared by the tile ranges (decode_split, SharedShrink);
+      // - decode (<= 8 rows): shared by the tile ranges, before their base tiles (SharedShrink);
       // - otherwise with each row as it is quantized (x still in cache), or for fewer rows than
       //   threads as rank-column tasks after the rows in the same region (one fork/join less).
-      const bool deferred = AD.active() && nthreads == 1 && mc <= 8;
-      const bool decode_split = AD.active() && nthreads > 1 && mc <= 8;
-      const int64_t extra = AD.active() && !shrink_in_rows && !decode_split ? AD.tasks(mc) : 0;
+      const bool decode = AD.active() && mc <= 8;
+      const int64_t extra = AD.active() && !shrink_in_rows && !decode ? AD.tasks(mc) : 0;
       const float* xc = x + c0 * ldx;
       parallel_for(mc + extra, extra ? 1 : std::max<int64_t>(1, 16384 / w.k), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
@@ -415,46 +400,39 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
           const float* xr = xc + i * ldx;
           t.quantize_act(xr, w.k, a.xq.data() + i * w.k, a.dx.data() + i * (w.k / QBLK), a.xs.data() + i * (w.k / 16));
           a.fill_xn(i, w.o_const);
-          if (AD.active() && shrink_in_rows && !deferred && !decode_split)
+          if (AD.active() && shrink_in_rows && !decode)
             AD.shrink(t, xr, w.k, c0 + i, T.data() + i * AD.t_cols);  // x row still in cache
         }
       });
       float* yc = y + c0 * ldy;
-      const LoraArgs L = AD.args(T.data(), c0, bias, w.n);
-      // Expansion, DoRA scale and bias: for many rows on groups of 16 tiles just written (y still
-      // in L1/L2); for few rows (decode) once per range of tiles, so B is read as one long stream:
-      // in a model A and B come from DRAM every token, and read in 8 KiB bursts between weight
-      // tiles they cost several times their bytes (rank 16 bf16 at 4096x4096, 8 layers that do
-      // not fit in L3: 24 us per layer vs 12 us in one pass).
-      auto tiles = [&](int64_t b, int64_t e) {
-        const int64_t G = mc <= 8 ? e - b : 16;
-        for (int64_t g = b; g < e; g += G) {
-          const int64_t ge = std::min(e, g + G);
-          for (int64_t tile = g; tile < ge; ++tile) {
-            if (deferred) AD.prefetch_a(tile, w.n_tiles);
-            t.gemm_int8(w, tile, a, 0, mc, yc, ldy, AD.active() ? nullptr : bias);
-          }
-          if (deferred && g == 0)
-            for (int64_t i = 0; i < mc; ++i) AD.shrink(t, xc + i * ldx, w.k, c0 + i, T.data() + i * AD.t_cols);
-          if (AD.active())
-            t.lora_expand(L, 0, mc, g * NR, (int)(std::min<int64_t>(ge * NR, w.n) - g * NR), yc, ldy);
-        }
-      };
-      if (deferred) {
-        tiles(0, w.n_tiles);  // on this thread: the shrink must precede every expansion
-      } else if (decode_split) {
-        // decode on several threads: the shrink shared by the tile ranges (SharedShrink). Two
-        // ranges per thread: with four the adapter cost 1-2.5 us more at 2 threads (rank 16,
-        // 4096x4096, alternated in one process).
+      if (decode) {
+        // Decode: the shrink shared by the tile ranges (SharedShrink), the expansion once per
+        // range so B is read as one long stream (in a model A and B come from DRAM every token:
+        // read in 8 KiB bursts between weight tiles they cost several times their bytes). Two
+        // ranges per thread: with four the adapter cost 1-2.5 us more at 2 threads. At one
+        // thread the shrink runs before the tiles: deferring it after them with A prefetched in
+        // slices meanwhile cost more (rank 16, 4096x4096, 1 thread, time inside the call: bf16
+        // A/B +4.0 vs +2.4 us, fp32 +8.1 vs +4.8 from L3; 8 layers from DRAM +16.3 vs +14.0 and
+        // +20.3 vs +19.4 us per layer).
         SharedShrink sh{AD, t, xc, ldx, w.k, mc, c0, T.data()};
         parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
           sh.claim();
           for (int64_t tile = b; tile < e; ++tile) t.gemm_int8(w, tile, a, 0, mc, yc, ldy, nullptr);
           sh.expand(bias, w.n, b * NR, (int)(std::min<int64_t>(e * NR, w.n) - b * NR), yc, ldy);
         }, 2);
-      } else {
-        parallel_for(w.n_tiles, 1, tiles);
+        continue;
       }
+      // Expansion, DoRA scale and bias on groups of 16 tiles just written (y still in L1/L2).
+      const LoraArgs L = AD.args(T.data(), c0, bias, w.n);
+      auto tiles = [&](int64_t b, int64_t e) {
+        for (int64_t g = b; g < e; g += 16) {
+          const int64_t ge = std::min(e, g + 16);
+          for (int64_t tile = g; tile < ge; ++tile) t.gemm_int8(w, tile, a, 0, mc, yc, ldy, AD.active() ? nullptr : bias);
+          if (AD.active())
+            t.lora_expand(L, 0, mc, g * NR, (int)(std::min<int64_t>(ge * NR, w.n) - g * NR), yc, ldy);
+        }
+      };
+      parallel_for(w.n_tiles, 1, tiles);
     }
   }
 }
@@ -497,7 +475,7 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
     dequantize_row_fn deq = t.dequantize[fmt];
     if (!deq) throw Error(PQK_ERR_UNSUPPORTED, "dequantize not implemented for this format");
     if (!t.gemm_f32) throw Error(PQK_ERR_INTERNAL, "float matmul kernel not registered");
-    const Adapters AD(ads, n_ad, rows, m, k, n);
+    const Adapters AD(ads, n_ad, rows, m);
     std::vector<float> xcopy;
     apart_from_y(x, ldx, m, k, y, ldy, n, xcopy);
     std::vector<float> T((size_t)(AD.active() ? m * AD.t_cols : 0));
