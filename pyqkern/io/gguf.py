@@ -2,8 +2,8 @@
 
 GGUF stores a tensor's dimensions ggml-style, fastest-varying first: ``ne0`` is the row length. A
 pyqkern weight [N, K] (N rows of K inputs) is therefore listed in the file as dims (K, N); the
-``gguf`` package's reader reverses them back to NumPy order (N, K) - :func:`load_gguf` and
-:func:`save_gguf` follow that, so shapes round-trip as NumPy shapes.
+``gguf`` package reverses them to NumPy order (N, K) - :func:`load_gguf` and :func:`save_gguf`
+do the same, so shapes round-trip as NumPy shapes.
 
 ``load_gguf(path)`` -> (tensors, metadata):
 
@@ -11,17 +11,19 @@ pyqkern weight [N, K] (N rows of K inputs) is therefore listed in the file as di
   :class:`~pyqkern.QTensor` objects whose ``data`` is a zero-copy, read-only view of the memory map;
 * F32 / F16 (and I8..I64, F64) become NumPy views; BF16 becomes a float32 copy (exact);
 * anything else - other ggml types (Q5_K, IQ2_XXS, ...) and quantized tensors that are not 2-D -
-  is governed by ``unsupported``: ``"warn"`` (default) returns the raw block bytes as the uint8
-  array the ``gguf`` reader gives (shape [..., row bytes]) and emits one UserWarning naming the
+  is governed by ``unsupported``: ``"warn"`` (default) returns the raw block bytes as a uint8
+  array (shape [..., row bytes], as the ``gguf`` package's reader gives them) and emits one UserWarning naming the
   tensors and their types; ``"skip"`` leaves them out (with the warning); ``"raise"`` raises
   ValueError. Returning the raw bytes keeps a mixed-type file (e.g. a Q5_K_M model) loadable.
 * metadata: the key/value fields as Python values (str, int, float, bool, lists); the
   ``GGUF.*`` pseudo-fields (version, counts) are not included.
 
-Hostile files: before the ``gguf`` reader sees a file, its header is walked by a strict,
-bounds-checked parser here (the reader itself would loop for ages on a forged array length, or
-index past the end). Every problem - and any exception the ``gguf`` package raises - comes out as
-ValueError naming the file. Big-endian GGUF files are refused.
+Reading: the header is parsed here by a strict, bounds-checked parser, which also builds the
+metadata values (the ``gguf`` package supplies the type tables and writes files). Its reader is
+not used: it builds NumPy objects per array item (a llama-3-sized tokenizer: 7 s and 670 MB;
+here 0.1 s and tens of MB), and it loops for ages on a forged array length or indexes past the
+end. Every problem comes out as ValueError naming the file; headers of more than 2M keys,
+tensors and array items in all are refused. Big-endian GGUF files are refused.
 """
 from __future__ import annotations
 
@@ -44,11 +46,12 @@ _MAGIC = 0x46554747  # "GGUF" little-endian
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
             7: ("<B", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
 _STRING, _ARRAY = 8, 9
+_NP = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_DEPTH = 4
-# Keys, tensors and array items in all: the gguf package's reader builds Python / NumPy objects
-# per item (~700 bytes of memory for a 1-byte item), so a few MB of hostile header could cost
-# gigabytes. Real files stay well below: llama-3's tokenizer is ~0.54M items, Gemma 3's ~0.79M.
+# Keys, tensors and array items in all: every string item becomes a Python str (~60 bytes and
+# up), so a few MB of hostile header must not become millions of objects. Real files stay well
+# below: llama-3's tokenizer is ~0.54M items, Gemma 3's ~0.79M.
 _MAX_ITEMS = 2_000_000
 
 
@@ -95,12 +98,34 @@ class _Scan:
         except UnicodeDecodeError:
             raise self.err(f"{what} at byte {p} is not valid UTF-8") from None
 
+    def strings(self, count, what):
+        """count strings (an array's items) as a list of str, without a Python call per item"""
+        b, n, pos, out = self.b, self.n, self.pos, []
+        for i in range(count):
+            if pos + 8 > n:
+                raise self.err(f"truncated GGUF file: {what}[{i}] length at byte {pos}, file has {n}")
+            ln = struct.unpack_from("<Q", b, pos)[0]
+            pos += 8
+            if pos + ln > n:
+                raise self.err(f"truncated GGUF file: {what}[{i}] at byte {pos} needs {ln} bytes, file has {n}")
+            try:
+                out.append(str(b[pos:pos + ln], "utf-8"))
+            except UnicodeDecodeError:
+                raise self.err(f"{what}[{i}] at byte {pos} is not valid UTF-8") from None
+            pos += ln
+        self.pos = pos
+        return out
+
     def value(self, vtype, what, depth=0):
+        """the value as Python objects: int / float / bool / str, lists for arrays (nested lists
+        for arrays of arrays)"""
         if vtype in _SCALARS:
             fmt, _ = _SCALARS[vtype]
             v = self.unpack(fmt, what)
-            if vtype == 7 and v > 1:
-                raise self.err(f"{what}: bool value {v}")
+            if vtype == 7:
+                if v > 1:
+                    raise self.err(f"{what}: bool value {v}")
+                return bool(v)
             return v
         if vtype == _STRING:
             return self.string(what)
@@ -115,19 +140,20 @@ class _Scan:
                 p = self.take(count * size, f"{what} ({count} items)")
                 if itype == 7 and count and max(self.b[p:p + count]) > 1:
                     raise self.err(f"{what}: bool array holds values other than 0 and 1")
-                return None
+                return np.frombuffer(self.b, dtype=_NP[itype], count=count, offset=p).tolist()
             if itype not in (_STRING, _ARRAY):
                 raise self.err(f"{what}: unknown array item type {itype}")
             if count * 8 > self.n - self.pos:  # every item takes at least 8 bytes
                 raise self.err(f"truncated GGUF file: {what} claims {count} items")
-            for i in range(count):
-                self.value(itype, f"{what}[{i}]", depth + 1)
-            return None
+            if itype == _STRING:
+                return self.strings(count, what)
+            return [self.value(itype, f"{what}[{i}]", depth + 1) for i in range(count)]
         raise self.err(f"{what}: unknown value type {vtype}")
 
 
-def _prescan(path):
-    """Validate the whole header of a GGUF file; returns nothing, raises ValueError."""
+def _parse(path):
+    """Validate and read the whole header of a GGUF file -> (metadata {key: value}, tensor infos
+    [(name, ggml type id, dims fastest first, byte offset in the file, nbytes)]); ValueError."""
     gguf = _gguf()
     sizes = {t.value: v for t, v in gguf.GGML_QUANT_SIZES.items()}
     size = os.path.getsize(path)
@@ -147,15 +173,14 @@ def _prescan(path):
             n_kv = s.unpack("<Q", "key/value count")
             if n_kv * 12 > size or n_tensors * 24 > size:
                 raise s.err(f"truncated GGUF file: header claims {n_kv} key/values and {n_tensors} tensors")
-            keys, alignment = set(), 32
+            meta, alignment = {}, 32
             s.count(n_kv + n_tensors, "header")
             for i in range(n_kv):
                 key = s.string(f"key #{i}")
-                if key in keys:
+                if key in meta:
                     raise s.err(f"duplicate key {key!r}")
-                keys.add(key)
                 vtype = s.unpack("<I", f"type of {key!r}")
-                v = s.value(vtype, f"value of {key!r}")
+                v = meta[key] = s.value(vtype, f"value of {key!r}")
                 if key == "general.alignment":
                     if vtype != 4 or v == 0 or v & (v - 1):
                         raise s.err(f"general.alignment must be a uint32 power of two, got {v!r}")
@@ -186,41 +211,41 @@ def _prescan(path):
                     raise s.err(f"tensor {name!r}: dims {dims} are too large")
                 if off % alignment:
                     raise s.err(f"tensor {name!r}: offset {off} is not a multiple of the alignment {alignment}")
-                infos.append((name, off, nel // blk * tsz))
+                infos.append((name, ttype, dims, off, nel // blk * tsz))
             start = s.pos + (-s.pos % alignment)
-            for name, off, nb in infos:
+            for name, _, _, off, nb in infos:
                 if start + off + nb > size:
                     raise s.err(f"truncated GGUF file: tensor {name!r} data [{off}, {off + nb}) runs past the end "
                                 f"of the file (data area has {max(size - start, 0)} bytes)")
         finally:
             s.b.release()
+    # the GGUF.* names are the gguf package's pseudo-fields (version, counts): not metadata
+    meta = {k: v for k, v in meta.items() if not k.startswith("GGUF.")}
+    return meta, [(name, t, dims, start + off, nb) for name, t, dims, off, nb in infos]
 
 
-def _reader(path):
+def _open(path):
+    """(metadata, tensor infos, the file as a read-only uint8 memory map or None)"""
     path = os.fspath(path)
-    _prescan(path)
-    gguf = _gguf()
-    try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # the gguf package's own errors (ValueError, KeyError, IndexError, ...)
-        raise ValueError(f"{path}: cannot read GGUF file: {type(e).__name__}: {e}") from None
+    meta, infos = _parse(path)
+    return meta, infos, (np.memmap(path, dtype=np.uint8, mode="r") if infos else None)
 
 
-def _field_value(field, path):
-    try:
-        v = field.contents()
-    except Exception as e:
-        raise ValueError(f"{path}: cannot decode key {field.name!r}: {type(e).__name__}: {e}") from None
-    return v
+def _raw_shape(dims, ttype):
+    """NumPy-order shape of a tensor's bytes: [..., bytes of one row]"""
+    blk, tsz = _gguf().GGML_QUANT_SIZES[_gguf().GGMLQuantizationType(ttype)]
+    return tuple(int(d) for d in reversed(dims[1:])) + (dims[0] // blk * tsz,)
 
 
 def read_gguf_info(path):
     """[(name, ggml type name, NumPy-order shape, nbytes)] and the metadata, without building tensors."""
-    r = _reader(path)
-    meta = {k: _field_value(f, path) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    infos = [(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())), int(t.n_bytes))
-             for t in r.tensors]
-    return infos, meta
+    meta, infos = _parse(os.fspath(path))
+    T = _gguf().GGMLQuantizationType
+    return [(name, T(t).name, tuple(int(d) for d in reversed(dims)), nb) for name, t, dims, _, nb in infos], meta
+
+
+# ggml types NumPy holds as they are
+_PLAIN = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "i1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}
 
 
 def load_gguf(path, *, unsupported="warn"):
@@ -228,30 +253,29 @@ def load_gguf(path, *, unsupported="warn"):
     if unsupported not in ("warn", "skip", "raise"):
         raise ValueError(f"unsupported must be 'warn', 'skip' or 'raise', got {unsupported!r}")
     path = os.fspath(path)
-    gguf = _gguf()
-    T = gguf.GGMLQuantizationType
-    ours = {getattr(T, v): k for k, v in GGML_TYPES.items()}
-    r = _reader(path)
-    meta = {k: _field_value(f, path) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    T = _gguf().GGMLQuantizationType
+    ours = {getattr(T, v).value: k for k, v in GGML_TYPES.items()}
+    meta, infos, mm = _open(path)
     out, odd = {}, []
-    for t in r.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        data = np.asarray(t.data).view(np.ndarray) if isinstance(t.data, np.memmap) else t.data
+    for name, t, dims, off, nb in infos:
+        shape = tuple(int(d) for d in reversed(dims))
+        data = mm[off:off + nb].view(np.ndarray)  # read-only, zero-copy
+        tname = T(t).name
         try:
-            if t.tensor_type in ours and len(shape) == 2:
-                out[t.name] = QTensor.from_bytes(ours[t.tensor_type], shape, data.reshape(-1))
-            elif t.tensor_type == T.BF16:
-                bits = data.reshape(-1).view("<u2").astype(np.uint32) << 16
-                out[t.name] = bits.view(np.float32).reshape(shape)
-            elif t.tensor_type in (T.F32, T.F16, T.F64, T.I8, T.I16, T.I32, T.I64):
-                out[t.name] = data.reshape(shape)
+            if t in ours and len(shape) == 2:
+                out[name] = QTensor.from_bytes(ours[t], shape, data)
+            elif tname == "BF16":
+                bits = data.view("<u2").astype(np.uint32) << 16
+                out[name] = bits.view(np.float32).reshape(shape)
+            elif tname in _PLAIN:
+                out[name] = data.view(_PLAIN[tname]).reshape(shape)
             else:
-                why = "not 2-D" if t.tensor_type in ours else "not a pyqkern format"
-                odd.append(f"{t.name} ({t.tensor_type.name}, {why})")
+                why = "not 2-D" if t in ours else "not a pyqkern format"
+                odd.append(f"{name} ({tname}, {why})")
                 if unsupported == "warn":
-                    out[t.name] = data
+                    out[name] = data.reshape(_raw_shape(dims, t))
         except ValueError as e:
-            raise ValueError(f"{path}: tensor {t.name!r}: {e}") from None
+            raise ValueError(f"{path}: tensor {name!r}: {e}") from None
     if odd:
         msg = (f"{path}: {len(odd)} tensor(s) cannot be represented as QTensor/ndarray: "
                + ", ".join(odd[:8]) + (" ..." if len(odd) > 8 else ""))
