@@ -65,6 +65,9 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
             qt = pq.quantize(w, fmt)
             ref = x @ pq.dequantize(qt).T
             scale = float(np.abs(ref).max()) or 1.0
+            # numpy's OpenBLAS threads spin for ~0.1-0.2 s after a call, taking a core from
+            # pyqkern's pool: a 2-thread GEMV timed right after ran at one thread's speed
+            time.sleep(0.25)
             for compute in ("int8", "float"):
                 if compute == "int8" and not pq._matmul.int8_supported(qt):
                     continue
