@@ -139,6 +139,44 @@ def test_nan_and_inf_in_x(fmt):
         np.testing.assert_array_equal(np.sign(y[np.isinf(ref)]), np.sign(ref[np.isinf(ref)]), err_msg=v)
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "int4-sym32"])
+def test_non_finite_and_extreme_scales(fmt):
+    """Scales that are +-Inf, NaN or fp16's largest finite value (a hostile or damaged file): the
+    decode kernels give NaN / Inf where float64 arithmetic on pq.dequantize's weights does, and
+    the finite values within the bound. (AVX2's q4_0 decodes (c - 8) * d as one FMA, which would
+    make every code of an Inf block NaN; such blocks take the table.)"""
+    rng = np.random.default_rng(5)
+    n, k = 6, 64
+    qt = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), _fmt(fmt), **PARAMS.get(fmt, {}))
+    q, s, z = (np.ascontiguousarray(a).copy() if a.size else None for a in qt.sections())
+    if fmt == "q4_0":   # block bytes: fp16 d, then 16 code bytes
+        raw = q.reshape(n, -1, 18)
+        for r, h in enumerate((0x7C00, 0xFC00, 0x7E00, 0x7BFF)):
+            raw[r, r % 2, :2] = np.frombuffer(np.uint16(h).tobytes(), np.uint8)
+            raw[r, r % 2, 2:] = 0xFF   # every code 15: weights 7 * d, +-Inf in one sign, no NaN
+        data = raw.reshape(-1)
+    else:               # int4 sections: codes, then fp16 scales per group
+        sc = s.view(np.uint16).reshape(n, -1)
+        codes = q.reshape(n, -1)
+        for r, h in enumerate((0x7C00, 0xFC00, 0x7E00, 0x7BFF)):
+            sc[r, r % 2] = h
+            codes[r, 16 * (r % 2):16 * (r % 2) + 16] = 0xFF   # the group's codes all 15
+        data = np.concatenate([q.reshape(-1), sc.reshape(-1).view(np.uint8)])
+    bad = pq.QTensor(qt.format, qt.shape, data, qt.params)
+    wd = pq.dequantize(bad).astype(np.float64)
+    x = np.abs(rng.standard_normal((3, k))).astype(np.float32)
+    x[1, :32] = 0.0   # zeros against Inf weights: NaN
+    with np.errstate(all="ignore"):
+        ref = x.astype(np.float64) @ wd.T
+    for v in _variants_with(fmt):
+        y = pq.matmul(x, bad, compute="float", isa=v)
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(ref), err_msg=v)
+        fin = np.isfinite(ref)
+        np.testing.assert_array_equal(np.isinf(y[~np.isnan(ref)]), np.isinf(ref[~np.isnan(ref)]), err_msg=v)
+        np.testing.assert_array_equal(np.sign(y[np.isinf(ref)]), np.sign(ref[np.isinf(ref)]), err_msg=v)
+        np.testing.assert_allclose(y[fin], ref[fin], rtol=1e-5, atol=1e-3, err_msg=v)
+
+
 @pytest.mark.parametrize("tail", list(range(1, 32)))
 def test_int8_tail_reads_only_its_row(tail):
     """K = 32 + tail: the last chunk's x is only this row's `tail` elements; Inf / NaN at the start
