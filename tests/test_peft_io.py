@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyqkern as pq
+from pyqkern import LoRA
 from pyqkern.io import peft as pio
 from pyqkern.io import safetensors as sio
 
@@ -272,7 +273,10 @@ def test_load_handwritten_adapter_with_patterns(tmp_path):
     for m, ad in ads.items():
         a, b = ab[m]
         assert isinstance(ad, pq.LoRA) and ad.rank == mods[m] and not ad.is_dora
-        assert ad.A.flags.writeable and ad.A.flags.owndata  # a copy, not a view of the file
+        root = ad.A  # a copy (in the adapters' shared buffer), not a view of the file
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        assert ad.A.flags.writeable and root.flags.owndata and not isinstance(root, np.memmap)
         np.testing.assert_array_equal(ad.A, a)
         np.testing.assert_array_equal(ad.B, b)
         assert ad.alpha == want_alpha[m] and ad.scale == want_alpha[m] / mods[m], m
@@ -319,6 +323,32 @@ def test_load_rslora_dora_bf16(tmp_path):
     np.testing.assert_array_equal(ad.A, (bits(a).astype(np.uint32) << 16).view(np.float32))
     np.testing.assert_array_equal(ad.B, b.astype(np.float16).astype(np.float32))
     np.testing.assert_array_equal(ad.magnitude, mag)
+
+
+def test_load_keeps_the_files_16_bit_dtype(tmp_path):
+    """A and B both BF16 (or both F16) in the file stay so in the adapter (exact, half the bytes
+    the fused kernels read per token), with the same results as the fp32 copy; mixed or F32
+    files give fp32 storage."""
+    rng = np.random.default_rng(8)
+    a, b = _ab(rng, 4, 64, 24)
+    bits = lambda x: (x.view(np.uint32) >> 16).astype(np.uint16)  # noqa: E731
+    qt = pq.quantize(rng.standard_normal((24, 64)).astype(np.float32), "q4_0")
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    for name, ta, tb, bf16, want in (("bf", bits(a), bits(b), ["A", "B"], "bfloat16"),
+                                     ("h", a.astype(np.float16), b.astype(np.float16), [], "float16"),
+                                     ("mix", bits(a), b.astype(np.float16), ["A"], "float32"),
+                                     ("f", a, b, [], "float32")):
+        d = tmp_path / name
+        os.makedirs(d)
+        keys = {"A": f"{P}l.lora_A.weight", "B": f"{P}l.lora_B.weight"}
+        sio.save(d / "adapter_model.safetensors", {keys["A"]: ta, keys["B"]: tb}, bf16=[keys[k] for k in bf16])
+        (d / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+        ad = pio.load_peft_adapter(d)["l"]
+        assert ad.storage == want, name
+        same = LoRA(ad.A, ad.B, alpha=8, storage="float32")
+        for compute in ("int8", "float"):
+            assert np.array_equal(pq.matmul(x, qt, lora=ad, compute=compute),
+                                  pq.matmul(x, qt, lora=same, compute=compute)), (name, compute)
 
 
 def test_save_load_roundtrip(tmp_path):

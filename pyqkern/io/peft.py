@@ -28,7 +28,7 @@ from collections import Counter
 
 import numpy as np
 
-from .._lora import LoRA
+from .._lora import LoRA, _colocate
 from . import safetensors as _st
 
 __all__ = ["load_peft_adapter", "save_peft_adapter", "get_pattern_key", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -165,6 +165,17 @@ def _read_config(path):
     return out
 
 
+def _file_dtype(a):
+    return "bfloat16" if a.dtype == np.uint16 else "float16" if a.dtype == np.float16 else "float32"
+
+
+def _f32(a):
+    """a float32 copy of a file tensor (BF16 arrives as its uint16 bits: widened exactly)"""
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return np.array(a, np.float32)
+
+
 def load_peft_adapter(path) -> dict:
     """PEFT adapter directory -> {module name: LoRA} (module names as in the base model)."""
     path = os.fspath(path)
@@ -175,7 +186,7 @@ def load_peft_adapter(path) -> dict:
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}" + (" (only the legacy pickle adapter_model.bin, "
                                                                   "which is not read: convert it to safetensors)"
                                                                   if legacy else ""))
-    tensors, _ = _st.load(wpath, bf16="float32")
+    tensors, _ = _st.load(wpath, bf16="bits")  # BF16 as its uint16 bits: the adapter keeps the file's dtype
     parts, skipped = {}, []
     for key, arr in tensors.items():
         kind = None
@@ -192,7 +203,7 @@ def load_peft_adapter(path) -> dict:
         slot = parts.setdefault(module, {})
         if kind in slot:
             raise ValueError(f"module {module!r}: two tensors for {kind} (e.g. both lora_magnitude_vector spellings)")
-        if arr.dtype not in _FLOATS:
+        if arr.dtype not in _FLOATS and arr.dtype != np.uint16:
             raise ValueError(f"{key}: dtype {arr.dtype} is not a float adapter weight (F32, F16 or BF16)")
         slot[kind] = arr
     if skipped:
@@ -215,15 +226,20 @@ def load_peft_adapter(path) -> dict:
         if a.shape[0] != r:
             raise ValueError(f"module {module!r}: lora_A has rank {a.shape[0]} but the config gives r={r} "
                              "(r / rank_pattern)")
+        # A and B both bf16 (or both fp16) in the file: kept so (exact, half the bytes the kernels read
+        # per token; rank 16 at 4096x4096 on q4_0: ~3.5% over the base instead of ~6% as fp32)
+        kinds = {_file_dtype(a), _file_dtype(b)}
+        storage = kinds.pop() if len(kinds) == 1 else "float32"
         try:
             # copies: the adapter must not keep the file mapped or hold read-only views
-            out[module] = LoRA(np.array(a, np.float32), np.array(b, np.float32), alpha, rslora=cfg["use_rslora"],
-                               magnitude=None if m is None else np.array(m, np.float32))
+            out[module] = LoRA(_f32(a), _f32(b), alpha, rslora=cfg["use_rslora"],
+                               magnitude=None if m is None else _f32(m), storage=storage)
         except (TypeError, ValueError) as e:
             raise ValueError(f"module {module!r}: {e}") from None
     if not out:
         raise ValueError(f"{path}: no LoRA weights found (keys must look like "
                          f"'{PREFIX}<module>.lora_A.weight')")
+    _colocate(out.values())  # one buffer for all (huge pages from 4 MB on): faster from DRAM
     return out
 
 
