@@ -19,6 +19,7 @@ B @ A is [out, in], which is pyqkern's [N, K] weight orientation.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -89,6 +90,7 @@ def _backtracking_risk(tree, outer=False):
     return None, unbounded
 
 
+@functools.lru_cache(maxsize=1024)  # get_pattern_key runs it per module name (a refusal raises: not cached)
 def _checked_pattern(key: str) -> str:
     """key if it is a regular expression whose match time stays low (PEFT runs it on every module
     name, and a hostile adapter_config.json could otherwise make loading hang), else ValueError."""
