@@ -432,8 +432,7 @@ class QLinear:
                 if not (type(out) is np.ndarray and out.dtype == np.float32 and out.shape == (m, self._n)
                         and out.flags.c_contiguous and out.flags.writeable):
                     out = _out(out, (m, self._n))  # raises the usual error
-                if np.may_share_memory(x, out):
-                    x = x.copy()
+                # out overlapping x: the native call copies x itself (pqk_matmul_* accept y over x)
             _native().matmul_int8(-1, self._packed, x, self.bias, out,
                                   [lora[0].native_args(self._weight)] if lora else None, None)
             return out
