@@ -46,7 +46,6 @@ _MAGIC = 0x46554747  # "GGUF" little-endian
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
             7: ("<B", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
 _STRING, _ARRAY = 8, 9
-_NP = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_DEPTH = 4
 # Keys, tensors and array items in all: every string item becomes a Python str (~60 bytes and
@@ -140,7 +139,8 @@ class _Scan:
                 p = self.take(count * size, f"{what} ({count} items)")
                 if itype == 7 and count and max(self.b[p:p + count]) > 1:
                     raise self.err(f"{what}: bool array holds values other than 0 and 1")
-                return np.frombuffer(self.b, dtype=_NP[itype], count=count, offset=p).tolist()
+                dt = np.bool_ if itype == 7 else np.dtype(fmt)  # struct codes are NumPy dtype strings
+                return np.frombuffer(self.b, dtype=dt, count=count, offset=p).tolist()
             if itype not in (_STRING, _ARRAY):
                 raise self.err(f"{what}: unknown array item type {itype}")
             if count * 8 > self.n - self.pos:  # every item takes at least 8 bytes
