@@ -156,20 +156,31 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
   }
 }
 
-// GEMV path for nibble codes without a code book (q4_0, q4_1, q4_k, int2/3/4): one activation
-// row, both halves of the tile at once, the tile's bytes decoded as they stream (the tile kernel
-// above keeps MR rows' accumulators and the decoded block in arrays, which spill with 16 ymm
-// registers). Block sums in int16 as above; the same integer and float operations, so the same
-// bits.
-template <class DP, bool HAS_MIN, bool ROW_OFF>
-void gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i, float* yr, const float* bias, int nr) {
+// GEMV path for nibble codes without a code book (q4_0, q4_1, q4_k, int2/3/4): R = 1 or 2
+// activation rows, both halves of the tile at once, the tile's bytes decoded as they stream and
+// shared by the rows (the tile kernel above keeps MR rows' accumulators and the decoded block in
+// arrays, which spill with 16 ymm registers). maddubs: block sums in int16 as above. VNNI: the
+// high nibbles are used in place as 16*hi (P & 0xF0) in their own int32 sums, shifted down once
+// per block (the sum is a multiple of 16, so the shift is exact): no shift per register. Each
+// code register is loaded once (GCC otherwise folds the load into every op that reads it). The
+// same integer and float operations as tile_rows, so the same bits. PE1: one block per
+// parameter group (q4_0, q4_1), the group loop folded away.
+template <class DP, bool HAS_MIN, bool ROW_OFF, int R, bool PE1>
+void gemv_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
+               const float* bias, int nr) {
   const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
-  const __m256i lo4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
-  const int8_t* xq = a.row_q(i);
-  const int32_t* xs16 = a.row_s(i);
-  const float* dxr = a.row_d(i);
-  const int64_t nkb = w.k / QBLK;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i lo4 = _mm256_set1_epi8(0x0F), hi4 = _mm256_set1_epi8((char)0xF0), ones16 = _mm256_set1_epi16(1);
+  const int8_t* xq[R];
+  const int32_t* xs16[R];
+  const float* dxr[R];
+  __m256 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = a.row_q(i0 + r);
+    xs16[r] = a.row_s(i0 + r);
+    dxr[r] = a.row_d(i0 + r);
+    acc0[r] = acc1[r] = _mm256_setzero_ps();
+  }
+  const int64_t nkb = w.k / QBLK, pe = PE1 ? 1 : w.par_every;
   for (int64_t g = 0, b = 0; b < nkb; ++g) {
     const int64_t pi = (tile * w.npar + g) * NR;
     const __m256 va0 = load_par(w.scale, w.scale16, pi), va1 = load_par(w.scale, w.scale16, pi + 8);
@@ -180,72 +191,90 @@ void gemv_row(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i, flo
       vo0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
       vo1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi + 8)));
     }
-    for (const int64_t be = b + w.par_every; b < be; ++b) {
+    for (const int64_t be = b + pe; b < be; ++b) {
       const uint8_t* cb = ct + b * (QBLK * NR / 2);
-      const int8_t* xb = xq + b * QBLK;
       // VNNI: int32 sums straight from the dot products (h* for the high nibbles); else int16 sums
-      __m256i s0 = _mm256_setzero_si256(), s1 = s0, h0 = s0, h1 = s0;
+      __m256i s0[R], s1[R], h0[R], h1[R];
+      for (int r = 0; r < R; ++r) s0[r] = s1[r] = h0[r] = h1[r] = _mm256_setzero_si256();
       for (int j = 0; j < 4; ++j) {
-        int32_t ql, qh;
-        __builtin_memcpy(&ql, xb + 4 * j, 4);
-        __builtin_memcpy(&qh, xb + 16 + 4 * j, 4);
-        const __m256i xl = _mm256_set1_epi32(ql), xh = _mm256_set1_epi32(qh);
-        const __m256i p0 = _mm256_load_si256((const __m256i*)(cb + 64 * j));
-        const __m256i p1 = _mm256_load_si256((const __m256i*)(cb + 64 * j + 32));
-        const __m256i l0 = _mm256_and_si256(p0, lo4), u0 = _mm256_and_si256(_mm256_srli_epi16(p0, 4), lo4);
-        const __m256i l1 = _mm256_and_si256(p1, lo4), u1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), lo4);
-        if constexpr (DP::kVnni) {
-          s0 = DP::dot(s0, l0, xl);
-          h0 = DP::dot(h0, u0, xh);
-          s1 = DP::dot(s1, l1, xl);
-          h1 = DP::dot(h1, u1, xh);
-        } else {
-          s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(l0, xl), _mm256_maddubs_epi16(u0, xh)));
-          s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(l1, xl), _mm256_maddubs_epi16(u1, xh)));
+        __m256i p0 = _mm256_load_si256((const __m256i*)(cb + 64 * j));
+        __m256i p1 = _mm256_load_si256((const __m256i*)(cb + 64 * j + 32));
+        __asm__("" : "+x"(p0), "+x"(p1));  // one load each, in registers
+        const __m256i l0 = _mm256_and_si256(p0, lo4), l1 = _mm256_and_si256(p1, lo4);
+        const __m256i u0 = DP::kVnni ? _mm256_and_si256(p0, hi4) : _mm256_and_si256(_mm256_srli_epi16(p0, 4), lo4);
+        const __m256i u1 = DP::kVnni ? _mm256_and_si256(p1, hi4) : _mm256_and_si256(_mm256_srli_epi16(p1, 4), lo4);
+        for (int r = 0; r < R; ++r) {
+          int32_t ql, qh;
+          __builtin_memcpy(&ql, xq[r] + b * QBLK + 4 * j, 4);
+          __builtin_memcpy(&qh, xq[r] + b * QBLK + 16 + 4 * j, 4);
+          const __m256i xl = _mm256_set1_epi32(ql), xh = _mm256_set1_epi32(qh);
+          if constexpr (DP::kVnni) {
+            s0[r] = DP::dot(s0[r], l0, xl);
+            h0[r] = DP::dot(h0[r], u0, xh);
+            s1[r] = DP::dot(s1[r], l1, xl);
+            h1[r] = DP::dot(h1[r], u1, xh);
+          } else {
+            s0[r] = _mm256_add_epi16(s0[r], _mm256_add_epi16(_mm256_maddubs_epi16(l0, xl), _mm256_maddubs_epi16(u0, xh)));
+            s1[r] = _mm256_add_epi16(s1[r], _mm256_add_epi16(_mm256_maddubs_epi16(l1, xl), _mm256_maddubs_epi16(u1, xh)));
+          }
         }
       }
-      __m256i i0, i1;
-      if constexpr (DP::kVnni) {
-        i0 = _mm256_add_epi32(s0, h0);
-        i1 = _mm256_add_epi32(s1, h1);
-      } else {
-        i0 = _mm256_madd_epi16(s0, ones16);
-        i1 = _mm256_madd_epi16(s1, ones16);
-      }
-      const int32_t xs = xs16[2 * b] + xs16[2 * b + 1];
-      if (ROW_OFF) {  // o * xs: o and |xs| <= 32 * 127 both fit int16, high halves 0: exact
-        const __m256i vx = _mm256_set1_epi32((int32_t)(uint16_t)(int16_t)xs);
-        i0 = _mm256_sub_epi32(i0, _mm256_madd_epi16(vo0, vx));
-        i1 = _mm256_sub_epi32(i1, _mm256_madd_epi16(vo1, vx));
-      } else if (w.o_const != 0) {
-        const __m256i vox = _mm256_set1_epi32(w.o_const * xs);
-        i0 = _mm256_sub_epi32(i0, vox);
-        i1 = _mm256_sub_epi32(i1, vox);
-      }
-      const float dx = dxr[b];
-      const __m256 vdx = _mm256_set1_ps(dx);
-      acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(va0, vdx)));
-      acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(va1, vdx)));
-      if (HAS_MIN) {
-        const __m256 mx = _mm256_set1_ps(dx * (float)xs);
-        acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(vm0, mx));
-        acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(vm1, mx));
+      for (int r = 0; r < R; ++r) {
+        __m256i i0s, i1s;
+        if constexpr (DP::kVnni) {
+          i0s = _mm256_add_epi32(s0[r], _mm256_srai_epi32(h0[r], 4));
+          i1s = _mm256_add_epi32(s1[r], _mm256_srai_epi32(h1[r], 4));
+        } else {
+          i0s = _mm256_madd_epi16(s0[r], ones16);
+          i1s = _mm256_madd_epi16(s1[r], ones16);
+        }
+        const int32_t xs = xs16[r][2 * b] + xs16[r][2 * b + 1];
+        if (ROW_OFF) {  // o * xs: o and |xs| <= 32 * 127 both fit int16, high halves 0: exact
+          const __m256i vx = _mm256_set1_epi32((int32_t)(uint16_t)(int16_t)xs);
+          i0s = _mm256_sub_epi32(i0s, _mm256_madd_epi16(vo0, vx));
+          i1s = _mm256_sub_epi32(i1s, _mm256_madd_epi16(vo1, vx));
+        } else if (w.o_const != 0) {
+          const __m256i vox = _mm256_set1_epi32(w.o_const * xs);
+          i0s = _mm256_sub_epi32(i0s, vox);
+          i1s = _mm256_sub_epi32(i1s, vox);
+        }
+        const float dx = dxr[r][b];
+        const __m256 vdx = _mm256_set1_ps(dx);
+        acc0[r] = _mm256_add_ps(acc0[r], _mm256_mul_ps(_mm256_cvtepi32_ps(i0s), _mm256_mul_ps(va0, vdx)));
+        acc1[r] = _mm256_add_ps(acc1[r], _mm256_mul_ps(_mm256_cvtepi32_ps(i1s), _mm256_mul_ps(va1, vdx)));
+        if (HAS_MIN) {
+          const __m256 mx = _mm256_set1_ps(dx * (float)xs);
+          acc0[r] = _mm256_add_ps(acc0[r], _mm256_mul_ps(vm0, mx));
+          acc1[r] = _mm256_add_ps(acc1[r], _mm256_mul_ps(vm1, mx));
+        }
       }
     }
   }
-  alignas(32) float out[16];
-  _mm256_store_ps(out, acc0);
-  _mm256_store_ps(out + 8, acc1);
-  for (int r = 0; r < nr; ++r) yr[r] = bias ? out[r] + bias[r] : out[r];
+  const int64_t n0 = tile * NR;
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[16];
+    _mm256_store_ps(out, acc0[r]);
+    _mm256_store_ps(out + 8, acc1[r]);
+    float* yr = y + (i0 + r) * ldy + n0;
+    for (int c = 0; c < nr; ++c) yr[c] = bias ? out[c] + bias[n0 + c] : out[c];
+  }
+}
+
+// rows [m0, m1) in pairs (one pass over the tile's codes for both), then the odd one
+template <class DP, bool HAS_MIN, bool ROW_OFF, bool PE1>
+void gemv_pairs(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+                const float* bias) {
+  const int nr = (int)(w.n - tile * NR < NR ? w.n - tile * NR : NR);
+  int64_t i = m0;
+  for (; i + 2 <= m1; i += 2) gemv_rows<DP, HAS_MIN, ROW_OFF, 2, PE1>(w, tile, a, i, y, ldy, bias, nr);
+  if (i < m1) gemv_rows<DP, HAS_MIN, ROW_OFF, 1, PE1>(w, tile, a, i, y, ldy, bias, nr);
 }
 
 template <class DP, bool HAS_MIN, bool ROW_OFF>
 void tile_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                const float* bias) {
-  const int64_t n0 = tile * NR;
-  const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
-  for (int64_t i = m0; i < m1; ++i)
-    gemv_row<DP, HAS_MIN, ROW_OFF>(w, tile, a, i, y + i * ldy + n0, bias ? bias + n0 : nullptr, nr);
+  if (w.par_every == 1) return gemv_pairs<DP, HAS_MIN, ROW_OFF, true>(w, tile, a, m0, m1, y, ldy, bias);
+  gemv_pairs<DP, HAS_MIN, ROW_OFF, false>(w, tile, a, m0, m1, y, ldy, bias);
 }
 
 template <class DP>
