@@ -268,7 +268,8 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
         else:
             from ._ops import dequantize
 
-            y2[...] = reference.matmul_float(x2, dequantize(w, backend="reference"), b)
+            stored = w if w.perm is None else w.with_perm(np.arange(k))  # columns as stored: x2 is permuted
+            y2[...] = reference.matmul_float(x2, dequantize(stored, backend="reference"), b)
         return y
     if backend == "numba":
         # Numba backend: compute="float" as one fused kernel (decodes a block at a time, never the whole W).

@@ -414,7 +414,11 @@ def test_input_permutation_act_order():
         assert np.array_equal(pq.dequantize(qt, backend=backend), wd)
     x = rng.standard_normal((5, k)).astype(np.float32)
     assert_float_close(pq.matmul(x, qt, compute="float"), x, wd)
+    for backend in ("reference", "numba"):  # the reference once multiplied permuted x by unpermuted W
+        assert_float_close(pq.matmul(x, qt, compute="float", backend=backend), x, wd)
     assert bits_equal(pq.matmul(x, qt, compute="int8"), pq.matmul(x[:, perm], stored, compute="int8"))
+    assert bits_equal(pq.matmul(x, qt, compute="int8", backend="reference"),
+                      pq.matmul(x[:, perm], stored, compute="int8"))
     assert bits_equal(pq.QLinear(qt)(x), pq.matmul(x, qt))
     ad = LoRA((rng.standard_normal((4, k)) * 0.1).astype(np.float32), (rng.standard_normal((n, 4)) * 0.1).astype(np.float32))
     want = x.astype(np.float64) @ wd.T.astype(np.float64) + ad.scale * (x @ ad.A.T) @ ad.B.T
