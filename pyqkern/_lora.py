@@ -211,7 +211,7 @@ def _round_to(a, store):
 
 def _to_storage(a, store):
     if store == "float32":
-        return np.ascontiguousarray(a, np.float32)
+        return np.require(a, np.float32, ["C", "A"])
     if store == "float16":
         return np.ascontiguousarray(a.astype(np.float16))
     return np.ascontiguousarray((np.ascontiguousarray(a, np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16))

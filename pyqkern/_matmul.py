@@ -55,7 +55,7 @@ def _bias(bias, n):
         raise TypeError(f"bias must be a float array, got dtype {b.dtype}")
     if b.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {b.shape}")
-    return np.ascontiguousarray(b, dtype=np.float32)
+    return np.require(b, np.float32, ["C", "A"])
 
 
 def int8_supported(qt: QTensor) -> bool:
@@ -98,8 +98,8 @@ def _out(out, shape):
         raise TypeError("out must be a float32 numpy array")
     if out.shape != shape:
         raise ValueError(f"out has shape {out.shape}, expected {shape}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError("out must be C-contiguous and writeable")
+    if not out.flags.c_contiguous or not out.flags.writeable or not out.flags.aligned:
+        raise ValueError("out must be C-contiguous, aligned and writeable")
     return out
 
 
@@ -169,7 +169,7 @@ def _float_bf16(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
         return None
     n, k = w.shape
     lead = tuple(xb.shape[:-1])
-    x2 = np.ascontiguousarray(xb.reshape(-1, k))
+    x2 = np.require(xb.reshape(-1, k), requirements=["C", "A"])
     m = x2.shape[0]
     if not 1 <= m <= (2 if f32 else 4):
         return None
@@ -422,7 +422,8 @@ class QLinear:
                           isa=isa, _packed_w=self._packed)
         lora = self._active_loras
         if (self._fast and isa is None and type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2
-                and x.shape[0] and x.shape[1] == self._k and x.flags.c_contiguous and len(lora) <= 1):
+                and x.shape[0] and x.shape[1] == self._k and x.flags.c_contiguous and x.flags.aligned
+                and len(lora) <= 1):
             # decode fast path (a plain float32 [M, K] array): straight to the kernel. The general
             # route costs ~2.5 us of argument handling per call, 2-4% of a 4096x4096 GEMV; the
             # adapters were checked against the weight when attached.
@@ -431,7 +432,7 @@ class QLinear:
                 out = np.empty((m, self._n), np.float32)  # new: cannot overlap x
             else:
                 if not (type(out) is np.ndarray and out.dtype == np.float32 and out.shape == (m, self._n)
-                        and out.flags.c_contiguous and out.flags.writeable):
+                        and out.flags.c_contiguous and out.flags.writeable and out.flags.aligned):
                     out = _out(out, (m, self._n))  # raises the usual error
                 # out overlapping x: the native call copies x itself (pqk_matmul_* accept y over x)
             _native().matmul_int8(-1, self._packed, x, self.bias, out,

@@ -58,8 +58,9 @@ def as_float32_2d(w, what="w", bf16_uint16=True, allow_empty=False) -> np.ndarra
         raise ValueError(f"{what} is empty (shape {w.shape})")
     dt = w.dtype
     if dt == np.float32:
-        if w.shape[0] and (w.strides[1] != 4 or w.strides[0] % 4 or w.strides[0] < 4 * w.shape[1]):
-            w = np.ascontiguousarray(w)
+        if w.shape[0] and (w.strides[1] != 4 or w.strides[0] % 4 or w.strides[0] < 4 * w.shape[1]
+                           or not w.flags.aligned):  # an odd address (a view into bytes): copied
+            w = np.array(w, order="C")
         return w
     if dt == np.float64:
         raise TypeError(f"{what} is float64; pass float32, float16 or bfloat16 (convert explicitly)")

@@ -526,6 +526,26 @@ def _bad_cases():
         "float lora id out of range": (lambda: lib.pqk_matmul_float_lora(
             -1, Q40, Q, NULL, NULL, n, k, p0, X, 4, k, NULL, Y, n, lora(), 1, C.ptr(ids_bad, "int32_t*")),
             {ERR_ARG}),
+        # sizes whose byte counts would not fit 64 bits (a hostile header): refused, never wrapped
+        "row_bytes int4 k=2^62": (lambda: lib.pqk_row_bytes_of(INT4, 1 << 62, C.qparams(-1), ffi.new("pqk_row_bytes*")),
+                                  {ERR_SHAPE}),
+        "row_bytes int2 k=2^61": (lambda: lib.pqk_row_bytes_of(FID["int2"], 1 << 61, C.qparams(-1),
+                                                               ffi.new("pqk_row_bytes*")), {ERR_SHAPE}),
+        "pack n=2^62": (lambda: lib.pqk_pack(Q40, Q, NULL, NULL, 1 << 62, 32, p0, ffi.new("pqk_packed**")),
+                        {ERR_SHAPE}),
+        "pack n x k > 2^56": (lambda: lib.pqk_pack(Q40, Q, NULL, NULL, 1 << 30, 1 << 30, p0, ffi.new("pqk_packed**")),
+                              {ERR_SHAPE}),
+        "dequantize n=2^62": (lambda: lib.pqk_dequantize(-1, Q40, Q, NULL, NULL, 1 << 62, 32, p0, YK), {ERR_SHAPE}),
+        "quantize ldx=2^41": (lambda: lib.pqk_quantize(-1, Q40, X, 2, k, 1 << 41, p0, B, NULL, NULL), {ERR_SHAPE}),
+        "int8 m x ldy > 2^56": (lambda: lib.pqk_matmul_int8(-1, packed, X, 1 << 30, k, NULL, Y, 1 << 30), {ERR_SHAPE}),
+        "float n=2^62": (lambda: lib.pqk_matmul_float(-1, Q40, Q, NULL, NULL, 1 << 62, k, p0, X, 1, k, NULL, Y, n),
+                         {ERR_SHAPE}),
+        # zero rows still validate the variant
+        "quantize n=0 bad isa": (lambda: lib.pqk_quantize(99, Q40, NULL, 0, k, k, p0, NULL, NULL, NULL), {ERR_ARG}),
+        "dequantize n=0 bad isa": (lambda: lib.pqk_dequantize(99, Q40, NULL, NULL, NULL, 0, k, p0, NULL), {ERR_ARG}),
+        "int8 m=0 bad isa": (lambda: lib.pqk_matmul_int8(99, packed, NULL, 0, k, NULL, NULL, n), {ERR_ARG}),
+        "float m=0 bad isa": (lambda: lib.pqk_matmul_float(99, Q40, NULL, NULL, NULL, n, k, p0, NULL, 0, k, NULL, NULL,
+                                                           n), {ERR_ARG}),
     }
     for i in unrunnable:
         cases[f"quantize unrunnable isa {i}"] = (
@@ -556,6 +576,13 @@ def test_bad_input_non_status_functions():
     assert lib.pqk_slot_variant(0, b"no_such_slot", 0) == -1
     assert lib.pqk_slot_variant(0, b"quantize", 99) == -1
     assert lib.pqk_slot_variant(99, b"gemm_int8", 0) == -1
+    assert lib.pqk_slot_variant(-1, b"gemm_int8", 0) == lib.pqk_slot_variant(_native.active_isa(), b"gemm_int8", 0) >= 0
+    p = C.qparams(100)  # nf4 block 100: refused, and params keeps what the caller passed
+    assert lib.pqk_row_bytes_of(FID["nf4"], 256, p, ffi.new("pqk_row_bytes*")) == lib.PQK_ERR_ARG
+    assert p.group == 100
+    p = C.qparams(0)  # success writes the resolved default back
+    C.check(lib.pqk_row_bytes_of(FID["nf4"], 256, p, ffi.new("pqk_row_bytes*")))
+    assert p.group == 64
     assert lib.pqk_int8_supported(99, 64, C.qparams()) == 0
     assert lib.pqk_int8_supported(FID["q4_0"], 48, C.qparams()) == 0
     assert lib.pqk_int8_supported(FID["q4_0"], 64, ffi.NULL) in (0, 1)
@@ -590,6 +617,70 @@ def test_threads_shared_with_pybind():
     finally:
         pq.set_num_threads(before)
     assert lib.pqk_get_num_threads() == before
+
+
+_CHILD_THREADS = r'''
+import ctypes, os, resource, sys
+lib = ctypes.CDLL(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # room for some thread stacks, not 400
+st = lib.pqk_set_num_threads(400)
+tasks = len(os.listdir("/proc/self/task"))
+st2 = lib.pqk_set_num_threads(400)  # a retry must try again, not report the old figure
+print(st, lib.pqk_get_num_threads(), tasks, st2, lib.pqk_get_num_threads())
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc (Linux)")
+def test_set_num_threads_failure_leaves_a_consistent_pool():
+    """When the OS refuses threads, pqk_set_num_threads says NOMEM and the pool stays at one
+    thread (it once claimed all n with only some started, and a retry of n did nothing)."""
+    env = dict(os.environ)
+    env.pop("PYQKERN_ISA", None)
+    p = subprocess.run([sys.executable, "-c", _CHILD_THREADS, pq.get_library()], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    st, n, tasks, st2, n2 = map(int, p.stdout.split())
+    assert st == st2 == lib.PQK_ERR_NOMEM, p.stdout
+    assert n == n2 == 1 and tasks <= 2, p.stdout  # the Python thread (+ none of the pool's)
+
+
+def test_env_isa_error_is_err_isa():
+    """A bad PYQKERN_ISA makes calls with PQK_ISA_ACTIVE return PQK_ERR_ISA (pyqkern.h), with the reason."""
+    code = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); i = ctypes.c_int32(); "
+            "lib.pqk_last_error.restype = ctypes.c_char_p; "
+            "print(lib.pqk_active_isa(ctypes.byref(i)), lib.pqk_last_error().decode())")
+    env = dict(os.environ, PYQKERN_ISA="bogus")
+    p = subprocess.run([sys.executable, "-c", code, pq.get_library()], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    st, msg = p.stdout.split(" ", 1)
+    assert int(st) == lib.PQK_ERR_ISA and "PYQKERN_ISA=bogus" in msg, p.stdout
+
+
+def test_private_module_refuses_overflowing_sizes_and_misaligned_arrays():
+    """The pybind11 module's own buffer checks: sizes whose byte counts overflow int64 are a
+    ValueError (they once wrapped, let a tiny buffer pass and crashed), and float arrays at
+    addresses that are not a multiple of 4 are refused (the public API copies them first)."""
+    q = np.zeros(64, np.uint8)
+    y = np.zeros(64, F32)
+    with pytest.raises(ValueError):
+        _native.pack(FID["q4_0"], q, None, None, 1 << 62, 32, 0, 0)
+    with pytest.raises(ValueError):
+        _native.dequantize(-1, FID["q4_0"], q, None, None, 1 << 62, 32, 0, 0, y)
+    with pytest.raises(ValueError):
+        _native.dequantize(-1, FID["int4"], q, np.zeros(64, np.uint8), None, 1, 1 << 62, -1, 1, y)
+    raw = np.zeros(4 * 2 * 32 + 1, np.uint8)
+    xm = raw[1:].view(F32).reshape(2, 32)
+    assert not xm.flags.aligned
+    xm[...] = _rng(3).standard_normal((2, 32))
+    with pytest.raises(ValueError, match="aligned"):
+        _native.quantize(-1, FID["q4_0"], xm, 0, 0, np.zeros(36, np.uint8), None, None)
+    w = pq.quantize(np.ascontiguousarray(xm), "q4_0")
+    assert pq.quantize(xm, "q4_0") == w
+    for compute in ("int8", "float"):
+        assert np.array_equal(pq.matmul(xm, w, compute=compute), pq.matmul(np.ascontiguousarray(xm), w, compute=compute))
+    lin = pq.QLinear(w)
+    assert np.array_equal(lin(xm), lin(np.ascontiguousarray(xm)))
 
 
 def test_same_library_instance():

@@ -35,6 +35,25 @@ pqk_row_bytes row_bytes(int fmt, int64_t k, pqk_qparams& p) {
   return rb;
 }
 
+// a * b (* c) for a buffer size, or ValueError if it does not fit int64 (absurd n / k from a
+// caller of this private module; the C ABI refuses such sizes too, but only after these checks)
+int64_t size_of(int64_t a, int64_t b, int64_t c = 1) {
+  int64_t ab, abc;
+  if (a < 0 || b < 0 || c < 0 || __builtin_mul_overflow(a, b, &ab) || __builtin_mul_overflow(ab, c, &abc))
+    throw py::value_error("buffer size " + std::to_string(a) + " x " + std::to_string(b) + " x " +
+                          std::to_string(c) + " is negative or does not fit 64 bits");
+  return abc;
+}
+
+// The kernels take float* / uint16_t*: an array on an address that is not a multiple of its item
+// size (a NumPy view into a byte buffer at an odd offset) would be undefined behaviour there.
+// pyqkern's Python wrappers copy such arrays first; this is the check for direct callers.
+void check_aligned(const void* p, int64_t itemsize, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % (uintptr_t)itemsize != 0)
+    throw py::value_error(std::string(what) + ": data is not aligned to its item size (" + std::to_string(itemsize) +
+                          " bytes)");
+}
+
 py::buffer_info contiguous(py::buffer b, bool writable, int64_t need, const char* what) {
   py::buffer_info info = b.request(writable);
   int64_t nbytes = info.itemsize;
@@ -60,12 +79,12 @@ struct Sections {
   Sections(const pqk_row_bytes& rb, int64_t n, const py::object& so, const py::object& zo, bool writable) {
     if (rb.s) {
       if (so.is_none()) throw py::value_error("s buffer missing");
-      si = contiguous(so.cast<py::buffer>(), writable, n * rb.s, "s");
+      si = contiguous(so.cast<py::buffer>(), writable, size_of(n, rb.s), "s");
       s = si.ptr;
     }
     if (rb.z) {
       if (zo.is_none()) throw py::value_error("z buffer missing");
-      zi = contiguous(zo.cast<py::buffer>(), writable, n * rb.z, "z");
+      zi = contiguous(zo.cast<py::buffer>(), writable, size_of(n, rb.z), "z");
       z = zi.ptr;
     }
   }
@@ -85,6 +104,7 @@ Rows rows_of(const py::array& x, const char* what) {
   const int64_t m = x.shape(0), k = x.shape(1);
   if (k > 1 && x.strides(1) != 4) throw py::value_error(std::string(what) + " rows must be contiguous");
   if (m > 1 && (x.strides(0) % 4 != 0 || x.strides(0) < 4 * k)) throw py::value_error(std::string(what) + ": bad row stride");
+  check_aligned(x.data(), 4, what);
   return {static_cast<const float*>(x.data()), m, k, m > 1 ? (int64_t)(x.strides(0) / 4) : k};
 }
 
@@ -107,6 +127,7 @@ const float* bias_ptr(const py::object& bias, int64_t n) {
   if (b.dtype().kind() != 'f' || b.itemsize() != 4 || b.ndim() != 1 || b.shape(0) != n ||
       (n > 1 && b.strides(0) != 4))
     throw py::value_error("bias must be a contiguous float32 array of shape (N,)");
+  check_aligned(b.data(), 4, "bias");
   return static_cast<const float*>(b.data());
 }
 
@@ -129,6 +150,7 @@ py::array f32_c(const py::handle& h, std::vector<int64_t> shape, const char* wha
   if ((size_t)a.ndim() != shape.size()) throw py::value_error(std::string(what) + ": wrong number of dimensions");
   for (size_t i = 0; i < shape.size(); ++i)
     if (shape[i] >= 0 && a.shape(i) != shape[i]) throw py::value_error(std::string(what) + ": wrong shape");
+  check_aligned(a.data(), a.itemsize(), what);
   return a;
 }
 
@@ -236,7 +258,7 @@ PYBIND11_MODULE(_native, m) {
     pqk_qparams p{group, sym};
     if (n <= 0) throw py::value_error("n must be positive");
     pqk_row_bytes rb = row_bytes(fmt, k, p);
-    auto qi = contiguous(q, false, n * rb.q, "q");
+    auto qi = contiguous(q, false, size_of(n, rb.q), "q");
     Sections sec(rb, n, s, z, false);
     const void* sp = sec.s; const void* zp = sec.z;
     auto out = std::make_shared<Packed>();
@@ -266,6 +288,7 @@ PYBIND11_MODULE(_native, m) {
                                 py::object adapters, py::object ids) {
     if (x.itemsize() != 2 || x.ndim() != 2 || !(x.flags() & py::array::c_style))
       throw py::type_error("x must be a C-contiguous 2-D array of bf16 bits (uint16)");
+    check_aligned(x.data(), 2, "x");
     check_k(x.shape(1), w.k);
     Rows yr = out_rows(y, x.shape(0), w.n);
     const float* bp = bias_ptr(bias, w.n);
@@ -303,7 +326,7 @@ PYBIND11_MODULE(_native, m) {
     pqk_qparams p{group, sym};
     if (n <= 0) throw py::value_error("n must be positive");
     pqk_row_bytes rb = row_bytes(fmt, k, p);
-    auto qi = contiguous(q, false, n * rb.q, "q");
+    auto qi = contiguous(q, false, size_of(n, rb.q), "q");
     Sections sec(rb, n, s, z, false);
     const void* sp = sec.s; const void* zp = sec.z;
     Rows xr = rows_of(x, "x");
@@ -372,9 +395,10 @@ PYBIND11_MODULE(_native, m) {
     if (k > 1 && x.strides(1) != 4) throw py::value_error("x rows must be contiguous");
     if (n > 1 && (x.strides(0) % 4 != 0 || x.strides(0) < 4 * k)) throw py::value_error("bad row stride");
     const int64_t ldx = n > 1 ? x.strides(0) / 4 : k;
+    check_aligned(x.data(), 4, "x");
     pqk_qparams p{group, sym};
     pqk_row_bytes rb = row_bytes(fmt, k, p);
-    auto qi = contiguous(q, true, n * rb.q, "q");
+    auto qi = contiguous(q, true, size_of(n, rb.q), "q");
     Sections sec(rb, n, s, z, true);
     void* sp = sec.s; void* zp = sec.z;
     const float* xp = static_cast<const float*>(x.data());
@@ -391,9 +415,10 @@ PYBIND11_MODULE(_native, m) {
     pqk_qparams p{group, sym};
     if (n < 0) throw py::value_error("n < 0");
     pqk_row_bytes rb = row_bytes(fmt, k, p);
-    auto qi = contiguous(q, false, n * rb.q, "q");
-    auto yi = contiguous(y, true, n * k * 4, "y");
+    auto qi = contiguous(q, false, size_of(n, rb.q), "q");
+    auto yi = contiguous(y, true, size_of(n, k, 4), "y");
     if (yi.format != py::format_descriptor<float>::format()) throw py::type_error("y must be float32");
+    check_aligned(yi.ptr, 4, "y");
     Sections sec(rb, n, s, z, false);
     const void* sp = sec.s; const void* zp = sec.z;
     pqk_status st;

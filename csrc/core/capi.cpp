@@ -25,6 +25,7 @@ static bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 pqk_row_bytes row_bytes(int fmt, int64_t k, pqk_qparams& p) {
   if (fmt < 0 || fmt >= PQK_FORMAT_COUNT) throw Error(PQK_ERR_ARG, "unknown format id " + std::to_string(fmt));
   if (k <= 0) throw Error(PQK_ERR_SHAPE, "k must be positive, got " + std::to_string(k));
+  if (k > kMaxDim) throw Error(PQK_ERR_SHAPE, "k = " + std::to_string(k) + " is beyond the size limit 2^40");
   const std::string name = kFormatNames[fmt];
   auto need_multiple = [&](int64_t b) {
     if (k % b != 0)
@@ -105,6 +106,9 @@ int32_t pqk_isa_compiled(int32_t isa) { return isa_compiled(isa) ? 1 : 0; }
 const char* pqk_cpu_brand(void) { return cpu_features().brand.c_str(); }
 
 int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt) {
+  if (isa == PQK_ISA_ACTIVE) {
+    try { isa = active_isa(); } catch (...) { return -1; }  // a bad PYQKERN_ISA
+  }
   if (!slot || !isa_runnable(isa)) return -1;
   const KernelTable& t = kernel_table(isa);
   const std::string s = slot;
@@ -146,7 +150,9 @@ int32_t pqk_get_num_threads(void) { return get_num_threads(); }
 pqk_status pqk_row_bytes_of(int32_t fmt, int64_t k, pqk_qparams* params, pqk_row_bytes* out) {
   return guarded([&] {
     if (!params || !out) throw Error(PQK_ERR_ARG, "params/out is NULL");
-    *out = row_bytes(fmt, k, *params);
+    pqk_qparams p = *params;  // written back (defaults resolved) only on success
+    *out = row_bytes(fmt, k, p);
+    *params = p;
   });
 }
 
@@ -157,10 +163,11 @@ pqk_status pqk_quantize(int32_t isa, int32_t fmt, const float* x, int64_t n, int
     pqk_qparams p = *params;
     pqk_row_bytes rb = row_bytes(fmt, k, p);
     if (n < 0) throw Error(PQK_ERR_SHAPE, "n must be >= 0");
+    const KernelTable& t = kernel_table(resolve_isa(isa));  // a bad isa is an error even for n = 0
     if (n == 0) return;
     if (ldx < k) throw Error(PQK_ERR_SHAPE, "ldx < k");
+    check_extent(n, ldx, "x");
     if (!x || !q || (rb.s && !s) || (rb.z && !z)) throw Error(PQK_ERR_ARG, "NULL buffer");
-    const KernelTable& t = kernel_table(resolve_isa(isa));
     quantize_row_fn fn = t.quantize[fmt];
     if (!fn) throw Error(PQK_ERR_UNSUPPORTED, std::string(kFormatNames[fmt]) + ": quantize not implemented");
     // NaN/Inf anywhere is an error (quantized formats cannot carry it). Checked per row
@@ -189,9 +196,10 @@ pqk_status pqk_dequantize(int32_t isa, int32_t fmt, const void* q, const void* s
     pqk_qparams p = *params;
     pqk_row_bytes rb = row_bytes(fmt, k, p);
     if (n < 0) throw Error(PQK_ERR_SHAPE, "n must be >= 0");
+    const KernelTable& t = kernel_table(resolve_isa(isa));  // a bad isa is an error even for n = 0
     if (n == 0) return;
+    check_extent(n, k, "y");
     if (!y || !q || (rb.s && !s) || (rb.z && !z)) throw Error(PQK_ERR_ARG, "NULL buffer");
-    const KernelTable& t = kernel_table(resolve_isa(isa));
     dequantize_row_fn fn = t.dequantize[fmt];
     if (!fn) throw Error(PQK_ERR_UNSUPPORTED, std::string(kFormatNames[fmt]) + ": dequantize not implemented");
     const uint8_t* Q = (const uint8_t*)q; const uint8_t* S = (const uint8_t*)s; const uint8_t* Z = (const uint8_t*)z;

@@ -38,6 +38,17 @@ pqk_status guarded(F&& f) {
   }
 }
 
+// Size limits of every entry point: one dimension (n, k, m, a row stride) at most 2^40 and rows x
+// row length at most 2^56 elements, so every byte count and offset computed from them (at most 8
+// bytes an element) fits int64. Larger values are PQK_ERR_SHAPE (they could only come from a
+// corrupt header or a hostile caller: no machine holds such a buffer).
+constexpr int64_t kMaxDim = int64_t(1) << 40, kMaxElems = int64_t(1) << 56;
+inline void check_extent(int64_t rows, int64_t cols, const char* what) {
+  if (rows > kMaxDim || cols > kMaxDim || (rows > 0 && cols > kMaxElems / rows))
+    throw Error(PQK_ERR_SHAPE, std::string(what) + ": " + std::to_string(rows) + " x " + std::to_string(cols) +
+                                   " is beyond the size limits (2^40 per dimension, 2^56 elements)");
+}
+
 // Resolves defaults and validates params for fmt with row length k; throws Error.
 pqk_row_bytes row_bytes(int fmt, int64_t k, pqk_qparams& p);
 

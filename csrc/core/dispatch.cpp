@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "capi_util.h"
 #include "cpu_features.h"
 #include "kernel_table.h"
 
@@ -159,7 +160,7 @@ int active_isa() {
   std::call_once(once, [] {
     try { active = pick_active(); } catch (const std::exception& e) { error = e.what(); }
   });
-  if (active < 0) throw std::runtime_error(error);
+  if (active < 0) throw Error(PQK_ERR_ISA, error);  // pyqkern.h: a variant this CPU or build cannot run
   return active;
 }
 

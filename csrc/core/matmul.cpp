@@ -188,10 +188,12 @@ void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx
   if (!wp) throw Error(PQK_ERR_ARG, "packed weight is NULL");
   const PackedWeight& w = wp->w;
   if (m < 0) throw Error(PQK_ERR_SHAPE, "m < 0");
+  const KernelTable& t = kernel_table(resolve_isa(isa));  // a bad isa is an error even for m = 0
   if (m == 0) return;
   if (!y) throw Error(PQK_ERR_ARG, "NULL y");
   if (ldx < w.k || ldy < w.n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
-  const KernelTable& t = kernel_table(resolve_isa(isa));
+  check_extent(m, ldx, "x");
+  check_extent(m, ldy, "y");
   if (!t.gemv_bf16) throw Error(PQK_ERR_UNSUPPORTED, "no bf16 float kernel for this variant / CPU");
   if (m > max_m) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the bf16 float kernel");
   if (!w.nibbles || w.lut || w.blk != QBLK)
@@ -262,6 +264,7 @@ pqk_status pqk_pack(int32_t fmt, const void* q, const void* s, const void* z, in
     pqk_qparams p = *params;
     pqk_row_bytes rb = row_bytes(fmt, k, p);
     if (n <= 0) throw Error(PQK_ERR_SHAPE, "n must be positive");
+    check_extent(n, k, "weight");
     if ((rb.s && !s) || (rb.z && !z)) throw Error(PQK_ERR_ARG, "NULL scale/zero buffer");
     auto* h = new pqk_packed();
     try {
@@ -362,10 +365,12 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
     if (!wp) throw Error(PQK_ERR_ARG, "packed weight is NULL");
     const PackedWeight& w = wp->w;
     if (m < 0) throw Error(PQK_ERR_SHAPE, "m < 0");
+    const KernelTable& t = kernel_table(resolve_isa(isa));  // a bad isa is an error even for m = 0
     if (m == 0) return;
     if (!x || !y) throw Error(PQK_ERR_ARG, "NULL x/y");
     if (ldx < w.k || ldy < w.n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
-    const KernelTable& t = kernel_table(resolve_isa(isa));
+    check_extent(m, ldx, "x");
+    check_extent(m, ldy, "y");
     if (!t.quantize_act || !t.gemm_int8) throw Error(PQK_ERR_INTERNAL, "int8 matmul kernels not registered");
     const Adapters AD(ads, n_ad, rows, m);
     check_x_finite(t, x, m, w.k, ldx);
@@ -468,10 +473,13 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
     pqk_qparams p = *params;
     pqk_row_bytes rb = row_bytes(fmt, k, p);
     if (m < 0 || n <= 0) throw Error(PQK_ERR_SHAPE, "bad m/n");
+    const KernelTable& t = kernel_table(resolve_isa(isa));  // a bad isa is an error even for m = 0
     if (m == 0) return;
     if (!q || !x || !y || (rb.s && !s) || (rb.z && !z)) throw Error(PQK_ERR_ARG, "NULL buffer");
     if (ldx < k || ldy < n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
-    const KernelTable& t = kernel_table(resolve_isa(isa));
+    check_extent(n, k, "weight");
+    check_extent(m, ldx, "x");
+    check_extent(m, ldy, "y");
     dequantize_row_fn deq = t.dequantize[fmt];
     if (!deq) throw Error(PQK_ERR_UNSUPPORTED, "dequantize not implemented for this format");
     if (!t.gemm_f32) throw Error(PQK_ERR_INTERNAL, "float matmul kernel not registered");

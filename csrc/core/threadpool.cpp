@@ -1,5 +1,7 @@
 #include "threadpool.h"
 
+#include "capi_util.h"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -67,10 +69,18 @@ class Pool {
   void resize(int n) {
     if (n <= 0) n = std::max(1u, std::thread::hardware_concurrency());
     if (n == nthreads_) return;
-    stop();
-    nthreads_ = n;
+    stop();  // nthreads_ = 1
     quit_.store(false);
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this] { loop(); });
+    try {
+      for (int i = 1; i < n; ++i) workers_.emplace_back([this] { loop(); });
+    } catch (const std::exception& e) {
+      // the OS refused a thread (limits, memory): join the ones that started and stay at one
+      // thread, so size() tells the truth and a retry of the same n starts them again
+      stop();
+      throw Error(PQK_ERR_NOMEM, "could not start " + std::to_string(n) + " threads (" + e.what() +
+                                     "); running on 1 thread");
+    }
+    nthreads_ = n;
   }
 
   void run(const std::shared_ptr<Job>& job) {

@@ -32,10 +32,13 @@ extern "C" {
 typedef enum pqk_status {
   PQK_OK = 0,
   PQK_ERR_ARG = 1,         /* null pointer, bad enum value, bad parameter */
-  PQK_ERR_SHAPE = 2,       /* k not a multiple of the block, negative sizes, ... */
+  PQK_ERR_SHAPE = 2,       /* k not a multiple of the block, negative sizes, sizes beyond the limits:
+                            * any one of n, k, m or a row stride > 2^40, or rows x row length
+                            * (n x k, m x ldx, m x ldy) > 2^56 elements */
   PQK_ERR_NONFINITE = 3,   /* NaN or Inf where the format cannot represent it */
   PQK_ERR_UNSUPPORTED = 4, /* op not available for this format */
-  PQK_ERR_ISA = 5,         /* variant not compiled in or not runnable on this CPU */
+  PQK_ERR_ISA = 5,         /* variant not compiled in or not runnable on this CPU (also a bad
+                            * PYQKERN_ISA, for calls with PQK_ISA_ACTIVE) */
   PQK_ERR_NOMEM = 6,
   PQK_ERR_INTERNAL = 7
 } pqk_status;
@@ -96,13 +99,14 @@ PQK_API int32_t pqk_isa_compiled(int32_t isa);
 PQK_API const char* pqk_cpu_brand(void);
 /* Which variant implements a kernel slot in variant isa's table: slot is one of "quantize",
  * "dequantize" (fmt selects the format), "quantize_act", "gemm_int8", "gemm_f32", "gemm_f32_xt",
- * "lora_shrink", "lora_expand", "gemv_bf16", "all_finite". Returns the pqk_isa id, or -1 if the
- * slot is empty or the arguments are bad. */
+ * "lora_shrink", "lora_expand", "gemv_bf16", "all_finite"; isa may be PQK_ISA_ACTIVE. Returns the
+ * pqk_isa id, or -1 if the slot is empty or the arguments are bad. */
 PQK_API int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt);
 /* Space-separated CPU feature names detected (e.g. "sse4.2 avx2 fma f16c avx512f ..."). */
 PQK_API const char* pqk_cpu_features(void);
 
-PQK_API pqk_status pqk_set_num_threads(int32_t n); /* n <= 0: number of CPUs */
+/* n <= 0: number of CPUs. PQK_ERR_NOMEM if the OS refuses a thread: the pool then runs on 1. */
+PQK_API pqk_status pqk_set_num_threads(int32_t n);
 PQK_API int32_t pqk_get_num_threads(void);
 /* Read-bandwidth probe: reads the nbytes at buf (>= 4096, a multiple of 128)
  * reps times, split over the library's threads as a GEMV is, and stores the best pass's
@@ -163,7 +167,8 @@ typedef struct pqk_lora {
 } pqk_lora;
 
 /* int8 / float matmul with adapters. row_adapter: NULL = every adapter applies to every row
- * (their terms add up; row_scale must then be NULL), else row_adapter[i] in [-1, n_adapters)
+ * (their terms add up; with more than one adapter, row_scale must then be NULL: a DoRA rescale
+ * does not sum), else row_adapter[i] in [-1, n_adapters)
  * picks row i's adapter (-1: none). The adapter part is fp32 (shrink, then expansion added to
  * each range of output tiles right after the base kernel wrote it). */
 PQK_API pqk_status pqk_matmul_int8_lora(int32_t isa, const pqk_packed* w, const float* x, int64_t m, int64_t ldx,
@@ -178,14 +183,15 @@ PQK_API pqk_status pqk_matmul_float_lora(int32_t isa, int32_t fmt, const void* q
  * weight: y = x @ dequant(W).T (+ adapters, as pqk_matmul_float_lora) (+ bias) with exact
  * products and fp32 sums. Taken by 4-bit codes without a code book (q4_0, q4_1, q4_k,
  * int2/int3/int4) for m <= 4 on CPUs with AVX512-BF16; PQK_ERR_UNSUPPORTED otherwise, and for x
- * holding bf16 denormals (the instruction reads them as zero): callers then widen x to fp32 and
- * use pqk_matmul_float(_lora). adapters may be NULL (n_adapters 0). */
+ * holding bf16 denormals (the instruction reads them as zero), NaN/Inf or |x| > 2^100 (the kernel
+ * sums code * x before scaling, which could overflow where the fp32 route does not): callers then
+ * widen x to fp32 and use pqk_matmul_float(_lora). adapters may be NULL (n_adapters 0). */
 PQK_API pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* w, const uint16_t* x, int64_t m,
                                          int64_t ldx, const float* bias, float* y, int64_t ldy,
                                          const pqk_lora* adapters, int32_t n_adapters, const int32_t* row_adapter);
 /* The same for float32 activations (m <= 2): each x split exactly into three bf16 parts
- * (x = x1 + x2 + x3), so products stay exact; PQK_ERR_UNSUPPORTED also for NaN/Inf x and for
- * |x| below ~2^-102 (a part would be a denormal). */
+ * (x = x1 + x2 + x3), so products stay exact; PQK_ERR_UNSUPPORTED also for NaN/Inf x, |x| > 2^100
+ * and |x| below ~2^-102 (a part would be a denormal). */
 PQK_API pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* w, const float* x, int64_t m,
                                            int64_t ldx, const float* bias, float* y, int64_t ldy,
                                            const pqk_lora* adapters, int32_t n_adapters,
