@@ -34,7 +34,11 @@ class LoRA:
 
     alpha: PEFT's lora_alpha (default: r, i.e. scale 1). rslora: scale = alpha / sqrt(r).
     magnitude: DoRA magnitude vector [N] (PEFT's lora_magnitude_vector); the per-row norms of
-    W + scale*B@A are computed once per base weight and cached."""
+    W + scale*B@A are computed once per base weight and cached.
+
+    A LoRA is a snapshot: it keeps its own read-only copies of A, B and magnitude (the kernels
+    read B in a tiled copy and cache DoRA norms, so an edit in place could only be half seen).
+    After a training step build a new one: LoRA(A - lr * dA, B - lr * dB, alpha=...)."""
 
     def __init__(self, A, B, alpha=None, *, rslora=False, magnitude=None, storage="auto"):
         store = _storage_dtype(A, B, storage)
@@ -53,8 +57,8 @@ class LoRA:
             if not (np.isfinite(A).all() and np.isfinite(B).all()):
                 raise ValueError(f"A or B overflows {store}; use storage='float32'")
         self.storage = store
-        self.A = A
-        self.B = B
+        self.A = _frozen_copy(A)
+        self.B = _frozen_copy(B)
         # B in tiles of 16 output rows, [ceil(N/16), r, 16] zero-padded: the expansion of one output
         # tile reads one contiguous block (pqk_lora.Bp)
         nt = -(-n // 16)
@@ -62,7 +66,8 @@ class LoRA:
         bp[:n] = B
         self.Bp = np.ascontiguousarray(bp.reshape(nt, 16, r).transpose(0, 2, 1))
         # native operands: A and Bp in the storage dtype (fp16 as float16, bf16 as its uint16 bits)
-        self._native = (_to_storage(A, store), _to_storage(self.Bp, store), _DTYPE_ID[store])
+        self.Bp.flags.writeable = False
+        self._native = (_to_storage(self.A, store), _to_storage(self.Bp, store), _DTYPE_ID[store])
         self.rank, self.in_features, self.out_features = r, k, n
         self.alpha = float(r if alpha is None else alpha)
         if not np.isfinite(self.alpha):
@@ -74,7 +79,9 @@ class LoRA:
             mg = _as_f32(magnitude, "magnitude", 1)
             if mg.shape != (n,):
                 raise ValueError(f"magnitude must have shape ({n},), got {mg.shape}")
-            self.magnitude = mg
+            if not np.isfinite(mg).all():
+                raise ValueError("magnitude contains NaN or Inf")
+            self.magnitude = _frozen_copy(mg)
         self._dora_cache = {}  # id(base QTensor) -> (weakref, per-row factor m / norm)
 
     @property
@@ -150,6 +157,13 @@ class LoRA:
 _DTYPE_ID = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
+def _frozen_copy(a):
+    """A read-only copy of a (never a view of the caller's array)."""
+    out = np.array(a, dtype=np.float32, order="C", copy=True)
+    out.flags.writeable = False
+    return out
+
+
 def _colocate(loras):
     """Moves the fused kernels' operands of these adapters (A and Bp in the storage dtype) into one
     buffer, 64-byte aligned. From 4 MB on NumPy backs a buffer with huge pages, and the kernels
@@ -165,6 +179,7 @@ def _colocate(loras):
             a = nat[i]
             nat[i] = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
             nat[i][...] = a
+            nat[i].flags.writeable = False
             off += sz[i]
         if ad.storage == "float32":  # A and Bp are the operands themselves: no second copy
             ad.A, ad.Bp = nat[0], nat[1]

@@ -411,10 +411,16 @@ class QLinear:
             names = self.adapter_names
             ids = adapter_ids
             if isinstance(ids, (list, tuple)) and any(isinstance(v, str) or v is None for v in ids):
-                try:
-                    ids = [-1 if v is None else names.index(v) for v in ids]
-                except ValueError:
-                    raise KeyError(f"unknown adapter name in adapter_ids; attached: {names}") from None
+                def index(v):  # a name, None (no adapter) or already an index
+                    if v is None:
+                        return -1
+                    if isinstance(v, str):
+                        if v not in names:
+                            raise KeyError(f"unknown adapter name {v!r} in adapter_ids; attached: {names}")
+                        return names.index(v)
+                    return v  # checked with the other indices below
+
+                ids = [index(v) for v in ids]
             lora = [self._adapters[nm] for nm in names] if names else None
             if lora is None:
                 raise ValueError("adapter_ids given but no adapter is attached")

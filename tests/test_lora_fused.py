@@ -154,8 +154,9 @@ def test_qlinear_adapters_api():
         lin.remove_adapter("a")
     with pytest.raises(ValueError, match="already"):
         lin.add_adapter("b", b)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="zzz"):
         lin(x, adapter_ids=["zzz"] * 4)
+    assert np.array_equal(lin(x, adapter_ids=[0, None, -1, None]), lin(x, adapter_ids=["b", None, -1, None]))
 
 
 def test_qlinear_copy_compute_switch_and_fixed_weight():
@@ -209,6 +210,8 @@ def test_bad_adapter_input():
         LoRA(np.full((2, k), np.nan, np.float32), np.zeros((n, 2), np.float32))
     with pytest.raises(TypeError):
         LoRA([[1.0]], [[1.0]])
+    with pytest.raises(ValueError, match="magnitude"):
+        LoRA(np.ones((2, k), np.float32), np.ones((n, 2), np.float32), magnitude=np.full(n, np.inf, np.float32))
     # float16 / bfloat16 adapters are accepted (kept as float32)
     import ml_dtypes
     a16 = LoRA(np.ones((2, k), np.float16), np.ones((n, 2), ml_dtypes.bfloat16))
@@ -484,3 +487,31 @@ def test_out_aliasing_x(compute, threads):
             assert np.array_equal(lin(x, out=x), want)
     finally:
         pq.set_num_threads(before)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_lora_is_a_snapshot(storage):
+    """A LoRA keeps read-only copies: editing the caller's arrays later changes nothing, and an
+    edit through ad.A / ad.B raises (the kernels read a tiled copy of B and cached DoRA norms,
+    so an in-place update was once half seen: new A with old B)."""
+    rng = np.random.default_rng(8)
+    n, k, r = 16, 64, 4
+    qt = make("q4_0", n, k, rng)
+    A = rng.standard_normal((r, k)).astype(np.float32)
+    B = rng.standard_normal((n, r)).astype(np.float32)
+    mg = (rng.random(n) + 0.5).astype(np.float32)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    for magnitude in (None, mg):
+        ad = LoRA(A, B, alpha=r, magnitude=magnitude, storage=storage)
+        before = pq.matmul(x, qt, lora=ad, compute="float")
+        A2, B2 = A.copy(), B.copy()
+        A *= 2.0
+        B *= 3.0
+        mg *= 5.0
+        assert np.array_equal(pq.matmul(x, qt, lora=ad, compute="float"), before)
+        for arr in (ad.A, ad.B) + ((ad.magnitude,) if magnitude is not None else ()):
+            with pytest.raises(ValueError, match="read-only"):
+                arr *= 2.0
+        A[...], B[...] = A2, B2
+        ref = pq.matmul(x, qt, lora=ad, compute="float", backend="reference")
+        assert np.allclose(before, ref, rtol=1e-4, atol=1e-4)

@@ -276,7 +276,8 @@ def test_load_handwritten_adapter_with_patterns(tmp_path):
         root = ad.A  # a copy (in the adapters' shared buffer), not a view of the file
         while isinstance(root.base, np.ndarray):
             root = root.base
-        assert ad.A.flags.writeable and root.flags.owndata and not isinstance(root, np.memmap)
+        # its own memory (not the file's mapping), read-only like every LoRA's operands
+        assert not ad.A.flags.writeable and root.flags.owndata and not isinstance(root, np.memmap)
         np.testing.assert_array_equal(ad.A, a)
         np.testing.assert_array_equal(ad.B, b)
         assert ad.alpha == want_alpha[m] and ad.scale == want_alpha[m] / mods[m], m
