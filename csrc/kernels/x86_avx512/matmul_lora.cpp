@@ -115,13 +115,14 @@ void expand_one(const pqk_lora& ad, const float* ta, int64_t n0, int nr, float* 
   if (pairs) pair_vectors(ta, ad.rank, tv);
   const __m512 vs = _mm512_set1_ps(ad.scale);
   const int64_t ts = (int64_t)ad.rank * 16;  // B elements per 16-column tile
-  // B two tiles ahead, fp32 B eight: in a model B comes from DRAM once per token (fp32 rank 16
-  // at 4096: 37 -> 25 us per layer over a stack of 8 layers that does not fit in L3 with two);
-  // one cached layer, fp32, eight vs two: about -0.5 us of a ~7 us adapter (16-bit B: no
-  // difference measured)
+  // B 16 tiles ahead (at most 16 KB): in a model B comes from DRAM once per token, a stream too
+  // short for the hardware prefetcher to reach speed. Rank 16 at 4096, 8 layers from DRAM,
+  // per layer, 1 / 2 threads: bf16 +23.6 / +10.8 -> +20.4 / +9.3 us, fp32 +30.5 / +17.9 ->
+  // +25.6 / +14.4 (was 2 tiles ahead for 16-bit B, 8 for fp32; the 16-bit A prefetch in
+  // shrink_rows is part of these figures); one layer in L3, 1 thread: -0.4 to -0.9 us.
+  const int64_t bytes = ts * (DT == 0 ? 4 : 2);
+  const int64_t ahead = bytes * 16 <= 16384 ? 16 : (16384 / bytes > 2 ? 16384 / bytes : 2);
   auto prefetch = [&](int64_t tile) {
-    constexpr int64_t ahead = DT == 0 ? 8 : 2;
-    const int64_t bytes = ts * (DT == 0 ? 4 : 2);
     const char* nb = (const char*)ad.Bp + (tile + ahead) * bytes;
     if (tile + ahead < n_tiles)
       for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(nb + o, _MM_HINT_T0);
@@ -179,15 +180,15 @@ inline void shrink_rows(const void* A, int64_t r, int64_t k, const float* x, flo
   for (int g = 0; g < G; ++g) a[g] = b[g] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 32 <= k16; j += 32) {
-    // fp32 A: each row (16 KB apart at K = 4096) two lines per step, 1 KB ahead; the hardware
-    // prefetcher alone leaves these strided streams below the L3's rate (rank 16 at 4096, one
-    // cached layer: about -0.4 us of the shrink; 16-bit A: no difference measured)
-    if (DT == 0)
+    // each row (a separate stream, 8-16 KB apart at K = 4096) 1 KB ahead, the step's 64 (16-bit
+    // A) or 128 bytes (fp32); the hardware prefetcher alone leaves these short strided streams
+    // below the L3's and DRAM's rate (rank 16 at 4096, one cached layer, fp32: about -0.4 us of
+    // the shrink; 16-bit A: see expand_one's figures)
+    constexpr int ES = DT == 0 ? 4 : 2;
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) {
-        _mm_prefetch((const char*)A + ((r + g) * k + j) * 4 + 1024, _MM_HINT_T0);
-        _mm_prefetch((const char*)A + ((r + g) * k + j) * 4 + 1088, _MM_HINT_T0);
-      }
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 2
+      for (int o = 0; o < 32 * ES; o += 64) _mm_prefetch((const char*)A + ((r + g) * k + j) * ES + 1024 + o, _MM_HINT_T0);
     const __m512 x0 = _mm512_loadu_ps(x + j), x1 = _mm512_loadu_ps(x + j + 16);
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
