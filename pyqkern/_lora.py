@@ -40,7 +40,9 @@ class LoRA:
     read B in a tiled copy and cache DoRA norms, so an edit in place could only be half seen).
     After a training step build a new one: LoRA(A - lr * dA, B - lr * dB, alpha=...)."""
 
-    def __init__(self, A, B, alpha=None, *, rslora=False, magnitude=None, storage="auto"):
+    def __init__(self, A, B, alpha=None, *, rslora=False, magnitude=None, storage="auto", _shared=False):
+        # _shared: A and B are read-only views of the caller's arrays instead of copies, for
+        # callers that build a LoRA per call from arrays they own (pyqkern.torch's custom op)
         store = _storage_dtype(A, B, storage)
         A = _as_f32(A, "A", 2)
         B = _as_f32(B, "B", 2)
@@ -57,8 +59,8 @@ class LoRA:
             if not (np.isfinite(A).all() and np.isfinite(B).all()):
                 raise ValueError(f"A or B overflows {store}; use storage='float32'")
         self.storage = store
-        self.A = _frozen_copy(A)
-        self.B = _frozen_copy(B)
+        self.A = _frozen_copy(A, copy=not _shared)
+        self.B = _frozen_copy(B, copy=not _shared)
         # B in tiles of 16 output rows, [ceil(N/16), r, 16] zero-padded: the expansion of one output
         # tile reads one contiguous block (pqk_lora.Bp)
         nt = -(-n // 16)
@@ -157,9 +159,10 @@ class LoRA:
 _DTYPE_ID = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
-def _frozen_copy(a):
-    """A read-only copy of a (never a view of the caller's array)."""
-    out = np.array(a, dtype=np.float32, order="C", copy=True)
+def _frozen_copy(a, copy=True):
+    """A read-only copy of a (never a view of the caller's array), or with copy=False a read-only
+    view of it (the caller's array stays writeable)."""
+    out = np.array(a, dtype=np.float32, order="C", copy=True) if copy else np.require(a, np.float32, ["C", "A"]).view()
     out.flags.writeable = False
     return out
 

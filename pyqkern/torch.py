@@ -151,7 +151,8 @@ def _(x, qdata, fmt, n, k, group, sym, bias, As, Bs, scales, adapter_ids, comput
 
 def _lora(A: torch.Tensor, B: torch.Tensor, scale: float) -> LoRA:
     r = A.shape[0]
-    return LoRA(_x32(A), _x32(B), alpha=float(scale) * r, storage="float32")
+    # built per call from this call's tensors, so views, not copies (_shared)
+    return LoRA(_x32(A), _x32(B), alpha=float(scale) * r, storage="float32", _shared=True)
 
 
 @torch.library.custom_op("pyqkern::dequantize", mutates_args=())
