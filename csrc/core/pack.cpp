@@ -35,6 +35,9 @@ struct RowDecomp {
   std::vector<uint8_t> u;   // [k]
   std::vector<float> a, m;  // [nblk]
   std::vector<int32_t> o;   // [nblk]
+  // two-level formats (q4_k, q6_k): a = sd[super-block] * sq[block], m = md * mq
+  std::vector<float> sd, md;   // [k / 256]
+  std::vector<int8_t> sq, mq;  // [nblk]
 };
 
 // q4_k 6-bit scale/min of sub-block j
@@ -47,6 +50,9 @@ void decompose_row(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z
                    int blk, RowDecomp& r) {
   const int64_t nb = k / blk;
   r.u.assign(k, 0); r.a.assign(nb, 0.f); r.m.assign(nb, 0.f); r.o.assign(nb, 0);
+  if (fmt == PQK_Q4_K || fmt == PQK_Q6_K) {
+    r.sd.assign(k / 256, 0.f); r.md.assign(k / 256, 0.f); r.sq.assign(nb, 0); r.mq.assign(nb, 0);
+  }
   switch (fmt) {
     case PQK_Q4_0: case PQK_Q4_1: case PQK_IQ4_NL: {
       const int bytes = fmt == PQK_Q4_1 ? Q4_1_BYTES : Q4_0_BYTES;
@@ -119,9 +125,13 @@ void decompose_row(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z
         const uint8_t* bp = q + sb * Q4_K_BYTES;
         const float d = load_f16(bp), dmin = load_f16(bp + 2);
         const uint8_t* sc = bp + 4; const uint8_t* qs = bp + 16;
+        r.sd[sb] = d;
+        r.md[sb] = -dmin;  // -(dmin * mj) == (-dmin) * mj: exact products
         for (int j = 0; j < 8; ++j) {
           uint8_t scj, mj; k4_scale_min(j, sc, &scj, &mj);
           int64_t b = sb * 8 + j;
+          r.sq[b] = (int8_t)scj;  // 6 bits
+          r.mq[b] = (int8_t)mj;
           r.a[b] = d * (float)scj;
           r.m[b] = -(dmin * (float)mj);
           r.o[b] = 0;
@@ -145,8 +155,10 @@ void decompose_row(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z
             vals[128 * h + l + 96] = (uint8_t)((l8[l + 32] >> 4) | (((h8[l] >> 6) & 3) << 4));
           }
         }
+        r.sd[sb] = d;
         for (int j = 0; j < 16; ++j) {
           int64_t b = sb * 16 + j;
+          r.sq[b] = sc[j];
           r.a[b] = d * (float)sc[j];
           r.o[b] = 32;
           for (int l = 0; l < 16; ++l) r.u[b * 16 + l] = vals[j * 16 + l];
@@ -192,15 +204,29 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
   else if (fmt == PQK_INT8) w.par_every = w.nblk;  // one scale per row
   else w.par_every = 1;
   const bool f16 = fmt == PQK_Q4_0 || fmt == PQK_Q4_1 || fmt == PQK_Q8_0 || fmt == PQK_IQ4_NL || is_intn(fmt);
+  const bool two_level = fmt == PQK_Q4_K || fmt == PQK_Q6_K;
   w.npar = w.nblk / w.par_every;
   const size_t code_bytes = (size_t)(w.n_tiles * w.tile_code_bytes);
   const size_t par_bytes = (size_t)(w.n_tiles * w.npar * NR * 4);
   const size_t fpar_bytes = f16 ? par_bytes / 2 : par_bytes;
   const size_t off_bytes = (size_t)(w.n_tiles * w.npar * NR);
-  w.storage.assign_zero(code_bytes + fpar_bytes * (1 + (w.has_min ? 1 : 0)) + off_bytes * (w.row_offset ? 1 : 0) + 64 * 5);
+  if (two_level) {
+    w.sup_shift = fmt == PQK_Q4_K ? 3 : 4;  // 8 blocks of 32 / 16 blocks of 16 per 256
+    w.nsup = k / 256;
+  }
+  const size_t sup_bytes = (size_t)(w.n_tiles * w.nsup * NR * 4);
+  const size_t npars = two_level ? sup_bytes + off_bytes : fpar_bytes;  // bytes of a (and of m)
+  w.storage.assign_zero(code_bytes + npars * (1 + (w.has_min ? 1 : 0)) + off_bytes * (w.row_offset ? 1 : 0) + 64 * 7);
   size_t off = 0;
   w.codes = align64(w.storage, off, code_bytes);
-  if (f16) {
+  if (two_level) {
+    w.sd = (float*)align64(w.storage, off, sup_bytes);
+    w.sq = (int8_t*)align64(w.storage, off, off_bytes);
+    if (w.has_min) {
+      w.md = (float*)align64(w.storage, off, sup_bytes);
+      w.mq = (int8_t*)align64(w.storage, off, off_bytes);
+    }
+  } else if (f16) {
     w.scale16 = (uint16_t*)align64(w.storage, off, fpar_bytes);
     w.min16 = w.has_min ? (uint16_t*)align64(w.storage, off, fpar_bytes) : nullptr;
   } else {
@@ -222,7 +248,14 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
                       w.blk, rd);
         for (int64_t b = 0; b < w.nblk; ++b) {
           int64_t pi = w.par_index(t, b) + r;
-          if (w.scale16) {
+          if (w.sq) {
+            w.sq[pi] = rd.sq[b];
+            w.sd[w.sup_index(pi)] = rd.sd[b * w.blk / 256];
+            if (w.mq) {
+              w.mq[pi] = rd.mq[b];
+              w.md[w.sup_index(pi)] = rd.md[b * w.blk / 256];
+            }
+          } else if (w.scale16) {
             w.scale16[pi] = fp32_to_fp16(rd.a[b]);  // exact: these formats store a (and m) as fp16
             if (w.min16) w.min16[pi] = fp32_to_fp16(rd.m[b]);
           } else {

@@ -73,6 +73,22 @@ struct PackedWeight {
   uint16_t* scale16 = nullptr;  // [n_tiles][npar][NR] instead of scale
   uint16_t* min16 = nullptr;    // [n_tiles][npar][NR] instead of minv
   uint8_t* offs = nullptr;      // [n_tiles][npar][NR] or null (o <= 255: one byte, not four)
+  // Two-level parameters (q4_k, q6_k) instead of scale / minv: a = sd[sup] * sq[pi] and
+  // m = md[sup] * mq[pi], with sq / mq the format's 6- or 8-bit block multipliers as int8
+  // [n_tiles][npar][NR] and sd / md the fp16 super-block factors as fp32 [n_tiles][nsup][NR],
+  // sup = sup_index(pi). Each product is exact in fp32 (11-bit significand x 8-bit integer), so
+  // a and m are the values a single-level fp32 table would hold; a GEMV reads 1 + 1/8 bytes per
+  // row and block (q4_k: both) instead of 4 (+ 4): q4_k 6 -> 4.6 bits a weight, q6_k 10 -> 8.6.
+  float* sd = nullptr;
+  float* md = nullptr;
+  int8_t* sq = nullptr;
+  int8_t* mq = nullptr;
+  int sup_shift = 0;            // log2(parameter groups per super-block)
+  int64_t nsup = 0;             // super-blocks per row
+  // index into sd / md for the parameter index pi ([tile][npar][NR] -> [tile][nsup][NR]; npar
+  // is nsup << sup_shift, so the group bits shift out)
+  static_assert(NR == 16, "sup_index takes the lane from the low 4 bits");
+  int64_t sup_index(int64_t pi) const { return (((pi >> 4) >> sup_shift) << 4) | (pi & 15); }
   int max_offset = 0;           // largest o in offs (bytes from a quantizer: <= 15)
   ByteBuffer storage;
   int64_t block_code_bytes() const { return nibbles ? (int64_t)blk * NR / 2 : (int64_t)blk * NR; }

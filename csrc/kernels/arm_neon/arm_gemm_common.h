@@ -20,6 +20,13 @@ inline int32x4_t offs4(const uint8_t* p) {
   return vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(v))))));
 }
 
+// four int8 block multipliers (two-level parameters) as fp32 lanes
+inline float32x4_t sq4(const int8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_u32(vdup_n_u32(v))))));
+}
+
 inline uint8x16_t codes16(const PackedWeight& w, const uint8_t* cb, int j, int c) {
   if (!w.nibbles) return vld1q_u8(cb + j * 64 + c * 16);
   const uint8x16_t v = vld1q_u8(cb + (j & 3) * 64 + c * 16);
@@ -55,7 +62,9 @@ inline void gemm_tile(const PackedWeight& w, int64_t tile, const ActQ& a, int64_
           const int32x4_t o = w.offs ? offs4(w.offs + pi + 4 * g) : vdupq_n_s32(w.o_const);
           const int32x4_t isum = vsubq_s32(dot[g], vmulq_s32(o, vdupq_n_s32(xs)));
           float32x4_t ar;
-          if (w.scale16) {
+          if (w.sq) {  // two-level (q4_k, q6_k): d * q, exact (packed.h)
+            ar = vmulq_f32(vld1q_f32(w.sd + w.sup_index(pi + 4 * g)), sq4(w.sq + pi + 4 * g));
+          } else if (w.scale16) {
             float t4[4];
             for (int r = 0; r < 4; ++r) t4[r] = fp16_to_fp32(w.scale16[pi + 4 * g + r]);
             ar = vld1q_f32(t4);
@@ -67,7 +76,9 @@ inline void gemm_tile(const PackedWeight& w, int64_t tile, const ActQ& a, int64_
           acc[g] = vaddq_f32(acc[g], t);
           if (w.has_min) {
             float32x4_t mr;
-            if (w.min16) {
+            if (w.mq) {
+              mr = vmulq_f32(vld1q_f32(w.md + w.sup_index(pi + 4 * g)), sq4(w.mq + pi + 4 * g));
+            } else if (w.min16) {
               float t4[4];
               for (int r = 0; r < 4; ++r) t4[r] = fp16_to_fp32(w.min16[pi + 4 * g + r]);
               mr = vld1q_f32(t4);

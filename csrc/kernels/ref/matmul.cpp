@@ -72,13 +72,15 @@ void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, i
           for (int l = 0; l < w.blk; ++l) dot += code_at(w, cb, r, l) * (int32_t)xb[l];
           const int32_t o = w.offs ? w.offs[pi + r] : w.o_const;
           const int32_t isum = dot - o * xs;
-          const float a_r = w.scale16 ? fp16_to_fp32(w.scale16[pi + r]) : w.scale[pi + r];
+          const float a_r = w.sq ? w.sd[w.sup_index(pi + r)] * (float)w.sq[pi + r]  // exact (packed.h)
+                                 : w.scale16 ? fp16_to_fp32(w.scale16[pi + r]) : w.scale[pi + r];
           const float da = a_r * dx;
           const float t = (float)isum * da;
           acc[r] = acc[r] + t;
           if (w.has_min) {
             const float mx = dx * (float)xs;
-            const float m_r = w.min16 ? fp16_to_fp32(w.min16[pi + r]) : w.minv[pi + r];
+            const float m_r = w.mq ? w.md[w.sup_index(pi + r)] * (float)w.mq[pi + r]
+                                   : w.min16 ? fp16_to_fp32(w.min16[pi + r]) : w.minv[pi + r];
             const float tm = m_r * mx;
             acc[r] = acc[r] + tm;
           }

@@ -20,9 +20,20 @@ namespace pqk { namespace {
 
 constexpr int MR = 4;
 
-// 8 per-row parameters at index pi, stored as fp32 or fp16
-inline __m256 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
+// 8 per-row parameters at index pi, stored as fp32 or fp16, or two-level (q4_k, q6_k: d * q,
+// exact; see packed.h)
+inline __m256 load_par(const float* f32, const uint16_t* f16, const float* d, const int8_t* q, int64_t sup,
+                       int64_t pi) {
+  if (q)
+    return _mm256_mul_ps(_mm256_load_ps(d + sup),
+                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + pi)))));
   return f16 ? _mm256_cvtph_ps(_mm_load_si128((const __m128i*)(f16 + pi))) : _mm256_load_ps(f32 + pi);
+}
+inline __m256 load_a(const PackedWeight& w, int64_t pi) {
+  return load_par(w.scale, w.scale16, w.sd, w.sq, w.sq ? w.sup_index(pi) : 0, pi);
+}
+inline __m256 load_m(const PackedWeight& w, int64_t pi) {
+  return load_par(w.minv, w.min16, w.md, w.mq, w.mq ? w.sup_index(pi) : 0, pi);
 }
 
 // R activation rows from i0 over one tile (R a constant, so no run-time trip count keeps the row
@@ -75,10 +86,10 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
         if (SIGNED)
           for (int j = 0; j < NQ; ++j) Wabs[j] = _mm256_abs_epi8(W[j]);
         const int64_t pi = (tile * w.npar + g) * NR + 8 * h;
-        const __m256 vscale = load_par(w.scale, w.scale16, pi);
+        const __m256 vscale = load_a(w, pi);
         __m256 vmin = _mm256_setzero_ps();
         __m256i voff = _mm256_setzero_si256();
-        if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
+        if (HAS_MIN) vmin = load_m(w, pi);
         if (ROW_OFF) voff = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
 #pragma GCC unroll 8
         for (int ii = 0; ii < R; ++ii) {
@@ -183,9 +194,9 @@ void gemv_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
   const int64_t nkb = w.k / QBLK, pe = PE1 ? 1 : w.par_every;
   for (int64_t g = 0, b = 0; b < nkb; ++g) {
     const int64_t pi = (tile * w.npar + g) * NR;
-    const __m256 va0 = load_par(w.scale, w.scale16, pi), va1 = load_par(w.scale, w.scale16, pi + 8);
+    const __m256 va0 = load_a(w, pi), va1 = load_a(w, pi + 8);
     __m256 vm0 = _mm256_setzero_ps(), vm1 = vm0;
-    if (HAS_MIN) { vm0 = load_par(w.minv, w.min16, pi); vm1 = load_par(w.minv, w.min16, pi + 8); }
+    if (HAS_MIN) { vm0 = load_m(w, pi); vm1 = load_m(w, pi + 8); }
     __m256i vo0 = _mm256_setzero_si256(), vo1 = vo0;  // o in the low int16 of each lane
     if (ROW_OFF) {
       vo0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));

@@ -42,9 +42,20 @@ inline __m512i dpwssd_x1(__m512i acc, __m512i o, const int32_t* p) {
 #endif
 }
 
-// 16 per-row parameters at index pi, stored as fp32 or fp16
-inline __m512 load_par(const float* f32, const uint16_t* f16, int64_t pi) {
+// 16 per-row parameters at index pi, stored as fp32 or fp16, or two-level (q4_k, q6_k: d * q,
+// exact; see packed.h)
+inline __m512 load_par(const float* f32, const uint16_t* f16, const float* d, const int8_t* q, int64_t sup,
+                       int64_t pi) {
+  if (q)
+    return _mm512_mul_ps(_mm512_load_ps(d + sup),
+                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i*)(q + pi)))));
   return f16 ? _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(f16 + pi))) : _mm512_load_ps(f32 + pi);
+}
+inline __m512 load_a(const PackedWeight& w, int64_t pi) {
+  return load_par(w.scale, w.scale16, w.sd, w.sq, w.sq ? w.sup_index(pi) : 0, pi);
+}
+inline __m512 load_m(const PackedWeight& w, int64_t pi) {
+  return load_par(w.minv, w.min16, w.md, w.mq, w.mq ? w.sup_index(pi) : 0, pi);
 }
 
 // R activation rows from i0 over one tile: the row loop has a constant trip count, so the R
@@ -88,10 +99,10 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
         for (int j = 0; j < NQ; ++j) W[j] = _mm512_load_si512((const void*)(cb + 64 * j));
       }
       const int64_t pi = w.par_index(tile, b);
-      const __m512 vscale = load_par(w.scale, w.scale16, pi);
+      const __m512 vscale = load_a(w, pi);
       __m512 vmin = _mm512_setzero_ps();
       __m512i voff = _mm512_setzero_si512();
-      if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
+      if (HAS_MIN) vmin = load_m(w, pi);
       if (ROW_OFF) voff = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(w.offs + pi)));
 #pragma GCC unroll 16
       for (int ii = 0; ii < R; ++ii) {
@@ -193,10 +204,10 @@ inline void gemv_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_
   const int64_t pe = PE1 ? 1 : w.par_every;
   for (int64_t g = 0, b = 0; b < nkb; ++g) {
     const int64_t pi = (tile * w.npar + g) * NR;
-    const __m512 va = load_par(w.scale, w.scale16, pi);
+    const __m512 va = load_a(w, pi);
     const __m512i vo = ROW_OFF ? _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(w.offs + pi))) : _mm512_setzero_si512();
     __m512 vmin = _mm512_setzero_ps();
-    if (HAS_MIN) vmin = load_par(w.minv, w.min16, pi);
+    if (HAS_MIN) vmin = load_m(w, pi);
     for (const int64_t be = b + pe; b < be; ++b) {
       const uint8_t* cb = ct + b * (32 * NR / 2);
       // the low-nibble sum starts from -o * sum(xq) (as in tile_rows); the high nibbles, used
