@@ -15,6 +15,8 @@ class QTensor:
 
     def __init__(self, fmt: str, shape, data: np.ndarray, params: dict):
         n, k = (int(shape[0]), int(shape[1]))
+        if n <= 0 or k <= 0:  # every constructor path (converters too): an empty weight is an error
+            raise ValueError(f"{fmt}: shape must be positive, got {(n, k)}")
         self.format = fmt
         self.shape = (n, k)
         self.params = dict(params)

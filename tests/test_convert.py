@@ -713,3 +713,73 @@ def test_load_onnx_matmulnbits_reads_back_what_was_written(tmp_path):
     node.attribute.append(onnx.helper.make_attribute("block_size", float("inf")))
     with pytest.raises(ValueError, match="block_size must be an integer"):
         pq.io.load_onnx_matmulnbits(m)
+
+
+def test_load_onnx_matmulnbits_only_a_last_axis_permutation_gather_is_the_weights():
+    """A Gather in front of MatMulNBits is the weight's act-order permutation only as
+    to_onnx_matmulnbits writes it (axis -1, indices permuting 0..K-1, initializer or Constant);
+    a row gather or a token selection is the model's own op (one was once read as a permutation,
+    the other made the model fail to load). round_scales reaches from_ort_nbits."""
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(12)
+    k, n = 32, 8
+    qt = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), "int4", group=16, sym=True)
+    d = to_ort_nbits(qt)
+
+    def model(idx, axis, constant=False, scales=d["scales"]):
+        inits = [numpy_helper.from_array(d["B"], "B"), numpy_helper.from_array(scales, "scales")]
+        nodes = []
+        if constant:
+            nodes.append(helper.make_node("Constant", [], ["idx"], value=numpy_helper.from_array(idx)))
+        else:
+            inits.append(numpy_helper.from_array(idx, "idx"))
+        nodes += [helper.make_node("Gather", ["A", "idx"], ["A2"], axis=axis),
+                  helper.make_node("MatMulNBits", ["A2", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n,
+                                   bits=4, block_size=d["block_size"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+    perm = rng.permutation(k).astype(np.int64)
+    for idx, axis, constant, want_perm in [(perm, -1, False, True), (perm, -1, True, True), (perm, 0, False, False),
+                                           (np.array(-1, np.int64), 1, False, False),
+                                           (perm[:k // 2], -1, False, False)]:
+        (got,) = pq.io.load_onnx_matmulnbits(model(idx, axis, constant))[0].values()
+        if want_perm:
+            assert np.array_equal(got.perm, perm)
+        else:
+            assert got.perm is None and got == qt
+    odd = (d["scales"] * np.float32(1 + 2 ** -20)).astype(np.float32)  # fp32 scales fp16 cannot hold
+    with pytest.raises(ValueError):
+        pq.io.load_onnx_matmulnbits(model(perm, -1, scales=odd))
+    (got,) = pq.io.load_onnx_matmulnbits(model(perm, -1, scales=odd), round_scales=True)[0].values()
+    assert got.shape == (n, k)
+
+
+def test_exporters_refuse_zero_points_beyond_the_field():
+    """pyqkern's int2/3/4 zero points are bytes (a hostile file can hold 200); GPTQ / AWQ / ORT /
+    compressed-tensors pack them in b-bit fields, where the extra bits once spilled into the next
+    channel's field: now a ValueError. Converters also refuse an empty K."""
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((32, 64)).astype(np.float32)
+    for fmt in ("int4", "int2", "int3"):
+        qt = pq.quantize(w, fmt, group=32)
+        q, s, z = qt.sections()
+        z2 = z.copy()
+        z2[0, 0] = 200
+        bad = pq.QTensor.from_bytes(fmt, qt.shape, np.concatenate([q.ravel(), s.ravel(), z2.ravel()]), group=32,
+                                    sym=False)
+        assert bad.sections()[2][0, 0] == 200
+        exporters = [to_gptq] + ([to_awq, to_ort_nbits, to_compressed_tensors] if fmt == "int4" else [])
+        for f in exporters:
+            with pytest.raises(ValueError, match="does not fit"):
+                f(bad)
+            f(qt)  # in range: fine
+    with pytest.raises(ValueError):
+        from_gptq(np.zeros((0, 8), np.int32), np.zeros((1, 1), np.int32), np.ones((1, 8), np.float16))
+    with pytest.raises(ValueError):
+        from_awq(np.zeros((0, 1), np.int32), np.zeros((1, 1), np.int32), np.ones((1, 8), np.float16))
+    with pytest.raises(ValueError):
+        from_compressed_tensors(np.zeros((8, 0), np.int32), np.ones((8, 1), np.float16), weight_shape=np.array([8, -5]))

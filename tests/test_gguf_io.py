@@ -108,6 +108,23 @@ def test_gguf_metadata_and_arrays(tmp_path):
     assert {t.name: t.tensor_type for t in r.tensors} == {"a": T.F32, "h": T.F16, "i": T.I32}
 
 
+def test_gguf_metadata_beyond_f32_and_int64(tmp_path):
+    """Numbers f32 / int64 cannot hold are stored in a type that can (f64, u64) or refused with a
+    ValueError (they once leaked struct.error / OverflowError from the writer)."""
+    gguf = pytest.importorskip("gguf")
+    w = pq.quantize(np.random.default_rng(2).standard_normal((32, 64)).astype(np.float32), "q4_0")
+    path = tmp_path / "m.gguf"
+    for value, vtype, want in [(1e300, "FLOAT64", [1e300]), ([2 ** 63], "UINT64", [2 ** 63]),
+                               ([1, 2.5e300], "FLOAT64", [1.0, 2.5e300]), (0.5, "FLOAT32", [0.5])]:
+        pq.io.save_gguf(path, {"w": w}, metadata={"a": value})
+        f = gguf.GGUFReader(str(path)).fields["a"]
+        assert gguf.GGUFValueType(f.types[-1]).name == vtype
+        assert [f.parts[i].tolist()[0] for i in f.data] == want
+        assert pq.io.load_gguf(path)[1]["a"] == value
+    with pytest.raises(ValueError, match="64-bit"):
+        pq.io.save_gguf(path, {"w": w}, metadata={"a": [-1, 2 ** 64 - 1]})
+
+
 def test_gguf_metadata_matches_gguf_reader(tmp_path):
     """pyqkern parses GGUF headers itself (the gguf package's reader builds objects per array
     item: a llama-3-sized tokenizer took 7 s and 670 MB): every value type comes out as the

@@ -52,7 +52,7 @@ def pack_nibbles_u32(codes):
 
 def group_size_for(k, n_groups):
     """pyqkern group parameter for K input channels split into n_groups equal groups."""
-    if n_groups <= 0 or k % n_groups:
+    if k <= 0 or n_groups <= 0 or k % n_groups:
         raise ValueError(f"K={k} is not divisible into {n_groups} groups")
     if n_groups == 1:
         return -1
@@ -88,8 +88,17 @@ def int4_parts(qt: QTensor):
     scales = np.ascontiguousarray(s).view(np.float16).reshape(n, -1)
     g = scales.shape[1]
     zeros = np.full((n, g), 8, np.uint8) if qt.sym else np.ascontiguousarray(z).reshape(n, g).copy()
+    check_zero_points(zeros, 4)
     gs = k if qt.group == -1 else qt.group
     return codes, scales, zeros, gs
+
+
+def check_zero_points(zeros, bits):
+    """The exported formats pack zero points in fields of the codes' width: a pyqkern zero point
+    beyond 2^bits - 1 (its byte can hold one; no quantizer makes one) would spill into the
+    neighbouring channel's field and change that weight, so it is refused."""
+    if zeros.size and int(zeros.max()) >= 1 << bits:
+        raise ValueError(f"zero point {int(zeros.max())} does not fit the {bits}-bit field of the target format")
 
 
 def perm_from_g_idx(g_idx, k, g, gs):

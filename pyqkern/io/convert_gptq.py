@@ -41,7 +41,7 @@ from .. import _formats
 from .._qtensor import QTensor, assemble
 from ..reference import pack_codes, unpack_codes
 from . import safetensors as _st
-from ._convert_common import as_fp16, as_int_words, group_size_for, perm_from_g_idx, unpermute
+from ._convert_common import as_fp16, as_int_words, check_zero_points, group_size_for, perm_from_g_idx, unpermute
 
 __all__ = ["from_gptq", "to_gptq", "load_gptq_dir", "detect_gptq_format"]
 
@@ -125,6 +125,7 @@ def _parts(qt: QTensor):
     scales = np.ascontiguousarray(s).view(np.float16).reshape(n, -1)
     g = scales.shape[1]
     zeros = np.full((n, g), 1 << (bits - 1), np.uint8) if qt.sym else np.ascontiguousarray(z).reshape(n, g).copy()
+    check_zero_points(zeros, bits)
     return bits, codes, scales, zeros, (k if qt.group == -1 else qt.group)
 
 

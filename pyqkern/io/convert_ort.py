@@ -185,12 +185,46 @@ def to_onnx_matmulnbits(path, qt: QTensor, *, bias=None, accuracy_level=0, input
     return model
 
 
-def load_onnx_matmulnbits(model_or_path):
+def _gather_perm(src, inits, producers, k):
+    """The input-channel permutation of a Gather feeding MatMulNBits' A, as to_onnx_matmulnbits
+    writes it (default domain, axis -1, constant 1-D indices that permute 0..K-1), else None: any
+    other Gather (a row or token selection, an axis other than the last, a partial index list) is
+    the model's own op, not part of the weight."""
+    from onnx import helper, numpy_helper
+
+    if src is None or src.op_type != "Gather" or src.domain not in ("", "ai.onnx") or len(src.input) != 2:
+        return None
+    axis = {a.name: helper.get_attribute_value(a) for a in src.attribute}.get("axis", 0)
+    if axis != -1:
+        return None
+    name = src.input[1]
+    if name in inits:
+        idx = numpy_helper.to_array(inits[name])
+    else:
+        cst = producers.get(name)
+        if cst is None or cst.op_type != "Constant":
+            return None
+        vals = [a for a in cst.attribute if a.name == "value"]
+        if not vals:
+            return None
+        idx = numpy_helper.to_array(vals[0].t)
+    if idx.dtype.kind not in "iu" or idx.shape != (k,):
+        return None
+    idx = idx.astype(np.int64)
+    if not np.array_equal(np.sort(idx), np.arange(k)):
+        return None
+    return idx
+
+
+def load_onnx_matmulnbits(model_or_path, *, round_scales=False):
     """Read every com.microsoft.MatMulNBits node of an .onnx model (path or ModelProto) back into
     QTensors: -> (weights {name: QTensor}, biases {name: ndarray}). name is the node's name, or its
-    B initializer's name when the node has none. A Gather with constant indices feeding input A
-    (what to_onnx_matmulnbits writes for act-order weights) becomes qt.perm. 4-bit only; a
-    non-empty g_idx input is refused (it is deprecated in ONNX Runtime). Needs the onnx package."""
+    B initializer's name when the node has none. A Gather on the last axis whose constant indices
+    permute 0..K-1, feeding input A (what to_onnx_matmulnbits writes for act-order weights), becomes
+    qt.perm; other Gathers are the model's own ops and are left alone. 4-bit only; a
+    non-empty g_idx input is refused (it is deprecated in ONNX Runtime). round_scales: as in
+    from_ort_nbits (ONNX Runtime's own quantizer writes fp32 scales that fp16 does not hold exactly:
+    round them to fp16 instead of refusing). Needs the onnx package."""
     import onnx
     from onnx import numpy_helper
 
@@ -230,10 +264,11 @@ def load_onnx_matmulnbits(model_or_path):
             raise NotImplementedError(f"MatMulNBits {nd.name or '?'}: the g_idx input is not supported")
         zp = const(ins[3], "zero_points", nd) if ins[3] else None
         qt = from_ort_nbits(const(ins[1], "B", nd), const(ins[2], "scales", nd), zp, K=int(attrs["K"]),
-                            N=int(attrs["N"]), block_size=int(attrs["block_size"]), bits=bits)
-        src = producers.get(ins[0])
-        if src is not None and src.op_type == "Gather" and len(src.input) == 2 and src.input[1] in inits:
-            qt = qt.with_perm(numpy_helper.to_array(inits[src.input[1]]).astype(np.int64))
+                            N=int(attrs["N"]), block_size=int(attrs["block_size"]), bits=bits,
+                            round_scales=round_scales)
+        perm = _gather_perm(producers.get(ins[0]), inits, producers, int(attrs["K"]))
+        if perm is not None:
+            qt = qt.with_perm(perm)
         name = nd.name or ins[1]
         weights[name] = qt
         if ins[5]:

@@ -318,6 +318,11 @@ def _tensor_plan(name, t):
     raise TypeError(f"tensor {name!r} must be a QTensor or numpy array, got {type(t).__name__}")
 
 
+def _fits_f32(v):
+    """v is NaN, +-Inf or within float32's finite range (so f32 storage keeps its magnitude)."""
+    return not np.isfinite(v) or abs(v) <= float(np.finfo(np.float32).max)
+
+
 def _add_kv(w, key, v):
     gguf = _gguf()
     V = gguf.GGUFValueType
@@ -338,7 +343,11 @@ def _add_kv(w, key, v):
         else:
             raise ValueError(f"metadata {key!r}: integer {v} does not fit 64 bits")
     elif isinstance(v, (float, np.floating)):
-        w.add_float32(key, float(v))  # llama.cpp reads float hyperparameters as f32
+        v = float(v)
+        if _fits_f32(v):
+            w.add_float32(key, v)  # llama.cpp reads float hyperparameters as f32
+        else:
+            w.add_float64(key, v)  # beyond f32's range: f64 holds it (f32 would be Inf or fail)
     elif isinstance(v, str):
         w.add_string(key, v)
     elif isinstance(v, (list, tuple)):
@@ -350,11 +359,19 @@ def _add_kv(w, key, v):
         elif kinds <= {bool}:
             w.add_key_value(key, list(v), V.ARRAY, V.BOOL)
         elif all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v):
-            lo, hi = min(v), max(v)
-            sub = V.INT32 if -(1 << 31) <= lo and hi < 1 << 31 else V.INT64
+            lo, hi = int(min(v)), int(max(v))
+            if -(1 << 31) <= lo and hi < 1 << 31:
+                sub = V.INT32
+            elif -(1 << 63) <= lo and hi < 1 << 63:
+                sub = V.INT64
+            elif 0 <= lo and hi < 1 << 64:
+                sub = V.UINT64
+            else:
+                raise ValueError(f"metadata {key!r}: integers from {lo} to {hi} do not fit one 64-bit type")
             w.add_key_value(key, [int(x) for x in v], V.ARRAY, sub)
         elif all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in v):
-            w.add_key_value(key, [float(x) for x in v], V.ARRAY, V.FLOAT32)
+            fl = [float(x) for x in v]
+            w.add_key_value(key, fl, V.ARRAY, V.FLOAT32 if all(map(_fits_f32, fl)) else V.FLOAT64)
         else:
             raise TypeError(f"metadata {key!r}: arrays must hold only str, bool, int or float items")
     else:
