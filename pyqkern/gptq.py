@@ -42,6 +42,8 @@ installed, else in NumPy (``backend="numpy"`` forces the latter).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _formats, _grid
@@ -397,6 +399,12 @@ class GPTQ:
                 raise ValueError(f"GPTQ: {fmt} is {BITS[fmt]}-bit; bits={bits} does not apply (use int2/int3/int4/int8)")
         if search not in (None, "mse"):
             raise ValueError(f"GPTQ: search must be None or 'mse', got {search!r}")
+        try:
+            d = float(damp)
+        except (TypeError, ValueError):
+            d = float("nan")
+        if not (math.isfinite(d) and d >= 0) or isinstance(damp, bool):
+            raise ValueError(f"GPTQ: damp must be a finite number >= 0, got {damp!r}")
         if self.nsamples == 0:
             raise ValueError("GPTQ: no calibration data (call add_batch or set_hessian first)")
         n, k = self.W.shape
@@ -418,6 +426,10 @@ class GPTQ:
                     raise ValueError("GPTQ: sym must be a bool")
             elif static_groups:
                 raise ValueError("GPTQ: static_groups applies to int2/int3/int4/int8 only")
+            blk = 256 if fmt in ("q4_k", "q6_k") else 32
+            if fmt != "int8" and (group_size not in (None, 0, blk) or sym):  # ggml formats: fixed blocks
+                raise ValueError(f"GPTQ: {fmt} has fixed blocks of {blk} and its own offsets; group_size / sym "
+                                 f"do not apply (as in pyqkern.quantize)")
             _formats.resolve_params(fmt, k)
             g = -1 if fmt == "int8" else 32
         H = self.H

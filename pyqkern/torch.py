@@ -71,13 +71,22 @@ def qtensor_to_tensor(qt: QTensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(qt.data).reshape(-1))
 
 
+def _version(t: torch.Tensor):
+    """t's version counter, or None for an inference tensor (made under torch.inference_mode,
+    which keeps none and raises on reading it); such a tensor cannot be modified in place outside
+    inference mode, so its cache key needs no version."""
+    if t.is_inference():
+        return None
+    return t._version
+
+
 def qtensor_from_tensor(qdata: torch.Tensor, fmt: str, n: int, k: int, group: int, sym: int) -> QTensor:
     """Wrap a uint8 tensor of canonical bytes as a QTensor (no copy). The QTensor is cached on the
     tensor object (keyed by its version counter and the parameters), so the int8 kernels' packed
     weight is made once per weight, and in-place updates (load_state_dict) are seen."""
     if qdata.dtype != torch.uint8 or qdata.device.type != "cpu":
         raise TypeError(f"qdata must be a CPU uint8 tensor, got {qdata.dtype} on {qdata.device}")
-    key = (qdata.data_ptr(), qdata.numel(), qdata._version, fmt, int(n), int(k), int(group), int(sym))
+    key = (qdata.data_ptr(), qdata.numel(), _version(qdata), fmt, int(n), int(k), int(group), int(sym))
     hit = getattr(qdata, "_pyqkern_qt", None)
     if isinstance(hit, _QTCache) and hit.key == key:
         return hit.qt
@@ -138,6 +147,8 @@ def _op_matmul_lora(x: torch.Tensor, qdata: torch.Tensor, fmt: str, n: int, k: i
                     scales: List[float], adapter_ids: Optional[torch.Tensor], compute: str) -> torch.Tensor:
     qt = qtensor_from_tensor(qdata, fmt, n, k, group, sym)
     b = None if bias is None else _x32(bias)
+    if not len(As) == len(Bs) == len(scales):
+        raise ValueError(f"pyqkern::matmul_lora: {len(As)} A, {len(Bs)} B and {len(scales)} scales; one of each per adapter")
     ads = [_lora(a, bb, s) for a, bb, s in zip(As, Bs, scales)]
     ids = None if adapter_ids is None else adapter_ids.detach().reshape(-1).numpy()
     return torch.from_numpy(_pq_matmul(_x32(x), qt, b, lora=ads or None, adapter_ids=ids, compute=compute))
@@ -547,12 +558,18 @@ def _matches(name, patterns):
     return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
 
 
-def _fits(fmt, k, group, sym, double_quant):
+def _fits(fmt, k, group, sym, double_quant, compute="auto"):
+    """None if a [*, k] layer can become fmt (with compute="int8": run the int8 kernels, checked
+    here so an unfit layer is skipped before any layer is replaced), else why not."""
     try:
-        _formats.resolve_params(fmt, k, group, sym, double_quant)
-        return None
+        params = _formats.resolve_params(fmt, k, group, sym, double_quant)
     except ValueError as e:
         return str(e)
+    if compute == "int8":
+        g = params.get("group", -1)
+        if k % 32 or (fmt in _formats.INTN_BITS and g != -1 and g < 32):
+            return "compute='int8' needs K % 32 == 0 and int2/int3/int4 groups >= 32"
+    return None
 
 
 def _progress(total, progress, desc):
@@ -574,6 +591,7 @@ def _install(model, summary, name, lin, q, verbose, note=""):
                                                                                 q.perm.numel() * 8)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    q.train(lin.training)  # a new module starts in training mode; keep the replaced one's
     setattr(parent, child, q)
     summary["quantized"].append(name)
     summary["bytes_before"] += before
@@ -638,6 +656,13 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
     summary = {"quantized": [], "skipped": {}, "bytes_before": 0, "bytes_after": 0}
     mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
            for c, _ in m.named_children()}
+    # torch's encoder / decoder layers check linear1.weight / linear2.weight for their fused eval path
+    paths = {}  # a module reachable under several names (reused): replacing one name leaves the others
+    for n, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(n)
+    tlayer = {f"{n}.{c}" if n else c for n, m in model.named_modules()
+              if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+              for c in ("linear1", "linear2")}
     targets = []
     for name, lin in model.named_modules():
         if not isinstance(lin, nn.Linear) or not name:
@@ -648,8 +673,14 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
             continue
         if name in mha:
             why = "nn.MultiheadAttention reads out_proj.weight directly, not through the module"
+        elif name in tlayer:
+            why = "nn.TransformerEncoderLayer / DecoderLayer read linear1.weight / linear2.weight directly"
+        elif len(paths[id(lin)]) > 1:
+            why = f"the same module is also reached as {', '.join(p for p in paths[id(lin)] if p != name)}"
+        elif type(lin).forward is not nn.Linear.forward:
+            why = f"{type(lin).__name__} has its own forward, which a QuantLinear would drop"
         else:
-            why = _fits(format, lin.in_features, group, sym, double_quant)
+            why = _fits(format, lin.in_features, group, sym, double_quant, compute)
         if why is not None:
             warnings.warn(f"pyqkern.torch.quantize_model: skipping {name}: {why}", stacklevel=2)
             summary["skipped"][name] = why
@@ -684,6 +715,38 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
 
 
 # --------------------------------------------------------------------------- threads
+class _ThreadsState:
+    """Blocks of ``threads`` open across Python threads: the thread counts from before the first one
+    are restored when the last one closes (each block restoring what it saw on entry leaked a
+    block's counts when blocks in two threads overlapped). A block nested in the same thread
+    restores the enclosing block's counts."""
+    import threading as _threading
+
+    lock = _threading.Lock()
+    depth = 0
+    saved = None
+    local = _threading.local()
+
+    @classmethod
+    def enter(cls, t, p):
+        with cls.lock:
+            if cls.depth == 0:
+                cls.saved = (t, p)
+            cls.depth += 1
+        cls.local.depth = getattr(cls.local, "depth", 0) + 1
+
+    @classmethod
+    def exit(cls):
+        """-> the counts to restore: the ones before the first block, "nested" (the enclosing
+        block's, in this thread), or None (another thread's block is open: restore nothing)"""
+        cls.local.depth -= 1
+        with cls.lock:
+            cls.depth -= 1
+            if cls.depth == 0:
+                return cls.saved
+        return "nested" if cls.local.depth > 0 else None
+
+
 class threads:
     """Context manager (and decorator) giving the CPU cores to pyqkern's kernels: inside it torch
     runs its own ops on ``torch_threads`` intra-op threads (default 1) and pyqkern on
@@ -713,6 +776,7 @@ class threads:
 
         t, p = torch.get_num_threads(), get_num_threads()
         self._saved.append((t, p))
+        _ThreadsState.enter(t, p)
         n = self.pyqkern_threads or max(t, p)
         if p != n:
             set_num_threads(n)
@@ -724,6 +788,10 @@ class threads:
         from . import get_num_threads, set_num_threads
 
         t, p = self._saved.pop()
+        outer = _ThreadsState.exit()
+        if outer is None:  # another Python thread is still inside a block: leave its settings
+            return False
+        t, p = outer if outer != "nested" else (t, p)
         if torch.get_num_threads() != t:
             torch.set_num_threads(t)
         if get_num_threads() != p:
@@ -859,7 +927,7 @@ def _tensors(obj, depth=0):
 
 
 def _input_key(x):
-    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version)
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, _version(x))
 
 
 def _strip_cache(kw):
@@ -1076,6 +1144,7 @@ class _GPTQRun:
         self.bar = bar
         self.summary["gptq"] = {}
         flags = [(m, m.training) for m in self.model.modules()]
+        by_name = {n: m.training for n, m in self.model.named_modules()}  # for the layers replaced meanwhile
         self.model.eval()
         t0 = time.perf_counter()
         try:
@@ -1084,6 +1153,8 @@ class _GPTQRun:
         finally:
             for m, t in flags:
                 m.training = t
+            for n in self.summary["quantized"]:
+                self.model.get_submodule(n).train(by_name.get(n, self.model.training))
         self.summary["calibration"] = {"mode": mode, "batches": len(self.items), "model_passes": self.model_passes,
                                        "block_passes": self.block_passes, "seconds": time.perf_counter() - t0}
 

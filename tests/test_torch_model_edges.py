@@ -1,0 +1,147 @@
+"""pyqkern.torch on models and modes a review found mishandled: layers torch reads directly,
+Linear subclasses, reused modules, inference mode, overlapping threads() blocks, the custom op's
+adapter lists, and GPTQ arguments that were silently ignored."""
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import pyqkern as pq  # noqa: E402
+import pyqkern.gptq  # noqa: E402,F401
+import pyqkern.torch as pqt  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def _quiet(fn, *a, **kw):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn(*a, **kw)
+    return out, [str(x.message) for x in w]
+
+
+def test_transformer_layers_keep_working_in_eval():
+    """nn.TransformerEncoderLayer's fused eval path reads linear1.weight: those two layers are
+    skipped (like MultiheadAttention's out_proj), so the model still runs; calibration too."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2).eval()
+    x = torch.randn(2, 5, 64)
+    summary, msgs = _quiet(pqt.quantize_model, enc, "q8_0")
+    assert not summary["quantized"] and any("linear1" in m for m in msgs)
+    with torch.no_grad():
+        enc(x)
+    enc2 = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 1).train()
+    _quiet(pqt.quantize_model, enc2, "q8_0", calib=[x])
+    enc2.eval()
+    with torch.no_grad():
+        enc2(x)
+
+
+def test_linear_subclass_with_own_forward_and_reused_module_are_skipped():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 10
+
+    class Plain(nn.Linear):  # a subclass without its own forward is a Linear as far as we care
+        pass
+
+    shared = nn.Linear(32, 32)
+    m = nn.Sequential(Scaled(32, 32), Plain(32, 32), shared, nn.ReLU(), shared)
+    summary, msgs = _quiet(pqt.quantize_model, m, "q8_0")
+    assert summary["quantized"] == ["1"]
+    assert type(m[0]) is Scaled and m[2] is shared and m[4] is shared
+    assert any("own forward" in s for s in msgs) and any("also reached as 4" in s for s in msgs)
+
+
+def test_unfit_int8_layer_is_skipped_before_anything_is_replaced():
+    m = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16))  # K = 48: no int8 kernels
+    summary, msgs = _quiet(pqt.quantize_model, m, "q8_0", compute="int8")
+    assert summary["quantized"] == ["0"] and "2" in summary["skipped"]
+    assert type(m[2]) is nn.Linear
+
+
+def test_new_layers_keep_the_model_mode():
+    for calib in (None, [torch.randn(3, 64)]):
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+        pqt.quantize_model(m, "q8_0", calib=calib)
+        assert not any(mod.training for mod in m.modules())
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).train()
+        pqt.quantize_model(m, "q8_0", calib=calib)
+        assert all(mod.training for mod in m.modules())
+
+
+def test_inference_mode():
+    """Inference tensors keep no version counter (reading it raised): QuantLinear built, loaded
+    and run under torch.inference_mode."""
+    torch.manual_seed(1)
+    lin = nn.Linear(64, 32)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        q = pqt.QuantLinear.from_linear(lin, "q4_0")
+        y = q(x)
+    q2 = pqt.QuantLinear.from_linear(lin, "q4_0")
+    assert torch.equal(y, q2(x))
+    with torch.inference_mode():
+        sd = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in q2.state_dict().items()}
+    q3 = pqt.QuantLinear.from_linear(nn.Linear(64, 32), "q4_0")
+    q3.load_state_dict(sd, assign=True)
+    with torch.inference_mode():
+        assert torch.equal(q3(x), y)
+
+
+def test_threads_blocks_overlapping_in_two_python_threads_restore_the_counts():
+    before = (torch.get_num_threads(), pq.get_num_threads())
+    try:
+        torch.set_num_threads(2)
+        pq.set_num_threads(2)
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+        def req_a():
+            with pqt.threads(pyqkern_threads=1):
+                a_in.set()
+                b_in.wait(10)
+            a_out.set()
+
+        def req_b():
+            a_in.wait(10)
+            with pqt.threads():
+                b_in.set()
+                a_out.wait(10)
+
+        ts = [threading.Thread(target=req_a), threading.Thread(target=req_b)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert pq.get_num_threads() == 2
+        with pqt.threads(pyqkern_threads=1):  # nested in one thread: the inner restores the outer's
+            with pqt.threads(pyqkern_threads=2):
+                assert pq.get_num_threads() == 2
+            assert pq.get_num_threads() == 1
+        assert pq.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before[0])
+        pq.set_num_threads(before[1])
+
+
+def test_matmul_lora_op_needs_one_of_each_per_adapter():
+    lin = pqt.QuantLinear.from_linear(nn.Linear(32, 16), "q8_0")
+    x = torch.randn(2, 32)
+    A = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="one of each"):  # B missing: the adapter was once dropped silently
+        torch.ops.pyqkern.matmul_lora(x, lin.qdata, "q8_0", 16, 32, 0, 0, None, [A], [], [1.0], None, "float")
+
+
+def test_gptq_refuses_bad_damp_and_ignored_options():
+    rng = np.random.default_rng(3)
+    g = pq.gptq.GPTQ(rng.standard_normal((16, 64)).astype(np.float32))
+    g.add_batch(rng.standard_normal((32, 64)).astype(np.float32))
+    for d in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="damp"):
+            g.quantize(format="q4_0", damp=d)
+    with pytest.raises(ValueError, match="fixed blocks"):
+        g.quantize(format="q4_0", group_size=128)
+    with pytest.raises(ValueError, match="fixed blocks"):
+        g.quantize(format="q8_0", sym=True)
+    assert g.quantize(format="q4_0", damp=0.0).format == "q4_0"
