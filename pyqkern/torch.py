@@ -1048,9 +1048,7 @@ class _GPTQRun:
             g = _formats.DEFAULT_GROUP[self.fmt] if self.group in (None, 0) else int(self.group)
             kw["group_size"] = g
             kw["sym"] = bool(self.sym)
-        if self.dq:
-            kw["double_quant"] = True
-        kw.update(user)
+        kw.update(user)  # double_quant: applied to GPTQ's result in _finish (GPTQ.quantize has no such option)
         accepted = inspect.signature(self.gmod.GPTQ.quantize).parameters
         bad = [k for k in kw if k not in accepted]
         if bad:
@@ -1126,6 +1124,13 @@ class _GPTQRun:
                 qt = g.quantize(**self.qkw)
             except ValueError as e:
                 raise ValueError(f"pyqkern.torch.quantize_model: GPTQ failed on {name}: {e}") from e
+            if self.dq and qt.format in _formats.BNB4:  # bitsandbytes' double quantization of the absmax
+                from . import _qtensor
+
+                perm = qt.perm
+                qt = _qtensor.assemble(qt.format, *qt.shape, dict(qt.params, double_quant=True), *qt.sections())
+                if perm is not None:
+                    qt = qt.with_perm(perm)
             rtn = _pq_quantize(g.W, self.fmt, group=self.group, sym=self.sym, double_quant=self.dq)
             e_g, e_r = _hessian_rel_err(g.H, g.W, g.nsamples, [_pq_dequantize(qt), _pq_dequantize(rtn)])
             self.summary["gptq"][name] = {"gptq": e_g, "rtn": e_r, "tokens": int(g.nsamples),

@@ -145,3 +145,19 @@ def test_gptq_refuses_bad_damp_and_ignored_options():
     with pytest.raises(ValueError, match="fixed blocks"):
         g.quantize(format="q8_0", sym=True)
     assert g.quantize(format="q4_0", damp=0.0).format == "q4_0"
+
+
+def test_calibrated_nf4_with_double_quant():
+    """quantize_model(format="nf4", double_quant=True, calib=...) once always failed (it passed
+    double_quant to GPTQ.quantize, which has no such option): the absmax of GPTQ's result is
+    double-quantized, as pq.quantize does, and the summary's GPTQ error is that layer's."""
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Linear(64, 64))
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        want = m(x)
+    s, _ = _quiet(pqt.quantize_model, m, "nf4", double_quant=True, calib=[x])
+    assert m[0].format == "nf4:dq" or "double_quant" in repr(m[0])
+    assert s["gptq"]["0"]["gptq"] < s["gptq"]["0"]["rtn"]
+    with torch.no_grad():
+        assert torch.allclose(m(x), want, atol=0.5)
