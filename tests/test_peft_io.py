@@ -516,3 +516,28 @@ def test_peft_cross_check(tmp_path, dora):
         assert layer.r["default"] == ad.rank and layer.scaling["default"] == ad.scale, name
         np.testing.assert_allclose(layer.get_delta_weight("default").detach().numpy(), ad.delta(), rtol=1e-6,
                                    atol=1e-7)
+
+
+def test_save_anchors_patterns_when_a_name_is_a_suffix_of_another(tmp_path):
+    """A top-level q_proj of rank 8 beside layers.N.q_proj of rank 4: PEFT matches a key as
+    (.*\\.)?(key)$, so plain or escaped 'q_proj' would also set the blocks' rank; the saved
+    pattern is anchored ('^q_proj') instead of refusing the set, and loads back (also in PEFT's
+    own matcher when peft is installed)."""
+    rng = np.random.default_rng(21)
+
+    def ad(r):
+        return pq.LoRA(rng.standard_normal((r, 64)).astype(np.float32), rng.standard_normal((16, r)).astype(np.float32),
+                       alpha=16)
+
+    ads = {"q_proj": ad(8), "layers.0.q_proj": ad(4), "layers.1.q_proj": ad(4)}
+    pio.save_peft_adapter(tmp_path, ads)
+    back = pio.load_peft_adapter(tmp_path)
+    assert {k: v.rank for k, v in back.items()} == {k: v.rank for k, v in ads.items()}
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"^q_proj": 8}
+    try:
+        from peft.tuners.tuners_utils import get_pattern_key
+    except ImportError:
+        return
+    assert {m: cfg["rank_pattern"].get(get_pattern_key(cfg["rank_pattern"].keys(), m), cfg["r"]) for m in ads} == \
+        {k: v.rank for k, v in ads.items()}

@@ -283,9 +283,15 @@ def save_peft_adapter(path, adapters: dict, base_model_name_or_path=None) -> Non
                 wrong.append(n)
         return wrong
 
-    if _bad():
+    plain = {p: dict(cfg[p]) for p in ("rank_pattern", "alpha_pattern")}
+    # escaped, then anchored: PEFT matches a key as (.*\.)?(key)$ from the start, so "^name" matches
+    # that module only (a top-level q_proj beside layers.N.q_proj of another rank)
+    for wrap in (re.escape, lambda k: "^" + re.escape(k)):
+        if not _bad():
+            break
         for pat_name in ("rank_pattern", "alpha_pattern"):
-            cfg[pat_name] = {re.escape(k): v for k, v in cfg[pat_name].items()}
+            cfg[pat_name] = {wrap(k): v for k, v in plain[pat_name].items()}
+    else:
         bad = _bad()
         if bad:
             raise ValueError(f"module {bad[0]!r}: its rank/alpha cannot be expressed unambiguously with PEFT's "
