@@ -551,11 +551,16 @@ class QuantLinear(nn.Module):
 
 # --------------------------------------------------------------------------- quantize_model
 def _matches(name, patterns):
+    """name, or a module it sits in, matches one of the patterns (exact dotted names or fnmatch
+    patterns): a pattern naming a parent covers its children, as a plain name always did
+    ("*.attn" covers layers.0.attn.q)."""
     import fnmatch
 
     if isinstance(patterns, str):
         patterns = [patterns]
-    return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(pre, p) or pre == p for p in patterns for pre in prefixes)
 
 
 def _fits(fmt, k, group, sym, double_quant, compute="auto"):
@@ -606,8 +611,8 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
                    progress=None, verbose=False) -> dict:
     """Replace the model's nn.Linear layers by QuantLinear, in place; with ``calib``, by GPTQ.
 
-    include / exclude: module names or fnmatch patterns ("*.mlp.*"; a name also matches its
-    submodules); None includes all / excludes none. Layers whose in_features does not fit the
+    include / exclude: module names or fnmatch patterns ("*.mlp.*"; a name or pattern that matches a
+    module also matches its submodules: "*.attn" covers layers.0.attn.q_proj); None includes all / excludes none. Layers whose in_features does not fit the
     format's block, and the out_proj of nn.MultiheadAttention (whose forward reads
     ``out_proj.weight`` directly), are skipped with a warning.
 
@@ -1131,7 +1136,10 @@ class _GPTQRun:
                 qt = _qtensor.assemble(qt.format, *qt.shape, dict(qt.params, double_quant=True), *qt.sections())
                 if perm is not None:
                     qt = qt.with_perm(perm)
-            rtn = _pq_quantize(g.W, self.fmt, group=self.group, sym=self.sym, double_quant=self.dq)
+            # round-to-nearest in the format GPTQ produced (gptq={"bits": 3} turns int4 into int3)
+            base = qt.format
+            rtn = _pq_quantize(g.W, base, group=qt.params.get("group"), sym=qt.params.get("sym"),
+                               double_quant=self.dq and base in _formats.BNB4)
             e_g, e_r = _hessian_rel_err(g.H, g.W, g.nsamples, [_pq_dequantize(qt), _pq_dequantize(rtn)])
             self.summary["gptq"][name] = {"gptq": e_g, "rtn": e_r, "tokens": int(g.nsamples),
                                           "damp": float(g.damp_used)}

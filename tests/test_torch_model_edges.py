@@ -161,3 +161,42 @@ def test_calibrated_nf4_with_double_quant():
     assert s["gptq"]["0"]["gptq"] < s["gptq"]["0"]["rtn"]
     with torch.no_grad():
         assert torch.allclose(m(x), want, atol=0.5)
+
+
+def test_patterns_naming_a_parent_cover_its_children():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Sequential(nn.Linear(32, 32))
+            self.mlp = nn.Linear(32, 32)
+
+    def model():
+        m = nn.Module()
+        m.layers = nn.ModuleList([Block(), Block()])
+        return m
+
+    for kw, want in [({"exclude": ["*.attn"]}, ["layers.0.mlp", "layers.1.mlp"]),
+                     ({"exclude": ["layers.*.attn"]}, ["layers.0.mlp", "layers.1.mlp"]),
+                     ({"include": ["*.attn"]}, ["layers.0.attn.0", "layers.1.attn.0"]),
+                     ({"include": ["layers.0"]}, ["layers.0.attn.0", "layers.0.mlp"])]:
+        assert sorted(pqt.quantize_model(model(), "q8_0", **kw)["quantized"]) == want, kw
+
+
+def test_gptq_bits_override_compares_with_rtn_in_the_same_format():
+    """gptq={"bits": 3} on format="int4" installs int3: the summary's round-to-nearest figure is
+    int3's too (it was int4's, a comparison across formats)."""
+    torch.manual_seed(3)
+    x = torch.randn(64, 64)
+    base = nn.Sequential(nn.Linear(64, 64))
+    m4, m3 = copy_module(base), copy_module(base)
+    s4, _ = _quiet(pqt.quantize_model, m4, "int4", group=32, calib=[x])
+    s3, _ = _quiet(pqt.quantize_model, m3, "int4", group=32, calib=[x], gptq={"bits": 3})
+    assert m3[0].qtensor().format == "int3"
+    assert s3["gptq"]["0"]["rtn"] > 1.3 * s4["gptq"]["0"]["rtn"]  # int3 rounds coarser than int4
+    assert s3["gptq"]["0"]["gptq"] <= s3["gptq"]["0"]["rtn"]
+
+
+def copy_module(m):
+    import copy
+
+    return copy.deepcopy(m)
