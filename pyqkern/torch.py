@@ -39,6 +39,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 from torch import nn
+import torch.autograd.forward_ad as _fwad
 
 from . import _formats
 from ._lora import LoRA
@@ -317,6 +318,16 @@ _op_matmul_lora.register_autograd(_bwd_lora, setup_context=_setup_lora)
 
 
 # --------------------------------------------------------------------------- QuantLinear
+def _refuse_forward_ad(x, module):
+    """The custom ops register reverse-mode autograd only: a forward-mode tangent on x or an
+    adapter would come out as zero (torch gives no error), so refuse it."""
+    if _fwad.unpack_dual(x).tangent is not None or any(
+            _fwad.unpack_dual(p).tangent is not None for p in module.parameters()):
+        raise NotImplementedError("forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported "
+                                  "through pyqkern's QuantLinear; reverse mode (loss.backward()) is")
+
+
+
 _EXTRA_KEYS = ("format", "in_features", "out_features", "group", "sym", "compute", "adapters", "active")
 
 
@@ -459,6 +470,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
         """adapter_ids: None (the active adapters on every row) or one id per row of x flattened
         (ints indexing adapter_names, -1 = none; a tensor, or a list of ints / names / None)."""
+        if _fwad._current_level >= 0:  # inside forward_ad.dual_level / torch.func.jvp (a global read otherwise)
+            _refuse_forward_ad(x, self)
         args = (self.qdata, self.format, self.out_features, self.in_features, self.group, self.sym)
         out_dtype = x.dtype
         perm = self.perm

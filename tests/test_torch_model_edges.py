@@ -200,3 +200,20 @@ def copy_module(m):
     import copy
 
     return copy.deepcopy(m)
+
+
+def test_forward_mode_ad_is_refused_not_zero():
+    """Only reverse-mode autograd is registered for the custom ops; a forward-mode tangent came
+    out as zeros (jvp) or None (forward_ad). Now NotImplementedError; plain forwards inside a
+    dual level without a tangent on x still run."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.func as tf
+
+    q = pqt.QuantLinear.from_linear(nn.Linear(64, 32), "q8_0", compute="float")
+    x, v = torch.randn(3, 64), torch.randn(3, 64)
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        tf.jvp(q, (x,), (v,))
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            q(fwAD.make_dual(x, v))
+        assert torch.equal(q(x), q.forward(x))
