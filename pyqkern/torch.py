@@ -327,7 +327,6 @@ def _refuse_forward_ad(x, module):
                                   "through pyqkern's QuantLinear; reverse mode (loss.backward()) is")
 
 
-
 _EXTRA_KEYS = ("format", "in_features", "out_features", "group", "sym", "compute", "adapters", "active")
 
 
@@ -624,10 +623,13 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
                    progress=None, verbose=False) -> dict:
     """Replace the model's nn.Linear layers by QuantLinear, in place; with ``calib``, by GPTQ.
 
-    include / exclude: module names or fnmatch patterns ("*.mlp.*"; a name or pattern that matches a
-    module also matches its submodules: "*.attn" covers layers.0.attn.q_proj); None includes all / excludes none. Layers whose in_features does not fit the
-    format's block, and the out_proj of nn.MultiheadAttention (whose forward reads
-    ``out_proj.weight`` directly), are skipped with a warning.
+    include / exclude: module names or fnmatch patterns ("*.mlp.*"; a name or pattern that matches
+    a module also matches its submodules: "*.attn" covers layers.0.attn.q_proj); None includes all
+    / excludes none. Skipped with a warning: layers whose in_features does not fit the format's
+    block (or, with compute="int8", the int8 kernels), layers torch reads directly instead of
+    calling them (nn.MultiheadAttention's out_proj, nn.TransformerEncoderLayer / DecoderLayer's
+    linear1 / linear2), nn.Linear subclasses with their own forward, and a module reached under
+    several names.
 
     Without ``calib`` every layer is rounded to nearest (pq.quantize). With ``calib`` (an iterable
     of model inputs: a tensor -> model(t), a tuple -> model(*t), a dict -> model(**d); a single
@@ -674,10 +676,10 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
     summary = {"quantized": [], "skipped": {}, "bytes_before": 0, "bytes_after": 0}
     mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
            for c, _ in m.named_children()}
-    # torch's encoder / decoder layers check linear1.weight / linear2.weight for their fused eval path
     paths = {}  # a module reachable under several names (reused): replacing one name leaves the others
     for n, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(n)
+    # torch's encoder / decoder layers check linear1.weight / linear2.weight for their fused eval path
     tlayer = {f"{n}.{c}" if n else c for n, m in model.named_modules()
               if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
               for c in ("linear1", "linear2")}
