@@ -125,6 +125,45 @@ def test_gguf_metadata_beyond_f32_and_int64(tmp_path):
         pq.io.save_gguf(path, {"w": w}, metadata={"a": [-1, 2 ** 64 - 1]})
 
 
+def test_gguf_metadata_types_survive_load_and_save(tmp_path):
+    """load_gguf returns a GGUFMetadata that remembers each key's GGUF type; save_gguf writes it
+    back with that type while the value fits (u8, i16, i32 >= 0, u32 arrays and f64 once came back
+    as UINT32 / INT32 arrays / FLOAT32), and honours general.alignment (it once refused it)."""
+    gguf = pytest.importorskip("gguf")
+    src, dst = tmp_path / "src.gguf", tmp_path / "dst.gguf"
+    w = gguf.GGUFWriter(str(src), "llama")
+    w.add_custom_alignment(64)
+    w.add_uint8("x.u8", 7)
+    w.add_int16("x.i16", -3)
+    w.add_int32("x.i32", 7)
+    w.add_float64("x.f64", 0.1)
+    w.add_key_value("x.arr", [1, 2], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+    w.add_key_value("x.arrf", [0.1, 0.2], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT64)
+    w.add_tensor("t", np.arange(64, dtype=np.float32).reshape(2, 32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tensors, meta = pq.io.load_gguf(src)
+    assert isinstance(meta, dict) and meta.types["x.u8"][0] == gguf.GGUFValueType.UINT8
+    meta["x.i16"] = -4  # changed but still fits: keeps INT16
+    meta["x.u8"] = 300  # no longer fits UINT8: the plain rules (UINT32)
+    pq.io.save_gguf(dst, tensors, meta)
+
+    def fields(path):
+        r = gguf.GGUFReader(str(path))
+        return {k: ([gguf.GGUFValueType(t).name for t in f.types], [f.parts[i].tolist() for i in f.data])
+                for k, f in r.fields.items() if k.startswith("x.") or k == "general.alignment"}
+
+    a, b = fields(src), fields(dst)
+    for k in ("x.i32", "x.f64", "x.arr", "x.arrf", "general.alignment"):
+        assert a[k] == b[k], k
+    assert b["x.i16"] == (["INT16"], [[-4]]) and b["x.u8"] == (["UINT32"], [[300]])
+    assert np.array_equal(pq.io.load_gguf(dst)[0]["t"], tensors["t"])
+    with pytest.raises(ValueError, match="alignment"):
+        pq.io.save_gguf(dst, tensors, {"general.alignment": 48})
+
+
 def test_gguf_metadata_matches_gguf_reader(tmp_path):
     """pyqkern parses GGUF headers itself (the gguf package's reader builds objects per array
     item: a llama-3-sized tokenizer took 7 s and 670 MB): every value type comes out as the

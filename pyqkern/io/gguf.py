@@ -36,7 +36,7 @@ import numpy as np
 
 from .._qtensor import QTensor
 
-__all__ = ["load_gguf", "save_gguf", "GGML_TYPES", "read_gguf_info"]
+__all__ = ["load_gguf", "save_gguf", "GGML_TYPES", "read_gguf_info", "GGUFMetadata"]
 
 #: pyqkern format -> ggml type name (GGMLQuantizationType member)
 GGML_TYPES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0", "q4_k": "Q4_K", "q6_k": "Q6_K", "iq4_nl": "IQ4_NL"}
@@ -52,6 +52,18 @@ _MAX_DEPTH = 4
 # up), so a few MB of hostile header must not become millions of objects. Real files stay well
 # below: llama-3's tokenizer is ~0.54M items, Gemma 3's ~0.79M.
 _MAX_ITEMS = 2_000_000
+
+
+class GGUFMetadata(dict):
+    """The metadata dict load_gguf / read_gguf_info return: the values as Python objects, and
+    ``types``: key -> (GGUF value type, item type for arrays else None) as the file stored them.
+    save_gguf writes a key back with its recorded type while the value still fits it, so a file
+    read and written again keeps u8 / i16 / u32 arrays / f64 where the plain rules (ints as UINT32
+    or INT32, floats as FLOAT32) would change them."""
+
+    def __init__(self, *a, types=None, **kw):
+        super().__init__(*a, **kw)
+        self.types = dict(types or {})
 
 
 def _gguf():
@@ -173,14 +185,18 @@ def _parse(path):
             n_kv = s.unpack("<Q", "key/value count")
             if n_kv * 12 > size or n_tensors * 24 > size:
                 raise s.err(f"truncated GGUF file: header claims {n_kv} key/values and {n_tensors} tensors")
-            meta, alignment = {}, 32
+            meta, types, alignment = {}, {}, 32
             s.count(n_kv + n_tensors, "header")
             for i in range(n_kv):
                 key = s.string(f"key #{i}")
                 if key in meta:
                     raise s.err(f"duplicate key {key!r}")
                 vtype = s.unpack("<I", f"type of {key!r}")
+                itype = None
+                if vtype == _ARRAY and s.pos + 4 <= s.n:  # the item type, before value() reads it
+                    itype = struct.unpack_from("<I", s.b, s.pos)[0]
                 v = meta[key] = s.value(vtype, f"value of {key!r}")
+                types[key] = (vtype, itype)
                 if key == "general.alignment":
                     if vtype != 4 or v == 0 or v & (v - 1):
                         raise s.err(f"general.alignment must be a uint32 power of two, got {v!r}")
@@ -220,7 +236,8 @@ def _parse(path):
         finally:
             s.b.release()
     # the GGUF.* names are the gguf package's pseudo-fields (version, counts): not metadata
-    meta = {k: v for k, v in meta.items() if not k.startswith("GGUF.")}
+    keep = [k for k in meta if not k.startswith("GGUF.")]
+    meta = GGUFMetadata({k: meta[k] for k in keep}, types={k: types[k] for k in keep})
     return meta, [(name, t, dims, start + off, nb) for name, t, dims, off, nb in infos]
 
 
@@ -323,11 +340,53 @@ def _fits_f32(v):
     return not np.isfinite(v) or abs(v) <= float(np.finfo(np.float32).max)
 
 
-def _add_kv(w, key, v):
+# integer GGUF value types: (min, max)
+_INT_RANGE = {0: (0, 255), 1: (-128, 127), 2: (0, 65535), 3: (-32768, 32767), 4: (0, 2**32 - 1),
+              5: (-2**31, 2**31 - 1), 10: (0, 2**64 - 1), 11: (-2**63, 2**63 - 1)}
+
+
+def _fits_type(t, v):
+    """v can be stored as scalar GGUF type t exactly"""
+    if t in _INT_RANGE:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and _INT_RANGE[t][0] <= v <= _INT_RANGE[t][1]
+    if t == 6:  # FLOAT32
+        return isinstance(v, (float, np.floating)) and _fits_f32(float(v)) and float(np.float32(v)) == float(v) \
+            or (isinstance(v, float) and v != v)
+    if t == 12:  # FLOAT64
+        return isinstance(v, (float, np.floating, int)) and not isinstance(v, bool)
+    if t == 7:
+        return isinstance(v, bool)
+    if t == _STRING:
+        return isinstance(v, str)
+    return False
+
+
+def _add_typed(w, key, v, typ):
+    """True if v was written with the recorded type typ = (value type, item type) (v still fits it)"""
+    V = _gguf().GGUFValueType
+    vt, it = typ
+    if vt == _ARRAY:
+        if it is None or it == _ARRAY or not isinstance(v, (list, tuple)) or not v:
+            return False
+        if not all(_fits_type(it, x) for x in v):
+            return False
+        items = [x if it == _STRING else (bool(x) if it == 7 else (int(x) if it in _INT_RANGE else float(x))) for x in v]
+        w.add_key_value(key, items, V.ARRAY, V(it))
+        return True
+    if not _fits_type(vt, v):
+        return False
+    w.add_key_value(key, v if vt == _STRING else (bool(v) if vt == 7 else (int(v) if vt in _INT_RANGE else float(v))),
+                    V(vt))
+    return True
+
+
+def _add_kv(w, key, v, typ=None):
     gguf = _gguf()
     V = gguf.GGUFValueType
     if not isinstance(key, str) or not key:
         raise TypeError(f"metadata keys must be non-empty strings, got {key!r}")
+    if typ is not None and _add_typed(w, key, v, typ):
+        return
     if isinstance(v, bool):
         w.add_bool(key, v)
     elif isinstance(v, (int, np.integer)):
@@ -385,14 +444,19 @@ class GGUFStreamWriter:
     def __init__(self, path, metadata=None, arch="pyqkern"):
         gguf = _gguf()
         self.path = os.fspath(path)
+        types = getattr(metadata, "types", {})  # a GGUFMetadata from load_gguf: keep its value types
         meta = dict(metadata or {})
         arch = meta.pop("general.architecture", arch)
         self.tmp = f"{self.path}.tmp-{os.getpid()}"
         self.w = gguf.GGUFWriter(self.tmp, arch)
+        align = meta.pop("general.alignment", None)
+        if align is not None:  # the tensor data alignment the file asks for (a power of two)
+            if isinstance(align, bool) or not isinstance(align, (int, np.integer)) or not 1 <= align <= 2**31 \
+                    or align & (align - 1):
+                raise ValueError(f"general.alignment must be a power of two in [1, 2^31], got {align!r}")
+            self.w.add_custom_alignment(int(align))
         for k, v in meta.items():
-            if k == "general.alignment":
-                raise ValueError("general.alignment is set by the writer")
-            _add_kv(self.w, k, v)
+            _add_kv(self.w, k, v, types.get(k))
         self.order, self.quantized = [], False
 
     def declare(self, name, nbytes, shape, raw_dtype=None, dtype=np.uint8):
@@ -439,7 +503,9 @@ def save_gguf(path, tensors: dict, metadata: dict | None = None, arch: str = "py
     QTensors are written as their ggml block bytes with the matching GGMLQuantizationType (a [N, K]
     weight is listed with ggml dims (K, N)); ndarrays keep their dtype (float32 -> F32, float16 -> F16,
     also F64 and I8..I64). ``metadata``: str -> str | int | float | bool | list (ints are stored as
-    UINT32 when they fit, floats as FLOAT32, as llama.cpp expects). ``general.architecture`` is
+    UINT32 when they fit, floats as FLOAT32, as llama.cpp expects; a :class:`GGUFMetadata` from
+    load_gguf keeps each key's recorded type while its value still fits it; ``general.alignment``
+    sets the tensor data alignment, a power of two). ``general.architecture`` is
     ``arch`` unless metadata sets it; ``general.quantization_version`` is added when a tensor is
     quantized. Non-ggml formats (nf4, int4, int8) raise ValueError: use :func:`pyqkern.io.save`.
     The file is written under a temporary name and renamed into place."""
