@@ -504,11 +504,25 @@ class QuantLinear(nn.Module):
 
     # -- state
     def get_extra_state(self):
-        return {"format": self.format, "in_features": self.in_features, "out_features": self.out_features,
-                "group": self.group, "sym": self.sym, "compute": self.compute,
-                "adapters": {nm: list(self._alphas[nm]) for nm in self.adapter_names}, "active": list(self._active)}
+        # a uint8 tensor of JSON, not a dict: safetensors (and so transformers' save_pretrained)
+        # stores only tensors in a state_dict
+        import json
+
+        state = {"format": self.format, "in_features": self.in_features, "out_features": self.out_features,
+                 "group": self.group, "sym": self.sym, "compute": self.compute,
+                 "adapters": {nm: list(self._alphas[nm]) for nm in self.adapter_names}, "active": list(self._active)}
+        return torch.frombuffer(bytearray(json.dumps(state, sort_keys=True).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state):
+        if isinstance(state, torch.Tensor):  # the JSON bytes get_extra_state writes (a dict: older checkpoints)
+            import json
+
+            if state.dtype != torch.uint8 or state.dim() != 1:
+                raise ValueError("QuantLinear extra state must be a uint8 tensor of JSON")
+            try:
+                state = json.loads(bytes(state.cpu().numpy()).decode())
+            except (UnicodeDecodeError, ValueError):
+                raise ValueError("QuantLinear extra state is not valid JSON") from None
         if not isinstance(state, dict) or any(key not in state for key in _EXTRA_KEYS):
             raise ValueError("QuantLinear extra state is missing keys")
         if (state["in_features"], state["out_features"]) != (self.in_features, self.out_features):

@@ -217,3 +217,26 @@ def test_forward_mode_ad_is_refused_not_zero():
         with pytest.raises(NotImplementedError, match="forward-mode"):
             q(fwAD.make_dual(x, v))
         assert torch.equal(q(x), q.forward(x))
+
+
+def test_state_dict_goes_through_safetensors():
+    """QuantLinear's extra state is a uint8 tensor of JSON (a dict before, which safetensors, and
+    so transformers' save_pretrained, cannot store); a dict from an older checkpoint still loads."""
+    st = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    pqt.quantize_model(m, "q4_0")
+    m[0].add_adapter("a", torch.randn(2, 64) * 0.1, torch.randn(32, 2) * 0.1, alpha=4.0)  # adapters travel too
+    blob = st.save({k: v.contiguous() for k, v in m.state_dict().items()})
+    m2 = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    pqt.quantize_model(m2, "q8_0")
+    m2.load_state_dict(st.load(blob))
+    x = torch.randn(2, 64)
+    assert m2[0].format == "q4_0" and m2[0].adapter_names == ["a"] and torch.equal(m(x), m2(x))
+    old = {k: v for k, v in m[2].state_dict().items() if k != "_extra_state"}
+    old["_extra_state"] = {"format": "q4_0", "in_features": 32, "out_features": 16, "group": 0, "sym": 0,
+                           "compute": m[2].compute, "adapters": {}, "active": []}
+    m2[2].load_state_dict(old)
+    assert torch.equal(m(x), m2(x))
+    with pytest.raises(ValueError, match="JSON"):
+        m2[2].set_extra_state(torch.tensor([255, 0], dtype=torch.uint8))
