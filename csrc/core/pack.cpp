@@ -33,7 +33,7 @@ int8_t fp4_i8(int i) { return (int8_t)std::nearbyint(127.0f * kFP4[i]); }
 
 struct RowDecomp {
   std::vector<uint8_t> u;   // [k]
-  std::vector<float> a, m;  // [nblk]
+  std::vector<float> a, m;  // [nblk] (single-level formats)
   std::vector<int32_t> o;   // [nblk]
   // two-level formats (q4_k, q6_k): a = sd[super-block] * sq[block], m = md * mq
   std::vector<float> sd, md;   // [k / 256]
@@ -132,8 +132,6 @@ void decompose_row(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z
           int64_t b = sb * 8 + j;
           r.sq[b] = (int8_t)scj;  // 6 bits
           r.mq[b] = (int8_t)mj;
-          r.a[b] = d * (float)scj;
-          r.m[b] = -(dmin * (float)mj);
           r.o[b] = 0;
           const uint8_t* qq = qs + (j / 2) * 32;
           for (int l = 0; l < 32; ++l) r.u[b * 32 + l] = (j & 1) ? (qq[l] >> 4) : (qq[l] & 0xF);
@@ -159,7 +157,6 @@ void decompose_row(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z
         for (int j = 0; j < 16; ++j) {
           int64_t b = sb * 16 + j;
           r.sq[b] = sc[j];
-          r.a[b] = d * (float)sc[j];
           r.o[b] = 32;
           for (int l = 0; l < 16; ++l) r.u[b * 16 + l] = vals[j * 16 + l];
         }

@@ -19,6 +19,7 @@
 
 #include "../../core/kernel_table.h"
 #include "../../core/packed.h"
+#include "../x86_avx512/packed_params512.h"  // load_a, load_m
 
 namespace pqk { namespace avx512bf16 {
 
@@ -35,15 +36,6 @@ inline __m512 dp_pair(__m512 acc, __m512i w, const uint16_t* p) {
 #else
   return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_set1_epi32((int)*(const u32_bf16pair*)p));
 #endif
-}
-
-// 16 per-row parameters at index pi: fp32, fp16 or two-level (q4_k, q6_k: d * q, exact; packed.h)
-inline __m512 load_par(const float* f32, const uint16_t* f16, const float* d, const int8_t* q, int64_t sup,
-                       int64_t pi) {
-  if (q)
-    return _mm512_mul_ps(_mm512_load_ps(d + sup),
-                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i*)(q + pi)))));
-  return f16 ? _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(f16 + pi))) : _mm512_load_ps(f32 + pi);
 }
 
 inline uint16_t bf16_of(float f) {  // exact for the small integers used here
@@ -94,9 +86,9 @@ void gemv_tile(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t l
   const int64_t pe = w.par_every;
   for (int64_t g = 0, b = 0; b < nkb; ++g) {
     const int64_t pi = (tile * w.npar + g) * NR;
-    const __m512 va = load_par(w.scale, w.scale16, w.sd, w.sq, w.sq ? w.sup_index(pi) : 0, pi);
+    const __m512 va = load_a(w, pi);
     __m512 vmin = _mm512_setzero_ps();
-    if (HAS_MIN) vmin = load_par(w.minv, w.min16, w.md, w.mq, w.mq ? w.sup_index(pi) : 0, pi);
+    if (HAS_MIN) vmin = load_m(w, pi);
     __m512i ob = _mm512_setzero_si512();  // o in every byte of its row lane
     if (ROW_OFF)
       ob = _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(w.offs + pi))),

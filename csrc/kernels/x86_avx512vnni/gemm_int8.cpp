@@ -6,6 +6,7 @@
 
 #include "../../core/kernel_table.h"
 #include "../../core/packed.h"
+#include "../x86_avx512/packed_params512.h"  // load_a, load_m
 
 namespace pqk { namespace avx512vnni {
 
@@ -40,22 +41,6 @@ inline __m512i dpwssd_x1(__m512i acc, __m512i o, const int32_t* p) {
 #else
   return _mm512_dpwssd_epi32(acc, o, _mm512_set1_epi32(*p));
 #endif
-}
-
-// 16 per-row parameters at index pi, stored as fp32 or fp16, or two-level (q4_k, q6_k: d * q,
-// exact; see packed.h)
-inline __m512 load_par(const float* f32, const uint16_t* f16, const float* d, const int8_t* q, int64_t sup,
-                       int64_t pi) {
-  if (q)
-    return _mm512_mul_ps(_mm512_load_ps(d + sup),
-                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i*)(q + pi)))));
-  return f16 ? _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(f16 + pi))) : _mm512_load_ps(f32 + pi);
-}
-inline __m512 load_a(const PackedWeight& w, int64_t pi) {
-  return load_par(w.scale, w.scale16, w.sd, w.sq, w.sq ? w.sup_index(pi) : 0, pi);
-}
-inline __m512 load_m(const PackedWeight& w, int64_t pi) {
-  return load_par(w.minv, w.min16, w.md, w.mq, w.mq ? w.sup_index(pi) : 0, pi);
 }
 
 // R activation rows from i0 over one tile: the row loop has a constant trip count, so the R
