@@ -340,25 +340,31 @@ def _fits_f32(v):
     return not np.isfinite(v) or abs(v) <= float(np.finfo(np.float32).max)
 
 
-# integer GGUF value types: (min, max)
-_INT_RANGE = {0: (0, 255), 1: (-128, 127), 2: (0, 65535), 3: (-32768, 32767), 4: (0, 2**32 - 1),
-              5: (-2**31, 2**31 - 1), 10: (0, 2**64 - 1), 11: (-2**63, 2**63 - 1)}
+# integer GGUF value types (the scalar types but bool) -> (min, max), from their struct codes
+_INT_RANGE = {t: (int(np.iinfo(f).min), int(np.iinfo(f).max))
+              for t, (f, _) in _SCALARS.items() if t != 7 and np.dtype(f).kind in "iu"}
 
 
 def _fits_type(t, v):
     """v can be stored as scalar GGUF type t exactly"""
     if t in _INT_RANGE:
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and _INT_RANGE[t][0] <= v <= _INT_RANGE[t][1]
-    if t == 6:  # FLOAT32
-        return isinstance(v, (float, np.floating)) and _fits_f32(float(v)) and float(np.float32(v)) == float(v) \
-            or (isinstance(v, float) and v != v)
+    if t == 6:  # FLOAT32: NaN, or a value f32 holds exactly
+        return isinstance(v, (float, np.floating)) and (v != v or (_fits_f32(float(v)) and float(np.float32(v)) == v))
     if t == 12:  # FLOAT64
         return isinstance(v, (float, np.floating, int)) and not isinstance(v, bool)
     if t == 7:
         return isinstance(v, bool)
+    return t == _STRING and isinstance(v, str)
+
+
+def _as_type(t, v):
+    """v (for which _fits_type(t, v)) as the Python value the gguf writer packs as type t"""
     if t == _STRING:
-        return isinstance(v, str)
-    return False
+        return v
+    if t == 7:
+        return bool(v)
+    return int(v) if t in _INT_RANGE else float(v)
 
 
 def _add_typed(w, key, v, typ):
@@ -366,17 +372,14 @@ def _add_typed(w, key, v, typ):
     V = _gguf().GGUFValueType
     vt, it = typ
     if vt == _ARRAY:
-        if it is None or it == _ARRAY or not isinstance(v, (list, tuple)) or not v:
+        if it is None or it == _ARRAY or not isinstance(v, (list, tuple)) or not v or \
+                not all(_fits_type(it, x) for x in v):
             return False
-        if not all(_fits_type(it, x) for x in v):
-            return False
-        items = [x if it == _STRING else (bool(x) if it == 7 else (int(x) if it in _INT_RANGE else float(x))) for x in v]
-        w.add_key_value(key, items, V.ARRAY, V(it))
-        return True
-    if not _fits_type(vt, v):
+        w.add_key_value(key, [_as_type(it, x) for x in v], V.ARRAY, V(it))
+    elif _fits_type(vt, v):
+        w.add_key_value(key, _as_type(vt, v), V(vt))
+    else:
         return False
-    w.add_key_value(key, v if vt == _STRING else (bool(v) if vt == 7 else (int(v) if vt in _INT_RANGE else float(v))),
-                    V(vt))
     return True
 
 
