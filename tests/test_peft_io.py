@@ -426,6 +426,7 @@ def test_load_rejects(tmp_path):
         ({"other.weight": a}, {"r": 4}, "no LoRA weights"),
         ({f"{P}m.lora_A.weight": np.full_like(a, np.nan), f"{P}m.lora_B.weight": b}, {"r": 4}, "NaN"),
         (ok, {"r": float("inf")}, "positive integer"),
+        (ok, {"r": 10 ** 400}, "config gives r="),  # a JSON integer beyond float's range (was OverflowError)
         (ok, {"r": 4, "lora_alpha": float("nan")}, "finite number"),
         (ok, {"r": 4, "rank_pattern": {"m": 2.5}}, "positive integers"),
         (ok, {"r": 4, "alpha_pattern": {"m": float("inf")}}, "finite numbers"),

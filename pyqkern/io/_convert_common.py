@@ -1,6 +1,9 @@
 """Shared helpers of the foreign-format converters (GPTQ, AWQ, ORT MatMulNBits, bitsandbytes)."""
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 
 from .. import _formats
@@ -48,6 +51,30 @@ def pack_nibbles_u32(codes):
     c = c.reshape(*c.shape[:-1], c.shape[-1] // 8, 8)
     sh = np.arange(8, dtype=np.uint32) * np.uint32(4)
     return np.bitwise_or.reduce(c << sh, axis=-1).astype(np.uint32)
+
+
+def finite_number(v):
+    """v is a number from a config file or a model attribute (int or float, not bool) and finite;
+    ints of any size are (math.isfinite would overflow on a JSON integer beyond float's range)"""
+    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)))
+
+
+def integral(v):
+    """v is a finite number with an integer value (4 or 4.0)"""
+    return finite_number(v) and v == int(v)
+
+
+def json_object(fn, what="the file"):
+    """A JSON file holding an object -> dict; ValueError naming the file otherwise (FileNotFoundError
+    passes through)."""
+    try:
+        with open(fn, encoding="utf-8") as f:
+            v = json.load(f)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{fn}: not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(v, dict):
+        raise ValueError(f"{fn}: {what} must be a JSON object, got {type(v).__name__}")
+    return v
 
 
 def group_size_for(k, n_groups):

@@ -32,7 +32,6 @@ every group to hold exactly K/G channels (true for GPTQ act-order).
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np
@@ -41,7 +40,8 @@ from .. import _formats
 from .._qtensor import QTensor, assemble
 from ..reference import pack_codes, unpack_codes
 from . import safetensors as _st
-from ._convert_common import as_fp16, as_int_words, check_zero_points, group_size_for, perm_from_g_idx, unpermute
+from ._convert_common import (as_fp16, as_int_words, check_zero_points, group_size_for, integral, json_object,
+                              perm_from_g_idx, unpermute)
 
 __all__ = ["from_gptq", "to_gptq", "load_gptq_dir", "detect_gptq_format"]
 
@@ -230,25 +230,13 @@ def to_gptq(qt: QTensor, format="v2") -> dict:
             "bits": bits}
 
 
-def _json_object(fn, what="the file"):
-    """A JSON file holding an object -> dict; ValueError naming the file otherwise."""
-    try:
-        with open(fn, encoding="utf-8") as f:
-            v = json.load(f)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{fn}: not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
-    if not isinstance(v, dict):
-        raise ValueError(f"{fn}: {what} must be a JSON object, got {type(v).__name__}")
-    return v
-
-
 def _read_quant_config(path):
     qc_path = os.path.join(path, "quantize_config.json")
     if os.path.exists(qc_path):
-        return _json_object(qc_path)
+        return json_object(qc_path)
     cfg_path = os.path.join(path, "config.json")
     if os.path.exists(cfg_path):
-        cfg = _json_object(cfg_path)
+        cfg = json_object(cfg_path)
         if "quantization_config" in cfg:
             qc = cfg["quantization_config"]
             if not isinstance(qc, dict):
@@ -259,8 +247,7 @@ def _read_quant_config(path):
 
 def _config_int(cfg, key, default, path):
     v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), -float("inf")) \
-            or v != int(v):
+    if not integral(v):
         raise ValueError(f"{path}: quantization config {key!r} must be an integer, got {v!r}")
     return int(v)
 

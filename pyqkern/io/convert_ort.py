@@ -14,14 +14,13 @@ one padded block of size next_pow2(K).
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
 import numpy as np
 
 from .._qtensor import QTensor
-from ._convert_common import as_fp16, int4_from_parts, int4_parts
+from ._convert_common import as_fp16, int4_from_parts, int4_parts, integral
 
 __all__ = ["from_ort_nbits", "to_ort_nbits", "to_onnx_matmulnbits"]
 
@@ -254,7 +253,7 @@ def load_onnx_matmulnbits(model_or_path, *, round_scales=False):
                 raise ValueError(f"MatMulNBits {nd.name or '?'}: attribute {req} missing")
         for a in ("K", "N", "block_size", "bits"):
             v = attrs.get(a, 4)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
+            if not integral(v):
                 raise ValueError(f"MatMulNBits {nd.name or '?'}: attribute {a} must be an integer, got {v!r}")
         bits = int(attrs.get("bits", 4))
         if bits != 4:

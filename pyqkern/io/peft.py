@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 import warnings
@@ -31,6 +30,7 @@ import numpy as np
 
 from .._lora import LoRA, _colocate
 from . import safetensors as _st
+from ._convert_common import finite_number, integral, json_object
 
 __all__ = ["load_peft_adapter", "save_peft_adapter", "get_pattern_key", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -127,14 +127,9 @@ def _resolve(cfg, module):
 
 def _read_config(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        cfg = json_object(path, "the config")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (not a PEFT adapter directory?)") from None
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: the config must be a JSON object")
     pt = cfg.get("peft_type", "LORA")
     if pt != "LORA":
         raise ValueError(f"{path}: peft_type is {pt!r}; only LORA adapters are supported")
@@ -146,9 +141,9 @@ def _read_config(path):
            "use_rslora": cfg.get("use_rslora", False), "use_dora": cfg.get("use_dora", False),
            "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {}}
     def bad(name, v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not finite_number(v):
             return True
-        return name in ("r", "rank_pattern") and (v != int(v) or v < 1)
+        return name in ("r", "rank_pattern") and (not integral(v) or v < 1)
 
     for name in ("r", "lora_alpha"):
         if bad(name, out[name]):
