@@ -426,7 +426,7 @@ class GPTQ:
                     raise ValueError("GPTQ: sym must be a bool")
             elif static_groups:
                 raise ValueError("GPTQ: static_groups applies to int2/int3/int4/int8 only")
-            blk = 256 if fmt in ("q4_k", "q6_k") else 32
+            blk = _formats.FORMATS[fmt].block
             if fmt != "int8" and (group_size not in (None, 0, blk) or sym):  # ggml formats: fixed blocks
                 raise ValueError(f"GPTQ: {fmt} has fixed blocks of {blk} and its own offsets; group_size / sym "
                                  f"do not apply (as in pyqkern.quantize)")
