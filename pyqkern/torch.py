@@ -32,6 +32,7 @@ Importing this module imports torch; ``import pyqkern`` alone does not.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
 from typing import List, Optional
@@ -754,12 +755,10 @@ class _ThreadsState:
     are restored when the last one closes (each block restoring what it saw on entry leaked a
     block's counts when blocks in two threads overlapped). A block nested in the same thread
     restores the enclosing block's counts."""
-    import threading as _threading
-
-    lock = _threading.Lock()
+    lock = threading.Lock()
     depth = 0
     saved = None
-    local = _threading.local()
+    local = threading.local()
 
     @classmethod
     def enter(cls, t, p):
