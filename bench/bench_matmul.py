@@ -273,6 +273,21 @@ def test_pyqkern(measure, shape, fmt, opts, compute, pq_threads):
             threads=pq_threads, weight_bytes=qt.nbytes)
 
 
+# Decode rows outside the shape list: two activation rows (they share one pass over the codes in
+# the GEMV kernels) and llama.cpp's K-quants at one and two rows, beside ggml on the same bytes and
+# ONNX Runtime (M = 2) below.
+KQ_FORMATS = [("q4_k", {}), ("q6_k", {})]
+DECODE_CASES = [((2, 4096, 4096), f, o) for f, o in PQ_FORMATS[:2] + KQ_FORMATS] + \
+    [((1, 4096, 4096), f, o) for f, o in KQ_FORMATS]
+DECODE_P = [pytest.param(s, f, o, id=f"{_sid(s)}-{_fmt_label(f, o)}") for s, f, o in DECODE_CASES]
+
+
+@pytest.mark.parametrize("pq_threads", THREAD_P, indirect=True)
+@pytest.mark.parametrize("shape,fmt,opts", DECODE_P)
+def test_pyqkern_decode(measure, shape, fmt, opts, pq_threads):
+    test_pyqkern(measure, shape, fmt, opts, "int8", pq_threads)
+
+
 @pytest.mark.parametrize("pq_threads", THREAD_P, indirect=True)
 @pytest.mark.parametrize("fmt,opts", [pytest.param(f, o, id=_fmt_label(f, o)) for f, o in PQ_FORMATS[:2]])
 @pytest.mark.parametrize("shape", [p for p in SHAPE_P if p.values[0][0] <= 4])
@@ -464,6 +479,16 @@ def _ort_model(n, k, block, acc):
 @pytest.mark.parametrize("block", [32, 128], ids=["b32", "b128"])
 @pytest.mark.parametrize("shape", SHAPE_P)
 def test_ort_matmulnbits(measure, shape, block, acc, threads):
+    _ort_row(measure, shape, block, acc, threads)
+
+
+@pytest.mark.parametrize("threads", THREAD_P)
+def test_ort_matmulnbits_m2(measure, threads):
+    """the best ORT configuration (block 128, accuracy 4) beside test_pyqkern_decode's M = 2 rows"""
+    _ort_row(measure, (2, 4096, 4096), 128, 4, threads)
+
+
+def _ort_row(measure, shape, block, acc, threads):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
     m, k, n = shape
     blob, nbytes = _ort_model(n, k, block, acc)
@@ -533,6 +558,18 @@ def test_ggml(measure, shape, fmt, threads):
     activations. Built
     from the llama-cpp-python sdist with -march=native (see ggml_peer.py); skipped with the
     reason if that cannot be done here."""
+    _ggml_row(measure, shape, fmt, threads)
+
+
+@pytest.mark.parametrize("threads", THREAD_P)
+@pytest.mark.parametrize("shape,fmt", [pytest.param(s, f, id=f"{_sid(s)}-{f}") for s, f, _ in DECODE_CASES
+                                       if f in ("q4_0", "q4_k", "q6_k")])
+def test_ggml_decode(measure, shape, fmt, threads):
+    """ggml beside test_pyqkern_decode's rows (q4_0 at M = 2, the K-quants at M = 1 and 2)"""
+    _ggml_row(measure, shape, fmt, threads)
+
+
+def _ggml_row(measure, shape, fmt, threads):
     from ggml_peer import GgmlUnavailable, MatMul, load
 
     m, k, n = shape

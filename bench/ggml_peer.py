@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 SDIST = ("llama-cpp-python", "0.3.36")   # pinned: the ctypes calls below follow its ggml API
-GGML_TYPES = {"q4_0": 2, "q8_0": 8}       # enum ggml_type
+GGML_TYPES = {"q4_0": 2, "q8_0": 8, "q4_k": 12, "q6_k": 14}  # enum ggml_type
 GGML_F32, GGML_BF16 = 0, 30
 
 
