@@ -90,19 +90,28 @@ INT8_GEMV_CASES = [(f, {}) for f in FORMATS if f not in ("int2", "int3", "int4")
                          ids=[f + "".join(f"-{k}{v}" for k, v in p.items()) for f, p in INT8_GEMV_CASES])
 def test_int8_gemv_all_variants_equal_spec(fmt, params):
     """Decode sizes (M = 1, 2) take their own kernels on several variants: every format and
-    parameterisation, a partial last tile, bias, against the spec bit for bit."""
+    parameterisation, a partial last tile, bias, against the spec bit for bit. N = 531 (34 tiles)
+    at 1 and 2 threads: one row runs over tile ranges (several tiles per pass on avx512vnni,
+    gemv_int8) whose ends depend on the thread count."""
     rng = np.random.default_rng(zlib.crc32(repr((fmt, params)).encode()))
     k = 256 * (2 if fmt in ("nf4", "fp4") else 1)
-    n = 41
-    qt = random_qtensor(fmt, n, k, rng, **params)
-    bias = rng.standard_normal(n).astype(np.float32)
-    for m in (1, 2):
-        x = rng.standard_normal((m, k)).astype(np.float32)
-        x[0, :: 17] *= 40
-        for b in (None, bias):
-            spec = pq.matmul(x, qt, b, compute="int8", backend="reference")
-            for v in VARIANTS:
-                assert bits_equal(pq.matmul(x, qt, b, compute="int8", isa=v), spec), (fmt, params, m, v)
+    before = pq.get_num_threads()
+    try:
+        for n in (41, 531):
+            qt = random_qtensor(fmt, n, k, rng, **params)
+            bias = rng.standard_normal(n).astype(np.float32)
+            for m in (1, 2):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                x[0, :: 17] *= 40
+                for b in (None, bias):
+                    spec = pq.matmul(x, qt, b, compute="int8", backend="reference")
+                    for th in (1, 2):
+                        pq.set_num_threads(th)
+                        for v in VARIANTS:
+                            got = pq.matmul(x, qt, b, compute="int8", isa=v)
+                            assert bits_equal(got, spec), (fmt, params, n, m, th, v)
+    finally:
+        pq.set_num_threads(before)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -146,7 +146,7 @@ static void test_matmul(const std::vector<int>& isas, const Case& c, int64_t n, 
     const int64_t ldx = k + 5, ldy = n + 2;
     std::vector<float> x(m * ldx);
     static const int act_kinds[] = {0, 1, 3, 6, 7, 10, 4, 8, 9};
-    for (int64_t i = 0; i < m; ++i) fill_row(&x[i * ldx], k, act_kinds[(i + m) % 9], rng);
+    for (int64_t i = 0; i < m; ++i) fill_row(&x[i * ldx], k, act_kinds[(i + m - 1) % 9], rng);  // m = 1: random, not zeros
     const float* bp = (m % 2) ? bias.data() : nullptr;
     std::vector<float> y0(m * ldy, -1.0f);
     CHECK_OK(pqk_matmul_int8(PQK_ISA_REF, pw, x.data(), m, ldx, bp, y0.data(), ldy));
@@ -415,7 +415,8 @@ int main(int argc, char** argv) {
   const int64_t extra_ks[] = {2, 6, 16, 38, 48, 100, 1024, 4096, 8192 + 34};
   for (const Case& c : extra)
     for (int64_t k : extra_ks) test_quant(isas, c, k, rng);
-  const int64_t ns[] = {1, 5, 16, 17, 35};
+  // 531: 34 tiles, at 2 threads 8 ranges of 4-5: several tiles per pass at one row (gemv_int8)
+  const int64_t ns[] = {1, 5, 16, 17, 35, 531};
   const int64_t mks[] = {32, 64, 96, 256};
   for (const Case& c : cases)
     for (int64_t n : ns)
