@@ -83,21 +83,24 @@ def test_int8_all_variants_equal_spec(fmt, m, nb, n, use_bias, seed):
 
 
 INT8_GEMV_CASES = [(f, {}) for f in FORMATS if f not in ("int2", "int3", "int4")] + \
-    [(f, {"group": g, "sym": sym}) for f in ("int2", "int3", "int4") for g in (32, 128, -1) for sym in (False, True)]
+    [(f, {"group": g, "sym": sym}) for f in ("int2", "int3", "int4") for g in (32, 128, -1) for sym in (False, True)] + \
+    [("int4", {"group": g, "sym": sym}) for g in (64, 256) for sym in (False, True)]
 
 
 @pytest.mark.parametrize("fmt,params", INT8_GEMV_CASES,
                          ids=[f + "".join(f"-{k}{v}" for k, v in p.items()) for f, p in INT8_GEMV_CASES])
 def test_int8_gemv_all_variants_equal_spec(fmt, params):
     """Decode sizes (M = 1, 2) take their own kernels on several variants: every format and
-    parameterisation, a partial last tile, bias, against the spec bit for bit. N = 531 (34 tiles)
-    at 1 and 2 threads: one row runs over tile ranges (several tiles per pass on avx512vnni,
-    gemv_int8) whose ends depend on the thread count."""
+    parameterisation, a partial last tile, bias, against the spec bit for bit. One row runs over
+    tile ranges (several tiles per pass on avx512vnni, gemv_int8) whose ends depend on the thread
+    count: N = 63 (the partial tile inside a pass at 1 and 2 threads), 16 * 36 - 5 (at 1 thread
+    the last group of 16 tiles is one pass ending in the partial tile), 531 (2 threads: ranges of
+    4-5 tiles). y is written into a longer buffer whose tail must stay untouched."""
     rng = np.random.default_rng(zlib.crc32(repr((fmt, params)).encode()))
     k = 256 * (2 if fmt in ("nf4", "fp4") else 1)
     before = pq.get_num_threads()
     try:
-        for n in (41, 531):
+        for n in (41, 63, 16 * 36 - 5, 531):
             qt = random_qtensor(fmt, n, k, rng, **params)
             bias = rng.standard_normal(n).astype(np.float32)
             for m in (1, 2):
@@ -108,8 +111,10 @@ def test_int8_gemv_all_variants_equal_spec(fmt, params):
                     for th in (1, 2):
                         pq.set_num_threads(th)
                         for v in VARIANTS:
-                            got = pq.matmul(x, qt, b, compute="int8", isa=v)
+                            buf = np.full(m * n + 32, 1234.5, np.float32)
+                            got = pq.matmul(x, qt, b, compute="int8", isa=v, out=buf[:m * n].reshape(m, n))
                             assert bits_equal(got, spec), (fmt, params, n, m, th, v)
+                            assert (buf[m * n:] == 1234.5).all(), ("wrote past y", fmt, params, n, m, th, v)
     finally:
         pq.set_num_threads(before)
 

@@ -148,11 +148,12 @@ static void test_matmul(const std::vector<int>& isas, const Case& c, int64_t n, 
     static const int act_kinds[] = {0, 1, 3, 6, 7, 10, 4, 8, 9};
     for (int64_t i = 0; i < m; ++i) fill_row(&x[i * ldx], k, act_kinds[(i + m - 1) % 9], rng);  // m = 1: random, not zeros
     const float* bp = (m % 2) ? bias.data() : nullptr;
-    std::vector<float> y0(m * ldy, -1.0f);
+    // 16 floats past the last row: compared too, so a store beyond y shows as a mismatch
+    std::vector<float> y0(m * ldy + 16, -1.0f);
     CHECK_OK(pqk_matmul_int8(PQK_ISA_REF, pw, x.data(), m, ldx, bp, y0.data(), ldy));
     for (int isa : isas) {
       if (isa == PQK_ISA_REF) continue;
-      std::vector<float> y(m * ldy, -1.0f);
+      std::vector<float> y(m * ldy + 16, -1.0f);
       CHECK_OK(pqk_matmul_int8(isa, pw, x.data(), m, ldx, bp, y.data(), ldy));
       size_t at = 0;
       bool ok = bytes_equal(y.data(), y0.data(), y.size() * 4, &at);
@@ -380,12 +381,12 @@ int main(int argc, char** argv) {
   }
   if (isas.empty() || isas[0] != PQK_ISA_REF) isas.insert(isas.begin(), PQK_ISA_REF);
   for (int isa : isas)  // which variant really implements a few slots in each table
-    std::printf("table %s: quantize q8_0 <- %s, quantize q4_0 <- %s, dequantize q8_0 <- %s, gemm_int8 <- %s, "
+    std::printf("table %s: quantize q8_0 <- %s, quantize q4_0 <- %s, dequantize q8_0 <- %s, gemm_int8 <- %s, gemv_int8 <- %s, "
                 "quantize/dequantize nf4 <- %s/%s, quantize/dequantize int4 <- %s/%s, lora shrink/expand <- %s/%s, gemm_f32 <- %s, quantize_act <- %s\n",
                 pqk_isa_name(isa), pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q8_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q4_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_Q8_0)),
-                pqk_isa_name(pqk_slot_variant(isa, "gemm_int8", 0)),
+                pqk_isa_name(pqk_slot_variant(isa, "gemm_int8", 0)), pqk_isa_name(pqk_slot_variant(isa, "gemv_int8", 0)),
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_NF4)),
                 pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_NF4)),
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_INT4)),
@@ -421,6 +422,13 @@ int main(int argc, char** argv) {
   for (const Case& c : cases)
     for (int64_t n : ns)
       for (int64_t k : mks) test_matmul(isas, c, n, k, rng);
+  // one row over several tiles per pass (gemv_int8) with the partial tile inside a pass (63) or
+  // closing the last group of 16 (571 at 1 thread), symmetric and other groups
+  for (const Case& c : extra)
+    for (int64_t n : {63, 571}) test_matmul(isas, c, n, 256, rng);
+  pqk_set_num_threads(1);
+  for (const Case& c : extra) test_matmul(isas, c, 571, 256, rng);
+  pqk_set_num_threads(2);
   for (const Case& c : cases)
     for (int64_t n : {5, 17})
       for (int64_t k : {32, 256}) test_matmul_float(isas, c, n, k, rng);

@@ -163,8 +163,8 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
 // shift of the decode, which dominates when few activation rows share it. Each 64-byte code
 // register is loaded once for both its masks and all rows: left to itself GCC folds the load
 // into each vpandd, and loads (2 per cycle on Zen 4/5, with the activation broadcasts) then
-// bound the loop. With T tiles each activation quad is broadcast once for all of them (and dx,
-// xo once). Codes in L1/L2, cycles per block: q4_0 R=1 ~9.7 -> ~7.6 (single load, row pointers
+// bound the loop. With T tiles each activation quad is broadcast once for all of them (as are
+// dx and the offset term's block sum). Codes in L1/L2, cycles per block: q4_0 R=1 ~9.7 -> ~7.6 (single load, row pointers
 // hoisted, PE1); R=2 ~20.5 -> ~13; int4 g128 R=1 ~9.4, with T=4 ~7.1. PE1: one block per
 // parameter group (q4_0, q4_1), the group loop folded away.
 template <bool HAS_MIN, bool ROW_OFF, bool XO, int R, int T, bool PE1>
@@ -206,10 +206,12 @@ inline void gemv_rows(const PackedWeight& w, int64_t tile0, const ActQ& a, int64
       __m512i il[R][T], ih[R][T];
       for (int r = 0; r < R; ++r) {
         const __m512i start = XO ? _mm512_set1_epi32(xo[r][b]) : _mm512_setzero_si512();
+        // ROW_OFF, T > 1: -sum(xq) broadcast once into a register for the tiles' vpdpwssd
+        const __m512i vxn = ROW_OFF && T > 1 ? _mm512_set1_epi32(xo[r][b]) : _mm512_setzero_si512();
         for (int t = 0; t < T; ++t) {
           il[r][t] = start;
           ih[r][t] = _mm512_setzero_si512();
-          if (ROW_OFF) il[r][t] = dpwssd_x1(il[r][t], vo[t], xo[r] + b);
+          if (ROW_OFF) il[r][t] = T > 1 ? _mm512_dpwssd_epi32(il[r][t], vo[t], vxn) : dpwssd_x1(il[r][t], vo[t], xo[r] + b);
         }
       }
       for (int j = 0; j < 4; ++j) {
@@ -269,9 +271,9 @@ void gemv_pairs(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, 
 }
 
 // One row over tiles [t0, t1), four tiles per pass over the activations, for formats with a
-// parameter group of several blocks (int2/3/4 group >= 64 or per channel). 4096x4096 int4 g128,
-// one row, in-process A/B against tile by tile (medians of interleaved calls, this shared
-// machine): 1 thread 3-15% faster, 2 threads 3-4%. Not for one block per group (q4_0, q4_1,
+// parameter group of several blocks (int2/3/4 with group >= 64, or per channel with K >= 64).
+// 4096x4096 int4 g128 asymmetric, one row, in-process A/B against tile by tile (medians of
+// interleaved calls, this shared machine): 1 thread 4-15% faster, 2 threads 3-4%. Not for one block per group (q4_0, q4_1,
 // q4_k): there the four tiles' parameter streams beside their code streams made it 6% (q4_0)
 // and 13% (q4_1) slower at 1 and 2 threads, although codes in L2 run ~20% faster.
 template <bool HAS_MIN, bool ROW_OFF, bool XO>
