@@ -91,11 +91,10 @@ INT8_GEMV_CASES = [(f, {}) for f in FORMATS if f not in ("int2", "int3", "int4")
                          ids=[f + "".join(f"-{k}{v}" for k, v in p.items()) for f, p in INT8_GEMV_CASES])
 def test_int8_gemv_all_variants_equal_spec(fmt, params):
     """Decode sizes (M = 1, 2) take their own kernels on several variants: every format and
-    parameterisation, a partial last tile, bias, against the spec bit for bit. One row runs over
-    tile ranges (several tiles per pass on avx512vnni, gemv_int8) whose ends depend on the thread
-    count: N = 63 (the partial tile inside a pass at 1 and 2 threads), 16 * 36 - 5 (at 1 thread
-    the last group of 16 tiles is one pass ending in the partial tile), 531 (2 threads: ranges of
-    4-5 tiles). y is written into a longer buffer whose tail must stay untouched."""
+    parameterisation, a partial last tile, bias, against the spec bit for bit, over tile ranges
+    whose ends depend on the thread count: N = 63 (4 tiles, the last partial), 16 * 36 - 5 (at 1
+    thread the last group of 16 tiles ends in the partial one), 531 (2 threads: ranges of 4-5
+    tiles). y is written into a longer buffer whose tail must stay untouched."""
     rng = np.random.default_rng(zlib.crc32(repr((fmt, params)).encode()))
     k = 256 * (2 if fmt in ("nf4", "fp4") else 1)
     before = pq.get_num_threads()

@@ -349,8 +349,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("matmul_sources", [name_of](int isa) {
     if (pqk_isa_runnable(isa) != 1) throw py::value_error("variant not runnable");
     py::dict d;
-    for (const char* slot : {"quantize_act", "gemm_int8", "gemv_int8", "gemm_f32", "gemm_f32_xt", "lora_shrink",
-                             "lora_expand", "gemv_bf16", "all_finite", "int8_peak"})
+    for (const char* slot : {"quantize_act", "gemm_int8", "gemm_f32", "gemm_f32_xt", "lora_shrink", "lora_expand", "gemv_bf16",
+                             "all_finite", "int8_peak"})
       d[slot] = name_of(pqk_slot_variant(isa, slot, 0));
     return d;
   });

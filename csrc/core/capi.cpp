@@ -118,7 +118,6 @@ int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt) {
   if (s == "gemv_f32") return fmt_ok && t.gemv_f32[fmt] ? t.gemv_f32_isa[fmt] : -1;
   if (s == "quantize_act") return t.quantize_act ? t.quantize_act_isa : -1;
   if (s == "gemm_int8") return t.gemm_int8 ? t.gemm_int8_isa : -1;
-  if (s == "gemv_int8") return t.gemv_int8 ? t.gemv_int8_isa : -1;
   if (s == "gemm_f32") return t.gemm_f32 ? t.gemm_f32_isa : -1;
   if (s == "gemm_f32_xt") return t.gemm_f32_xt ? t.gemm_f32_xt_isa : -1;
   if (s == "lora_shrink") return t.lora_shrink ? t.lora_shrink_isa : -1;

@@ -21,11 +21,6 @@ using quantize_act_fn = void (*)(const float* x, int64_t k, int8_t* xq, float* d
 // One 16-row tile of y[m0:m1, 16*tile : 16*tile+16] from packed weights (int8 compute).
 using gemm_int8_fn = void (*)(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1,
                               float* y, int64_t ldy, const float* bias);
-// Optional: activation row i over the tiles [t0, t1), the same values gemm_int8 writes tile by
-// tile (one pass over the activations for several tiles). Returns false, having written
-// nothing, for formats it does not take.
-using gemv_int8_fn = bool (*)(const PackedWeight& w, int64_t t0, int64_t t1, const ActQ& a, int64_t i, float* y,
-                              int64_t ldy, const float* bias);
 // y[i, r] = dot(x[i, :k], w[r, :k]) (+ bias[r]) for r < nr, i < m: fp32 products, fp32 sums.
 using gemm_f32_fn = void (*)(const float* w, int nr, int64_t k, const float* x, int64_t ldx, int64_t m,
                              float* y, int64_t ldy, const float* bias);
@@ -99,8 +94,6 @@ struct KernelTable {
   int8_t gemv_bf16_isa = 0;
   quantize_act_fn quantize_act = nullptr;
   gemm_int8_fn gemm_int8 = nullptr;
-  gemv_int8_fn gemv_int8 = nullptr;  // optional
-  int8_t gemv_int8_isa = 0;
   gemm_f32_fn gemm_f32 = nullptr;
   int8_t quantize_act_isa = 0, gemm_int8_isa = 0, gemm_f32_isa = 0;
   gemm_f32_xt_fn gemm_f32_xt = nullptr;

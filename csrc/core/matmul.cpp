@@ -359,14 +359,6 @@ pqk_status pqk_matmul_float_lora(int32_t isa, int32_t fmt, const void* q, const 
 
 namespace pqk { namespace {
 
-// rows [0, m) of the tiles [t0, t1): one row through the variant's multi-tile GEMV if it has
-// one for this format (same values), else tile by tile
-void int8_tiles(const KernelTable& t, const PackedWeight& w, int64_t t0, int64_t t1, const ActQ& a, int64_t m, float* y,
-                int64_t ldy, const float* bias) {
-  if (m == 1 && t.gemv_int8 && t.gemv_int8(w, t0, t1, a, 0, y, ldy, bias)) return;
-  for (int64_t tile = t0; tile < t1; ++tile) t.gemm_int8(w, tile, a, 0, m, y, ldy, bias);
-}
-
 void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t m, int64_t ldx, const float* bias,
                       float* y, int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows) {
   {
@@ -430,7 +422,7 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
         SharedShrink sh{AD, t, xc, ldx, w.k, mc, c0, T.data()};
         parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
           sh.claim();
-          int8_tiles(t, w, b, e, a, mc, yc, ldy, nullptr);
+          for (int64_t tile = b; tile < e; ++tile) t.gemm_int8(w, tile, a, 0, mc, yc, ldy, nullptr);
           sh.expand(bias, w.n, b * NR, (int)(std::min<int64_t>(e * NR, w.n) - b * NR), yc, ldy);
         }, 2);
         continue;
@@ -440,7 +432,7 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       auto tiles = [&](int64_t b, int64_t e) {
         for (int64_t g = b; g < e; g += 16) {
           const int64_t ge = std::min(e, g + 16);
-          int8_tiles(t, w, g, ge, a, mc, yc, ldy, AD.active() ? nullptr : bias);
+          for (int64_t tile = g; tile < ge; ++tile) t.gemm_int8(w, tile, a, 0, mc, yc, ldy, AD.active() ? nullptr : bias);
           if (AD.active())
             t.lora_expand(L, 0, mc, g * NR, (int)(std::min<int64_t>(ge * NR, w.n) - g * NR), yc, ldy);
         }

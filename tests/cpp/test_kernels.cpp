@@ -381,12 +381,12 @@ int main(int argc, char** argv) {
   }
   if (isas.empty() || isas[0] != PQK_ISA_REF) isas.insert(isas.begin(), PQK_ISA_REF);
   for (int isa : isas)  // which variant really implements a few slots in each table
-    std::printf("table %s: quantize q8_0 <- %s, quantize q4_0 <- %s, dequantize q8_0 <- %s, gemm_int8 <- %s, gemv_int8 <- %s, "
+    std::printf("table %s: quantize q8_0 <- %s, quantize q4_0 <- %s, dequantize q8_0 <- %s, gemm_int8 <- %s, "
                 "quantize/dequantize nf4 <- %s/%s, quantize/dequantize int4 <- %s/%s, lora shrink/expand <- %s/%s, gemm_f32 <- %s, quantize_act <- %s\n",
                 pqk_isa_name(isa), pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q8_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_Q4_0)),
                 pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_Q8_0)),
-                pqk_isa_name(pqk_slot_variant(isa, "gemm_int8", 0)), pqk_isa_name(pqk_slot_variant(isa, "gemv_int8", 0)),
+                pqk_isa_name(pqk_slot_variant(isa, "gemm_int8", 0)),
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_NF4)),
                 pqk_isa_name(pqk_slot_variant(isa, "dequantize", PQK_NF4)),
                 pqk_isa_name(pqk_slot_variant(isa, "quantize", PQK_INT4)),
@@ -416,14 +416,14 @@ int main(int argc, char** argv) {
   const int64_t extra_ks[] = {2, 6, 16, 38, 48, 100, 1024, 4096, 8192 + 34};
   for (const Case& c : extra)
     for (int64_t k : extra_ks) test_quant(isas, c, k, rng);
-  // 531: 34 tiles, at 2 threads 8 ranges of 4-5: several tiles per pass at one row (gemv_int8)
+  // 531: 34 tiles, at 2 threads 8 tile ranges of 4-5
   const int64_t ns[] = {1, 5, 16, 17, 35, 531};
   const int64_t mks[] = {32, 64, 96, 256};
   for (const Case& c : cases)
     for (int64_t n : ns)
       for (int64_t k : mks) test_matmul(isas, c, n, k, rng);
-  // one row over several tiles per pass (gemv_int8) with the partial tile inside a pass (63) or
-  // closing the last group of 16 (571 at 1 thread), symmetric and other groups
+  // the group / symmetric cases over several tile ranges: the partial tile at the end of a range
+  // of 4 (63) or closing the last group of 16 (571 at 1 thread)
   for (const Case& c : extra)
     for (int64_t n : {63, 571}) test_matmul(isas, c, n, 256, rng);
   pqk_set_num_threads(1);

@@ -1,8 +1,6 @@
 // A packed weight's per-row parameters (core/packed.h) as 16 fp32 lanes, for the AVX-512
 // kernels of the avx512vnni and avx512bf16 folders (each compiles it with its own flags;
-// internal linkage only). Include after <immintrin.h> (and avx512_gcc12_warnings.h). Always
-// inlined: an out-of-line copy would be an AVX-512 function outside the folders' namespaces
-// (tests/test_isa_isolation.py), and GCC left load_a out of line in the four-tile GEMV.
+// internal linkage only). Include after <immintrin.h> (and avx512_gcc12_warnings.h).
 #pragma once
 #include <immintrin.h>
 
@@ -11,7 +9,7 @@
 namespace pqk { namespace {
 
 // 16 parameters at index pi, stored as fp32 or fp16, or two-level (q4_k, q6_k: d * q, exact)
-__attribute__((always_inline)) inline __m512 load_par(const float* f32, const uint16_t* f16, const float* d, const int8_t* q, int64_t sup,
+inline __m512 load_par(const float* f32, const uint16_t* f16, const float* d, const int8_t* q, int64_t sup,
                        int64_t pi) {
   if (q)
     return _mm512_mul_ps(_mm512_load_ps(d + sup),
@@ -19,11 +17,11 @@ __attribute__((always_inline)) inline __m512 load_par(const float* f32, const ui
   return f16 ? _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(f16 + pi))) : _mm512_load_ps(f32 + pi);
 }
 // the scales a of the 16 rows at pi
-__attribute__((always_inline)) inline __m512 load_a(const PackedWeight& w, int64_t pi) {
+inline __m512 load_a(const PackedWeight& w, int64_t pi) {
   return load_par(w.scale, w.scale16, w.sd, w.sq, w.sq ? w.sup_index(pi) : 0, pi);
 }
 // the mins m of the 16 rows at pi (formats with has_min)
-__attribute__((always_inline)) inline __m512 load_m(const PackedWeight& w, int64_t pi) {
+inline __m512 load_m(const PackedWeight& w, int64_t pi) {
   return load_par(w.minv, w.min16, w.md, w.mq, w.mq ? w.sup_index(pi) : 0, pi);
 }
 

@@ -156,21 +156,19 @@ void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0,
   tile_groups<NIB, BLK, HAS_MIN, ROW_OFF, LUT, false>(w, tile, a, m0, m1, y, ldy, bias);
 }
 
-// GEMV-oriented variant for plain nibble formats (no LUT): R activation rows over T tiles (R = 1
-// or 2 with T = 1; R = 1 with T = 4). The high nibbles are used in place as 16*hi (P & 0xF0) in
-// their own accumulator and shifted down once per block: the sum is a multiple of 16, so
-// (sum >> 4) is exact and the integer result is the same as tile_rows'. Saves the per-register
-// shift of the decode, which dominates when few activation rows share it. Each 64-byte code
-// register is loaded once for both its masks and all rows: left to itself GCC folds the load
-// into each vpandd, and loads (2 per cycle on Zen 4/5, with the activation broadcasts) then
-// bound the loop. With T tiles each activation quad is broadcast once for all of them (as are
-// dx and the offset term's block sum). Codes in L1/L2, cycles per block: q4_0 R=1 ~9.7 -> ~7.6 (single load, row pointers
-// hoisted, PE1); R=2 ~20.5 -> ~13; int4 g128 R=1 ~9.4, with T=4 ~7.1. PE1: one block per
-// parameter group (q4_0, q4_1), the group loop folded away.
-template <bool HAS_MIN, bool ROW_OFF, bool XO, int R, int T, bool PE1>
-inline void gemv_rows(const PackedWeight& w, int64_t tile0, const ActQ& a, int64_t i0, float* y, int64_t ldy,
-                      const float* bias) {
-  static_assert(R == 1 || T == 1, "rows or tiles share a pass, not both");
+// GEMV-oriented variant for plain nibble formats (no LUT) and R = 1 or 2 activation rows: the
+// high nibbles are used in place as 16*hi (P & 0xF0) in their own accumulator and shifted down
+// once per block: the sum is a multiple of 16, so (sum >> 4) is exact and the integer result is
+// the same as tile_rows'. Saves the per-register shift of the decode, which dominates when few
+// activation rows share it. Each 64-byte code register is loaded once for both its masks and
+// both rows: left to itself GCC folds the load into each vpandd, and loads (2 per cycle on Zen
+// 4/5, with the activation broadcasts) then bound the loop. Codes in L1, cycles per block:
+// 1 row ~9.7 -> ~7.6, 2 rows ~20.5 -> ~13 (with the row pointers hoisted and PE1 below).
+// PE1: one block per parameter group (q4_0, q4_1), the group loop folded away.
+template <bool HAS_MIN, bool ROW_OFF, bool XO, int R, bool PE1>
+inline void gemv_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
+                      __mmask16 mask, const float* bias) {
+  const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
   const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8((char)0xF0);
   const int64_t nkb = w.k / QBLK;
   // row pointers once: recomputed per group (per block for q4_0) they cost ~2.5 cycles a block
@@ -178,117 +176,84 @@ inline void gemv_rows(const PackedWeight& w, int64_t tile0, const ActQ& a, int64
   const float* dxr[R];
   const int32_t* xo[R];  // -o * sum(xq) (XO: q4_0) or -sum(xq) as int16 (ROW_OFF)
   const int32_t* xs[R];
-  const uint8_t* ct[T];
-  __m512 acc[R][T];
+  __m512 acc[R];
   for (int r = 0; r < R; ++r) {
     xq[r] = a.row_q(i0 + r);
     dxr[r] = a.row_d(i0 + r);
     xo[r] = ROW_OFF ? a.row_n(i0 + r) : XO ? a.row_o(i0 + r) : nullptr;
     xs[r] = a.row_s(i0 + r);
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    acc[r] = _mm512_setzero_ps();
   }
-  for (int t = 0; t < T; ++t) ct[t] = w.codes + (tile0 + t) * w.tile_code_bytes;
   // blocks by parameter group (int4 g128: 4 blocks share a, o): no division per block, and the
   // group's parameters are loaded once
   const int64_t pe = PE1 ? 1 : w.par_every;
   for (int64_t g = 0, b = 0; b < nkb; ++g) {
-    __m512 va[T], vmin[T];
-    __m512i vo[T];
-    for (int t = 0; t < T; ++t) {
-      const int64_t pi = ((tile0 + t) * w.npar + g) * NR;
-      va[t] = load_a(w, pi);
-      vo[t] = ROW_OFF ? _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(w.offs + pi))) : _mm512_setzero_si512();
-      vmin[t] = HAS_MIN ? load_m(w, pi) : _mm512_setzero_ps();
-    }
+    const int64_t pi = (tile * w.npar + g) * NR;
+    const __m512 va = load_a(w, pi);
+    const __m512i vo = ROW_OFF ? _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(w.offs + pi))) : _mm512_setzero_si512();
+    __m512 vmin = _mm512_setzero_ps();
+    if (HAS_MIN) vmin = load_m(w, pi);
     for (const int64_t be = b + pe; b < be; ++b) {
+      const uint8_t* cb = ct + b * (32 * NR / 2);
       // the low-nibble sum starts from -o * sum(xq) (as in tile_rows); the high nibbles, used
       // in place as 16*hi, get their own accumulator and one shift
-      __m512i il[R][T], ih[R][T];
+      __m512i il[R], ih[R];
       for (int r = 0; r < R; ++r) {
-        const __m512i start = XO ? _mm512_set1_epi32(xo[r][b]) : _mm512_setzero_si512();
-        // ROW_OFF, T > 1: -sum(xq) broadcast once into a register for the tiles' vpdpwssd
-        const __m512i vxn = ROW_OFF && T > 1 ? _mm512_set1_epi32(xo[r][b]) : _mm512_setzero_si512();
-        for (int t = 0; t < T; ++t) {
-          il[r][t] = start;
-          ih[r][t] = _mm512_setzero_si512();
-          if (ROW_OFF) il[r][t] = T > 1 ? _mm512_dpwssd_epi32(il[r][t], vo[t], vxn) : dpwssd_x1(il[r][t], vo[t], xo[r] + b);
-        }
+        il[r] = _mm512_setzero_si512();
+        ih[r] = _mm512_setzero_si512();
+        if (ROW_OFF) il[r] = dpwssd_x1(il[r], vo, xo[r] + b);
+        else if (XO) il[r] = _mm512_set1_epi32(xo[r][b]);
       }
       for (int j = 0; j < 4; ++j) {
-        // T > 1: the two activation quads in registers, shared by the tiles; T = 1: as
-        // vpdpbusd's broadcast memory operand (no separate op)
-        __m512i xl = _mm512_setzero_si512(), xh = _mm512_setzero_si512();
-        if (T > 1) {
-          xl = _mm512_set1_epi32(*(const i32_unaligned*)(xq[0] + b * 32 + 4 * j));
-          xh = _mm512_set1_epi32(*(const i32_unaligned*)(xq[0] + b * 32 + 16 + 4 * j));
-        }
-        for (int t = 0; t < T; ++t) {
-          __m512i p = _mm512_load_si512((const void*)(ct[t] + b * (32 * NR / 2) + 64 * j));
-          __asm__("" : "+v"(p));  // one load, in a register (see above)
-          const __m512i pl = _mm512_and_si512(p, lo4), ph = _mm512_and_si512(p, hi4);
-          for (int r = 0; r < R; ++r) {
-            if (T > 1) {
-              il[r][t] = _mm512_dpbusd_epi32(il[r][t], pl, xl);
-              ih[r][t] = _mm512_dpbusd_epi32(ih[r][t], ph, xh);
-            } else {
-              const int8_t* xb = xq[r] + b * 32;
-              il[r][t] = dpbusd_x4(il[r][t], pl, xb + 4 * j);
-              ih[r][t] = dpbusd_x4(ih[r][t], ph, xb + 16 + 4 * j);
-            }
-          }
+        __m512i p = _mm512_load_si512((const void*)(cb + 64 * j));
+        __asm__("" : "+v"(p));  // one load, in a register (see above)
+        const __m512i pl = _mm512_and_si512(p, lo4), ph = _mm512_and_si512(p, hi4);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xb = xq[r] + b * 32;
+          il[r] = dpbusd_x4(il[r], pl, xb + 4 * j);
+          ih[r] = dpbusd_x4(ih[r], ph, xb + 16 + 4 * j);
         }
       }
       for (int r = 0; r < R; ++r) {
-        const __m512 vdx = _mm512_set1_ps(dxr[r][b]);
-        __m512 vmx = _mm512_setzero_ps();
-        if (HAS_MIN) vmx = _mm512_set1_ps(dxr[r][b] * (float)(xs[r][2 * b] + xs[r][2 * b + 1]));
-        for (int t = 0; t < T; ++t) {
-          const __m512i isum = _mm512_add_epi32(il[r][t], _mm512_srai_epi32(ih[r][t], 4));
-          const __m512 da = _mm512_mul_ps(va[t], vdx);
-          acc[r][t] = _mm512_add_ps(acc[r][t], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), da));
-          if (HAS_MIN) acc[r][t] = _mm512_add_ps(acc[r][t], _mm512_mul_ps(vmin[t], vmx));
+        const __m512i isum = _mm512_add_epi32(il[r], _mm512_srai_epi32(ih[r], 4));
+        const float dx = dxr[r][b];
+        const __m512 da = _mm512_mul_ps(va, _mm512_set1_ps(dx));
+        acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), da));
+        if (HAS_MIN) {
+          const float mx = dx * (float)(xs[r][2 * b] + xs[r][2 * b + 1]);
+          acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(vmin, _mm512_set1_ps(mx)));
         }
       }
     }
   }
-  for (int t = 0; t < T; ++t) {
-    const int64_t n0 = (tile0 + t) * NR;
-    const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
-    const __mmask16 mask = (__mmask16)((1u << nr) - 1);
-    const __m512 vbias = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(y + (i0 + r) * ldy + n0, mask, bias ? _mm512_add_ps(acc[r][t], vbias) : acc[r][t]);
-  }
+  const __m512 vbias = bias ? _mm512_maskz_loadu_ps(mask, bias + tile * NR) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r)
+    _mm512_mask_storeu_ps(y + (i0 + r) * ldy + tile * NR, mask, bias ? _mm512_add_ps(acc[r], vbias) : acc[r]);
 }
 
-// rows [m0, m1) of one tile in pairs (one pass over the tile's codes for both), then the odd one
+// rows [m0, m1) in pairs (one pass over the tile's codes for both), then the odd one
 template <bool HAS_MIN, bool ROW_OFF, bool XO, bool PE1>
 void gemv_pairs(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                 const float* bias) {
+  const int nr = (int)(w.n - tile * NR < NR ? w.n - tile * NR : NR);
+  const __mmask16 mask = (__mmask16)((1u << nr) - 1);
   int64_t i = m0;
-  for (; i + 2 <= m1; i += 2) gemv_rows<HAS_MIN, ROW_OFF, XO, 2, 1, PE1>(w, tile, a, i, y, ldy, bias);
-  if (i < m1) gemv_rows<HAS_MIN, ROW_OFF, XO, 1, 1, PE1>(w, tile, a, i, y, ldy, bias);
-}
-
-// One row over tiles [t0, t1), four tiles per pass over the activations, for formats with a
-// parameter group of several blocks (int2/3/4 with group >= 64, or per channel with K >= 64).
-// 4096x4096 int4 g128 asymmetric, one row, in-process A/B against tile by tile (medians of
-// interleaved calls, this shared machine): 1 thread 4-15% faster, 2 threads 3-4%. Not for one block per group (q4_0, q4_1,
-// q4_k): there the four tiles' parameter streams beside their code streams made it 6% (q4_0)
-// and 13% (q4_1) slower at 1 and 2 threads, although codes in L2 run ~20% faster.
-template <bool HAS_MIN, bool ROW_OFF, bool XO>
-void gemv_tiles(const PackedWeight& w, int64_t t0, int64_t t1, const ActQ& a, int64_t i, float* y, int64_t ldy,
-                const float* bias) {
-  int64_t t = t0;
-  for (; t + 4 <= t1; t += 4) gemv_rows<HAS_MIN, ROW_OFF, XO, 1, 4, false>(w, t, a, i, y, ldy, bias);
-  for (; t < t1; ++t) gemv_rows<HAS_MIN, ROW_OFF, XO, 1, 1, false>(w, t, a, i, y, ldy, bias);
+  for (; i + 2 <= m1; i += 2) gemv_rows<HAS_MIN, ROW_OFF, XO, 2, PE1>(w, tile, a, i, y, ldy, mask, bias);
+  if (i < m1) gemv_rows<HAS_MIN, ROW_OFF, XO, 1, PE1>(w, tile, a, i, y, ldy, mask, bias);
 }
 
 template <bool HAS_MIN, bool ROW_OFF, bool XO>
-void gemv_pe(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
-             const float* bias) {
+void tile_kernel_gemv_xo(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
+                         int64_t ldy, const float* bias) {
   if (w.par_every == 1) return gemv_pairs<HAS_MIN, ROW_OFF, XO, true>(w, tile, a, m0, m1, y, ldy, bias);
   gemv_pairs<HAS_MIN, ROW_OFF, XO, false>(w, tile, a, m0, m1, y, ldy, bias);
+}
+
+template <bool HAS_MIN, bool ROW_OFF>
+void tile_kernel_gemv(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
+                      int64_t ldy, const float* bias) {
+  if (!ROW_OFF && w.o_const != 0) return tile_kernel_gemv_xo<HAS_MIN, ROW_OFF, true>(w, tile, a, m0, m1, y, ldy, bias);
+  tile_kernel_gemv_xo<HAS_MIN, ROW_OFF, false>(w, tile, a, m0, m1, y, ldy, bias);
 }
 
 }  // namespace
@@ -296,10 +261,9 @@ void gemv_pe(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int
 void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                const float* bias) {
   if (w.nibbles && !w.lut && m1 - m0 <= 2) {
-    if (w.has_min) return gemv_pe<true, false, false>(w, tile, a, m0, m1, y, ldy, bias);
-    if (w.row_offset) return gemv_pe<false, true, false>(w, tile, a, m0, m1, y, ldy, bias);
-    if (w.o_const != 0) return gemv_pe<false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
-    return gemv_pe<false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.has_min) return tile_kernel_gemv<true, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.row_offset) return tile_kernel_gemv<false, true>(w, tile, a, m0, m1, y, ldy, bias);
+    return tile_kernel_gemv<false, false>(w, tile, a, m0, m1, y, ldy, bias);
   }
   if (w.nibbles) {
     if (w.has_min) return tile_kernel<true, 32, true, false>(w, tile, a, m0, m1, y, ldy, bias);
@@ -309,16 +273,6 @@ void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, i
   }
   if (w.blk == 16) return tile_kernel<false, 16, false, false>(w, tile, a, m0, m1, y, ldy, bias);
   return tile_kernel<false, 32, false, false>(w, tile, a, m0, m1, y, ldy, bias);
-}
-
-bool gemv_int8(const PackedWeight& w, int64_t t0, int64_t t1, const ActQ& a, int64_t i, float* y, int64_t ldy,
-               const float* bias) {
-  if (!w.nibbles || w.lut || w.par_every == 1) return false;  // see gemv_tiles
-  if (w.has_min) gemv_tiles<true, false, false>(w, t0, t1, a, i, y, ldy, bias);
-  else if (w.row_offset) gemv_tiles<false, true, false>(w, t0, t1, a, i, y, ldy, bias);
-  else if (w.o_const != 0) gemv_tiles<false, false, true>(w, t0, t1, a, i, y, ldy, bias);
-  else gemv_tiles<false, false, false>(w, t0, t1, a, i, y, ldy, bias);
-  return true;
 }
 
 }}  // namespace pqk::avx512vnni
