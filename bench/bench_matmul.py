@@ -23,7 +23,10 @@ Rows
   numpy      fp32 x @ W.T (BLAS threads limited with threadpoolctl).
   paired     (128,4096,4096): pyqkern int8 (q4_0, int4-g128) and ORT MatMulNBits b128 accuracy 4
              called alternately; the speed-up is the ratio of their medians, printed under the
-             table (separate rows can land in different states of a shared machine).
+             table (separate rows can land in different states of a shared machine). (1,4096,4096):
+             the same two in alternating blocks of calls (one call each in turn would have the two
+             9 MB weights evict each other from L3); the speed-up is the ratio of the medians of
+             the blocks' medians.
   ort        onnxruntime com.microsoft MatMulNBits, bits=4, block_size 32 (weights = pyqkern's q4_0
              codes / scales, zero point 8) and 128 (pyqkern's int4 group-128 codes, scales and zero
              points), accuracy_level 0 (fp32 compute) and 4 (int8 compute), intra_op_num_threads=n.
@@ -139,7 +142,8 @@ class _Summary:
             tr.write_line("numba / native compute=\"float\" time (bar: <= 3): " + ", ".join(
                 f"{f} {s[0]}x{s[1]}x{s[2]} t{t} {q:.2f}" for s, t, f, q in sorted(ratios)))
         if _PAIRED:
-            tr.write_line("paired (alternate calls, medians): pyqkern int8 vs ORT MatMulNBits b128 accuracy 4")
+            tr.write_line("paired (alternate calls, medians; M = 1: alternate blocks of calls, medians of the block "
+                          "medians): pyqkern int8 vs ORT MatMulNBits b128 accuracy 4")
             for r in _PAIRED:
                 tr.write_line(f"{str(r['shape']):<18}{r['fmt']:<12} t{r['threads']}  pyqkern {r['pq_median_ms']:.3f} ms"
                               f"  ort {r['ort_b128_acc4_median_ms']:.3f} ms  speed-up {r['speedup_vs_ort_paired']:.2f}x")
@@ -504,6 +508,19 @@ def _ort_row(measure, shape, block, acc, threads):
 
 
 PAIRED_SHAPES = [(128, 4096, 4096)]   # not GEMV: alternating two 9 MB weights thrashes the L3 both need
+PAIRED_BLOCK_SHAPES = [(1, 4096, 4096)]  # GEMV: alternate blocks of calls instead
+
+
+def _ort_b128_acc4(n, k, threads, spinning=True):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    blob, _ = _ort_model(n, k, 128, 4)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("pq_threads", THREAD_P, indirect=True)
@@ -515,14 +532,8 @@ def test_paired_vs_ort(measure, shape, fmt, opts, pq_threads):
     states of this shared machine). ORT's threads do not spin between calls here (they would take
     the core from pyqkern's next call), which can cost it a thread wake-up per call at 2 threads;
     pyqkern's pool spins up to 200 us after a call, which can cost ORT's next call the same."""
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
     m, k, n = shape
-    blob, _ = _ort_model(n, k, 128, 4)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = pq_threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    sess = _ort_b128_acc4(n, k, pq_threads, spinning=False)
     qt = _qt(fmt, opts, n, k)
     lin = pq.QLinear(qt, compute="int8")
     x = _x(m, k)
@@ -645,3 +656,39 @@ def test_torch_dynamic_int8(measure, shape, torch_threads):
         xt = torch.from_numpy(_x(m, k))
         measure(lambda: qlin(xt), impl="torch", fmt="dyn-int8", compute="int8", shape=shape, threads=threads,
                 weight_bytes=n * k + 4 * n)
+
+
+@pytest.mark.parametrize("pq_threads", THREAD_P, indirect=True)
+@pytest.mark.parametrize("fmt,opts", [pytest.param(f, o, id=_fmt_label(f, o)) for f, o in PQ_FORMATS[:2]])
+@pytest.mark.parametrize("shape", [pytest.param(s, id=_sid(s)) for s in PAIRED_BLOCK_SHAPES if s in SHAPES])
+def test_paired_blocks_vs_ort(measure, shape, fmt, opts, pq_threads):
+    """The GEMV bar's comparison (pyqkern int8 vs ORT MatMulNBits b128 accuracy 4, the fastest ORT
+    configuration here) over one stretch of time: blocks of calls of each in turn, so both see the
+    machine's slow and fast phases; within a block each runs with its weight warm in L3, as in its
+    own row. ORT as in its own row (its threads may spin between calls)."""
+    m, k, n = shape
+    sess = _ort_b128_acc4(n, k, pq_threads)
+    qt = _qt(fmt, opts, n, k)
+    lin = pq.QLinear(qt, compute="int8")
+    x = _x(m, k)
+    y = np.empty((m, n), np.float32)
+    feed = {"A": x}
+    fp, fo = (lambda: lin(x, out=y)), (lambda: sess.run(None, feed))
+    rounds, calls = (4, 100) if QUICK else (8, 200)
+    bp, bo = [], []
+    for _ in range(rounds):
+        for f, meds in ((fp, bp), (fo, bo)):
+            time.sleep(0.05)      # the other's threads stop spinning (ORT's kept pyqkern at one core)
+            for _ in range(10):   # the weight back into cache after the other's block
+                f()
+            ts = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            meds.append(float(np.median(ts)))
+    measure(fp, impl="pyqkern", fmt=_fmt_label(fmt, opts) + "-paired", compute="int8", shape=shape,
+            threads=pq_threads, weight_bytes=qt.nbytes)
+    info = {"ort_b128_acc4_median_ms": float(np.median(bo)) * 1e3, "pq_median_ms": float(np.median(bp)) * 1e3,
+            "speedup_vs_ort_paired": float(np.median(bo) / np.median(bp))}
+    _PAIRED.append(dict(info, fmt=_fmt_label(fmt, opts), shape=shape, threads=pq_threads))
