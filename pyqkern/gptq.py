@@ -285,8 +285,18 @@ def _check_finite(a, what):
         raise ValueError(f"GPTQ: {what} contain NaN or Inf")
 
 
+def _np(a):
+    """a as a numpy array; a torch tensor (a Parameter too, any device, bfloat16) detached to the CPU"""
+    if hasattr(a, "detach") and hasattr(a, "numpy"):
+        a = a.detach().cpu()
+        if str(a.dtype) == "torch.bfloat16":  # no numpy dtype; exact in float32
+            a = a.float()
+        return a.numpy()
+    return np.asarray(a)
+
+
 def _as_weight(W):
-    W = np.asarray(W)
+    W = _np(W)
     if W.ndim != 2 or W.shape[0] == 0 or W.shape[1] == 0:
         raise ValueError(f"GPTQ: W must be a non-empty 2-D [N, K] array, got shape {W.shape}")
     if W.dtype.kind != "f" and W.dtype.name != "bfloat16":
@@ -297,7 +307,7 @@ def _as_weight(W):
 
 
 def _rel_err(X, W, What):
-    X = np.asarray(X, dtype=F64).reshape(-1, W.shape[1])
+    X = _np(X).astype(F64).reshape(-1, W.shape[1])
     ref = X @ W.astype(F64).T
     num = np.linalg.norm(ref - X @ What.astype(F64).T)
     den = np.linalg.norm(ref)
@@ -337,7 +347,7 @@ class GPTQ:
         ``hessian_dtype`` given), as a running mean (H *= n_old / n_new; H += 2/n_new x xᵀ), with
         BLAS syrk (half the flops)."""
         k = self.W.shape[1]
-        x = np.asarray(x)
+        x = _np(x)
         if x.ndim == 0 or x.shape[-1] != k:
             raise ValueError(f"GPTQ: inputs must be [..., {k}], got shape {x.shape}")
         x = x.reshape(-1, k)
@@ -366,7 +376,7 @@ class GPTQ:
         """Use a ready Hessian H [K, K] (symmetric, finite) instead of add_batch. Only one
         triangle is read (H must be symmetric)."""
         k = self.W.shape[1]
-        H = np.asarray(H, dtype=F64)
+        H = _np(H).astype(F64)
         if H.shape != (k, k):
             raise ValueError(f"GPTQ: H must be [{k}, {k}], got {H.shape}")
         _check_finite(H, "the Hessian")
@@ -458,7 +468,7 @@ class GPTQ:
         qt = qt if qt is not None else self.qtensor
         if qt is None:
             raise ValueError("GPTQ: nothing quantized yet")
-        X = np.asarray(X)
+        X = _np(X)
         _check_finite(X, "the inputs")
         fmt = qt.format
         if fmt in _formats.GROUPED:

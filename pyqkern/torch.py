@@ -32,6 +32,7 @@ Importing this module imports torch; ``import pyqkern`` alone does not.
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import time
 import warnings
@@ -100,6 +101,11 @@ def qtensor_from_tensor(qdata: torch.Tensor, fmt: str, n: int, k: int, group: in
     except (AttributeError, RuntimeError):  # some tensor subclasses refuse attributes: no cache
         pass
     return qt
+
+
+def _drop_cache(qdata) -> None:
+    if isinstance(getattr(qdata, "_pyqkern_qt", None), _QTCache):
+        qdata._pyqkern_qt = _QTCache()
 
 
 class _QTCache:
@@ -290,6 +296,26 @@ def _bwd_matmul(ctx, dy):
 _op_matmul.register_autograd(_bwd_matmul, setup_context=_setup_matmul)
 
 
+# second order (create_graph=True: gradient penalties, Hessian-vector products): dy @ W is linear
+# in dy, so its backward is the forward product g @ W.T (compute="float", as dy @ W is)
+def _setup_matmul_backward(ctx, inputs, output):
+    dy, qdata, fmt, n, k, group, sym = inputs
+    ctx.save_for_backward(qdata)
+    ctx.args = (fmt, n, k, group, sym)
+    ctx.dy_dtype = dy.dtype
+
+
+def _bwd_matmul_backward(ctx, g):
+    (qdata,) = ctx.saved_tensors
+    ddy = None
+    if ctx.needs_input_grad[0]:
+        ddy = _op_matmul(g, qdata, *ctx.args, None, "float").to(ctx.dy_dtype)
+    return ddy, None, None, None, None, None, None
+
+
+_op_matmul_backward.register_autograd(_bwd_matmul_backward, setup_context=_setup_matmul_backward)
+
+
 def _setup_lora(ctx, inputs, output):
     x, qdata, fmt, n, k, group, sym, bias, As, Bs, scales, adapter_ids, compute = inputs
     ctx.save_for_backward(x, qdata, adapter_ids, *As, *Bs)
@@ -318,6 +344,14 @@ def _bwd_lora(ctx, dy):
 _op_matmul_lora.register_autograd(_bwd_lora, setup_context=_setup_lora)
 
 
+def _bwd_lora_backward(ctx, *grads):
+    raise RuntimeError("pyqkern: second-order gradients (create_graph=True) through a QuantLinear with adapters "
+                       "are not supported; without adapters they are")
+
+
+_op_lora_backward.register_autograd(_bwd_lora_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # --------------------------------------------------------------------------- QuantLinear
 def _refuse_forward_ad(x, module):
     """The custom ops register reverse-mode autograd only: a forward-mode tangent on x or an
@@ -338,7 +372,12 @@ class QuantLinear(nn.Module):
     computed in float32, returned in x's dtype. ``compute``: "auto" | "int8" | "float" as in
     pyqkern.matmul. Adapters (LoRA) are nn.Parameters ``lora_A[name]`` / ``lora_B[name]``; they
     are frozen by default (``add_adapter(..., trainable=True)`` for QLoRA training). The weight is
-    always frozen."""
+    always frozen.
+
+    The kernels' packed copy of the weight is made on first use and kept while ``qdata``'s version
+    counter stays the same: load_state_dict and in-place ops on ``qdata`` are seen. Writes that
+    bypass the counter (through ``qdata.data``, or to an inference tensor inside
+    torch.inference_mode other than by load_state_dict) are not: call ``drop_packed()`` after them."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "q4_0",
                  group: Optional[int] = None, sym: bool = False, double_quant: bool = False, compute: str = "auto"):
@@ -358,6 +397,10 @@ class QuantLinear(nn.Module):
         self._alphas = {}   # name -> (alpha, rslora)
         self._active = []
 
+    def drop_packed(self) -> None:
+        """Forget the packed copy of the weight: the next forward packs ``qdata`` as it is now."""
+        _drop_cache(self.qdata)
+
     # -- construction
     @classmethod
     def from_qtensor(cls, qt: QTensor, bias=None, *, compute: str = "auto") -> "QuantLinear":
@@ -369,6 +412,8 @@ class QuantLinear(nn.Module):
         if qt.perm is not None:
             mod.perm = torch.from_numpy(np.asarray(qt.perm, dtype=np.int64)).clone()
         if bias is not None:
+            if isinstance(bias, torch.Tensor):  # a Parameter (requires grad), any float dtype or device
+                bias = bias.detach().to("cpu", torch.float32).numpy()
             mod.bias = torch.as_tensor(np.asarray(bias, np.float32)).clone().reshape(n)
         mod.compute = mod._resolve_compute(compute)
         return mod
@@ -472,6 +517,11 @@ class QuantLinear(nn.Module):
         (ints indexing adapter_names, -1 = none; a tensor, or a list of ints / names / None)."""
         if _fwad._current_level >= 0:  # inside forward_ad.dual_level / torch.func.jvp (a global read otherwise)
             _refuse_forward_ad(x, self)
+        if x.device != self.qdata.device:  # as nn.Linear (a meta module would run the shape-only kernel)
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{self.qdata.device} (the weight) and {x.device} (the input)")
+        if not x.is_floating_point():
+            raise TypeError(f"QuantLinear expects a floating-point input, got {x.dtype}")
         args = (self.qdata, self.format, self.out_features, self.in_features, self.group, self.sym)
         out_dtype = x.dtype
         perm = self.perm
@@ -484,12 +534,20 @@ class QuantLinear(nn.Module):
             if not isinstance(adapter_ids, torch.Tensor):
                 ids = list(adapter_ids)
                 try:
-                    ids = [-1 if v is None else (names.index(v) if isinstance(v, str) else int(v)) for v in ids]
+                    ids = [-1 if v is None else (names.index(v) if isinstance(v, str) else operator.index(v))
+                           for v in ids]
                 except ValueError:
                     raise KeyError(f"unknown adapter name in adapter_ids; attached: {names}") from None
-                adapter_ids = torch.tensor(ids, dtype=torch.int32)
+                except TypeError:
+                    raise TypeError("adapter_ids must hold ints, adapter names or None") from None
             else:
-                adapter_ids = adapter_ids.to(torch.int32).reshape(-1)
+                if adapter_ids.is_floating_point() or adapter_ids.is_complex() or adapter_ids.dtype == torch.bool:
+                    raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+                ids = adapter_ids.reshape(-1).tolist()
+            bad = [v for v in ids if not -1 <= v < len(names)]
+            if bad:
+                raise ValueError(f"adapter id {bad[0]} is out of range [-1, {len(names)})")
+            adapter_ids = torch.tensor(ids, dtype=torch.int32)
         else:
             names = self._active
         if names:
@@ -556,6 +614,8 @@ class QuantLinear(nn.Module):
                         pdict[nm] = nn.Parameter(torch.empty_like(val, dtype=torch.float32), requires_grad=False)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # the copy into qdata bumps its version counter, except for an inference tensor (no counter)
+        _drop_cache(self.qdata)
         self._scales = {}
         for nm, (a, rs) in self._alphas.items():
             if nm in self.lora_A:
@@ -615,6 +675,10 @@ def _progress(total, progress, desc):
     return tqdm(total=total, desc=desc, unit="layer", leave=False, disable=None if progress is None else False)
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _install(model, summary, name, lin, q, verbose, note=""):
     before = lin.weight.numel() * lin.weight.element_size()
     if lin.bias is not None:
@@ -624,6 +688,12 @@ def _install(model, summary, name, lin, q, verbose, note=""):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     q.train(lin.training)  # a new module starts in training mode; keep the replaced one's
+    # hooks registered on the replaced layer run on its replacement: the same dicts, so the
+    # handles that registered them still remove them
+    for attr in _HOOK_DICTS:
+        d = getattr(lin, attr, None)
+        if d:
+            setattr(q, attr, d)
     setattr(parent, child, q)
     summary["quantized"].append(name)
     summary["bytes_before"] += before

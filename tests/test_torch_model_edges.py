@@ -240,3 +240,102 @@ def test_state_dict_goes_through_safetensors():
     assert torch.equal(m(x), m2(x))
     with pytest.raises(ValueError, match="JSON"):
         m2[2].set_extra_state(torch.tensor([255, 0], dtype=torch.uint8))
+
+
+def _ref(q, x):
+    return x @ q.dequantize().T + q.bias
+
+
+@pytest.mark.parametrize("compute", ["int8", "float"])
+def test_weight_reloaded_in_inference_mode_and_written_through_data(compute):
+    """The packed copy follows qdata's version counter. An inference tensor has none: a
+    load_state_dict inside torch.inference_mode used to leave forward on the old weight. Writes
+    through qdata.data bypass the counter: drop_packed() makes forward see them."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        a = pqt.QuantLinear.from_linear(nn.Linear(64, 32), "q4_0", compute=compute)
+        b = pqt.QuantLinear.from_linear(nn.Linear(64, 32), "q4_0", compute=compute)
+        a(x)
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(x), b(x))
+    a = pqt.QuantLinear.from_linear(nn.Linear(64, 32), "q4_0", compute=compute)
+    a(x)
+    a.qdata.data.copy_(b.qdata)
+    a.bias.data.copy_(b.bias)
+    a.drop_packed()
+    assert torch.equal(a(x), b(x))
+    torch.testing.assert_close(a(x), _ref(a, x), atol=2e-2, rtol=0)
+
+
+def test_inputs_refused_like_nn_linear():
+    """A module on meta called with a CPU input used to run the shape-only kernel and return
+    uninitialised memory; integer and complex inputs were truncated."""
+    q = pqt.QuantLinear.from_linear(nn.Linear(64, 32), "q4_0")
+    with pytest.raises(RuntimeError, match="same device"):
+        q.to("meta")(torch.randn(2, 64))
+    q = pqt.QuantLinear.from_linear(nn.Linear(64, 32), "q4_0")
+    for dt in (torch.int64, torch.complex64):
+        with pytest.raises(TypeError, match="floating-point"):
+            q(torch.ones(2, 64, dtype=dt))
+
+
+def test_adapter_ids_are_checked_not_coerced():
+    torch.manual_seed(0)
+    q = pqt.QuantLinear.from_linear(nn.Linear(64, 32), "q4_0")
+    q.add_adapter("a", torch.randn(4, 64), torch.randn(32, 4))
+    q.add_adapter("b", torch.randn(4, 64), torch.randn(32, 4))
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="out of range"):
+        q(x, adapter_ids=torch.tensor([0, 1, 2 ** 32]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        q(x, adapter_ids=torch.tensor([0.0, 1.7, 0.5]))
+    with pytest.raises(TypeError, match="ints"):
+        q(x, adapter_ids=[0, 1.7, None])
+    assert torch.equal(q(x, adapter_ids=torch.tensor([0, 1, -1])), q(x, adapter_ids=[0, "b", None]))
+
+
+def test_quantize_model_keeps_the_layers_hooks():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    seen = []
+    h = m[0].register_forward_hook(lambda mod, a, out: seen.append(type(mod).__name__))
+    m[2].register_forward_pre_hook(lambda mod, a: (a[0] * 0.5,))
+    x = torch.randn(3, 64)
+    y = m(x)
+    pqt.quantize_model(m, "q8_0", compute="float")
+    seen.clear()
+    yq = m(x)
+    assert seen == ["QuantLinear"]
+    assert ((yq - y).norm() / y.norm()).item() < 0.02
+    h.remove()  # the handle still removes it from the replacement
+    m(x)
+    assert seen == ["QuantLinear"]
+
+
+def test_torch_bias_and_weight_parameters_are_taken():
+    """from_qtensor with the Linear's own bias (a Parameter, or bfloat16), GPTQ on a Parameter."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    qt = pq.quantize(lin.weight, "q4_0")
+    for bias in (lin.bias, lin.bias.detach().bfloat16()):
+        q = pqt.QuantLinear.from_qtensor(qt, bias)
+        assert torch.equal(q.bias, bias.detach().float())
+    X = torch.randn(128, 64, requires_grad=True)
+    qt, rep = pq.gptq.quantize(lin.weight.bfloat16(), X=X, format="int4", group_size=32, report=True)
+    assert qt.shape == (32, 64) and rep["gptq"] <= rep["rtn"]
+
+
+def test_second_order_gradients():
+    """dy @ W is linear in dy: its backward is the forward product, so create_graph=True works
+    (gradient penalties, Hessian-vector products); with adapters it is refused clearly."""
+    torch.manual_seed(0)
+    q = pqt.QuantLinear.from_linear(nn.Linear(64, 32), "q4_0", compute="float")
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: q(t.float()).double(), (x,), eps=1e-3, atol=1e-3, rtol=1e-3)
+    q.add_adapter("a", torch.randn(4, 64), torch.randn(32, 4), 8, trainable=True)
+    q.set_adapter("a")
+    xf = torch.randn(3, 64, requires_grad=True)
+    g, = torch.autograd.grad(q(xf).pow(2).sum(), xf, create_graph=True)
+    with pytest.raises(RuntimeError, match="second-order"):
+        g.pow(2).sum().backward()
