@@ -34,6 +34,11 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
                          (32, 4096, 4096), (128, 4096, 4096)])
     formats = formats or (["q4_0", "int4", "q8_0"] if quick else
                           ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8"])
+    from ._formats import FORMATS
+
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown format(s) {', '.join(map(repr, unknown))} (formats: {', '.join(FORMATS)})")
     thread_list = threads or ([pq.get_num_threads()] if quick else sorted({1, pq.get_num_threads()}))
     # n <= 0 means one per CPU (as set_num_threads): the count the rows and the bandwidth run at
     thread_list = sorted({th if th > 0 else (os.cpu_count() or 1) for th in thread_list})
@@ -276,7 +281,7 @@ def _print_summary(out, rows, dst, quiet, gptq_ran):
 
 
 def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=0, out=None, *,
-                   gptq=False, calib=None, act_order=False, damp=None, calib_max_length=512, quiet=False,
+                   gptq=False, calib=None, act_order=False, damp=None, calib_max_length=None, quiet=False,
                    err=None):
     """`pyqkern quantize`: returns the summary dict. Raises ValueError for bad arguments or files.
 
@@ -314,8 +319,10 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
         if fmt not in _gptq.FORMATS:
             raise ValueError(f"GPTQ does not support {fmt} (supported: {', '.join(_gptq.FORMATS)}); "
                              f"drop --gptq for round-to-nearest {fmt}")
-    elif act_order or damp is not None:
-        raise ValueError("--act-order and --damp apply to --gptq only")
+    elif act_order or damp is not None or calib_max_length is not None:
+        raise ValueError("--act-order, --damp and --calib-max-length apply to --gptq only")
+    if calib_max_length is not None and not str(calib).endswith(".txt"):
+        raise ValueError("--calib-max-length applies to .txt calibration (tokenized lines) only")
     if act_order and kind == "gguf":
         raise ValueError("--act-order permutes the input channels, which GGUF cannot store: "
                          "write a .safetensors output or drop --act-order")
@@ -366,7 +373,8 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
     sw = None
     try:
         if gptq:
-            source = _calib.open_source(calib, src, os.path.dirname(os.path.abspath(dst)), calib_max_length)
+            source = _calib.open_source(calib, src, os.path.dirname(os.path.abspath(dst)),
+                                        512 if calib_max_length is None else calib_max_length)
             targets = {name: shape for _, name, _, shape, params, _ in plan if params is not None}
             have = source.prepare(targets, prog.warn)
         if kind == "gguf":
@@ -544,7 +552,8 @@ def main(argv=None):
     q.add_argument("--act-order", action="store_true", help="GPTQ: process columns by descending Hessian "
                                                             "diagonal (stores an input permutation; .safetensors only)")
     q.add_argument("--damp", type=float, default=None, help="GPTQ: dampening, fraction of mean(diag H) (default 0.01)")
-    q.add_argument("--calib-max-length", type=int, default=512, help="GPTQ .txt: tokens per line at most (default 512)")
+    q.add_argument("--calib-max-length", type=int, default=None,
+                   help="GPTQ .txt: tokens per line at most (default 512)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr and no per-tensor table")
     ins = sub.add_parser("inspect", help="list the tensors of a .gguf or .safetensors file")
     ins.add_argument("file")
@@ -573,12 +582,27 @@ def main(argv=None):
             except ImportError:
                 print("pyqkern bench: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
                 return 1
-        rows = bench(args.quick, args.threads, args.formats)
-        if args.plot:
-            plot_roofline(rows, args.plot)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        try:
+            jf = open(args.json, "w") if args.json else None  # fail before the run, not after it
+        except OSError as e:
+            print(f"pyqkern bench: error: --json: {e}", file=sys.stderr)
+            return 1
+        try:
+            rows = bench(args.quick, args.threads, args.formats)
+            if args.plot:
+                plot_roofline(rows, args.plot)
+            if jf:
+                json.dump(rows, jf, indent=1)
+        except (ValueError, OSError) as e:
+            if jf:  # no empty or partial rows file left behind
+                jf.close()
+                os.remove(args.json)
+                jf = None
+            print(f"pyqkern bench: error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            if jf:
+                jf.close()
         return 0
     ap.print_help()
     return 2

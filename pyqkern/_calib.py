@@ -76,8 +76,16 @@ def _row_chunks(fp, shape, fortran, dtype, where):
     k = shape[-1]
     rows = int(np.prod(shape[:-1]))
     if fortran and len(shape) > 1:  # column-major: rows are not contiguous; read the whole array
-        buf = np.empty(rows * k * dtype.itemsize, np.uint8)
-        _read_exact(fp, memoryview(buf), where)
+        # in bounded pieces, so memory follows the bytes really there, not the header's claim
+        need, got, parts = rows * k * dtype.itemsize, 0, []
+        while got < need:
+            b = fp.read(min(need - got, 1 << 24))
+            if not b:
+                raise ValueError(f"{where}: data ends after {got} of {need} bytes")
+            parts.append(b)
+            got += len(b)
+        buf = np.frombuffer(b"".join(parts), np.uint8)
+        del parts
         a = buf.view(dtype).reshape(shape, order="F").reshape(rows, k)
         for r0 in range(0, rows, CHUNK_ROWS):
             yield _finite(np.ascontiguousarray(a[r0:r0 + CHUNK_ROWS]), where)

@@ -248,3 +248,39 @@ def test_bench_rows_and_roofline_plot(tmp_path):
     png = tmp_path / "roof.png"
     plot_roofline(rows, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_bench_arguments_fail_before_the_run(tmp_path, capsys):
+    """an unknown format or an unwritable --json ended in a traceback (the latter after the run)"""
+    assert main(["bench", "--quick", "--threads", "1", "--formats", "bogus"]) == 1
+    assert "unknown format" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--threads", "1", "--formats", "q4_0",
+                 "--json", str(tmp_path / "no" / "rows.json")]) == 1
+    assert "--json" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--threads", "1", "--formats", "bogus", "--json", str(tmp_path / "r.json")]) == 1
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_calib_max_length_only_with_text_calibration(tmp_path):
+    src = tmp_path / "m.safetensors"
+    st.save(src, {"l.weight": np.ones((4, 64), np.float32)})
+    np.save(tmp_path / "a.npy", np.ones((8, 64), np.float32))
+    with pytest.raises(ValueError, match="--gptq only"):
+        quantize_files(str(src), str(tmp_path / "o.gguf"), "q4_0", calib_max_length=-5, quiet=True)
+    with pytest.raises(ValueError, match=".txt"):
+        quantize_files(str(src), str(tmp_path / "o.gguf"), "q4_0", gptq=True, calib=str(tmp_path / "a.npy"),
+                       calib_max_length=64, quiet=True)
+
+
+def test_fortran_npy_calibration_declaring_more_than_it_holds(tmp_path):
+    """a small Fortran-order .npy declaring (2**34, 64) made the reader allocate 4 TiB up front"""
+    src = tmp_path / "m.safetensors"
+    st.save(src, {"l.weight": np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)})
+    hdr = {"descr": "<f4", "fortran_order": True, "shape": (2 ** 34, 64)}
+    with open(tmp_path / "acts.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, hdr)
+        f.write(np.ones(1024, np.float32).tobytes())
+    with pytest.raises(ValueError, match="data ends"):
+        quantize_files(str(src), str(tmp_path / "o.gguf"), "q4_0", gptq=True, calib=str(tmp_path / "acts.npy"),
+                       quiet=True)
+

@@ -285,6 +285,21 @@ def test_load_gptq_dir(tmp_path):
         load_gptq_dir(tmp_path)
 
 
+def test_load_gptq_dir_takes_its_name_literally(tmp_path):
+    """glob metacharacters in the directory name: "Llama [GPTQ]" found no shards, "ckpt?" also
+    loaded a sibling "ckpt1"'s modules"""
+    rng = _rng(11)
+    cfg = json.dumps({"bits": 4, "group_size": 32, "sym": False, "quant_method": "gptq", "checkpoint_format": "gptq"})
+    for name, mod in (("Llama [GPTQ]", "a"), ("ckpt?", "b"), ("ckpt1", "c")):
+        d = tmp_path / name
+        d.mkdir()
+        q = rand_gptq(rng, 64, 16, 32, v1=True)
+        st.save(d / "model.safetensors", {f"{mod}.qweight": q[0], f"{mod}.qzeros": q[1], f"{mod}.scales": q[2]})
+        (d / "quantize_config.json").write_text(cfg)
+    assert sorted(load_gptq_dir(tmp_path / "Llama [GPTQ]")) == ["a"]
+    assert sorted(load_gptq_dir(tmp_path / "ckpt?")) == ["b"]
+
+
 # ------------------------------------------------------------------ AWQ
 def rand_awq(rng, k, n, gs):
     g = k // gs

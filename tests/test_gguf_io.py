@@ -426,3 +426,26 @@ def test_qsave_fuzz(tmp_path_factory, data):
     p = d / "f.safetensors"
     p.write_bytes(bytes(raw))
     _check_load(p, pq.io.load)
+
+
+def test_gguf_metadata_empty_string_int_as_f32_and_empty_array(tmp_path):
+    """An empty string value was dropped (gguf's add_string skips it); an int given to a key
+    loaded as FLOAT32 was written as UINT32 (llama.cpp refuses the type); an empty array cannot
+    be written by the gguf package: a clear error."""
+    gguf = pytest.importorskip("gguf")
+    qt = pq.quantize(np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32), "q4_0")
+    src, dst = tmp_path / "s.gguf", tmp_path / "d.gguf"
+    pq.io.save_gguf(src, {"w": qt}, {"tokenizer.chat_template": "", "llama.rope.freq_base": 500000.0})
+    t, m = pq.io.load_gguf(src)
+    assert m["tokenizer.chat_template"] == ""
+    m["llama.rope.freq_base"] = 10000
+    pq.io.save_gguf(dst, t, m)
+    r = gguf.GGUFReader(str(dst))
+    assert gguf.GGUFValueType(r.fields["llama.rope.freq_base"].types[0]) == gguf.GGUFValueType.FLOAT32
+    assert pq.io.load_gguf(dst)[1]["llama.rope.freq_base"] == 10000.0
+    m["llama.rope.freq_base"] = 16777217  # f32 cannot hold it: an integer type
+    pq.io.save_gguf(dst, t, m)
+    assert pq.io.load_gguf(dst)[1]["llama.rope.freq_base"] == 16777217
+    with pytest.raises(ValueError, match="empty array"):
+        pq.io.save_gguf(dst, t, {"x.empty": []})
+

@@ -435,7 +435,8 @@ def test_load_rejects(tmp_path):
         (ok, {"r": 4, "rank_pattern": {"(m+)+": 4}}, "repetition inside a repetition"),
         (ok, {"r": 4, "alpha_pattern": {"(a|aa)+b": 2}}, "alternatives inside a repetition"),
         (ok, {"r": 4, "rank_pattern": {r"(\w+)\1": 4}}, "back-reference"),
-        (ok, {"r": 4, "rank_pattern": {".*.*.*m": 4}}, "3 unbounded repetitions"),
+        (ok, {"r": 4, "rank_pattern": {".*.*.*m": 4}}, "3 variable-length repetitions"),
+        (ok, {"r": 4, "rank_pattern": {r"\..{0,999}\..{0,999}\..{0,999}\.x": 4}}, "3 variable-length repetitions"),
         (ok, {"r": 4, "rank_pattern": {"m{99999999999}": 4}}, "usable regular expression"),
         (ok, {"r": 4, "rank_pattern": {"(" * 3000 + ")" * 3000: 4}}, "usable regular expression"),
     ]
@@ -542,3 +543,22 @@ def test_save_anchors_patterns_when_a_name_is_a_suffix_of_another(tmp_path):
         return
     assert {m: cfg["rank_pattern"].get(get_pattern_key(cfg["rank_pattern"].keys(), m), cfg["r"]) for m in ads} == \
         {k: v.rank for k, v in ads.items()}
+
+
+def test_save_takes_a_path_base_and_never_half_writes(tmp_path):
+    """base_model_name_or_path as a pathlib.Path failed inside json.dump, after the weights were
+    replaced and with the config half written: the adapter directory no longer loaded."""
+    import pathlib
+
+    rng = np.random.default_rng(0)
+    ads = {"q": pq.LoRA(rng.standard_normal((4, 64)).astype(np.float32),
+                        rng.standard_normal((32, 4)).astype(np.float32), alpha=8)}
+    pio.save_peft_adapter(tmp_path, ads, base_model_name_or_path=pathlib.Path("/models/base"))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "/models/base"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = {"q": pq.LoRA(np.ones((4, 64), np.float32), np.ones((32, 4), np.float32), alpha=8)}
+    with pytest.raises(TypeError, match="base_model_name_or_path"):
+        pio.save_peft_adapter(tmp_path, other, base_model_name_or_path=object())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    pio.load_peft_adapter(tmp_path)
+

@@ -274,7 +274,7 @@ def load_gptq_dir(path) -> dict:
     cfg = _read_quant_config(path)
     method = str(cfg.get("quant_method", "gptq")).lower()
     bits = _config_int(cfg, "bits", _config_int(cfg, "w_bit", 4, path), path)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))  # the name literally ("[GPTQ]")
     if not files:
         raise ValueError(f"{path}: no *.safetensors files")
     tensors = {}

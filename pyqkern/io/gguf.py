@@ -349,7 +349,9 @@ def _fits_type(t, v):
     """v can be stored as scalar GGUF type t exactly"""
     if t in _INT_RANGE:
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and _INT_RANGE[t][0] <= v <= _INT_RANGE[t][1]
-    if t == 6:  # FLOAT32: NaN, or a value f32 holds exactly
+    if t == 6:  # FLOAT32: NaN, or a value f32 holds exactly (an integer too: rope.freq_base = 10000)
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            return abs(v) <= 1 << 128 and _fits_f32(float(v)) and int(np.float32(v)) == v
         return isinstance(v, (float, np.floating)) and (v != v or (_fits_f32(float(v)) and float(np.float32(v)) == v))
     if t == 12:  # FLOAT64
         return isinstance(v, (float, np.floating, int)) and not isinstance(v, bool)
@@ -411,10 +413,11 @@ def _add_kv(w, key, v, typ=None):
         else:
             w.add_float64(key, v)  # beyond f32's range: f64 holds it (f32 would be Inf or fail)
     elif isinstance(v, str):
-        w.add_string(key, v)
+        w.add_key_value(key, v, V.STRING)  # not add_string: it skips an empty value
     elif isinstance(v, (list, tuple)):
-        if not v:
-            raise ValueError(f"metadata {key!r}: empty arrays have no item type")
+        if not v:  # even with its item type recorded (a loaded file): the gguf writer refuses them
+            raise ValueError(f"metadata {key!r}: an empty array cannot be written (the gguf package writes "
+                             "no empty arrays); drop the key or give it items")
         kinds = {type(x) for x in v}
         if kinds <= {str}:
             w.add_array(key, list(v))

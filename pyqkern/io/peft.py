@@ -43,9 +43,8 @@ _FLOATS = (np.float32, np.float16)
 
 
 try:  # the regular-expression parser behind re (Python 3.11 moved it)
-    from re import _constants as _sre_c, _parser as _sre_parse
+    from re import _parser as _sre_parse
 except ImportError:  # pragma: no cover - Python < 3.11
-    import sre_constants as _sre_c
     import sre_parse as _sre_parse
 
 _MAX_NAME = 1000  # characters of a module name a pattern key is matched against
@@ -54,7 +53,8 @@ _MAX_NAME = 1000  # characters of a module name a pattern key is matched against
 def _backtracking_risk(tree, outer=False):
     """Why matching this parsed pattern could take exponential time, or None: a repetition
     (more than once) or alternatives inside a repetition, a back-reference. Returns the number
-    of unbounded repetitions too (each multiplies the worst case by the name's length)."""
+    of variable-length repetitions too (unbounded, or bounded like {0,999}: each multiplies the
+    worst case by up to the name's length)."""
     unbounded = 0
     for op, av in tree:
         name = str(op)
@@ -64,7 +64,7 @@ def _backtracking_risk(tree, outer=False):
             repeats = hi > 1
             if repeats and outer:
                 return "a repetition inside a repetition", 0
-            unbounded += hi == _sre_c.MAXREPEAT
+            unbounded += hi > lo and hi > 1
             why, u = _backtracking_risk(sub, outer or repeats)
             if why:
                 return why, 0
@@ -100,7 +100,7 @@ def _checked_pattern(key: str) -> str:
         raise ValueError(f"rank_pattern/alpha_pattern key {key[:80]!r} is not a usable regular expression: "
                          f"{type(e).__name__}: {e}") from None
     if not why and unbounded > 2:
-        why = f"{unbounded} unbounded repetitions"
+        why = f"{unbounded} variable-length repetitions"
     if why:
         raise ValueError(f"rank_pattern/alpha_pattern key {key[:80]!r}: {why} (matching could take exponential "
                          "or high-polynomial time); refused")
@@ -305,9 +305,28 @@ def save_peft_adapter(path, adapters: dict, base_model_name_or_path=None) -> Non
         "alpha_pattern": cfg["alpha_pattern"], "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
     }
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+        config["base_model_name_or_path"] = base_model_name_or_path
+    # the config text first (a value json cannot write fails here, before any file is touched),
+    # then the weights, then the config through a temporary name: an existing adapter is never
+    # left with new weights beside a half-written config
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"adapter config: {e} (base_model_name_or_path must be a string or None)") from None
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     _st.save(os.path.join(path, WEIGHTS_NAME), tensors, {"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    final = os.path.join(path, CONFIG_NAME)
+    tmp = final + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
