@@ -76,6 +76,7 @@ class LoRA:
             raise ValueError(f"alpha must be finite, got {self.alpha}")
         self.rslora = bool(rslora)
         self.scale = float(self.alpha / (np.sqrt(r) if rslora else r))
+        _check_scale(self.scale)
         self.magnitude = None
         if magnitude is not None:
             mg = _as_f32(magnitude, "magnitude", 1)
@@ -107,9 +108,28 @@ class LoRA:
         if not np.isfinite(weight):
             raise ValueError(f"blend weight must be finite, got {weight}")
         out = copy.copy(self)
-        out.scale = float(self.scale * weight)
+        # alpha too: it is what save_peft_adapter (and pyqkern.torch's add_lora) write and rebuild from
+        out.alpha = float(self.alpha * weight)
+        out.scale = float(out.alpha / (np.sqrt(self.rank) if self.rslora else self.rank))
+        _check_scale(out.scale)
         out._dora_cache = {}
         return out
+
+    # A LoRA is immutable (its arrays read-only; the kernels read a tiled copy of B and cache DoRA
+    # norms): a deep copy is the object itself, and unpickling makes its arrays read-only again.
+    def __deepcopy__(self, memo):
+        return self
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_dora_cache"] = {}  # weak references to base weights
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        for a in (self.A, self.B, self.Bp, self.magnitude, *self._native[:2]):
+            if a is not None:
+                a.flags.writeable = False
 
     def delta(self) -> np.ndarray:
         """scale * B @ A, float32 [N, K]."""
@@ -157,6 +177,12 @@ class LoRA:
 
 
 _DTYPE_ID = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def _check_scale(scale):
+    """every backend computes the adapter term in float32: a scale beyond its range is refused"""
+    if not abs(scale) <= float(np.finfo(np.float32).max):
+        raise ValueError(f"adapter scale {scale:g} (alpha / r) is beyond float32's range")
 
 
 def _frozen_copy(a, copy=True):

@@ -248,12 +248,12 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     mode = resolve_compute(w, compute)
     y = _out(out, tuple(lead) + (n,))
     m = x2.shape[0]
+    ads, ids = _adapters(lora, adapter_ids, w, m)  # checked for an empty batch too
     if m == 0:
         return y
     y2 = y.reshape(m, n)
     if np.may_share_memory(x2, y2):  # out overlapping x: the kernels read x while writing y
         x2 = x2.copy()
-    ads, ids = _adapters(lora, adapter_ids, w, m)
     if ads and backend == "reference":
         base = w if w.perm is None else w.with_perm(np.arange(k))  # x2 is already permuted
         matmul(x2, base, None, compute=compute, out=y2, backend=backend, isa=isa)

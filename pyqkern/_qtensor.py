@@ -79,7 +79,9 @@ class QTensor:
     @classmethod
     def from_bytes(cls, fmt: str, shape, buf, *, group=None, sym=None, double_quant=False) -> "QTensor":
         """Wrap canonical bytes (zero-copy for a contiguous buffer). Raises ValueError if the
-        length does not match the format and shape."""
+        length does not match the format and shape. The bytes are taken as fixed: what is derived
+        from them once (the int8 kernels' packed copy, DoRA row norms) is not redone if the buffer
+        changes in place afterwards; wrap the changed bytes in a new QTensor."""
         try:
             n, k = (int(v) for v in shape)
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)

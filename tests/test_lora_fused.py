@@ -515,3 +515,38 @@ def test_lora_is_a_snapshot(storage):
         A[...], B[...] = A2, B2
         ref = pq.matmul(x, qt, lora=ad, compute="float", backend="reference")
         assert np.allclose(before, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_review_adapter_edges(tmp_path):
+    """A review's cases: a blend weight survived scaled() only in .scale, so save -> load lost it;
+    deep copies and pickles gave writeable arrays (an edit reached numba / reference but not the
+    native kernels' tiled copy of B); a scale beyond float32 was accepted (native refused it,
+    numba / reference gave inf); an empty batch skipped the adapter checks."""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(0)
+    n, k, r = 64, 128, 4
+    qt = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), "q4_0")
+    ad = LoRA(rng.standard_normal((r, k)).astype(np.float32), rng.standard_normal((n, r)).astype(np.float32), alpha=8)
+    for rs in (False, True):
+        a = LoRA(ad.A, ad.B, alpha=8, rslora=rs)
+        half = a.scaled(0.5)
+        assert half.alpha == 4.0 and half.scale == LoRA(ad.A, ad.B, alpha=4, rslora=rs).scale
+    half = ad.scaled(0.5)
+    pq.io.save_peft_adapter(tmp_path, {"layer": half})
+    assert pq.io.load_peft_adapter(tmp_path)["layer"].scale == half.scale
+    for c in (copy.deepcopy(ad), pickle.loads(pickle.dumps(ad))):
+        assert not (c.A.flags.writeable or c.B.flags.writeable or c.Bp.flags.writeable)
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        assert np.array_equal(pq.matmul(x, qt, lora=c, compute="float"), pq.matmul(x, qt, lora=ad, compute="float"))
+    with pytest.raises(ValueError, match="float32"):
+        LoRA(ad.A, ad.B, alpha=1e40)
+    with pytest.raises(ValueError, match="float32"):
+        ad.scaled(1e39)
+    wrong = LoRA(rng.standard_normal((r, 2 * k)).astype(np.float32), ad.B)
+    x0 = np.zeros((0, k), np.float32)
+    for backend in ("native", "numba", "reference"):
+        for kw in (dict(lora=wrong), dict(lora=[ad, 7]), dict(lora=[ad], adapter_ids=[5])):
+            with pytest.raises((ValueError, TypeError)):
+                pq.matmul(x0, qt, backend=backend, compute="float", **kw)

@@ -562,3 +562,23 @@ def test_save_takes_a_path_base_and_never_half_writes(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     pio.load_peft_adapter(tmp_path)
 
+
+def test_dora_adapter_with_an_embedding_loads_its_linears(tmp_path):
+    """PEFT DoRA on an Embedding writes lora_embedding_A / B (skipped, not Linear weights) and a
+    lora_magnitude_vector, which was taken for a Linear missing lora_A: the whole load failed."""
+    rng = np.random.default_rng(0)
+
+    def f(*s):
+        return rng.standard_normal(s).astype(np.float32)
+
+    pq.io.safetensors.save(tmp_path / "adapter_model.safetensors",
+                           {"base_model.model.emb.lora_embedding_A": f(4, 100), "base_model.model.emb.lora_embedding_B": f(64, 4),
+             "base_model.model.emb.lora_magnitude_vector": np.abs(f(64)),
+             "base_model.model.proj.lora_A.weight": f(4, 64), "base_model.model.proj.lora_B.weight": f(32, 4),
+             "base_model.model.proj.lora_magnitude_vector": np.abs(f(32))})
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                              "use_dora": True, "target_modules": ["emb", "proj"]}))
+    with pytest.warns(UserWarning, match="skipped 3"):
+        ads = pio.load_peft_adapter(tmp_path)
+    assert list(ads) == ["proj"] and ads["proj"].is_dora
+

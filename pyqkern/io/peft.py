@@ -203,6 +203,12 @@ def load_peft_adapter(path) -> dict:
         if arr.dtype not in _FLOATS and arr.dtype != np.uint16:
             raise ValueError(f"{key}: dtype {arr.dtype} is not a float adapter weight (F32, F16 or BF16)")
         slot[kind] = arr
+    # a DoRA magnitude of a module whose other weights were skipped (an Embedding's lora_embedding_A /
+    # B, a conv layer's): skipped with them, not taken for a Linear missing lora_A / lora_B
+    for module in [m for m, p in parts.items() if set(p) == {"m"}]:
+        if any(k.startswith(f"{PREFIX}{module}.") for k in skipped):
+            del parts[module]
+            skipped.append(f"{PREFIX}{module}.lora_magnitude_vector")
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} tensor(s) that are not Linear LoRA weights, e.g. "
                       f"{skipped[:3]}", UserWarning, stacklevel=2)
