@@ -449,3 +449,13 @@ def test_gguf_metadata_empty_string_int_as_f32_and_empty_array(tmp_path):
     with pytest.raises(ValueError, match="empty array"):
         pq.io.save_gguf(dst, t, {"x.empty": []})
 
+
+
+def test_quantized_file_load_save_adds_no_second_quantization_version(tmp_path, caplog):
+    qt = pq.quantize(np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32), "q4_0")
+    pq.io.save_gguf(tmp_path / "a.gguf", {"w": qt})
+    t, m = pq.io.load_gguf(tmp_path / "a.gguf")
+    with caplog.at_level("WARNING"):
+        pq.io.save_gguf(tmp_path / "b.gguf", t, m)
+    assert "Duplicated" not in caplog.text
+    assert pq.io.load_gguf(tmp_path / "b.gguf")[1]["general.quantization_version"] == m["general.quantization_version"]

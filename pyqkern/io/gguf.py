@@ -463,6 +463,7 @@ class GGUFStreamWriter:
             self.w.add_custom_alignment(int(align))
         for k, v in meta.items():
             _add_kv(self.w, k, v, types.get(k))
+        self.has_qv = "general.quantization_version" in meta  # a loaded file's: not added twice
         self.order, self.quantized = [], False
 
     def declare(self, name, nbytes, shape, raw_dtype=None, dtype=np.uint8):
@@ -475,7 +476,7 @@ class GGUFStreamWriter:
         self.order.append(name)
 
     def begin(self):
-        if self.quantized:
+        if self.quantized and not self.has_qv:
             self.w.add_quantization_version(_gguf().GGML_QUANT_VERSION)
         self.w.write_header_to_file()
         self.w.write_kv_data_to_file()
