@@ -147,7 +147,8 @@ def params(fmt, b, sym=False, shrink=1.0):
         return {"a": _inv(d16), "b": d16, "m": _f16(mn), "z": zero}
     if fmt in ("nf4", "fp4"):
         amax = (np.abs(b).max(axis=1) * p).astype(F32)
-        return {"a": _inv(amax), "b": amax, "m": m, "z": zero}
+        # x * (1 / max(absmax, 1e-38)), as bitsandbytes and pq.quantize form it
+        return {"a": (F32(1) / np.maximum(amax, F32(1e-38))).astype(F32), "b": amax, "m": m, "z": zero}
     if fmt == "iq4_nl":
         d16 = _iq4nl_scale(b) if shrink == 1.0 else _f16(_iq4nl_scale(b) * p)
         return {"a": _inv(d16), "b": d16, "m": m, "z": zero}

@@ -27,7 +27,7 @@ FP4_CODE = (np.array([0.0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4
 FP4_MAG_CODE = np.array([0, 1, 6, 7, 4, 5, 2, 3], np.uint8)  # codes of the magnitudes in ascending order
 FP4_MAG = FP4_CODE[FP4_MAG_CODE]
 FP4_MID = ((FP4_MAG[:-1] + FP4_MAG[1:]) * F32(0.5)).astype(F32)
-FP4_MIN_ABSMAX = F32(1e-38)   # the quantizer's reciprocal uses max(absmax, 1e-38), as bitsandbytes does
+FP4_MIN_ABSMAX = F32(1e-38)   # the fp4 / nf4 quantizers' reciprocal uses max(absmax, 1e-38), as bitsandbytes does
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
 def _empty(n):
@@ -175,8 +175,8 @@ def quantize_nf4(x, group=64, sym=0):
     n, k = x.shape
     b = x.reshape(-1, group).astype(F32)
     amax = np.abs(b).max(axis=1, keepdims=True).astype(F32)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        idx = np.where(amax == 0, np.uint8(7), nf4_index((b / amax).astype(F32)))
+    r = (F32(1) / np.maximum(amax, FP4_MIN_ABSMAX)).astype(F32)  # x * (1 / absmax), as bitsandbytes
+    idx = nf4_index((b * r).astype(F32))
     idx = idx.reshape(n, k)
     q = ((idx[:, 0::2] << 4) | idx[:, 1::2]).astype(np.uint8)
     s = amax.reshape(n, -1).view(np.uint8).reshape(n, -1)

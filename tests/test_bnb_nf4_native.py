@@ -30,6 +30,19 @@ def test_quantize_matches(bs):
     assert np.array_equal(F.dequantize_4bit(q, state).numpy(), pq.dequantize(qt))
 
 
+def test_quantize_matches_at_a_midpoint_and_for_subnormal_blocks():
+    """bitsandbytes codes x * (1 / max(absmax, 1e-38)); pyqkern divided by absmax, which rounds a
+    value near a code midpoint the other way (0.05791228 in a block of absmax 1.4554425) and
+    spreads a block of subnormals over the whole code book. Every variant and backend."""
+    w = np.zeros((2, 64), F32)
+    w[0, 0], w[0, 1] = F32(1.4554425), F32(0.05791228)
+    w[1] = (np.random.default_rng(0).standard_normal(64) * 1e-40).astype(F32)
+    q, _ = F.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4")
+    theirs = q.numpy().reshape(-1)
+    for kw in [{"isa": v} for v in pq.variants()] + [{"backend": "numba"}, {"backend": "reference"}]:
+        assert np.array_equal(pq.quantize(w, "nf4", group=64, **kw).sections()[0].reshape(-1), theirs), kw
+
+
 @pytest.mark.parametrize("dq", [False, True])
 def test_quant_state_round_trip(dq):
     from pyqkern.io import from_bnb, to_bnb

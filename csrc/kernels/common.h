@@ -35,8 +35,10 @@ static constexpr float kFP4[16] = {
 static constexpr float kFP4Mag[8] = {0.0f, 0.0625f / 12.0f, 2.0f / 12.0f, 3.0f / 12.0f,
                                      4.0f / 12.0f, 6.0f / 12.0f, 8.0f / 12.0f, 1.0f};
 static constexpr uint8_t kFP4MagCode[8] = {0, 1, 6, 7, 4, 5, 2, 3};
-// lower bound of absmax in the FP4 quantizer's reciprocal (fp32 1e-38, a subnormal)
-static constexpr float kFP4MinAbsmax = 1e-38f;
+// lower bound of absmax in the bitsandbytes 4-bit quantizers' reciprocal (fp32 1e-38): x is
+// coded as x * (1 / max(absmax, 1e-38)), the product bitsandbytes forms (not x / absmax: a value
+// near a code midpoint can round to the other side, and a block of subnormals codes as ~0)
+static constexpr float kBnbMinAbsmax = 1e-38f;
 
 // ggml kvalues_iq4nl
 static constexpr int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10,

@@ -368,9 +368,10 @@ def _quantize_nf4(x, bs, q, s):
                 for j in range(bs // 2):
                     q[r, qo + j] = 0x77
                 continue
+            rc = F1 / (amax if amax > FP4_MIN_ABSMAX else FP4_MIN_ABSMAX)  # as bitsandbytes (reference.py)
             for j in range(0, bs, 2):
-                hi = nf4_index(x[r, xo + j] / amax)
-                lo = nf4_index(x[r, xo + j + 1] / amax)
+                hi = nf4_index(x[r, xo + j] * rc)
+                lo = nf4_index(x[r, xo + j + 1] * rc)
                 q[r, qo + j // 2] = (hi << 4) | lo
 
 

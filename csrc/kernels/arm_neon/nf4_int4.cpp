@@ -89,13 +89,13 @@ void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
     std::memcpy(s + 4 * b, &amax, 4);
     uint8_t* qb = q + b * bs / 2;
     if (amax == 0.0f) { std::memset(qb, 0x77, (size_t)(bs / 2)); continue; }
-    const float32x4_t va = vdupq_n_f32(amax);
+    const float32x4_t vr = vdupq_n_f32(1.0f / (amax > kBnbMinAbsmax ? amax : kBnbMinAbsmax));  // as ref
     for (int64_t j = 0; j < bs; j += 32) {
       int32x4_t ev[4], od[4];
       for (int u = 0; u < 4; ++u) {
         const float32x4x2_t v = vld2q_f32(xb + j + 8 * u);  // val[0] = elements 2i, val[1] = 2i+1
-        ev[u] = nf4_code(vdivq_f32(v.val[0], va), mids);
-        od[u] = nf4_code(vdivq_f32(v.val[1], va), mids);
+        ev[u] = nf4_code(vmulq_f32(v.val[0], vr), mids);
+        od[u] = nf4_code(vmulq_f32(v.val[1], vr), mids);
       }
       vst1q_u8(qb + j / 2, pack_nibbles(od, ev));  // element 2i in the HIGH nibble
     }

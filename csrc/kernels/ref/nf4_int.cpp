@@ -4,7 +4,8 @@
 namespace pqk { namespace ref {
 
 // nf4: blocks of p.group along the row; absmax fp32 in s; codes two per byte, the first
-// element in the HIGH nibble (bitsandbytes order). An all-zero block stores code 7 (0.0).
+// element in the HIGH nibble (bitsandbytes order). Code = nf4_index(x * (1 / max(absmax, 1e-38)))
+// as bitsandbytes (common.h); an all-zero block stores code 7 (0.0).
 void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t*, const pqk_qparams& p) {
   const int64_t bs = p.group;
   for (int64_t b = 0; b < k / bs; ++b) {
@@ -12,9 +13,10 @@ void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
     const float amax = abs_max(xb, bs);
     std::memcpy(s + 4 * b, &amax, 4);
     uint8_t* qb = q + b * bs / 2;
+    const float r = 1.0f / (amax > kBnbMinAbsmax ? amax : kBnbMinAbsmax);
     for (int64_t j = 0; j < bs; j += 2) {
-      uint8_t hi = amax == 0.0f ? 7 : nf4_index(xb[j] / amax);
-      uint8_t lo = amax == 0.0f ? 7 : nf4_index(xb[j + 1] / amax);
+      uint8_t hi = nf4_index(xb[j] * r);
+      uint8_t lo = nf4_index(xb[j + 1] * r);
       qb[j / 2] = (uint8_t)((hi << 4) | lo);
     }
   }

@@ -1,6 +1,6 @@
 // AVX2 nf4 (bitsandbytes order, fp32 absmax per block), bit-identical to
 // csrc/kernels/ref/nf4_int.cpp. Code = number of the 15 fp32 midpoints strictly below
-// x / absmax (15 compares per vector).
+// x * (1 / max(absmax, 1e-38)) (15 compares per vector).
 #include "kernels256.h"
 #include "simd256.h"
 
@@ -21,11 +21,11 @@ void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
     std::memcpy(s + 4 * b, &amax, 4);
     uint8_t* qb = q + b * bs / 2;
     if (amax == 0.0f) { std::memset(qb, 0x77, (size_t)(bs / 2)); continue; }
-    const __m256 va = _mm256_set1_ps(amax);
+    const __m256 vr = _mm256_set1_ps(1.0f / (amax > kBnbMinAbsmax ? amax : kBnbMinAbsmax));
     for (int64_t j = 0; j < bs; j += 32) {
       __m256i c[4];
       for (int t = 0; t < 4; ++t) {
-        const __m256 v = _mm256_div_ps(_mm256_loadu_ps(xb + j + 8 * t), va);
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + j + 8 * t), vr);
         __m256i n = _mm256_setzero_si256();
         for (int i = 0; i < 15; ++i) n = _mm256_sub_epi32(n, _mm256_castps_si256(_mm256_cmp_ps(v, mids[i], _CMP_GT_OQ)));
         c[t] = n;
