@@ -12,7 +12,10 @@ and the 256-entry fp32 code map.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+
+import numpy as np
 
 FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 3, "q6_k": 4, "iq4_nl": 5, "nf4": 6, "int4": 7, "int8": 8,
               "int2": 9, "int3": 10, "fp4": 11}
@@ -55,6 +58,9 @@ def resolve_params(fmt: str, k: int, group=None, sym=None, double_quant=False) -
     """Validated format parameters with defaults filled in. Raises ValueError naming the problem."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+    for name, v in (("sym", sym), ("double_quant", double_quant)):  # "no" would be truthy
+        if v is not None and not isinstance(v, (bool, np.bool_)) and v not in (0, 1):
+            raise ValueError(f"{fmt}: {name} must be True or False, got {v!r}")
     info = FORMATS[fmt]
     if fmt not in GROUPED:
         if group not in (None, 0):
@@ -67,8 +73,8 @@ def resolve_params(fmt: str, k: int, group=None, sym=None, double_quant=False) -
             raise ValueError(f"{fmt}: K={k} is not a multiple of the block size {info.block}")
         return {"group": 0, "sym": 0}
     try:
-        g = DEFAULT_GROUP[fmt] if group in (None, 0) else int(group)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+        g = DEFAULT_GROUP[fmt] if group in (None, 0) else operator.index(group)  # not 64.5 -> 64, not "64"
+    except TypeError:
         raise ValueError(f"{fmt}: group must be an integer, got {group!r}") from None
     if fmt in BNB4:
         if sym not in (None, False, 0):

@@ -195,12 +195,17 @@ def search_params(fmt, b, sym=False, grid=100, maxshrink=0.8, norm=2.4):
     best = params(fmt, b, sym)
     if fmt == "iq4_nl":  # its rule is a scale search already
         return best
+    def err(v):  # a non-finite value (an fp16 scale that overflowed) is the worst error, not NaN
+        with np.errstate(invalid="ignore", over="ignore"):
+            e = (np.abs(v - b).astype(np.float64) ** norm).sum(axis=1)
+        return np.where(np.isfinite(e), e, np.inf)
+
     _, v = codes_values(fmt, b, best)
-    best_e = (np.abs(v - b).astype(np.float64) ** norm).sum(axis=1)
+    best_e = err(v)
     for i in range(1, int(maxshrink * grid)):
         P = params(fmt, b, sym, shrink=1.0 - i / grid)
         _, v = codes_values(fmt, b, P)
-        e = (np.abs(v - b).astype(np.float64) ** norm).sum(axis=1)
+        e = err(v)
         better = e < best_e
         if better.any():
             best_e = np.where(better, e, best_e)

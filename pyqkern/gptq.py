@@ -145,7 +145,8 @@ def _block_columns_numpy(Wb, Ub, Err, C, Qv, colgrp, A, Bt, Z, M, T, qlo, qhi, j
         c, q = c[:, 0], q[:, 0]
         C[j] = c
         Qv[j] = q
-        Err[j] = (Wb[j] - q.astype(F64)) / Ub[j, j]
+        with np.errstate(invalid="ignore", over="ignore"):  # a non-finite q feeds back nothing (as numba)
+            Err[j] = np.where(np.isfinite(q), (Wb[j] - q.astype(F64)) / Ub[j, j], 0.0)
         if j + 1 < Wb.shape[0]:
             Wb[j + 1:] -= np.outer(Ub[j, j + 1:], Err[j])
 
@@ -381,6 +382,9 @@ class GPTQ:
             raise ValueError(f"GPTQ: H must be [{k}, {k}], got {H.shape}")
         _check_finite(H, "the Hessian")
         # symmetric: the Fortran-order copy of H.T is a plain copy of a C-order H
+        if isinstance(nsamples, bool) or not isinstance(nsamples, (int, np.integer)) or nsamples < 1:
+            raise ValueError(f"GPTQ: nsamples must be a positive integer (the samples H was averaged over), "
+                             f"got {nsamples!r}")
         self._H = np.array(H.T if H.flags.c_contiguous else H, dtype=self._hdt, copy=True, order="F")
         self.nsamples = int(nsamples)
 
@@ -399,6 +403,11 @@ class GPTQ:
         fmt = format
         if not isinstance(fmt, str) or fmt not in FORMATS:
             raise NotImplementedError(f"GPTQ: format {fmt!r} is not supported (supported: {', '.join(FORMATS)})")
+        for name, v in (("bits", bits), ("group_size", group_size), ("blocksize", blocksize)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise ValueError(f"GPTQ: {name} must be an integer, got {v!r}")  # not 3.7 -> 3
+        if sym not in (False, True, 0, 1):
+            raise ValueError(f"GPTQ: sym must be True or False, got {sym!r}")
         if bits is not None:
             b = int(bits)
             if fmt in _grid.INT_BITS:

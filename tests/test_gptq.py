@@ -281,3 +281,37 @@ def test_damping_retry_and_failure():
     g.set_hessian(H2)
     with pytest.raises(ValueError, match="positive definite"):
         g.quantize(group_size=16)
+
+
+def test_review_parameter_and_overflow_edges():
+    """A review's cases: GPTQ fed the NaN of a q4_0 block whose fp16 scale overflowed into every
+    later column of the row (numba and NumPy loops alike); search='mse' kept such a scale (its
+    error NaN never compared smaller) and on iq4_nl replaced ggml's weighted search by a worse
+    one; bits=3.7, blocksize=2.5, sym='no', group=64.5 and set_hessian(nsamples=-600) were
+    accepted; search='mse' ignored isa."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((4, 512)).astype(np.float32)
+    W[0, 3] = 6e5
+    X = rng.standard_normal((1000, 512)).astype(np.float32)
+    rtn_bad = int((~np.isfinite(pq.dequantize(pq.quantize(W, "q4_0"))[0])).sum())
+    outs = []
+    for backend in ("numba", "numpy"):
+        qt = pq.gptq.quantize(W, X=X, format="q4_0", backend=backend)
+        y = pq.dequantize(qt)
+        assert int((~np.isfinite(y[0])).sum()) == rtn_bad == 32 and np.isfinite(y[1:]).all()
+        outs.append(qt.data)
+    assert np.array_equal(outs[0], outs[1])
+    s = pq.dequantize(pq.quantize(W, "q4_0", search="mse"))
+    assert np.isfinite(s).all()
+    u = rng.uniform(-1, 1, (32, 1024)).astype(np.float32)
+    assert np.array_equal(pq.quantize(u, "iq4_nl", search="mse").data, pq.quantize(u, "iq4_nl").data)
+    w = rng.standard_normal((4, 256)).astype(np.float32)
+    for bad in (lambda: pq.quantize(w, "int4", group=64.5), lambda: pq.quantize(w, "int4", sym="no"),
+                lambda: pq.quantize(w, "nf4", double_quant="no"),
+                lambda: pq.quantize(w, "q4_0", search="mse", isa="avx2"),
+                lambda: pq.gptq.quantize(w, X=X[:, :256], format="int4", bits=3.7),
+                lambda: pq.gptq.quantize(w, X=X[:, :256], format="int4", blocksize=2.5),
+                lambda: pq.gptq.quantize(w, X=X[:, :256], format="int4", sym="no"),
+                lambda: pq.gptq.GPTQ(w).set_hessian(np.eye(256), nsamples=-600)):
+        with pytest.raises(ValueError):
+            bad()

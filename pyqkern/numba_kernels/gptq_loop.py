@@ -111,7 +111,9 @@ def block_columns(Wb, Ub, Err, C, Qv, colgrp, A, Bt, Z, M, T, qlo, qhi, j0, j1, 
                 q = T[c] * Bt[g, r] + m
             C[j, r] = c
             Qv[j, r] = q
-            Err[j, r] = (w - np.float64(q)) / d
+            # a value the format cannot hold (its fp16 scale overflowed) feeds no error back:
+            # its NaN / Inf would reach every later column of the row
+            Err[j, r] = (w - np.float64(q)) / d if np.isfinite(q) else 0.0
         for jj in range(j + 1, nb):
             u = Ub[j, jj]
             if u != 0.0:
