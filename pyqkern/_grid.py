@@ -193,12 +193,20 @@ def search_params(fmt, b, sym=False, grid=100, maxshrink=0.8, norm=2.4):
     the smallest sum |value - x|^norm (p = 1, the format's own rule, first; ties keep it)."""
     b = np.asarray(b, F32)
     best = params(fmt, b, sym)
-    if fmt == "iq4_nl":  # its rule is a scale search already
-        return best
+
     def err(v):  # a non-finite value (an fp16 scale that overflowed) is the worst error, not NaN
         with np.errstate(invalid="ignore", over="ignore"):
             e = (np.abs(v - b).astype(np.float64) ** norm).sum(axis=1)
         return np.where(np.isfinite(e), e, np.inf)
+
+    if fmt == "iq4_nl":  # its rule is a scale search already: per block, the better of it and
+        # ggml's own (weighted by x^2, what pq.quantize stores), so never worse than either
+        from ._ops import quantize
+
+        d = quantize(b, "iq4_nl").data.reshape(len(b), 18)[:, :2].copy().view(np.float16)[:, 0].astype(F32)
+        native = {"a": _inv(d), "b": d, "m": best["m"], "z": best["z"]}
+        better = err(codes_values(fmt, b, native)[1]) <= err(codes_values(fmt, b, best)[1])
+        return {key: np.where(better, native[key], best[key]) for key in best}
 
     _, v = codes_values(fmt, b, best)
     best_e = err(v)

@@ -110,10 +110,6 @@ def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="
     x = as_float32_2d(w)
     n, k = x.shape
     params = _formats.resolve_params(fmt, k, group, sym, double_quant)
-    if search is not None and fmt == "iq4_nl":  # its quantizer is a (weighted) scale search already
-        if search != "mse":
-            raise ValueError(f"search must be None or 'mse', got {search!r}")
-        search = None
     if search is not None:
         if search != "mse":
             raise ValueError(f"search must be None or 'mse', got {search!r}")

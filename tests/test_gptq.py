@@ -286,8 +286,8 @@ def test_damping_retry_and_failure():
 def test_review_parameter_and_overflow_edges():
     """A review's cases: GPTQ fed the NaN of a q4_0 block whose fp16 scale overflowed into every
     later column of the row (numba and NumPy loops alike); search='mse' kept such a scale (its
-    error NaN never compared smaller) and on iq4_nl replaced ggml's weighted search by a worse
-    one; bits=3.7, blocksize=2.5, sym='no', group=64.5 and set_hessian(nsamples=-600) were
+    error NaN never compared smaller) and on iq4_nl replaced ggml's weighted search by one worse
+    in some blocks (now the better of the two per block); bits=3.7, blocksize=2.5, sym='no', group=64.5 and set_hessian(nsamples=-600) were
     accepted; search='mse' ignored isa."""
     rng = np.random.default_rng(0)
     W = rng.standard_normal((4, 512)).astype(np.float32)
@@ -304,7 +304,9 @@ def test_review_parameter_and_overflow_edges():
     s = pq.dequantize(pq.quantize(W, "q4_0", search="mse"))
     assert np.isfinite(s).all()
     u = rng.uniform(-1, 1, (32, 1024)).astype(np.float32)
-    assert np.array_equal(pq.quantize(u, "iq4_nl", search="mse").data, pq.quantize(u, "iq4_nl").data)
+    es, en = ((np.abs(pq.dequantize(q) - u).astype(np.float64) ** 2.4).reshape(-1, 32).sum(axis=1)
+              for q in (pq.quantize(u, "iq4_nl", search="mse"), pq.quantize(u, "iq4_nl")))
+    assert (es <= en * (1 + 1e-9)).all() and es.sum() < en.sum()
     w = rng.standard_normal((4, 256)).astype(np.float32)
     for bad in (lambda: pq.quantize(w, "int4", group=64.5), lambda: pq.quantize(w, "int4", sym="no"),
                 lambda: pq.quantize(w, "nf4", double_quant="no"),
