@@ -144,6 +144,11 @@ def _bf16_bits(x):
     return None
 
 
+def _apart(b, y):
+    """bias, copied if out overlaps it (every route writes y before or while it reads the bias)"""
+    return b.copy() if b is not None and np.may_share_memory(b, y) else b
+
+
 def _float_bf16(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
     """compute="float" at decode size on the packed weight through the AVX512-BF16 kernel:
     bfloat16 x (M <= 4) as it is, float32 x (M <= 2) split exactly into three bf16 parts; exact
@@ -179,6 +184,7 @@ def _float_bf16(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
     ads, ids = _adapters(lora, adapter_ids, w, m)
     nat_ads = [a.native_args(w) for a in ads] if ads else None
     y = _out(out, lead + (n,))
+    b = _apart(b, y)
     kernel = _native().matmul_float_packed if f32 else _native().matmul_float_bf16
     if not kernel(isa_id(isa), _packed(w), x2, b, y.reshape(m, n), nat_ads, ids):
         return None
@@ -247,6 +253,7 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     b = _bias(bias, n)
     mode = resolve_compute(w, compute)
     y = _out(out, tuple(lead) + (n,))
+    b = _apart(b, y)
     m = x2.shape[0]
     ads, ids = _adapters(lora, adapter_ids, w, m)  # checked for an empty batch too
     if m == 0:
@@ -441,7 +448,7 @@ class QLinear:
                         and out.flags.c_contiguous and out.flags.writeable and out.flags.aligned):
                     out = _out(out, (m, self._n))  # raises the usual error
                 # out overlapping x: the native call copies x itself (pqk_matmul_* accept y over x)
-            _native().matmul_int8(-1, self._packed, x, self.bias, out,
+            _native().matmul_int8(-1, self._packed, x, _apart(self.bias, out), out,
                                   [lora[0].native_args(self._weight)] if lora else None, None)
             return out
         return matmul(x, self.weight, self.bias, lora=lora or None, compute=self.compute, out=out, isa=isa,

@@ -830,12 +830,15 @@ class _ThreadsState:
     saved = None
     local = threading.local()
 
+    # Callers hold ``lock`` from reading the counts to setting them (enter) and from exit to the
+    # restore: reading them outside it let a block opening while another restored record that
+    # block's counts as the ones to restore (four threads left pyqkern at 1 thread instead of 2).
+
     @classmethod
     def enter(cls, t, p):
-        with cls.lock:
-            if cls.depth == 0:
-                cls.saved = (t, p)
-            cls.depth += 1
+        if cls.depth == 0:
+            cls.saved = (t, p)
+        cls.depth += 1
         cls.local.depth = getattr(cls.local, "depth", 0) + 1
 
     @classmethod
@@ -843,10 +846,9 @@ class _ThreadsState:
         """-> the counts to restore: the ones before the first block, "nested" (the enclosing
         block's, in this thread), or None (another thread's block is open: restore nothing)"""
         cls.local.depth -= 1
-        with cls.lock:
-            cls.depth -= 1
-            if cls.depth == 0:
-                return cls.saved
+        cls.depth -= 1
+        if cls.depth == 0:
+            return cls.saved
         return "nested" if cls.local.depth > 0 else None
 
 
@@ -877,28 +879,30 @@ class threads:
     def __enter__(self):
         from . import get_num_threads, set_num_threads
 
-        t, p = torch.get_num_threads(), get_num_threads()
-        self._saved.append((t, p))
-        _ThreadsState.enter(t, p)
-        n = self.pyqkern_threads or max(t, p)
-        if p != n:
-            set_num_threads(n)
-        if t != self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
+        with _ThreadsState.lock:
+            t, p = torch.get_num_threads(), get_num_threads()
+            self._saved.append((t, p))
+            _ThreadsState.enter(t, p)
+            n = self.pyqkern_threads or max(t, p)
+            if p != n:
+                set_num_threads(n)
+            if t != self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
         return self
 
     def __exit__(self, *exc):
         from . import get_num_threads, set_num_threads
 
         t, p = self._saved.pop()
-        outer = _ThreadsState.exit()
-        if outer is None:  # another Python thread is still inside a block: leave its settings
-            return False
-        t, p = outer if outer != "nested" else (t, p)
-        if torch.get_num_threads() != t:
-            torch.set_num_threads(t)
-        if get_num_threads() != p:
-            set_num_threads(p)
+        with _ThreadsState.lock:
+            outer = _ThreadsState.exit()
+            if outer is None:  # another Python thread is still inside a block: leave its settings
+                return False
+            t, p = outer if outer != "nested" else (t, p)
+            if torch.get_num_threads() != t:
+                torch.set_num_threads(t)
+            if get_num_threads() != p:
+                set_num_threads(p)
         return False
 
     def __call__(self, fn):

@@ -691,3 +691,40 @@ def test_same_library_instance():
     real = os.path.realpath(pq.get_library())
     mapped = {line.split(None, 5)[-1].strip() for line in maps.read_text().splitlines() if "libpyqkern" in line}
     assert mapped == {real}, mapped
+
+
+def test_bias_inside_y_is_read_before_y_is_written():
+    """The kernels write y before or while they read the bias: a bias inside y's extent (C
+    callers; a review found the Python routes wrong too) gives the same bits as a separate one."""
+    r = _rng(7)
+    n, k = 37, 256
+    qt = pq.quantize((r.standard_normal((n, k)) * 0.2).astype(F32), "q4_0")
+    params = C.qparams(0, 0)
+    q, s, z = (np.ascontiguousarray(a) if a.size else None for a in qt.sections())
+    packed = C.pack(FID["q4_0"], q, s, z, n, k, params)
+    bias = r.standard_normal(n).astype(F32)
+    for m, row in ((1, 0), (20, 5)):
+        x = r.standard_normal((m, k)).astype(F32)
+        want = pq.matmul(x, qt, bias, compute="int8")
+        y = np.zeros((m, n), F32)
+        y[row] = bias
+        C.check(lib.pqk_matmul_int8(-1, packed, C.ptr(x, "float*"), m, k, C.ptr(y[row], "float*"),
+                                    C.ptr(y, "float*"), n))
+        assert np.array_equal(_f32_bits(y), _f32_bits(want)), m
+        y = np.zeros((m, n), F32)
+        y[row] = bias
+        C.check(lib.pqk_matmul_float(-1, FID["q4_0"], C.ptr(q), C.ptr(s), C.ptr(z), n, k, params,
+                                     C.ptr(x, "float*"), m, k, C.ptr(y[row], "float*"), C.ptr(y, "float*"), n))
+        assert np.allclose(y, pq.matmul(x, qt, bias, compute="float"), rtol=1e-5, atol=1e-5), m
+    # the Python routes: out holding the bias, every backend, and QLinear's decode path
+    ad = pq.LoRA(r.standard_normal((4, k)).astype(F32) * 0.1, r.standard_normal((n, 4)).astype(F32) * 0.1)
+    x = r.standard_normal((1, k)).astype(F32)
+    for backend, compute in (("native", "int8"), ("native", "float"), ("numba", "float"), ("reference", "float")):
+        want = pq.matmul(x, qt, bias, lora=ad, compute=compute, backend=backend)
+        out = bias.copy().reshape(1, n)
+        got = pq.matmul(x, qt, out[0], lora=ad, compute=compute, backend=backend, out=out)
+        assert np.array_equal(_f32_bits(got), _f32_bits(want)), (backend, compute)
+    lin = pq.QLinear(qt, bias)
+    lin.add_adapter("a", ad)
+    want = lin(x)
+    assert np.array_equal(_f32_bits(lin(x, out=lin.bias.reshape(1, n))), _f32_bits(want))

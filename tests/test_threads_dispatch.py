@@ -312,3 +312,41 @@ def test_int8_peak_probe(restore_threads):
     assert g is None or (np.isfinite(g) and g > 1.0)
     assert (g is not None) == bool(_native.matmul_sources(_native.active_isa())["int8_peak"])
     assert pq.get_num_threads() == 1
+
+
+_FORK_CHILD = r"""
+import os, sys, threading, time
+import numpy as np
+import pyqkern as pq
+pq.set_num_threads(2)
+qt = pq.quantize(np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32), "q4_0")
+x = np.ones((64, 2048), np.float32)
+want = pq.matmul(x, qt, compute="int8")
+stop = threading.Event()
+def busy():  # a matmul running in another thread while the process forks
+    while not stop.is_set():
+        pq.matmul(x, qt, compute="int8")
+t = threading.Thread(target=busy)
+t.start()
+time.sleep(0.05)
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:  # the child: a matmul, then a normal exit (atexit, static destructors)
+        ok = np.array_equal(pq.matmul(x, qt, compute="int8"), want) and pq.get_num_threads() == 2
+        sys.exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+stop.set()
+t.join()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_forked_children_run_and_exit():
+    """A child forked from a process whose pool had threads hung at exit (~Pool joining threads
+    that do not exist there), or on its first matmul when the fork came during one."""
+    import subprocess
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", _FORK_CHILD], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

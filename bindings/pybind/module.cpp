@@ -24,7 +24,9 @@ void check(pqk_status st) {
     case PQK_ERR_UNSUPPORTED:
       PyErr_SetString(PyExc_NotImplementedError, msg.c_str());
       throw py::error_already_set();
-    case PQK_ERR_NOMEM: throw std::bad_alloc();
+    case PQK_ERR_NOMEM:  // MemoryError with the library's message (std::bad_alloc would drop it)
+      PyErr_SetString(PyExc_MemoryError, msg.c_str());
+      throw py::error_already_set();
     default: throw std::runtime_error(msg);
   }
 }
@@ -354,8 +356,20 @@ PYBIND11_MODULE(_native, m) {
       d[slot] = name_of(pqk_slot_variant(isa, slot, 0));
     return d;
   });
-  m.def("set_num_threads", [](int n) { check(pqk_set_num_threads(n)); });
-  m.def("get_num_threads", &pqk_get_num_threads);
+  // both wait for the pool's lock, which a running parallel step holds: without the GIL, so other
+  // Python threads run meanwhile
+  m.def("set_num_threads", [](int n) {
+    pqk_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = pqk_set_num_threads(n);
+    }
+    check(st);
+  });
+  m.def("get_num_threads", []() {
+    py::gil_scoped_release nogil;
+    return pqk_get_num_threads();
+  });
   m.def("int8_peak", [](int isa, int reps) {
     double gops = 0.0;
     pqk_status st;

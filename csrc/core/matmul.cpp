@@ -48,6 +48,17 @@ void apart_from_y(const float*& x, int64_t& ldx, int64_t m, int64_t k, const flo
   ldx = k;
 }
 
+// The kernels write y before or while they read the bias: a bias inside y's extent (C callers;
+// Python copies it itself) is copied first.
+void bias_apart_from_y(const float*& bias, int64_t n, const float* y, int64_t m, int64_t ldy,
+                       std::vector<float>& copy) {
+  if (!bias) return;
+  const uintptr_t ba = (uintptr_t)bias, ya = (uintptr_t)y;
+  if (!(ya < ba + (uintptr_t)(n * 4) && ba < ya + (uintptr_t)(((m - 1) * ldy + n) * 4))) return;
+  copy.assign(bias, bias + n);
+  bias = copy.data();
+}
+
 // Adapters of one call: validation, shrink results t = x . A^T per row, expansion args.
 struct Adapters {
   const pqk_lora* ad = nullptr;
@@ -201,6 +212,8 @@ void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx
   if (w.row_offset && w.max_offset > 16)  // its table covers u - o in -16..15
     throw Error(PQK_ERR_UNSUPPORTED, "zero points above 16 (not from a quantizer) go the fp32 way");
   const Adapters AD(ads, n_ad, rows, m);
+  std::vector<float> bcopy;
+  bias_apart_from_y(bias, w.n, y, m, ldy, bcopy);
   const int64_t k = w.k, nkb = k / QBLK, ps = m * k;
   std::vector<uint16_t> xp((size_t)(nparts * ps));
   if (const char* why = fill(xp.data(), ps)) throw Error(PQK_ERR_UNSUPPORTED, why);
@@ -376,6 +389,8 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
     check_x_finite(t, x, m, w.k, ldx);
     std::vector<float> xcopy;
     apart_from_y(x, ldx, m, w.k, y, ldy, w.n, xcopy);  // a later chunk, the shrink, read x
+    std::vector<float> bcopy;
+    bias_apart_from_y(bias, w.n, y, m, ldy, bcopy);
     for (int64_t c0 = 0; c0 < m; c0 += M_CHUNK) {
       const int64_t mc = std::min(M_CHUNK, m - c0);
       ActQ a;
@@ -486,6 +501,8 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
     const Adapters AD(ads, n_ad, rows, m);
     std::vector<float> xcopy;
     apart_from_y(x, ldx, m, k, y, ldy, n, xcopy);
+    std::vector<float> bcopy;
+    bias_apart_from_y(bias, n, y, m, ldy, bcopy);
     std::vector<float> T((size_t)(AD.active() ? m * AD.t_cols : 0));
     const uint8_t* Q = (const uint8_t*)q; const uint8_t* S = (const uint8_t*)s; const uint8_t* Z = (const uint8_t*)z;
     // Few rows, a format the variant decodes in registers: no dequantized copy at all. One kernel

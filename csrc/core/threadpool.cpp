@@ -9,6 +9,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 
@@ -146,9 +147,40 @@ class Pool {
 };
 
 std::mutex g_pool_mutex;  // one parallel region at a time; callers from many threads queue
-Pool& pool() {
-  static Pool p(0);
-  return p;
+
+// The pool is never destroyed (its workers just stop with the process), and fork() is handled:
+// the parent holds g_pool_mutex across the fork, so no parallel step is half done in the child,
+// and the child, which has none of the parent's worker threads, starts a new pool (the old one
+// is left alone: destroying it would join threads that do not exist there) of the same size on
+// first use. Before, a child of a multi-threaded parent hung at exit in ~Pool, or on its first
+// matmul when the fork came during one.
+Pool* g_pool = nullptr;
+int g_child_threads = 0;  // > 0 in a forked child until its pool is started
+
+void before_fork() { g_pool_mutex.lock(); }
+void after_fork_parent() { g_pool_mutex.unlock(); }
+void after_fork_child() {
+  g_child_threads = g_pool ? g_pool->size() : 0;
+  g_pool = nullptr;  // leaked on purpose (see above)
+  g_pool_mutex.unlock();  // locked by this same thread in before_fork
+}
+
+Pool& pool() {  // callers hold g_pool_mutex
+  if (!g_pool) {
+    static const bool hooked = [] {
+      pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+      return true;
+    }();
+    (void)hooked;
+    g_pool = new Pool(1);
+    const int n = g_child_threads;  // a forked child: the parent's count, else one per CPU
+    g_child_threads = 0;
+    try {
+      g_pool->resize(n);
+    } catch (const Error&) {  // the OS refused threads: one thread (set_num_threads reports it)
+    }
+  }
+  return *g_pool;
 }
 
 }  // namespace
