@@ -320,8 +320,9 @@ class GPTQ:
 
     def __init__(self, W, hessian_dtype="float64"):
         """hessian_dtype: "float64" (default) or "float32" for the accumulation in add_batch
-        (float32: BLAS ssyrk, about twice as fast, float32 rounding in the running sum; the
-        factorisations always run in float64)."""
+        (float32: BLAS ssyrk, about twice as fast, float32 rounding in the running sum, which
+        depends on the BLAS library's thread count, and so may the codes; the factorisations
+        always run in float64)."""
         self.W = _as_weight(W)
         k = self.W.shape[1]
         if hessian_dtype not in ("float64", "float32", np.float64, np.float32):
