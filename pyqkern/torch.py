@@ -540,14 +540,15 @@ class QuantLinear(nn.Module):
                     raise KeyError(f"unknown adapter name in adapter_ids; attached: {names}") from None
                 except TypeError:
                     raise TypeError("adapter_ids must hold ints, adapter names or None") from None
+                bad = [v for v in ids if not -1 <= v < len(names)]
+                if bad:
+                    raise ValueError(f"adapter id {bad[0]} is out of range [-1, {len(names)})")
+                adapter_ids = torch.tensor(ids, dtype=torch.int32)
             else:
                 if adapter_ids.is_floating_point() or adapter_ids.is_complex() or adapter_ids.dtype == torch.bool:
                     raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
-                ids = adapter_ids.reshape(-1).tolist()
-            bad = [v for v in ids if not -1 <= v < len(names)]
-            if bad:
-                raise ValueError(f"adapter id {bad[0]} is out of range [-1, {len(names)})")
-            adapter_ids = torch.tensor(ids, dtype=torch.int32)
+                # not cast to int32 here (2**32 would wrap to 0): the op checks the range (traceable)
+                adapter_ids = adapter_ids.reshape(-1)
         else:
             names = self._active
         if names:
