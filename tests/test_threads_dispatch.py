@@ -347,6 +347,7 @@ def test_forked_children_run_and_exit():
     """A child forked from a process whose pool had threads hung at exit (~Pool joining threads
     that do not exist there), or on its first matmul when the fork came during one."""
     import subprocess
+    env, cwd = child_env()  # the pyqkern this process imported, not a source tree in the cwd
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", _FORK_CHILD], capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                       timeout=120, env=env, cwd=cwd)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
