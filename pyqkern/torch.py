@@ -695,6 +695,8 @@ def _install(model, summary, name, lin, q, verbose, note=""):
         d = getattr(lin, attr, None)
         if d:
             setattr(q, attr, d)
+    if lin._backward_hooks:  # torch runs full backward hooks only with this flag set
+        q._is_full_backward_hook = lin._is_full_backward_hook
     setattr(parent, child, q)
     summary["quantized"].append(name)
     summary["bytes_before"] += before

@@ -318,7 +318,7 @@ _FORK_CHILD = r"""
 import os, sys, threading, time
 import numpy as np
 import pyqkern as pq
-pq.set_num_threads(2)
+pq.set_num_threads(3)  # not the CPU count, so a child's count shows where it came from
 qt = pq.quantize(np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32), "q4_0")
 x = np.ones((64, 2048), np.float32)
 want = pq.matmul(x, qt, compute="int8")
@@ -331,9 +331,13 @@ t.start()
 time.sleep(0.05)
 for _ in range(3):
     pid = os.fork()
-    if pid == 0:  # the child: a matmul, then a normal exit (atexit, static destructors)
-        ok = np.array_equal(pq.matmul(x, qt, compute="int8"), want) and pq.get_num_threads() == 2
-        sys.exit(0 if ok else 3)
+    if pid == 0:  # the child: a grandchild forked before the child's pool starts, a matmul, a normal exit
+        g = os.fork()
+        if g == 0:
+            sys.exit(0 if pq.get_num_threads() == 3 else 4)
+        _, gs = os.waitpid(g, 0)
+        ok = np.array_equal(pq.matmul(x, qt, compute="int8"), want) and pq.get_num_threads() == 3
+        sys.exit(0 if ok and os.WIFEXITED(gs) and os.WEXITSTATUS(gs) == 0 else 3)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 stop.set()

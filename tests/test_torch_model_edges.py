@@ -301,6 +301,8 @@ def test_quantize_model_keeps_the_layers_hooks():
     seen = []
     h = m[0].register_forward_hook(lambda mod, a, out: seen.append(type(mod).__name__))
     m[2].register_forward_pre_hook(lambda mod, a: (a[0] * 0.5,))
+    grads = []
+    m[2].register_full_backward_hook(lambda mod, gi, go: grads.append(go[0].shape))
     x = torch.randn(3, 64)
     y = m(x)
     pqt.quantize_model(m, "q8_0", compute="float")
@@ -311,6 +313,9 @@ def test_quantize_model_keeps_the_layers_hooks():
     h.remove()  # the handle still removes it from the replacement
     m(x)
     assert seen == ["QuantLinear"]
+    grads.clear()
+    m(x.requires_grad_()).sum().backward()  # a full backward hook runs only with its flag carried over
+    assert grads == [(3, 32)]
 
 
 def test_torch_bias_and_weight_parameters_are_taken():

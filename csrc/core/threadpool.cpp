@@ -160,7 +160,7 @@ int g_child_threads = 0;  // > 0 in a forked child until its pool is started
 void before_fork() { g_pool_mutex.lock(); }
 void after_fork_parent() { g_pool_mutex.unlock(); }
 void after_fork_child() {
-  g_child_threads = g_pool ? g_pool->size() : 0;
+  if (g_pool) g_child_threads = g_pool->size();  // else a child that never started its pool: keep its count
   g_pool = nullptr;  // leaked on purpose (see above)
   g_pool_mutex.unlock();  // locked by this same thread in before_fork
 }
