@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _formats, _qtensor
-from .reference import FP4_CODE, IQ4NL_VALUES, NF4_CODE, intq_group_params, pack_codes
+from .reference import FP4_CODE, IQ4NL_VALUES, NF4_CODE, bnb_recip, f16_values, intq_group_params, pack_codes
 
 F32 = np.float32
 INT_BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8}
@@ -147,8 +147,7 @@ def params(fmt, b, sym=False, shrink=1.0):
         return {"a": _inv(d16), "b": d16, "m": _f16(mn), "z": zero}
     if fmt in ("nf4", "fp4"):
         amax = (np.abs(b).max(axis=1) * p).astype(F32)
-        # x * (1 / max(absmax, 1e-38)), as bitsandbytes and pq.quantize form it
-        return {"a": (F32(1) / np.maximum(amax, F32(1e-38))).astype(F32), "b": amax, "m": m, "z": zero}
+        return {"a": bnb_recip(amax), "b": amax, "m": m, "z": zero}  # as bitsandbytes and pq.quantize
     if fmt == "iq4_nl":
         d16 = _iq4nl_scale(b) if shrink == 1.0 else _f16(_iq4nl_scale(b) * p)
         return {"a": _inv(d16), "b": d16, "m": m, "z": zero}
@@ -203,7 +202,7 @@ def search_params(fmt, b, sym=False, grid=100, maxshrink=0.8, norm=2.4):
         # ggml's own (weighted by x^2, what pq.quantize stores), so never worse than either
         from ._ops import quantize
 
-        d = quantize(b, "iq4_nl").data.reshape(len(b), 18)[:, :2].copy().view(np.float16)[:, 0].astype(F32)
+        d = f16_values(quantize(b, "iq4_nl").data.reshape(len(b), 18)[:, :2])[:, 0]  # each block's fp16 d
         native = {"a": _inv(d), "b": d, "m": best["m"], "z": best["z"]}
         better = err(codes_values(fmt, b, native)[1]) <= err(codes_values(fmt, b, best)[1])
         return {key: np.where(better, native[key], best[key]) for key in best}

@@ -166,6 +166,11 @@ def dequantize_iq4_nl(q, s, z, k, group=0, sym=0):
 
 
 # ---------------------------------------------------------------- nf4 (bitsandbytes)
+def bnb_recip(amax):
+    """1 / max(absmax, 1e-38) in float32: bitsandbytes codes x * this, not x / absmax (fp4, nf4)"""
+    return (F32(1) / np.maximum(amax, FP4_MIN_ABSMAX)).astype(F32)
+
+
 def nf4_index(v):
     """Nearest NF4 code of v in [-1, 1]; an exact midpoint goes to the lower code."""
     return (v[..., None] > NF4_MID).sum(axis=-1).astype(np.uint8)
@@ -175,8 +180,7 @@ def quantize_nf4(x, group=64, sym=0):
     n, k = x.shape
     b = x.reshape(-1, group).astype(F32)
     amax = np.abs(b).max(axis=1, keepdims=True).astype(F32)
-    r = (F32(1) / np.maximum(amax, FP4_MIN_ABSMAX)).astype(F32)  # x * (1 / absmax), as bitsandbytes
-    idx = nf4_index((b * r).astype(F32))
+    idx = nf4_index((b * bnb_recip(amax)).astype(F32))
     idx = idx.reshape(n, k)
     q = ((idx[:, 0::2] << 4) | idx[:, 1::2]).astype(np.uint8)
     s = amax.reshape(n, -1).view(np.uint8).reshape(n, -1)
@@ -211,8 +215,7 @@ def quantize_fp4(x, group=64, sym=0):
     n, k = x.shape
     b = x.reshape(-1, group).astype(F32)
     amax = np.abs(b).max(axis=1, keepdims=True).astype(F32)
-    r = (F32(1) / np.maximum(amax, FP4_MIN_ABSMAX)).astype(F32)
-    idx = fp4_index((b * r).astype(F32)).reshape(n, k)
+    idx = fp4_index((b * bnb_recip(amax)).astype(F32)).reshape(n, k)
     q = ((idx[:, 0::2] << 4) | idx[:, 1::2]).astype(np.uint8)
     s = amax.reshape(n, -1).view(np.uint8).reshape(n, -1)
     return q, np.ascontiguousarray(s), _empty(n)

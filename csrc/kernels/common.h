@@ -39,6 +39,7 @@ static constexpr uint8_t kFP4MagCode[8] = {0, 1, 6, 7, 4, 5, 2, 3};
 // coded as x * (1 / max(absmax, 1e-38)), the product bitsandbytes forms (not x / absmax: a value
 // near a code midpoint can round to the other side, and a block of subnormals codes as ~0)
 static constexpr float kBnbMinAbsmax = 1e-38f;
+static inline float bnb_recip(float amax) { return 1.0f / (amax > kBnbMinAbsmax ? amax : kBnbMinAbsmax); }
 
 // ggml kvalues_iq4nl
 static constexpr int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10,

@@ -355,6 +355,12 @@ def _dequantize_iq4_nl(q, y):
 
 
 # ---------------------------------------------------------------- nf4 (bitsandbytes order)
+@njit(**_JIT)
+def _bnb_recip(amax):
+    """1 / max(absmax, 1e-38): bitsandbytes codes x * this (reference.bnb_recip), fp4 and nf4"""
+    return F1 / (amax if amax > FP4_MIN_ABSMAX else FP4_MIN_ABSMAX)
+
+
 @njit(**_PJIT)
 def _quantize_nf4(x, bs, q, s):
     n, k = x.shape
@@ -368,7 +374,7 @@ def _quantize_nf4(x, bs, q, s):
                 for j in range(bs // 2):
                     q[r, qo + j] = 0x77
                 continue
-            rc = F1 / (amax if amax > FP4_MIN_ABSMAX else FP4_MIN_ABSMAX)  # as bitsandbytes (reference.py)
+            rc = _bnb_recip(amax)
             for j in range(0, bs, 2):
                 hi = nf4_index(x[r, xo + j] * rc)
                 lo = nf4_index(x[r, xo + j + 1] * rc)
@@ -398,7 +404,7 @@ def _quantize_fp4(x, bs, q, s):
             xo = b * bs
             amax = _abs_max(x, r, xo, bs)
             store_f32(s, r, 4 * b, amax)
-            rc = F1 / (amax if amax > FP4_MIN_ABSMAX else FP4_MIN_ABSMAX)
+            rc = _bnb_recip(amax)
             qo = xo // 2
             for j in range(0, bs, 2):
                 hi = fp4_index(x[r, xo + j] * rc)

@@ -89,7 +89,7 @@ void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
     std::memcpy(s + 4 * b, &amax, 4);
     uint8_t* qb = q + b * bs / 2;
     if (amax == 0.0f) { std::memset(qb, 0x77, (size_t)(bs / 2)); continue; }
-    const float32x4_t vr = vdupq_n_f32(1.0f / (amax > kBnbMinAbsmax ? amax : kBnbMinAbsmax));  // as ref
+    const float32x4_t vr = vdupq_n_f32(bnb_recip(amax));
     for (int64_t j = 0; j < bs; j += 32) {
       int32x4_t ev[4], od[4];
       for (int u = 0; u < 4; ++u) {

@@ -15,7 +15,7 @@ void quantize_row_fp4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
     const float* xb = x + b * bs;
     const float amax = abs_max(xb, bs);
     std::memcpy(s + 4 * b, &amax, 4);
-    const float r = 1.0f / (amax > kBnbMinAbsmax ? amax : kBnbMinAbsmax);
+    const float r = bnb_recip(amax);
     uint8_t* qb = q + b * bs / 2;
     for (int64_t j = 0; j < bs; j += 2)
       qb[j / 2] = (uint8_t)((fp4_index(xb[j] * r) << 4) | fp4_index(xb[j + 1] * r));

@@ -13,7 +13,7 @@ void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
     const float amax = abs_max(xb, bs);
     std::memcpy(s + 4 * b, &amax, 4);
     uint8_t* qb = q + b * bs / 2;
-    const float r = 1.0f / (amax > kBnbMinAbsmax ? amax : kBnbMinAbsmax);
+    const float r = bnb_recip(amax);
     for (int64_t j = 0; j < bs; j += 2) {
       uint8_t hi = nf4_index(xb[j] * r);
       uint8_t lo = nf4_index(xb[j + 1] * r);

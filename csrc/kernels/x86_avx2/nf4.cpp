@@ -21,7 +21,7 @@ void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
     std::memcpy(s + 4 * b, &amax, 4);
     uint8_t* qb = q + b * bs / 2;
     if (amax == 0.0f) { std::memset(qb, 0x77, (size_t)(bs / 2)); continue; }
-    const __m256 vr = _mm256_set1_ps(1.0f / (amax > kBnbMinAbsmax ? amax : kBnbMinAbsmax));
+    const __m256 vr = _mm256_set1_ps(bnb_recip(amax));
     for (int64_t j = 0; j < bs; j += 32) {
       __m256i c[4];
       for (int t = 0; t < 4; ++t) {

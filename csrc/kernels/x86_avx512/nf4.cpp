@@ -38,7 +38,7 @@ void quantize_row_nf4(const float* x, int64_t k, uint8_t* q, uint8_t* s, uint8_t
     std::memcpy(s + 4 * b, &amax, 4);
     uint8_t* qb = q + b * bs / 2;
     if (amax == 0.0f) { std::memset(qb, 0x77, (size_t)(bs / 2)); continue; }
-    const __m512 vr = _mm512_set1_ps(1.0f / (amax > kBnbMinAbsmax ? amax : kBnbMinAbsmax));  // as ref
+    const __m512 vr = _mm512_set1_ps(bnb_recip(amax));
     for (int64_t j = 0; j < bs; j += 32) {
       const __m512i c0 = nf4_code(_mm512_mul_ps(_mm512_loadu_ps(xb + j), vr), mids);
       const __m512i c1 = nf4_code(_mm512_mul_ps(_mm512_loadu_ps(xb + j + 16), vr), mids);
