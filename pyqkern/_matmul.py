@@ -58,13 +58,16 @@ def _bias(bias, n):
     return np.require(b, np.float32, ["C", "A"])
 
 
+INT8_NEEDS = "compute='int8' needs K % 32 == 0 and int2/int3/int4 groups >= 32"
+
+
+def int8_fits(fmt: str, k: int, group) -> bool:
+    """The int8 kernels take a [*, k] weight of fmt (group: its group parameter, -1 per channel)."""
+    return k % 32 == 0 and (fmt not in INTN_BITS or group == -1 or group >= 32)
+
+
 def int8_supported(qt: QTensor) -> bool:
-    n, k = qt.shape
-    if k % 32:
-        return False
-    if qt.format in INTN_BITS:
-        return qt.group == -1 or qt.group >= 32
-    return True
+    return int8_fits(qt.format, qt.shape[1], qt.group)
 
 
 def resolve_compute(qt: QTensor, compute: str) -> str:
@@ -73,8 +76,7 @@ def resolve_compute(qt: QTensor, compute: str) -> str:
     if compute == "auto":
         return "int8" if int8_supported(qt) else "float"
     if compute == "int8" and not int8_supported(qt):
-        raise ValueError(f"{qt.format} {qt.shape}: compute='int8' needs K % 32 == 0 and int2/int3/int4 groups >= 32; "
-                         "use compute='float'")
+        raise ValueError(f"{qt.format} {qt.shape}: {INT8_NEEDS}; use compute='float'")
     return compute
 
 

@@ -45,7 +45,7 @@ import torch.autograd.forward_ad as _fwad
 
 from . import _formats
 from ._lora import LoRA
-from ._matmul import matmul as _pq_matmul
+from ._matmul import COMPUTES, INT8_NEEDS, int8_fits, matmul as _pq_matmul
 from ._ops import dequantize as _pq_dequantize
 from ._ops import quantize as _pq_quantize
 from ._qtensor import QTensor, total_bytes
@@ -430,16 +430,13 @@ class QuantLinear(nn.Module):
         return cls.from_qtensor(qt, b, compute=compute)
 
     def _resolve_compute(self, compute):
-        from ._matmul import COMPUTES
-
         if compute not in COMPUTES:
             raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
-        ok = self.in_features % 32 == 0 and (_split_fmt(self.format)[0] not in _formats.INTN_BITS
-                                             or self.group == -1 or self.group >= 32)
+        ok = int8_fits(_split_fmt(self.format)[0], self.in_features, self.group)
         if compute == "auto":
             return "int8" if ok else "float"
         if compute == "int8" and not ok:
-            raise ValueError(f"{self.format}: compute='int8' needs K % 32 == 0 and int2/int3/int4 groups >= 32")
+            raise ValueError(f"{self.format}: {INT8_NEEDS}")
         return compute
 
     def qtensor(self) -> QTensor:
@@ -658,10 +655,8 @@ def _fits(fmt, k, group, sym, double_quant, compute="auto"):
         params = _formats.resolve_params(fmt, k, group, sym, double_quant)
     except ValueError as e:
         return str(e)
-    if compute == "int8":
-        g = params.get("group", -1)
-        if k % 32 or (fmt in _formats.INTN_BITS and g != -1 and g < 32):
-            return "compute='int8' needs K % 32 == 0 and int2/int3/int4 groups >= 32"
+    if compute == "int8" and not int8_fits(fmt, k, params["group"]):
+        return INT8_NEEDS
     return None
 
 
