@@ -36,12 +36,17 @@ void check_x_finite(const KernelTable& t, const float* x, int64_t m, int64_t k, 
 
 constexpr int64_t M_CHUNK = 128;  // activation rows per pass over the weights (L2-sized)
 
+// whether the float ranges [a, a + na) and [b, b + nb) share memory
+bool overlaps(const float* a, int64_t na, const float* b, int64_t nb) {
+  const uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
+  return pb < pa + (uintptr_t)(na * 4) && pa < pb + (uintptr_t)(nb * 4);
+}
+
 // The kernels read x while they write y. When out overlaps x (C callers; Python copies x
 // itself), x is copied first and x / ldx point at the copy.
 void apart_from_y(const float*& x, int64_t& ldx, int64_t m, int64_t k, const float* y, int64_t ldy, int64_t n,
                   std::vector<float>& copy) {
-  const uintptr_t xa = (uintptr_t)x, ya = (uintptr_t)y;
-  if (!(ya < xa + (uintptr_t)(((m - 1) * ldx + k) * 4) && xa < ya + (uintptr_t)(((m - 1) * ldy + n) * 4))) return;
+  if (!overlaps(x, (m - 1) * ldx + k, y, (m - 1) * ldy + n)) return;
   copy.resize((size_t)(m * k));
   for (int64_t i = 0; i < m; ++i) std::memcpy(copy.data() + i * k, x + i * ldx, (size_t)k * 4);
   x = copy.data();
@@ -52,9 +57,7 @@ void apart_from_y(const float*& x, int64_t& ldx, int64_t m, int64_t k, const flo
 // Python copies it itself) is copied first.
 void bias_apart_from_y(const float*& bias, int64_t n, const float* y, int64_t m, int64_t ldy,
                        std::vector<float>& copy) {
-  if (!bias) return;
-  const uintptr_t ba = (uintptr_t)bias, ya = (uintptr_t)y;
-  if (!(ya < ba + (uintptr_t)(n * 4) && ba < ya + (uintptr_t)(((m - 1) * ldy + n) * 4))) return;
+  if (!bias || !overlaps(bias, n, y, (m - 1) * ldy + n)) return;
   copy.assign(bias, bias + n);
   bias = copy.data();
 }

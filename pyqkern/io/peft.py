@@ -325,14 +325,11 @@ def save_peft_adapter(path, adapters: dict, base_model_name_or_path=None) -> Non
     os.makedirs(path, exist_ok=True)
     _st.save(os.path.join(path, WEIGHTS_NAME), tensors, {"format": "pt"})
     final = os.path.join(path, CONFIG_NAME)
-    tmp = final + ".tmp"
+    tmp = f"{final}.tmp-{os.getpid()}"  # as safetensors.save writes its file
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, final)
-    except BaseException:
-        try:
+    finally:
+        if os.path.exists(tmp):
             os.remove(tmp)
-        except OSError:
-            pass
-        raise
