@@ -355,3 +355,35 @@ def test_forked_children_run_and_exit():
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", _FORK_CHILD], capture_output=True, text=True,
                        timeout=120, env=env, cwd=cwd)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+_DAEMON_EXIT = r"""
+import threading, time
+import numpy as np
+import pyqkern as pq
+rng = np.random.default_rng(0)
+w = rng.standard_normal((2048, 2048)).astype(np.float32)
+qt = pq.quantize(w, "q4_0")
+lin = pq.QLinear(qt)
+x = np.ones((8, 2048), np.float32)
+calls = [lambda: lin(x), lambda: pq.matmul(x, qt, compute="float"), lambda: pq.quantize(w[:256], "q4_k"),
+         lambda: pq.dequantize(qt)]
+for f in calls:
+    f()
+    threading.Thread(target=lambda f=f: [f() for _ in iter(int, 1)], daemon=True).start()
+time.sleep(0.2)
+print("ok")
+"""
+
+
+def test_daemon_threads_inside_kernels_at_exit():
+    """Daemon threads still calling kernels when the interpreter exits: CPython ends each one as
+    it takes the GIL back. With pybind11's gil_scoped_release that happened in a noexcept
+    destructor, and the process aborted ("terminate called without an active exception", exit
+    status 134) every time."""
+    import subprocess
+    env, cwd = child_env()
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-W", "ignore", "-c", _DAEMON_EXIT], capture_output=True, text=True,
+                           timeout=120, env=env, cwd=cwd)
+        assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

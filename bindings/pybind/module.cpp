@@ -14,6 +14,26 @@ namespace py = pybind11;
 
 namespace {
 
+// f() with the GIL released, for the kernels. Not py::gil_scoped_release: its destructor takes
+// the GIL back, and a daemon thread that does so while the interpreter exits is ended there
+// (PyEval_RestoreThread calls pthread_exit); the forced unwind out of that noexcept destructor
+// aborted the process ("terminate called without an active exception") whenever a daemon thread
+// was inside a matmul at exit. Taken back in ordinary code, the unwind passes through (pybind11
+// rethrows abi::__forced_unwind) and the thread ends as a pure-Python daemon thread would.
+template <class F>
+auto without_gil(F&& f) -> decltype(f()) {
+  PyThreadState* ts = PyEval_SaveThread();
+  decltype(f()) r;
+  try {
+    r = f();
+  } catch (...) {
+    PyEval_RestoreThread(ts);
+    throw;
+  }
+  PyEval_RestoreThread(ts);
+  return r;
+}
+
 void check(pqk_status st) {
   if (st == PQK_OK) return;
   std::string msg = pqk_last_error();
@@ -198,8 +218,7 @@ pqk_status packed_f32_call(const Packed& w, const py::array& x, const py::object
   const float* bp = bias_ptr(bias, w.n);
   AdapterList L;
   adapters_of(adapters, ids, xr.m, w.k, w.n, L);
-  py::gil_scoped_release nogil;
-  return f(xr, bp, yr, L);
+  return without_gil([&] { return f(xr, bp, yr, L); });
 }
 
 }  // namespace
@@ -265,11 +284,7 @@ PYBIND11_MODULE(_native, m) {
     const void* sp = sec.s; const void* zp = sec.z;
     auto out = std::make_shared<Packed>();
     out->n = n; out->k = k;
-    pqk_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = pqk_pack(fmt, qi.ptr, sp, zp, n, k, &p, &out->p);
-    }
+    const pqk_status st = without_gil([&] { return pqk_pack(fmt, qi.ptr, sp, zp, n, k, &p, &out->p); });
     check(st);
     return out;
   });
@@ -296,12 +311,12 @@ PYBIND11_MODULE(_native, m) {
     const float* bp = bias_ptr(bias, w.n);
     AdapterList L;
     adapters_of(adapters, ids, x.shape(0), w.k, w.n, L);
-    pqk_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = pqk_matmul_float_bf16(isa, w.p, static_cast<const uint16_t*>(x.data()), x.shape(0), w.k, bp,
-                                 const_cast<float*>(yr.p), yr.ld, L.v.data(), (int32_t)L.v.size(), L.ids);
-    }
+    const uint16_t* xp = static_cast<const uint16_t*>(x.data());
+    const int64_t m = x.shape(0);
+    const pqk_status st = without_gil([&] {
+      return pqk_matmul_float_bf16(isa, w.p, xp, m, w.k, bp, const_cast<float*>(yr.p), yr.ld, L.v.data(),
+                                   (int32_t)L.v.size(), L.ids);
+    });
     if (st == PQK_ERR_UNSUPPORTED) return false;
     check(st);
     return true;
@@ -337,12 +352,10 @@ PYBIND11_MODULE(_native, m) {
     const float* bp = bias_ptr(bias, n);
     AdapterList L;
     adapters_of(adapters, ids, xr.m, k, n, L);
-    pqk_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = pqk_matmul_float_lora(isa, fmt, qi.ptr, sp, zp, n, k, &p, xr.p, xr.m, xr.ld, bp, const_cast<float*>(yr.p),
-                                 yr.ld, L.v.data(), (int32_t)L.v.size(), L.ids);
-    }
+    const pqk_status st = without_gil([&] {
+      return pqk_matmul_float_lora(isa, fmt, qi.ptr, sp, zp, n, k, &p, xr.p, xr.m, xr.ld, bp,
+                                   const_cast<float*>(yr.p), yr.ld, L.v.data(), (int32_t)L.v.size(), L.ids);
+    });
     check(st);
   }, py::arg("isa"), py::arg("fmt"), py::arg("q"), py::arg("s"), py::arg("z"), py::arg("n"), py::arg("k"),
      py::arg("group"), py::arg("sym"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("adapters") = py::none(),
@@ -359,24 +372,15 @@ PYBIND11_MODULE(_native, m) {
   // both wait for the pool's lock, which a running parallel step holds: without the GIL, so other
   // Python threads run meanwhile
   m.def("set_num_threads", [](int n) {
-    pqk_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = pqk_set_num_threads(n);
-    }
+    const pqk_status st = without_gil([&] { return pqk_set_num_threads(n); });
     check(st);
   });
   m.def("get_num_threads", []() {
-    py::gil_scoped_release nogil;
-    return pqk_get_num_threads();
+    return without_gil([] { return pqk_get_num_threads(); });
   });
   m.def("int8_peak", [](int isa, int reps) {
     double gops = 0.0;
-    pqk_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = pqk_int8_peak(isa, reps, &gops);
-    }
+    const pqk_status st = without_gil([&] { return pqk_int8_peak(isa, reps, &gops); });
     check(st);
     return gops;
   });
@@ -385,11 +389,8 @@ PYBIND11_MODULE(_native, m) {
     if (!(buf.flags() & py::array::c_style)) throw py::value_error("read_probe: buffer must be C-contiguous");
     double best = 0.0;
     uint64_t sum = 0;
-    pqk_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = pqk_read_probe(bi.ptr, (int64_t)(bi.size * bi.itemsize), reps, &best, &sum);
-    }
+    const int64_t nbytes = (int64_t)(bi.size * bi.itemsize);
+    const pqk_status st = without_gil([&] { return pqk_read_probe(bi.ptr, nbytes, reps, &best, &sum); });
     check(st);
     return py::make_tuple(best, sum);
   });
@@ -416,11 +417,7 @@ PYBIND11_MODULE(_native, m) {
     Sections sec(rb, n, s, z, true);
     void* sp = sec.s; void* zp = sec.z;
     const float* xp = static_cast<const float*>(x.data());
-    pqk_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = pqk_quantize(isa, fmt, xp, n, k, ldx, &p, qi.ptr, sp, zp);
-    }
+    const pqk_status st = without_gil([&] { return pqk_quantize(isa, fmt, xp, n, k, ldx, &p, qi.ptr, sp, zp); });
     check(st);
   }, py::arg("isa"), py::arg("fmt"), py::arg("x"), py::arg("group"), py::arg("sym"), py::arg("q"), py::arg("s"), py::arg("z"));
 
@@ -435,11 +432,8 @@ PYBIND11_MODULE(_native, m) {
     check_aligned(yi.ptr, 4, "y");
     Sections sec(rb, n, s, z, false);
     const void* sp = sec.s; const void* zp = sec.z;
-    pqk_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = pqk_dequantize(isa, fmt, qi.ptr, sp, zp, n, k, &p, static_cast<float*>(yi.ptr));
-    }
+    float* yp = static_cast<float*>(yi.ptr);
+    const pqk_status st = without_gil([&] { return pqk_dequantize(isa, fmt, qi.ptr, sp, zp, n, k, &p, yp); });
     check(st);
   }, py::arg("isa"), py::arg("fmt"), py::arg("q"), py::arg("s"), py::arg("z"), py::arg("n"), py::arg("k"),
      py::arg("group"), py::arg("sym"), py::arg("y"));
