@@ -448,6 +448,8 @@ def test_bnb_from_pyqkern_and_back(dq, fmt, tmp_path):
     assert ("nested_absmax" in state) == dq
     np.testing.assert_array_equal(ref_bnb(weight, state, (40, 128)), pq.dequantize(qt))
     assert from_bnb(weight, state, (40, 128)) == qt
+    with pytest.raises(ValueError, match="contradicts the quant state's shape"):   # was re-cut to (80, 64)
+        from_bnb(weight, state, (80, 64))
     no_type = {key: v for key, v in state.items() if key != "quant_type"}    # the quant_map tells
     assert from_bnb(weight, no_type, (40, 128)) == qt
     wp, packed = to_bnb(qt, packed=True)
@@ -798,3 +800,49 @@ def test_exporters_refuse_zero_points_beyond_the_field():
         from_awq(np.zeros((0, 1), np.int32), np.zeros((1, 1), np.int32), np.ones((1, 8), np.float16))
     with pytest.raises(ValueError):
         from_compressed_tensors(np.zeros((8, 0), np.int32), np.ones((8, 1), np.float16), weight_shape=np.array([8, -5]))
+
+
+def test_ort_inputs_checked_by_shape_not_only_size():
+    """A transposed B or packed zero_points has the right size and gave wrong weights; K / N were
+    truncated (64.9 -> 64); round_scales turned fp32 scales beyond fp16 into inf"""
+    rng = _rng(30)
+    n, k, bs = 8, 128, 32
+    b = rng.integers(0, 256, (n, k // bs, bs // 2)).astype(np.uint8)
+    sc = np.ones((n, k // bs), F32)
+    zp = rng.integers(0, 256, (n, 2)).astype(np.uint8)
+    want = from_ort_nbits(b, sc, zp, K=k, N=n, block_size=bs)
+    # the layouts ONNX Runtime uses: flat, [N, blocks * bytes] and [N, blocks, bytes]; numpy ints
+    for bb, zz, ss in ((b.reshape(-1), zp.reshape(-1), sc.reshape(-1)), (b.reshape(n, -1), zp, sc)):
+        assert from_ort_nbits(bb, ss, zz, K=np.int64(k), N=np.int32(n), block_size=bs) == want
+    with pytest.raises(ValueError, match="B has shape"):
+        from_ort_nbits(b.reshape(n, -1).T.copy(), sc, zp, K=k, N=n, block_size=bs)
+    with pytest.raises(ValueError, match="packed zero_points has shape"):
+        from_ort_nbits(b, sc, zp.T.copy(), K=k, N=n, block_size=bs)
+    with pytest.raises(ValueError, match="unpacked zero_points has shape"):
+        from_ort_nbits(b, sc, np.full((k // bs, n), 8, F32), K=k, N=n, block_size=bs)
+    for kw in (dict(K=128.9, N=n), dict(K="128", N=n), dict(K=k, N=8.5), dict(K=True, N=n)):
+        with pytest.raises(ValueError, match="must be an integer"):
+            from_ort_nbits(b, sc, zp, block_size=bs, **kw)
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        from_ort_nbits(b, np.full_like(sc, 1e5), zp, K=k, N=n, block_size=bs, round_scales=True)
+
+
+def test_load_gptq_dir_refuses_a_tensor_in_two_shards(tmp_path):
+    """The copy in the last file (by name) used to win silently"""
+    q = rand_gptq(_rng(31), 64, 16, 32, v1=True)
+    t = {"a.qweight": q[0], "a.qzeros": q[1], "a.scales": q[2]}
+    st.save(tmp_path / "model-00001.safetensors", t)
+    st.save(tmp_path / "model-00002.safetensors", {"a.scales": q[2] * 2})
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32, "sym": False}))
+    with pytest.raises(ValueError, match="'a.scales' is in both model-00001.safetensors and model-00002"):
+        load_gptq_dir(tmp_path)
+
+
+def test_empty_foreign_weights_say_so():
+    """N = 0 was refused only by a numpy reshape message"""
+    cases = [lambda: from_gptq(np.zeros((8, 0), np.int32), np.zeros((1, 0), np.int32), np.ones((1, 0), np.float16)),
+             lambda: from_awq(np.zeros((64, 0), np.int32), np.zeros((1, 0), np.int32), np.ones((1, 0), np.float16)),
+             lambda: from_compressed_tensors(np.zeros((0, 8), np.int32), np.ones((0, 1), np.float16))]
+    for f in cases:
+        with pytest.raises(ValueError, match="is empty"):
+            f()

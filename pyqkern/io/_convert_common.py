@@ -17,6 +17,8 @@ def as_int_words(a, name, shape):
         raise ValueError(f"{name} must be int32 (or uint32), got {a.dtype}")
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(a.shape)}): a weight needs N and K > 0")
     return np.ascontiguousarray(a).view(np.uint32)
 
 

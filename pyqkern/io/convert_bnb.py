@@ -123,11 +123,14 @@ def _pos_ints(v, what, count):
 
 def _from_state(weight_uint8, qs, fmt, shape) -> QTensor:
     code = _CODES[fmt]
+    own = qs.get("shape")
     if shape is None:
-        shape = qs.get("shape")
-        if shape is None:
+        if own is None:
             raise ValueError("shape not given and not in the quant state")
+        shape = own
     shape = _pos_ints(shape, "shape (out, in)", 2)
+    if own is not None and _pos_ints(own, "the quant state's shape", 2) != shape:
+        raise ValueError(f"shape {shape} contradicts the quant state's shape {tuple(np.asarray(own).reshape(-1))}")
     n, k = shape
     if "blocksize" not in qs:
         raise ValueError("quant state lacks 'blocksize'")

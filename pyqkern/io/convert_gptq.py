@@ -277,9 +277,13 @@ def load_gptq_dir(path) -> dict:
     files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))  # the name literally ("[GPTQ]")
     if not files:
         raise ValueError(f"{path}: no *.safetensors files")
-    tensors = {}
+    tensors, seen = {}, {}
     for fn in files:
         t, _ = _st.load(fn)
+        for name in t:
+            if name in seen:  # which copy is meant is unknown: refuse, as `pyqkern quantize` does
+                raise ValueError(f"{path}: tensor {name!r} is in both {seen[name]} and {os.path.basename(fn)}")
+            seen[name] = os.path.basename(fn)
         tensors.update(t)
     mods = sorted(name[: -len(".qweight")] for name in tensors if name.endswith(".qweight"))
     out = {}

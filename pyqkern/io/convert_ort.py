@@ -30,6 +30,15 @@ def _check_block(block_size):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
 
 
+def _rows(a, name, n, per_row, *shapes):
+    """a [n, per_row] from ONNX's flat [n * per_row], [n, per_row] or one of shapes; any other shape
+    (a transposed tensor has the same size) is refused."""
+    if a.shape not in ((n * per_row,), (n, per_row)) + shapes:
+        want = " or ".join(str(t) for t in ((n * per_row,), (n, per_row)) + shapes)
+        raise ValueError(f"{name} has shape {a.shape}, expected {want}")
+    return a.reshape(n, per_row)
+
+
 def from_ort_nbits(B, scales, zero_points=None, *, K, N, block_size, bits=4, sym=None,
                    round_scales=False) -> QTensor:
     """MatMulNBits initializers -> int4 QTensor [N, K].
@@ -38,6 +47,9 @@ def from_ort_nbits(B, scales, zero_points=None, *, K, N, block_size, bits=4, sym
     if bits != 4:
         raise NotImplementedError(f"MatMulNBits bits={bits}: only 4-bit converts to pyqkern int4")
     _check_block(block_size)
+    for name, v in (("K", K), ("N", N)):
+        if not (isinstance(v, np.integer) or integral(v)):
+            raise ValueError(f"{name} must be an integer, got {v!r}")
     k, n, bs = int(K), int(N), int(block_size)
     if k <= 0 or n <= 0:
         raise ValueError(f"K and N must be positive, got K={K}, N={N}")
@@ -45,9 +57,7 @@ def from_ort_nbits(B, scales, zero_points=None, *, K, N, block_size, bits=4, sym
     b = np.asarray(B)
     if b.dtype != np.uint8:
         raise ValueError(f"B must be uint8, got {b.dtype}")
-    if b.size != n * nb * (bs // 2) or (b.ndim == 3 and b.shape != (n, nb, bs // 2)):
-        raise ValueError(f"B has shape {b.shape}, expected ({n}, {nb}, {bs // 2})")
-    b = b.reshape(n, nb * bs // 2)
+    b = _rows(b, "B", n, nb * bs // 2, (n, nb, bs // 2))
     if k % bs:
         if nb != 1:
             raise ValueError(f"K={k} is not a multiple of block_size={bs}: a padded last block cannot be "
@@ -63,11 +73,12 @@ def from_ort_nbits(B, scales, zero_points=None, *, K, N, block_size, bits=4, sym
     codes[:, 1::2] = q >> 4
 
     sc = np.asarray(scales)
-    if sc.size != n * nb or sc.ndim not in (1, 2) or (sc.ndim == 2 and sc.shape != (n, nb)):
-        raise ValueError(f"scales has shape {sc.shape}, expected ({n}, {nb}) or ({n * nb},)")
-    sc = sc.reshape(n, nb)
+    sc = _rows(sc, "scales", n, nb)
     if round_scales and sc.dtype.kind == "f" and sc.dtype != np.float16:
-        h = sc.astype(np.float16)
+        with np.errstate(over="ignore"):
+            h = sc.astype(np.float16)
+        if np.any(np.isinf(h) & np.isfinite(sc)):
+            raise ValueError("MatMulNBits scales beyond float16's range (65504) cannot be rounded to float16")
         if not np.array_equal(h.astype(sc.dtype), sc):
             warnings.warn("MatMulNBits scales rounded to float16: the QTensor is not bit-exact", stacklevel=2)
         sc = h
@@ -80,18 +91,14 @@ def from_ort_nbits(B, scales, zero_points=None, *, K, N, block_size, bits=4, sym
     else:
         zp = np.asarray(zero_points)
         if zp.dtype == np.uint8:
-            nzb = -(-nb // 2)
-            if zp.size != n * nzb:
-                raise ValueError(f"packed zero_points has {zp.size} bytes, expected {n}x{nzb}")
-            zp = zp.reshape(n, nzb)
+            zp = _rows(zp, "packed zero_points", n, -(-nb // 2))
+            nzb = zp.shape[1]
             zz = np.empty((n, nzb * 2), np.uint8)
             zz[:, 0::2] = zp & 0x0F
             zz[:, 1::2] = zp >> 4
             zeros = np.ascontiguousarray(zz[:, :nb])
         elif zp.dtype.kind == "f":
-            if zp.size != n * nb:
-                raise ValueError(f"unpacked zero_points has shape {zp.shape}, expected ({n}, {nb})")
-            zf = zp.reshape(n, nb)
+            zf = _rows(zp, "unpacked zero_points", n, nb)
             if not np.all((zf == np.round(zf)) & (zf >= 0) & (zf <= 15)):
                 raise ValueError("unpacked float zero_points must be integers in 0..15 to map to int4")
             zeros = zf.astype(np.uint8)
