@@ -58,7 +58,8 @@ Ceilings (session fixture ``ceilings``, measured at the start of the run)
                   those two pipes with float multiplies, which every kernel's block epilogue needs.
 
 extra_info per row: cpu, impl, format, compute, variant (pq.info()['active_variant']), threads, M/K/N,
-gflops (2MNK / min time), weight_gbs (bytes of the weight as that implementation stores it / min
+gflops (2MNK / min time), weight_gbs (bytes of the weight as that implementation stores it (pyqkern: as its
+kernel reads it, the packed copy for int8 and the bf16 decode kernel) / min
 time), frac_read_bw (weight_gbs / measured read bandwidth at that thread count), frac_read_bw_wsize
 (weight_gbs / the read ceiling of a buffer of the weight's size), frac_int8_peak (gflops /
 achieved int8 peak at that thread count), frac_int8_hw_peak (gflops / int8 hw peak). All derived
@@ -75,6 +76,7 @@ import pytest
 
 import pyqkern as pq
 from pyqkern._membw import int8_hw_peak, read_bandwidth
+from pyqkern._matmul import streamed_weight_bytes
 
 QUICK = os.environ.get("PYQKERN_BENCH_QUICK", "") not in ("", "0")
 
@@ -274,7 +276,7 @@ def test_pyqkern(measure, shape, fmt, opts, compute, pq_threads):
     x = _x(m, k)
     y = np.empty((m, n), np.float32)
     measure(lambda: lin(x, out=y), impl="pyqkern", fmt=_fmt_label(fmt, opts), compute=compute, shape=shape,
-            threads=pq_threads, weight_bytes=qt.nbytes)
+            threads=pq_threads, weight_bytes=streamed_weight_bytes(qt, compute, m))
 
 
 # Decode rows outside the shape list: two activation rows (they share one pass over the codes in
@@ -305,7 +307,7 @@ def test_pyqkern_bf16x(measure, shape, fmt, opts, pq_threads):
     x = _x(m, k).astype(ml_dtypes.bfloat16)
     y = np.empty((m, n), np.float32)
     measure(lambda: lin(x, out=y), impl="pyqkern", fmt=_fmt_label(fmt, opts), compute="float-bf16x", shape=shape,
-            threads=pq_threads, weight_bytes=qt.nbytes)
+            threads=pq_threads, weight_bytes=streamed_weight_bytes(qt, "float", m, f32=False))
 
 
 OTHER_VARIANTS = [v for v in pq.variants() if v not in ("ref", pq.info()["active_variant"])]
@@ -330,7 +332,7 @@ def test_pyqkern_other_variants(measure, shape, compute, fmt, opts, variant, pq_
     y = np.empty((m, n), np.float32)
     measure(lambda: pq.matmul(x, qt, compute=compute, isa=variant, out=y), impl="pyqkern",
             fmt=f"{_fmt_label(fmt, opts)}@{variant}", compute=compute, shape=shape, threads=pq_threads,
-            weight_bytes=qt.nbytes)
+            weight_bytes=streamed_weight_bytes(qt, compute, m, isa=variant))
 
 
 @pytest.mark.parametrize("pq_threads", THREAD_P, indirect=True)
@@ -356,7 +358,7 @@ def test_pyqkern_decode_stack(measure, fmt, opts, compute, pq_threads):
             lin(x, out=y)
 
     measure(run, impl="pyqkern", fmt=_fmt_label(fmt, opts) + "-stack8", compute=compute, shape=(1, k, n),
-            threads=pq_threads, weight_bytes=lins[0].weight.nbytes, calls=8)
+            threads=pq_threads, weight_bytes=streamed_weight_bytes(lins[0].weight, compute, 1), calls=8)
 
 
 # ---------------------------------------------------------------- numba backend
@@ -410,7 +412,7 @@ def test_float_every_format(measure, fmt, opts, impl):
         else:
             lin = pq.QLinear(qt, compute="float")
             measure(lambda: lin(x, out=y), impl="pyqkern", fmt=_fmt_label(fmt, opts), compute="float", shape=shape,
-                    threads=1, weight_bytes=qt.nbytes)
+                    threads=1, weight_bytes=streamed_weight_bytes(qt, "float", m))
     finally:
         pq.set_num_threads(before)
 
@@ -553,7 +555,7 @@ def test_paired_vs_ort(measure, shape, fmt, opts, pq_threads):
         tp.append(t1 - t0)
         to.append(t2 - t1)
     measure(lambda: lin(x, out=y), impl="pyqkern", fmt=_fmt_label(fmt, opts) + "-paired", compute="int8", shape=shape,
-            threads=pq_threads, weight_bytes=qt.nbytes)
+            threads=pq_threads, weight_bytes=streamed_weight_bytes(qt, "int8", m))
     info = {"ort_b128_acc4_median_ms": float(np.median(to)) * 1e3, "pq_median_ms": float(np.median(tp)) * 1e3,
             "speedup_vs_ort_paired": float(np.median(to) / np.median(tp))}
     _PAIRED.append(dict(info, fmt=_fmt_label(fmt, opts), shape=shape, threads=pq_threads))
@@ -688,7 +690,7 @@ def test_paired_blocks_vs_ort(measure, shape, fmt, opts, pq_threads):
                 ts.append(time.perf_counter() - t0)
             meds.append(float(np.median(ts)))
     measure(fp, impl="pyqkern", fmt=_fmt_label(fmt, opts) + "-paired", compute="int8", shape=shape,
-            threads=pq_threads, weight_bytes=qt.nbytes)
+            threads=pq_threads, weight_bytes=streamed_weight_bytes(qt, "int8", m))
     info = {"ort_b128_acc4_median_ms": float(np.median(bo)) * 1e3, "pq_median_ms": float(np.median(bp)) * 1e3,
             "speedup_vs_ort_paired": float(np.median(bo) / np.median(bp))}
     _PAIRED.append(dict(info, fmt=_fmt_label(fmt, opts), shape=shape, threads=pq_threads))

@@ -25,6 +25,17 @@ def _best_time(fn, min_time=0.2, max_reps=200):
     return min(times)
 
 
+def _numpy_time(fn, threads):
+    """numpy's best time at this many BLAS threads (threadpoolctl), or at its own count (None) when
+    threadpoolctl is missing"""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return _best_time(fn), None
+    with threadpool_limits(limits=threads, user_api="blas"):
+        return _best_time(fn), threads
+
+
 def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     import pyqkern as pq
 
@@ -35,6 +46,7 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     formats = formats or (["q4_0", "int4", "q8_0"] if quick else
                           ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8"])
     from ._formats import FORMATS
+    from ._matmul import streamed_weight_bytes
 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -52,11 +64,16 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
           + ", ".join(f"{th}t " + (f"{v:.0f} GOP/s" if v else "n/a") for th, v in peaks.items()), file=out)
     hdr = (f"{'format':7s} {'compute':7s} {'M':>4s} {'K':>6s} {'N':>6s} {'thr':>3s} {'time':>10s} "
            f"{'GFLOP/s':>8s} {'W GB/s':>7s} {'%bw':>5s} {'%bwW':>5s} {'%hw':>5s} {'vs np':>6s} {'max rel err':>11s}")
-    print("W GB/s: weight bytes per second; %bw: of the read bandwidth above at that thread count (above "
-          "100%: the weights are served from cache); %bwW: of the read ceiling of a buffer the weight's size "
-          "(from cache when it fits); %hw: int8 GOP/s of the instruction peak above; vs np: speed-up over numpy "
-          "fp32 x @ W.T; max rel err: vs x @ dequantize(W).T",
-          file=out)
+    try:
+        import threadpoolctl  # noqa: F401
+        np_at = "at the row's thread count"
+    except ImportError:
+        np_at = "at numpy's own thread count (install threadpoolctl to match the row's)"
+    print("W GB/s: bytes of the weight as the kernel reads it (int8: the packed copy) per second; %bw: of the "
+          "read bandwidth above at that thread count (above 100%: the weights are served from cache); %bwW: of "
+          "the read ceiling of a buffer the weight's size (from cache when it fits); %hw: int8 GOP/s of the "
+          f"instruction peak above; vs np: speed-up over numpy fp32 x @ W.T {np_at}; max rel err: vs "
+          "x @ dequantize(W).T", file=out)
     bw_w: dict = {}
     print(hdr, file=out)
     rng = np.random.default_rng(0)
@@ -65,7 +82,9 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
         w = rng.standard_normal((n, k)).astype(np.float32) * 0.02
         x = rng.standard_normal((m, k)).astype(np.float32)
         wf = w.copy()
-        t_np = _best_time(lambda: x @ wf.T)
+        # the baseline at each row's thread count (numpy at its own count made 1-thread rows look
+        # faster by the BLAS's parallel speed-up)
+        t_np = {th: _numpy_time(lambda: x @ wf.T, th) for th in thread_list}
         for fmt in formats:
             qt = pq.quantize(w, fmt)
             ref = x @ pq.dequantize(qt).T
@@ -82,20 +101,24 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
                     err = float(np.abs(y - ref).max()) / scale
                     t = _best_time(lambda: pq.matmul(x, qt, compute=compute))
                     gflops = 2.0 * m * n * k / t / 1e9
-                    wgbs = qt.nbytes / t / 1e9
-                    if (qt.nbytes, th) not in bw_w:
-                        bw_w[(qt.nbytes, th)] = read_bandwidth(qt.nbytes, th, reps=50)
+                    # the bytes the kernel streams: int8 (and the bf16 decode kernel) read the packed
+                    # copy, for q6_k 1.31x the QTensor
+                    nbytes = streamed_weight_bytes(qt, compute, m)
+                    wgbs = nbytes / t / 1e9
+                    if (nbytes, th) not in bw_w:
+                        bw_w[(nbytes, th)] = read_bandwidth(nbytes, th, reps=50)
+                    tn, np_threads = t_np[th]
                     row = dict(format=fmt, compute=compute, M=m, K=k, N=n, threads=th, time_s=t, gflops=gflops,
-                               weight_gbs=wgbs, pct_bw=100 * wgbs / bws[th],
-                               pct_bw_wsize=100 * wgbs / bw_w[(qt.nbytes, th)], speedup_vs_numpy=t_np / t,
-                               max_rel_err=err)
+                               weight_bytes=nbytes, weight_gbs=wgbs, pct_bw=100 * wgbs / bws[th],
+                               pct_bw_wsize=100 * wgbs / bw_w[(nbytes, th)], speedup_vs_numpy=tn / t,
+                               numpy_threads=np_threads, max_rel_err=err)
                     hw = f"{'-':>5s}"
                     if compute == "int8" and peaks[th]:
                         row["pct_int8_hw_peak"] = 100 * gflops / peaks[th]
                         hw = f"{row['pct_int8_hw_peak']:5.0f}"
                     rows.append(row)
                     print(f"{fmt:7s} {compute:7s} {m:4d} {k:6d} {n:6d} {th:3d} {t * 1e6:8.1f}us {gflops:8.1f} "
-                          f"{wgbs:7.1f} {row['pct_bw']:5.0f} {row['pct_bw_wsize']:5.0f} {hw} {t_np / t:6.2f} "
+                          f"{wgbs:7.1f} {row['pct_bw']:5.0f} {row['pct_bw_wsize']:5.0f} {hw} {tn / t:6.2f} "
                           f"{err:11.2e}", file=out)
             qt.release_packed()
     return rows
@@ -529,7 +552,8 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd")
     b = sub.add_parser("bench", help="run the matmul kernels on built-in default shapes and print a table")
     b.add_argument("--quick", action="store_true", help="a short run (a few shapes and formats)")
-    b.add_argument("--threads", type=int, nargs="*", help="thread counts to run (default: all CPUs)")
+    b.add_argument("--threads", type=int, nargs="*",
+                   help="thread counts to run (default: 1 and the pool's count; --quick: the pool's count)")
     b.add_argument("--formats", nargs="*", help="formats to run")
     b.add_argument("--json", help="also write the rows to this JSON file")
     b.add_argument("--plot", help="also draw a roofline picture to this .png (needs matplotlib)")

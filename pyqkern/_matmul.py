@@ -171,15 +171,12 @@ def _float_bf16(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
         xb = x
     if xb.ndim < 1 or xb.shape[-1] != w.shape[1]:
         return None
-    mode = resolve_compute(w, compute)
-    if mode != "float" or not int8_supported(w) or w.format not in _BF16_FORMATS or not _has_bf16_kernel(isa):
-        return None
     n, k = w.shape
+    m = int(np.prod(xb.shape[:-1]))
+    if not bf16_route(w, compute, m, f32, isa):
+        return None
     lead = tuple(xb.shape[:-1])
     x2 = np.require(xb.reshape(-1, k), requirements=["C", "A"])
-    m = x2.shape[0]
-    if not 1 <= m <= (2 if f32 else 4):
-        return None
     if w.perm is not None:
         x2 = np.ascontiguousarray(x2[:, w.perm])
     b = _bias(bias, n)
@@ -209,6 +206,22 @@ def _has_bf16_kernel(isa) -> bool:
 
 # 4-bit codes without a code book: (u - o) and bf16 x multiply exactly
 _BF16_FORMATS = frozenset({"q4_0", "q4_1", "q4_k", "int2", "int3", "int4"})
+
+
+def bf16_route(w: QTensor, compute: str, m: int, f32: bool = True, isa=None) -> bool:
+    """Whether compute on m rows of x (float32, else bfloat16) takes the packed weight's AVX512-BF16
+    kernel (unless x holds values it leaves to the fp32 route: see the module docstring)."""
+    return (resolve_compute(w, compute) == "float" and 1 <= m <= (2 if f32 else 4) and int8_supported(w)
+            and w.format in _BF16_FORMATS and _has_bf16_kernel(isa))
+
+
+def streamed_weight_bytes(w: QTensor, compute: str, m: int, f32: bool = True, isa=None) -> int:
+    """Bytes of the weight form a native matmul of m rows reads: the packed copy for int8 compute and
+    for the bf16 decode kernel (q6_k packs to 8-bit codes, 1.31x its QTensor; q4_k 1.06x; the
+    others within a few hundred bytes), else the QTensor's own bytes."""
+    if resolve_compute(w, compute) == "int8" or bf16_route(w, compute, m, f32, isa):
+        return _packed(w).nbytes
+    return w.nbytes
 
 
 def _lora_reference(y2, x2, w, ads, ids, bias):

@@ -1,6 +1,7 @@
 """`pyqkern quantize` and `pyqkern inspect` (pyqkern/__main__.py)."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import subprocess
@@ -244,6 +245,19 @@ def test_bench_rows_and_roofline_plot(tmp_path):
     # 0 threads = one per CPU, as set_num_threads (the bandwidth probe used to split its buffer in 0)
     rows0 = bench(True, [0], ["q4_0"], shapes=[(1, 256, 128)], out=_io.StringIO())
     assert {r["threads"] for r in rows0} == {os.cpu_count() or 1}
+    # GB/s count the bytes the kernel reads: int8 reads the packed copy (q6_k: 8-bit codes, 1.31x
+    # its QTensor, which the rows used to count); numpy's baseline runs at the row's thread count
+    from pyqkern._matmul import streamed_weight_bytes
+
+    rows6 = bench(True, [1, 2], ["q6_k"], shapes=[(32, 256, 128)], out=_io.StringIO())
+    qt = pq.quantize(np.ones((128, 256), np.float32), "q6_k")
+    packed = pq.QLinear(qt).packed_nbytes
+    assert packed > 1.25 * qt.nbytes
+    assert [r["weight_bytes"] for r in rows6 if r["compute"] == "int8"] == [packed, packed]
+    assert [r["weight_bytes"] for r in rows6 if r["compute"] == "float"] == [qt.nbytes, qt.nbytes]
+    assert streamed_weight_bytes(qt, "float", 32) == qt.nbytes and streamed_weight_bytes(qt, "int8", 1) == packed
+    if importlib.util.find_spec("threadpoolctl"):
+        assert [r["numpy_threads"] for r in rows6] == [1, 2, 1, 2]
     pytest.importorskip("matplotlib")
     png = tmp_path / "roof.png"
     plot_roofline(rows, png)
