@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import os
+import sys
 import zlib
 
 import numpy as np
@@ -340,3 +342,63 @@ def test_results_do_not_depend_on_thread_count():
             np.testing.assert_array_equal(a, b)
     finally:
         numba.set_num_threads(old)
+
+
+@pytest.mark.parametrize("fmt,blk,nbytes", [("q4_0", 32, 18), ("q4_k", 256, 144), ("q6_k", 256, 210),
+                                            ("iq4_nl", 32, 18)])
+def test_registry_checks_k_and_sections(fmt, blk, nbytes):
+    """The K-quant entries did not: a q too short for K was read past its end, and a partial last
+    block was dropped from quantize"""
+    with pytest.raises(ValueError, match=f"not a multiple of {blk}"):
+        nk.QUANTIZE[fmt](np.ones((2, blk + blk // 2), F32))
+    if fmt in nk.DEQUANTIZE:
+        e = np.zeros((1, 0), np.uint8)
+        for q in (np.zeros((1, nbytes), np.uint8), np.zeros((1, 3 * nbytes), np.uint8), np.zeros(2 * nbytes, np.uint8)):
+            with pytest.raises(ValueError, match=f"needs {2 * nbytes} bytes per row"):
+                nk.DEQUANTIZE[fmt](q, e, e, 2 * blk)
+
+
+_NUMBA_CHILD = r"""
+import os, sys, threading
+import numpy as np
+import pyqkern as pq
+w = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)
+def run():
+    qt = pq.quantize(w, "q4_k", backend="numba")
+    y = pq.matmul(np.ones((3, 512), np.float32), qt, backend="numba")
+    return qt.data.tobytes() + y.tobytes()
+want = run()
+# several Python threads in the kernels at once ("workqueue" aborted the process)
+got = []
+ts = [threading.Thread(target=lambda: got.append(run())) for _ in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+assert got == [want] * 4, "threads"
+# a forked child after the parent ran parallel code (GNU OpenMP killed it), and its own child
+pid = os.fork()
+if pid == 0:
+    ok = run() == want
+    g = os.fork()
+    if g == 0:
+        os._exit(0 if run() == want else 5)
+    _, gs = os.waitpid(g, 0)
+    os._exit(0 if ok and os.WIFEXITED(gs) and os.WEXITSTATUS(gs) == 0 else 4)
+_, st = os.waitpid(pid, 0)
+assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0, st
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+@pytest.mark.parametrize("layer", ["default", "workqueue"])
+def test_concurrent_calls_and_forked_children(layer):
+    import subprocess
+
+    from test_threads_dispatch import child_env
+
+    env, cwd = child_env()
+    if layer != "default":
+        env["NUMBA_THREADING_LAYER"] = layer
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", _NUMBA_CHILD], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=cwd)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

@@ -20,9 +20,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._par import pjit
+
 _F32 = np.float32
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
-_PJIT = dict(_JIT, parallel=True)
 
 F0 = _F32(0.0)
 F1 = _F32(1.0)
@@ -41,6 +42,7 @@ IQ4NL_V0 = -127
 
 
 # ---------------------------------------------------------------- bit casts and fp16 (shared with simple.py)
+from .simple import _ggml_dequantizer, _ggml_quantizer  # noqa: E402
 from .simple import f32_as_u32 as _f32_bits  # noqa: E402
 from .simple import fp16_to_fp32 as f16_bits_to_f32  # noqa: E402
 from .simple import fp32_to_fp16 as f32_to_f16_bits  # noqa: E402
@@ -199,7 +201,7 @@ def _q4k_block(x, out):
             out[16 + 32 * c + l] = np.uint8(L[64 * c + l] | (L[64 * c + 32 + l] << 4))
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _q4k_quantize(x, q):
     nb = x.shape[1] // 256
     for r in prange(x.shape[0]):
@@ -207,7 +209,7 @@ def _q4k_quantize(x, q):
             _q4k_block(x[r, 256 * b:256 * b + 256], q[r, 144 * b:144 * b + 144])
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _q4k_dequantize(q, y):
     n, k = y.shape
     for r in prange(n):
@@ -323,7 +325,7 @@ def _q6k_block(x, out):
             out[128 + 32 * h + l] = np.uint8((a0 >> 4) | ((a1 >> 4) << 2) | ((a2 >> 4) << 4) | ((a3 >> 4) << 6))
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _q6k_quantize(x, q):
     nb = x.shape[1] // 256
     for r in prange(x.shape[0]):
@@ -331,7 +333,7 @@ def _q6k_quantize(x, q):
             _q6k_block(x[r, 256 * b:256 * b + 256], q[r, 210 * b:210 * b + 210])
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _q6k_dequantize(q, y):
     n, k = y.shape
     for r in prange(n):
@@ -410,7 +412,7 @@ def _iq4nl_block(x, out):
         out[2 + j] = np.uint8(_iq4nl_index(idv * x[j]) | (_iq4nl_index(idv * x[j + 16]) << 4))
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _iq4nl_quantize(x, q):
     nb = x.shape[1] // 32
     for r in prange(x.shape[0]):
@@ -419,50 +421,15 @@ def _iq4nl_quantize(x, q):
 
 
 # ---------------------------------------------------------------- entry points
-def _empty(n):
-    return np.zeros((n, 0), dtype=np.uint8)
-
-
-def _prep(x):
-    return np.ascontiguousarray(x, dtype=_F32)
-
-
-def quantize_q4_k(x, group=0, sym=0):
-    x = _prep(x)
-    n, k = x.shape
-    q = np.empty((n, k // 256 * 144), np.uint8)
-    _q4k_quantize(x, q)
-    return q, _empty(n), _empty(n)
-
-
-def dequantize_q4_k(q, s, z, k, group=0, sym=0):
-    q = np.ascontiguousarray(q, dtype=np.uint8)
-    y = np.empty((q.shape[0], k), _F32)
-    _q4k_dequantize(q, y)
-    return y
-
-
-def quantize_q6_k(x, group=0, sym=0):
-    x = _prep(x)
-    n, k = x.shape
-    q = np.empty((n, k // 256 * 210), np.uint8)
-    _q6k_quantize(x, q)
-    return q, _empty(n), _empty(n)
-
-
-def dequantize_q6_k(q, s, z, k, group=0, sym=0):
-    q = np.ascontiguousarray(q, dtype=np.uint8)
-    y = np.empty((q.shape[0], k), _F32)
-    _q6k_dequantize(q, y)
-    return y
-
-
-def quantize_iq4_nl(x, group=0, sym=0):
-    x = _prep(x)
-    n, k = x.shape
-    q = np.empty((n, k // 32 * 18), np.uint8)
-    _iq4nl_quantize(x, q)
-    return q, _empty(n), _empty(n)
+quantize_q4_k = _ggml_quantizer(_q4k_quantize, 144, 256)
+quantize_q6_k = _ggml_quantizer(_q6k_quantize, 210, 256)
+quantize_iq4_nl = _ggml_quantizer(_iq4nl_quantize, 18)
+dequantize_q4_k = _ggml_dequantizer(_q4k_dequantize, 144, 256)
+dequantize_q6_k = _ggml_dequantizer(_q6k_dequantize, 210, 256)
+for _f, _name in ((quantize_q4_k, "quantize_q4_k"), (quantize_q6_k, "quantize_q6_k"),
+                  (quantize_iq4_nl, "quantize_iq4_nl"), (dequantize_q4_k, "dequantize_q4_k"),
+                  (dequantize_q6_k, "dequantize_q6_k")):
+    _f.__name__ = _f.__qualname__ = _name
 
 
 QUANTIZE = {"q4_k": quantize_q4_k, "q6_k": quantize_q6_k, "iq4_nl": quantize_iq4_nl}

@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._par import pjit
 from .intq import int2_block, int3_block
 from .lut import lut16_hi_first, lut16_lo_first
 from .simple import FP4_CODE, IQ4NL_VALUES, NF4_CODE, u32_as_f32
@@ -44,7 +45,6 @@ from .simple import FP4_CODE, IQ4NL_VALUES, NF4_CODE, u32_as_f32
 _F32 = np.float32
 _I32 = np.int32
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
-_PJIT = dict(_JIT, parallel=True)
 
 F0 = _F32(0.0)
 LANES = 32       # accumulator lanes = decode chunk
@@ -424,7 +424,7 @@ def _lora_epilogue(v, m, r, T, Bc, offs, ranks, scales, dfac, isdora, ids, use_i
     return v
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _shrink(x, Ac, offs, ranks, ids, use_ids, T):
     """T[m, c] = x[m] · Ac[c] for the rank columns of the adapters row m uses (float32, K order)."""
     mm, k = x.shape
@@ -478,7 +478,7 @@ def _drive_small(row, q, s, z, gshift, sym, x, y):
 MAX_SMALL_M = 8   # _drive_small up to this many rows; beyond, _matmul (one decode for all rows)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _matmul(fmt, q, s, z, gshift, sym, x, y):
     """M > MAX_SMALL_M: y[m, r] = the lane sum of row r against x[m]; each weight decoded once for all m."""
     mm, k = x.shape
@@ -517,62 +517,62 @@ def _matmul(fmt, q, s, z, gshift, sym, x, y):
                 y[m, r] = _lanesum(acc, m)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_q4_0(q, s, z, gshift, sym, x, y):
     _drive_small(_row_q4_0, q, s, z, gshift, sym, x, y)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_q4_1(q, s, z, gshift, sym, x, y):
     _drive_small(_row_q4_1, q, s, z, gshift, sym, x, y)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_q8_0(q, s, z, gshift, sym, x, y):
     _drive_small(_row_q8_0, q, s, z, gshift, sym, x, y)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_q4_k(q, s, z, gshift, sym, x, y):
     _drive_small(_row_q4_k, q, s, z, gshift, sym, x, y)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_q6_k(q, s, z, gshift, sym, x, y):
     _drive_small(_row_q6_k, q, s, z, gshift, sym, x, y)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_iq4_nl(q, s, z, gshift, sym, x, y):
     _drive_small(_row_iq4_nl, q, s, z, gshift, sym, x, y)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_nf4(q, s, z, gshift, sym, x, y):
     _drive_small(_row_nf4, q, s, z, gshift, sym, x, y)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_fp4(q, s, z, gshift, sym, x, y):
     _drive_small(_row_fp4, q, s, z, gshift, sym, x, y)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_int4(q, s, z, gshift, sym, x, y):
     _drive_small(_row_int4, q, s, z, gshift, sym, x, y)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_int2(q, s, z, gshift, sym, x, y):
     _drive_small(_row_int2, q, s, z, gshift, sym, x, y)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_int3(q, s, z, gshift, sym, x, y):
     _drive_small(_row_int3, q, s, z, gshift, sym, x, y)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _small_int8(q, s, z, gshift, sym, x, y):
     _drive_small(_row_int8, q, s, z, gshift, sym, x, y)
 
@@ -581,7 +581,7 @@ _SMALL = {Q4_0: _small_q4_0, Q4_1: _small_q4_1, Q8_0: _small_q8_0, Q4_K: _small_
          NF4: _small_nf4, INT4: _small_int4, INT8: _small_int8, INT2: _small_int2, INT3: _small_int3, FP4: _small_fp4}
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _finish(y, bias, has_bias, T, Bc, offs, ranks, scales, dfac, isdora, ids, use_ids):
     """y[m, r] (the base sum) -> + adapters (expansion, then DoRA rescale) + bias, in that order."""
     mm, n = y.shape

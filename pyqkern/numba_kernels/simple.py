@@ -24,9 +24,10 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from ._par import pjit
+
 _F32 = np.float32
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
-_PJIT = dict(_JIT, parallel=True)
 
 F0 = _F32(0.0)
 F1 = _F32(1.0)
@@ -237,7 +238,7 @@ def _abs_max(x, r, o, n):
 
 
 # ---------------------------------------------------------------- ggml block-32 formats
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _quantize_q4_0(x, q):
     n, k = x.shape
     for r in prange(n):
@@ -261,7 +262,7 @@ def _quantize_q4_0(x, q):
                 q[r, o + 2 + j] = lo | (hi << 4)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _dequantize_q4_0(q, y):
     n, k = y.shape
     for r in prange(n):
@@ -275,7 +276,7 @@ def _dequantize_q4_0(q, y):
                 y[r, yo + j + 16] = _F32(np.int32(c >> 4) - 8) * d
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _quantize_q4_1(x, q):
     n, k = x.shape
     for r in prange(n):
@@ -298,7 +299,7 @@ def _quantize_q4_1(x, q):
                 q[r, o + 4 + j] = lo | (hi << 4)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _dequantize_q4_1(q, y):
     n, k = y.shape
     for r in prange(n):
@@ -313,7 +314,7 @@ def _dequantize_q4_1(q, y):
                 y[r, yo + j + 16] = d * _F32(c >> 4) + m
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _quantize_q8_0(x, q):
     n, k = x.shape
     for r in prange(n):
@@ -328,7 +329,7 @@ def _quantize_q8_0(x, q):
                 q[r, o + 2 + j] = round_away_i32(x[r, xo + j] * idv) & 0xFF
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _dequantize_q8_0(q, y):
     n, k = y.shape
     for r in prange(n):
@@ -340,7 +341,7 @@ def _dequantize_q8_0(q, y):
                 y[r, yo + j] = _F32(np.int8(q[r, o + 2 + j])) * d
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _dequantize_iq4_nl(q, y):
     n, k = y.shape
     for r in prange(n):
@@ -361,7 +362,7 @@ def _bnb_recip(amax):
     return F1 / (amax if amax > FP4_MIN_ABSMAX else FP4_MIN_ABSMAX)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _quantize_nf4(x, bs, q, s):
     n, k = x.shape
     for r in prange(n):
@@ -381,7 +382,7 @@ def _quantize_nf4(x, bs, q, s):
                 q[r, qo + j // 2] = (hi << 4) | lo
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _dequantize_bnb4(q, s, bs, table, y):
     """bitsandbytes 4-bit layout (nf4, fp4): table[code] * absmax, first element high nibble."""
     n, k = y.shape
@@ -396,7 +397,7 @@ def _dequantize_bnb4(q, s, bs, table, y):
 
 
 # ---------------------------------------------------------------- fp4 (bitsandbytes order)
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _quantize_fp4(x, bs, q, s):
     n, k = x.shape
     for r in prange(n):
@@ -450,7 +451,7 @@ def _intq_group_params(x, r, xo, g, sym, maxq):
     return sf, s16, zero
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _quantize_intq(x, g, sym, bits, q, s, z):
     """int2 / int3: codes at bit bits*i of the row, low bits first (q zeroed by the caller). int4 keeps
     its own pairwise kernel above: this per-element read-modify-write loop is 4x slower at 4 bits."""
@@ -474,7 +475,7 @@ def _quantize_intq(x, g, sym, bits, q, s, z):
                     q[r, (bit >> 3) + 1] |= v >> 8
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _dequantize_intq(q, s, z, g, sym, bits, y):
     n, k = y.shape
     mask = (1 << bits) - 1
@@ -490,7 +491,7 @@ def _dequantize_intq(q, s, z, g, sym, bits, y):
                 y[r, j] = _F32(((v >> (bit & 7)) & mask) - zero) * sf
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _quantize_int4(x, g, sym, q, s, z):
     n, k = x.shape
     for r in prange(n):
@@ -513,7 +514,7 @@ def _quantize_int4(x, g, sym, q, s, z):
                 q[r, (xo + j) // 2] = c0 | (c1 << 4)
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _dequantize_int4(q, s, z, g, sym, y):
     n, k = y.shape
     for r in prange(n):
@@ -528,7 +529,7 @@ def _dequantize_int4(q, s, z, g, sym, y):
 
 
 # ---------------------------------------------------------------- int8 (per row)
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _quantize_int8(x, q, s):
     n, k = x.shape
     for r in prange(n):
@@ -544,7 +545,7 @@ def _quantize_int8(x, q, s):
             q[r, j] = v & 0xFF
 
 
-@njit(**_PJIT)
+@pjit(**_JIT)
 def _dequantize_int8(q, s, y):
     n, k = y.shape
     for r in prange(n):
@@ -566,26 +567,28 @@ def _empty(n):
     return np.zeros((n, 0), dtype=np.uint8)
 
 
-def _ggml_quantizer(kernel, block_bytes):
+# The registry entries of the ggml formats (blk weights in block_bytes bytes; kquants.py too). K
+# and the q section are checked here: the kernels have no bounds checks, so a q shorter than K
+# needs would be read past its end, and a partial last block dropped.
+def _ggml_quantizer(kernel, block_bytes, blk=32):
     def quantize(x, group=0, sym=0):
         x = _f32(x)
         n, k = x.shape
-        if k % 32:
-            raise ValueError(f"K={k} is not a multiple of 32")
-        q = np.empty((n, k // 32 * block_bytes), dtype=np.uint8)
+        if k % blk:
+            raise ValueError(f"K={k} is not a multiple of {blk}")
+        q = np.empty((n, k // blk * block_bytes), dtype=np.uint8)
         kernel(x, q)
         return q, _empty(n), _empty(n)
 
     return quantize
 
 
-def _ggml_dequantizer(kernel, block_bytes):
+def _ggml_dequantizer(kernel, block_bytes, blk=32):
     def dequantize(q, s, z, k, group=0, sym=0):
         q = _u8(q)
-        n = q.shape[0]
-        if k % 32 or q.shape[1] != k // 32 * block_bytes:
-            raise ValueError(f"q has {q.shape[1]} bytes per row; K={k} needs {k // 32 * block_bytes}")
-        y = np.empty((n, k), dtype=_F32)
+        if q.ndim != 2 or k % blk or q.shape[1] != k // blk * block_bytes:
+            raise ValueError(f"q has shape {q.shape}; K={k} needs {k // blk * block_bytes} bytes per row")
+        y = np.empty((q.shape[0], k), dtype=_F32)
         kernel(q, y)
         return y
 
