@@ -8,11 +8,13 @@ compute:
           their code books rounded to 1/127 in this mode.
   "float" weights dequantized exactly (as pyqkern.dequantize) and multiplied in fp32; within
           fp32 accumulation error of x @ dequantize(W).T: |y - y_ref| <= K * 2^-23 * sum|x||w|
-          (a loose bound; tests check it). At decode size on q4_0 / q4_1 / q4_k / int2 / int3 /
-          int4, adapters too (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly
+          (a loose bound; tests check it). At decode size on q4_0 / int2 / int3 / int4,
+          adapters too (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly
           into three bf16 parts) an AVX512-BF16 kernel takes over where the CPU has one: (u - o)
           * x is exact in fp32, sums per block then scaled, under the same bound (x a bf16 part
-          of which would be a denormal, or NaN/Inf for float32 x, goes the fp32 way). So in
+          of which would be a denormal, or NaN/Inf for float32 x, goes the fp32 way). Not
+          q4_1 / q4_k: their min term summed apart (a * sum(u x) + m * sum(x)) cancels where
+          a * u + m does, far beyond the bound. So in
           this mode a row's last bits can depend on the batch it came in; "int8" never does.
           Otherwise for M <= 8 every format but int2 / int3 (int4: groups >= 32)
           has an AVX2 / AVX-512 kernel that decodes each weight in registers to dequantize's float
@@ -204,8 +206,8 @@ def _has_bf16_kernel(isa) -> bool:
     return _BF16_SLOT[key]
 
 
-# 4-bit codes without a code book: (u - o) and bf16 x multiply exactly
-_BF16_FORMATS = frozenset({"q4_0", "q4_1", "q4_k", "int2", "int3", "int4"})
+# 4-bit codes without a code book or a min term: (u - o) and bf16 x multiply exactly
+_BF16_FORMATS = frozenset({"q4_0", "int2", "int3", "int4"})  # q4_1 / q4_k: see the module docstring
 
 
 def bf16_route(w: QTensor, compute: str, m: int, f32: bool = True, isa=None) -> bool:

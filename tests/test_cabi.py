@@ -433,6 +433,9 @@ def _bad_cases():
     unrunnable = [i for i in range(lib.PQK_ISA_COUNT) if not lib.pqk_isa_runnable(i)]
     nan_x = np.full((n, k), np.nan, F32)
     keep.append(nan_x)
+    huge_ranks = ffi.new("pqk_lora[]", [{"rank": 2**31 - 1, "A": C.ptr(A), "Bp": C.ptr(Bp), "scale": 1.0,
+                                         "row_scale": NULL, "dtype": 0}] * 8193)
+    keep.append(huge_ranks)
     cases = {
         # quantize
         "quantize x NULL": (lambda: lib.pqk_quantize(-1, Q40, NULL, n, k, k, p0, B, NULL, NULL), {ERR_ARG}),
@@ -540,6 +543,11 @@ def _bad_cases():
         "int8 m x ldy > 2^56": (lambda: lib.pqk_matmul_int8(-1, packed, X, 1 << 30, k, NULL, Y, 1 << 30), {ERR_SHAPE}),
         "float n=2^62": (lambda: lib.pqk_matmul_float(-1, Q40, Q, NULL, NULL, 1 << 62, k, p0, X, 1, k, NULL, Y, n),
                          {ERR_SHAPE}),
+        # rows x summed ranks (8193 adapters of rank 2^31 - 1, 2^24 rows) wrapped int64 to 0: a
+        # zero-sized shrink buffer written through (SIGSEGV); the A / B are never read
+        "lora rows x ranks beyond the limits": (
+            lambda: lib.pqk_matmul_int8_lora(-1, packed, X, 1 << 24, k, NULL, Y, n, huge_ranks, 8193, NULL),
+            {ERR_SHAPE}),
         # zero rows still validate the variant
         "quantize n=0 bad isa": (lambda: lib.pqk_quantize(99, Q40, NULL, 0, k, k, p0, NULL, NULL, NULL), {ERR_ARG}),
         "dequantize n=0 bad isa": (lambda: lib.pqk_dequantize(99, Q40, NULL, NULL, NULL, 0, k, p0, NULL), {ERR_ARG}),

@@ -16,7 +16,8 @@ from pyqkern._matmul import _packed
 from test_matmul import assert_float_close, bits_equal, random_qtensor
 
 BF16 = ml_dtypes.bfloat16
-KERNEL_FORMATS = ["q4_0", "q4_1", "q4_k", "int2", "int3", "int4"]
+KERNEL_FORMATS = ["q4_0", "int2", "int3", "int4"]
+MIN_FORMATS = ["q4_1", "q4_k"]  # declined: see test_min_term_formats_take_the_fp32_route
 NAT = _ops._native()
 
 
@@ -44,7 +45,7 @@ def test_kernel_present_where_the_cpu_has_avx512_bf16():
         assert v is None  # and every call below takes the fp32 route
 
 
-@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
+@pytest.mark.parametrize("fmt", KERNEL_FORMATS + MIN_FORMATS)
 @settings(max_examples=8, deadline=None)
 @given(m=st.sampled_from([1, 2, 3, 4, 5]), n=st.sampled_from([1, 7, 16, 33]),
        kb=st.sampled_from([1, 2, 4, 8]), use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
@@ -262,3 +263,30 @@ def test_declined_inputs_match_the_fp32_route():
         assert_float_close(pq.matmul(x, qz, compute="float"), x, pq.dequantize(qz, backend="reference"))
         assert_float_close(pq.matmul(x.astype(BF16), qz, compute="float"), x.astype(BF16).astype(np.float32),
                            pq.dequantize(qz, backend="reference"))
+
+
+@pytest.mark.parametrize("fmt", MIN_FORMATS)
+def test_min_term_formats_take_the_fp32_route(fmt):
+    """The kernel summed a * (u x) and m * x apart per block: where a * u + m cancels (a weight near
+    0) beside a large x, that x swamped the rest (y = 0 for -6.25 below; q4_k rows off by 1e9 times
+    the bound). The fp32 route dequantizes each weight first."""
+    rng = np.random.default_rng(5)
+    qt = random_qtensor(fmt, 16, 256, rng)
+    x = rng.standard_normal((2, 256)).astype(BF16)
+    v = kernel_variant()
+    if v is not None:
+        p = _packed(qt)
+        assert not NAT.matmul_float_bf16(_ops.isa_id(v), p, x.view(np.uint16), None, np.empty((2, 16), np.float32))
+        assert not NAT.matmul_float_packed(_ops.isa_id(v), p, x.astype(np.float32), None,
+                                           np.empty((2, 16), np.float32))
+    # one q4_1 block, d = 1, m = -1: w = u - 1, so w[1] = 0 where x[1] = 2^40
+    blk = np.zeros(20, np.uint8)
+    blk[0:4] = np.array([1.0, -1.0], np.float16).view(np.uint8)
+    blk[4:] = [j | (j << 4) for j in range(16)]
+    q41 = pq.QTensor.from_bytes("q4_1", (1, 32), blk)
+    xs = np.array([((j * 5) % 7 - 3) * 0.25 for j in range(32)], np.float32)
+    xs[1] = 2.0 ** 40
+    want = pq.matmul(xs[None], q41, compute="float", backend="reference")
+    assert want[0, 0] == -6.25
+    for xin in (xs[None], xs[None].astype(BF16)):
+        assert pq.matmul(xin, q41, compute="float")[0, 0] == -6.25

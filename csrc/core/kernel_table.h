@@ -53,11 +53,10 @@ using lora_expand_fn = void (*)(const LoraArgs& L, int64_t m0, int64_t m1, int64
 // compute="float" for m rows of bfloat16 activations on one 16-row tile of packed 4-bit codes:
 // y = x @ dequant(W).T (+ bias), exact products, fp32 sums (see x86_avx512bf16). parts = 1: x
 // [m][ldx] bf16 bits (m <= 4); parts = 3: fp32 activations split exactly into three bf16 parts,
-// part p at x + p * part_stride (m <= 2). xsum [m][k/32]: per-block sums of x, read by formats
-// with a min term. Returns false, having written nothing, for cases it does not take.
+// part p at x + p * part_stride (m <= 2). Returns false, having written nothing, for cases it
+// does not take (formats with a min term among them).
 using gemv_bf16_fn = bool (*)(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t ldx, int64_t m,
-                              int parts, int64_t part_stride, const float* xsum, float* y, int64_t ldy,
-                              const float* bias);
+                              int parts, int64_t part_stride, float* y, int64_t ldy, const float* bias);
 
 // compute="float" for m <= GEMV_F32_MAX_M activation rows straight from a format's canonical row
 // bytes (optional, per format): y[i, r] (+ bias[r]) for weight rows r0 <= r < r1 and i < m, each

@@ -181,8 +181,9 @@ PQK_API pqk_status pqk_matmul_float_lora(int32_t isa, int32_t fmt, const void* q
 
 /* compute="float" for bfloat16 activations (x: m rows of bf16 bits, row stride ldx) on a packed
  * weight: y = x @ dequant(W).T (+ adapters, as pqk_matmul_float_lora) (+ bias) with exact
- * products and fp32 sums. Taken by 4-bit codes without a code book (q4_0, q4_1, q4_k,
- * int2/int3/int4) for m <= 4 on CPUs with AVX512-BF16; PQK_ERR_UNSUPPORTED otherwise, and for x
+ * products and fp32 sums. Taken by 4-bit codes without a code book or a min term (q4_0,
+ * int2/int3/int4) for m <= 4 on CPUs with AVX512-BF16; PQK_ERR_UNSUPPORTED otherwise (q4_1 and
+ * q4_k too: summing a * code * x and m * x apart could cancel far beyond the fp32 bound), and for x
  * holding bf16 denormals (the instruction reads them as zero), NaN/Inf or |x| > 2^100 (the kernel
  * sums code * x before scaling, which could overflow where the fp32 route does not): callers then
  * widen x to fp32 and use pqk_matmul_float(_lora). adapters may be NULL (n_adapters 0). */

@@ -3,8 +3,9 @@
 // A code minus its offset (u - o, -15..15) and a bf16 activation are both exact bf16 values, so
 // each product is exact in fp32 and vdpbf16ps adds two of them per lane: this is the float
 // result of x (widened exactly) times the dequantized weight, with fp32 sums taken per block
-// and then scaled (y = sum_b a_b * sum_k (u - o) x + m_b * sum_k x), a different order from the
-// fp32 path under the same bound. vdpbf16ps reads bf16 denormals as zero and flushes denormal
+// and then scaled (y = sum_b a_b * sum_k (u - o) x), a different order from the fp32 path under
+// the same bound. Not for formats with a min term m (q4_1, q4_k): a_b * sum(u x) + m_b * sum(x)
+// cancels where a * u + m does, beyond that bound. vdpbf16ps reads bf16 denormals as zero and flushes denormal
 // results: the caller sends rows with denormal x elsewhere; partial sums below 2^-126 may flush.
 // fp32 activations come split exactly into three bf16 parts (x = x1 + x2 + x3: 8 + 8 + 8
 // significant bits), each multiplied exactly: three dot products instead of one, still far
@@ -19,7 +20,7 @@
 
 #include "../../core/kernel_table.h"
 #include "../../core/packed.h"
-#include "../x86_avx512/packed_params512.h"  // load_a, load_m
+#include "../x86_avx512/packed_params512.h"  // load_a
 
 namespace pqk { namespace avx512bf16 {
 
@@ -67,9 +68,9 @@ constexpr Spread kSpread;
 // bytes, table of -16..15); else o constant (folded into the table, high-nibble parity ignored).
 // NP bf16 parts per activation (1: bf16 x; 3: fp32 x split exactly, x = x1 + x2 + x3), part p of
 // row i at x + p * ps + i * ldx, each with its own accumulators.
-template <int MR, int NP, bool ROW_OFF, bool HAS_MIN>
-void gemv_tile(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t ldx, int64_t ps, const float* xsum,
-               float* y, int64_t ldy, const float* bias) {
+template <int MR, int NP, bool ROW_OFF>
+void gemv_tile(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t ldx, int64_t ps, float* y,
+               int64_t ldy, const float* bias) {
   const int64_t n0 = tile * NR;
   const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
   const __mmask16 mask = (__mmask16)((1u << nr) - 1);
@@ -87,8 +88,6 @@ void gemv_tile(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t l
   for (int64_t g = 0, b = 0; b < nkb; ++g) {
     const int64_t pi = (tile * w.npar + g) * NR;
     const __m512 va = load_a(w, pi);
-    __m512 vmin = _mm512_setzero_ps();
-    if (HAS_MIN) vmin = load_m(w, pi);
     __m512i ob = _mm512_setzero_si512();  // o in every byte of its row lane
     if (ROW_OFF)
       ob = _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(w.offs + pi))),
@@ -128,7 +127,6 @@ void gemv_tile(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t l
         __m512 sb = _mm512_add_ps(s0[i][0], s1[i][0]);
         for (int p = 1; p < NP; ++p) sb = _mm512_add_ps(sb, _mm512_add_ps(s0[i][p], s1[i][p]));
         acc[i] = _mm512_fmadd_ps(sb, va, acc[i]);
-        if (HAS_MIN) acc[i] = _mm512_fmadd_ps(vmin, _mm512_set1_ps(xsum[i * nkb + b]), acc[i]);
       }
     }
   }
@@ -137,32 +135,31 @@ void gemv_tile(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t l
 }
 
 template <int MR, int NP>
-void dispatch(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t ldx, int64_t ps, const float* xsum,
-              float* y, int64_t ldy, const float* bias) {
-  if (w.has_min) return gemv_tile<MR, NP, false, true>(w, tile, x, ldx, ps, xsum, y, ldy, bias);
-  if (w.row_offset) return gemv_tile<MR, NP, true, false>(w, tile, x, ldx, ps, xsum, y, ldy, bias);
-  gemv_tile<MR, NP, false, false>(w, tile, x, ldx, ps, xsum, y, ldy, bias);
+void dispatch(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t ldx, int64_t ps, float* y, int64_t ldy,
+              const float* bias) {
+  if (w.row_offset) return gemv_tile<MR, NP, true>(w, tile, x, ldx, ps, y, ldy, bias);
+  gemv_tile<MR, NP, false>(w, tile, x, ldx, ps, y, ldy, bias);
 }
 
 }  // namespace
 
 bool gemv_bf16(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t ldx, int64_t m, int parts,
-               int64_t part_stride, const float* xsum, float* y, int64_t ldy, const float* bias) {
-  if (!w.nibbles || w.lut || w.blk != QBLK || (w.has_min && w.row_offset)) return false;
+               int64_t part_stride, float* y, int64_t ldy, const float* bias) {
+  if (!w.nibbles || w.lut || w.blk != QBLK || w.has_min) return false;
   const int64_t ps = part_stride;
   if (parts == 1) {
     switch (m) {
-      case 1: dispatch<1, 1>(w, tile, x, ldx, ps, xsum, y, ldy, bias); return true;
-      case 2: dispatch<2, 1>(w, tile, x, ldx, ps, xsum, y, ldy, bias); return true;
-      case 3: dispatch<3, 1>(w, tile, x, ldx, ps, xsum, y, ldy, bias); return true;
-      case 4: dispatch<4, 1>(w, tile, x, ldx, ps, xsum, y, ldy, bias); return true;
+      case 1: dispatch<1, 1>(w, tile, x, ldx, ps, y, ldy, bias); return true;
+      case 2: dispatch<2, 1>(w, tile, x, ldx, ps, y, ldy, bias); return true;
+      case 3: dispatch<3, 1>(w, tile, x, ldx, ps, y, ldy, bias); return true;
+      case 4: dispatch<4, 1>(w, tile, x, ldx, ps, y, ldy, bias); return true;
       default: return false;
     }
   }
   if (parts == 3) {
     switch (m) {
-      case 1: dispatch<1, 3>(w, tile, x, ldx, ps, xsum, y, ldy, bias); return true;
-      case 2: dispatch<2, 3>(w, tile, x, ldx, ps, xsum, y, ldy, bias); return true;
+      case 1: dispatch<1, 3>(w, tile, x, ldx, ps, y, ldy, bias); return true;
+      case 2: dispatch<2, 3>(w, tile, x, ldx, ps, y, ldy, bias); return true;
       default: return false;
     }
   }
