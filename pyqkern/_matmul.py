@@ -2,7 +2,10 @@
 
 compute:
   "int8"  activations quantized per block of 32 (dx = amax/127, xq = round_half_even(x / dx)), integer
-          dot products (AVX512-VNNI / scalar), block scales applied in fp32. The result is
+          dot products (AVX512-VNNI / scalar), block scales applied in fp32; a min term m (q4_1,
+          q4_k) as its own product m * dx * sum(xq), as llama.cpp does, so where a * u + m cancels
+          (a weight near 0 in a block of large ones) the fp32 rounding is relative to |a u| + |m|,
+          not |w| (tests/test_matmul.py states the distance from the float result). The result is
           bit-identical for every native variant and thread count and equals
           pyqkern.reference.matmul_int8. Needs K % 32 == 0 (and int4 groups >= 32). nf4 and fp4 use
           their code books rounded to 1/127 in this mode.
@@ -11,8 +14,9 @@ compute:
           (a loose bound; tests check it). At decode size on q4_0 / int2 / int3 / int4,
           adapters too (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly
           into three bf16 parts) an AVX512-BF16 kernel takes over where the CPU has one: (u - o)
-          * x is exact in fp32, sums per block then scaled, under the same bound (x a bf16 part
-          of which would be a denormal, or NaN/Inf for float32 x, goes the fp32 way). Not
+          * x is exact in fp32, sums per block then scaled, under the same bound (x with
+          0 < |x| < 2^-100, |x| > 2^100 or NaN/Inf, and weights with a non-finite scale, go the
+          fp32 way: the instruction flushes subnormals, and Inf * a finite sum is not NaN). Not
           q4_1 / q4_k: their min term summed apart (a * sum(u x) + m * sum(x)) cancels where
           a * u + m does, far beyond the bound. So in
           this mode a row's last bits can depend on the batch it came in; "int8" never does.

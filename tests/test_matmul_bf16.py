@@ -290,3 +290,44 @@ def test_min_term_formats_take_the_fp32_route(fmt):
     assert want[0, 0] == -6.25
     for xin in (xs[None], xs[None].astype(BF16)):
         assert pq.matmul(xin, q41, compute="float")[0, 0] == -6.25
+
+
+def _q4_0_rows(d, codes, n=16):
+    """n rows of one q4_0 block: fp16 scale d, the 32 codes given"""
+    b = np.zeros((n, 18), np.uint8)
+    b[:, 0:2] = np.frombuffer(np.float16(d).tobytes(), np.uint8)
+    b[:, 2:] = codes[:16] | (codes[16:] << 4)
+    return pq.QTensor.from_bytes("q4_0", (n, 32), b.ravel())
+
+
+def test_tiny_x_and_non_finite_scales_take_the_fp32_route():
+    """vdpbf16ps flushes sums below 2^-126: a block sum of normal x cancelling down there gave 0 for
+    3.85e-34 (x with 0 < |x| < 2^-100 now goes the fp32 way). An Inf scale times the block sum gave
+    +Inf where 0 * Inf terms make x @ dequantize(W).T NaN (such weights now go the fp32 way too)."""
+    codes = np.full(32, 8, np.uint8)
+    codes[:2] = 9                                   # u - 8 = 1 at k = 0, 1
+    qt = _q4_0_rows(65504.0, codes)
+    x = np.zeros((1, 32), np.float32)
+    x[0, :2] = 1.5 * 2.0 ** -126, -(2.0 ** -126)
+    want = pq.matmul(x, qt, compute="float", backend="reference")
+    assert want[0, 0] != 0
+    for xin in (x, x.astype(BF16)):
+        assert bits_equal(pq.matmul(xin, qt, compute="float"), want)
+    v = kernel_variant()
+    if v is not None:
+        assert not NAT.matmul_float_packed(_ops.isa_id(v), _packed(qt), x, None, np.empty((1, 16), np.float32))
+        assert not NAT.matmul_float_bf16(_ops.isa_id(v), _packed(qt), x.astype(BF16).view(np.uint16), None,
+                                         np.empty((1, 16), np.float32))
+    qi = _q4_0_rows(np.inf, np.full(32, 9, np.uint8))
+    xi = np.ones((1, 32), np.float32)
+    xi[0, 5] = 0.0
+    with np.errstate(all="ignore"):
+        assert np.isnan(pq.matmul(xi, qi, compute="float", backend="reference")).all()
+        for xin in (xi, xi.astype(BF16)):
+            assert np.isnan(pq.matmul(xin, qi, compute="float")).all()
+    # still taken: the smallest x it accepts, and a zero
+    x[0, :2] = 2.0 ** -100, 0.0
+    if v is not None:
+        y = np.empty((1, 16), np.float32)
+        assert NAT.matmul_float_packed(_ops.isa_id(v), _packed(qt), x, None, y)
+        assert y[0, 0] == np.float32(65504.0 * 2.0 ** -100)

@@ -216,6 +216,9 @@ void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx
   // a * sum(u x) + m * sum(x) per block (q4_1, q4_k) cancels where a * u + m does: a weight near
   // 0 beside a large x gave y = 0 for -6.25 (the fp32 route dequantizes each weight first)
   if (w.has_min) throw Error(PQK_ERR_UNSUPPORTED, "formats with a min term go the fp32 way");
+  // a * sum((u - o) x): an Inf scale times a finite sum is Inf where a * 0 terms make the fp32
+  // route's NaN
+  if (!w.finite_scales) throw Error(PQK_ERR_UNSUPPORTED, "non-finite scales go the fp32 way");
   if (w.row_offset && w.max_offset > 16)  // its table covers u - o in -16..15
     throw Error(PQK_ERR_UNSUPPORTED, "zero points above 16 (not from a quantizer) go the fp32 way");
   const Adapters AD(ads, n_ad, rows, m);
@@ -247,8 +250,10 @@ void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx
   }
 }
 
-// a bf16 denormal (exponent 0, mantissa not): vdpbf16ps reads it as zero
-inline uint32_t bf16_denormal(uint16_t h) { return (uint32_t)((h & 0x7F80) == 0) & (uint32_t)((h & 0x7F) != 0); }
+// 0 < |x| < 2^-100 (bf16 denormals among them, which vdpbf16ps reads as zero). vdpbf16ps also
+// flushes results below 2^-126, and a block sum of (u - o) * x can cancel down there: with every
+// non-zero |x| >= 2^-100, x and so every product and sum is a multiple of 2^-107, zero or normal.
+inline uint32_t bf16_too_small(uint16_t h) { return (uint32_t)((h & 0x7F80) < (27 << 7)) & (uint32_t)((h & 0x7FFF) != 0); }
 // |x| >= 2^101, Inf or NaN: the kernel sums (u - o) * x before scaling by a, so such x could
 // overflow where the scaled fp32 route does not (and Inf * 0 would become NaN)
 inline uint32_t bf16_too_large(uint16_t h) { return (uint32_t)(((h >> 7) & 0xFF) > 127 + 100); }
@@ -321,10 +326,10 @@ pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* wp, const uint16
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < k; ++j) {
           const uint16_t h = x[i * ldx + j];
-          bad |= bf16_denormal(h) | bf16_too_large(h);
+          bad |= bf16_too_small(h) | bf16_too_large(h);
           xp[i * k + j] = h;
         }
-      return bad ? "x holds bf16 denormals (read as zero by the bf16 kernel), NaN/Inf or |x| > 2^100" : nullptr;
+      return bad ? "x holds 0 < |x| < 2^-100 (bf16 denormals are read as zero), NaN/Inf or |x| > 2^100" : nullptr;
     });
   });
 }
@@ -336,8 +341,9 @@ pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* wp, const floa
     if (!x && m > 0) throw Error(PQK_ERR_ARG, "NULL x");
     packed_float_bf16(isa, wp, m, ldx, bias, y, ldy, ads, n_ad, rows, 2, 3, [&](uint16_t* xp, int64_t ps) -> const char* {
       // x = x1 + x2 + x3 exactly: x has 24 significant bits and each bf16 part takes the next 8
-      // (rounded to nearest, so every remainder is exact in fp32); a part that is a denormal, or
-      // does not hold its remainder exactly (NaN/Inf x, |x| below ~2^-102), refuses the case
+      // (rounded to nearest, so every remainder is exact in fp32), each part a multiple of x's
+      // fp32 ulp; 0 < |x| < 2^-100 (a part or a block sum could fall below 2^-126, see
+      // bf16_too_small) or a last part not holding its remainder exactly (NaN/Inf x) refuses the case
       const int64_t k = wp->w.k;
       uint32_t bad = 0;
       for (int64_t i = 0; i < m; ++i)
@@ -348,13 +354,13 @@ pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* wp, const floa
           const uint16_t h2 = fp32_to_bf16_rne(r1);
           const float r2 = r1 - bf16_to_fp32(h2);
           const uint16_t h3 = fp32_to_bf16_rne(r2);
-          bad |= (uint32_t)(f32_bits(bf16_to_fp32(h3)) != f32_bits(r2)) | bf16_too_large(h1) | bf16_denormal(h1) |
-                 bf16_denormal(h2) | bf16_denormal(h3);
+          bad |= (uint32_t)(f32_bits(bf16_to_fp32(h3)) != f32_bits(r2)) | bf16_too_large(h1) |
+                 (uint32_t)((f32_bits(v) & 0x7F800000u) < (27u << 23) && (f32_bits(v) & 0x7FFFFFFFu) != 0);
           xp[i * k + j] = h1;
           xp[ps + i * k + j] = h2;
           xp[2 * ps + i * k + j] = h3;
         }
-      return bad ? "x holds NaN/Inf, |x| > 2^100 or values too small to split exactly into bf16 parts" : nullptr;
+      return bad ? "x holds NaN/Inf, |x| > 2^100 or 0 < |x| < 2^-100" : nullptr;
     });
   });
 }

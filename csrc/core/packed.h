@@ -90,6 +90,7 @@ struct PackedWeight {
   static_assert(NR == 16, "sup_index takes the lane from the low 4 bits");
   int64_t sup_index(int64_t pi) const { return (((pi >> 4) >> sup_shift) << 4) | (pi & 15); }
   int max_offset = 0;           // largest o in offs (bytes from a quantizer: <= 15)
+  bool finite_scales = true;    // every a finite (Inf / NaN only from hostile or damaged files)
   ByteBuffer storage;
   int64_t block_code_bytes() const { return nibbles ? (int64_t)blk * NR / 2 : (int64_t)blk * NR; }
   size_t nbytes() const { return storage.size(); }

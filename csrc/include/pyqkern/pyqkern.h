@@ -183,16 +183,17 @@ PQK_API pqk_status pqk_matmul_float_lora(int32_t isa, int32_t fmt, const void* q
  * weight: y = x @ dequant(W).T (+ adapters, as pqk_matmul_float_lora) (+ bias) with exact
  * products and fp32 sums. Taken by 4-bit codes without a code book or a min term (q4_0,
  * int2/int3/int4) for m <= 4 on CPUs with AVX512-BF16; PQK_ERR_UNSUPPORTED otherwise (q4_1 and
- * q4_k too: summing a * code * x and m * x apart could cancel far beyond the fp32 bound), and for x
- * holding bf16 denormals (the instruction reads them as zero), NaN/Inf or |x| > 2^100 (the kernel
- * sums code * x before scaling, which could overflow where the fp32 route does not): callers then
+ * q4_k too: summing a * code * x and m * x apart could cancel far beyond the fp32 bound; and
+ * weights with a non-finite scale), and for x holding 0 < |x| < 2^-100 (the instruction reads bf16
+ * denormals as zero and flushes sums below 2^-126), NaN/Inf or |x| > 2^100 (the kernel sums
+ * code * x before scaling, which could overflow where the fp32 route does not): callers then
  * widen x to fp32 and use pqk_matmul_float(_lora). adapters may be NULL (n_adapters 0). */
 PQK_API pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* w, const uint16_t* x, int64_t m,
                                          int64_t ldx, const float* bias, float* y, int64_t ldy,
                                          const pqk_lora* adapters, int32_t n_adapters, const int32_t* row_adapter);
 /* The same for float32 activations (m <= 2): each x split exactly into three bf16 parts
- * (x = x1 + x2 + x3), so products stay exact; PQK_ERR_UNSUPPORTED also for NaN/Inf x, |x| > 2^100
- * and |x| below ~2^-102 (a part would be a denormal). */
+ * (x = x1 + x2 + x3), so products stay exact; PQK_ERR_UNSUPPORTED for the same x (NaN/Inf,
+ * |x| > 2^100, 0 < |x| < 2^-100). */
 PQK_API pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* w, const float* x, int64_t m,
                                            int64_t ldx, const float* bias, float* y, int64_t ldy,
                                            const pqk_lora* adapters, int32_t n_adapters,
