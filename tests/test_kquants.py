@@ -525,3 +525,20 @@ def test_near_fp16_max_fields_finite_and_accurate(fmt):
     rel_big = np.sqrt(np.mean((dequantize(quantize(x, fmt), fmt, x.shape) / F32(65504) - u) ** 2))
     rel_unit = np.sqrt(np.mean((dequantize(quantize(u, fmt), fmt, u.shape) - u) ** 2))
     assert rel_big <= 1.05 * rel_unit
+
+
+def test_iq4_nl_beyond_fp16_scales_gives_inf_not_nan():
+    """|x| near 1e20: the x^2 weights overflowed and the scale came out NaN (its sign bit differing
+    between x86 and Arm); now the first estimate, fp16 +-inf like every format's scale for a block
+    beyond fp16's range, the same bytes on every variant and backend"""
+    x = np.full((3, 64), 1e20, np.float32)
+    x[:, 1::2] = -5e19
+    x[1, :32] *= -1
+    x[2] = np.linspace(-3e19, 4e19, 64)
+    want = pq.quantize(x, "iq4_nl", backend="reference").data
+    d = want.reshape(-1, 18)[:, :2].copy().view(np.float16).ravel()
+    assert np.isinf(d).all() and not np.isnan(d).any()
+    for v in pq.variants():
+        assert np.array_equal(pq.quantize(x, "iq4_nl", isa=v).data, want), v
+    pytest.importorskip("numba")
+    assert np.array_equal(pq.quantize(x, "iq4_nl", backend="numba").data, want)

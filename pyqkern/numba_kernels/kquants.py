@@ -397,8 +397,8 @@ def _iq4nl_block(x, out):
             mx = x[j]
     d = F0
     if not (amax < GROUP_MAX_EPS):
-        d = -mx / IQ4NL_VALUES[0]
-        sumqx, sumq2 = _iq4nl_sums(x, F1 / d)
+        d0 = -mx / IQ4NL_VALUES[0]
+        sumqx, sumq2 = _iq4nl_sums(x, F1 / d0)
         d = sumqx / sumq2 if sumq2 > F0 else F0
         best = d * sumqx
         for t in range(-7, 8):
@@ -406,6 +406,8 @@ def _iq4nl_block(x, out):
             if sumq2 > F0 and sumqx * sumqx > best * sumq2:
                 d = sumqx / sumq2
                 best = d * sumqx
+        if d != d:  # x^2 overflowed (|x| beyond ~1.8e19): the first estimate, as ref
+            d = d0
     _store_f16(out, 0, d)
     idv = F1 / d if d != F0 else F0     # the unrounded d; all-zero blocks give code 8
     for j in range(16):

@@ -363,6 +363,54 @@ static void test_lora_float(const std::vector<int>& isas, std::mt19937& rng) {
       }
 }
 
+// The ref quantizer's bytes for fixed inputs, hashed per case, printed as "digest <case> <hex>":
+// tests/test_arm_qemu.py compares the lines of the Arm and the native run (the same input must
+// give the same bytes on every architecture). Inputs come from integer bits only (std::
+// distributions and libm may differ between the two builds): signed values over 2^-30..2^30,
+// and rows of zeros, halves, tiny (1e-40), large (1e7, past fp16 scales) and huge (1e20, whose
+// squares overflow) values.
+static void print_digests(const Case* cases, size_t ncases) {
+  const int64_t k = 256, n = 8;
+  for (size_t ci = 0; ci < ncases; ++ci) {
+    const Case& c = cases[ci];
+    pqk_qparams p = c.p;
+    pqk_row_bytes rb;
+    if (pqk_row_bytes_of(c.fmt, k, &p, &rb) != PQK_OK) continue;
+    std::vector<float> x((size_t)(n * k));
+    uint64_t st = 0x9E3779B97F4A7C15ull + ci;
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < k; ++j) {
+        st = st * 6364136223846793005ull + 1442695040888963407ull;
+        const uint32_t u = (uint32_t)(st >> 32);
+        const uint32_t bits = (u & 0x80000000u) | ((97u + (u >> 8) % 61u) << 23) | (u & 0x7FFFFFu);
+        float v;
+        std::memcpy(&v, &bits, 4);
+        const float alt = (j % 2) ? -0.5f : 1.0f;
+        switch (r) {
+          case 1: v = 0.0f; break;
+          case 2: v = (float)((int)(u % 33) - 16) * 0.5f; break;
+          case 3: v = alt * 1e-40f; break;
+          case 4: v = alt * 1e7f; break;
+          case 5: v = alt * 1e20f; break;
+          case 6: if (j % 7) v *= 1e-20f; break;
+          default: break;
+        }
+        x[(size_t)(r * k + j)] = v;
+      }
+    std::vector<uint8_t> q((size_t)(n * rb.q)), sc((size_t)(n * rb.s + 1)), z((size_t)(n * rb.z + 1));
+    CHECK_OK(pqk_quantize(PQK_ISA_REF, c.fmt, x.data(), n, k, k, &p, q.data(), rb.s ? sc.data() : nullptr,
+                          rb.z ? z.data() : nullptr));
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over q, s, z
+    auto mix = [&](const std::vector<uint8_t>& b, size_t len) {
+      for (size_t i = 0; i < len; ++i) h = (h ^ b[i]) * 1099511628211ull;
+    };
+    mix(q, q.size());
+    mix(sc, (size_t)(n * rb.s));
+    mix(z, (size_t)(n * rb.z));
+    std::printf("digest %s%s %016llx\n", pqk_format_name(c.fmt), c.label, (unsigned long long)h);
+  }
+}
+
 int main(int argc, char** argv) {
   std::vector<int> isas;
   std::string ran;
@@ -437,6 +485,8 @@ int main(int argc, char** argv) {
   for (int64_t n : {5, 37, 70})
     for (int64_t k : {32, 96}) test_lora(isas, n, k, rng);
   test_lora_float(isas, rng);
+  print_digests(cases, sizeof(cases) / sizeof(cases[0]));
+  print_digests(extra, sizeof(extra) / sizeof(extra[0]));
   int32_t active = -1;
   CHECK_OK(pqk_active_isa(&active));
   std::printf("active variant: %s\n", pqk_isa_name(active));

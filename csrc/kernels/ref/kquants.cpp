@@ -332,9 +332,9 @@ void quantize_row_iq4_nl(const float* x, int64_t k, uint8_t* q, uint8_t*, uint8_
     }
     float d = 0.0f;
     if (!(amax < kGroupMaxEps)) {
-      d = -max / (float)kIQ4NL[0];
+      const float d0 = -max / (float)kIQ4NL[0];
       float sumqx, sumq2;
-      iq4nl_sums(x, 1.0f / d, &sumqx, &sumq2);
+      iq4nl_sums(x, 1.0f / d0, &sumqx, &sumq2);
       d = sumq2 > 0 ? sumqx / sumq2 : 0.0f;
       float best = d * sumqx;
       for (int t = -ntry; t <= ntry; ++t) {
@@ -344,6 +344,10 @@ void quantize_row_iq4_nl(const float* x, int64_t k, uint8_t* q, uint8_t*, uint8_
           best = d * sumqx;
         }
       }
+      // |x| beyond ~1.8e19: the x^2 weights overflow and inf / inf leaves d NaN, whose sign bit
+      // differs between x86 and Arm; the first estimate instead (fp16 +-inf, as any format's
+      // scale for a block beyond fp16's range; ggml keeps the NaN)
+      if (d != d) d = d0;
     }
     store_f16(q, d);
     // codes against the unrounded scale (all-zero blocks: id = 0, every code is index(0) = 8)
