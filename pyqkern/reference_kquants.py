@@ -292,8 +292,8 @@ def quantize_iq4_nl(x, group=0, sym=0):
             wq = w * qv
             return seq_sum(wq * b), seq_sum(wq * qv)
 
-        d0 = ((-mx) / _IQ4NL_F[0]).astype(F32)
-        sumqx, sumq2 = sums((F32(1) / d0).astype(F32))
+        d = ((-mx) / _IQ4NL_F[0]).astype(F32)
+        sumqx, sumq2 = sums((F32(1) / d).astype(F32))
         d = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1)), F32(0)).astype(F32)
         best = d * sumqx
         for t in range(-ntry, ntry + 1):
@@ -301,7 +301,8 @@ def quantize_iq4_nl(x, group=0, sym=0):
             upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
             d = np.where(upd, sumqx / np.where(upd, sumq2, F32(1)), d).astype(F32)
             best = np.where(upd, d * sumqx, best).astype(F32)
-        d = np.where(np.isnan(d), d0, d)  # x^2 overflowed (|x| beyond ~1.8e19): the first estimate
+        # x^2 overflowed (|x| beyond ~1.8e19): inf / inf, a NaN with the CPU's sign bit; x86's
+        d = np.where(np.isnan(d), np.uint32(0xFFC00000).view(F32), d)
         d = np.where(zero, F32(0), d).astype(F32)
         d16, _ = f16_round(d)
         idv = _where_nz(d, F32(1))        # codes against the unrounded d; all-zero blocks -> code 8

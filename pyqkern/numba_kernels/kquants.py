@@ -42,7 +42,7 @@ IQ4NL_V0 = -127
 
 
 # ---------------------------------------------------------------- bit casts and fp16 (shared with simple.py)
-from .simple import _ggml_dequantizer, _ggml_quantizer  # noqa: E402
+from .simple import _ggml_dequantizer, _ggml_quantizer, u32_as_f32  # noqa: E402
 from .simple import f32_as_u32 as _f32_bits  # noqa: E402
 from .simple import fp16_to_fp32 as f16_bits_to_f32  # noqa: E402
 from .simple import fp32_to_fp16 as f32_to_f16_bits  # noqa: E402
@@ -397,8 +397,8 @@ def _iq4nl_block(x, out):
             mx = x[j]
     d = F0
     if not (amax < GROUP_MAX_EPS):
-        d0 = -mx / IQ4NL_VALUES[0]
-        sumqx, sumq2 = _iq4nl_sums(x, F1 / d0)
+        d = -mx / IQ4NL_VALUES[0]
+        sumqx, sumq2 = _iq4nl_sums(x, F1 / d)
         d = sumqx / sumq2 if sumq2 > F0 else F0
         best = d * sumqx
         for t in range(-7, 8):
@@ -406,8 +406,8 @@ def _iq4nl_block(x, out):
             if sumq2 > F0 and sumqx * sumqx > best * sumq2:
                 d = sumqx / sumq2
                 best = d * sumqx
-        if d != d:  # x^2 overflowed (|x| beyond ~1.8e19): the first estimate, as ref
-            d = d0
+        if d != d:  # x^2 overflowed (|x| beyond ~1.8e19): x86's NaN on every CPU, as ref
+            d = u32_as_f32(np.uint32(0xFFC00000))
     _store_f16(out, 0, d)
     idv = F1 / d if d != F0 else F0     # the unrounded d; all-zero blocks give code 8
     for j in range(16):

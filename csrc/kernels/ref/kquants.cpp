@@ -332,9 +332,9 @@ void quantize_row_iq4_nl(const float* x, int64_t k, uint8_t* q, uint8_t*, uint8_
     }
     float d = 0.0f;
     if (!(amax < kGroupMaxEps)) {
-      const float d0 = -max / (float)kIQ4NL[0];
+      d = -max / (float)kIQ4NL[0];
       float sumqx, sumq2;
-      iq4nl_sums(x, 1.0f / d0, &sumqx, &sumq2);
+      iq4nl_sums(x, 1.0f / d, &sumqx, &sumq2);
       d = sumq2 > 0 ? sumqx / sumq2 : 0.0f;
       float best = d * sumqx;
       for (int t = -ntry; t <= ntry; ++t) {
@@ -345,9 +345,8 @@ void quantize_row_iq4_nl(const float* x, int64_t k, uint8_t* q, uint8_t*, uint8_
         }
       }
       // |x| beyond ~1.8e19: the x^2 weights overflow and inf / inf leaves d NaN, whose sign bit
-      // differs between x86 and Arm; the first estimate instead (fp16 +-inf, as any format's
-      // scale for a block beyond fp16's range; ggml keeps the NaN)
-      if (d != d) d = d0;
+      // is the CPU's (set on x86, clear on Arm): x86's, as llama.cpp writes there, everywhere
+      if (d != d) d = bits_f32(0xFFC00000u);
     }
     store_f16(q, d);
     // codes against the unrounded scale (all-zero blocks: id = 0, every code is index(0) = 8)
