@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 
+import numba
 from numba import njit
 
 _lock = threading.Lock()
@@ -25,8 +26,6 @@ def _after_fork_in_child():
     global _lock, _serial
     _lock = threading.Lock()  # another parent thread may have held it at the fork
     try:
-        import numba
-
         _serial = _serial or numba.threading_layer() == "omp"
     except ValueError:  # no parallel code ran before the fork: the child starts its own layer
         pass
