@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os as _os
 
-from . import _formats, reference
+from . import _formats, _numba_fork, reference  # noqa: F401  (_numba_fork: its fork hook)
 from ._lora import LoRA
 from ._matmul import QLinear, matmul
 from ._ops import dequantize, quantize

@@ -223,8 +223,9 @@ def bf16_route(w: QTensor, compute: str, m: int, f32: bool = True, isa=None) -> 
 
 def streamed_weight_bytes(w: QTensor, compute: str, m: int, f32: bool = True, isa=None) -> int:
     """Bytes of the weight form a native matmul of m rows reads: the packed copy for int8 compute and
-    for the bf16 decode kernel (q6_k packs to 8-bit codes, 1.31x its QTensor; q4_k 1.06x; the
-    others within a few hundred bytes), else the QTensor's own bytes."""
+    for the bf16 decode kernel (q6_k's codes as bytes, int2 / int3's as nibbles: q6_k 1.31x its
+    QTensor, int2 1.73x / 1.91x and int3 1.27x / 1.31x at group 32 / 128, q4_k 1.06x; the other
+    formats within a few hundred bytes), else the QTensor's own bytes."""
     if resolve_compute(w, compute) == "int8" or bf16_route(w, compute, m, f32, isa):
         return _packed(w).nbytes
     return w.nbytes

@@ -450,6 +450,12 @@ def test_bnb_from_pyqkern_and_back(dq, fmt, tmp_path):
     assert from_bnb(weight, state, (40, 128)) == qt
     with pytest.raises(ValueError, match="contradicts the quant state's shape"):   # was re-cut to (80, 64)
         from_bnb(weight, state, (80, 64))
+    # a state of a 3-D tensor (MoE experts [E, out, in]: quantize_4bit flattens any tensor) reads
+    # as [E * out, in]
+    experts = dict(state, shape=(4, 10, 128))
+    assert from_bnb(weight, experts) == qt and from_bnb(weight, experts, (40, 128)) == qt
+    with pytest.raises(ValueError, match="contradicts"):
+        from_bnb(weight, experts, (10, 512))
     no_type = {key: v for key, v in state.items() if key != "quant_type"}    # the quant_map tells
     assert from_bnb(weight, no_type, (40, 128)) == qt
     wp, packed = to_bnb(qt, packed=True)

@@ -402,3 +402,50 @@ def test_concurrent_calls_and_forked_children(layer):
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", _NUMBA_CHILD], capture_output=True, text=True,
                        timeout=600, env=env, cwd=cwd)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
+_NUMBA_LATE = r"""
+import os, signal, sys
+import numpy as np
+import numba
+import pyqkern as pq   # the Numba backend itself is not imported yet
+
+@numba.njit(parallel=True)
+def own(a):            # the user's own parallel code, before any pyqkern kernel
+    s = 0.0
+    for i in numba.prange(a.shape[0]):
+        s += a[i]
+    return s
+
+own(np.ones(1000))
+pid = os.fork()
+if pid == 0:         # GNU OpenMP killed this child at the backend's first parallel kernel
+    qt = pq.quantize(np.ones((4, 64), np.float32), "q4_0", backend="numba")
+    os._exit(0 if pq.dequantize(qt).all() else 3)
+_, st = os.waitpid(pid, 0)
+assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0, st
+# a signal handler calling a kernel while another kernel's first call compiles (a plain lock
+# held across the compile hung here)
+w = np.ones((4, 64), np.float32)
+pq.quantize(w, "q8_0", backend="numba")
+done = []
+signal.signal(signal.SIGALRM, lambda *a: done.append(pq.quantize(w, "q8_0", backend="numba")))
+signal.setitimer(signal.ITIMER_REAL, 0.2)
+pq.quantize(np.ones((4, 256), np.float32), "q4_k", backend="numba")
+signal.setitimer(signal.ITIMER_REAL, 0)
+assert len(done) == 1  # the handler ran (during the compile, with a fresh cache)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_fork_after_users_own_parallel_code_and_reentry_from_a_signal_handler(tmp_path):
+    import subprocess
+
+    from test_threads_dispatch import child_env
+
+    env, cwd = child_env()
+    env["NUMBA_CACHE_DIR"] = str(tmp_path)  # fresh: the q4_k kernel compiles while the timer fires
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", _NUMBA_LATE], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=cwd)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

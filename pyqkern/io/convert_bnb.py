@@ -124,13 +124,16 @@ def _pos_ints(v, what, count):
 def _from_state(weight_uint8, qs, fmt, shape) -> QTensor:
     code = _CODES[fmt]
     own = qs.get("shape")
+    if own is not None:  # the quantized tensor's shape, any rank (quantize_4bit flattens it): as 2-D [rows, last]
+        dims = _pos_ints(own, "the quant state's shape", max(1, np.asarray(own).size))
+        own = (int(np.prod(dims[:-1], dtype=np.int64)) if len(dims) > 1 else 1, dims[-1])
     if shape is None:
         if own is None:
             raise ValueError("shape not given and not in the quant state")
         shape = own
     shape = _pos_ints(shape, "shape (out, in)", 2)
-    if own is not None and _pos_ints(own, "the quant state's shape", 2) != shape:
-        raise ValueError(f"shape {shape} contradicts the quant state's shape {tuple(np.asarray(own).reshape(-1))}")
+    if own is not None and own != shape:
+        raise ValueError(f"shape {shape} contradicts the quant state's shape (as 2-D: {own})")
     n, k = shape
     if "blocksize" not in qs:
         raise ValueError("quant state lacks 'blocksize'")

@@ -6,29 +6,26 @@ runtime is found) aborts the process when two threads enter parallel code at onc
 after its parent did ("fork() called from a process already using GNU OpenMP"). The layer is the
 process's, shared with the user's own Numba code, so it is not ours to choose. Instead every
 kernel call takes one lock (a kernel already uses every thread: running them one at a time costs
-nothing), and in a child forked after the parent ran OpenMP-parallel code the kernels run as
-serial twins, compiled there on first use (same arithmetic, so the same bytes: results never
-depend on the thread count).
+nothing; re-entrant, for a signal handler calling a kernel while the interrupted call compiles),
+and in a child forked after the parent ran OpenMP-parallel code (pyqkern._numba_fork) the
+kernels run as serial twins, compiled there on first use (same arithmetic, so the same bytes:
+results never depend on the thread count).
 """
 from __future__ import annotations
 
 import os
 import threading
 
-import numba
 from numba import njit
 
-_lock = threading.Lock()
-_serial = False  # a forked child of a process whose parallel kernels ran on OpenMP
+from .._numba_fork import forked_from_omp
+
+_lock = threading.RLock()
 
 
 def _after_fork_in_child():
-    global _lock, _serial
-    _lock = threading.Lock()  # another parent thread may have held it at the fork
-    try:
-        _serial = _serial or numba.threading_layer() == "omp"
-    except ValueError:  # no parallel code ran before the fork: the child starts its own layer
-        pass
+    global _lock
+    _lock = threading.RLock()  # another parent thread may have held it at the fork
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -42,7 +39,7 @@ class _Kernel:
 
     def __call__(self, *args):
         with _lock:
-            if not _serial:
+            if not forked_from_omp():
                 return self._par(*args)
             if self._ser is None:  # not cached: Numba's cache key does not tell parallel from serial
                 self._ser = njit(**dict(self._opts, cache=False))(self._fn)
