@@ -2,7 +2,12 @@
 OpenMP (pip Numba's usual layer on Linux) kills such a child when it enters a parallel region, so
 the Numba backend runs serial twins of its kernels there (numba_kernels/_par.py). The fork hook is
 registered when pyqkern is imported, not with the backend (imported on first use): a parent that
-ran only its own Numba code before forking counts too. numba is not imported here."""
+ran only its own Numba code before forking counts too. numba is not imported here.
+
+Not covered (Numba's own limits, no way to see them from here): a child that imports pyqkern only
+after the fork (import it before forking, or use the "spawn" start method), and a fork while
+another parent thread was compiling Numba code (the child's compile of a serial twin then waits
+on Numba's compiler lock, held by a thread the child does not have)."""
 from __future__ import annotations
 
 import os

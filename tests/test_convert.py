@@ -456,6 +456,14 @@ def test_bnb_from_pyqkern_and_back(dq, fmt, tmp_path):
     assert from_bnb(weight, experts) == qt and from_bnb(weight, experts, (40, 128)) == qt
     with pytest.raises(ValueError, match="contradicts"):
         from_bnb(weight, experts, (10, 512))
+    # leading dims whose product is 40 modulo 2^64 (an int64 product wrapped and was accepted)
+    wrapped = dict(state, shape=(19825726089193272, 2548883662394197, 465135406333799, 128))
+    with pytest.raises(ValueError, match="contradicts"):
+        from_bnb(weight, wrapped, (40, 128))
+    with pytest.raises(ValueError, match="positive integer"):
+        from_bnb(weight, wrapped)
+    with pytest.raises(ValueError, match="positive integer"):   # 2^62 + 1 was rounded through float64
+        from_bnb(weight, dict(state, shape=np.array([2 ** 62 + 1, 128], np.int64)))
     no_type = {key: v for key, v in state.items() if key != "quant_type"}    # the quant_map tells
     assert from_bnb(weight, no_type, (40, 128)) == qt
     wp, packed = to_bnb(qt, packed=True)

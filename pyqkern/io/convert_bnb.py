@@ -24,6 +24,7 @@ API: :func:`from_bnb` / :func:`to_bnb` handle both quant types; :func:`from_bnb_
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
@@ -113,12 +114,19 @@ def from_bnb_nf4(weight_uint8, quant_state: dict, shape=None) -> QTensor:
 def _pos_ints(v, what, count):
     """count positive integers from a quant-state entry (a number, list or array), else ValueError."""
     a = np.asarray(v)
+    bad = ValueError(f"{what} must be {count} positive integer{'s' if count > 1 else ''}, got {v!r}")
     if a.dtype.kind not in "iuf" or a.size != count:
-        raise ValueError(f"{what} must be {count} positive integer{'s' if count > 1 else ''}, got {v!r}")
-    a = a.reshape(-1).astype(np.float64)
-    if not (np.all(np.isfinite(a)) and np.all(a == np.round(a)) and np.all(a >= 1) and np.all(a < 2.0 ** 62)):
-        raise ValueError(f"{what} must be {count} positive integer{'s' if count > 1 else ''}, got {v!r}")
-    return tuple(int(x) for x in a)
+        raise bad
+    out = []
+    for x in a.reshape(-1).tolist():  # Python ints and floats: exact (no float64 detour for ints >= 2^53)
+        if isinstance(x, float):
+            if not (math.isfinite(x) and x == int(x)):
+                raise bad
+            x = int(x)
+        if not 1 <= x < 2 ** 62:
+            raise bad
+        out.append(x)
+    return tuple(out)
 
 
 def _from_state(weight_uint8, qs, fmt, shape) -> QTensor:
@@ -126,7 +134,7 @@ def _from_state(weight_uint8, qs, fmt, shape) -> QTensor:
     own = qs.get("shape")
     if own is not None:  # the quantized tensor's shape, any rank (quantize_4bit flattens it): as 2-D [rows, last]
         dims = _pos_ints(own, "the quant state's shape", max(1, np.asarray(own).size))
-        own = (int(np.prod(dims[:-1], dtype=np.int64)) if len(dims) > 1 else 1, dims[-1])
+        own = (math.prod(dims[:-1]), dims[-1])  # Python ints: an int64 product wrapped (2^64 + 40 -> 40)
     if shape is None:
         if own is None:
             raise ValueError("shape not given and not in the quant state")
