@@ -374,6 +374,14 @@ class QLinear:
         # the decode fast path's conditions that do not depend on x
         self._fast = self._packed is not None and self._weight.perm is None
 
+    def __getstate__(self):  # pickle / deepcopy: the packed copy is native, packed again on load
+        return dict(self.__dict__, _packed=None)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._compute == "int8":
+            self._packed = _packed(self._weight)
+
     def __copy__(self):
         # a copy gets its own adapter registry (the packed weight and the LoRAs are shared)
         new = object.__new__(type(self))

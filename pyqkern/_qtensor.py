@@ -59,6 +59,18 @@ class QTensor:
         out.perm = None if np.array_equal(p, np.arange(k)) else np.ascontiguousarray(p, dtype=np.int64)
         return out
 
+    # pickle / deepcopy: the packed copy is a native object (not picklable; made again on first
+    # use) and the sections are views of data (rebuilt, so they stay views of the copy's bytes)
+    def __getstate__(self):
+        return {"format": self.format, "shape": self.shape, "params": self.params, "data": self.data,
+                "perm": self.perm}
+
+    def __setstate__(self, state):
+        for key, val in state.items():
+            object.__setattr__(self, key, val)
+        self._sections = _split(self.format, self.shape[0], self.shape[1], self.params, self.data)
+        self._packed = None
+
     def release_packed(self) -> None:
         """Drop the cached int8-kernel layout that pyqkern.matmul made (QLinear keeps its own)."""
         self._packed = None

@@ -587,33 +587,44 @@ class QuantLinear(nn.Module):
                              f"[{self.out_features}, {self.in_features}]")
         self.format, self.group, self.sym = state["format"], int(state["group"]), int(state["sym"])
         self.compute = self._resolve_compute(state["compute"])
-        self._alphas = {nm: (float(a), bool(rs)) for nm, (a, rs) in state["adapters"].items()}
+        alphas = {nm: (float(a), bool(rs)) for nm, (a, rs) in state["adapters"].items()}
+        for nm in self.lora_A:  # attached here, absent from a partial state (strict=False): kept as it was
+            if nm not in alphas and nm in self._alphas:
+                alphas[nm] = self._alphas[nm]
+        self._alphas = alphas
         self._active = list(state["active"])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # the byte count depends on the format: resize qdata (and create adapter parameters) first
-        q = state_dict.get(prefix + "qdata")
-        if q is not None and q.shape != self.qdata.shape:
-            self.qdata = torch.empty_like(q, dtype=torch.uint8)
-        b = state_dict.get(prefix + "bias")
-        if b is not None and self.bias is None:
-            self.bias = torch.empty(self.out_features, dtype=torch.float32)
-        p = state_dict.get(prefix + "perm")
-        if p is not None and (self.perm is None or self.perm.shape != p.shape):
-            self.perm = torch.empty(self.in_features, dtype=torch.int64)
-        elif p is None and q is not None:  # a weight without an input permutation replaces this one
-            self.perm = None
-        for key, val in state_dict.items():
-            for which, pdict in (("lora_A.", self.lora_A), ("lora_B.", self.lora_B)):
-                if key.startswith(prefix + which):
-                    nm = key[len(prefix + which):]
-                    if "." not in nm and (nm not in pdict or pdict[nm].shape != val.shape):
-                        pdict[nm] = nn.Parameter(torch.empty_like(val, dtype=torch.float32), requires_grad=False)
+        # the byte count depends on the format: resize qdata (and create adapter parameters) first;
+        # as normal tensors under inference_mode too (inference tensors could not be saved for
+        # backward nor loaded into again afterwards)
+        with torch.inference_mode(False):
+            q = state_dict.get(prefix + "qdata")
+            if q is not None and q.shape != self.qdata.shape:
+                self.qdata = torch.empty(q.shape, dtype=torch.uint8)
+            b = state_dict.get(prefix + "bias")
+            if b is not None and self.bias is None:
+                self.bias = torch.empty(self.out_features, dtype=torch.float32)
+            p = state_dict.get(prefix + "perm")
+            if p is not None and (self.perm is None or self.perm.shape != p.shape):
+                self.perm = torch.empty(self.in_features, dtype=torch.int64)
+            elif p is None and q is not None:  # a weight without an input permutation replaces this one
+                self.perm = None
+            for key, val in state_dict.items():
+                for which, pdict in (("lora_A.", self.lora_A), ("lora_B.", self.lora_B)):
+                    if key.startswith(prefix + which):
+                        nm = key[len(prefix + which):]
+                        if "." not in nm and (nm not in pdict or pdict[nm].shape != val.shape):
+                            pdict[nm] = nn.Parameter(torch.empty(val.shape, dtype=torch.float32), requires_grad=False)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # the copy into qdata bumps its version counter, except for an inference tensor (no counter)
         _drop_cache(self.qdata)
+        no_alpha = [nm for nm in self.lora_A if nm not in self._alphas]
+        if no_alpha:
+            raise ValueError(f"adapter(s) {no_alpha} have weights in the state dict but no alpha in its extra state")
+        self._active = [nm for nm in self._active if nm in self.lora_A]
         self._scales = {}
         for nm, (a, rs) in self._alphas.items():
             if nm in self.lora_A:
@@ -711,8 +722,9 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
     / excludes none. Skipped with a warning: layers whose in_features does not fit the format's
     block (or, with compute="int8", the int8 kernels), layers torch reads directly instead of
     calling them (nn.MultiheadAttention's out_proj, nn.TransformerEncoderLayer / DecoderLayer's
-    linear1 / linear2), nn.Linear subclasses with their own forward, and a module reached under
-    several names.
+    linear1 / linear2), nn.Linear subclasses with their own forward, a module reached under
+    several names, and a layer whose weight is tied to another module's (an LM head tied to the
+    embedding: untie it first to quantize it).
 
     Without ``calib`` every layer is rounded to nearest (pq.quantize). With ``calib`` (an iterable
     of model inputs: a tensor -> model(t), a tuple -> model(*t), a dict -> model(**d); a single
@@ -762,6 +774,9 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
     paths = {}  # a module reachable under several names (reused): replacing one name leaves the others
     for n, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(n)
+    owners = {}  # a weight tied to another module's (lm_head and the embedding): the float one stays there
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
     # torch's encoder / decoder layers check linear1.weight / linear2.weight for their fused eval path
     tlayer = {f"{n}.{c}" if n else c for n, m in model.named_modules()
               if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
@@ -780,6 +795,9 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
             why = "nn.TransformerEncoderLayer / DecoderLayer read linear1.weight / linear2.weight directly"
         elif len(paths[id(lin)]) > 1:
             why = f"the same module is also reached as {', '.join(p for p in paths[id(lin)] if p != name)}"
+        elif len(owners.get(id(lin.weight), ())) > 1:
+            tied = ", ".join(p for p in owners[id(lin.weight)] if p != name + ".weight")
+            why = f"its weight is tied to {tied}: the float tensor would stay there beside a quantized copy"
         elif type(lin).forward is not nn.Linear.forward:
             why = f"{type(lin).__name__} has its own forward, which a QuantLinear would drop"
         else:

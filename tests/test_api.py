@@ -340,3 +340,30 @@ def test_int8_per_channel():
     assert (np.abs(y - w) <= scale[:, None] * 0.5 * (1 + 1e-5)).all()
     assert np.abs(codes).max(axis=1)[np.arange(n) != 3].min() == 127
     assert qt == pq.quantize(w, "int8", backend="reference")
+
+
+def test_pickle_and_deepcopy_after_use():
+    """A QTensor a matmul had used (and any QLinear with compute="int8") held the native packed copy,
+    which cannot be pickled: pickle.dumps / copy.deepcopy raised TypeError (a merge report too)"""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 64)).astype(np.float32)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    qt = pq.quantize(w, "q4_0")
+    want = pq.matmul(x, qt)                     # packs qt
+    lin = pq.QLinear(qt)
+    lin.add_adapter("a", pq.LoRA(rng.standard_normal((4, 64)).astype(np.float32) * 0.1,
+                                 rng.standard_normal((48, 4)).astype(np.float32) * 0.1, alpha=8))
+    y = lin(x)
+    for q2 in (pickle.loads(pickle.dumps(qt)), copy.deepcopy(qt)):
+        assert q2 == qt and np.shares_memory(q2.sections()[0], q2.data)
+        assert np.array_equal(pq.matmul(x, q2), want)
+    for l2 in (pickle.loads(pickle.dumps(lin)), copy.deepcopy(lin)):
+        assert np.array_equal(l2(x), y) and l2.packed_nbytes == lin.packed_nbytes
+        l2.remove_adapter("a")
+        assert lin.adapter_names == ["a"]
+    merged, report = pq.lora.merge(qt, lin._adapters["a"])
+    r2 = pickle.loads(pickle.dumps(report))
+    assert pq.lora.unmerge(merged, r2) == qt

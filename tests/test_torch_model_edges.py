@@ -90,6 +90,58 @@ def test_inference_mode():
         assert torch.equal(q3(x), y)
 
 
+def test_load_state_dict_under_inference_mode_leaves_a_trainable_module():
+    """The tensors load_state_dict makes (a resized qdata, a bias, adapter parameters) were made
+    inside inference_mode, so inference tensors: backward and a second load failed afterwards"""
+    torch.manual_seed(2)
+    src = pqt.QuantLinear.from_linear(nn.Linear(64, 32), "q8_0")
+    src.add_adapter("a", torch.randn(4, 64) * 0.1, torch.randn(32, 4) * 0.1)
+    q = pqt.QuantLinear.from_linear(nn.Linear(64, 32, bias=False), "q4_0")   # other qdata size, no bias
+    with torch.inference_mode():
+        q.load_state_dict(src.state_dict())
+    assert not any(t.is_inference() for t in list(q.parameters()) + list(q.buffers()))
+    q.lora_A["a"].requires_grad_(True)
+    x = torch.randn(3, 64)
+    q(x).sum().backward()
+    assert q.lora_A["a"].grad is not None
+    q.load_state_dict(src.state_dict())
+    assert torch.equal(q(x), src(x))
+
+
+def test_partial_load_keeps_adapters_the_state_does_not_name():
+    """load_state_dict(strict=False) of a state without adapter "a" replaced the alphas wholesale:
+    "a" kept its weights but lost its alpha (state_dict() and adapter_ids then raised KeyError)"""
+    torch.manual_seed(3)
+    lin = nn.Linear(64, 48)
+    q = pqt.QuantLinear.from_linear(lin, "q8_0", compute="float")
+    q.add_adapter("a", torch.randn(4, 64) * 0.1, torch.randn(48, 4) * 0.1)
+    res = q.load_state_dict(pqt.QuantLinear.from_linear(lin, "q8_0", compute="float").state_dict(), strict=False)
+    assert sorted(res.missing_keys) == ["lora_A.a", "lora_B.a"] and q.adapter_names == ["a"]
+    q2 = pqt.QuantLinear.from_linear(lin, "q8_0", compute="float")
+    q2.load_state_dict(q.state_dict())                      # saves and loads again
+    x = torch.randn(2, 64)
+    assert torch.equal(q2(x, adapter_ids=[0, -1]), q(x, adapter_ids=[0, -1]))
+    assert not torch.equal(q(x, adapter_ids=[0, 0]), q(x))  # the adapter still applies where asked
+
+
+def test_tied_weights_are_skipped():
+    """A head whose weight is the embedding's was quantized silently: the float tensor stayed in the
+    embedding and a quantized copy was added (the summary claimed bytes saved)"""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(128, 64)
+            self.mid = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 128, bias=False)
+            self.head.weight = self.emb.weight
+
+    m = LM()
+    with pytest.warns(UserWarning, match="head: its weight is tied to emb.weight"):
+        summary = pqt.quantize_model(m, "q8_0")
+    assert summary["quantized"] == ["mid"] and "head" in summary["skipped"]
+    assert m.head.weight is m.emb.weight
+
+
 def test_threads_blocks_overlapping_in_two_python_threads_restore_the_counts():
     before = (torch.get_num_threads(), pq.get_num_threads())
     try:
