@@ -459,3 +459,37 @@ def test_quantized_file_load_save_adds_no_second_quantization_version(tmp_path, 
         pq.io.save_gguf(tmp_path / "b.gguf", t, m)
     assert "Duplicated" not in caplog.text
     assert pq.io.load_gguf(tmp_path / "b.gguf")[1]["general.quantization_version"] == m["general.quantization_version"]
+
+
+def test_overlapping_tensors_refused_and_gguf_prefixed_keys_kept(tmp_path):
+    """Two tensors sharing bytes loaded as aliasing views; a real key named GGUF.* was dropped (the
+    filter meant for gguf-py's pseudo-fields, which this parser never makes)"""
+    from pyqkern.io.gguf import load_gguf
+
+    def s(x):
+        x = x.encode()
+        return struct.pack("<Q", len(x)) + x
+
+    def ti(name, n, off):
+        return s(name) + struct.pack("<IQIQ", 1, n, 0, off)   # 1-D F32
+
+    for offs in ((0, 32), (0, 0), (64, 0)):                    # overlapping, equal, out of order
+        b = struct.pack("<IIQQ", 0x46554747, 3, 2, 0) + ti("t", 64, offs[0]) + ti("u", 32, offs[1])
+        b += b"\0" * (-len(b) % 32) + np.arange(96, dtype=np.float32).tobytes()
+        (tmp_path / "o.gguf").write_bytes(b)
+        with pytest.raises(ValueError, match="overlap"):
+            load_gguf(tmp_path / "o.gguf")
+    b = struct.pack("<IIQQ", 0x46554747, 3, 2, 0) + ti("t", 8, 0) + ti("u", 8, 64)   # a gap: fine
+    b += b"\0" * (-len(b) % 32) + np.arange(24, dtype=np.float32).tobytes()
+    (tmp_path / "g.gguf").write_bytes(b)
+    out, _ = load_gguf(tmp_path / "g.gguf")
+    assert np.array_equal(out["u"], np.arange(16, 24, dtype=np.float32))
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    w.add_uint32("GGUF.custom", 7)
+    w.add_tensor("x", np.ones(32, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _, meta = load_gguf(tmp_path / "k.gguf")
+    assert meta["GGUF.custom"] == 7

@@ -233,11 +233,14 @@ def _parse(path):
                 if start + off + nb > size:
                     raise s.err(f"truncated GGUF file: tensor {name!r} data [{off}, {off + nb}) runs past the end "
                                 f"of the file (data area has {max(size - start, 0)} bytes)")
+            # tensors share no bytes (ggml itself wants them back to back, in order; gaps are let be)
+            by_off = sorted((off, nb, name) for name, _, _, off, nb in infos)
+            for (o0, n0, a), (o1, _, b) in zip(by_off, by_off[1:]):
+                if o0 + n0 > o1:
+                    raise s.err(f"tensors {a!r} [{o0}, {o0 + n0}) and {b!r} (from {o1}) overlap")
         finally:
             s.b.release()
-    # the GGUF.* names are the gguf package's pseudo-fields (version, counts): not metadata
-    keep = [k for k in meta if not k.startswith("GGUF.")]
-    meta = GGUFMetadata({k: meta[k] for k in keep}, types={k: types[k] for k in keep})
+    meta = GGUFMetadata(meta, types=types)
     return meta, [(name, t, dims, start + off, nb) for name, t, dims, off, nb in infos]
 
 
