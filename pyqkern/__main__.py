@@ -25,14 +25,20 @@ def _best_time(fn, min_time=0.2, max_reps=200):
     return min(times)
 
 
-def _numpy_time(fn, threads):
-    """numpy's best time at this many BLAS threads (threadpoolctl), or at its own count (None) when
-    threadpoolctl is missing"""
+def _blas_limits():
+    """threadpoolctl's threadpool_limits (a dependency), or None where it is missing"""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
+        return None
+    return threadpool_limits
+
+
+def _numpy_time(fn, threads, limits):
+    """numpy's best time at this many BLAS threads, or at its own count (None) without limits"""
+    if limits is None:
         return _best_time(fn), None
-    with threadpool_limits(limits=threads, user_api="blas"):
+    with limits(limits=threads, user_api="blas"):
         return _best_time(fn), threads
 
 
@@ -64,11 +70,9 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
           + ", ".join(f"{th}t " + (f"{v:.0f} GOP/s" if v else "n/a") for th, v in peaks.items()), file=out)
     hdr = (f"{'format':7s} {'compute':7s} {'M':>4s} {'K':>6s} {'N':>6s} {'thr':>3s} {'time':>10s} "
            f"{'GFLOP/s':>8s} {'W GB/s':>7s} {'%bw':>5s} {'%bwW':>5s} {'%hw':>5s} {'vs np':>6s} {'max rel err':>11s}")
-    try:
-        import threadpoolctl  # noqa: F401
-        np_at = "at the row's thread count"
-    except ImportError:
-        np_at = "at numpy's own thread count (install threadpoolctl to match the row's)"
+    limits = _blas_limits()
+    np_at = ("at the row's thread count" if limits else
+             "at numpy's own thread count (install threadpoolctl to match the row's)")
     print("W GB/s: bytes of the weight as the kernel reads it (int8: the packed copy) per second; %bw: of the "
           "read bandwidth above at that thread count (above 100%: the weights are served from cache); %bwW: of "
           "the read ceiling of a buffer the weight's size (from cache when it fits); %hw: int8 GOP/s of the "
@@ -84,7 +88,7 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
         wf = w.copy()
         # the baseline at each row's thread count (numpy at its own count made 1-thread rows look
         # faster by the BLAS's parallel speed-up)
-        t_np = {th: _numpy_time(lambda: x @ wf.T, th) for th in thread_list}
+        t_np = {th: _numpy_time(lambda: x @ wf.T, th, limits) for th in thread_list}
         for fmt in formats:
             qt = pq.quantize(w, fmt)
             ref = x @ pq.dequantize(qt).T

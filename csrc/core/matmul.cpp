@@ -254,6 +254,11 @@ void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx
 // flushes results below 2^-126, and a block sum of (u - o) * x can cancel down there: with every
 // non-zero |x| >= 2^-100, x and so every product and sum is a multiple of 2^-107, zero or normal.
 inline uint32_t bf16_too_small(uint16_t h) { return (uint32_t)((h & 0x7F80) < (27 << 7)) & (uint32_t)((h & 0x7FFF) != 0); }
+// the same bound for fp32 x, before its split into bf16 parts (each a multiple of x's ulp)
+inline uint32_t f32_too_small(float v) {
+  const uint32_t u = f32_bits(v);
+  return (uint32_t)((u & 0x7F800000u) < (27u << 23)) & (uint32_t)((u & 0x7FFFFFFFu) != 0);
+}
 // |x| >= 2^101, Inf or NaN: the kernel sums (u - o) * x before scaling by a, so such x could
 // overflow where the scaled fp32 route does not (and Inf * 0 would become NaN)
 inline uint32_t bf16_too_large(uint16_t h) { return (uint32_t)(((h >> 7) & 0xFF) > 127 + 100); }
@@ -354,8 +359,7 @@ pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* wp, const floa
           const uint16_t h2 = fp32_to_bf16_rne(r1);
           const float r2 = r1 - bf16_to_fp32(h2);
           const uint16_t h3 = fp32_to_bf16_rne(r2);
-          bad |= (uint32_t)(f32_bits(bf16_to_fp32(h3)) != f32_bits(r2)) | bf16_too_large(h1) |
-                 (uint32_t)((f32_bits(v) & 0x7F800000u) < (27u << 23) && (f32_bits(v) & 0x7FFFFFFFu) != 0);
+          bad |= (uint32_t)(f32_bits(bf16_to_fp32(h3)) != f32_bits(r2)) | bf16_too_large(h1) | f32_too_small(v);
           xp[i * k + j] = h1;
           xp[ps + i * k + j] = h2;
           xp[2 * ps + i * k + j] = h3;

@@ -276,12 +276,13 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
   });
   if (w.offs)  // kernels with a bounded offset table check this
     for (size_t i = 0; i < off_bytes; ++i) w.max_offset = std::max<int>(w.max_offset, w.offs[i]);
-  const int64_t npi = w.n_tiles * w.npar * NR;  // every a (and sd), padding rows included (0)
-  for (int64_t i = 0; i < npi && w.finite_scales; ++i) {
-    if (w.scale16) w.finite_scales = (w.scale16[i] & 0x7C00) != 0x7C00;
-    else if (w.scale) w.finite_scales = std::isfinite(w.scale[i]);
-  }
-  if (w.sd)
+  // every a finite (two-level: every sd; sq are integers), padding rows included (0)
+  const int64_t npi = w.n_tiles * w.npar * NR;
+  if (w.scale16)
+    for (int64_t i = 0; i < npi && w.finite_scales; ++i) w.finite_scales = (w.scale16[i] & 0x7C00) != 0x7C00;
+  else if (w.scale)
+    for (int64_t i = 0; i < npi && w.finite_scales; ++i) w.finite_scales = std::isfinite(w.scale[i]);
+  else if (w.sd)
     for (int64_t i = 0; i < w.n_tiles * w.nsup * NR && w.finite_scales; ++i) w.finite_scales = std::isfinite(w.sd[i]);
 }
 
