@@ -39,12 +39,14 @@ Rows
 
 Ceilings (session fixture ``ceilings``, measured at the start of the run)
   read bandwidth  pyqkern._membw.read_bandwidth over a 512 MB buffer (the memory's), per thread
-                  count: the better of pyqkern's native probe (pqk_read_probe: 16-byte loads in
-                  eight chains on pyqkern's own thread pool) and numpy reductions on Python threads.
+                  count: the better of pyqkern's native probe (pqk_read_probe: the widest loads the
+                  CPU has, 64-byte with AVX-512, on pyqkern's own thread pool) and numpy
+                  reductions on Python threads.
   read, W-sized   the same probe over a buffer the size of the row's weight bytes (times calls),
                   per thread count, best of 100 passes: the ceiling of a GEMV whose weight stays in
-                  L3 (4096x4096 q4_0, 9.4 MB: ~100-125 GB/s at 1 thread, ~200 at 2 on a 2-core
-                  Zen 4, against ~38 / ~50 from memory). A 4-bit GEMV cannot be faster than
+                  L3 (4096x4096 q4_0, 9.4 MB: ~115-130 GB/s at 1 thread, ~220-240 at 2 on this
+                  2-core Zen 5 VM, against ~40 / ~50 from memory; 16-byte loads, the probe's
+                  before, read ~25% less from L3). A 4-bit GEMV cannot be faster than
                   reading its weight bytes once.
   int8 peak       *achieved*, not theoretical: the best GOP/s of pq.QLinear(compute="int8") over a few
                   small L2-resident q8_0 / q4_0 shapes (weights 0.1-1 MB), per thread count. It is what

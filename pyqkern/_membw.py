@@ -60,8 +60,8 @@ def read_bandwidth(nbytes: int = 256 << 20, threads: int = 1, reps: int = 5) -> 
     weight stays in cache.
 
     Two probes, the better taken (each is a lower bound of what the hardware delivers):
-    pqk_read_probe, 16-byte loads summed in eight independent chains on pyqkern's own thread
-    pool, and numpy reductions (float32 max, int64 sum) on Python threads. Only the first can
+    pqk_read_probe, the widest loads the CPU has (64-byte on AVX-512: on Zen 5 16-byte loads read
+    a buffer from L3 ~25% slower) summed in independent chains on pyqkern's own thread pool, and numpy reductions (float32 max, int64 sum) on Python threads. Only the first can
     measure a cached buffer at 2 threads: starting Python threads costs about as long as
     reading 9 MB from L3 (numpy gave 45 GB/s there, the native probe ~200). numpy's int64 sum
     alone is compute-bound below the memory (30 GB/s at 2 threads where the max reads 67)."""

@@ -1,6 +1,7 @@
 // One table of kernel pointers per ISA variant. Empty slots are filled from the variant
 // below (avx512vnni <- avx512 <- avx2 <- ref), so every slot is always callable.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include "pyqkern/pyqkern.h"
 
@@ -80,7 +81,13 @@ using all_finite_fn = bool (*)(const float* x, int64_t k);
 // int8_peak_ops: integer operations (2 per multiply-add) per iteration.
 using int8_peak_fn = uint64_t (*)(int64_t iters);
 
+// Sum of the 64-bit words of [p, p + n), n a multiple of 128, with the variant's widest loads:
+// the loop of the read-bandwidth probe (read_probe.cpp).
+using read_sum_fn = uint64_t (*)(const uint8_t* p, size_t n);
+
 struct KernelTable {
+  read_sum_fn read_sum = nullptr;
+  int8_t read_sum_isa = 0;
   int8_peak_fn int8_peak = nullptr;
   int32_t int8_peak_ops = 0;
   int8_t int8_peak_isa = 0;

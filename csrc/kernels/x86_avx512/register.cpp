@@ -3,7 +3,10 @@
 
 namespace pqk { namespace avx512 {
 
+uint64_t read_sum(const uint8_t* p, size_t n);  // read_sum.cpp
+
 void register_kernels(KernelTable& t) {
+  t.read_sum = read_sum;
 #define PQK_SET(F, fmt)                \
   t.quantize[F] = quantize_row_##fmt;  \
   t.dequantize[F] = dequantize_row_##fmt;
