@@ -357,8 +357,14 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
     if not (np.isfinite(damp) and damp >= 0):
         raise ValueError(f"--damp must be a finite number >= 0, got {damp}")
     pat = re.compile(exclude) if exclude else None
+    shards = _shards(src)
+    if os.path.isdir(dst):  # found now, not at the final rename after all the work
+        raise ValueError(f"{dst}: is a directory")
+    for shard in shards:
+        if os.path.exists(dst) and os.path.samefile(shard, dst):
+            raise ValueError(f"{dst}: is the input {shard}; write the output to another file")
     plan, seen, meta_in = [], {}, {}
-    for shard in _shards(src):
+    for shard in shards:
         hdr, meta = st.read_header(shard)
         if qsave.META_KEY in meta:
             raise ValueError(f"{shard}: already holds pyqkern QTensors")
@@ -386,6 +392,8 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
                     params = _formats.resolve_params(fmt, shape[1], group, sym)
                 except ValueError:
                     why = f"K={shape[1]} does not fit {fmt}"
+            if kind == "gguf":
+                _gg._check_name(name)  # before any work (GGUFStreamWriter.declare checks it again)
             if kind == "gguf" and params is None:
                 if dt not in ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"):
                     raise ValueError(f"tensor {name!r}: dtype {dt} cannot be stored in GGUF")

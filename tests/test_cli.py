@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -229,6 +231,56 @@ def test_quantize_errors(tmp_path, model, capsys):
     assert main(["inspect", str(trunc)]) == 1
     assert "truncated" in capsys.readouterr().err
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_quantize_refuses_names_and_paths_up_front(tmp_path, model, capsys):
+    """Review: a safetensors tensor with an empty name, or one longer than ggml's 63 bytes, went
+    into the GGUF (llama.cpp refuses such a file); the input as the output replaced the float
+    model; a directory as the output failed only at the final rename; a damaged shard's error
+    did not name the file."""
+    src, _ = model
+    w = np.ones((64, 64), np.float32)
+    for name, msg in (("", "non-empty"), ("m." + "x" * 62, "at most 63")):
+        f = tmp_path / "n.safetensors"  # written by hand: st.save refuses an empty name itself
+        hdr = json.dumps({name: {"dtype": "F32", "shape": [64, 64], "data_offsets": [0, w.nbytes]}}).encode()
+        f.write_bytes(struct.pack("<Q", len(hdr)) + hdr + w.tobytes())
+        assert main(["quantize", str(f), str(tmp_path / "n.gguf"), "--format", "q4_0", "-q"]) == 1
+        assert msg in capsys.readouterr().err and not (tmp_path / "n.gguf").exists()
+    st.save(tmp_path / "u.safetensors", {"blk.ü." + "x" * 55: w})  # 63 bytes in UTF-8: fine
+    assert main(["quantize", str(tmp_path / "u.safetensors"), str(tmp_path / "u.gguf"), "--format", "q4_0", "-q"]) == 0
+    before = src.read_bytes()
+    assert main(["quantize", str(src), str(src), "--format", "q4_0", "-q"]) == 1
+    assert "is the input" in capsys.readouterr().err and src.read_bytes() == before
+    (tmp_path / "d.gguf").mkdir()
+    assert main(["quantize", str(src), str(tmp_path / "d.gguf"), "--format", "q4_0", "-q"]) == 1
+    assert "is a directory" in capsys.readouterr().err
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(src.read_bytes()[:-10])
+    assert main(["quantize", str(cut), str(tmp_path / "c.gguf"), "--format", "q4_0", "-q"]) == 1
+    assert str(cut) in capsys.readouterr().err
+
+
+def test_quantize_safetensors_metadata_strings_to_gguf(tmp_path):
+    """safetensors metadata values are strings: general.alignment and quantization_version given
+    as decimal strings are written as GGUF's uint32; an empty architecture is refused (gguf-py
+    dropped it, leaving a file without general.architecture)."""
+    gguf = pytest.importorskip("gguf")
+    w = np.ones((64, 64), np.float32)
+    f = tmp_path / "m.safetensors"
+    st.save(f, {"w": w}, metadata={"general.alignment": "64", "general.quantization_version": "2"})
+    quantize_files(str(f), str(tmp_path / "m.gguf"), "q4_0", out=io.StringIO(), quiet=True)
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    for key in ("general.alignment", "general.quantization_version"):
+        fld = r.fields[key]
+        assert fld.types == [gguf.GGUFValueType.UINT32]
+    assert int(r.fields["general.alignment"].parts[-1][0]) == 64
+    assert int(r.fields["general.quantization_version"].parts[-1][0]) == 2
+    for meta, msg in (({"general.architecture": ""}, "non-empty"), ({"general.alignment": "six"}, "power of two"),
+                      ({"general.quantization_version": "v2"}, "quantization_version")):
+        st.save(f, {"w": w}, metadata=meta)
+        with pytest.raises(ValueError, match=msg):
+            quantize_files(str(f), str(tmp_path / "e.gguf"), "q4_0", out=io.StringIO(), quiet=True)
+        assert not (tmp_path / "e.gguf").exists()
 
 
 def test_bench_rows_and_roofline_plot(tmp_path):

@@ -493,3 +493,13 @@ def test_overlapping_tensors_refused_and_gguf_prefixed_keys_kept(tmp_path):
     w.close()
     _, meta = load_gguf(tmp_path / "k.gguf")
     assert meta["GGUF.custom"] == 7
+
+
+def test_gguf_tensor_names_llama_cpp_reads(tmp_path):
+    """Names of at most 63 UTF-8 bytes (ggml's GGML_MAX_NAME with its NUL): llama.cpp refuses a
+    file holding a longer one, so save_gguf does not write it (review)."""
+    a = np.ones(4, np.float32)
+    pq.io.save_gguf(tmp_path / "ok.gguf", {"é" * 31 + "x": a})  # 63 bytes
+    with pytest.raises(ValueError, match="at most 63"):
+        pq.io.save_gguf(tmp_path / "long.gguf", {"é" * 32: a})  # 64 bytes
+    assert not (tmp_path / "long.gguf").exists()

@@ -319,10 +319,31 @@ def _ggml_type(qt):
     return getattr(gguf.GGMLQuantizationType, GGML_TYPES[qt.format])
 
 
-def _tensor_plan(name, t):
-    """(array to write, raw_dtype or None) for one tensor."""
+# ggml's GGML_MAX_NAME, counting the terminating NUL: llama.cpp refuses a file with a longer name
+_MAX_NAME_BYTES = 63
+
+
+def _check_name(name):
     if not isinstance(name, str) or not name:
         raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
+    if len(name.encode("utf-8")) > _MAX_NAME_BYTES:
+        raise ValueError(f"tensor name {name!r} is {len(name.encode('utf-8'))} bytes: GGUF readers (llama.cpp, "
+                         f"ggml) accept at most {_MAX_NAME_BYTES}")
+
+
+def _int_value(v):
+    """An integer metadata value given as int or as a decimal string (safetensors metadata holds
+    strings only), or None."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return int(v)
+    if isinstance(v, str) and v.strip().isdecimal():
+        return int(v.strip())
+    return None
+
+
+def _tensor_plan(name, t):
+    """(array to write, raw_dtype or None) for one tensor."""
+    _check_name(name)
     if isinstance(t, QTensor):
         return np.ascontiguousarray(t.data).reshape(t.shape[0], -1), _ggml_type(t)
     if isinstance(t, np.ndarray):
@@ -456,14 +477,26 @@ class GGUFStreamWriter:
         types = getattr(metadata, "types", {})  # a GGUFMetadata from load_gguf: keep its value types
         meta = dict(metadata or {})
         arch = meta.pop("general.architecture", arch)
-        self.tmp = f"{self.path}.tmp-{os.getpid()}"
-        self.w = gguf.GGUFWriter(self.tmp, arch)
+        if not isinstance(arch, str) or not arch:  # gguf-py drops an empty one: a file without the key
+            raise ValueError(f"general.architecture must be a non-empty string, got {arch!r}")
         align = meta.pop("general.alignment", None)
         if align is not None:  # the tensor data alignment the file asks for (a power of two)
-            if isinstance(align, bool) or not isinstance(align, (int, np.integer)) or not 1 <= align <= 2**31 \
-                    or align & (align - 1):
-                raise ValueError(f"general.alignment must be a power of two in [1, 2^31], got {align!r}")
-            self.w.add_custom_alignment(int(align))
+            a = _int_value(align)
+            if a is None or not 1 <= a <= 2**31 or a & (a - 1):
+                raise ValueError(f"general.alignment must be a power of two in [1, 2^31] (an integer or a "
+                                 f"decimal string), got {align!r}")
+            align = a
+        qv = meta.get("general.quantization_version")
+        if qv is not None:  # a uint32 in ggml's files, a string when it comes from safetensors metadata
+            q = _int_value(qv)
+            if q is None or q >= 2**32:
+                raise ValueError(f"general.quantization_version must be an integer (or a decimal string) "
+                                 f"below 2^32, got {qv!r}")
+            meta["general.quantization_version"] = q
+        self.tmp = f"{self.path}.tmp-{os.getpid()}"
+        self.w = gguf.GGUFWriter(self.tmp, arch)
+        if align is not None:
+            self.w.add_custom_alignment(align)
         for k, v in meta.items():
             _add_kv(self.w, k, v, types.get(k))
         self.has_qv = "general.quantization_version" in meta  # a loaded file's: not added twice
@@ -471,6 +504,7 @@ class GGUFStreamWriter:
 
     def declare(self, name, nbytes, shape, raw_dtype=None, dtype=np.uint8):
         """shape: NumPy-order element shape; raw_dtype: ggml type of a quantized tensor."""
+        _check_name(name)
         if raw_dtype is not None:
             self.quantized = True
             self.w.add_tensor_info(name, list(shape), np.dtype(np.float32), nbytes, raw_dtype=raw_dtype)

@@ -147,10 +147,18 @@ def _read_prefix(path):
     return size, n, raw
 
 
+def _parse_header_of(path, raw, data_len):
+    """_parse_header with the file named in its errors (a directory of shards has many)."""
+    try:
+        return _parse_header(raw, data_len)
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)}: {e}") from None
+
+
 def read_header(path):
     """({name: {"dtype", "shape", "data_offsets"}}, metadata) after full validation, without mapping the data."""
     size, n, raw = _read_prefix(path)
-    entries, meta = _parse_header(raw, size - 8 - n)
+    entries, meta = _parse_header_of(path, raw, size - 8 - n)
     return ({k: {"dtype": dt, "shape": list(sh), "data_offsets": [b, e]} for k, (dt, sh, b, e) in entries.items()},
             meta)
 
@@ -168,7 +176,7 @@ def load(path, *, bf16="float32"):
     path = os.fspath(path)
     size, n, raw = _read_prefix(path)
     data_len = size - 8 - n
-    entries, meta = _parse_header(raw, data_len)
+    entries, meta = _parse_header_of(path, raw, data_len)
     mm = np.memmap(path, dtype=np.uint8, mode="r")  # size >= 8 here: never an empty map
     base = 8 + n
     out = {}
