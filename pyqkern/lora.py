@@ -238,8 +238,12 @@ def merge(qt: QTensor, ad: LoRA, *, warn_below: float | None = 0.5, chunk_rows: 
             _, intended = _target(w, delta(ad, r0, r1), None if factor is None else factor[r0:r1])
             stats.add(r0, r1, mrows.dequantize(r0, r1).astype(np.float64) - w, intended)
     rep = stats.report(fmt, ad.is_dora, qt, merged)
-    if warn_below is not None and rep.delta_norm > 0 and (rep.retained < warn_below
-                                                          or rep.rel_error * warn_below > 1):
+    if warn_below is not None and rep.delta_norm == 0 and rep.applied_norm > 0:
+        warnings.warn(f"the adapter asks for no change, but requantization to {fmt} moved the weights (norm "
+                      f"{rep.applied_norm:.3g}): quantize(dequantize(W)) is not W in this format; keep the "
+                      "base as it is", UserWarning, stacklevel=2)
+    elif warn_below is not None and rep.delta_norm > 0 and (rep.retained < warn_below
+                                                            or rep.rel_error * warn_below > 1):
         warnings.warn(f"merging destroyed most of the fine-tune: retained {rep.retained:.1%} of the adapter's "
                       f"change after requantization to {fmt}, relative error {rep.rel_error:.3g}; keep the "
                       "adapter separate (pq.matmul(..., lora=...)) or merge into a higher-precision format",

@@ -136,6 +136,17 @@ def test_zero_delta():
     assert merged == _requant(pq.dequantize(qt), qt)
 
 
+def test_zero_delta_that_moves_the_weights_warns():
+    """A zero adapter merged into a format whose requantization is not idempotent: the weights
+    move though nothing was asked for (rel_error inf), which the merge says (review)."""
+    qt = _base("iq4_nl", {})
+    ad = pq.LoRA(np.ones((R, K), np.float32), np.zeros((N, R), np.float32))
+    with pytest.warns(UserWarning, match="asks for no change"):
+        merged, rep = lora.merge(qt, ad)
+    assert rep.delta_norm == 0 and rep.applied_norm > 0 and rep.rel_error == np.inf
+    assert lora.unmerge(merged, rep) is qt
+
+
 def test_delta_matches_float64_and_blas():
     ad = _adapter(1.0, alpha=5.0, rslora=True)
     exact = ad.scale * (ad.B.astype(np.float64) @ ad.A.astype(np.float64))
