@@ -485,6 +485,24 @@ int main(int argc, char** argv) {
   for (int64_t n : {5, 37, 70})
     for (int64_t k : {32, 96}) test_lora(isas, n, k, rng);
   test_lora_float(isas, rng);
+  // the read probe's loop (the widest loads this CPU has; Arm: the 16-byte baseline) reads every
+  // word: its checksum is the buffer's sum, at sizes with each tail of the 512-byte step
+  for (int64_t nbytes : {4096, 4096 + 128, 4096 + 384, 65536 + 256})
+    for (int th : {1, 2}) {
+      pqk_set_num_threads(th);
+      std::vector<uint64_t> buf((size_t)nbytes / 8);
+      uint64_t want = 0;
+      for (auto& w : buf) want += (w = ((uint64_t)rng() << 32) ^ rng());
+      double secs = 0;
+      uint64_t sum = 0;
+      CHECK_OK(pqk_read_probe(buf.data(), nbytes, 3, &secs, &sum));
+      ++g_checks;
+      if (sum != want || !(secs > 0)) {
+        ++g_fail;
+        std::printf("MISMATCH read_probe nbytes=%lld threads=%d\n", (long long)nbytes, th);
+      }
+    }
+  pqk_set_num_threads(2);
   print_digests(cases, sizeof(cases) / sizeof(cases[0]));
   print_digests(extra, sizeof(extra) / sizeof(extra[0]));
   int32_t active = -1;
