@@ -17,36 +17,26 @@ extern "C" pqk_status pqk_int8_peak(int32_t isa, int32_t reps, double* gops) {
     const KernelTable& t = kernel_table(resolve_isa(isa));
     if (!t.int8_peak) throw Error(PQK_ERR_UNSUPPORTED, "this variant has no int8 dot-product instruction probe");
     // 4 chunks per thread of ~0.2 ms each at 2 instructions per cycle (100000 iterations), so
-    // a pass takes ~1 ms per thread. A pass counts only if every pool thread took part: a worker
-    // can take tens of ms to start on a VM, and a pass the caller ran alone measured one thread.
-    // Passes continue until reps such passes, or for at most ~1 s (then the best of all).
+    // a pass takes ~1 ms per thread. Passes continue until reps of them had every pool thread
+    // take part, or for at most ~1 s: a worker can take tens of ms to start on a VM, and a pass
+    // the caller ran alone measured one thread. The best pass of all is the result.
     constexpr int64_t kIters = 100000;
     const int threads = get_num_threads();
     const int64_t chunks = 4 * (int64_t)threads;
-    double best = 0.0, best_any = 0.0;
+    double best = 0.0;
     std::atomic<uint64_t> sink{0};
-    static thread_local uint64_t seen_pass = 0;
-    static std::atomic<uint64_t> pass_ids{0};
     const auto start = std::chrono::steady_clock::now();
     for (int32_t full = 0; full < reps;) {
-      std::atomic<int> joined{0};
-      const uint64_t id = pass_ids.fetch_add(1) + 1;
       const auto t0 = std::chrono::steady_clock::now();
-      parallel_for(chunks, 1, [&](int64_t b, int64_t e) {
-        if (seen_pass != id) { seen_pass = id; joined.fetch_add(1, std::memory_order_relaxed); }
+      const int joined = parallel_for(chunks, 1, [&](int64_t b, int64_t e) {
         for (int64_t c = b; c < e; ++c) sink.fetch_add(t.int8_peak(kIters), std::memory_order_relaxed);
       });
       const auto t1 = std::chrono::steady_clock::now();
       const double g = (double)chunks * kIters * t.int8_peak_ops / std::chrono::duration<double>(t1 - t0).count() / 1e9;
-      best_any = std::max(best_any, g);
-      if (joined.load() >= threads) {
-        best = std::max(best, g);
-        ++full;
-      } else if (std::chrono::duration<double>(t1 - start).count() > 1.0) {
-        break;
-      }
+      best = std::max(best, g);
+      if (joined >= threads) ++full;
+      else if (std::chrono::duration<double>(t1 - start).count() > 1.0) break;
     }
-    if (best == 0.0) best = best_any;
     *gops = best;
   });
 }

@@ -76,7 +76,7 @@ extern "C" pqk_status pqk_read_probe(const void* buf, int64_t nbytes, int32_t re
     const uint8_t* p = (const uint8_t*)buf;
     const int64_t lines = nbytes / 128;
     const read_sum_fn sum = widest_read_sum();
-    double best = 1e30, best_any = 1e30;
+    double best = 1e30;
     uint64_t total = 0;  // one pass's sum of the words (every pass must agree)
     int64_t passes = 0;
     // each thread's share in one piece (chunks of about lines / threads; min_chunk keeps a
@@ -84,34 +84,25 @@ extern "C" pqk_status pqk_read_probe(const void* buf, int64_t nbytes, int32_t re
     const int threads = get_num_threads();
     const int64_t per = std::max<int64_t>(1, lines / (4 * (int64_t)threads));
     const int64_t want = std::min<int64_t>(threads, (lines + per - 1) / per);
-    // A pass counts only if every pool thread took part: a worker can take tens of ms to start
-    // on a VM (the caller then reads it all alone, and the "2-thread" ceiling was the 1-thread
-    // one). Passes continue until reps such passes, or for at most ~1 s (then the best of all).
-    static thread_local uint64_t seen_pass = 0;
-    static std::atomic<uint64_t> pass_ids{0};
+    // Passes continue until reps of them had every pool thread take part, or for at most ~1 s:
+    // a worker can take tens of ms to start on a VM, and until then the caller reads it all
+    // alone (the "2-thread" ceiling was the 1-thread one). The best pass of all is the result:
+    // a lower bound of what the threads can read either way.
     const auto start = std::chrono::steady_clock::now();
     for (int32_t full = 0; full < reps;) {
       std::atomic<uint64_t> total_pass{0};
-      std::atomic<int64_t> joined{0};
-      const uint64_t id = pass_ids.fetch_add(1) + 1;
       const auto t0 = std::chrono::steady_clock::now();
-      parallel_for(lines, per, [&](int64_t b, int64_t e) {
-        if (seen_pass != id) { seen_pass = id; joined.fetch_add(1, std::memory_order_relaxed); }
+      const int joined = parallel_for(lines, per, [&](int64_t b, int64_t e) {
         total_pass.fetch_add(sum(p + b * 128, (size_t)(e - b) * 128), std::memory_order_relaxed);
       });
       const auto t1 = std::chrono::steady_clock::now();
       const double s = std::chrono::duration<double>(t1 - t0).count();
       if (passes++ == 0) total = total_pass.load();
       else if (total_pass.load() != total) throw Error(PQK_ERR_INTERNAL, "read probe: passes summed differently");
-      best_any = std::min(best_any, s);
-      if (joined.load() >= want) {
-        best = std::min(best, s);
-        ++full;
-      } else if (std::chrono::duration<double>(t1 - start).count() > 1.0) {
-        break;
-      }
+      best = std::min(best, s);
+      if (joined >= want) ++full;
+      else if (std::chrono::duration<double>(t1 - start).count() > 1.0) break;
     }
-    if (best == 1e30) best = best_any;
     *best_seconds = best;
     if (checksum) *checksum = total;
   });

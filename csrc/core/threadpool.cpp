@@ -37,14 +37,19 @@ struct Job {
   const std::function<void(int64_t, int64_t)>* fn = nullptr;
   int64_t n = 0, nchunks = 0;
   std::atomic<int64_t> next{0}, done{0};
+  std::atomic<int> threads{0};  // that ran at least one chunk
   std::mutex m;
   std::condition_variable cv;
   std::exception_ptr error;
 
   void work() {
-    for (;;) {
+    for (bool joined = false;;) {
       const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
       if (c >= nchunks) return;
+      if (!joined) {
+        joined = true;
+        threads.fetch_add(1, std::memory_order_relaxed);
+      }
       try {
         (*fn)(n * c / nchunks, n * (c + 1) / nchunks);
       } catch (...) {
@@ -84,7 +89,7 @@ class Pool {
     nthreads_ = n;
   }
 
-  void run(const std::shared_ptr<Job>& job) {
+  int run(const std::shared_ptr<Job>& job) {
     {
       std::lock_guard<std::mutex> g(m_);  // pairs with the sleepers' predicate check
       job_ = job;
@@ -104,6 +109,7 @@ class Pool {
       if (job_ == job) job_.reset();
     }
     if (job->error) std::rethrow_exception(job->error);
+    return job->threads.load(std::memory_order_relaxed);  // every chunk done: no thread joins now
   }
 
  private:
@@ -195,20 +201,23 @@ int get_num_threads() {
   return pool().size();
 }
 
-void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn,
-                  int chunks_per_thread) {
-  if (n <= 0) return;
+int parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn,
+                 int chunks_per_thread) {
+  if (n <= 0) return 0;
   if (min_chunk < 1) min_chunk = 1;
   std::lock_guard<std::mutex> g(g_pool_mutex);
   Pool& p = pool();
   const int64_t max_chunks = (n + min_chunk - 1) / min_chunk;
   const int64_t nt = std::min<int64_t>(p.size(), max_chunks);
-  if (nt <= 1) { fn(0, n); return; }
+  if (nt <= 1) {
+    fn(0, n);
+    return 1;
+  }
   auto job = std::make_shared<Job>();
   job->fn = &fn;
   job->n = n;
   job->nchunks = std::min<int64_t>(max_chunks, (int64_t)chunks_per_thread * nt);
-  p.run(job);
+  return p.run(job);
 }
 
 }  // namespace pqk

@@ -14,8 +14,9 @@ int get_num_threads();  // takes the pool lock: never call it from inside a para
 // Calls fn(begin, end) over [0, n) split into at most chunks_per_thread * get_num_threads()
 // chunks of at least min_chunk items (one chunk, on the caller, when that is all there is). Blocks until all are
 // done, but not on a worker that has not started yet (the caller takes its chunks instead).
-// Exceptions in fn are rethrown on the caller.
-void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn,
-                  int chunks_per_thread = 4);
+// Exceptions in fn are rethrown on the caller. Returns how many threads ran chunks (the
+// benchmarks' probes count only passes every thread took part in).
+int parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn,
+                 int chunks_per_thread = 4);
 
 }  // namespace pqk

@@ -110,9 +110,9 @@ PQK_API pqk_status pqk_set_num_threads(int32_t n);
 PQK_API int32_t pqk_get_num_threads(void);
 /* Read-bandwidth probe: reads the nbytes at buf (>= 4096, a multiple of 128)
  * with the widest loads the CPU has (64-byte on AVX-512, 32-byte on AVX2, else 16-byte), split
- * over the library's threads as a GEMV is, and stores the best seconds of reps passes in which
- * every thread took part (a pool thread can take tens of ms to start on a VM; after ~1 s
- * without such passes, the best of all passes), and, if checksum is not NULL, the sum of the
+ * over the library's threads as a GEMV is, and stores the best seconds of its passes (they go
+ * on until reps of them had every thread take part, or for ~1 s: a pool thread can take tens of
+ * ms to start on a VM), and, if checksum is not NULL, the sum of the
  * buffer's 64-bit words (each pass's, checked equal, so the reads cannot be skipped). nbytes
  * over the weight size of a layer gives the ceiling of a GEMV whose weight stays in cache;
  * over much more than the L3, the memory's. */
@@ -120,8 +120,8 @@ PQK_API pqk_status pqk_read_probe(const void* buf, int64_t nbytes, int32_t reps,
                                   uint64_t* checksum);
 /* Int8 compute ceiling: every thread of the library's pool runs variant isa's int8 dot-product
  * instruction (vpdpbusd on avx512vnni and avxvnni) on independent accumulators; *gops = integer
- * operations (2 per multiply-add) per second over all threads, the best of reps passes of ~1 ms
- * per thread in which every thread took part (after ~1 s without such passes, the best of all).
+ * operations (2 per multiply-add) per second over all threads, the best of passes of ~1 ms per
+ * thread that go on until reps of them had every thread take part (or for ~1 s).
  * PQK_ERR_UNSUPPORTED for variants without such an instruction probe. */
 PQK_API pqk_status pqk_int8_peak(int32_t isa, int32_t reps, double* gops);
 
