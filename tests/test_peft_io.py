@@ -430,6 +430,16 @@ def test_load_rejects(tmp_path):
         (ok, {"r": 4, "lora_alpha": float("nan")}, "finite number"),
         (ok, {"r": 4, "rank_pattern": {"m": 2.5}}, "positive integers"),
         (ok, {"r": 4, "alpha_pattern": {"m": float("inf")}}, "finite numbers"),
+        # review: an alpha beyond float's range was an OverflowError naming nothing; a U16 tensor
+        # (BF16's NumPy type) was read as bf16; features PEFT computes differently loaded as LoRA
+        (ok, {"r": 4, "lora_alpha": 10 ** 400}, "lora_alpha must be a finite number"),
+        (ok, {"r": 4, "alpha_pattern": {"m": 10 ** 400}}, "finite numbers"),
+        ({f"{P}m.lora_A.weight": a.view(np.uint32).astype(np.uint16), f"{P}m.lora_B.weight": b}, {"r": 4},
+         "dtype U16 is not a float"),
+        (ok, {"r": 4, "alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens is not supported"),
+        (ok, {"r": 4, "layer_replication": [[0, 2]]}, "layer_replication is not supported"),
+        (ok, {"r": 4, "megatron_config": {"tp": 2}}, "megatron_config is not supported"),
+        (ok, {"r": 4, "target_parameters": ["experts.w1"]}, "target_parameters is not supported"),
         # pattern keys whose matching could take exponential time (a hostile config must not hang
         # the loader: "(a+)+" against a 40-character name runs for hours in re)
         (ok, {"r": 4, "rank_pattern": {"(m+)+": 4}}, "repetition inside a repetition"),

@@ -39,7 +39,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",
              ".lora_magnitude_vector.weight": "m", ".lora_B.bias": "bias"}
-_FLOATS = (np.float32, np.float16)
 
 
 try:  # the regular-expression parser behind re (Python 3.11 moved it)
@@ -137,12 +136,26 @@ def _read_config(path):
         raise ValueError(f"{path}: QA-LoRA adapters (use_qalora) are not supported")
     if cfg.get("lora_bias"):
         raise ValueError(f"{path}: lora_bias=True adapters are not supported")
+    # features with which PEFT computes something other than x @ A.T @ B.T on the named modules:
+    # loaded as plain LoRA they would give wrong results, so they are refused
+    for key, what in (("alora_invocation_tokens", "aLoRA adapters act only on the tokens after their "
+                                                  "invocation sequence"),
+                      ("layer_replication", "the file's layer indices are those of the replicated model"),
+                      ("megatron_config", "Megatron-parallel adapters"),
+                      ("target_parameters", "adapters on nn.Parameters (e.g. MoE experts)")):
+        if cfg.get(key):
+            raise ValueError(f"{path}: {key} is not supported ({what})")
     out = {"r": cfg.get("r", 8), "lora_alpha": cfg.get("lora_alpha", 8),  # LoraConfig defaults
            "use_rslora": cfg.get("use_rslora", False), "use_dora": cfg.get("use_dora", False),
            "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {}}
     def bad(name, v):
         if not finite_number(v):
             return True
+        if name in ("lora_alpha", "alpha_pattern"):
+            try:
+                float(v)  # a JSON integer beyond float's range
+            except OverflowError:
+                return True
         return name in ("r", "rank_pattern") and (not integral(v) or v < 1)
 
     for name in ("r", "lora_alpha"):
@@ -184,6 +197,7 @@ def load_peft_adapter(path) -> dict:
                                                                   "which is not read: convert it to safetensors)"
                                                                   if legacy else ""))
     tensors, _ = _st.load(wpath, bf16="bits")  # BF16 as its uint16 bits: the adapter keeps the file's dtype
+    dtypes = {k: e["dtype"] for k, e in _st.read_header(wpath)[0].items()}  # U16 arrives as uint16 too
     parts, skipped = {}, []
     for key, arr in tensors.items():
         kind = None
@@ -200,8 +214,8 @@ def load_peft_adapter(path) -> dict:
         slot = parts.setdefault(module, {})
         if kind in slot:
             raise ValueError(f"module {module!r}: two tensors for {kind} (e.g. both lora_magnitude_vector spellings)")
-        if arr.dtype not in _FLOATS and arr.dtype != np.uint16:
-            raise ValueError(f"{key}: dtype {arr.dtype} is not a float adapter weight (F32, F16 or BF16)")
+        if dtypes[key] not in ("F32", "F16", "BF16"):
+            raise ValueError(f"{key}: dtype {dtypes[key]} is not a float adapter weight (F32, F16 or BF16)")
         slot[kind] = arr
     # a DoRA magnitude of a module whose other weights were skipped (an Embedding's lora_embedding_A /
     # B, a conv layer's): skipped with them, not taken for a Linear missing lora_A / lora_B
@@ -237,7 +251,7 @@ def load_peft_adapter(path) -> dict:
             # copies: the adapter must not keep the file mapped or hold read-only views
             out[module] = LoRA(_f32(a), _f32(b), alpha, rslora=cfg["use_rslora"],
                                magnitude=None if m is None else _f32(m), storage=storage)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"module {module!r}: {e}") from None
     if not out:
         raise ValueError(f"{path}: no LoRA weights found (keys must look like "
