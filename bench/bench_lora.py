@@ -91,9 +91,14 @@ def _adapter(r, seed):
 
 @pytest.fixture(params=THREADS, ids=lambda t: f"t{t}")
 def threads(request):
+    """pyqkern's pool and numpy's BLAS (the unfused sequence's products, the numpy baselines) at
+    the row's thread count (review: the BLAS ran at its own count in 1-thread rows)."""
+    from threadpoolctl import threadpool_limits
+
     before = pq.get_num_threads()
     pq.set_num_threads(request.param)
-    yield request.param
+    with threadpool_limits(limits=request.param, user_api="blas"):
+        yield request.param
     pq.set_num_threads(before)
 
 
