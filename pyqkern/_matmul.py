@@ -371,16 +371,22 @@ class QLinear:
         elif self._packed is None:
             self._packed = _packed(self._weight)
         self._compute = c
-        # the decode fast path's conditions that do not depend on x
-        self._fast = self._packed is not None and self._weight.perm is None
+        self._set_fast()
+
+    def _set_fast(self):
+        # the decode fast path's packed weight where its conditions that do not depend on x hold,
+        # else None: one attribute, read once per call, so a compute switch in another thread
+        # cannot pair the fast path with the packed copy it just dropped (a review's TypeError)
+        self._fast = self._packed if self._packed is not None and self._weight.perm is None else None
 
     def __getstate__(self):  # pickle / deepcopy: the packed copy is native, packed again on load
-        return dict(self.__dict__, _packed=None)
+        return dict(self.__dict__, _packed=None, _fast=None)
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         if self._compute == "int8":
             self._packed = _packed(self._weight)
+        self._set_fast()
 
     def __copy__(self):
         # a copy gets its own adapter registry (the packed weight and the LoRAs are shared)
@@ -464,7 +470,8 @@ class QLinear:
             return matmul(x, self.weight, self.bias, lora=lora, adapter_ids=ids, compute=self.compute, out=out,
                           isa=isa, _packed_w=self._packed)
         lora = self._active_loras
-        if (self._fast and isa is None and type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2
+        fast = self._fast
+        if (fast is not None and isa is None and type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2
                 and x.shape[0] and x.shape[1] == self._k and x.flags.c_contiguous and x.flags.aligned
                 and len(lora) <= 1):
             # decode fast path (a plain float32 [M, K] array): straight to the kernel. The general
@@ -478,7 +485,7 @@ class QLinear:
                         and out.flags.c_contiguous and out.flags.writeable and out.flags.aligned):
                     out = _out(out, (m, self._n))  # raises the usual error
                 # out overlapping x: the native call copies x itself (pqk_matmul_* accept y over x)
-            _native().matmul_int8(-1, self._packed, x, _apart(self.bias, out), out,
+            _native().matmul_int8(-1, fast, x, _apart(self.bias, out), out,
                                   [lora[0].native_args(self._weight)] if lora else None, None)
             return out
         return matmul(x, self.weight, self.bias, lora=lora or None, compute=self.compute, out=out, isa=isa,

@@ -487,10 +487,10 @@ class QuantLinear(nn.Module):
     def remove_adapter(self, name: str) -> None:
         if name not in self.lora_A:
             raise KeyError(f"no adapter named {name!r}; attached: {self.adapter_names}")
+        self._active = [a for a in self._active if a != name]  # first: a forward starting now skips it
         del self.lora_A[name]
         del self.lora_B[name]
         del self._scales[name], self._alphas[name]
-        self._active = [a for a in self._active if a != name]
 
     def set_adapter(self, names) -> None:
         """Adapters applied to every row when forward gets no adapter_ids (a name, a list, or [])."""

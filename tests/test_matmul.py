@@ -480,3 +480,42 @@ def test_int8_min_term_cancellation_within_stated_bound():
     assert (np.abs(spec) <= 1e-5 * (np.abs(x).astype(np.float64) @ au_m.T) + 1e-6).all()
     for v in VARIANTS:
         assert bits_equal(pq.matmul(x, qt, compute="int8", isa=v), spec), v
+
+
+def test_qlinear_compute_switch_while_called():
+    """Review: QLinear.compute dropped the packed copy before it cleared the decode fast path's
+    flag, so a call in between (another thread) passed None to the kernel (TypeError). Made
+    deterministic with a trace hook calling lin(x) at every line of the setter after the first."""
+    import sys
+
+    rng = np.random.default_rng(0)
+    lin = pq.QLinear(pq.quantize(rng.standard_normal((64, 128)).astype(np.float32), "q4_0"), compute="int8")
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    want = {"int8": lin(x).copy()}
+    lin.compute = "float"
+    want["float"] = lin(x).copy()
+    lin.compute = "int8"
+    setter = type(lin).compute.fset.__code__
+    got = []
+
+    def trace(frame, event, arg):
+        if frame.f_code is setter:
+            def local(f, ev, a):
+                if ev == "line":
+                    sys.settrace(None)  # the call below runs untraced
+                    got.append(lin(x).copy())
+                    sys.settrace(trace)
+                return local
+            return local
+        return None
+
+    for target in ("float", "int8"):
+        sys.settrace(trace)
+        try:
+            lin.compute = target
+        finally:
+            sys.settrace(None)
+    assert len(got) >= 6
+    for y in got:
+        assert np.array_equal(y, want["int8"]) or np.array_equal(y, want["float"])
+    assert lin.compute == "int8" and np.array_equal(lin(x), want["int8"])
