@@ -248,6 +248,15 @@ def test_gptq_from_pyqkern_quantize():
         np.testing.assert_array_equal(ref_gptq(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], False),
                                       pq.dequantize(qt))
         assert from_gptq(**d, format="v2") == qt
+        # the dict names its format: "auto" follows it (read as v1 before: off by one, review)
+        assert d["checkpoint_format"] == "gptq_v2" and from_gptq(**d) == qt
+        if not kw.get("sym"):
+            d1 = to_gptq(qt, format="v1")
+            assert d1["checkpoint_format"] == "gptq" and from_gptq(**d1) == qt
+            with pytest.raises(ValueError, match="contradicts"):
+                from_gptq(**d1, format="v2")
+            with pytest.raises(ValueError, match="checkpoint_format must be"):
+                from_gptq(**dict(d1, checkpoint_format="marlin"))
     # an arbitrary permutation survives as an equivalent one (exact dequantize and matmul)
     qt = pq.quantize(w, "int4", group=32).with_perm(rng.permutation(128))
     back = from_gptq(**to_gptq(qt), format="v2")

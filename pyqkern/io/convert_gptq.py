@@ -129,11 +129,17 @@ def _parts(qt: QTensor):
     return bits, codes, scales, zeros, (k if qt.group == -1 else qt.group)
 
 
-def from_gptq(qweight, qzeros, scales, g_idx=None, bits=4, format="auto", sym=None) -> QTensor:
+_CHECKPOINT_FORMATS = {"gptq": "v1", "gptq_v2": "v2"}
+
+
+def from_gptq(qweight, qzeros, scales, g_idx=None, bits=4, format="auto", sym=None,
+              checkpoint_format=None) -> QTensor:
     """GPTQ tensors -> int2 / int3 / int4 / int8 QTensor [N, K] for bits 2 / 3 / 4 / 8 (with an
     input permutation for act-order g_idx).
 
     format: "v1" (zero = stored + 1), "v2" (zero = stored) or "auto" (see detect_gptq_format).
+    checkpoint_format: GPTQModel's config value, "gptq" (v1) or "gptq_v2" (v2), which "auto"
+    then follows (to_gptq's dict carries it, so ``from_gptq(**to_gptq(qt))`` is exact).
     sym: None detects (all zero points 2^(bits-1) => symmetric QTensor); True requires every zero
     to be 2^(bits-1); False keeps explicit zero points (not possible for bits=8).
     Raises ValueError for wrong shapes/dtypes, v1 stored zeros of 2^bits - 1 (the v1 asymmetric
@@ -143,6 +149,13 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, bits=4, format="auto", sym=No
     bits = _check_bits(bits)
     if format not in ("auto", "v1", "v2"):
         raise ValueError(f"format must be 'auto', 'v1' or 'v2', got {format!r}")
+    if checkpoint_format is not None:
+        if checkpoint_format not in _CHECKPOINT_FORMATS:
+            raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+        said = _CHECKPOINT_FORMATS[checkpoint_format]
+        if format not in ("auto", said):
+            raise ValueError(f"format={format!r} contradicts checkpoint_format={checkpoint_format!r}")
+        format = said
     unit, maxq, half = _unit(bits), (1 << bits) - 1, 1 << (bits - 1)
     wpu = unit * bits // 32                               # int32 words per packing unit
     qw = np.asarray(qweight)
@@ -205,7 +218,8 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, bits=4, format="auto", sym=No
 
 def to_gptq(qt: QTensor, format="v2") -> dict:
     """int2 / int3 / int4 / int8 QTensor -> dict(qweight int32 [K*b/32, N], qzeros int32 [G, N*b/32],
-    scales fp16 [G, N], g_idx int32 [K], bits b). An input permutation becomes the g_idx
+    scales fp16 [G, N], g_idx int32 [K], bits b, checkpoint_format "gptq" (v1) or "gptq_v2"
+    (v2), as GPTQModel's config names it). An input permutation becomes the g_idx
     (act-order). format "v1" stores zero - 1 and raises ValueError if a zero point is 0 (not
     representable in v1). int8 becomes one group with zero point 128 (its scales must be exact in
     fp16). K and N must be multiples of 32/b (32 for 3 bits)."""
@@ -227,7 +241,8 @@ def to_gptq(qt: QTensor, format="v2") -> dict:
             "qzeros": np.ascontiguousarray(qzeros).view(np.int32),
             "scales": np.ascontiguousarray(scales.T),
             "g_idx": g_idx,
-            "bits": bits}
+            "bits": bits,
+            "checkpoint_format": "gptq" if format == "v1" else "gptq_v2"}
 
 
 def _read_quant_config(path):
