@@ -430,7 +430,7 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
 
     prog = _Progress(len(plan), quiet, err)
     source, have = None, set()
-    sw = None
+    sw = reader = None
     try:
         if gptq:
             source = _calib.open_source(calib, src, os.path.dirname(os.path.abspath(dst)),
@@ -452,7 +452,6 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
                 dst, [("q", name, fmt, shape, params, gptq and act_order and name in have) if params is not None
                       else ("a", name, dt, shape) for _, name, dt, shape, params, _ in plan], meta_in)
         rows = []
-        reader = None
         for i, (shard, name, dt, shape, params, why) in enumerate(plan, 1):
             if reader is None or reader.path != shard:
                 if reader is not None:
@@ -502,8 +501,6 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
                 del a
             rows.append(row)
             prog.step(i, name, line)
-        if reader is not None:
-            reader.close()
         sw.finish()
     except BaseException:
         if sw is not None:
@@ -511,6 +508,8 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
         raise
     finally:
         prog.close()
+        if reader is not None:  # on error paths too (review: the input stayed open with the traceback)
+            reader.close()
         if source is not None:
             source.close()
     q = [r for r in rows if r["format"] is not None]

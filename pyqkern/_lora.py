@@ -167,7 +167,14 @@ class LoRA:
             norms[r0:r1] = np.linalg.norm(w, axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             f = np.where(norms > 0, self.magnitude / norms, 0.0).astype(np.float32)
-        self._dora_cache[id(qt)] = (weakref.ref(qt), f)
+        # the entry goes with the weight (review: dead weights' factors stayed, one [N] array each)
+        cache, key = self._dora_cache, id(qt)
+
+        def gone(ref):
+            if cache.get(key, (None,))[0] is ref:
+                del cache[key]
+
+        cache[key] = (weakref.ref(qt, gone), f)
         return f
 
     def __repr__(self):

@@ -350,3 +350,19 @@ def test_fortran_npy_calibration_declaring_more_than_it_holds(tmp_path):
         quantize_files(str(src), str(tmp_path / "o.gguf"), "q4_0", gptq=True, calib=str(tmp_path / "acts.npy"),
                        quiet=True)
 
+
+
+def test_quantize_error_path_closes_its_input(tmp_path):
+    """Review: a failing quantize left the input file open for as long as the exception's
+    traceback lived (the shard reader was closed only on success)."""
+    w = np.ones((64, 64), np.float32)
+    w[3, 5] = np.nan
+    f = tmp_path / "nan.safetensors"
+    st.save(f, {"w": w})
+    with pytest.raises(ValueError, match="NaN") as ei:
+        quantize_files(str(f), str(tmp_path / "o.gguf"), "q4_0", out=io.StringIO(), quiet=True)
+    assert ei.value is not None  # the traceback is alive here
+    fds = "/proc/self/fd"
+    if os.path.isdir(fds):
+        open_paths = {os.path.realpath(os.path.join(fds, d)) for d in os.listdir(fds)}
+        assert os.path.realpath(f) not in open_paths

@@ -266,3 +266,18 @@ def test_merge_reference_backend_matches_native():
 def test_public_names():
     assert pq.LoRA is lora.LoRA
     assert {"LoRA", "lora", "io"} <= set(pq.__all__)
+
+
+def test_dora_factor_cache_forgets_dead_weights():
+    """Review: the per-weight DoRA factor cache (keyed by id) kept an [N] array for every base
+    weight it had seen, dead or alive; an entry now goes with its weight."""
+    import gc
+
+    ad = _dora()
+    keep = _base("q4_0", {})
+    f = ad.dora_factor(keep)
+    for i in range(20):
+        ad.dora_factor(pq.quantize(np.full((N, K), i + 1.0, np.float32), "q4_0"))
+    gc.collect()
+    assert list(ad._dora_cache) == [id(keep)]
+    assert ad.dora_factor(keep) is f  # the live one still cached
