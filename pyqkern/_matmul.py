@@ -7,11 +7,15 @@ compute:
           (a weight near 0 in a block of large ones) the fp32 rounding is relative to |a u| + |m|,
           not |w| (tests/test_matmul.py states the distance from the float result). The result is
           bit-identical for every native variant and thread count and equals
-          pyqkern.reference.matmul_int8. Needs K % 32 == 0 (and int4 groups >= 32). nf4 and fp4 use
+          pyqkern.reference.matmul_int8. x with NaN / Inf, or with values so large that the fp32
+          products a * dx could overflow (|x| >= 2^(e - 127) for reference.int8_x_exp_limit's e:
+          2^102 for q4_0 with fp16 scales up to 65504, more for smaller scales), raises ValueError
+          (use "float"): Inf * 0 would make NaN of a finite result. Needs K % 32 == 0 (and int4 groups >= 32). nf4 and fp4 use
           their code books rounded to 1/127 in this mode.
   "float" weights dequantized exactly (as pyqkern.dequantize) and multiplied in fp32; within
           fp32 accumulation error of x @ dequantize(W).T: |y - y_ref| <= K * 2^-23 * sum|x||w|
-          (a loose bound; tests check it). At decode size on q4_0 / int2 / int3 / int4,
+          + K * 2^-149 (the second term: products and sums in fp32's subnormal range; a loose
+          bound; tests check it). At decode size on q4_0 / int2 / int3 / int4,
           adapters too (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly
           into three bf16 parts) an AVX512-BF16 kernel takes over where the CPU has one: (u - o)
           * x is exact in fp32, sums per block then scaled, under the same bound (x with

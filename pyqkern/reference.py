@@ -11,6 +11,8 @@ operation order as the C++ reference (no fused multiply-add), so results are bit
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 F32 = np.float32
@@ -473,8 +475,55 @@ def quantize_activations(x):
     return xq, d
 
 
+def _max_abs(v):
+    v = np.abs(np.asarray(v, F32))
+    return float("inf") if np.isnan(v).any() else float(v.max(initial=0.0))
+
+
+def int8_x_exp_limit(fmt, q, s, z, k, group, sym):
+    """The exponent field every |x| must stay below for compute="int8" (core/matmul.cpp's
+    int8_x_exp_limit, from the same largest |a| and |m|): the fp32 products a * dx and m * dx *
+    block sum, and each block's term, stay finite, so no Inf * 0 makes NaN of a finite result."""
+    blk, u, a, o, m = decompose(fmt, q, s, z, k, group, sym)
+    n = u.shape[0]
+    if fmt in ("q4_k", "q6_k"):  # two-level: the super-block factor times 128 (a bound), as packed
+        b = q.reshape(n, -1, 144 if fmt == "q4_k" else 210)
+        at = slice(0, 2) if fmt == "q4_k" else slice(208, 210)
+        max_a = _max_abs(f16_values(np.ascontiguousarray(b[:, :, at]).reshape(n, -1))) * 128
+        max_m = _max_abs(f16_values(np.ascontiguousarray(b[:, :, 2:4]).reshape(n, -1))) * 128 \
+            if fmt == "q4_k" else 0.0
+        max_a, max_m = float(F32(max_a)), float(F32(max_m))
+    else:
+        max_a, max_m = _max_abs(a), (_max_abs(m) if m is not None else 0.0)
+    if not (np.isfinite(max_a) and np.isfinite(max_m)):
+        return 1
+    plain4 = fmt in ("q4_0", "q4_1", "q4_k", "int2", "int3", "int4") and int(np.max(o, initial=0)) <= 16
+    bits = 16 if plain4 else 20
+    e = 249 if m is not None else 255
+    if max_a > 0:
+        e = min(e, 261 - bits - math.frexp(max_a)[1])
+    if max_m > 0:
+        e = min(e, 250 - math.frexp(max_m)[1])
+    return max(e, 1)
+
+
+def check_int8_x(x, e):
+    """ValueError, as the native int8 path raises, if a row of x holds NaN / Inf or a value whose
+    exponent field is e or more."""
+    ex = (np.ascontiguousarray(x, F32).view(np.uint32) >> 23) & 0xFF
+    bad = np.flatnonzero((ex >= e).any(axis=1))
+    if bad.size:
+        r = int(bad[0])
+        if (ex[r] == 0xFF).any():
+            raise ValueError(f"x contains NaN or Inf (row {r}); compute=int8 cannot quantize it; use compute=float")
+        raise ValueError(f"x has values of magnitude 2^{e - 127} or more (row {r}): with this weight's scales "
+                         "compute=int8's fp32 products could overflow; use compute=float")
+
+
 def matmul_int8(x, fmt, q, s, z, n, k, group, sym, bias=None):
-    """The int8-compute result, exactly as every native variant computes it."""
+    """The int8-compute result, exactly as every native variant computes it (and the same errors
+    for x it refuses: check_int8_x)."""
+    check_int8_x(np.asarray(x, F32), int8_x_exp_limit(fmt, q, s, z, k, group, sym))
     blk, u, a, o, m = decompose(fmt, q, s, z, k, group, sym)
     xq, dx = quantize_activations(np.asarray(x, F32))
     xq64 = xq.astype(np.int64)

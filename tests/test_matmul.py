@@ -41,7 +41,8 @@ def assert_float_close(y, x, wd, bias=None):
     ref = x.astype(np.float64) @ wd.T.astype(np.float64)
     if bias is not None:
         ref = ref + bias
-    bound = x.shape[1] * 2.0 ** -23 * (np.abs(x).astype(np.float64) @ np.abs(wd).T.astype(np.float64)) + 1e-30
+    k = x.shape[1]  # the documented bound (_matmul.py), its underflow term included (no slack)
+    bound = k * 2.0 ** -23 * (np.abs(x).astype(np.float64) @ np.abs(wd).T.astype(np.float64)) + k * 2.0 ** -149
     if bias is not None:
         bound = bound + np.abs(ref) * 2.0 ** -23
     err = np.abs(y - ref)
@@ -387,12 +388,49 @@ def test_activation_quantization_edges_all_variants():
     x[1, 32:64] = (np.arange(32) - 16) + 0.5          # ties once scaled by 1/dx with amax 127
     x[1, 40] = 127.0
     x[2, :] = 1e-39                                    # subnormal activations
-    x[3, ::3] = 3e38                                   # near float max
+    x[3, ::3] = _int8_x_max(qt)                        # the largest magnitude int8 takes here
     x[4, 5] = -1.0                                     # single negative outlier
     x[5] = np.float32(1.0) / 3
     spec = pq.matmul(x, qt, compute="int8", backend="reference")
     for v in VARIANTS:
         assert bits_equal(pq.matmul(x, qt, compute="int8", isa=v), spec), v
+
+
+def _int8_x_max(qt):
+    """the largest float32 below compute=int8's limit for qt's x (reference.int8_x_exp_limit)"""
+    q, s, z = qt.sections()
+    e = R.int8_x_exp_limit(qt.format, q, s, z, qt.shape[1], qt.params.get("group"), qt.params.get("sym"))
+    return np.nextafter(np.float32(2.0) ** (e - 127), np.float32(0)) if e < 255 else np.finfo(np.float32).max
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int4", "int8"])
+def test_int8_refuses_x_whose_scale_products_overflow(fmt):
+    """Review: a block scale of 65504 times dx for |x| ~ 1e36 overflowed to Inf, times a block
+    sum of 0 made NaN (float compute: 0.48); q4_1's dx * block sum overflowed for |x| ~ 2e37
+    with small weights (Inf for 9.6e35). compute=int8 now refuses x at or above a limit from the
+    weight's largest scale and min, on every variant and the reference alike, and takes x just
+    below it with finite results."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 256)).astype(np.float32)
+    w[3, :32] *= 1e4 if fmt in ("q4_0", "q8_0") else 1.0   # one large block scale
+    qt = pq.quantize(w, fmt, **({"group": 32} if fmt == "int4" else {}))
+    top = _int8_x_max(qt)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    x[1, 7] = top
+    spec = pq.matmul(x, qt, compute="int8", backend="reference")
+    assert np.isfinite(spec).all()
+    for v in VARIANTS:
+        assert bits_equal(pq.matmul(x, qt, compute="int8", isa=v), spec), v
+    if top < np.finfo(np.float32).max:
+        x[2, 100] = -np.nextafter(top, np.float32(np.inf))
+        for kw in [{"backend": "reference"}] + [{"isa": v} for v in VARIANTS]:
+            with pytest.raises(ValueError, match=r"magnitude 2\^\d+ or more \(row 2\)"):
+                pq.matmul(x, qt, compute="int8", **kw)
+        assert np.isfinite(pq.matmul(x, qt, compute="float")).all()
+    x[2, 100] = np.nan
+    for kw in [{"backend": "reference"}] + [{"isa": v} for v in VARIANTS]:
+        with pytest.raises(ValueError, match=r"NaN or Inf \(row 2\)"):
+            pq.matmul(x, qt, compute="int8", **kw)
 
 
 def test_activation_quantization_block_groups_all_variants():
@@ -404,7 +442,7 @@ def test_activation_quantization_block_groups_all_variants():
     qt = random_qtensor("q8_0", 19, k, rng)
     x = rng.standard_normal((5, k)).astype(np.float32)
     kinds = [lambda: np.zeros(32), lambda: np.full(32, -0.0), lambda: rng.standard_normal(32) * 1e-41,
-             lambda: rng.standard_normal(32) * 1e37, lambda: rng.integers(-3, 4, 32) * 1e-45,
+             lambda: np.clip(rng.standard_normal(32), -1, 1) * _int8_x_max(qt), lambda: rng.integers(-3, 4, 32) * 1e-45,
              lambda: np.arange(32) - 15.5, lambda: rng.standard_normal(32)]
     for i in range(5):
         for b in range(33):

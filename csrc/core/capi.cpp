@@ -176,7 +176,7 @@ pqk_status pqk_quantize(int32_t isa, int32_t fmt, const float* x, int64_t n, int
     uint8_t* Q = (uint8_t*)q; uint8_t* S = (uint8_t*)s; uint8_t* Z = (uint8_t*)z;
     parallel_for(n, min_rows(k), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        if (!t.all_finite(x + i * ldx, k)) {
+        if (!t.all_finite(x + i * ldx, k, 255)) {
           record_lowest(bad_row, i);
           return;
         }

@@ -72,9 +72,10 @@ using gemv_f32_fn = bool (*)(const uint8_t* q, const uint8_t* s, const uint8_t* 
 // t[r - r0] = dot(x[0:k], A[r, 0:k]) for adapter rows r in [r0, r1), A in the adapter's dtype.
 using lora_shrink_fn = void (*)(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);
 
-// true if x[0, k) holds no NaN or Inf (exponent bits all ones): the int8 path and the quantizers
-// refuse such input, and this runs on every activation row before the kernels see it.
-using all_finite_fn = bool (*)(const float* x, int64_t k);
+// true if every x[0, k) has an exponent field below e (e = 255: no NaN or Inf): the quantizers
+// refuse non-finite input, and the int8 path x at or above its weight's limit (matmul.cpp's
+// int8_x_exp_limit); this runs on every activation row before the kernels see it.
+using all_finite_fn = bool (*)(const float* x, int64_t k, uint32_t e);
 
 // The variant's int8 dot-product instruction (vpdpbusd) on 16 independent accumulators, iters
 // times, for the benchmarks' compute ceiling; returns their sum so nothing is optimised away.

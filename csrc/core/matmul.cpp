@@ -20,18 +20,48 @@ struct pqk_packed {
 namespace pqk {
 namespace {
 
-void check_x_finite(const KernelTable& t, const float* x, int64_t m, int64_t k, int64_t ldx) {
+// compute=int8 multiplies in fp32 a * dx per block (dx = block max |x| / 127) and, for the
+// mins, m * (dx * block sum). Those products, and each block's term (a * dx times an integer
+// block sum |isum| < 2^b: 32 x 127 x 16 < 2^16 for plain 4-bit codes, 32 x 127 x 255 < 2^20
+// else), stay finite (no Inf * 0 = NaN for a finite result) while every |x| < 2^(e - 127) for
+// the exponent field e returned here: a * dx * 2^b < 2^128 with |a| < 2^ea, m * 32 * max|x| <
+// 2^128 with |m| < 2^em, and (with mins) dx * 4064 < 2^128. Sums of terms overflow only where the float
+// result does. q4_0's fp16 scales up to 65504: |x| < 2^102. NaN / Inf scales or mins: e = 1
+// (zeros and subnormals only).
+uint32_t int8_x_exp_limit(const PackedWeight& w) {
+  if (!std::isfinite(w.max_a) || !std::isfinite(w.max_m)) return 1;
+  // |u - o| <= 16 (codes 0..15, offsets a quantizer makes; hostile zero points go up to 255)
+  const int b = w.nibbles && !w.lut && w.max_offset <= 16 && w.o_const <= 16 ? 16 : 20;
+  int64_t e = w.has_min ? 249 : 255;
+  int ex = 0;
+  if (w.max_a > 0.0f) {
+    std::frexp(w.max_a, &ex);  // |a| < 2^ex
+    e = std::min<int64_t>(e, 261 - b - ex);
+  }
+  if (w.max_m > 0.0f) {
+    std::frexp(w.max_m, &ex);
+    e = std::min<int64_t>(e, 250 - ex);
+  }
+  return (uint32_t)std::max<int64_t>(e, 1);
+}
+
+void check_x_finite(const KernelTable& t, const float* x, int64_t m, int64_t k, int64_t ldx, uint32_t e) {
   std::atomic<int64_t> bad{INT64_MAX};
-  parallel_for(m, std::max<int64_t>(1, 65536 / k), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      if (!t.all_finite(x + i * ldx, k)) {
+  parallel_for(m, std::max<int64_t>(1, 65536 / k), [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i)
+      if (!t.all_finite(x + i * ldx, k, e)) {
         record_lowest(bad, i);
         return;
       }
   });
-  if (bad.load() != INT64_MAX)
-    throw Error(PQK_ERR_NONFINITE, "x contains NaN or Inf (row " + std::to_string(bad.load()) +
+  const int64_t row = bad.load();
+  if (row == INT64_MAX) return;
+  if (!t.all_finite(x + row * ldx, k, 255))
+    throw Error(PQK_ERR_NONFINITE, "x contains NaN or Inf (row " + std::to_string(row) +
                                        "); compute=int8 cannot quantize it; use compute=float");
+  throw Error(PQK_ERR_NONFINITE, "x has values of magnitude 2^" + std::to_string((int)e - 127) + " or more (row " +
+                                     std::to_string(row) + "): with this weight's scales compute=int8's fp32 "
+                                     "products could overflow; use compute=float");
 }
 
 constexpr int64_t M_CHUNK = 128;  // activation rows per pass over the weights (L2-sized)
@@ -394,7 +424,7 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
     check_extent(m, ldy, "y");
     if (!t.quantize_act || !t.gemm_int8) throw Error(PQK_ERR_INTERNAL, "int8 matmul kernels not registered");
     const Adapters AD(ads, n_ad, rows, m);
-    check_x_finite(t, x, m, w.k, ldx);
+    check_x_finite(t, x, m, w.k, ldx, int8_x_exp_limit(w));
     std::vector<float> xcopy;
     apart_from_y(x, ldx, m, w.k, y, ldy, w.n, xcopy);  // a later chunk, the shrink, read x
     std::vector<float> bcopy;

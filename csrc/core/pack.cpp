@@ -284,6 +284,25 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
     for (int64_t i = 0; i < npi && w.finite_scales; ++i) w.finite_scales = std::isfinite(w.scale[i]);
   else if (w.sd)
     for (int64_t i = 0; i < w.n_tiles * w.nsup * NR && w.finite_scales; ++i) w.finite_scales = std::isfinite(w.sd[i]);
+  // the largest |a| and |m| (fp16: the largest magnitude bits are the largest value; NaN bits
+  // sort above Inf, which the range check treats alike)
+  auto max_abs = [&](const float* f32, const uint16_t* f16, const float* d, int64_t nd) {
+    float mx = 0.0f;
+    if (f16) {
+      uint16_t h = 0;
+      for (int64_t i = 0; i < npi; ++i) h = std::max<uint16_t>(h, f16[i] & 0x7FFF);
+      mx = (h & 0x7C00) == 0x7C00 ? INFINITY : fp16_to_fp32(h);
+    } else if (f32) {
+      for (int64_t i = 0; i < npi; ++i) mx = std::isnan(f32[i]) ? INFINITY : std::max(mx, std::fabs(f32[i]));
+    } else if (d) {
+      for (int64_t i = 0; i < nd; ++i) mx = std::isnan(d[i]) ? INFINITY : std::max(mx, std::fabs(d[i]));
+      mx *= 128.0f;  // times the int8 block multipliers
+    }
+    return mx;
+  };
+  const int64_t nsd = w.n_tiles * w.nsup * NR;
+  w.max_a = max_abs(w.scale, w.scale16, w.sd, nsd);
+  w.max_m = max_abs(w.minv, w.min16, w.md, nsd);
 }
 
 }  // namespace pqk

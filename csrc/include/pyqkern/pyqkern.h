@@ -153,7 +153,9 @@ PQK_API int64_t pqk_packed_nbytes(const pqk_packed* w);
 /* compute="int8": activations quantized per block of 32 (dx = amax/127, xq = rint(x / dx)),
  * integer dot products; bit-identical across variants and thread counts. x: m rows, row
  * stride ldx floats; y: m rows, row stride ldy floats; bias may be NULL.
- * NaN/Inf in x -> PQK_ERR_NONFINITE. */
+ * NaN/Inf in x, or |x| so large that the fp32 products of the block scales and dx could
+ * overflow (from 2^(e - 127), e from the weight's largest scale and min: 2^102 for q4_0 with
+ * fp16 scales up to 65504) -> PQK_ERR_NONFINITE. */
 PQK_API pqk_status pqk_matmul_int8(int32_t isa, const pqk_packed* w, const float* x, int64_t m, int64_t ldx,
                                    const float* bias, float* y, int64_t ldy);
 /* Low-rank adapters for the fused matmul: y += scale * (x . A^T) . B^T (LoRA), then y *= row_scale

@@ -50,7 +50,7 @@ static inline void dequantize_row_bnb4(const float* table, const uint8_t* q, con
 #include "../../core/packed.h"
 #include "../../core/kernel_table.h"
 namespace pqk { namespace ref {
-bool all_finite(const float* x, int64_t k);
+bool all_finite(const float* x, int64_t k, uint32_t e);
 void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs);
 void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                const float* bias);

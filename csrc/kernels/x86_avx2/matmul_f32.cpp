@@ -108,7 +108,7 @@ void gemm_f32_xt(const float* w, int nr, int64_t k, const float* xt, int mb, flo
   }
 }
 
-bool all_finite(const float* x, int64_t k);
+bool all_finite(const float* x, int64_t k, uint32_t e);
 
 void register_matmul_kernels(KernelTable& t) {
   t.all_finite = all_finite;

@@ -131,7 +131,7 @@ void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs)
 void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy);
 void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);
 
-bool all_finite(const float* x, int64_t k);
+bool all_finite(const float* x, int64_t k, uint32_t e);
 
 void register_matmul_kernels(KernelTable& t) {
   t.all_finite = all_finite;
