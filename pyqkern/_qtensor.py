@@ -53,10 +53,14 @@ class QTensor:
         p = np.asarray(perm)
         if p.dtype.kind not in "iu" or p.shape != (k,):
             raise ValueError(f"perm must be an integer array of shape ({k},)")
+        # its own read-only copy, checked after copying: a caller changing its array later
+        # changed the weight's columns unchecked (review)
+        p = np.array(p, dtype=np.int64)
         if not np.array_equal(np.sort(p), np.arange(k)):
             raise ValueError("perm is not a permutation of 0..K-1")
+        p.flags.writeable = False
         out = QTensor(self.format, self.shape, self.data, self.params)
-        out.perm = None if np.array_equal(p, np.arange(k)) else np.ascontiguousarray(p, dtype=np.int64)
+        out.perm = None if np.array_equal(p, np.arange(k)) else p
         return out
 
     # pickle / deepcopy: the packed copy is a native object (not picklable; made again on first

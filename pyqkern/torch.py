@@ -410,7 +410,7 @@ class QuantLinear(nn.Module):
                   sym=bool(qt.params.get("sym")), double_quant=bool(qt.params.get("double_quant")), compute="float")
         mod.qdata = torch.from_numpy(np.ascontiguousarray(qt.data).reshape(-1)).clone()
         if qt.perm is not None:
-            mod.perm = torch.from_numpy(np.asarray(qt.perm, dtype=np.int64)).clone()
+            mod.perm = torch.from_numpy(np.array(qt.perm, dtype=np.int64))  # a writable copy
         if bias is not None:
             if isinstance(bias, torch.Tensor):  # a Parameter (requires grad), any float dtype or device
                 bias = bias.detach().to("cpu", torch.float32).numpy()

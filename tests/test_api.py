@@ -367,3 +367,16 @@ def test_pickle_and_deepcopy_after_use():
     merged, report = pq.lora.merge(qt, lin._adapters["a"])
     r2 = pickle.loads(pickle.dumps(report))
     assert pq.lora.unmerge(merged, r2) == qt
+
+
+def test_with_perm_keeps_its_own_copy():
+    """Review: with_perm kept the caller's int64 array, so changing it afterwards changed the
+    weight's column order unchecked (dequantize then read uninitialised values)."""
+    rng = np.random.default_rng(2)
+    qt = pq.quantize(rng.standard_normal((8, 64)).astype(np.float32), "q4_0")
+    p = rng.permutation(64).astype(np.int64)
+    qp = qt.with_perm(p)
+    want = pq.dequantize(qp).copy()
+    p[:] = 0
+    assert np.array_equal(np.sort(qp.perm), np.arange(64)) and not qp.perm.flags.writeable
+    assert np.array_equal(pq.dequantize(qp), want)
