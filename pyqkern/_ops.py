@@ -1,6 +1,8 @@
 """quantize / dequantize on the three backends ("native", "numba", "reference")."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from . import _formats, _qtensor, reference
@@ -79,6 +81,54 @@ def _check_finite_weights(x, fmt):
         raise ValueError(f"{fmt}: weights contain NaN or Inf (row {bad})")
 
 
+# fp16 fields of the ggml formats' blocks: (block bytes, weights per block, offsets of d (and
+# dmin / m))
+_F16_FIELDS = {"q4_0": (18, 32, (0,)), "q4_1": (20, 32, (0, 2)), "q8_0": (34, 32, (0,)),
+               "iq4_nl": (18, 32, (0,)), "q4_k": (144, 256, (0, 2)), "q6_k": (210, 256, (208,))}
+
+
+def _check_scale_range(qt: QTensor, x) -> None:
+    """UserWarning naming the first row whose finite weights overflowed the format's fp16 scales:
+    ggml's quantizers store Inf there (dequantize: Inf / NaN), or for q6_k / q4_k beyond ~2^64
+    (their fp32 sums of squares overflow) all-zero fields; the GPTQ-style int2/3/4 quantizer
+    clamps the scale to 65504 (weights off by up to their whole size). The bytes stay those the
+    origin's quantizer writes (bit-exact); the warning says they do not hold these weights.
+    nf4 / fp4 / int8 keep fp32 scales."""
+    fmt, (n, k) = qt.format, qt.shape
+    q, s, _ = qt.sections()
+    bad = np.zeros(n, bool)
+    if fmt in _F16_FIELDS:
+        bs, per, offs = _F16_FIELDS[fmt]
+        b = np.ascontiguousarray(q).reshape(n, -1, bs)
+        h = np.stack([np.ascontiguousarray(b[:, :, o:o + 2]).view(np.uint16).reshape(n, -1) for o in offs], axis=2)
+        bad |= ((h & 0x7C00) == 0x7C00).any(axis=(1, 2))
+        # blocks stored as all zero: fine for zero (or tiny) weights, not for weights beyond fp16
+        rows, blks = np.nonzero(((h & 0x7FFF) == 0).all(axis=2))
+        if rows.size:
+            big = np.abs(x.reshape(n, -1, per)[rows, blks]).max(axis=1) > 65504
+            bad[rows[big]] = True
+    elif fmt in _formats.INTN_BITS:
+        # a stored 65504 may be the clamp: the fp32 scale (max - min) / maxq of those rows'
+        # groups (0 inside the range, as the quantizer takes it) must round below fp16's Inf
+        h = np.ascontiguousarray(s).view(np.uint16).reshape(n, -1)
+        for r in np.flatnonzero(((h & 0x7FFF) == 0x7BFF).any(axis=1)):
+            gs = k if qt.params["group"] == -1 else qt.params["group"]
+            g = x[r].reshape(-1, gs)
+            mn, mx = np.minimum(g.min(axis=1), 0), np.maximum(g.max(axis=1), 0)
+            if qt.params["sym"]:
+                mx = np.maximum(-mn, mx)
+                mn = -mx
+            maxq = (1 << _formats.INTN_BITS[fmt]) - 1
+            with np.errstate(over="ignore"):  # mx - mn beyond float32: Inf, refused as it should be
+                bad[r] = bool((((mx - mn) / np.float32(maxq)).astype(np.float32) >= 65520).any())
+    if bad.any():
+        r = int(np.argmax(bad))
+        warnings.warn(f"{fmt}: row {r} (of {int(bad.sum())}): weights too large for the format's fp16 scales (|w| "
+                      f"up to {float(np.abs(x[r]).max()):.4g}): stored as the format's origin stores them, which does "
+                      "not hold them (dequantize: Inf / NaN or far off); scale them down, or use nf4, fp4 or int8 "
+                      "(fp32 scales)", UserWarning, stacklevel=3)
+
+
 def _check_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -120,7 +170,9 @@ def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="
             raise ValueError("search='mse' runs in NumPy: isa / backend do not apply")
         from . import _grid
 
-        return _grid.quantize_search(x, fmt, params.get("group"), bool(params.get("sym")))
+        qt = _grid.quantize_search(x, fmt, params.get("group"), bool(params.get("sym")))
+        _check_scale_range(qt, x)
+        return qt
     if backend == "native":
         rq, rs, rz = _formats.row_bytes(fmt, k, params)
         dq = fmt in _formats.BNB4 and params.get("double_quant")
@@ -129,9 +181,9 @@ def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="
         s = data[n * rq: n * (rq + rs)].reshape(n, rs) if rs else None
         z = data[n * (rq + rs):].reshape(n, rz) if rz else None
         _native().quantize(isa_id(isa), _formats.FORMAT_IDS[fmt], x, params["group"], params["sym"], q, s, z)
-        if not dq:
-            return QTensor(fmt, (n, k), data, params)
-        return _qtensor.assemble(fmt, n, k, params, q, s, z)
+        qt = QTensor(fmt, (n, k), data, params) if not dq else _qtensor.assemble(fmt, n, k, params, q, s, z)
+        _check_scale_range(qt, x)
+        return qt
     if isa is not None:
         raise ValueError("isa= applies to the native backend only")
     _check_finite_weights(x, fmt)
@@ -140,7 +192,9 @@ def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="
     if fn is None:
         raise NotImplementedError(f"{fmt}: quantize not available in the {backend} backend")
     q, s, z = fn(np.ascontiguousarray(x), params["group"], params["sym"])
-    return _qtensor.assemble(fmt, n, k, params, q, s, z)
+    qt = _qtensor.assemble(fmt, n, k, params, q, s, z)
+    _check_scale_range(qt, x)
+    return qt
 
 
 def dequantize(qt: QTensor, *, backend="native", isa=None) -> np.ndarray:

@@ -2,6 +2,8 @@
 (transposed, strided, negative strides, misaligned) give exactly the contiguous result."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -251,3 +253,25 @@ def test_dequantize_from_misaligned_and_strided_bytes(native_variant):
         spaced[::2] = qt.data
         st = pq.QTensor.from_bytes(fmt, qt.shape, spaced[::2])     # non-contiguous byte view
         assert np.array_equal(pq.dequantize(st, isa=native_variant), want), fmt
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "iq4_nl", "q4_k", "q6_k", "int2", "int3", "int4"])
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_weights_beyond_fp16_scales_refused(fmt, backend):
+    """Review: finite weights whose scale overflows fp16 were stored as an Inf scale (q4_0 at
+    1e6: dequantize Inf / NaN), all-zero blocks (q6_k at 1e20) or a scale clamped to 65504
+    (int4 at 1e6: off by ~100%), silently. The bytes stay the origin's (bit-exact), and
+    quantize warns, naming the row; weights within the range, and zero / tiny rows, do not."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 256)).astype(np.float32)
+    z = np.zeros((3, 256), np.float32)
+    z[1, :5] = 1e-30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pq.quantize(w * np.float32(1000.0), fmt, backend=backend)
+        pq.quantize(z, fmt, backend=backend)
+    for big in (1e9, 1e20, 3e38):  # beyond every fp16-scaled format (q6_k holds up to ~2^28)
+        x = w.copy()
+        x[2] = np.clip(x[2] * np.float32(big), -3e38, 3e38)
+        with pytest.warns(UserWarning, match=r"row 2 \(of 1\): weights too large for the format's fp16 scales"):
+            pq.quantize(x, fmt, backend=backend)

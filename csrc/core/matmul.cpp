@@ -21,13 +21,14 @@ namespace pqk {
 namespace {
 
 // compute=int8 multiplies in fp32 a * dx per block (dx = block max |x| / 127) and, for the
-// mins, m * (dx * block sum). Those products, and each block's term (a * dx times an integer
+// mins, m * (dx * block sum). Those products and each block's term (a * dx times an integer
 // block sum |isum| < 2^b: 32 x 127 x 16 < 2^16 for plain 4-bit codes, 32 x 127 x 255 < 2^20
-// else), stay finite (no Inf * 0 = NaN for a finite result) while every |x| < 2^(e - 127) for
-// the exponent field e returned here: a * dx * 2^b < 2^128 with |a| < 2^ea, m * 32 * max|x| <
-// 2^128 with |m| < 2^em, and (with mins) dx * 4064 < 2^128. Sums of terms overflow only where the float
-// result does. q4_0's fp16 scales up to 65504: |x| < 2^102. NaN / Inf scales or mins: e = 1
-// (zeros and subnormals only).
+// else) stay finite while every |x| < 2^(e - 127) for the exponent field e returned here:
+// a * dx * 2^b < 2^128 with |a| < 2^ea, m * 32 * max|x| < 2^128 with |m| < 2^em, and (with mins)
+// dx * 4064 < 2^128. So no Inf * 0 makes NaN of a finite result; the running sum of the terms
+// can still overflow to Inf near the limit where later blocks would cancel it (as any fp32 sum
+// in that order would), never to NaN (finite terms). q4_0 with fp16 scales up to 65504:
+// |x| < 2^102. NaN / Inf scales or mins: e = 1 (zeros and subnormals only).
 uint32_t int8_x_exp_limit(const PackedWeight& w) {
   if (!std::isfinite(w.max_a) || !std::isfinite(w.max_m)) return 1;
   // |u - o| <= 16 (codes 0..15, offsets a quantizer makes; hostile zero points go up to 255)

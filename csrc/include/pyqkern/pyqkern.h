@@ -129,7 +129,10 @@ PQK_API pqk_status pqk_int8_peak(int32_t isa, int32_t reps, double* gops);
 PQK_API pqk_status pqk_row_bytes_of(int32_t fmt, int64_t k, pqk_qparams* params, pqk_row_bytes* out);
 
 /* x: n rows of k floats, row i at x + i*ldx (ldx >= k, in elements).
- * q/s/z: sections as described above (s, z may be NULL when their row size is 0). */
+ * q/s/z: sections as described above (s, z may be NULL when their row size is 0).
+ * NaN/Inf in x -> PQK_ERR_NONFINITE. Finite weights beyond a format's fp16 scale range give
+ * the bytes ggml's quantizers give (an Inf scale; q4_k / q6_k beyond ~2^64 zero blocks; int2/3/4
+ * a scale clamped to 65504); the Python API checks the result and warns. */
 PQK_API pqk_status pqk_quantize(int32_t isa, int32_t fmt, const float* x, int64_t n, int64_t k,
                                 int64_t ldx, const pqk_qparams* params, void* q, void* s, void* z);
 PQK_API pqk_status pqk_dequantize(int32_t isa, int32_t fmt, const void* q, const void* s,
