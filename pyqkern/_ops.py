@@ -35,10 +35,15 @@ def isa_id(isa) -> int:
     """'avx2' -> its id; None -> -1 (the active variant)."""
     if isa is None:
         return -1
-    names = _native().isa_names()
+    nat = _native()
+    names = nat.isa_names()
     if isa not in names:
-        raise ValueError(f"unknown variant {isa!r}; compiled variants are named {names}")
-    return names.index(isa)
+        raise ValueError(f"unknown variant {isa!r}; variants are named {names}")
+    i = names.index(isa)
+    if not nat.isa_compiled(i):  # a known name this build leaves out (neon on x86): the same error type
+        raise ValueError(f"variant {isa!r} is not compiled into this build (compiled: "
+                         f"{[v for j, v in enumerate(names) if nat.isa_compiled(j)]})")
+    return i
 
 
 def as_float32_2d(w, what="w", bf16_uint16=True, allow_empty=False) -> np.ndarray:

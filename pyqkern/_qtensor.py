@@ -99,9 +99,12 @@ class QTensor:
         from them once (the int8 kernels' packed copy, DoRA row norms) is not redone if the buffer
         changes in place afterwards; wrap the changed bytes in a new QTensor."""
         try:
+            if isinstance(shape, (str, bytes)) or len(shape) != 2 or not all(
+                    isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in shape):
+                raise TypeError  # 4.7 was taken as 4 and "42" as (4, 2)
             n, k = (int(v) for v in shape)
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
-            raise ValueError(f"shape must be (N, K), got {shape!r}") from None
+            raise ValueError(f"shape must be (N, K) integers, got {shape!r}") from None
         if n <= 0 or k <= 0:
             raise ValueError(f"shape must be positive, got {(n, k)}")
         params = _formats.resolve_params(fmt, k, group, sym, double_quant)
@@ -119,6 +122,8 @@ class QTensor:
         if self.format in _formats.GROUPED:
             extra = f", group={self.group}" + (", sym" if self.sym else "") + (
                 ", double_quant" if self.params.get("double_quant") else "")
+        if self.perm is not None:
+            extra += ", input-permuted"
         return (f"QTensor({self.format}, shape={self.shape}{extra}, "
                 f"{self.nbytes} bytes, {self.bits_per_weight:.3f} bits/weight)")
 

@@ -380,3 +380,35 @@ def test_with_perm_keeps_its_own_copy():
     p[:] = 0
     assert np.array_equal(np.sort(qp.perm), np.arange(64)) and not qp.perm.flags.writeable
     assert np.array_equal(pq.dequantize(qp), want)
+
+
+def test_minor_api_refusals():
+    """Review: from_bytes took shape (4.7, 256) as (4, 256) and "42" as (4, 2); isa="neon" on an
+    x86 build raised RuntimeError where an unknown name raises ValueError; repr hid an input
+    permutation; io.load took "version": true for 1."""
+    qt = pq.quantize(np.ones((4, 256), np.float32), "int4", group=32)
+    for bad in [(4.7, 256), "42", (4, 256.0), (True, 256), (4,)]:
+        with pytest.raises(ValueError, match=r"shape must be \(N, K\) integers"):
+            pq.QTensor.from_bytes("int4", bad, qt.data, group=32)
+    assert pq.QTensor.from_bytes("int4", (np.int64(4), 256), qt.data, group=32) == qt
+    missing = [v for v in ("neon", "dotprod", "avx2") if v not in pq.variants()]
+    for v in missing:
+        with pytest.raises(ValueError, match="not compiled into this build"):
+            pq.quantize(np.ones((2, 32), np.float32), "q4_0", isa=v)
+    assert "input-permuted" in repr(qt.with_perm(np.arange(256)[::-1].copy()))
+    assert "input-permuted" not in repr(qt)
+
+
+def test_qsave_version_must_be_an_int(tmp_path):
+    import json
+
+    from pyqkern.io import qsave, safetensors as st
+
+    qt = pq.quantize(np.ones((4, 64), np.float32), "q4_0")
+    pq.io.save(tmp_path / "a.safetensors", {"w": qt})
+    tensors, meta = st.load(tmp_path / "a.safetensors")
+    doc = json.loads(meta[qsave.META_KEY])
+    doc["version"] = True
+    st.save(tmp_path / "b.safetensors", dict(tensors), metadata={qsave.META_KEY: json.dumps(doc)})
+    with pytest.raises(ValueError):
+        pq.io.load(tmp_path / "b.safetensors")

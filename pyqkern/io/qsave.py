@@ -70,7 +70,8 @@ def _parse(path, raw):
         doc = json.loads(raw)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"{path}: {META_KEY} is not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("version") != _VERSION or not isinstance(doc.get("tensors"), dict):
+    if not isinstance(doc, dict) or type(doc.get("version")) is not int or doc.get("version") != _VERSION \
+            or not isinstance(doc.get("tensors"), dict):
         raise ValueError(f"{path}: {META_KEY} must be an object with version {_VERSION} and a 'tensors' object")
     out = {}
     for name, d in doc["tensors"].items():
