@@ -755,6 +755,57 @@ def test_load_onnx_matmulnbits_reads_back_what_was_written(tmp_path):
         pq.io.load_onnx_matmulnbits(m)
 
 
+def test_load_onnx_matmulnbits_refuses_duplicate_names_and_bias_sizes(tmp_path):
+    """Review: two MatMulNBits nodes with one name kept one weight in silence; a bias of the wrong
+    length came back as it was."""
+    pytest.importorskip("onnx")
+    import copy
+
+    import onnx
+
+    rng = np.random.default_rng(12)
+    qt = pq.quantize(rng.standard_normal((8, 64)).astype(np.float32), "int4", group=32)
+    path = tmp_path / "m.onnx"
+    pq.io.to_onnx_matmulnbits(path, qt, bias=np.ones(8, np.float32))
+    m = onnx.load(str(path))
+    node = next(nd for nd in m.graph.node if nd.op_type == "MatMulNBits")
+    two = copy.deepcopy(m)
+    twin = copy.deepcopy(node)
+    twin.output[0] = "Y2"
+    two.graph.node.append(twin)
+    with pytest.raises(ValueError, match="both named"):
+        pq.io.load_onnx_matmulnbits(two)
+    short = copy.deepcopy(m)
+    b = next(t for t in short.graph.initializer if t.name == node.input[5])
+    b.CopyFrom(onnx.numpy_helper.from_array(np.ones(3, np.float32), b.name))
+    with pytest.raises(ValueError, match="bias has 3 elements for N=8"):
+        pq.io.load_onnx_matmulnbits(short)
+
+
+def test_load_gptq_dir_index_and_config_checks(tmp_path):
+    """Review: a shard named in model.safetensors.index.json but missing lost its modules in
+    silence; "sym": "false" (a string) read as true; AWQ errors did not name the module."""
+    rng = _rng(13)
+    a = rand_gptq(rng, 64, 16, 32, v1=True)
+    st.save(tmp_path / "model-00001-of-00002.safetensors",
+            {"m.qweight": a[0], "m.qzeros": a[1], "m.scales": a[2], "m.g_idx": a[3]})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"m.qweight": "model-00001-of-00002.safetensors",
+                        "n.qweight": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32, "sym": False}))
+    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors"):
+        load_gptq_dir(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"m.qweight": "model-00001-of-00002.safetensors"}}))
+    assert list(load_gptq_dir(tmp_path)) == ["m"]
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32, "sym": "false"}))
+    with pytest.raises(ValueError, match="'sym' must be true or false"):
+        load_gptq_dir(tmp_path)
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "quant_method": "awq", "version": "gemm"}))
+    with pytest.raises(ValueError, match="module 'm'"):
+        load_gptq_dir(tmp_path)
+
+
 def test_load_onnx_matmulnbits_only_a_last_axis_permutation_gather_is_the_weights():
     """A Gather in front of MatMulNBits is the weight's act-order permutation only as
     to_onnx_matmulnbits writes it (axis -1, indices permuting 0..K-1, initializer or Constant);

@@ -292,6 +292,15 @@ def load_gptq_dir(path) -> dict:
     files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))  # the name literally ("[GPTQ]")
     if not files:
         raise ValueError(f"{path}: no *.safetensors files")
+    # a shard index (model.safetensors.index.json) names the files the model needs: one missing
+    # lost its modules without a word (review)
+    for idx in sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors.index.json"))):
+        wm = json_object(idx).get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise ValueError(f"{idx}: weight_map must map tensor names to file names")
+        missing = sorted({v for v in wm.values() if not os.path.isfile(os.path.join(path, v))})
+        if missing:
+            raise ValueError(f"{idx} names shard(s) that are not in {path}: {missing[:3]}")
     tensors, seen = {}, {}
     for fn in files:
         t, _ = _st.load(fn)
@@ -310,7 +319,10 @@ def load_gptq_dir(path) -> dict:
         if bits != 4:
             raise NotImplementedError(f"AWQ bits={bits}: only 4-bit AWQ checkpoints are supported")
         for m in mods:
-            out[m] = from_awq(*(_tensor(tensors, m + t, path) for t in (".qweight", ".qzeros", ".scales")))
+            try:
+                out[m] = from_awq(*(_tensor(tensors, m + t, path) for t in (".qweight", ".qzeros", ".scales")))
+            except ValueError as e:
+                raise ValueError(f"{path}: module {m!r}: {e}") from None
         return out
     if method == "compressed-tensors":
         from .convert_ct import from_compressed_tensors
@@ -324,9 +336,12 @@ def load_gptq_dir(path) -> dict:
             raise NotImplementedError(f"compressed-tensors num_bits {nbits}: only 4-bit is supported")
         for name in sorted(t for t in tensors if t.endswith(".weight_packed")):
             m = name[: -len(".weight_packed")]
-            out[m] = from_compressed_tensors(tensors[name], _tensor(tensors, m + ".weight_scale", path),
-                                             tensors.get(m + ".weight_zero_point"), tensors.get(m + ".weight_g_idx"),
-                                             tensors.get(m + ".weight_shape"))
+            try:
+                out[m] = from_compressed_tensors(tensors[name], _tensor(tensors, m + ".weight_scale", path),
+                                                 tensors.get(m + ".weight_zero_point"),
+                                                 tensors.get(m + ".weight_g_idx"), tensors.get(m + ".weight_shape"))
+            except ValueError as e:
+                raise ValueError(f"{path}: module {m!r}: {e}") from None
         return out
     if method != "gptq":
         raise NotImplementedError(f"quant_method {method!r} is not a GPTQ checkpoint")
@@ -335,7 +350,10 @@ def load_gptq_dir(path) -> dict:
     if ckpt == "gptq_v2":
         fmt = "v2"
     elif ckpt == "gptq":
-        fmt = "auto" if cfg.get("sym", True) else "v1"
+        sym = cfg.get("sym", True)
+        if not isinstance(sym, bool):  # "false" as a string read as true
+            raise ValueError(f"{path}: quantization config 'sym' must be true or false, got {sym!r}")
+        fmt = "auto" if sym else "v1"
     else:
         raise NotImplementedError(f"checkpoint_format {ckpt!r} is not supported (only 'gptq' and 'gptq_v2')")
     for m in mods:

@@ -276,7 +276,13 @@ def load_onnx_matmulnbits(model_or_path, *, round_scales=False):
         if perm is not None:
             qt = qt.with_perm(perm)
         name = nd.name or ins[1]
+        if name in weights:  # one would silently replace the other (review)
+            raise ValueError(f"two MatMulNBits nodes are both named {name!r} (a node's name, or its B "
+                             "initializer's when it has none)")
         weights[name] = qt
         if ins[5]:
-            biases[name] = const(ins[5], "bias", nd)
+            b = const(ins[5], "bias", nd)
+            if b.size != qt.shape[0]:
+                raise ValueError(f"MatMulNBits {name!r}: bias has {b.size} elements for N={qt.shape[0]}")
+            biases[name] = b.reshape(-1)
     return weights, biases
