@@ -570,7 +570,8 @@ class QuantLinear(nn.Module):
                  "adapters": {nm: list(self._alphas[nm]) for nm in self.adapter_names}, "active": list(self._active)}
         return torch.frombuffer(bytearray(json.dumps(state, sort_keys=True).encode()), dtype=torch.uint8)
 
-    def set_extra_state(self, state):
+    def _parse_extra_state(self, state) -> dict:
+        """The extra state as a dict, checked against this layer (ValueError otherwise)."""
         if isinstance(state, torch.Tensor):  # the JSON bytes get_extra_state writes (a dict: older checkpoints)
             import json
 
@@ -585,6 +586,10 @@ class QuantLinear(nn.Module):
         if (state["in_features"], state["out_features"]) != (self.in_features, self.out_features):
             raise ValueError(f"state is for [{state['out_features']}, {state['in_features']}] but this layer is "
                              f"[{self.out_features}, {self.in_features}]")
+        return state
+
+    def set_extra_state(self, state):
+        state = self._parse_extra_state(state)
         self.format, self.group, self.sym = state["format"], int(state["group"]), int(state["sym"])
         self.compute = self._resolve_compute(state["compute"])
         alphas = {nm: (float(a), bool(rs)) for nm, (a, rs) in state["adapters"].items()}
@@ -596,11 +601,30 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # Checked before anything changes (review: a refused state left qdata resized for it, and
+        # every forward failed after): the extra state against this layer, and qdata's size
+        # against the format it will have (the state's, else this layer's). Problems go to
+        # error_msgs, which load_state_dict raises as RuntimeError, as torch's own size checks do.
+        q = state_dict.get(prefix + "qdata")
+        extra = state_dict.get(prefix + "_extra_state")
+        try:
+            st = self._parse_extra_state(extra) if extra is not None else None
+            fmt, group, sym = ((st["format"], int(st["group"]), int(st["sym"])) if st is not None
+                               else (self.format, self.group, self.sym))
+            if q is not None:
+                want = _nbytes(fmt, self.out_features, self.in_features, group, sym)
+                if q.dim() != 1 or q.numel() != want:
+                    raise ValueError(f"qdata of shape {tuple(q.shape)} does not hold a {fmt} "
+                                     f"[{self.out_features}, {self.in_features}] weight ({want} bytes)"
+                                     + ("" if st is not None else " (the state has no extra state naming "
+                                                                  "another format)"))
+        except (ValueError, TypeError, KeyError) as e:
+            error_msgs.append(f"{prefix or 'QuantLinear'}: {e}")
+            return
         # the byte count depends on the format: resize qdata (and create adapter parameters) first;
         # as normal tensors under inference_mode too (inference tensors could not be saved for
         # backward nor loaded into again afterwards)
         with torch.inference_mode(False):
-            q = state_dict.get(prefix + "qdata")
             if q is not None and q.shape != self.qdata.shape:
                 self.qdata = torch.empty(q.shape, dtype=torch.uint8)
             b = state_dict.get(prefix + "bias")

@@ -124,6 +124,28 @@ def test_partial_load_keeps_adapters_the_state_does_not_name():
     assert not torch.equal(q(x, adapter_ids=[0, 0]), q(x))  # the adapter still applies where asked
 
 
+def test_refused_load_leaves_the_layer_as_it_was():
+    """Review: a state for another shape (ValueError from the extra state) or, in a strict load,
+    only another format's qdata was refused after qdata had been resized for it: every forward
+    failed afterwards. Both are now refused before anything changes, as torch's size errors are."""
+    torch.manual_seed(4)
+    lin = nn.Linear(64, 64)
+    q = pqt.QuantLinear.from_linear(lin, "q8_0", compute="float")
+    x = torch.randn(2, 64)
+    want = q(x)
+    other = pqt.QuantLinear.from_linear(nn.Linear(64, 32), "q4_1").state_dict()
+    with pytest.raises(RuntimeError, match=r"state is for \[32, 64\] but this layer is \[64, 64\]"):
+        q.load_state_dict(other)
+    assert torch.equal(q(x), want)
+    q41 = pqt.QuantLinear.from_linear(lin, "q4_1").state_dict()
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="does not hold a q8_0"):
+            q.load_state_dict({"qdata": q41["qdata"]}, strict=strict)
+        assert torch.equal(q(x), want)
+    q.load_state_dict(q41)  # the whole state of another format still loads
+    assert q.format == "q4_1" and torch.equal(q(x), pqt.QuantLinear.from_linear(lin, "q4_1")(x))
+
+
 def test_tied_weights_are_skipped():
     """A head whose weight is the embedding's was quantized silently: the float tensor stayed in the
     embedding and a quantized copy was added (the summary claimed bytes saved)"""
