@@ -473,6 +473,10 @@ def test_bnb_from_pyqkern_and_back(dq, fmt, tmp_path):
         from_bnb(weight, wrapped)
     with pytest.raises(ValueError, match="positive integer"):   # 2^62 + 1 was rounded through float64
         from_bnb(weight, dict(state, shape=np.array([2 ** 62 + 1, 128], np.int64)))
+    if dq:  # uint8 absmax codes without nested_absmax: the message says what is missing (review)
+        lost = {key: v for key, v in state.items() if not key.startswith("nested_")}
+        with pytest.raises(ValueError, match="lacks"):
+            from_bnb(weight, lost, (40, 128))
     no_type = {key: v for key, v in state.items() if key != "quant_type"}    # the quant_map tells
     assert from_bnb(weight, no_type, (40, 128)) == qt
     wp, packed = to_bnb(qt, packed=True)

@@ -170,7 +170,9 @@ def _from_state(weight_uint8, qs, fmt, shape) -> QTensor:
     q = np.ascontiguousarray(w).reshape(-1)
     if not nested:
         if absmax.dtype != np.float32:
-            raise ValueError(f"absmax must be float32, got {absmax.dtype}")
+            raise ValueError(f"absmax must be float32, got {absmax.dtype}" + (
+                " (uint8 absmax codes are double quantization, whose 'nested_absmax' the state lacks)"
+                if absmax.dtype == np.uint8 else ""))
         data = np.concatenate([q, np.ascontiguousarray(absmax).reshape(-1).view(np.uint8)])
         return QTensor(fmt, (n, k), data, params)
     if absmax.dtype != np.uint8:
