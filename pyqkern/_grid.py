@@ -202,7 +202,7 @@ def search_params(fmt, b, sym=False, grid=100, maxshrink=0.8, norm=2.4):
         # ggml's own (weighted by x^2, what pq.quantize stores), so never worse than either
         from ._ops import quantize
 
-        d = f16_values(quantize(b, "iq4_nl").data.reshape(len(b), 18)[:, :2])[:, 0]  # each block's fp16 d
+        d = f16_values(quantize(b, "iq4_nl", _range_check=False).data.reshape(len(b), 18)[:, :2])[:, 0]  # block d
         native = {"a": _inv(d), "b": d, "m": best["m"], "z": best["z"]}
         better = err(codes_values(fmt, b, native)[1]) <= err(codes_values(fmt, b, best)[1])
         return {key: np.where(better, native[key], best[key]) for key in best}

@@ -92,8 +92,24 @@ _F16_FIELDS = {"q4_0": (18, 32, (0,)), "q4_1": (20, 32, (0, 2)), "q8_0": (34, 32
                "iq4_nl": (18, 32, (0,)), "q4_k": (144, 256, (0, 2)), "q6_k": (210, 256, (208,))}
 
 
-def _check_scale_range(qt: QTensor, x) -> None:
-    """UserWarning naming the first row whose finite weights overflowed the format's fp16 scales:
+def _check_scale_range(qt: QTensor, x, stacklevel=4) -> None:
+    """UserWarning naming the first row whose finite weights overflowed the format's fp16 scales
+    (scale_range_rows)."""
+    bad = scale_range_rows(qt, x)
+    if bad.any():
+        r = int(np.argmax(bad))
+        warn_scale_range(qt.format, r, int(bad.sum()), float(np.abs(x[r]).max()), stacklevel)
+
+
+def warn_scale_range(fmt, row, count, amax, stacklevel):
+    warnings.warn(f"{fmt}: row {row} (of {count}): weights too large for the format's fp16 scales (|w| up to "
+                  f"{amax:.4g}): stored as the format's origin stores them, which does not hold them "
+                  "(dequantize: Inf / NaN or far off); scale them down, or use nf4, fp4 or int8 (fp32 scales)",
+                  UserWarning, stacklevel=stacklevel)
+
+
+def scale_range_rows(qt: QTensor, x) -> np.ndarray:
+    """bool [N]: the rows whose finite weights x overflowed the format's fp16 scales:
     ggml's quantizers store Inf there (dequantize: Inf / NaN), or for q6_k / q4_k beyond ~2^64
     (their fp32 sums of squares overflow) all-zero fields; the GPTQ-style int2/3/4 quantizer
     clamps the scale to 65504 (weights off by up to their whole size). The bytes stay those the
@@ -126,12 +142,7 @@ def _check_scale_range(qt: QTensor, x) -> None:
             maxq = (1 << _formats.INTN_BITS[fmt]) - 1
             with np.errstate(over="ignore"):  # mx - mn beyond float32: Inf, refused as it should be
                 bad[r] = bool((((mx - mn) / np.float32(maxq)).astype(np.float32) >= 65520).any())
-    if bad.any():
-        r = int(np.argmax(bad))
-        warnings.warn(f"{fmt}: row {r} (of {int(bad.sum())}): weights too large for the format's fp16 scales (|w| "
-                      f"up to {float(np.abs(x[r]).max()):.4g}): stored as the format's origin stores them, which does "
-                      "not hold them (dequantize: Inf / NaN or far off); scale them down, or use nf4, fp4 or int8 "
-                      "(fp32 scales)", UserWarning, stacklevel=3)
+    return bad
 
 
 def _check_backend(backend):
@@ -148,7 +159,7 @@ def _backend_module(backend):
 
 
 def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="native", isa=None,
-             search=None) -> QTensor:
+             search=None, _range_check=True) -> QTensor:
     """Quantize a float weight [N, K] (rows = output channels) into ``fmt``.
 
     NaN or Inf in ``w`` raises ValueError (no format can carry it). ``isa`` picks one native
@@ -176,7 +187,8 @@ def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="
         from . import _grid
 
         qt = _grid.quantize_search(x, fmt, params.get("group"), bool(params.get("sym")))
-        _check_scale_range(qt, x)
+        if _range_check:  # (callers that quantize pieces check the whole themselves)
+            _check_scale_range(qt, x)
         return qt
     if backend == "native":
         rq, rs, rz = _formats.row_bytes(fmt, k, params)
@@ -187,7 +199,8 @@ def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="
         z = data[n * (rq + rs):].reshape(n, rz) if rz else None
         _native().quantize(isa_id(isa), _formats.FORMAT_IDS[fmt], x, params["group"], params["sym"], q, s, z)
         qt = QTensor(fmt, (n, k), data, params) if not dq else _qtensor.assemble(fmt, n, k, params, q, s, z)
-        _check_scale_range(qt, x)
+        if _range_check:
+            _check_scale_range(qt, x)
         return qt
     if isa is not None:
         raise ValueError("isa= applies to the native backend only")
@@ -198,7 +211,8 @@ def quantize(w, fmt: str, *, group=None, sym=None, double_quant=False, backend="
         raise NotImplementedError(f"{fmt}: quantize not available in the {backend} backend")
     q, s, z = fn(np.ascontiguousarray(x), params["group"], params["sym"])
     qt = _qtensor.assemble(fmt, n, k, params, q, s, z)
-    _check_scale_range(qt, x)
+    if _range_check:
+        _check_scale_range(qt, x)
     return qt
 
 

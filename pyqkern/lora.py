@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _formats, _qtensor
+from . import _formats, _ops, _qtensor
 from ._formats import GROUPED, INTN_BITS
 from ._lora import LoRA
 from ._ops import dequantize, quantize
@@ -181,8 +181,8 @@ class _Stats:
             live = self.row_ii > 0
             row_ret = np.where(live, self.row_dot / np.where(live, self.row_ii, 1), np.nan)
             row_rel = np.where(live, np.sqrt(self.row_ee) / np.sqrt(np.where(live, self.row_ii, 1)), np.nan)
-        if live.any():
-            worst = int(np.nanargmax(row_rel))
+        if live.any():  # a NaN error (weights that overflowed) is the worst
+            worst = int(np.argmax(np.where(live, np.nan_to_num(row_rel, nan=np.inf), -np.inf)))
             wr, we = float(row_ret[worst]), float(row_rel[worst])
         else:
             worst, wr, we = -1, float("nan"), float("nan")
@@ -217,11 +217,17 @@ def merge(qt: QTensor, ad: LoRA, *, warn_below: float | None = 0.5, chunk_rows: 
     secs = [data[: n * rq].reshape(n, rq), data[n * rq: n * (rq + rs)].reshape(n, rs),
             data[n * (rq + rs):].reshape(n, rz)]
     stats = _Stats(n)
+    over, n_over = None, 0  # the first row whose merged weights overflow the format's fp16 scales
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         w = rows.dequantize(r0, r1)
         tgt, intended = _target(w, delta(ad, r0, r1), None if factor is None else factor[r0:r1])
-        part = quantize(tgt, fmt, group=rows.group, sym=rows.sym, backend=backend)  # row-local: no double quant
+        part = quantize(tgt, fmt, group=rows.group, sym=rows.sym, backend=backend,  # row-local: no double quant
+                        _range_check=False)
+        big = _ops.scale_range_rows(part, tgt)  # checked here to name the row of the whole weight
+        if big.any():
+            over = over or (r0 + int(np.argmax(big)), float(np.abs(tgt[int(np.argmax(big))]).max()))
+            n_over += int(big.sum())
         for dst, src in zip(secs, part.sections()):
             if dst.shape[1]:
                 dst[r0:r1] = src
@@ -237,6 +243,8 @@ def merge(qt: QTensor, ad: LoRA, *, warn_below: float | None = 0.5, chunk_rows: 
             w = rows.dequantize(r0, r1)
             _, intended = _target(w, delta(ad, r0, r1), None if factor is None else factor[r0:r1])
             stats.add(r0, r1, mrows.dequantize(r0, r1).astype(np.float64) - w, intended)
+    if over is not None:
+        _ops.warn_scale_range(fmt, over[0], n_over, over[1], stacklevel=3)
     rep = stats.report(fmt, ad.is_dora, qt, merged)
     if warn_below is not None and rep.delta_norm == 0 and rep.applied_norm > 0:
         warnings.warn(f"the adapter asks for no change, but requantization to {fmt} moved the weights (norm "

@@ -611,6 +611,10 @@ class QuantLinear(nn.Module):
             st = self._parse_extra_state(extra) if extra is not None else None
             fmt, group, sym = ((st["format"], int(st["group"]), int(st["sym"])) if st is not None
                                else (self.format, self.group, self.sym))
+            for key, size in (("bias", self.out_features), ("perm", self.in_features)):
+                v = state_dict.get(prefix + key)
+                if v is not None and tuple(v.shape) != (size,):  # created below before torch's own check
+                    raise ValueError(f"{key} of shape {tuple(v.shape)} does not fit this layer ({size},)")
             if q is not None:
                 want = _nbytes(fmt, self.out_features, self.in_features, group, sym)
                 if q.dim() != 1 or q.numel() != want:

@@ -275,3 +275,27 @@ def test_weights_beyond_fp16_scales_refused(fmt, backend):
         x[2] = np.clip(x[2] * np.float32(big), -3e38, 3e38)
         with pytest.warns(UserWarning, match=r"row 2 \(of 1\): weights too large for the format's fp16 scales"):
             pq.quantize(x, fmt, backend=backend)
+
+
+def test_scale_range_warning_names_the_weight_row_once():
+    """Review: search='mse' (iq4_nl quantizes its blocks as rows) warned twice, once with a block
+    index for the row; lora.merge (row chunks) named the row within its chunk and then failed on
+    the report (an all-NaN slice)."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((2, 256)).astype(np.float32)
+    w[1] *= np.float32(1e9)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        pq.quantize(w, "iq4_nl", search="mse")
+    msgs = [str(m.message) for m in got if "fp16 scales" in str(m.message)]
+    assert len(msgs) == 1 and msgs[0].startswith("iq4_nl: row 1 (of 1)"), msgs
+    qt = pq.quantize(rng.standard_normal((8, 64)).astype(np.float32), "q4_0")
+    B = np.zeros((8, 1), np.float32)
+    B[6] = 1e9
+    ad = pq.LoRA(np.ones((1, 64), np.float32), B, alpha=1)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        merged, rep = pq.lora.merge(qt, ad, chunk_rows=4)
+    msgs = [str(m.message) for m in got if "fp16 scales" in str(m.message)]
+    assert len(msgs) == 1 and msgs[0].startswith("q4_0: row 6 (of 1)"), msgs
+    assert rep.worst_row == 6 and pq.lora.unmerge(merged, rep) is qt

@@ -246,11 +246,18 @@ def test_merge_bad_inputs():
             lora.merge(qt, ad, chunk_rows=bad)
     with pytest.raises(ValueError, match="rows"):
         lora.delta(ad, 5, N + 1)
-    huge = pq.LoRA(ad.A, ad.B * np.float32(1e37))  # W + delta overflows float32
-    with pytest.raises(ValueError):
+    # W + delta finite but beyond q4_0's fp16 scales: merged as quantize stores it, with its
+    # warning (this raised before only because the report's argmax met an all-NaN slice)
+    huge = pq.LoRA(ad.A, ad.B * np.float32(1e37))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.warns(UserWarning, match="fp16 scales"):
+            lora.merge(qt, huge)
+    beyond = pq.LoRA(ad.A, ad.B * np.float32(3e38), alpha=ad.alpha * 4)  # W + delta overflows float32
+    with pytest.raises(ValueError, match="NaN or Inf"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            lora.merge(qt, huge)
+            lora.merge(qt, beyond)
 
 
 def test_merge_reference_backend_matches_native():

@@ -142,6 +142,11 @@ def test_refused_load_leaves_the_layer_as_it_was():
         with pytest.raises(RuntimeError, match="does not hold a q8_0"):
             q.load_state_dict({"qdata": q41["qdata"]}, strict=strict)
         assert torch.equal(q(x), want)
+    bare = pqt.QuantLinear.from_linear(nn.Linear(64, 64, bias=False), "q8_0")
+    for key, bad in (("bias", torch.zeros(8)), ("perm", torch.arange(8))):  # were created, then refused
+        with pytest.raises(RuntimeError, match=f"{key} of shape"):
+            bare.load_state_dict({**bare.state_dict(), key: bad})
+        assert getattr(bare, key) is None
     q.load_state_dict(q41)  # the whole state of another format still loads
     assert q.format == "q4_1" and torch.equal(q(x), pqt.QuantLinear.from_linear(lin, "q4_1")(x))
 
