@@ -119,15 +119,22 @@ def scale_range_rows(qt: QTensor, x) -> np.ndarray:
     q, s, _ = qt.sections()
     bad = np.zeros(n, bool)
     if fmt in _F16_FIELDS:
+        # the fp16 fields as strided uint16 views of the blocks (no copies: this runs on every
+        # quantize), their magnitude bits, one max per row for Inf (0x7C00 and up)
         bs, per, offs = _F16_FIELDS[fmt]
         b = np.ascontiguousarray(q).reshape(n, -1, bs)
-        h = np.stack([np.ascontiguousarray(b[:, :, o:o + 2]).view(np.uint16).reshape(n, -1) for o in offs], axis=2)
-        bad |= ((h & 0x7C00) == 0x7C00).any(axis=(1, 2))
+        mags = [b[:, :, o:o + 2].view(np.uint16)[:, :, 0] & np.uint16(0x7FFF) for o in offs]
+        for mg in mags:
+            bad |= mg.max(axis=1) >= 0x7C00
         # blocks stored as all zero: fine for zero (or tiny) weights, not for weights beyond fp16
-        rows, blks = np.nonzero(((h & 0x7FFF) == 0).all(axis=2))
-        if rows.size:
-            big = np.abs(x.reshape(n, -1, per)[rows, blks]).max(axis=1) > 65504
-            bad[rows[big]] = True
+        if min(int(mg.min()) for mg in mags) == 0:
+            zero = mags[0] == 0
+            for mg in mags[1:]:
+                zero &= mg == 0
+            rows, blks = np.nonzero(zero)
+            if rows.size:
+                big = np.abs(x.reshape(n, -1, per)[rows, blks]).max(axis=1) > 65504
+                bad[rows[big]] = True
     elif fmt in _formats.INTN_BITS:
         # a stored 65504 may be the clamp: the fp32 scale (max - min) / maxq of those rows'
         # groups (0 inside the range, as the quantizer takes it) must round below fp16's Inf
