@@ -31,6 +31,8 @@ def _as_f32(a, what, ndim):
 
 class LoRA:
     """One low-rank adapter. A [r, K], B [N, r] (float32, float16 or bfloat16; kept as float32).
+    A and B of two different float dtypes are widened to float32 (exact) and stored so (see
+    storage); any other dtype (integers, float64, complex) is a TypeError.
 
     alpha: PEFT's lora_alpha (default: r, i.e. scale 1). rslora: scale = alpha / sqrt(r).
     magnitude: DoRA magnitude vector [N] (PEFT's lora_magnitude_vector); the per-row norms of

@@ -63,12 +63,18 @@ def test_fused_single_adapter(fmt, compute, m, n, r, use_bias, seed):
     assert (np.abs(pq.matmul(x, qt, bias, lora=ad, compute=compute) - (base + t)) <= lim).all()
 
 
-def test_multi_adapter_batch_mixed_ranks_and_none_rows():
-    rng = np.random.default_rng(1)
-    n, k, m = 48, 128, 12
-    qt = make("int4", n, k, rng)
+@pytest.mark.parametrize("fmt", FORMATS)
+@settings(max_examples=3, deadline=None)
+@given(m=st.sampled_from([1, 2, 3, 9, 12, 33]), n=st.sampled_from([5, 16, 48]), seed=st.integers(0, 2**31 - 1))
+def test_multi_adapter_batch_mixed_ranks_and_none_rows(fmt, m, n, seed):
+    """Every format: adapters of ranks 1, 8, 16 and 3 in one batch, rows with -1, against the
+    reference; -1 rows equal the base; each row equals itself run alone."""
+    rng = np.random.default_rng(seed)
+    k = 256 if fmt in ("q4_k", "q6_k", "int2", "int3", "int4") else 128
+    qt = make(fmt, n, k, rng)
     ads = [adapter(n, k, r, rng) for r in (1, 8, 16, 3)]
-    ids = np.array([0, 1, 2, 3, -1, 3, 2, 1, 0, -1, 2, 2], np.int32)
+    ids = rng.integers(-1, 4, m).astype(np.int32)
+    ids[0] = -1 if m > 1 else ids[0]
     x = rng.standard_normal((m, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
     for compute in ("int8", "float"):
