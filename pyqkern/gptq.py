@@ -329,6 +329,7 @@ class GPTQ:
             raise ValueError(f"GPTQ: hessian_dtype must be 'float64' or 'float32', got {hessian_dtype!r}")
         self._hdt = np.dtype(hessian_dtype).type
         self._H = np.zeros((k, k), self._hdt, order="F")  # upper triangle valid (BLAS syrk)
+        self._seen = np.zeros(k, bool)
         self.nsamples = 0
         self.qtensor = None
         self.values = None  # float32 [N, K]: the weights the last quantize chose (= dequantize(qtensor))
@@ -358,6 +359,7 @@ class GPTQ:
             return
         x = np.ascontiguousarray(x, dtype=self._hdt)
         _check_finite(x, "the calibration inputs")
+        self._seen |= (x != 0).any(axis=0)  # inputs with a nonzero value: not dead, whatever H says
         old = self.nsamples
         self.nsamples += t
         beta = old / self.nsamples
@@ -387,6 +389,7 @@ class GPTQ:
             raise ValueError(f"GPTQ: nsamples must be a positive integer (the samples H was averaged over), "
                              f"got {nsamples!r}")
         self._H = np.array(H.T if H.flags.c_contiguous else H, dtype=self._hdt, copy=True, order="F")
+        self._seen = np.zeros(k, bool)  # a given H: its zero diagonal entries are dead inputs
         self.nsamples = int(nsamples)
 
     def quantize(self, format="int4", bits=None, group_size=None, sym=False, act_order=False,
@@ -420,10 +423,10 @@ class GPTQ:
         if search not in (None, "mse"):
             raise ValueError(f"GPTQ: search must be None or 'mse', got {search!r}")
         try:
-            d = float(damp)
+            d = float(damp) if isinstance(damp, (int, float, np.integer, np.floating)) else float("nan")
         except (TypeError, ValueError):
             d = float("nan")
-        if not (math.isfinite(d) and d >= 0) or isinstance(damp, bool):
+        if not (math.isfinite(d) and d >= 0) or isinstance(damp, bool):  # "0.1" (a string) is not a number
             raise ValueError(f"GPTQ: damp must be a finite number >= 0, got {damp!r}")
         if self.nsamples == 0:
             raise ValueError("GPTQ: no calibration data (call add_batch or set_hessian first)")
@@ -453,12 +456,26 @@ class GPTQ:
             _formats.resolve_params(fmt, k)
             g = -1 if fmt == "int8" else 32
         H = self.H
-        _check_finite(H, "the Hessian")
+        if not np.isfinite(H).all():
+            raise ValueError("GPTQ: the Hessian holds NaN or Inf" + (
+                " (finite calibration inputs whose squares overflow its dtype: scale them down; GPTQ does not "
+                "depend on their scale)" if self._seen.any() else ""))
+        # every input with nonzero values underflowed (its square is 0 in H): GPTQ would take them
+        # all as dead and zero the whole weight. (Some such columns beside normal ones are dead
+        # in effect: their products are below the others' rounding.)
+        if self._seen.any() and not (self._seen & (np.diag(H) > 0)).any():
+            raise ValueError(f"GPTQ: the calibration inputs are so small that their squares underflow "
+                             f"{np.dtype(self._hdt).name} (H would be all zero): scale them up (GPTQ does not "
+                             "depend on their scale)")
         sym_b = bool(sym) and fmt in ("int2", "int3", "int4")
         res = gptq_core(self.W, H, fmt=fmt, group=g, sym=sym_b, act_order=bool(act_order),
                         static_groups=bool(static_groups), damp=damp, blocksize=blocksize, backend=backend,
                         search=search == "mse")
         qt = _assemble(fmt, res, n, k, g, sym_b, bool(static_groups))
+        from ._ops import _check_scale_range
+
+        # as pq.quantize warns (the weights in stored column order)
+        _check_scale_range(qt, self.W if res["perm"] is None else self.W[:, res["perm"]], stacklevel=4)
         vals = np.empty((n, k), F32)  # the weights GPTQ chose, original column order
         if res["perm"] is None:
             vals[:] = res["values"].T
@@ -479,6 +496,11 @@ class GPTQ:
         if qt is None:
             raise ValueError("GPTQ: nothing quantized yet")
         X = _np(X)
+        k = self.W.shape[1]
+        if X.ndim < 1 or X.shape[-1] != k:
+            raise ValueError(f"GPTQ: inputs must be [..., {k}], got shape {X.shape}")
+        if not isinstance(qt, _qtensor.QTensor) or qt.shape != self.W.shape:
+            raise ValueError(f"GPTQ: qt must be a QTensor of this layer's shape {self.W.shape}, got {qt!r}")
         _check_finite(X, "the inputs")
         fmt = qt.format
         if fmt in _formats.GROUPED:

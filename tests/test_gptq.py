@@ -317,3 +317,40 @@ def test_review_parameter_and_overflow_edges():
                 lambda: pq.gptq.GPTQ(w).set_hessian(np.eye(256), nsamples=-600)):
         with pytest.raises(ValueError):
             bad()
+
+
+def test_review_scale_warning_report_shapes_tiny_inputs_and_damp():
+    """Review: GPTQ did not warn where pq.quantize does (weights beyond the fp16 scales); report()
+    took X of another width (reshape) and a QTensor of another shape (a broadcast error); inputs
+    so small that every square underflowed zeroed the whole weight as dead inputs; damp="0.1" (a
+    string) was accepted; a Hessian overflowed by the inputs blamed the Hessian alone."""
+    import warnings
+
+    rng = np.random.default_rng(5)
+    W = rng.standard_normal((16, 128)).astype(np.float32)
+    X = rng.standard_normal((256, 128)).astype(np.float32)
+    for fmt in ("q4_0", "int4"):
+        with pytest.warns(UserWarning, match="fp16 scales"):
+            G.quantize(W * np.float32(1e6), X, format=fmt, act_order=fmt == "int4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        qt = G.quantize(W, X, format="int4")
+    g = G.GPTQ(W)
+    g.add_batch(X)
+    g.quantize(format="int4")
+    for bad in (X[:, :64], X.reshape(-1)):
+        with pytest.raises(ValueError, match=r"inputs must be \[\.\.\., 128\]"):
+            g.report(bad)
+    with pytest.raises(ValueError, match="this layer's shape"):
+        g.report(X, qt=pq.quantize(W[:8], "int4"))
+    assert g.report(X, qt=qt)["gptq"] >= 0
+    tiny = G.GPTQ(W)
+    tiny.add_batch(X.astype(np.float64) * 1e-170)
+    with pytest.raises(ValueError, match="squares underflow float64"):
+        tiny.quantize(format="int4")
+    with pytest.raises(ValueError, match="damp must be"):
+        g.quantize(format="int4", damp="0.1")
+    big = G.GPTQ(W)
+    big.add_batch(X.astype(np.float64) * 1e200)
+    with pytest.raises(ValueError, match="squares overflow"):
+        big.quantize(format="int4")
