@@ -561,6 +561,8 @@ def inspect_file(path, out=None):
     elif path.endswith(".safetensors"):
         hdr, meta = st.read_header(path)
         desc = qsave.describe(meta, path)
+        if desc:  # every check load makes (bytes, params, perms; the data stays mapped, unread)
+            qsave.load(path)
         perms = {d[3] for d in desc.values() if d[3]}
         for name, e in hdr.items():
             if name in perms:

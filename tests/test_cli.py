@@ -366,3 +366,28 @@ def test_quantize_error_path_closes_its_input(tmp_path):
     if os.path.isdir(fds):
         open_paths = {os.path.realpath(os.path.join(fds, d)) for d in os.listdir(fds)}
         assert os.path.realpath(f) not in open_paths
+
+
+def test_inspect_checks_what_load_checks(tmp_path, capsys):
+    """Review: inspect listed QTensor entries that load refuses (a shape of 10^30 rows over a few
+    bytes at 0 bits a weight, an entry without its tensor skipped in the count); the pyqkern
+    metadata JSON took the last of two equal keys."""
+    import json as _json
+
+    from pyqkern.io import qsave
+
+    qt = pq.quantize(np.ones((4, 64), np.float32), "q8_0")
+    pq.io.save(tmp_path / "ok.safetensors", {"w": qt})
+    assert main(["inspect", str(tmp_path / "ok.safetensors")]) == 0
+    tensors, meta = st.load(tmp_path / "ok.safetensors")
+    doc = _json.loads(meta[qsave.META_KEY])
+    doc["tensors"]["w"]["shape"] = [10 ** 30, 64]
+    st.save(tmp_path / "lie.safetensors", dict(tensors), metadata={qsave.META_KEY: _json.dumps(doc)})
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "lie.safetensors")]) == 1
+    assert "buffer has" in capsys.readouterr().err
+    raw = meta[qsave.META_KEY]
+    dup = raw[:-1] + ',"tensors":{}}'
+    st.save(tmp_path / "dup.safetensors", dict(tensors), metadata={qsave.META_KEY: dup})
+    with pytest.raises(ValueError, match="duplicate key 'tensors'"):
+        pq.io.load(tmp_path / "dup.safetensors")
