@@ -422,11 +422,11 @@ class GPTQ:
                 raise ValueError(f"GPTQ: {fmt} is {BITS[fmt]}-bit; bits={bits} does not apply (use int2/int3/int4/int8)")
         if search not in (None, "mse"):
             raise ValueError(f"GPTQ: search must be None or 'mse', got {search!r}")
-        try:
-            d = float(damp) if isinstance(damp, (int, float, np.integer, np.floating)) else float("nan")
-        except (TypeError, ValueError):
+        try:  # a number: also a 0-d array, a torch scalar, a Fraction; not the string "0.1"
+            d = float("nan") if isinstance(damp, (str, bytes)) else float(damp)
+        except (TypeError, ValueError, OverflowError):
             d = float("nan")
-        if not (math.isfinite(d) and d >= 0) or isinstance(damp, bool):  # "0.1" (a string) is not a number
+        if not (math.isfinite(d) and d >= 0) or isinstance(damp, bool):
             raise ValueError(f"GPTQ: damp must be a finite number >= 0, got {damp!r}")
         if self.nsamples == 0:
             raise ValueError("GPTQ: no calibration data (call add_batch or set_hessian first)")

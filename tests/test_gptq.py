@@ -350,6 +350,10 @@ def test_review_scale_warning_report_shapes_tiny_inputs_and_damp():
         tiny.quantize(format="int4")
     with pytest.raises(ValueError, match="damp must be"):
         g.quantize(format="int4", damp="0.1")
+    from fractions import Fraction
+
+    for ok in (np.array(0.01), Fraction(1, 100), np.float32(0.01)):  # numbers of other types still work
+        g.quantize(format="int4", damp=ok)
     big = G.GPTQ(W)
     big.add_batch(X.astype(np.float64) * 1e200)
     with pytest.raises(ValueError, match="squares overflow"):
