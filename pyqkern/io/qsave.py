@@ -66,16 +66,8 @@ def _is_int(v):
 
 def _parse(path, raw):
     """{name: (format, (n, k), params, perm name or None)} from the JSON; raises ValueError."""
-    def no_dups(pairs):  # the last of two equal keys won (the safetensors header refuses them too)
-        out = {}
-        for key, v in pairs:
-            if key in out:
-                raise ValueError(f"duplicate key {key!r}")
-            out[key] = v
-        return out
-
-    try:
-        doc = json.loads(raw, object_pairs_hook=no_dups)
+    try:  # two equal keys: refused, as in the safetensors header (json keeps the last)
+        doc = json.loads(raw, object_pairs_hook=_st.no_dup_keys)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"{path}: {META_KEY} is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or type(doc.get("version")) is not int or doc.get("version") != _VERSION \

@@ -47,11 +47,12 @@ except ImportError:  # optional
     _BF16 = None
 
 
-def _no_dups(pairs):
+def no_dup_keys(pairs):
+    """json.loads object_pairs_hook: a ValueError for a key given twice (json keeps the last)."""
     out = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"safetensors header: duplicate key {k!r}")
+            raise ValueError(f"duplicate key {k!r}")
         out[k] = v
     return out
 
@@ -69,7 +70,7 @@ def _parse_header(raw: bytes, data_len: int):
     if not text.startswith("{"):
         raise ValueError("safetensors header must be a JSON object starting with '{'")
     try:
-        hdr = json.loads(text, object_pairs_hook=_no_dups)
+        hdr = json.loads(text, object_pairs_hook=no_dup_keys)
     except RecursionError:
         raise ValueError("safetensors header: JSON nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, duplicate keys
