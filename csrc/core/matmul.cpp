@@ -249,7 +249,7 @@ void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx
   if (w.has_min) throw Error(PQK_ERR_UNSUPPORTED, "formats with a min term go the fp32 way");
   // a * sum((u - o) x): an Inf scale times a finite sum is Inf where a * 0 terms make the fp32
   // route's NaN
-  if (!w.finite_scales) throw Error(PQK_ERR_UNSUPPORTED, "non-finite scales go the fp32 way");
+  if (!std::isfinite(w.max_a)) throw Error(PQK_ERR_UNSUPPORTED, "non-finite scales go the fp32 way");
   if (w.row_offset && w.max_offset > 16)  // its table covers u - o in -16..15
     throw Error(PQK_ERR_UNSUPPORTED, "zero points above 16 (not from a quantizer) go the fp32 way");
   const Adapters AD(ads, n_ad, rows, m);

@@ -276,16 +276,9 @@ void pack_weight(int fmt, const uint8_t* q, const uint8_t* s, const uint8_t* z, 
   });
   if (w.offs)  // kernels with a bounded offset table check this
     for (size_t i = 0; i < off_bytes; ++i) w.max_offset = std::max<int>(w.max_offset, w.offs[i]);
-  // every a finite (two-level: every sd; sq are integers), padding rows included (0)
   const int64_t npi = w.n_tiles * w.npar * NR;
-  if (w.scale16)
-    for (int64_t i = 0; i < npi && w.finite_scales; ++i) w.finite_scales = (w.scale16[i] & 0x7C00) != 0x7C00;
-  else if (w.scale)
-    for (int64_t i = 0; i < npi && w.finite_scales; ++i) w.finite_scales = std::isfinite(w.scale[i]);
-  else if (w.sd)
-    for (int64_t i = 0; i < w.n_tiles * w.nsup * NR && w.finite_scales; ++i) w.finite_scales = std::isfinite(w.sd[i]);
-  // the largest |a| and |m| (fp16: the largest magnitude bits are the largest value; NaN bits
-  // sort above Inf, which the range check treats alike)
+  // the largest |a| and |m|, padding rows included (0); Inf for any NaN / Inf among them (fp16:
+  // the largest magnitude bits are the largest value, NaN bits sort above Inf's)
   auto max_abs = [&](const float* f32, const uint16_t* f16, const float* d, int64_t nd) {
     float mx = 0.0f;
     if (f16) {

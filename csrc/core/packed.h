@@ -90,9 +90,9 @@ struct PackedWeight {
   static_assert(NR == 16, "sup_index takes the lane from the low 4 bits");
   int64_t sup_index(int64_t pi) const { return (((pi >> 4) >> sup_shift) << 4) | (pi & 15); }
   int max_offset = 0;           // largest o in offs (bytes from a quantizer: <= 15)
-  bool finite_scales = true;    // every a finite (Inf / NaN only from hostile or damaged files)
-  // largest |a| and |m| (two-level: |sd| and |md| times 128, a bound), for compute=int8's range
-  // check of x (int8_x_exp_limit in matmul.cpp)
+  // largest |a| and |m| (two-level: |sd| and |md| times 128, a bound; Inf if any is NaN / Inf,
+  // only from hostile or damaged files), for compute=int8's range check of x (int8_x_exp_limit
+  // in matmul.cpp) and the bf16 kernel's finite-scale test
   float max_a = 0.0f, max_m = 0.0f;
   ByteBuffer storage;
   int64_t block_code_bytes() const { return nibbles ? (int64_t)blk * NR / 2 : (int64_t)blk * NR; }
