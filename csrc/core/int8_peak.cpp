@@ -17,26 +17,22 @@ extern "C" pqk_status pqk_int8_peak(int32_t isa, int32_t reps, double* gops) {
     const KernelTable& t = kernel_table(resolve_isa(isa));
     if (!t.int8_peak) throw Error(PQK_ERR_UNSUPPORTED, "this variant has no int8 dot-product instruction probe");
     // 4 chunks per thread of ~0.2 ms each at 2 instructions per cycle (100000 iterations), so
-    // a pass takes ~1 ms per thread. Passes continue until reps of them had every pool thread
-    // take part, or for at most ~1 s: a worker can take tens of ms to start on a VM, and a pass
-    // the caller ran alone measured one thread. The best pass of all is the result.
+    // a pass takes ~1 ms per thread; the best pass of all (probe_passes waits for reps passes
+    // every thread took part in: a pass the caller ran alone measured one thread)
     constexpr int64_t kIters = 100000;
     const int threads = get_num_threads();
     const int64_t chunks = 4 * (int64_t)threads;
     double best = 0.0;
     std::atomic<uint64_t> sink{0};
-    const auto start = std::chrono::steady_clock::now();
-    for (int32_t full = 0; full < reps;) {
+    probe_passes(reps, threads, [&] {
       const auto t0 = std::chrono::steady_clock::now();
       const int joined = parallel_for(chunks, 1, [&](int64_t b, int64_t e) {
         for (int64_t c = b; c < e; ++c) sink.fetch_add(t.int8_peak(kIters), std::memory_order_relaxed);
       });
-      const auto t1 = std::chrono::steady_clock::now();
-      const double g = (double)chunks * kIters * t.int8_peak_ops / std::chrono::duration<double>(t1 - t0).count() / 1e9;
-      best = std::max(best, g);
-      if (joined >= threads) ++full;
-      else if (std::chrono::duration<double>(t1 - start).count() > 1.0) break;
-    }
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      best = std::max(best, (double)chunks * kIters * t.int8_peak_ops / s / 1e9);
+      return joined;
+    });
     *gops = best;
   });
 }

@@ -84,25 +84,19 @@ extern "C" pqk_status pqk_read_probe(const void* buf, int64_t nbytes, int32_t re
     const int threads = get_num_threads();
     const int64_t per = std::max<int64_t>(1, lines / (4 * (int64_t)threads));
     const int64_t want = std::min<int64_t>(threads, (lines + per - 1) / per);
-    // Passes continue until reps of them had every pool thread take part, or for at most ~1 s:
-    // a worker can take tens of ms to start on a VM, and until then the caller reads it all
-    // alone (the "2-thread" ceiling was the 1-thread one). The best pass of all is the result:
-    // a lower bound of what the threads can read either way.
-    const auto start = std::chrono::steady_clock::now();
-    for (int32_t full = 0; full < reps;) {
+    // the best pass of all: a lower bound of what the threads can read either way (a pass the
+    // caller ran alone measured one thread; probe_passes waits for reps with all of them)
+    probe_passes(reps, want, [&] {
       std::atomic<uint64_t> total_pass{0};
       const auto t0 = std::chrono::steady_clock::now();
       const int joined = parallel_for(lines, per, [&](int64_t b, int64_t e) {
         total_pass.fetch_add(sum(p + b * 128, (size_t)(e - b) * 128), std::memory_order_relaxed);
       });
-      const auto t1 = std::chrono::steady_clock::now();
-      const double s = std::chrono::duration<double>(t1 - t0).count();
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       if (passes++ == 0) total = total_pass.load();
       else if (total_pass.load() != total) throw Error(PQK_ERR_INTERNAL, "read probe: passes summed differently");
-      best = std::min(best, s);
-      if (joined >= want) ++full;
-      else if (std::chrono::duration<double>(t1 - start).count() > 1.0) break;
-    }
+      return joined;
+    });
     *best_seconds = best;
     if (checksum) *checksum = total;
   });

@@ -220,4 +220,12 @@ int parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t,
   return p.run(job);
 }
 
+void probe_passes(int32_t reps, int64_t want, const std::function<int()>& pass) {
+  const auto start = std::chrono::steady_clock::now();
+  for (int32_t full = 0; full < reps;) {
+    if (pass() >= want) ++full;
+    else if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > 1.0) break;
+  }
+}
+
 }  // namespace pqk

@@ -19,4 +19,9 @@ int get_num_threads();  // takes the pool lock: never call it from inside a para
 int parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn,
                  int chunks_per_thread = 4);
 
+// The benchmark probes' passes: pass() runs one parallel_for and returns its thread count; passes
+// go on until reps of them had `want` threads, or for about 1 s (a pool worker can take tens of
+// ms to start on a VM, and until then the caller runs a pass alone). pass() keeps the best.
+void probe_passes(int32_t reps, int64_t want, const std::function<int()>& pass);
+
 }  // namespace pqk
