@@ -10,8 +10,8 @@ compute:
           pyqkern.reference.matmul_int8. x with NaN / Inf, or with values so large that the fp32
           products a * dx could overflow (|x| >= 2^(e - 127) for reference.int8_x_exp_limit's e:
           2^102 for q4_0 with fp16 scales up to 65504, more for smaller scales), raises ValueError
-          (use "float"): Inf * 0 would make NaN of a finite result. Needs K % 32 == 0 (and int4 groups >= 32). nf4 and fp4 use
-          their code books rounded to 1/127 in this mode.
+          (use "float"): Inf * 0 would make NaN of a finite result. Needs K % 32 == 0 (and int4
+          groups >= 32). nf4 and fp4 use their code books rounded to 1/127 in this mode.
   "float" weights dequantized exactly (as pyqkern.dequantize) and multiplied in fp32; within
           fp32 accumulation error of x @ dequantize(W).T: |y - y_ref| <= K * 2^-23 * sum|x||w|
           + K * 2^-149 (the second term: products and sums in fp32's subnormal range; a loose

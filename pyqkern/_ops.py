@@ -86,10 +86,8 @@ def _check_finite_weights(x, fmt):
         raise ValueError(f"{fmt}: weights contain NaN or Inf (row {bad})")
 
 
-# fp16 fields of the ggml formats' blocks: (block bytes, weights per block, offsets of d (and
-# dmin / m))
-_F16_FIELDS = {"q4_0": (18, 32, (0,)), "q4_1": (20, 32, (0, 2)), "q8_0": (34, 32, (0,)),
-               "iq4_nl": (18, 32, (0,)), "q4_k": (144, 256, (0, 2)), "q6_k": (210, 256, (208,))}
+# byte offsets of the fp16 fields (d, and dmin / m) in the ggml formats' blocks
+_F16_FIELDS = {"q4_0": (0,), "q4_1": (0, 2), "q8_0": (0,), "iq4_nl": (0,), "q4_k": (0, 2), "q6_k": (208,)}
 
 
 def _check_scale_range(qt: QTensor, x, stacklevel=4) -> None:
@@ -121,8 +119,8 @@ def scale_range_rows(qt: QTensor, x) -> np.ndarray:
     if fmt in _F16_FIELDS:
         # the fp16 fields as strided uint16 views of the blocks (no copies: this runs on every
         # quantize), their magnitude bits, one max per row for Inf (0x7C00 and up)
-        bs, per, offs = _F16_FIELDS[fmt]
-        b = np.ascontiguousarray(q).reshape(n, -1, bs)
+        offs, per = _F16_FIELDS[fmt], _formats.FORMATS[fmt].block
+        b = np.ascontiguousarray(q).reshape(n, k // per, -1)  # [rows, blocks, block bytes]
         mags = [b[:, :, o:o + 2].view(np.uint16)[:, :, 0] & np.uint16(0x7FFF) for o in offs]
         for mg in mags:
             bad |= mg.max(axis=1) >= 0x7C00

@@ -226,7 +226,8 @@ def merge(qt: QTensor, ad: LoRA, *, warn_below: float | None = 0.5, chunk_rows: 
                         _range_check=False)
         big = _ops.scale_range_rows(part, tgt)  # checked here to name the row of the whole weight
         if big.any():
-            over = over or (r0 + int(np.argmax(big)), float(np.abs(tgt[int(np.argmax(big))]).max()))
+            i = int(np.argmax(big))
+            over = over or (r0 + i, float(np.abs(tgt[i]).max()))
             n_over += int(big.sum())
         for dst, src in zip(secs, part.sections()):
             if dst.shape[1]:

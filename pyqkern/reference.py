@@ -484,8 +484,13 @@ def int8_x_exp_limit(fmt, q, s, z, k, group, sym):
     """The exponent field every |x| must stay below for compute="int8" (core/matmul.cpp's
     int8_x_exp_limit, from the same largest |a| and |m|): the fp32 products a * dx and m * dx *
     block sum, and each block's term, stay finite, so no Inf * 0 makes NaN of a finite result."""
-    blk, u, a, o, m = decompose(fmt, q, s, z, k, group, sym)
-    n = u.shape[0]
+    _, _, a, o, m = decompose(fmt, q, s, z, k, group, sym)
+    return _int8_x_exp_limit(fmt, q, a, o, m)
+
+
+def _int8_x_exp_limit(fmt, q, a, o, m):
+    """int8_x_exp_limit from decompose's parameters (and q for the K-quants' super-block factors)."""
+    n = a.shape[0]
     if fmt in ("q4_k", "q6_k"):  # two-level: the super-block factor times 128 (a bound), as packed
         b = q.reshape(n, -1, 144 if fmt == "q4_k" else 210)
         at = slice(0, 2) if fmt == "q4_k" else slice(208, 210)
@@ -523,8 +528,8 @@ def check_int8_x(x, e):
 def matmul_int8(x, fmt, q, s, z, n, k, group, sym, bias=None):
     """The int8-compute result, exactly as every native variant computes it (and the same errors
     for x it refuses: check_int8_x)."""
-    check_int8_x(np.asarray(x, F32), int8_x_exp_limit(fmt, q, s, z, k, group, sym))
     blk, u, a, o, m = decompose(fmt, q, s, z, k, group, sym)
+    check_int8_x(np.asarray(x, F32), _int8_x_exp_limit(fmt, q, a, o, m))
     xq, dx = quantize_activations(np.asarray(x, F32))
     xq64 = xq.astype(np.int64)
     mm = x.shape[0]
