@@ -271,6 +271,31 @@ def test_read_probe_reads_every_word_once_per_pass(threads, restore_threads):
     assert pq.get_num_threads() == threads
 
 
+@pytest.mark.parametrize("mask", ["", "avx512f", "avx512f,avx2"], ids=["widest", "no-avx512", "no-avx2"])
+def test_read_probe_every_load_width(mask):
+    """The probe takes the widest loop this CPU runs (64-byte AVX-512, 32-byte AVX2, 16-byte
+    baseline): each one, reached by masking features in a child, sums every word at sizes with
+    each tail of the 512-byte step, at 1 and 2 threads."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, pyqkern as pq\n"
+        "from pyqkern import _native\n"
+        "r = np.random.default_rng(0)\n"
+        "for nb in (4096, 4096 + 128, 4096 + 384, 65536 + 256):\n"
+        "    a = r.integers(0, 1 << 40, size=nb // 8, dtype=np.int64)\n"
+        "    for th in (1, 2):\n"
+        "        pq.set_num_threads(th)\n"
+        "        secs, s = _native.read_probe(a, 2)\n"
+        "        assert s == int(a.sum()) % (1 << 64) and secs > 0, (nb, th)\n"
+        "print('ok')\n")
+    env, cwd = child_env()
+    env["PYQKERN_DISABLE_FEATURES"] = mask
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr
+
+
 def test_read_probe_bad_input():
     with pytest.raises(Exception, match="multiple of 128"):
         _native.read_probe(np.zeros(4096 // 8 + 1, np.int64), 1)
