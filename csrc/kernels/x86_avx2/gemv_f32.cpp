@@ -18,8 +18,12 @@ namespace {
 struct V256 {
   using vec = __m256;
   static constexpr int N = 8;
-  static constexpr int rows(int m) { return m == 1 ? 2 : 1; }
-  static constexpr int accs(int m) { return m <= 2 ? 4 : 2; }  // 8 or more chains, within 16 registers
+  // One weight row at a time, 4 accumulators at M = 1, 2 per activation row beyond. Two rows at
+  // M = 1 (8 accumulators) and 4 at M = 2 do not fit 16 registers beside the decoder's: GCC kept
+  // accumulators on the stack, a store-to-load round trip per FMA chain and chunk. On a Zen 3
+  // (4096x4096, one thread, min times) q4_0 M = 1 went 2.1 -> 1.5 ms, int4-g128 M = 2 3.4 -> 2.4.
+  static constexpr int rows(int) { return 1; }
+  static constexpr int accs(int m) { return m == 1 ? 4 : 2; }
   static vec zero() { return _mm256_setzero_ps(); }
   static vec load(const float* p) { return _mm256_loadu_ps(p); }
   static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
@@ -51,6 +55,7 @@ struct Tab16 {
     const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), sel);
   }
+  __m256 upper(__m256i idx) const { return (*this)(idx); }  // idx <= 15 already
   Tab16 mul(__m256 s) const { return Tab16{_mm256_mul_ps(lo, s), _mm256_mul_ps(hi, s)}; }
 };
 inline __m256 lane(__m256 v, int j) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j)); }
@@ -64,18 +69,24 @@ inline __m256 lane(__m256 v, int j) { return _mm256_permutevar8x32_ps(v, _mm256_
 struct Lin16 {
   __m256 d, e;  // finite d: e = -o * d; else e = o (the table is built per use: rare)
   bool finite;
-  __m256 operator()(__m256i idx) const {
-    if (__builtin_expect(!finite, 0))
-      return Tab16{_mm256_mul_ps(_mm256_sub_ps(iota_lo(), e), d), _mm256_mul_ps(_mm256_sub_ps(iota_hi(), e), d)}(idx);
+  __m256 table(__m256i idx) const {
+    return Tab16{_mm256_mul_ps(_mm256_sub_ps(iota_lo(), e), d), _mm256_mul_ps(_mm256_sub_ps(iota_hi(), e), d)}(idx);
+  }
+  __m256 operator()(__m256i idx) const {  // the low 4 bits of idx
+    if (__builtin_expect(!finite, 0)) return table(idx);
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(idx, _mm256_set1_epi32(15))), d, e);
+  }
+  __m256 upper(__m256i idx) const {  // idx <= 15 already (a byte shifted down by 4): no mask
+    if (__builtin_expect(!finite, 0)) return table(idx);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(idx), d, e);
   }
 };
 inline Lin16 lin16(const uint8_t* scale_f16, float o) {
   uint16_t h;
   __builtin_memcpy(&h, scale_f16, 2);
-  const __m256 d = bcast_f16(scale_f16), vo = _mm256_set1_ps(o);
-  const bool finite = (h & 0x7C00) != 0x7C00;
-  return Lin16{d, finite ? _mm256_mul_ps(vo, _mm256_sub_ps(_mm256_setzero_ps(), d)) : vo, finite};
+  const __m256 d = bcast_f16(scale_f16);
+  const bool finite = (h & 0x7C00) != 0x7C00;  // -o * d: exact, one multiply
+  return Lin16{d, finite ? _mm256_mul_ps(d, _mm256_set1_ps(-o)) : _mm256_set1_ps(o), finite};
 }
 
 // 16 code bytes, two codes each -> w[0..3]: first nibbles of bytes 0..7, 8..15, then second ones
@@ -83,10 +94,11 @@ template <class Tab>
 inline void nibbles(const uint8_t* p, bool high_first, const Tab& t, __m256* w) {
   const __m256i a = zext8(p), b = zext8(p + 8);
   const __m256i a4 = _mm256_srli_epi32(a, 4), b4 = _mm256_srli_epi32(b, 4);
-  w[0] = t(high_first ? a4 : a);
-  w[1] = t(high_first ? b4 : b);
-  w[2] = t(high_first ? a : a4);
-  w[3] = t(high_first ? b : b4);
+  // a4, b4 (a byte shifted down by 4) need no mask: t.upper
+  w[0] = high_first ? t.upper(a4) : t(a);
+  w[1] = high_first ? t.upper(b4) : t(b);
+  w[2] = high_first ? t(a) : t.upper(a4);
+  w[3] = high_first ? t(b) : t.upper(b4);
 }
 
 // nf4 / fp4 (high nibble first, fp32 absmax per group) and int4 (low nibble first, fp16 scale and
@@ -117,15 +129,12 @@ struct BookTab {  // book[c] * absmax, as dequantize_row_nf4
     return book.mul(_mm256_set1_ps(a));
   }
 };
-struct Int4Tab {  // f32(c - zero) * scale; the table, kept per group (Lin16 there measured 14%
-  // faster at M = 1 but 15-19% slower at M = 2 and 4)
-  using Table = Tab16;
+struct Int4Tab {  // f32(c - zero) * scale as Lin16 (zero <= 255: zero * scale is exact too); the
+  // table (two permutes and a blend per 8 codes) was 2.6x slower at M = 1 on a Zen 3
+  using Table = Lin16;
   bool sym;
-  Tab16 operator()(const uint8_t* s, const uint8_t* z, int64_t g) const {
-    const __m256 zero = _mm256_set1_ps((float)(sym ? 8 : z[g]));
-    const __m256 sc = bcast_f16(s + 2 * g);
-    // f32(c - zero) == f32(c) - f32(zero): both small integers, exact
-    return Tab16{_mm256_mul_ps(_mm256_sub_ps(iota_lo(), zero), sc), _mm256_mul_ps(_mm256_sub_ps(iota_hi(), zero), sc)};
+  Lin16 operator()(const uint8_t* s, const uint8_t* z, int64_t g) const {
+    return lin16(s + 2 * g, (float)(sym ? 8 : z[g]));
   }
 };
 
