@@ -55,10 +55,13 @@ Ceilings (session fixture ``ceilings``, measured at the start of the run)
                   can exceed it (fraction > 1), and other libraries may do better. The nominal
                   470 GOP/s per core quoted in the issue is reported alongside (frac_int8_nominal).
   int8 hw peak    the hardware's: pq's native probe (pqk_int8_peak) runs the active variant's dot
-                  product instruction (vpdpbusd) on independent accumulators on every pool thread
-                  (none for variants without it). Zen 5 issues two 512-bit vpdpbusd per cycle:
-                  ~1060 GOP/s per core here, twice the Zen 4 figure the issue quotes; it shares
-                  those two pipes with float multiplies, which every kernel's block epilogue needs.
+                  product instruction on independent accumulators on every pool thread: vpdpbusd
+                  with VNNI, else (avx2) vpmaddubsw + vpaddw, the nibble kernels' step per 32
+                  multiply-adds (none for ref). A Zen 5 issues two 512-bit vpdpbusd per cycle:
+                  ~1060 GOP/s per core, twice the Zen 4 figure the issue quotes; it shares those
+                  two pipes with float multiplies, which every kernel's block epilogue needs. A
+                  Zen 3 (AVX2, no VNNI): ~240-260 GOP/s per core with maddubs + add (a standalone
+                  loop of the same instructions reached ~330).
 
 extra_info per row: cpu, impl, format, compute, variant (pq.info()['active_variant']), threads, M/K/N,
 gflops (2MNK / min time), weight_gbs (bytes of the weight as that implementation stores it (pyqkern: as its
