@@ -26,7 +26,8 @@ Rows
              table (separate rows can land in different states of a shared machine). (1,4096,4096):
              the same two in alternating blocks of calls (one call each in turn would have the two
              9 MB weights evict each other from L3); the speed-up is the ratio of the medians of
-             the blocks' medians.
+             the blocks' medians. pyqkern compute="float" (q4_0, int4-g128) and torch's int4
+             weight-only matmul at (1,4096,4096) the same way (the float GEMV bar: 1.5x torch).
   ort        onnxruntime com.microsoft MatMulNBits, bits=4, block_size 32 (weights = pyqkern's q4_0
              codes / scales, zero point 8) and 128 (pyqkern's int4 group-128 codes, scales and zero
              points), accuracy_level 0 (fp32 compute) and 4 (int8 compute), intra_op_num_threads=n.
@@ -96,6 +97,7 @@ TARGET_S = 0.6 if QUICK else 1.0   # wall time per benchmark (after one warm-up 
 
 _RESULTS: list = []
 _PAIRED: list = []
+_PAIRED_TORCH: list = []  # compute="float" GEMV vs torch int4 weight-only, blocks in turn
 
 
 def _sid(s):
@@ -155,6 +157,12 @@ class _Summary:
             for r in _PAIRED:
                 tr.write_line(f"{str(r['shape']):<18}{r['fmt']:<12} t{r['threads']}  pyqkern {r['pq_median_ms']:.3f} ms"
                               f"  ort {r['ort_b128_acc4_median_ms']:.3f} ms  speed-up {r['speedup_vs_ort_paired']:.2f}x")
+        if _PAIRED_TORCH:
+            tr.write_line("paired (alternate blocks of calls, medians of the block medians): pyqkern compute=\"float\" "
+                          "vs torch _weight_int4pack_mm_for_cpu (int4 g128, bf16), (1, 4096, 4096); bar 1.5x")
+            for r in _PAIRED_TORCH:
+                tr.write_line(f"{r['fmt']:<12} t{r['threads']}  pyqkern {r['pq_median_ms']:.3f} ms"
+                              f"  torch {r['torch_median_ms']:.3f} ms  speed-up {r['speedup_vs_torch_paired']:.2f}x")
 
 
 @pytest.fixture(scope="session")
@@ -629,6 +637,13 @@ def test_torch_int4pack(measure, shape, torch_threads):
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         pytest.skip(f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu")
     m, k, n = shape
+    fn, wbytes = _torch_int4pack_fn(torch, m, k, n)
+    measure(fn, impl="torch", fmt="int4pack-g128-bf16", compute="bf16", shape=shape, threads=threads,
+            weight_bytes=wbytes)
+
+
+def _torch_int4pack_fn(torch, m, k, n):
+    """torch's int4 weight-only matmul on pyqkern's int4 group-128 weight: (call, weight bytes)."""
     g = 128
     q, s, z = _qt("int4", {"group": g}, n, k).sections()
     q = np.ascontiguousarray(q)
@@ -643,9 +658,52 @@ def test_torch_int4pack(measure, shape, torch_threads):
         wp = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes), 2)
         szt = torch.from_numpy(np.ascontiguousarray(sz)).to(torch.bfloat16)
         xt = torch.from_numpy(_x(m, k)).to(torch.bfloat16)
-        fn = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xt, wp, g, szt)   # noqa: E731
-        measure(fn, impl="torch", fmt="int4pack-g128-bf16", compute="bf16", shape=shape, threads=threads,
-                weight_bytes=wp.numel() * wp.element_size() + szt.numel() * szt.element_size())
+
+    def fn():
+        with torch.no_grad():
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(xt, wp, g, szt)
+    return fn, wp.numel() * wp.element_size() + szt.numel() * szt.element_size()
+
+
+@pytest.mark.parametrize("pq_threads", THREAD_P, indirect=True)
+@pytest.mark.parametrize("fmt,opts", [pytest.param(f, o, id=_fmt_label(f, o)) for f, o in PQ_FORMATS[:2]])
+def test_paired_float_vs_torch(measure, fmt, opts, pq_threads):
+    """The compute="float" GEMV bar's comparison (1.5x torch's int4 weight-only matmul) at
+    (1,4096,4096) over one stretch of time: blocks of calls of each in turn, as the ORT pairing,
+    torch at the same thread count."""
+    torch = pytest.importorskip("torch", reason="torch not importable (pip install torch)")
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip(f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu")
+    m, k, n = shape = (1, 4096, 4096)
+    before = torch.get_num_threads()
+    torch.set_num_threads(pq_threads)
+    try:
+        ft, _ = _torch_int4pack_fn(torch, m, k, n)
+        qt = _qt(fmt, opts, n, k)
+        lin = pq.QLinear(qt, compute="float")
+        x = _x(m, k)
+        y = np.empty((m, n), np.float32)
+        fp = lambda: lin(x, out=y)   # noqa: E731
+        rounds, calls = (4, 30) if QUICK else (8, 60)
+        bp, bt = [], []
+        for _ in range(rounds):
+            for f, meds in ((fp, bp), (ft, bt)):
+                time.sleep(0.05)
+                for _ in range(5):
+                    f()
+                ts = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    f()
+                    ts.append(time.perf_counter() - t0)
+                meds.append(float(np.median(ts)))
+    finally:
+        torch.set_num_threads(before)
+    measure(fp, impl="pyqkern", fmt=_fmt_label(fmt, opts) + "-paired", compute="float", shape=shape,
+            threads=pq_threads, weight_bytes=streamed_weight_bytes(qt, "float", m))
+    _PAIRED_TORCH.append(dict(fmt=_fmt_label(fmt, opts), threads=pq_threads, pq_median_ms=float(np.median(bp)) * 1e3,
+                              torch_median_ms=float(np.median(bt)) * 1e3,
+                              speedup_vs_torch_paired=float(np.median(bt) / np.median(bp))))
 
 
 @pytest.mark.parametrize("torch_threads", THREAD_P, indirect=True)
