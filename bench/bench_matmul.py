@@ -642,6 +642,23 @@ def test_torch_int4pack(measure, shape, torch_threads):
             weight_bytes=wbytes)
 
 
+def _block_medians(fa, fb, rounds, calls, warm):
+    """Blocks of `calls` calls of fa, then of fb, `rounds` times: each one's list of block medians."""
+    ma, mb = [], []
+    for _ in range(rounds):
+        for f, meds in ((fa, ma), (fb, mb)):
+            time.sleep(0.05)      # the other's threads stop spinning (ORT's kept pyqkern at one core)
+            for _ in range(warm):  # the weight back into cache after the other's block
+                f()
+            ts = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            meds.append(float(np.median(ts)))
+    return ma, mb
+
+
 def _torch_int4pack_fn(torch, m, k, n):
     """torch's int4 weight-only matmul on pyqkern's int4 group-128 weight: (call, weight bytes)."""
     g = 128
@@ -685,18 +702,7 @@ def test_paired_float_vs_torch(measure, fmt, opts, pq_threads):
         y = np.empty((m, n), np.float32)
         fp = lambda: lin(x, out=y)   # noqa: E731
         rounds, calls = (4, 30) if QUICK else (8, 60)
-        bp, bt = [], []
-        for _ in range(rounds):
-            for f, meds in ((fp, bp), (ft, bt)):
-                time.sleep(0.05)
-                for _ in range(5):
-                    f()
-                ts = []
-                for _ in range(calls):
-                    t0 = time.perf_counter()
-                    f()
-                    ts.append(time.perf_counter() - t0)
-                meds.append(float(np.median(ts)))
+        bp, bt = _block_medians(fp, ft, rounds, calls, warm=5)
     finally:
         torch.set_num_threads(before)
     measure(fp, impl="pyqkern", fmt=_fmt_label(fmt, opts) + "-paired", compute="float", shape=shape,
@@ -744,18 +750,7 @@ def test_paired_blocks_vs_ort(measure, shape, fmt, opts, pq_threads):
     feed = {"A": x}
     fp, fo = (lambda: lin(x, out=y)), (lambda: sess.run(None, feed))
     rounds, calls = (4, 100) if QUICK else (8, 200)
-    bp, bo = [], []
-    for _ in range(rounds):
-        for f, meds in ((fp, bp), (fo, bo)):
-            time.sleep(0.05)      # the other's threads stop spinning (ORT's kept pyqkern at one core)
-            for _ in range(10):   # the weight back into cache after the other's block
-                f()
-            ts = []
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                f()
-                ts.append(time.perf_counter() - t0)
-            meds.append(float(np.median(ts)))
+    bp, bo = _block_medians(fp, fo, rounds, calls, warm=10)
     measure(fp, impl="pyqkern", fmt=_fmt_label(fmt, opts) + "-paired", compute="int8", shape=shape,
             threads=pq_threads, weight_bytes=streamed_weight_bytes(qt, "int8", m))
     info = {"ort_b128_acc4_median_ms": float(np.median(bo)) * 1e3, "pq_median_ms": float(np.median(bp)) * 1e3,

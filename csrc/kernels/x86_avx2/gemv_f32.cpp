@@ -18,12 +18,13 @@ namespace {
 struct V256 {
   using vec = __m256;
   static constexpr int N = 8;
-  // One weight row at a time, 4 accumulators at M = 1, 2 per activation row beyond. Two rows at
-  // M = 1 (8 accumulators) and 4 at M = 2 do not fit 16 registers beside the decoder's: GCC kept
-  // accumulators on the stack, a store-to-load round trip per FMA chain and chunk. On a Zen 3
-  // (4096x4096, one thread, min times) q4_0 M = 1 went 2.1 -> 1.5 ms, int4-g128 M = 2 3.4 -> 2.4.
+  // One weight row at a time. Two at M = 1 (8 accumulators) did not fit 16 registers beside the
+  // decoder's: GCC kept accumulators on the stack, a store-to-load round trip per FMA chain and
+  // chunk; one row: q4_0 M = 1 2.1 -> 1.5 ms (4096x4096, one thread, min, a Zen 3). M = 2 keeps
+  // 4 accumulators per activation row (2 measured 3.4 -> 2.4 ms for int4-g128, but M = 1 and 2
+  // must sum a row in the same order: x[i] alone gives the bits row i gets in a pair).
   static constexpr int rows(int) { return 1; }
-  static constexpr int accs(int m) { return m == 1 ? 4 : 2; }
+  static constexpr int accs(int m) { return m <= 2 ? 4 : 2; }
   static vec zero() { return _mm256_setzero_ps(); }
   static vec load(const float* p) { return _mm256_loadu_ps(p); }
   static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }

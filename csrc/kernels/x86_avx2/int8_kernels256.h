@@ -36,6 +36,21 @@ inline __m256 load_m(const PackedWeight& w, int64_t pi) {
   return load_par(w.minv, w.min16, w.md, w.mq, w.mq ? w.sup_index(pi) : 0, pi);
 }
 
+// y for R activation rows from i0 and the tile's rows 8h .. 8h + 7 (those below nr), + bias
+template <class DP, int R>  // DP: the folder's type, in the name of each folder's copy
+inline void store_half(const __m256* acc, int h, int nr, int64_t i0, int64_t n0, float* y, int64_t ldy,
+                       const float* bias) {
+  for (int ii = 0; ii < R; ++ii) {
+    alignas(32) float out[8];
+    _mm256_store_ps(out, acc[ii]);
+    for (int r = 0; r < 8; ++r) {
+      const int row = 8 * h + r;
+      if (row >= nr) break;
+      y[(i0 + ii) * ldy + n0 + row] = bias ? out[r] + bias[n0 + row] : out[r];
+    }
+  }
+}
+
 // R activation rows from i0 over one tile (R a constant, so no run-time trip count keeps the row
 // loop's accumulators on the stack)
 template <class DP, bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool SIGNED, int R>
@@ -140,15 +155,7 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
         }
       }
     }
-    for (int ii = 0; ii < R; ++ii) {
-      alignas(32) float out[8];
-      _mm256_store_ps(out, acc[ii]);
-      for (int r = 0; r < 8; ++r) {
-        const int row = 8 * h + r;
-        if (row >= nr) break;
-        y[(i0 + ii) * ldy + n0 + row] = bias ? out[r] + bias[n0 + row] : out[r];
-      }
-    }
+    store_half<DP, R>(acc, h, nr, i0, n0, y, ldy, bias);
   }
 }
 
@@ -161,7 +168,7 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
 // block. M = 128, 4096x4096, one thread on a Zen 3, min of 2 s: q4_0 36-51 -> 30 ms, int4-g128
 // 37-51 -> 30, q4_k 47-64 -> 39-44. The same exact integer sums and the same float steps per
 // row, so the same bits.
-template <bool HAS_MIN, bool ROW_OFF, int R>
+template <class DP, bool HAS_MIN, bool ROW_OFF, int R>  // DP (MaddubsDot): the folder in the name
 void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
                    const float* bias) {
   const int64_t n0 = tile * NR;
@@ -231,27 +238,19 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
         }
       }
     }
-    for (int ii = 0; ii < R; ++ii) {
-      alignas(32) float out[8];
-      _mm256_store_ps(out, acc[ii]);
-      for (int r = 0; r < 8; ++r) {
-        const int row = 8 * h + r;
-        if (row >= nr) break;
-        y[(i0 + ii) * ldy + n0 + row] = bias ? out[r] + bias[n0 + row] : out[r];
-      }
-    }
+    store_half<DP, R>(acc, h, nr, i0, n0, y, ldy, bias);
   }
 }
 
-template <bool HAS_MIN, bool ROW_OFF>
+template <class DP, bool HAS_MIN, bool ROW_OFF>
 void tile_kernel_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
                      int64_t ldy, const float* bias) {
   int64_t i0 = m0;
-  for (; i0 + 4 <= m1; i0 += 4) tile_rows_nib<HAS_MIN, ROW_OFF, 4>(w, tile, a, i0, y, ldy, bias);
+  for (; i0 + 4 <= m1; i0 += 4) tile_rows_nib<DP, HAS_MIN, ROW_OFF, 4>(w, tile, a, i0, y, ldy, bias);
   switch (m1 - i0) {
-    case 1: return tile_rows_nib<HAS_MIN, ROW_OFF, 1>(w, tile, a, i0, y, ldy, bias);
-    case 2: return tile_rows_nib<HAS_MIN, ROW_OFF, 2>(w, tile, a, i0, y, ldy, bias);
-    case 3: return tile_rows_nib<HAS_MIN, ROW_OFF, 3>(w, tile, a, i0, y, ldy, bias);
+    case 1: return tile_rows_nib<DP, HAS_MIN, ROW_OFF, 1>(w, tile, a, i0, y, ldy, bias);
+    case 2: return tile_rows_nib<DP, HAS_MIN, ROW_OFF, 2>(w, tile, a, i0, y, ldy, bias);
+    case 3: return tile_rows_nib<DP, HAS_MIN, ROW_OFF, 3>(w, tile, a, i0, y, ldy, bias);
     default: return;
   }
 }
@@ -400,10 +399,12 @@ void gemm_int8_256(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m
     if (w.row_offset) return tile_gemv<DP, false, true>(w, tile, a, m0, m1, y, ldy, bias);
     return tile_gemv<DP, false, false>(w, tile, a, m0, m1, y, ldy, bias);
   }
-  if (w.nibbles && !w.lut && !DP::kVnni && !(w.has_min && w.row_offset)) {
-    if (w.has_min) return tile_kernel_nib<true, false>(w, tile, a, m0, m1, y, ldy, bias);
-    if (w.row_offset) return tile_kernel_nib<false, true>(w, tile, a, m0, m1, y, ldy, bias);
-    return tile_kernel_nib<false, false>(w, tile, a, m0, m1, y, ldy, bias);
+  if constexpr (!DP::kVnni) {
+    if (w.nibbles && !w.lut && !(w.has_min && w.row_offset)) {
+      if (w.has_min) return tile_kernel_nib<DP, true, false>(w, tile, a, m0, m1, y, ldy, bias);
+      if (w.row_offset) return tile_kernel_nib<DP, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+      return tile_kernel_nib<DP, false, false>(w, tile, a, m0, m1, y, ldy, bias);
+    }
   }
   if (w.nibbles) {
     if (w.lut) return tile_kernel<DP, true, 32, false, false, true, true>(w, tile, a, m0, m1, y, ldy, bias);
