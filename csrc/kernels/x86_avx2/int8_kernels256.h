@@ -36,6 +36,11 @@ inline __m256 load_m(const PackedWeight& w, int64_t pi) {
   return load_par(w.minv, w.min16, w.md, w.mq, w.mq ? w.sup_index(pi) : 0, pi);
 }
 
+// 8 per-row zero points (asymmetric int2/3/4) as int32 lanes
+inline __m256i load_offs(const PackedWeight& w, int64_t pi) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
+}
+
 // y for R activation rows from i0 and the tile's rows 8h .. 8h + 7 (those below nr), + bias
 template <class DP, int R>  // DP: the folder's type, in the name of each folder's copy
 inline void store_half(const __m256* acc, int h, int nr, int64_t i0, int64_t n0, float* y, int64_t ldy,
@@ -102,10 +107,8 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
           for (int j = 0; j < NQ; ++j) Wabs[j] = _mm256_abs_epi8(W[j]);
         const int64_t pi = (tile * w.npar + g) * NR + 8 * h;
         const __m256 vscale = load_a(w, pi);
-        __m256 vmin = _mm256_setzero_ps();
-        __m256i voff = _mm256_setzero_si256();
-        if (HAS_MIN) vmin = load_m(w, pi);
-        if (ROW_OFF) voff = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
+        const __m256 vmin = HAS_MIN ? load_m(w, pi) : _mm256_setzero_ps();
+        const __m256i voff = ROW_OFF ? load_offs(w, pi) : _mm256_setzero_si256();
 #pragma GCC unroll 8
         for (int ii = 0; ii < R; ++ii) {
           const int64_t i = i0 + ii;
@@ -218,10 +221,8 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
       }
       const int64_t pi = (tile * w.npar + g) * NR + 8 * h;
       const __m256 vscale = load_a(w, pi);
-      __m256 vmin = _mm256_setzero_ps();
-      __m256i voff = _mm256_setzero_si256();
-      if (HAS_MIN) vmin = load_m(w, pi);
-      if (ROW_OFF) voff = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
+      const __m256 vmin = HAS_MIN ? load_m(w, pi) : _mm256_setzero_ps();
+      const __m256i voff = ROW_OFF ? load_offs(w, pi) : _mm256_setzero_si256();
       for (int ii = 0; ii < R; ++ii) {
         const float dx = dxr[ii][b];
         __m256i isum = _mm256_madd_epi16(p16[ii], ones16);
@@ -302,8 +303,8 @@ void gemv_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
     if (HAS_MIN) { vm0 = load_m(w, pi); vm1 = load_m(w, pi + 8); }
     __m256i vo0 = _mm256_setzero_si256(), vo1 = vo0;  // o in the low int16 of each lane
     if (ROW_OFF) {
-      vo0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
-      vo1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi + 8)));
+      vo0 = load_offs(w, pi);
+      vo1 = load_offs(w, pi + 8);
     }
     for (const int64_t be = b + pe; b < be; ++b) {
       const uint8_t* cb = ct + b * (QBLK * NR / 2);
