@@ -125,17 +125,7 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
               isum = SIGNED ? DP::dot(isum, Wabs[j], _mm256_sign_epi8(xv, W[j]))
                             : DP::dot(isum, W[j], xv);
             }
-          } else if (NIB && !SIGNED) {
-            // codes <= 15: a pair sum is <= 2*15*127 and all 8 of a block <= 30480, so they add
-            // exactly in int16; one madd per block instead of one per quad
-            __m256i p16 = _mm256_setzero_si256();
-            for (int j = 0; j < NQ; ++j) {
-              int32_t quad;
-              __builtin_memcpy(&quad, xb + 4 * j, 4);
-              p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(W[j], _mm256_set1_epi32(quad)));
-            }
-            isum = _mm256_madd_epi16(p16, ones16);
-          } else {
+          } else {  // (maddubs nibble codes without a code book: tile_rows_nib)
             for (int j = 0; j < NQ; ++j) {
               int32_t quad;
               __builtin_memcpy(&quad, xb + 4 * j, 4);
@@ -185,14 +175,14 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
   const int32_t* xs16[R];
   const float* dxr[R];
   const int32_t* xnr[R];
-  const int32_t* xor_[R];
+  const int32_t* xo_row[R];
   const bool has_xo = !a.xo.empty();  // filled where o_const != 0
   for (int ii = 0; ii < R; ++ii) {
     xq[ii] = a.row_q(i0 + ii);
     xs16[ii] = a.row_s(i0 + ii);
     dxr[ii] = a.row_d(i0 + ii);
     xnr[ii] = a.row_n(i0 + ii);
-    xor_[ii] = has_xo ? a.row_o(i0 + ii) : nullptr;
+    xo_row[ii] = has_xo ? a.row_o(i0 + ii) : nullptr;
   }
   for (int h = 0; h < 2; ++h) {  // rows 0-7, then rows 8-15 of the tile
     __m256 acc[R];
@@ -211,7 +201,8 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
           int32_t ql, qh;
           __builtin_memcpy(&ql, xq[ii] + b * QBLK + 4 * j, 4);
           __builtin_memcpy(&qh, xq[ii] + b * QBLK + 16 + 4 * j, 4);
-          // codes <= 15: all 8 pair sums of a block add exactly in int16 (see tile_rows)
+          // codes <= 15: a pair sum is <= 2*15*127 and all 8 of a block <= 30480, so they add
+          // exactly in int16; one madd per block instead of one per quad
           p16[ii] = _mm256_add_epi16(p16[ii], _mm256_maddubs_epi16(wl, _mm256_set1_epi32(ql)));
           p16[ii] = _mm256_add_epi16(p16[ii], _mm256_maddubs_epi16(wh, _mm256_set1_epi32(qh)));
           // keeps the sums in this order: GCC otherwise reassociates the int16 adds into a tree
@@ -229,7 +220,7 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
         // - o * (block sum of x), exact, from ActQ's per-block terms: xn (-sum as int16, the
         // high half 0) against o in each lane's low int16, or xo = -o_const * sum
         if (ROW_OFF) isum = _mm256_add_epi32(isum, _mm256_madd_epi16(voff, _mm256_set1_epi32(xnr[ii][b])));
-        else if (has_xo) isum = _mm256_add_epi32(isum, _mm256_set1_epi32(xor_[ii][b]));
+        else if (has_xo) isum = _mm256_add_epi32(isum, _mm256_set1_epi32(xo_row[ii][b]));
         const __m256 da = _mm256_mul_ps(vscale, _mm256_set1_ps(dx));
         acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), da));
         if (HAS_MIN) {
