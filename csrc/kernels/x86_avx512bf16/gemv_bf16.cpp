@@ -20,6 +20,7 @@
 
 #include "../../core/kernel_table.h"
 #include "../../core/packed.h"
+#include "../x86_avx512/asm512.h"
 #include "../x86_avx512/packed_params512.h"  // load_a
 
 namespace pqk { namespace avx512bf16 {
@@ -31,9 +32,11 @@ typedef uint32_t __attribute__((may_alias, aligned(2))) u32_bf16pair;
 // acc += w (16 lanes x 2 bf16) . (the bf16 pair at p, broadcast). GCC 12 does not fold the
 // broadcast into the {1to16} memory operand by itself.
 inline __m512 dp_pair(__m512 acc, __m512i w, const uint16_t* p) {
-#if defined(__GNUC__) && !defined(__clang__)
+#if PQK_ZMM_ASM
   __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const u32_bf16pair*)p));
   return acc;
+#elif defined(PQK_SIMDE_EMULATION)  // SIMDe has no cast to __m512bh
+  return pqk_emu_dpbf16_pair(acc, w, *(const u32_bf16pair*)p);
 #else
   return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_set1_epi32((int)*(const u32_bf16pair*)p));
 #endif

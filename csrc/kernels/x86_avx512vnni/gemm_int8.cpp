@@ -6,6 +6,7 @@
 
 #include "../../core/kernel_table.h"
 #include "../../core/packed.h"
+#include "../x86_avx512/asm512.h"
 #include "../x86_avx512/packed_params512.h"  // load_a, load_m
 
 namespace pqk { namespace avx512vnni {
@@ -24,7 +25,7 @@ typedef int32_t __attribute__((may_alias, aligned(1))) i32_unaligned;
 // (12) loads the broadcast with a separate vpbroadcastd instead of vpdpbusd's {1to16} memory
 // operand: one more FP-pipe op per dot product, ~25% of the GEMV loop's vector ops.
 inline __m512i dpbusd_x4(__m512i acc, __m512i w, const int8_t* p) {
-#if defined(__GNUC__) && !defined(__clang__)
+#if PQK_ZMM_ASM
   __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const i32_unaligned*)p));
   return acc;
 #else
@@ -35,7 +36,7 @@ inline __m512i dpbusd_x4(__m512i acc, __m512i w, const int8_t* p) {
 // acc += (int16 low half of each lane of o) * (int16 at p), for p -> -block sum (ActQ::xn): the
 // offset term -o * sum(xq) in one op (vpdpwssd; the high halves are 0 on both sides).
 inline __m512i dpwssd_x1(__m512i acc, __m512i o, const int32_t* p) {
-#if defined(__GNUC__) && !defined(__clang__)
+#if PQK_ZMM_ASM
   __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(o), "m"(*p));
   return acc;
 #else
@@ -72,7 +73,7 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
       if (NIB) {
         for (int j = 0; j < 4; ++j) {
           __m512i p = _mm512_load_si512((const void*)(cb + 64 * j));
-          __asm__("" : "+v"(p));  // one load for both nibbles (see gemv_rows)
+          PQK_IN_ZMM(p);  // one load for both nibbles (see gemv_rows)
           W[j] = _mm512_and_si512(p, lo4);
           W[j + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), lo4);
           if (LUT) {
@@ -210,7 +211,7 @@ inline void gemv_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_
       }
       for (int j = 0; j < 4; ++j) {
         __m512i p = _mm512_load_si512((const void*)(cb + 64 * j));
-        __asm__("" : "+v"(p));  // one load, in a register (see above)
+        PQK_IN_ZMM(p);  // one load, in a register (see above)
         const __m512i pl = _mm512_and_si512(p, lo4), ph = _mm512_and_si512(p, hi4);
         for (int r = 0; r < R; ++r) {
           const int8_t* xb = xq[r] + b * 32;

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include "../../core/kernel_table.h"
+#include "../x86_avx512/asm512.h"
 
 namespace pqk { namespace avx512vnni {
 
@@ -13,11 +14,12 @@ uint64_t int8_peak(int64_t iters) {
 #define PQK_DECL(j) __m512i a##j = _mm512_set1_epi32(j);
   PQK_16(PQK_DECL)
   __m512i u = _mm512_set1_epi8(3), s = _mm512_set1_epi8(-5);
-  __asm__("" : "+v"(u), "+v"(s));  // not constants the compiler could fold the sums of
+  PQK_IN_ZMM(u);
+  PQK_IN_ZMM(s);  // not constants the compiler could fold the sums of
   for (int64_t i = 0; i < iters; ++i) {
 #define PQK_DOT(j) a##j = _mm512_dpbusd_epi32(a##j, u, s);
     PQK_16(PQK_DOT)
-#define PQK_KEEP(j) __asm__ volatile("" : "+v"(a##j));
+#define PQK_KEEP(j) PQK_KEEP_ZMM(a##j);
     PQK_16(PQK_KEEP)  // 16 live chains the compiler cannot merge
   }
 #define PQK_SUM(j) t = _mm512_add_epi32(t, a##j);
