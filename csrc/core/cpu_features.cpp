@@ -104,6 +104,12 @@ static CpuFeatures detect() {
   // Features whose register state the OS does not save are unusable.
   if (!f.os_avx) f.avx = f.avx2 = f.fma = f.f16c = f.avxvnni = false;
   if (!f.os_avx512) f.avx512f = f.avx512bw = f.avx512vl = f.avx512dq = f.avx512vnni = f.avx512bf16 = false;
+#ifdef PQK_EMULATE_AVX512
+  // test build (tools/x86_emu_check.sh): the AVX-512 and AVX-VNNI folders were compiled on AVX2
+  // through SIMDe, so they run wherever AVX2 does
+  if (f.avx2 && f.fma && f.f16c && f.bmi2)
+    f.avx512f = f.avx512bw = f.avx512vl = f.avx512dq = f.avx512vnni = f.avx512bf16 = f.avxvnni = true;
+#endif
 #endif
 #if defined(__aarch64__) && defined(__linux__)
   const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
