@@ -13,6 +13,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "../../core/kernel_table.h"
 #include "../../core/packed.h"
 
@@ -21,24 +23,39 @@ namespace pqk { namespace {
 constexpr int MR = 4;
 
 // 8 per-row parameters at index pi, stored as fp32 or fp16, or two-level (q4_k, q6_k: d * q,
-// exact; see packed.h)
-inline __m256 load_par(const float* f32, const uint16_t* f16, const float* d, const int8_t* q, int64_t sup,
-                       int64_t pi) {
+// exact; see packed.h). These helpers take no DP, so a copy GCC left out of line would carry no
+// folder's namespace in its name (tests/test_isa_isolation.py): always inlined.
+inline __attribute__((always_inline)) __m256 load_par(const float* f32, const uint16_t* f16, const float* d,
+                                                      const int8_t* q, int64_t sup, int64_t pi) {
   if (q)
     return _mm256_mul_ps(_mm256_load_ps(d + sup),
                          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + pi)))));
   return f16 ? _mm256_cvtph_ps(_mm_load_si128((const __m128i*)(f16 + pi))) : _mm256_load_ps(f32 + pi);
 }
-inline __m256 load_a(const PackedWeight& w, int64_t pi) {
+inline __attribute__((always_inline)) __m256 load_a(const PackedWeight& w, int64_t pi) {
   return load_par(w.scale, w.scale16, w.sd, w.sq, w.sq ? w.sup_index(pi) : 0, pi);
 }
-inline __m256 load_m(const PackedWeight& w, int64_t pi) {
+inline __attribute__((always_inline)) __m256 load_m(const PackedWeight& w, int64_t pi) {
   return load_par(w.minv, w.min16, w.md, w.mq, w.mq ? w.sup_index(pi) : 0, pi);
 }
 
 // 8 per-row zero points (asymmetric int2/3/4) as int32 lanes
-inline __m256i load_offs(const PackedWeight& w, int64_t pi) {
+inline __attribute__((always_inline)) __m256i load_offs(const PackedWeight& w, int64_t pi) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
+}
+
+// f(i0, R) for the activation rows [m0, m1): groups of 4 rows, then the 1-3 left (R an
+// std::integral_constant, so each kernel's row loops have constant trip counts)
+template <class F>
+inline void row_groups(int64_t m0, int64_t m1, F f) {
+  int64_t i0 = m0;
+  for (; i0 + 4 <= m1; i0 += 4) f(i0, std::integral_constant<int, 4>());
+  switch (m1 - i0) {
+    case 1: return f(i0, std::integral_constant<int, 1>());
+    case 2: return f(i0, std::integral_constant<int, 2>());
+    case 3: return f(i0, std::integral_constant<int, 3>());
+    default: return;
+  }
 }
 
 // y for R activation rows from i0 and the tile's rows 8h .. 8h + 7 (those below nr), + bias
@@ -237,29 +254,89 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
 template <class DP, bool HAS_MIN, bool ROW_OFF>
 void tile_kernel_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
                      int64_t ldy, const float* bias) {
-  int64_t i0 = m0;
-  for (; i0 + 4 <= m1; i0 += 4) tile_rows_nib<DP, HAS_MIN, ROW_OFF, 4>(w, tile, a, i0, y, ldy, bias);
-  switch (m1 - i0) {
-    case 1: return tile_rows_nib<DP, HAS_MIN, ROW_OFF, 1>(w, tile, a, i0, y, ldy, bias);
-    case 2: return tile_rows_nib<DP, HAS_MIN, ROW_OFF, 2>(w, tile, a, i0, y, ldy, bias);
-    case 3: return tile_rows_nib<DP, HAS_MIN, ROW_OFF, 3>(w, tile, a, i0, y, ldy, bias);
-    default: return;
+  row_groups(m0, m1, [&](int64_t i0, auto r) {
+    tile_rows_nib<DP, HAS_MIN, ROW_OFF, decltype(r)::value>(w, tile, a, i0, y, ldy, bias);
+  });
+}
+
+// maddubs (no VNNI) for signed codes: 8-bit (q8_0, int8) and code books (nf4, iq4_nl: NIB):
+// tile_rows' integer and float operations in another order. One code register (a quad of the
+// block for 8 rows) at a time with its |c|, used by the R rows at once: per row and quad a
+// broadcast, a sign, a maddubs and a madd into the int32 block sum (pair sums reach 2*128*127,
+// so they cannot add in int16 as the nibbles' do). tile_rows keeps the block's 8 code and 8
+// |code| registers beside the rows' sums and accumulators, and GCC spilled in the innermost
+// loop. The same exact integer sums and float steps per row, so the same bits.
+template <class DP, bool NIB, int R>  // DP (MaddubsDot): the folder in the name
+void tile_rows_sgn(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
+                   const float* bias) {
+  const int64_t n0 = tile * NR;
+  const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
+  const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
+  constexpr int BCB = NIB ? QBLK * NR / 2 : QBLK * NR;
+  const __m256i lo4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+  alignas(16) uint8_t lut_s[16];
+  for (int i = 0; i < 16; ++i) lut_s[i] = (uint8_t)(w.lut16[i] ^ 0x80);
+  const __m256i vlut = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)lut_s));
+  const int64_t nkb = w.k / QBLK;
+  const int8_t* xq[R];
+  const float* dxr[R];
+  for (int ii = 0; ii < R; ++ii) {
+    xq[ii] = a.row_q(i0 + ii);
+    dxr[ii] = a.row_d(i0 + ii);
   }
+  for (int h = 0; h < 2; ++h) {  // rows 0-7, then rows 8-15 of the tile
+    __m256 acc[R];
+    for (int ii = 0; ii < R; ++ii) acc[ii] = _mm256_setzero_ps();
+    int64_t g = 0, g_end = w.par_every;
+    for (int64_t b = 0; b < nkb; ++b) {
+      if (b == g_end) { ++g; g_end += w.par_every; }
+      const uint8_t* cb = ct + b * BCB + 32 * h;
+      __m256i isum[R];
+      for (int ii = 0; ii < R; ++ii) isum[ii] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {  // quad j: x bytes 4j .. 4j + 3 of the block
+        __m256i c;
+        if (NIB) {  // quads 0-3 in the low nibbles of the 4 registers, 4-7 in the high ones
+          const __m256i p = _mm256_load_si256((const __m256i*)(cb + 64 * (j & 3)));
+          c = _mm256_shuffle_epi8(vlut, _mm256_and_si256(j < 4 ? p : _mm256_srli_epi16(p, 4), lo4));
+        } else {
+          c = _mm256_xor_si256(_mm256_load_si256((const __m256i*)(cb + 64 * j)), flip);
+        }
+        const __m256i cabs = _mm256_abs_epi8(c);
+        for (int ii = 0; ii < R; ++ii) {
+          int32_t quad;
+          __builtin_memcpy(&quad, xq[ii] + b * QBLK + 4 * j, 4);
+          const __m256i p16 = _mm256_maddubs_epi16(cabs, _mm256_sign_epi8(_mm256_set1_epi32(quad), c));
+          isum[ii] = _mm256_add_epi32(isum[ii], _mm256_madd_epi16(p16, ones16));
+          __asm__("" : "+x"(isum[ii]));  // in this order: GCC otherwise sums a tree of spilled terms
+        }
+      }
+      const __m256 vscale = load_a(w, (tile * w.npar + g) * NR + 8 * h);
+      for (int ii = 0; ii < R; ++ii) {
+        const __m256 da = _mm256_mul_ps(vscale, _mm256_set1_ps(dxr[ii][b]));
+        acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum[ii]), da));
+      }
+    }
+    store_half<DP, R>(acc, h, nr, i0, n0, y, ldy, bias);
+  }
+}
+
+template <class DP, bool NIB>
+void tile_kernel_sgn(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
+                     int64_t ldy, const float* bias) {
+  row_groups(m0, m1, [&](int64_t i0, auto r) {
+    tile_rows_sgn<DP, NIB, decltype(r)::value>(w, tile, a, i0, y, ldy, bias);
+  });
 }
 
 // rows [m0, m1) over one tile: groups of MR rows, then the remaining ones
 template <class DP, bool NIB, int BLK, bool HAS_MIN, bool ROW_OFF, bool LUT, bool SIGNED>
 void tile_kernel(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                  const float* bias) {
-  static_assert(MR == 4, "the tail below covers 1..3 remaining rows");
-  int64_t i0 = m0;
-  for (; i0 + MR <= m1; i0 += MR) tile_rows<DP, NIB, BLK, HAS_MIN, ROW_OFF, LUT, SIGNED, MR>(w, tile, a, i0, y, ldy, bias);
-  switch (m1 - i0) {
-    case 1: return tile_rows<DP, NIB, BLK, HAS_MIN, ROW_OFF, LUT, SIGNED, 1>(w, tile, a, i0, y, ldy, bias);
-    case 2: return tile_rows<DP, NIB, BLK, HAS_MIN, ROW_OFF, LUT, SIGNED, 2>(w, tile, a, i0, y, ldy, bias);
-    case 3: return tile_rows<DP, NIB, BLK, HAS_MIN, ROW_OFF, LUT, SIGNED, 3>(w, tile, a, i0, y, ldy, bias);
-    default: return;
-  }
+  static_assert(MR == 4, "row_groups takes 4 rows at a time");
+  row_groups(m0, m1, [&](int64_t i0, auto r) {
+    tile_rows<DP, NIB, BLK, HAS_MIN, ROW_OFF, LUT, SIGNED, decltype(r)::value>(w, tile, a, i0, y, ldy, bias);
+  });
 }
 
 // GEMV path for nibble codes without a code book (q4_0, q4_1, q4_k, int2/3/4): R = 1 or 2
@@ -398,7 +475,9 @@ void gemm_int8_256(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m
     return tile_gemv<DP, false, false>(w, tile, a, m0, m1, y, ldy, bias);
   }
   if constexpr (!DP::kVnni) {
-    if (w.nibbles && !w.lut && !(w.has_min && w.row_offset)) {
+    if (w.nibbles && w.lut) return tile_kernel_sgn<DP, true>(w, tile, a, m0, m1, y, ldy, bias);
+    if (!w.nibbles && w.blk != 16) return tile_kernel_sgn<DP, false>(w, tile, a, m0, m1, y, ldy, bias);
+    if (w.nibbles && !(w.has_min && w.row_offset)) {
       if (w.has_min) return tile_kernel_nib<DP, true, false>(w, tile, a, m0, m1, y, ldy, bias);
       if (w.row_offset) return tile_kernel_nib<DP, false, true>(w, tile, a, m0, m1, y, ldy, bias);
       return tile_kernel_nib<DP, false, false>(w, tile, a, m0, m1, y, ldy, bias);
