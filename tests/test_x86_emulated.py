@@ -16,8 +16,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMULATED = ("avx512", "avx512vnni", "avxvnni")
 # not run on the emulated build: this file and the Arm one (other builds), and the ISA isolation
-# check, which reads the native build's objects (the emulated folders are compiled at -O1, so
-# internal-linkage helpers such as int8_kernels256.h's load_a stay out of line there)
+# check, which is about the native build's objects (the emulated ones hold the shim's own static
+# helpers, pqk_emu_*, outside every folder's namespace)
 NOT_EMULATED = ["test_x86_emulated.py", "test_arm_qemu.py", "test_isa_isolation.py"]
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),

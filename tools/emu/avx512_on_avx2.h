@@ -9,7 +9,10 @@
 #include <immintrin.h>
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define PQK_SIMDE_EMULATION 1
@@ -47,6 +50,23 @@ static inline float pqk_emu_reduce_add_ps(simde__m512 a) {
     for (int i = 0; i < w; ++i) v[i] = v[i] + v[i + w];
   return v[0];
 }
+// GCC's min / max reduction: the upper half against the lower, then lanes {2,3,0,1}, then
+// {1,0}; each step vmaxps / vminps, which returns its second operand for a NaN or two zeros
+// (SIMDe 0.8.2 keeps the first extreme it meets and skips NaN: -0.0 vs +0.0 and NaN differ)
+static inline float pqk_emu_maxf(float a, float b) { return a > b ? a : b; }
+static inline float pqk_emu_minf(float a, float b) { return a < b ? a : b; }
+static inline float pqk_emu_reduce_minmax_ps(simde__m512 a, float (*op)(float, float)) {
+  simde__m512_private p = simde__m512_to_private(a);
+  float t[8], u[4], w[4];
+  for (int i = 0; i < 8; ++i) t[i] = op(p.f32[i + 8], p.f32[i]);
+  for (int i = 0; i < 4; ++i) u[i] = op(t[i + 4], t[i]);
+  for (int i = 0; i < 4; ++i) w[i] = op(u[i], u[i ^ 2]);
+  return op(w[0], w[1]);
+}
+#undef _mm512_reduce_max_ps
+#undef _mm512_reduce_min_ps
+#define _mm512_reduce_max_ps(a) pqk_emu_reduce_minmax_ps(a, pqk_emu_maxf)
+#define _mm512_reduce_min_ps(a) pqk_emu_reduce_minmax_ps(a, pqk_emu_minf)
 static inline int32_t pqk_emu_reduce_add_epi32(simde__m512i a) {
   simde__m512i_private p = simde__m512i_to_private(a);
   uint32_t s = 0;
@@ -115,6 +135,23 @@ static inline simde__m256i pqk_emu_maskz_loadu_epi16(simde__mmask16 k, const voi
 #undef _mm512_maskz_loadu_epi32
 #undef _mm_maskz_loadu_epi8
 #undef _mm_mask_storeu_epi8
+// aligned loads and stores fault on real AVX-512 when the address is not a multiple of 64 (32
+// for ymm); SIMDe's are plain copies, so check here
+static inline const void* pqk_emu_aligned(const void* p, unsigned align) {
+  if ((uintptr_t)p % align) {
+    fprintf(stderr, "pqk emulation: aligned %u-byte access at %p (would fault)\n", align, p);
+    abort();
+  }
+  return p;
+}
+#undef _mm512_load_ps
+#undef _mm512_load_si512
+#undef _mm512_store_ps
+#undef _mm256_load_si256
+#define _mm512_load_ps(p) simde_mm512_load_ps(pqk_emu_aligned(p, 64))
+#define _mm512_load_si512(p) simde_mm512_load_si512(pqk_emu_aligned(p, 64))
+#define _mm512_store_ps(p, a) simde_mm512_store_ps((void*)pqk_emu_aligned(p, 64), a)
+#define _mm256_load_si256(p) simde_mm256_load_si256((const simde__m256i*)pqk_emu_aligned(p, 32))
 #define _mm512_maskz_loadu_ps(k, p) pqk_emu_maskz_loadu_ps(k, p)
 #define _mm512_mask_storeu_ps(p, k, a) pqk_emu_mask_storeu_ps(p, k, a)
 #define _mm256_maskz_loadu_epi16(k, p) pqk_emu_maskz_loadu_epi16(k, p)
@@ -122,7 +159,7 @@ static inline simde__m256i pqk_emu_maskz_loadu_epi16(simde__mmask16 k, const voi
 #define _mm256_cvtepi16_epi8(a) pqk_emu_cvtepi16_epi8_256(a)
 #define _mm512_cvtepu8_epi32(a) pqk_emu_cvtepu8_epi32(a)
 #define _mm512_cvtepi8_epi32(a) pqk_emu_cvtepi8_epi32(a)
-#define _mm512_kor(a, b) ((simde__mmask16)((a) | (b)))
+#define _mm512_kor(a, b) ((simde__mmask16)((a) | (b)))  // the kernels' _kor_mask16 is GCC's alias of it
 #define _mm512_reduce_add_ps(a) pqk_emu_reduce_add_ps(a)
 #define _mm512_reduce_add_epi32(a) pqk_emu_reduce_add_epi32(a)
 #define _mm512_reduce_add_epi64(a) pqk_emu_reduce_add_epi64(a)
@@ -143,9 +180,9 @@ static inline simde__m256i pqk_emu_dpbusd_avx(simde__m256i acc, simde__m256i u, 
 }
 #define _mm256_dpbusd_avx_epi32(acc, u, s) pqk_emu_dpbusd_avx(acc, u, s)
 
-// vdpbf16ps with the bf16 pair `pair` broadcast: per lane acc += w.odd * pair.hi, then
-// acc += w.even * pair.lo (Intel's order), each sum rounded to nearest even; denormal inputs
-// read as zero and denormal results flushed to zero, as the instruction does whatever MXCSR says
+// vdpbf16ps with the bf16 pair `pair` broadcast: per lane acc = fma(w.odd, pair.hi, acc), then
+// fma(w.even, pair.lo, acc) (Intel's order), rounded to nearest even; denormal inputs read as
+// zero and denormal results flushed to zero, as the instruction does whatever MXCSR says
 static inline float pqk_emu_bf16(uint16_t h) {
   uint32_t u = (uint32_t)h << 16;
   if ((u & 0x7F800000u) == 0) u &= 0x80000000u;
@@ -167,8 +204,8 @@ static inline simde__m512 pqk_emu_dpbf16_pair(simde__m512 acc, simde__m512i w, u
   for (int i = 0; i < 16; ++i) {
     const uint32_t wi = (uint32_t)pw.i32[i];
     float t = pqk_emu_ftz(a.f32[i]);
-    t = pqk_emu_ftz(t + pqk_emu_bf16((uint16_t)(wi >> 16)) * hi);
-    t = pqk_emu_ftz(t + pqk_emu_bf16((uint16_t)wi) * lo);
+    t = pqk_emu_ftz(fmaf(pqk_emu_bf16((uint16_t)(wi >> 16)), hi, t));
+    t = pqk_emu_ftz(fmaf(pqk_emu_bf16((uint16_t)wi), lo, t));
     a.f32[i] = t;
   }
   return simde__m512_from_private(a);
