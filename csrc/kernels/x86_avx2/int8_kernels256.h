@@ -142,13 +142,12 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
               isum = SIGNED ? DP::dot(isum, Wabs[j], _mm256_sign_epi8(xv, W[j]))
                             : DP::dot(isum, W[j], xv);
             }
-          } else {  // (maddubs nibble codes without a code book: tile_rows_nib)
+          } else {  // maddubs, unsigned codes only (signed ones: tile_rows_sgn; most nibbles: tile_rows_nib)
+            static_assert(!SIGNED, "maddubs signed codes go to tile_rows_sgn");
             for (int j = 0; j < NQ; ++j) {
               int32_t quad;
               __builtin_memcpy(&quad, xb + 4 * j, 4);
-              const __m256i xv = _mm256_set1_epi32(quad);
-              __m256i p16 = SIGNED ? _mm256_maddubs_epi16(Wabs[j], _mm256_sign_epi8(xv, W[j]))
-                                   : _mm256_maddubs_epi16(W[j], xv);
+              const __m256i p16 = _mm256_maddubs_epi16(W[j], _mm256_set1_epi32(quad));
               isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones16));
             }
           }
@@ -474,6 +473,8 @@ void gemm_int8_256(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m
     if (w.row_offset) return tile_gemv<DP, false, true>(w, tile, a, m0, m1, y, ldy, bias);
     return tile_gemv<DP, false, false>(w, tile, a, m0, m1, y, ldy, bias);
   }
+  // without VNNI the signed codes (code books, 8-bit) and the nibbles take their own kernels, so
+  // tile_rows is instantiated for them only with VNNI
   if constexpr (!DP::kVnni) {
     if (w.nibbles && w.lut) return tile_kernel_sgn<DP, true>(w, tile, a, m0, m1, y, ldy, bias);
     if (!w.nibbles && w.blk != 16) return tile_kernel_sgn<DP, false>(w, tile, a, m0, m1, y, ldy, bias);
@@ -482,15 +483,18 @@ void gemm_int8_256(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m
       if (w.row_offset) return tile_kernel_nib<DP, false, true>(w, tile, a, m0, m1, y, ldy, bias);
       return tile_kernel_nib<DP, false, false>(w, tile, a, m0, m1, y, ldy, bias);
     }
+  } else {
+    if (w.nibbles && w.lut)
+      return tile_kernel<DP, true, 32, false, false, true, true>(w, tile, a, m0, m1, y, ldy, bias);
+    if (!w.nibbles && w.blk != 16)
+      return tile_kernel<DP, false, 32, false, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
   }
   if (w.nibbles) {
-    if (w.lut) return tile_kernel<DP, true, 32, false, false, true, true>(w, tile, a, m0, m1, y, ldy, bias);
     if (w.has_min) return tile_kernel<DP, true, 32, true, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
     if (w.row_offset) return tile_kernel<DP, true, 32, false, true, false, false>(w, tile, a, m0, m1, y, ldy, bias);
     return tile_kernel<DP, true, 32, false, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
   }
-  if (w.blk == 16) return tile_kernel<DP, false, 16, false, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);
-  return tile_kernel<DP, false, 32, false, false, false, true>(w, tile, a, m0, m1, y, ldy, bias);
+  return tile_kernel<DP, false, 16, false, false, false, false>(w, tile, a, m0, m1, y, ldy, bias);  // blk 16 (q6_k)
 }
 
 }}  // namespace pqk::(anonymous)
