@@ -58,9 +58,11 @@ def _min_time(fn, reps=200):
     return best
 
 
-def _paired_overhead(base_fn, fn, pairs=400, before_base=None, before_fn=None):
-    """median over alternating calls of (fn - base_fn) / median(base_fn); before_base / before_fn
-    run untimed ahead of each call (switching one layer's adapter off and on)."""
+def _paired_times(base_fn, fn, pairs, warm=10, before_base=None, before_fn=None):
+    """times of base_fn and fn called alternately (arrays); before_base / before_fn run untimed
+    ahead of each call (switching one layer's adapter off and on). Each pair runs both within
+    milliseconds, so a noisy neighbour slows both sides alike, where separately timed rows of
+    this shared machine drift apart by more than the effect measured."""
     def once(setup, f):
         if setup is not None:
             setup()
@@ -68,34 +70,26 @@ def _paired_overhead(base_fn, fn, pairs=400, before_base=None, before_fn=None):
         f()
         return time.perf_counter() - t0
 
-    for _ in range(10):
+    for _ in range(warm):
         once(before_base, base_fn)
         once(before_fn, fn)
     tb, tf = [], []
     for _ in range(pairs):
         tb.append(once(before_base, base_fn))
         tf.append(once(before_fn, fn))
-    tb, tf = np.array(tb), np.array(tf)
+    return np.array(tb), np.array(tf)
+
+
+def _paired_overhead(base_fn, fn, pairs=400, before_base=None, before_fn=None):
+    """median over alternating calls of (fn - base_fn) / median(base_fn)."""
+    tb, tf = _paired_times(base_fn, fn, pairs, before_base=before_base, before_fn=before_fn)
     return float(np.median(tf - tb) / np.median(tb))
 
 
 def _paired_ratios(base_fn, fn, pairs):
-    """alternate calls: (median fn / median base_fn, min fn / min base_fn, min base_fn, min fn). Each pair runs both
-    within milliseconds, so a noisy neighbour slows both sides alike, where separately timed rows
-    of this shared machine drift apart by more than the effect measured."""
-    for _ in range(5):
-        base_fn()
-        fn()
-    tb, tf = [], []
-    for _ in range(pairs):
-        t0 = time.perf_counter()
-        base_fn()
-        t1 = time.perf_counter()
-        fn()
-        t2 = time.perf_counter()
-        tb.append(t1 - t0)
-        tf.append(t2 - t1)
-    return float(np.median(tf) / np.median(tb)), float(min(tf) / min(tb)), min(tb), min(tf)
+    """alternate calls: (median fn / median base_fn, min fn / min base_fn, min base_fn, min fn)."""
+    tb, tf = _paired_times(base_fn, fn, pairs, warm=5)
+    return float(np.median(tf) / np.median(tb)), float(tf.min() / tb.min()), float(tb.min()), float(tf.min())
 
 
 @pytest.fixture(scope="module")
