@@ -170,13 +170,17 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
 
 // maddubs (no VNNI) for nibble codes without a code book (q4_0, q4_1, q4_k, int4): tile_rows'
 // integer and float operations in another order. Each 32-byte load (8 rows x quads j and j + 4)
-// is split into its two nibble registers and used by the R rows at once, so only those two, R
-// int16 block sums and R accumulators are live (tile_rows keeps the 8 decoded registers of a
+// is split into its two nibble registers and used by the R rows at once, so only those, R int16
+// block sums per half and the broadcast are live (tile_rows keeps the 8 decoded registers of a
 // block beside them, more than 16 ymm, and GCC spilled in the innermost loop), and the offset
 // term comes from ActQ's per-block xn / xo instead of scalar sums and a vpmulld per row and
-// block. M = 128, 4096x4096, one thread on a Zen 3, min of 2 s: q4_0 36-51 -> 30 ms, int4-g128
-// 37-51 -> 30, q4_k 47-64 -> 39-44. The same exact integer sums and the same float steps per
-// row, so the same bits.
+// block. Both halves of the tile (rows 0-7 and 8-15) go through one pass: each broadcast of an
+// activation quad feeds two maddubs, and the tile's code lines and the rows' activations are read
+// once, not once per half (a half's 32 bytes share each 64-byte line with the other's). The
+// accumulators then live on the stack (one load and store per row, half and block). M = 128,
+// 4096x4096, one thread on a Zen 3, min of 3 s: q4_0 36-51 -> 30 ms (in rows) -> 26.5 ms (both
+// halves), int4-g128 37-51 -> 30 -> 26, q4_k 47-64 -> 39 -> 37. The same exact integer sums and
+// the same float steps per row, so the same bits.
 template <class DP, bool HAS_MIN, bool ROW_OFF, int R>  // DP (MaddubsDot): the folder in the name
 void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
                    const float* bias) {
@@ -200,54 +204,63 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
     xnr[ii] = a.row_n(i0 + ii);
     xo_row[ii] = has_xo ? a.row_o(i0 + ii) : nullptr;
   }
-  for (int h = 0; h < 2; ++h) {  // rows 0-7, then rows 8-15 of the tile
-    __m256 acc[R];
-    for (int ii = 0; ii < R; ++ii) acc[ii] = _mm256_setzero_ps();
-    int64_t g = 0, g_end = w.par_every;
-    for (int64_t b = 0; b < nkb; ++b) {
-      if (b == g_end) { ++g; g_end += w.par_every; }
-      const uint8_t* cb = ct + b * BCB + 32 * h;
-      __m256i p16[R];
-      for (int ii = 0; ii < R; ++ii) p16[ii] = _mm256_setzero_si256();
-      for (int j = 0; j < 4; ++j) {
-        __m256i p = _mm256_load_si256((const __m256i*)(cb + 64 * j));
-        __asm__("" : "+x"(p));  // one load, in a register
-        const __m256i wl = _mm256_and_si256(p, lo4), wh = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4);
-        for (int ii = 0; ii < R; ++ii) {
-          int32_t ql, qh;
-          __builtin_memcpy(&ql, xq[ii] + b * QBLK + 4 * j, 4);
-          __builtin_memcpy(&qh, xq[ii] + b * QBLK + 16 + 4 * j, 4);
-          // codes <= 15: a pair sum is <= 2*15*127 and all 8 of a block <= 30480, so they add
-          // exactly in int16; one madd per block instead of one per quad
-          p16[ii] = _mm256_add_epi16(p16[ii], _mm256_maddubs_epi16(wl, _mm256_set1_epi32(ql)));
-          p16[ii] = _mm256_add_epi16(p16[ii], _mm256_maddubs_epi16(wh, _mm256_set1_epi32(qh)));
-          // keeps the sums in this order: GCC otherwise reassociates the int16 adds into a tree
-          // whose 32 products per block are all live at once, and spills them
-          __asm__("" : "+x"(p16[ii]));
-        }
+  __m256 acc[2][R];  // [h][row]: tile rows 8h .. 8h + 7
+  for (int h = 0; h < 2; ++h)
+    for (int ii = 0; ii < R; ++ii) acc[h][ii] = _mm256_setzero_ps();
+  int64_t g = 0, g_end = w.par_every;
+  for (int64_t b = 0; b < nkb; ++b) {
+    if (b == g_end) { ++g; g_end += w.par_every; }
+    const uint8_t* cb = ct + b * BCB;
+    __m256i p16[2][R];
+    for (int h = 0; h < 2; ++h)
+      for (int ii = 0; ii < R; ++ii) p16[h][ii] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      __m256i p0 = _mm256_load_si256((const __m256i*)(cb + 64 * j));
+      __m256i p1 = _mm256_load_si256((const __m256i*)(cb + 64 * j + 32));
+      __asm__("" : "+x"(p0), "+x"(p1));  // one load each, in a register
+      const __m256i wl0 = _mm256_and_si256(p0, lo4), wh0 = _mm256_and_si256(_mm256_srli_epi16(p0, 4), lo4);
+      const __m256i wl1 = _mm256_and_si256(p1, lo4), wh1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), lo4);
+      for (int ii = 0; ii < R; ++ii) {
+        int32_t ql, qh;
+        __builtin_memcpy(&ql, xq[ii] + b * QBLK + 4 * j, 4);
+        __builtin_memcpy(&qh, xq[ii] + b * QBLK + 16 + 4 * j, 4);
+        // codes <= 15: a pair sum is <= 2*15*127 and all 8 of a block <= 30480, so they add
+        // exactly in int16; one madd per block instead of one per quad
+        const __m256i xl = _mm256_set1_epi32(ql);
+        p16[0][ii] = _mm256_add_epi16(p16[0][ii], _mm256_maddubs_epi16(wl0, xl));
+        p16[1][ii] = _mm256_add_epi16(p16[1][ii], _mm256_maddubs_epi16(wl1, xl));
+        const __m256i xh = _mm256_set1_epi32(qh);
+        p16[0][ii] = _mm256_add_epi16(p16[0][ii], _mm256_maddubs_epi16(wh0, xh));
+        p16[1][ii] = _mm256_add_epi16(p16[1][ii], _mm256_maddubs_epi16(wh1, xh));
+        // keeps the sums in this order: GCC otherwise reassociates the int16 adds into a tree
+        // whose 32 products per block are all live at once, and spills them
+        __asm__("" : "+x"(p16[0][ii]), "+x"(p16[1][ii]));
       }
+    }
+    for (int h = 0; h < 2; ++h) {
       const int64_t pi = (tile * w.npar + g) * NR + 8 * h;
       const __m256 vscale = load_a(w, pi);
       const __m256 vmin = HAS_MIN ? load_m(w, pi) : _mm256_setzero_ps();
       const __m256i voff = ROW_OFF ? load_offs(w, pi) : _mm256_setzero_si256();
       for (int ii = 0; ii < R; ++ii) {
         const float dx = dxr[ii][b];
-        __m256i isum = _mm256_madd_epi16(p16[ii], ones16);
+        __m256i isum = _mm256_madd_epi16(p16[h][ii], ones16);
         // - o * (block sum of x), exact, from ActQ's per-block terms: xn (-sum as int16, the
         // high half 0) against o in each lane's low int16, or xo = -o_const * sum
         if (ROW_OFF) isum = _mm256_add_epi32(isum, _mm256_madd_epi16(voff, _mm256_set1_epi32(xnr[ii][b])));
         else if (has_xo) isum = _mm256_add_epi32(isum, _mm256_set1_epi32(xo_row[ii][b]));
         const __m256 da = _mm256_mul_ps(vscale, _mm256_set1_ps(dx));
-        acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), da));
+        acc[h][ii] = _mm256_add_ps(acc[h][ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), da));
         if (HAS_MIN) {
           const int32_t xs = xs16[ii][2 * b] + xs16[ii][2 * b + 1];
           const float mx = dx * (float)xs;
-          acc[ii] = _mm256_add_ps(acc[ii], _mm256_mul_ps(vmin, _mm256_set1_ps(mx)));
+          acc[h][ii] = _mm256_add_ps(acc[h][ii], _mm256_mul_ps(vmin, _mm256_set1_ps(mx)));
         }
       }
     }
-    store_half<DP, R>(acc, h, nr, i0, n0, y, ldy, bias);
   }
+  store_half<DP, R>(acc[0], 0, nr, i0, n0, y, ldy, bias);
+  store_half<DP, R>(acc[1], 1, nr, i0, n0, y, ldy, bias);
 }
 
 template <class DP, bool HAS_MIN, bool ROW_OFF>
