@@ -439,6 +439,7 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       a.xs.resize((size_t)(mc * (w.k / 16)));
       a.xn.resize((size_t)(mc * (w.k / QBLK)));
       if (w.o_const != 0) a.xo.resize((size_t)(mc * (w.k / QBLK)));
+      if (w.has_min) a.xm.resize((size_t)(mc * (w.k / QBLK)));
       std::vector<float> T((size_t)(AD.active() ? mc * AD.t_cols : 0));
       // read outside the parallel region: get_num_threads() takes the pool lock parallel_for holds
       const int nthreads = get_num_threads();

@@ -112,13 +112,18 @@ struct ActQ {
   // xo [k/32]: -o * (block sum) for weights with one offset o for all rows (q4_0: 8), else
   // empty: the start value of a block's dot product, so the offset term costs no vector op
   std::vector<int32_t> xo;
+  // xm [k/32]: dx * (float)(block sum) for weights with a min term (q4_1, q4_k), sized by the
+  // caller, else empty: the min term's multiplier as every kernel computes it, once per row and
+  // block rather than once per row, block and 16-row tile
+  std::vector<float> xm;
   const int8_t* row_q(int64_t i) const { return xq.data() + i * k; }
   const float* row_d(int64_t i) const { return dx.data() + i * (k / QBLK); }
   const int32_t* row_s(int64_t i) const { return xs.data() + i * (k / 16); }
   const int32_t* row_n(int64_t i) const { return xn.data() + i * (k / QBLK); }
   const int32_t* row_o(int64_t i) const { return xo.data() + i * (k / QBLK); }
-  // xn (and xo, for a weight offset o_const != 0, sized by the caller) of row i from its xs
-  // (after quantize_act)
+  const float* row_m(int64_t i) const { return xm.data() + i * (k / QBLK); }
+  // xn (and xo, for a weight offset o_const != 0, and xm, each sized by the caller) of row i from
+  // its xs and dx (after quantize_act)
   void fill_xn(int64_t i, int32_t o_const) {
     const int32_t* s = row_s(i);
     int32_t* n = xn.data() + i * (k / QBLK);
@@ -126,6 +131,11 @@ struct ActQ {
     if (!xo.empty()) {
       int32_t* o = xo.data() + i * (k / QBLK);
       for (int64_t b = 0; b < k / QBLK; ++b) o[b] = -o_const * (s[2 * b] + s[2 * b + 1]);
+    }
+    if (!xm.empty()) {
+      const float* d = row_d(i);
+      float* mx = xm.data() + i * (k / QBLK);
+      for (int64_t b = 0; b < k / QBLK; ++b) mx[b] = d[b] * (float)(s[2 * b] + s[2 * b + 1]);
     }
   }
 };

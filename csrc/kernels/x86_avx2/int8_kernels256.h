@@ -13,6 +13,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include <cstdlib>
+#include <new>
 #include <type_traits>
 
 #include "../../core/kernel_table.h"
@@ -42,6 +44,19 @@ inline __attribute__((always_inline)) __m256 load_m(const PackedWeight& w, int64
 // 8 per-row zero points (asymmetric int2/3/4) as int32 lanes
 inline __attribute__((always_inline)) __m256i load_offs(const PackedWeight& w, int64_t pi) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
+}
+
+// One 16-row tile's per-row parameters (f32 / f16 / d, q as load_par takes them) as fp32
+// [npar][NR]: the weight's own array where it is fp32, else decoded into buf, the same values
+// load_par gives, once per tile rather than once per group of activation rows and block.
+inline __attribute__((always_inline)) const float* tile_params(const PackedWeight& w, int64_t tile, const float* f32,
+                                                               const uint16_t* f16, const float* d, const int8_t* q,
+                                                               float* buf) {
+  const int64_t p0 = tile * w.npar * NR;
+  if (!q && !f16) return f32 + p0;
+  for (int64_t p = 0; p < w.npar * NR; p += 8)
+    _mm256_store_ps(buf + p, load_par(f32, f16, d, q, q ? w.sup_index(p0 + p) : 0, p0 + p));
+  return buf;
 }
 
 // f(i0, R) for the activation rows [m0, m1): groups of 4 rows, then the 1-3 left (R an
@@ -183,7 +198,7 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
 // the same float steps per row, so the same bits.
 template <class DP, bool HAS_MIN, bool ROW_OFF, int R>  // DP (MaddubsDot): the folder in the name
 void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
-                   const float* bias) {
+                   const float* bias, const float* ps, const float* pm) {  // ps, pm: tile_params
   const int64_t n0 = tile * NR;
   const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
   const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
@@ -192,17 +207,17 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
   const __m256i ones16 = _mm256_set1_epi16(1);
   const int64_t nkb = w.k / QBLK;
   const int8_t* xq[R];
-  const int32_t* xs16[R];
   const float* dxr[R];
   const int32_t* xnr[R];
   const int32_t* xo_row[R];
+  const float* xmr[R];  // dx * block sum, filled where HAS_MIN
   const bool has_xo = !a.xo.empty();  // filled where o_const != 0
   for (int ii = 0; ii < R; ++ii) {
     xq[ii] = a.row_q(i0 + ii);
-    xs16[ii] = a.row_s(i0 + ii);
     dxr[ii] = a.row_d(i0 + ii);
     xnr[ii] = a.row_n(i0 + ii);
     xo_row[ii] = has_xo ? a.row_o(i0 + ii) : nullptr;
+    xmr[ii] = HAS_MIN ? a.row_m(i0 + ii) : nullptr;
   }
   __m256 acc[2][R];  // [h][row]: tile rows 8h .. 8h + 7
   for (int h = 0; h < 2; ++h)
@@ -238,10 +253,9 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const int64_t pi = (tile * w.npar + g) * NR + 8 * h;
-      const __m256 vscale = load_a(w, pi);
-      const __m256 vmin = HAS_MIN ? load_m(w, pi) : _mm256_setzero_ps();
-      const __m256i voff = ROW_OFF ? load_offs(w, pi) : _mm256_setzero_si256();
+      const __m256 vscale = _mm256_load_ps(ps + g * NR + 8 * h);
+      const __m256 vmin = HAS_MIN ? _mm256_load_ps(pm + g * NR + 8 * h) : _mm256_setzero_ps();
+      const __m256i voff = ROW_OFF ? load_offs(w, (tile * w.npar + g) * NR + 8 * h) : _mm256_setzero_si256();
       for (int ii = 0; ii < R; ++ii) {
         const float dx = dxr[ii][b];
         __m256i isum = _mm256_madd_epi16(p16[h][ii], ones16);
@@ -251,11 +265,7 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
         else if (has_xo) isum = _mm256_add_epi32(isum, _mm256_set1_epi32(xo_row[ii][b]));
         const __m256 da = _mm256_mul_ps(vscale, _mm256_set1_ps(dx));
         acc[h][ii] = _mm256_add_ps(acc[h][ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), da));
-        if (HAS_MIN) {
-          const int32_t xs = xs16[ii][2 * b] + xs16[ii][2 * b + 1];
-          const float mx = dx * (float)xs;
-          acc[h][ii] = _mm256_add_ps(acc[h][ii], _mm256_mul_ps(vmin, _mm256_set1_ps(mx)));
-        }
+        if (HAS_MIN) acc[h][ii] = _mm256_add_ps(acc[h][ii], _mm256_mul_ps(vmin, _mm256_set1_ps(xmr[ii][b])));
       }
     }
   }
@@ -266,9 +276,16 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
 template <class DP, bool HAS_MIN, bool ROW_OFF>
 void tile_kernel_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
                      int64_t ldy, const float* bias) {
+  // posix_memalign, not a std:: container (no library template instantiated with these flags)
+  void* mem = nullptr;
+  if (posix_memalign(&mem, 32, (size_t)(2 * w.npar * NR) * sizeof(float)) != 0) throw std::bad_alloc();
+  float* buf = (float*)mem;
+  const float* ps = tile_params(w, tile, w.scale, w.scale16, w.sd, w.sq, buf);
+  const float* pm = HAS_MIN ? tile_params(w, tile, w.minv, w.min16, w.md, w.mq, buf + w.npar * NR) : nullptr;
   row_groups(m0, m1, [&](int64_t i0, auto r) {
-    tile_rows_nib<DP, HAS_MIN, ROW_OFF, decltype(r)::value>(w, tile, a, i0, y, ldy, bias);
+    tile_rows_nib<DP, HAS_MIN, ROW_OFF, decltype(r)::value>(w, tile, a, i0, y, ldy, bias, ps, pm);
   });
+  std::free(mem);
 }
 
 // maddubs (no VNNI) for signed codes: 8-bit (q8_0, int8) and code books (nf4, iq4_nl: NIB):
