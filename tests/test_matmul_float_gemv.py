@@ -21,6 +21,7 @@ from test_matmul import assert_float_close, bits_equal, random_qtensor
 FUSED = ["nf4", "fp4", "iq4_nl", "q8_0", "int8", "q4_0", "q4_1", "q4_k", "q6_k", "int4", "int4-sym32", "int4-pc",
          "nf4-g1024", "fp4-g512"]
 PARAMS = {"nf4": {"group": 64}, "fp4": {"group": 32}, "int4": {"group": 128}, "int4-sym32": {"group": 32, "sym": True},
+          "int4-sym128": {"group": 128, "sym": True},
           "int4-pc": {"group": -1}, "nf4-g1024": {"group": 1024}, "fp4-g512": {"group": 512}}
 BLOCK = {"q4_k": 256, "q6_k": 256, "nf4": 64, "int4": 128, "nf4-g1024": 1024, "fp4-g512": 512}
 
@@ -139,14 +140,17 @@ def test_nan_and_inf_in_x(fmt):
         np.testing.assert_array_equal(np.sign(y[np.isinf(ref)]), np.sign(ref[np.isinf(ref)]), err_msg=v)
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "int4-sym32"])
+@pytest.mark.parametrize("fmt", ["q4_0", "int4-sym32", "int4-sym128"])
 def test_non_finite_and_extreme_scales(fmt):
     """Scales that are +-Inf, NaN or fp16's largest finite value (a hostile or damaged file): the
     decode kernels give NaN / Inf where float64 arithmetic on pq.dequantize's weights does, and
     the finite values within the bound. (AVX2's q4_0 decodes (c - 8) * d as one FMA, which would
     make every code of an Inf block NaN; such blocks take the table.)"""
     rng = np.random.default_rng(5)
-    n, k = 6, 64
+    # int4: 40 groups of 32 per row (the AVX2 scale check's 16-lane loop and its tail), or 10 of
+    # 128 (the AVX2 kernel whose group's chunks are unrolled)
+    g = PARAMS.get(fmt, {}).get("group", 32)
+    n, k = 6, (64 if fmt == "q4_0" else 1280)
     qt = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), _fmt(fmt), **PARAMS.get(fmt, {}))
     q, s, z = (np.ascontiguousarray(a).copy() if a.size else None for a in qt.sections())
     if fmt == "q4_0":   # block bytes: fp16 d, then 16 code bytes
@@ -160,7 +164,7 @@ def test_non_finite_and_extreme_scales(fmt):
         codes = q.reshape(n, -1)
         for r, h in enumerate((0x7C00, 0xFC00, 0x7E00, 0x7BFF)):
             sc[r, r % 2] = h
-            codes[r, 16 * (r % 2):16 * (r % 2) + 16] = 0xFF   # the group's codes all 15
+            codes[r, g // 2 * (r % 2):g // 2 * (r % 2 + 1)] = 0xFF   # the group's codes all 15
         data = np.concatenate([q.reshape(-1), sc.reshape(-1).view(np.uint8)])
     bad = pq.QTensor(qt.format, qt.shape, data, qt.params)
     wd = pq.dequantize(bad).astype(np.float64)

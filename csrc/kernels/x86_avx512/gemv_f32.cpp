@@ -224,6 +224,14 @@ using V = V512;
 __m512 book(const float* b) { return _mm512_loadu_ps(b); }
 __m512 iq4nl_kv() { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)kIQ4NL))); }
 
+// The grouped nibble formats' kernel for cpg chunks per group (see gemv_f32_entries.inc)
+template <bool HighFirst, class TabOf>
+bool run_group_nib(const TabOf& t, int64_t cpg, const uint8_t* q, const uint8_t* s, const uint8_t* z,
+                   const pqk_row_bytes& rb, int64_t r0, int64_t r1, int64_t k, const float* x, int64_t ldx,
+                   int64_t m, float* y, int64_t ldy, const float* bias) {
+  return gemv_f32::run<V>(GroupNib<TabOf, HighFirst>{t, cpg}, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
+}
+
 }  // namespace
 
 #include "../gemv_f32_entries.inc"
