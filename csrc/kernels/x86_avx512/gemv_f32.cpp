@@ -232,6 +232,11 @@ bool run_group_nib(const TabOf& t, int64_t cpg, const uint8_t* q, const uint8_t*
   return gemv_f32::run<V>(GroupNib<TabOf, HighFirst>{t, cpg}, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
 }
 
+bool run_q4_0(const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0, int64_t r1,
+              int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, const float* bias) {
+  return gemv_f32::run<V>(Ggml32<Q4_0_BYTES, 2, Q40Tab>{}, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
+}
+
 }  // namespace
 
 #include "../gemv_f32_entries.inc"
