@@ -123,7 +123,8 @@ struct GroupNib {
     nibbles(r.q + 16 * ci, HighFirst, r.tab, w);
   }
 };
-// Lin16 for a group whose scale is known finite (the caller checked them all): no test per use
+// Lin16 for a finite d (int4: every scale checked before; q4_0: a row's result checked after,
+// see run_q4_0), without Lin16's test per use
 struct Lin16F {
   __m256 d, e;  // e = -o * d
   __m256 operator()(__m256i idx) const {

@@ -194,8 +194,9 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
 // once, not once per half (a half's 32 bytes share each 64-byte line with the other's). The
 // accumulators then live on the stack (one load and store per row, half and block). M = 128,
 // 4096x4096, one thread on a Zen 3, min of 3 s: q4_0 36-51 -> 30 ms (in rows) -> 26.5 ms (both
-// halves), int4-g128 37-51 -> 30 -> 26, q4_k 47-64 -> 39 -> 37. The same exact integer sums and
-// the same float steps per row, so the same bits.
+// halves), int4-g128 37-51 -> 30 -> 26, q4_k 47-64 -> 39 -> 37 -> 28 (its two-level scales and
+// mins decoded once per tile, tile_params, and dx * block sum once per row, ActQ::xm). The same
+// exact integer sums and the same float steps per row, so the same bits.
 template <class DP, bool HAS_MIN, bool ROW_OFF, int R>  // DP (MaddubsDot): the folder in the name
 void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
                    const float* bias, const float* ps, const float* pm) {  // ps, pm: tile_params
