@@ -67,7 +67,11 @@ struct Tables {
       KernelTable mine;
       reg(mine);
       if (mine.quantize_act) { dst.quantize_act = mine.quantize_act; dst.quantize_act_isa = (int8_t)isa; }
-      if (mine.gemm_int8) { dst.gemm_int8 = mine.gemm_int8; dst.gemm_int8_isa = (int8_t)isa; }
+      if (mine.gemm_int8) {
+        dst.gemm_int8 = mine.gemm_int8;
+        dst.gemm_int8_xp = mine.gemm_int8_xp;
+        dst.gemm_int8_isa = (int8_t)isa;
+      }
       if (mine.read_sum) { dst.read_sum = mine.read_sum; dst.read_sum_isa = (int8_t)isa; }
       if (mine.all_finite) { dst.all_finite = mine.all_finite; dst.all_finite_isa = (int8_t)isa; }
       if (mine.int8_peak) {

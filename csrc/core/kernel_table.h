@@ -101,6 +101,7 @@ struct KernelTable {
   int8_t gemv_bf16_isa = 0;
   quantize_act_fn quantize_act = nullptr;
   gemm_int8_fn gemm_int8 = nullptr;
+  bool gemm_int8_xp = false;  // gemm_int8 reads ActQ::xp (the driver fills it only then)
   gemm_f32_fn gemm_f32 = nullptr;
   int8_t quantize_act_isa = 0, gemm_int8_isa = 0, gemm_f32_isa = 0;
   gemm_f32_xt_fn gemm_f32_xt = nullptr;

@@ -440,6 +440,10 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       a.xn.resize((size_t)(mc * (w.k / QBLK)));
       if (w.o_const != 0) a.xo.resize((size_t)(mc * (w.k / QBLK)));
       if (w.has_min) a.xm.resize((size_t)(mc * (w.k / QBLK)));
+      if (t.gemm_int8_xp && mc > 2 && w.nibbles && !w.lut && (w.o_const != 0 || w.row_offset)) {
+        a.xp.resize((size_t)(mc * (w.k / QBLK)));
+        a.xp_f = w.row_offset ? 1 : w.o_const;
+      }
       std::vector<float> T((size_t)(AD.active() ? mc * AD.t_cols : 0));
       // read outside the parallel region: get_num_threads() takes the pool lock parallel_for holds
       const int nthreads = get_num_threads();

@@ -116,12 +116,18 @@ struct ActQ {
   // caller, else empty: the min term's multiplier as every kernel computes it, once per row and
   // block rather than once per row, block and 16-row tile
   std::vector<float> xm;
+  // xp [k/32]: minus the block's sums of x over positions p % 4 in {0, 1} and in {2, 3}, times
+  // xp_f (o_const, or 1 for offsets per row), as the low and high int16 of an int32 (sized by the
+  // caller, for the AVX2 nibble GEMM): the offset term as the start of the maddubs pair sums
+  std::vector<int32_t> xp;
+  int32_t xp_f = 1;
   const int8_t* row_q(int64_t i) const { return xq.data() + i * k; }
   const float* row_d(int64_t i) const { return dx.data() + i * (k / QBLK); }
   const int32_t* row_s(int64_t i) const { return xs.data() + i * (k / 16); }
   const int32_t* row_n(int64_t i) const { return xn.data() + i * (k / QBLK); }
   const int32_t* row_o(int64_t i) const { return xo.data() + i * (k / QBLK); }
   const float* row_m(int64_t i) const { return xm.data() + i * (k / QBLK); }
+  const int32_t* row_p(int64_t i) const { return xp.data() + i * (k / QBLK); }
   // xn (and xo, for a weight offset o_const != 0, and xm, each sized by the caller) of row i from
   // its xs and dx (after quantize_act)
   void fill_xn(int64_t i, int32_t o_const) {
@@ -131,6 +137,20 @@ struct ActQ {
     if (!xo.empty()) {
       int32_t* o = xo.data() + i * (k / QBLK);
       for (int64_t b = 0; b < k / QBLK; ++b) o[b] = -o_const * (s[2 * b] + s[2 * b + 1]);
+    }
+    if (!xp.empty()) {
+      const int8_t* q = row_q(i);
+      int32_t* pp = xp.data() + i * (k / QBLK);
+      const int32_t f = xp_f;
+      for (int64_t b = 0; b < k / QBLK; ++b) {
+        int32_t s01 = 0, s23 = 0;
+        for (int t = 0; t < QBLK; t += 4) {
+          s01 += q[b * QBLK + t] + q[b * QBLK + t + 1];
+          s23 += q[b * QBLK + t + 2] + q[b * QBLK + t + 3];
+        }
+        // |f * s| <= 15 * 16 * 127: each fits int16
+        pp[b] = (int32_t)((uint32_t)(uint16_t)(int16_t)(-f * s01) | ((uint32_t)(uint16_t)(int16_t)(-f * s23) << 16));
+      }
     }
     if (!xm.empty()) {
       const float* d = row_d(i);

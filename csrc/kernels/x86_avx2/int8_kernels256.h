@@ -197,9 +197,10 @@ void tile_rows(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, f
 // halves), int4-g128 37-51 -> 30 -> 26, q4_k 47-64 -> 39 -> 37 -> 28 (its two-level scales and
 // mins decoded once per tile, tile_params, and dx * block sum once per row, ActQ::xm). The same
 // exact integer sums and the same float steps per row, so the same bits.
-template <class DP, bool HAS_MIN, bool ROW_OFF, int R>  // DP (MaddubsDot): the folder in the name
+template <class DP, bool HAS_MIN, bool ROW_OFF, bool PAIR, int R>  // DP (MaddubsDot): the folder in the name
 void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0, float* y, int64_t ldy,
-                   const float* bias, const float* ps, const float* pm) {  // ps, pm: tile_params
+                   const float* bias, const float* ps, const float* pm,  // ps, pm: tile_params
+                   const int32_t* po) {  // PAIR and ROW_OFF: o in both int16 of each lane, [npar][NR]
   const int64_t n0 = tile * NR;
   const int nr = (int)(w.n - n0 < NR ? w.n - n0 : NR);
   const uint8_t* ct = w.codes + tile * w.tile_code_bytes;
@@ -212,6 +213,7 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
   const int32_t* xnr[R];
   const int32_t* xo_row[R];
   const float* xmr[R];  // dx * block sum, filled where HAS_MIN
+  const int32_t* xpr[R];  // ActQ::xp, filled where PAIR
   const bool has_xo = !a.xo.empty();  // filled where o_const != 0
   for (int ii = 0; ii < R; ++ii) {
     xq[ii] = a.row_q(i0 + ii);
@@ -219,6 +221,7 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
     xnr[ii] = a.row_n(i0 + ii);
     xo_row[ii] = has_xo ? a.row_o(i0 + ii) : nullptr;
     xmr[ii] = HAS_MIN ? a.row_m(i0 + ii) : nullptr;
+    xpr[ii] = PAIR ? a.row_p(i0 + ii) : nullptr;
   }
   __m256 acc[2][R];  // [h][row]: tile rows 8h .. 8h + 7
   for (int h = 0; h < 2; ++h)
@@ -228,8 +231,24 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
     if (b == g_end) { ++g; g_end += w.par_every; }
     const uint8_t* cb = ct + b * BCB;
     __m256i p16[2][R];
-    for (int h = 0; h < 2; ++h)
-      for (int ii = 0; ii < R; ++ii) p16[h][ii] = _mm256_setzero_si256();
+    if (PAIR) {
+      // the offset term first: -o * (sums of x over positions p % 4 in {0, 1} and {2, 3}) in the
+      // low and high int16 of each lane, the lanes whose maddubs pairs those positions feed. Each
+      // pair sum ends at sum (c - o) * x over 16 elements, |.| <= 16 * 15 * 127, so int16 holds
+      // it exactly (the partial sums may wrap: the adds are modulo 2^16)
+      for (int ii = 0; ii < R; ++ii) {
+        const __m256i xv = _mm256_set1_epi32(xpr[ii][b]);
+        if (ROW_OFF) {
+          p16[0][ii] = _mm256_mullo_epi16(_mm256_load_si256((const __m256i*)(po + g * NR)), xv);
+          p16[1][ii] = _mm256_mullo_epi16(_mm256_load_si256((const __m256i*)(po + g * NR + 8)), xv);
+        } else {
+          p16[0][ii] = p16[1][ii] = xv;
+        }
+      }
+    } else {
+      for (int h = 0; h < 2; ++h)
+        for (int ii = 0; ii < R; ++ii) p16[h][ii] = _mm256_setzero_si256();
+    }
     for (int j = 0; j < 4; ++j) {
       __m256i p0 = _mm256_load_si256((const __m256i*)(cb + 64 * j));
       __m256i p1 = _mm256_load_si256((const __m256i*)(cb + 64 * j + 32));
@@ -256,14 +275,18 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
     for (int h = 0; h < 2; ++h) {
       const __m256 vscale = _mm256_load_ps(ps + g * NR + 8 * h);
       const __m256 vmin = HAS_MIN ? _mm256_load_ps(pm + g * NR + 8 * h) : _mm256_setzero_ps();
-      const __m256i voff = ROW_OFF ? load_offs(w, (tile * w.npar + g) * NR + 8 * h) : _mm256_setzero_si256();
+      const __m256i voff = ROW_OFF && !PAIR ? load_offs(w, (tile * w.npar + g) * NR + 8 * h) : _mm256_setzero_si256();
       for (int ii = 0; ii < R; ++ii) {
         const float dx = dxr[ii][b];
         __m256i isum = _mm256_madd_epi16(p16[h][ii], ones16);
         // - o * (block sum of x), exact, from ActQ's per-block terms: xn (-sum as int16, the
         // high half 0) against o in each lane's low int16, or xo = -o_const * sum
-        if (ROW_OFF) isum = _mm256_add_epi32(isum, _mm256_madd_epi16(voff, _mm256_set1_epi32(xnr[ii][b])));
-        else if (has_xo) isum = _mm256_add_epi32(isum, _mm256_set1_epi32(xo_row[ii][b]));
+        if (PAIR) {  // already in p16
+        } else if (ROW_OFF) {
+          isum = _mm256_add_epi32(isum, _mm256_madd_epi16(voff, _mm256_set1_epi32(xnr[ii][b])));
+        } else if (has_xo) {
+          isum = _mm256_add_epi32(isum, _mm256_set1_epi32(xo_row[ii][b]));
+        }
         const __m256 da = _mm256_mul_ps(vscale, _mm256_set1_ps(dx));
         acc[h][ii] = _mm256_add_ps(acc[h][ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), da));
         if (HAS_MIN) acc[h][ii] = _mm256_add_ps(acc[h][ii], _mm256_mul_ps(vmin, _mm256_set1_ps(xmr[ii][b])));
@@ -279,12 +302,23 @@ void tile_kernel_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t
                      int64_t ldy, const float* bias) {
   // posix_memalign, not a std:: container (no library template instantiated with these flags)
   void* mem = nullptr;
-  if (posix_memalign(&mem, 32, (size_t)(2 * w.npar * NR) * sizeof(float)) != 0) throw std::bad_alloc();
+  if (posix_memalign(&mem, 32, (size_t)(3 * w.npar * NR) * sizeof(float)) != 0) throw std::bad_alloc();
   float* buf = (float*)mem;
   const float* ps = tile_params(w, tile, w.scale, w.scale16, w.sd, w.sq, buf);
   const float* pm = HAS_MIN ? tile_params(w, tile, w.minv, w.min16, w.md, w.mq, buf + w.npar * NR) : nullptr;
+  // The offset term as the start of the int16 pair sums (ActQ::xp, filled for this kernel) where
+  // every offset is <= 15, as the codes: then no pair sum leaves int16
+  bool pair = !a.xp.empty() && (ROW_OFF || w.o_const <= 15);
+  int32_t* po = (int32_t*)(buf + 2 * w.npar * NR);
+  if (pair && ROW_OFF)
+    for (int64_t p = 0; p < w.npar * NR; ++p) {
+      const int32_t o = w.offs[tile * w.npar * NR + p];
+      pair = pair && o <= 15;
+      po[p] = o | (o << 16);
+    }
   row_groups(m0, m1, [&](int64_t i0, auto r) {
-    tile_rows_nib<DP, HAS_MIN, ROW_OFF, decltype(r)::value>(w, tile, a, i0, y, ldy, bias, ps, pm);
+    if (pair) tile_rows_nib<DP, HAS_MIN, ROW_OFF, true, decltype(r)::value>(w, tile, a, i0, y, ldy, bias, ps, pm, po);
+    else tile_rows_nib<DP, HAS_MIN, ROW_OFF, false, decltype(r)::value>(w, tile, a, i0, y, ldy, bias, ps, pm, po);
   });
   std::free(mem);
 }

@@ -115,6 +115,7 @@ void register_matmul_kernels(KernelTable& t) {
   t.gemm_f32 = gemm_f32;
   t.gemm_f32_xt = gemm_f32_xt;
   t.gemm_int8 = gemm_int8;
+  t.gemm_int8_xp = true;  // the maddubs nibble kernel (int8_kernels256.h, tile_rows_nib)
   t.lora_shrink = lora_shrink;
   t.lora_expand = lora_expand;
   t.quantize_act = quantize_act;
