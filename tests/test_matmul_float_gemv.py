@@ -147,8 +147,8 @@ def test_non_finite_and_extreme_scales(fmt):
     the finite values within the bound. (AVX2's q4_0 decodes (c - 8) * d as one FMA, which would
     make every code of an Inf block NaN; such blocks take the table.)"""
     rng = np.random.default_rng(5)
-    # int4: 40 groups of 32 per row (the AVX2 scale check's 16-lane loop and its tail), or 10 of
-    # 128 (the AVX2 kernel whose group's chunks are unrolled)
+    # int4: 40 groups of 32 per row, or 10 of 128 (the AVX2 kernel whose group's chunks are
+    # unrolled); AVX2 computes a row whose result is not finite again with the tested decoder
     g = PARAMS.get(fmt, {}).get("group", 32)
     n, k = 6, (64 if fmt == "q4_0" else 1280)
     qt = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), _fmt(fmt), **PARAMS.get(fmt, {}))

@@ -123,8 +123,9 @@ struct GroupNib {
     nibbles(r.q + 16 * ci, HighFirst, r.tab, w);
   }
 };
-// Lin16 for a finite d (int4: every scale checked before; q4_0: a row's result checked after,
-// see run_q4_0), without Lin16's test per use
+// Lin16 without its test for a non-finite d: an Inf or NaN d makes every weight of its group
+// NaN (c * Inf - o * Inf), so the rows' results come out NaN, and fast_then_tested computes
+// those rows again with Lin16
 struct Lin16F {
   __m256 d, e;  // e = -o * d
   __m256 operator()(__m256i idx) const {
@@ -132,7 +133,7 @@ struct Lin16F {
   }
   __m256 upper(__m256i idx) const { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(idx), d, e); }
 };
-template <bool SYM>  // Int4Tab for finite scales: the same (c - o) * d, rounded once
+template <bool SYM>  // Int4Tab with Lin16F: the same (c - o) * d for a finite d, rounded once
 struct Int4FiniteTab {
   using Table = Lin16F;
   Lin16F operator()(const uint8_t* s, const uint8_t* z, int64_t g) const {
@@ -141,32 +142,10 @@ struct Int4FiniteTab {
   }
 };
 
-// true if none of the fp16 values s[r * stride + 2 j] (r0 <= r < r1, j < cnt) is Inf or NaN
-inline bool f16_all_finite(const uint8_t* s, int64_t stride, int64_t r0, int64_t r1, int64_t cnt) {
-  const __m256i ex = _mm256_set1_epi16(0x7C00);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* p = s + r * stride;
-    int64_t j = 0;
-    __m256i bad = _mm256_setzero_si256();
-    for (; j + 16 <= cnt; j += 16)
-      bad = _mm256_or_si256(bad, _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_loadu_si256((const __m256i*)(p + 2 * j)), ex), ex));
-    if (!_mm256_testz_si256(bad, bad)) return false;
-    for (; j < cnt; ++j) {
-      uint16_t h;
-      __builtin_memcpy(&h, p + 2 * j, 2);
-      if ((h & 0x7C00) == 0x7C00) return false;
-    }
-  }
-  return true;
-}
-
 // GroupNib for a group of CPG chunks known at compile time (int4 group 128: 4; nf4 block 64: 2):
 // a step is a group, its table made at its first chunk and its chunks unrolled, without
 // GroupNib's countdown and reload test per chunk. The same decoded weights and FMAs in the same
-// order, so the same bits. With Int4FiniteTab, int4 g128 M = 1 (4096x4096, 1024 rows under
-// callgrind) runs 20.8 instructions per chunk of 32 weights where GroupNib took 27.2 (28.8 with
-// Int4FiniteTab alone); the loop is bound by instructions issued, so time follows: one thread
-// on a Zen 3, C ABI, min of 300 calls, 1.64-1.72 -> 1.32-1.48 ms.
+// order, so the same bits (figures: fast_then_tested).
 template <class TabOf, bool HighFirst, int CPG>
 struct GroupNibK {
   static constexpr bool kSplitX = true;
@@ -218,9 +197,7 @@ struct Q40Tab {  // f32(c - 8) * d, linear (Lin16): 4096x4096, one thread, M = 1
   // 1.70 / 1.90 / 3.48 -> 1.00 / 1.33 / 1.55 / 3.30 ms against the table
   Lin16 operator()(const uint8_t* b) const { return lin16(b, 8.0f); }
 };
-struct Q40FastTab {  // Q40Tab without the test for a non-finite d: an Inf or NaN d makes the
-  // block's weights NaN (c * Inf - 8 * Inf), so its rows' sums come out NaN, and run_q4_0 computes
-  // every weight row with a non-finite result again with Q40Tab
+struct Q40FastTab {  // Q40Tab with Lin16F (see fast_then_tested)
   Lin16F operator()(const uint8_t* b) const {
     const __m256 d = bcast_f16(b);
     return Lin16F{d, _mm256_mul_ps(d, _mm256_set1_ps(-8.0f))};
@@ -343,48 +320,66 @@ Tab16 iq4nl_kv() {
                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(kIQ4NL + 8))))};
 }
 
-// The grouped nibble formats' kernel for cpg chunks per group (see gemv_f32_entries.inc)
-template <bool HighFirst, class TabOf>
-bool run_group_nib(const TabOf& t, int64_t cpg, const uint8_t* q, const uint8_t* s, const uint8_t* z,
-                   const pqk_row_bytes& rb, int64_t r0, int64_t r1, int64_t k, const float* x, int64_t ldx,
-                   int64_t m, float* y, int64_t ldy, const float* bias) {
-  if constexpr (std::is_same<TabOf, Int4Tab>::value) {
-    // int4 with every scale of these rows finite (as good as always): Lin16 without its test
-    // per use, and a constant offset where symmetric
-    if (f16_all_finite(s, rb.s, r0, r1, k / (32 * cpg))) {
-      if (t.sym) return run_group_nib<HighFirst>(Int4FiniteTab<true>{}, cpg, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
-      return run_group_nib<HighFirst>(Int4FiniteTab<false>{}, cpg, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
-    }
-  }
-  switch (cpg) {
-    case 2: return gemv_f32::run<V>(GroupNibK<TabOf, HighFirst, 2>{t}, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
-    case 4: return gemv_f32::run<V>(GroupNibK<TabOf, HighFirst, 4>{t}, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
-    default: return gemv_f32::run<V>(GroupNib<TabOf, HighFirst>{t, cpg}, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
-  }
-}
+#define PQK_ARGS q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias
+#define PQK_PARAMS                                                                                       \
+  const uint8_t *q, const uint8_t *s, const uint8_t *z, const pqk_row_bytes &rb, int64_t r0, int64_t r1, \
+      int64_t k, const float *x, int64_t ldx, int64_t m, float *y, int64_t ldy, const float *bias
 
-// q4_0 (see gemv_f32_entries.inc): blocks two per step where k / 32 is even, d not tested per
-// block; a weight row whose result is not finite (a non-finite d, or x or a sum overflowing) is
-// computed again with the tested decoder, so each result is Q40Tab's. Callgrind, M = 1 (4096
-// columns, 1024 rows): 31.4 -> 23.4 instructions per block; one thread on a Zen 3, 4096x4096,
-// C ABI, min of 300 calls: 1.39-1.99 -> 1.30-1.38 ms.
-bool run_q4_0(const uint8_t* q, const uint8_t* s, const uint8_t* z, const pqk_row_bytes& rb, int64_t r0, int64_t r1,
-              int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, const float* bias) {
-  using Checked = Ggml32<Q4_0_BYTES, 2, Q40Tab>;
-  const bool ok = (k / 32) % 2 == 0
-                      ? gemv_f32::run<V>(Ggml32<Q4_0_BYTES, 2, Q40FastTab, 2>{}, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias)
-                      : gemv_f32::run<V>(Ggml32<Q4_0_BYTES, 2, Q40FastTab>{}, q, s, z, rb, r0, r1, k, x, ldx, m, y, ldy, bias);
-  if (!ok) return false;
+// Rows [r0, r1) with the decoder `fast`, whose tables skip Lin16's test for a non-finite scale
+// (Lin16F), then each weight row with a result that is not finite (such a scale makes it NaN;
+// an Inf in x or a sum that overflows does too) again with `tested`: every result is the tested
+// decoder's, bit for bit. Callgrind, M = 1, 4096 columns: int4 g128 27.2 -> 20.8 instructions
+// per 32 weights (with GroupNibK), q4_0 31.4 -> 23.4 (with two blocks per step); the loop is
+// bound by instructions issued, so time follows (one thread on a Zen 3, 4096x4096, C ABI, min of
+// 300 calls: int4 1.64-1.72 -> 1.32-1.48 ms, q4_0 1.39-1.99 -> 1.30-1.38).
+template <class Fast, class Tested>
+bool fast_then_tested(const Fast& fast, const Tested& tested, PQK_PARAMS) {
+  if (!gemv_f32::run<V>(fast, PQK_ARGS)) return false;
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t i = 0; i < m; ++i) {
       const float v = y[i * ldy + r];
       if (v - v != 0.0f) {  // Inf or NaN
-        if (!gemv_f32::run<V>(Checked{}, q, s, z, rb, r, r + 1, k, x, ldx, m, y, ldy, bias)) return false;
+        if (!gemv_f32::run<V>(tested, q, s, z, rb, r, r + 1, k, x, ldx, m, y, ldy, bias)) return false;
         break;
       }
     }
   return true;
 }
+
+// GroupNibK for CPG chunks per group, or GroupNib (cpg at run time) for CPG = 0
+template <bool HighFirst, int CPG, class TabOf>
+auto group_dec(const TabOf& t, int64_t cpg) {
+  if constexpr (CPG != 0) return GroupNibK<TabOf, HighFirst, CPG>{t};
+  else return GroupNib<TabOf, HighFirst>{t, cpg};
+}
+template <bool HighFirst, int CPG, class TabOf>
+bool run_groups(const TabOf& t, int64_t cpg, PQK_PARAMS) {
+  if constexpr (std::is_same<TabOf, Int4Tab>::value) {  // symmetric: a constant offset
+    if (t.sym) return fast_then_tested(group_dec<HighFirst, CPG>(Int4FiniteTab<true>{}, cpg), group_dec<HighFirst, CPG>(t, cpg), PQK_ARGS);
+    return fast_then_tested(group_dec<HighFirst, CPG>(Int4FiniteTab<false>{}, cpg), group_dec<HighFirst, CPG>(t, cpg), PQK_ARGS);
+  }
+  return gemv_f32::run<V>(group_dec<HighFirst, CPG>(t, cpg), PQK_ARGS);
+}
+
+// The grouped nibble formats' kernel for cpg chunks per group (see gemv_f32_entries.inc)
+template <bool HighFirst, class TabOf>
+bool run_group_nib(const TabOf& t, int64_t cpg, PQK_PARAMS) {
+  switch (cpg) {
+    case 2: return run_groups<HighFirst, 2>(t, cpg, PQK_ARGS);
+    case 4: return run_groups<HighFirst, 4>(t, cpg, PQK_ARGS);
+    default: return run_groups<HighFirst, 0>(t, cpg, PQK_ARGS);
+  }
+}
+
+// q4_0 (see gemv_f32_entries.inc): blocks two per step where k / 32 is even
+bool run_q4_0(PQK_PARAMS) {
+  using Tested = Ggml32<Q4_0_BYTES, 2, Q40Tab>;
+  if ((k / 32) % 2 == 0) return fast_then_tested(Ggml32<Q4_0_BYTES, 2, Q40FastTab, 2>{}, Tested{}, PQK_ARGS);
+  return fast_then_tested(Ggml32<Q4_0_BYTES, 2, Q40FastTab>{}, Tested{}, PQK_ARGS);
+}
+
+#undef PQK_PARAMS
+#undef PQK_ARGS
 
 }  // namespace
 
