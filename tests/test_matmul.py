@@ -169,6 +169,24 @@ def test_int4_groups(params):
             assert bits_equal(pq.matmul(x, qt, compute="int8", isa=v), spec)
 
 
+def test_int4_zero_points_above_15_int8_all_variants():
+    """int4's zero points are bytes: one above 15 (an imported or damaged file; quantize keeps them
+    <= 15) takes AVX2's GEMM off its int16 offset start (a pair sum could leave int16) for its
+    tile; the other tiles keep it. Every variant equals the reference spec, at M > 2 (GEMM)."""
+    rng = np.random.default_rng(3)
+    qt = pq.quantize(rng.standard_normal((40, 256)).astype(np.float32), "int4", group=128)
+    q, s, z = (np.ascontiguousarray(a).copy() for a in qt.sections())
+    z = z.reshape(-1)
+    z[5], z[17] = 200, 16   # rows 2 and 8: tile 0; tiles 1 and 2 keep offsets <= 15
+    bad = pq.QTensor(qt.format, qt.shape, np.concatenate([q.reshape(-1), s.reshape(-1).view(np.uint8), z]),
+                     qt.params)
+    for m in (3, 7):
+        x = rng.standard_normal((m, 256)).astype(np.float32)
+        spec = pq.matmul(x, bad, compute="int8", backend="reference")
+        for v in VARIANTS:
+            assert bits_equal(pq.matmul(x, bad, compute="int8", isa=v), spec), (v, m)
+
+
 def float_same_bits_any_threads(x, qt, bias, v):
     """compute="float" on variant v with 1, 2 and 3 threads: the same bits; returns the result."""
     outs = []
