@@ -172,7 +172,8 @@ def test_int4_groups(params):
 def test_int4_zero_points_above_15_int8_all_variants():
     """int4's zero points are bytes: one above 15 (an imported or damaged file; quantize keeps them
     <= 15) takes AVX2's GEMM off its int16 offset start (a pair sum could leave int16) for its
-    tile; the other tiles keep it. Every variant equals the reference spec, at M > 2 (GEMM)."""
+    tile, and at 32 rows or more off its codes unpacked as c - o (they would not fit a signed
+    byte); the other tiles keep them. Every variant equals the reference spec, at M > 2 (GEMM)."""
     rng = np.random.default_rng(3)
     qt = pq.quantize(rng.standard_normal((40, 256)).astype(np.float32), "int4", group=128)
     q, s, z = (np.ascontiguousarray(a).copy() for a in qt.sections())
@@ -180,7 +181,7 @@ def test_int4_zero_points_above_15_int8_all_variants():
     z[5], z[17] = 200, 16   # rows 2 and 8: tile 0; tiles 1 and 2 keep offsets <= 15
     bad = pq.QTensor(qt.format, qt.shape, np.concatenate([q.reshape(-1), s.reshape(-1).view(np.uint8), z]),
                      qt.params)
-    for m in (3, 7):
+    for m in (3, 7, 37):
         x = rng.standard_normal((m, 256)).astype(np.float32)
         spec = pq.matmul(x, bad, compute="int8", backend="reference")
         for v in VARIANTS:

@@ -70,6 +70,7 @@ struct Tables {
       if (mine.gemm_int8) {
         dst.gemm_int8 = mine.gemm_int8;
         dst.gemm_int8_xp = mine.gemm_int8_xp;
+        dst.gemm_int8_xu_rows = mine.gemm_int8_xu_rows;
         dst.gemm_int8_isa = (int8_t)isa;
       }
       if (mine.read_sum) { dst.read_sum = mine.read_sum; dst.read_sum_isa = (int8_t)isa; }

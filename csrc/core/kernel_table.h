@@ -102,6 +102,7 @@ struct KernelTable {
   quantize_act_fn quantize_act = nullptr;
   gemm_int8_fn gemm_int8 = nullptr;
   bool gemm_int8_xp = false;  // gemm_int8 reads ActQ::xp (the driver fills it only then)
+  int32_t gemm_int8_xu_rows = 0;  // gemm_int8 reads ActQ::xu: the driver fills it for this many rows or more (0: never)
   gemm_f32_fn gemm_f32 = nullptr;
   int8_t quantize_act_isa = 0, gemm_int8_isa = 0, gemm_f32_isa = 0;
   gemm_f32_xt_fn gemm_f32_xt = nullptr;

@@ -440,7 +440,10 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
       a.xn.resize((size_t)(mc * (w.k / QBLK)));
       if (w.o_const != 0) a.xo.resize((size_t)(mc * (w.k / QBLK)));
       if (w.has_min) a.xm.resize((size_t)(mc * (w.k / QBLK)));
-      if (t.gemm_int8_xp && mc > 2 && w.nibbles && !w.lut && (w.o_const != 0 || w.row_offset)) {
+      const bool xu = t.gemm_int8_xu_rows && mc >= t.gemm_int8_xu_rows && w.nibbles && !w.lut &&
+                      !(w.has_min && w.row_offset);  // the AVX2 nibble GEMM's case (int8_kernels256.h)
+      if (xu) a.xu.resize((size_t)(mc * w.k));  // then that kernel does not read xp
+      else if (t.gemm_int8_xp && mc > 2 && w.nibbles && !w.lut && (w.o_const != 0 || w.row_offset)) {
         a.xp.resize((size_t)(mc * (w.k / QBLK)));
         a.xp_f = w.row_offset ? 1 : w.o_const;
       }

@@ -121,6 +121,9 @@ struct ActQ {
   // caller, for the AVX2 nibble GEMM): the offset term as the start of the maddubs pair sums
   std::vector<int32_t> xp;
   int32_t xp_f = 1;
+  // xu [k]: x + 128 as unsigned bytes (sized by the caller, for the AVX2 nibble GEMM over many
+  // rows, tile_rows_su: maddubs' unsigned operand)
+  std::vector<uint8_t> xu;
   const int8_t* row_q(int64_t i) const { return xq.data() + i * k; }
   const float* row_d(int64_t i) const { return dx.data() + i * (k / QBLK); }
   const int32_t* row_s(int64_t i) const { return xs.data() + i * (k / 16); }
@@ -128,6 +131,7 @@ struct ActQ {
   const int32_t* row_o(int64_t i) const { return xo.data() + i * (k / QBLK); }
   const float* row_m(int64_t i) const { return xm.data() + i * (k / QBLK); }
   const int32_t* row_p(int64_t i) const { return xp.data() + i * (k / QBLK); }
+  const uint8_t* row_u(int64_t i) const { return xu.data() + i * k; }
   // xn (and xo, for a weight offset o_const != 0, and xm, each sized by the caller) of row i from
   // its xs and dx (after quantize_act)
   void fill_xn(int64_t i, int32_t o_const) {
@@ -137,6 +141,11 @@ struct ActQ {
     if (!xo.empty()) {
       int32_t* o = xo.data() + i * (k / QBLK);
       for (int64_t b = 0; b < k / QBLK; ++b) o[b] = -o_const * (s[2 * b] + s[2 * b + 1]);
+    }
+    if (!xu.empty()) {
+      const int8_t* q = row_q(i);
+      uint8_t* u = xu.data() + i * k;
+      for (int64_t j = 0; j < k; ++j) u[j] = (uint8_t)(q[j] ^ (int8_t)0x80);
     }
     if (!xp.empty()) {
       const int8_t* q = row_q(i);

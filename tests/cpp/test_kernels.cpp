@@ -142,7 +142,9 @@ static void test_matmul(const std::vector<int>& isas, const Case& c, int64_t n, 
   std::vector<float> bias(n);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   for (auto& b : bias) b = nd(rng);
-  for (int64_t m = 1; m <= 9; ++m) {
+  // 33 and 40 rows: past the AVX2 nibble kernels' threshold for unpacking a tile's codes first
+  // (KernelTable::gemm_int8_xu_rows), with a row left over and without
+  for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 8, 9, 33, 40}) {
     const int64_t ldx = k + 5, ldy = n + 2;
     std::vector<float> x(m * ldx);
     static const int act_kinds[] = {0, 1, 3, 6, 7, 10, 4, 8, 9};
@@ -476,6 +478,9 @@ int main(int argc, char** argv) {
     for (int64_t n : {63, 571}) test_matmul(isas, c, n, 256, rng);
   pqk_set_num_threads(1);
   for (const Case& c : extra) test_matmul(isas, c, 571, 256, rng);
+  // K of 513 blocks: the AVX2 nibble GEMM unpacks a tile's codes 512 blocks at a time
+  for (const Case& c : {cases[1], cases[2], cases[4], cases[9], cases[10], extra[8]})
+    test_matmul(isas, c, 17, 513 * 32, rng);
   pqk_set_num_threads(2);
   for (const Case& c : cases)
     for (int64_t n : {5, 17})
