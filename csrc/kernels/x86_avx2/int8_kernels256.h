@@ -46,6 +46,15 @@ inline __attribute__((always_inline)) __m256i load_offs(const PackedWeight& w, i
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w.offs + pi)));
 }
 
+// A block's float step for 8 tile rows and one activation row, as ref takes it (core/packed.h):
+// acc + isum * (scale * dx), then + min * (dx * block sum of x) where the format has a min
+template <bool HAS_MIN>
+inline __attribute__((always_inline)) __m256 block_step(__m256 acc, __m256i isum, __m256 vscale, float dx,
+                                                        __m256 vmin, float xm) {
+  acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(vscale, _mm256_set1_ps(dx))));
+  return HAS_MIN ? _mm256_add_ps(acc, _mm256_mul_ps(vmin, _mm256_set1_ps(xm))) : acc;
+}
+
 // One 16-row tile's per-row parameters (f32 / f16 / d, q as load_par takes them) as fp32
 // [npar][NR]: the weight's own array where it is fp32, else decoded into buf, the same values
 // load_par gives, once per tile rather than once per group of activation rows and block.
@@ -287,9 +296,7 @@ void tile_rows_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i
         } else if (has_xo) {
           isum = _mm256_add_epi32(isum, _mm256_set1_epi32(xo_row[ii][b]));
         }
-        const __m256 da = _mm256_mul_ps(vscale, _mm256_set1_ps(dx));
-        acc[h][ii] = _mm256_add_ps(acc[h][ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), da));
-        if (HAS_MIN) acc[h][ii] = _mm256_add_ps(acc[h][ii], _mm256_mul_ps(vmin, _mm256_set1_ps(xmr[ii][b])));
+        acc[h][ii] = block_step<HAS_MIN>(acc[h][ii], isum, vscale, dx, vmin, HAS_MIN ? xmr[ii][b] : 0.0f);
       }
     }
   }
@@ -392,9 +399,7 @@ void tile_rows_su(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0
       const __m256 vmin = HAS_MIN ? _mm256_load_ps(pm + g * NR + 8 * h) : _mm256_setzero_ps();
       for (int ii = 0; ii < R; ++ii) {
         const __m256i isum = _mm256_madd_epi16(p16[h][ii], ones16);
-        const __m256 da = _mm256_mul_ps(vscale, _mm256_set1_ps(dxr[ii][b]));
-        acc[h][ii] = _mm256_add_ps(acc[h][ii], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), da));
-        if (HAS_MIN) acc[h][ii] = _mm256_add_ps(acc[h][ii], _mm256_mul_ps(vmin, _mm256_set1_ps(xmr[ii][b])));
+        acc[h][ii] = block_step<HAS_MIN>(acc[h][ii], isum, vscale, dxr[ii][b], vmin, HAS_MIN ? xmr[ii][b] : 0.0f);
       }
     }
   }
