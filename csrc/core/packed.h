@@ -132,8 +132,8 @@ struct ActQ {
   const float* row_m(int64_t i) const { return xm.data() + i * (k / QBLK); }
   const int32_t* row_p(int64_t i) const { return xp.data() + i * (k / QBLK); }
   const uint8_t* row_u(int64_t i) const { return xu.data() + i * k; }
-  // xn (and xo, for a weight offset o_const != 0, and xm, each sized by the caller) of row i from
-  // its xs and dx (after quantize_act)
+  // xn (and xo, for a weight offset o_const != 0, xu, xp and xm, each where the caller sized it)
+  // of row i from its xq, xs and dx (after quantize_act)
   void fill_xn(int64_t i, int32_t o_const) {
     const int32_t* s = row_s(i);
     int32_t* n = xn.data() + i * (k / QBLK);

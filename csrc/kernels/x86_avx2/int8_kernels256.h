@@ -415,63 +415,59 @@ void tile_rows_su(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t i0
 template <class DP, bool HAS_MIN, bool ROW_OFF>
 void tile_kernel_nib(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, int64_t m1, float* y,
                      int64_t ldy, const float* bias) {
-  // posix_memalign, not a std:: container (no library template instantiated with these flags)
+  // Every offset of the tile <= 15, as the codes (min formats: none): then s = c - o fits
+  // |s| <= 15 and no int16 pair sum leaves int16, which both fast paths need: tile_rows_su where
+  // the driver filled xu (many rows), else tile_rows_nib with the offset term as the start of its
+  // pair sums where it filled xp. Otherwise tile_rows_nib adds that term after the pair sums.
+  const int64_t nkb = w.k / QBLK, npn = w.npar * NR;
+  bool small_o = ROW_OFF || w.o_const <= 15;
+  if (ROW_OFF && (!a.xu.empty() || !a.xp.empty()))
+    for (int64_t p = 0; p < npn && small_o; ++p) small_o = w.offs[tile * npn + p] <= 15;
+  const bool su = small_o && !a.xu.empty() && nkb > 0, pair = small_o && !a.xp.empty();
+  // Up to 512 blocks (K 16384, 288 KiB) unpacked at a time, in L2: each range of blocks costs
+  // every group of rows a load and store of its acc, and ranges of 32 blocks (in L1) measured
+  // slower than the whole of K = 4096 (q4_0 M = 128: 0.96 against 0.91 of tile_rows_nib's time)
+  const int64_t kb = su ? (nkb < 512 ? nkb : 512) : 0;
+  // One buffer (posix_memalign, not a std:: container: no library template instantiated with
+  // these flags): the unpacked blocks, then (su) the offset bytes per group and half and the
+  // rows' acc between block ranges; the fp32 scales and mins (tile_params); o in both int16 of
+  // each lane (pair, ROW_OFF)
+  const size_t su_bytes = su ? (size_t)(kb * SU_BLOCK + 2 * w.npar * 32 + 2 * (m1 - m0) * 32) : 0;
   void* mem = nullptr;
-  if (posix_memalign(&mem, 32, (size_t)(3 * w.npar * NR) * sizeof(float)) != 0) throw std::bad_alloc();
-  float* buf = (float*)mem;
+  if (posix_memalign(&mem, 64, su_bytes + (size_t)(3 * npn) * sizeof(float)) != 0) throw std::bad_alloc();
+  uint8_t* cu = (uint8_t*)mem;
+  __m256i* ob = (__m256i*)(cu + kb * SU_BLOCK);
+  __m256* part = (__m256*)(ob + 2 * w.npar);
+  float* buf = (float*)(cu + su_bytes);
   const float* ps = tile_params(w, tile, w.scale, w.scale16, w.sd, w.sq, buf);
-  const float* pm = HAS_MIN ? tile_params(w, tile, w.minv, w.min16, w.md, w.mq, buf + w.npar * NR) : nullptr;
-  // The offset term as the start of the int16 pair sums (ActQ::xp, filled for this kernel) where
-  // every offset is <= 15, as the codes: then no pair sum leaves int16
-  bool pair = !a.xp.empty() && (ROW_OFF || w.o_const <= 15);
-  int32_t* po = (int32_t*)(buf + 2 * w.npar * NR);
-  if (pair && ROW_OFF)
-    for (int64_t p = 0; p < w.npar * NR; ++p) {
-      const int32_t o = w.offs[tile * w.npar * NR + p];
-      pair = pair && o <= 15;
-      po[p] = o | (o << 16);
+  const float* pm = HAS_MIN ? tile_params(w, tile, w.minv, w.min16, w.md, w.mq, buf + npn) : nullptr;
+  int32_t* po = (int32_t*)(buf + 2 * npn);
+  if (su) {
+    if (!HAS_MIN)
+      for (int64_t g = 0; g < w.npar; ++g)
+        for (int h = 0; h < 2; ++h)
+          ob[2 * g + h] = ROW_OFF ? _mm256_mullo_epi32(load_offs(w, (tile * w.npar + g) * NR + 8 * h),
+                                                       _mm256_set1_epi32(0x01010101))  // o in each byte of its lane
+                                  : _mm256_set1_epi8((char)w.o_const);
+    for (int64_t b0 = 0; b0 < nkb; b0 += kb) {
+      const int64_t b1 = b0 + kb < nkb ? b0 + kb : nkb;
+      unpack_su(w, tile, b0, b1, HAS_MIN ? nullptr : ob, cu);
+      row_groups(m0, m1, [&](int64_t i0, auto r) {
+        tile_rows_su<DP, HAS_MIN, decltype(r)::value>(w, tile, a, i0, y, ldy, bias, ps, pm, cu, b0, b1,
+                                                      part + 2 * (i0 - m0));
+      });
     }
-  // many rows (the driver filled xu) and every offset <= 15: the codes unpacked first, tile_rows_su
-  const int64_t nkb = w.k / QBLK;
-  bool su = !a.xu.empty() && nkb > 0 && (ROW_OFF || HAS_MIN || w.o_const <= 15);
-  if (su && ROW_OFF)
-    for (int64_t p = 0; p < w.npar * NR && su; ++p) su = w.offs[tile * w.npar * NR + p] <= 15;
-  if (!su) {
+  } else {
+    if (pair && ROW_OFF)
+      for (int64_t p = 0; p < npn; ++p) {
+        const int32_t o = w.offs[tile * npn + p];
+        po[p] = o | (o << 16);
+      }
     row_groups(m0, m1, [&](int64_t i0, auto r) {
       if (pair) tile_rows_nib<DP, HAS_MIN, ROW_OFF, true, decltype(r)::value>(w, tile, a, i0, y, ldy, bias, ps, pm, po);
       else tile_rows_nib<DP, HAS_MIN, ROW_OFF, false, decltype(r)::value>(w, tile, a, i0, y, ldy, bias, ps, pm, po);
     });
-    std::free(mem);
-    return;
   }
-  // Up to 512 blocks (K 16384, 288 KiB) at a time, in L2: each range of blocks costs every group
-  // of rows a load and store of its acc, and ranges of 32 blocks (in L1) measured slower than the
-  // whole of K = 4096 (q4_0 M = 128: 0.96 against 0.91 of tile_rows_nib's time)
-  const int64_t kb = nkb < 512 ? nkb : 512;
-  const int64_t ngrp = w.npar;  // parameter groups of the tile
-  void* mu = nullptr;
-  // the unpacked blocks, the offset bytes per group and half, the rows' acc between block ranges
-  const size_t bytes = (size_t)(kb * SU_BLOCK + 2 * ngrp * 32 + 2 * (m1 - m0) * 32);
-  if (posix_memalign(&mu, 64, bytes) != 0) { std::free(mem); throw std::bad_alloc(); }
-  uint8_t* cu = (uint8_t*)mu;
-  __m256i* ob = (__m256i*)(cu + kb * SU_BLOCK);
-  __m256* part = (__m256*)(ob + 2 * ngrp);
-  if (!HAS_MIN) {
-    for (int64_t g = 0; g < ngrp; ++g)
-      for (int h = 0; h < 2; ++h)
-        ob[2 * g + h] = ROW_OFF ? _mm256_mullo_epi32(load_offs(w, (tile * w.npar + g) * NR + 8 * h),
-                                                     _mm256_set1_epi32(0x01010101))  // o in each byte of its lane
-                                : _mm256_set1_epi8((char)w.o_const);
-  }
-  for (int64_t b0 = 0; b0 < nkb; b0 += kb) {
-    const int64_t b1 = b0 + kb < nkb ? b0 + kb : nkb;
-    unpack_su(w, tile, b0, b1, HAS_MIN ? nullptr : ob, cu);
-    row_groups(m0, m1, [&](int64_t i0, auto r) {
-      tile_rows_su<DP, HAS_MIN, decltype(r)::value>(w, tile, a, i0, y, ldy, bias, ps, pm, cu, b0, b1,
-                                                    part + 2 * (i0 - m0));
-    });
-  }
-  std::free(mu);
   std::free(mem);
 }
 
