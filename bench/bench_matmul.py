@@ -591,8 +591,9 @@ def test_paired_vs_ort(measure, shape, fmt, opts, pq_threads):
 def test_paired_vs_int8_probe(benchmark, ceilings, shape, fmt, opts, pq_threads):
     """The GEMM bar (>= 50% of the int8 hw peak) in the same stretch of time: a pass of the int8 hw
     probe (pyqkern._membw.int8_hw_peak, ~1 ms per thread), then one pyqkern int8 call, 40 times;
-    the fraction is the median of the per-pair ratios of GOP/s. On a shared core (an SMT sibling
-    busy or not) the probe and the kernel slow down together, so the ratio moves less than the
+    the fraction is the median of the per-pair ratios of GOP/s. When the machine's other work
+    slows this core (on a 2-core Zen 3 VM a busy loop on the other vCPU took the probe from 318 to
+    242 GOP/s) the probe and the kernel slow down together, so the ratio moves less than the
     table's (each side's best, minutes apart). Reported under the table."""
     m, k, n = shape
     if int8_hw_peak(pq_threads, reps=1) is None:
