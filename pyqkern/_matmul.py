@@ -16,11 +16,13 @@ compute:
           fp32 accumulation error of x @ dequantize(W).T: |y - y_ref| <= K * 2^-23 * sum|x||w|
           + K * 2^-149 (the second term: products and sums in fp32's subnormal range; a loose
           bound; tests check it). At decode size on q4_0 / int2 / int3 / int4,
-          adapters too (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly
-          into three bf16 parts) an AVX512-BF16 kernel takes over where the CPU has one: (u - o)
-          * x is exact in fp32, sums per block then scaled, under the same bound (x with
-          0 < |x| < 2^-100, |x| > 2^100 or NaN/Inf, and weights with a non-finite scale, go the
-          fp32 way: the instruction flushes subnormals, and Inf * a finite sum is not NaN). Not
+          adapters too, a kernel on the packed weight takes over: AVX512-BF16 where the CPU has
+          it (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly into three bf16
+          parts), else in the AVX2 variant an fp32 one (M <= 4, bfloat16 x widened): (u - o)
+          * x is exact in fp32 (fused in the multiply-add), sums per block then scaled, under
+          the same bound (x with 0 < |x| < 2^-100, |x| > 2^100 or NaN/Inf, and weights with a
+          non-finite scale, go the fp32 way: vdpbf16ps flushes subnormals, the AVX2 kernel
+          takes x scaled by up to 2^-24, and Inf * a finite sum is not NaN). Not
           q4_1 / q4_k: their min term summed apart (a * sum(u x) + m * sum(x)) cancels where
           a * u + m does, far beyond the bound. So in
           this mode a row's last bits can depend on the batch it came in; "int8" never does.
@@ -200,18 +202,20 @@ def _float_bf16(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
     return y
 
 
-_BF16_SLOT: dict = {}
+_PACKED_FLOAT_SLOT: dict = {}
 
 
-def _has_bf16_kernel(isa) -> bool:
-    """Whether the variant (None: the active one) has the bf16 float kernel on this CPU (checked
-    before packing the weight for it)."""
+def _packed_float_kernel(isa):
+    """The variant's (None: the active one) compute="float" kernel on the packed weight on this CPU:
+    "bf16" (AVX512-BF16), "f32" (the AVX2 variant's fp32 one) or None (checked before packing the
+    weight for it)."""
     key = isa
-    if key not in _BF16_SLOT:
+    if key not in _PACKED_FLOAT_SLOT:
         nat = _native()
         i = nat.active_isa() if isa is None else isa_id(isa)
-        _BF16_SLOT[key] = bool(nat.matmul_sources(i).get("gemv_bf16")) if nat.isa_runnable(i) else False
-    return _BF16_SLOT[key]
+        src = nat.matmul_sources(i) if nat.isa_runnable(i) else {}
+        _PACKED_FLOAT_SLOT[key] = "bf16" if src.get("gemv_bf16") else "f32" if src.get("gemv_f32p") else None
+    return _PACKED_FLOAT_SLOT[key]
 
 
 # 4-bit codes without a code book or a min term: (u - o) and bf16 x multiply exactly
@@ -219,15 +223,18 @@ _BF16_FORMATS = frozenset({"q4_0", "int2", "int3", "int4"})  # q4_1 / q4_k: see 
 
 
 def bf16_route(w: QTensor, compute: str, m: int, f32: bool = True, isa=None) -> bool:
-    """Whether compute on m rows of x (float32, else bfloat16) takes the packed weight's AVX512-BF16
-    kernel (unless x holds values it leaves to the fp32 route: see the module docstring)."""
-    return (resolve_compute(w, compute) == "float" and 1 <= m <= (2 if f32 else 4) and int8_supported(w)
-            and w.format in _BF16_FORMATS and _has_bf16_kernel(isa))
+    """Whether compute on m rows of x (float32, else bfloat16) takes the packed weight's float
+    kernel, AVX512-BF16 or AVX2 fp32 (unless x holds values it leaves to the fp32 route: see the
+    module docstring)."""
+    if resolve_compute(w, compute) != "float" or m < 1 or not int8_supported(w) or w.format not in _BF16_FORMATS:
+        return False
+    kind = _packed_float_kernel(isa)
+    return kind is not None and m <= (2 if kind == "bf16" and f32 else 4)
 
 
 def streamed_weight_bytes(w: QTensor, compute: str, m: int, f32: bool = True, isa=None) -> int:
     """Bytes of the weight form a native matmul of m rows reads: the packed copy for int8 compute and
-    for the bf16 decode kernel (q6_k's codes as bytes, int2 / int3's as nibbles: q6_k 1.31x its
+    for the packed float decode kernels (q6_k's codes as bytes, int2 / int3's as nibbles: q6_k 1.31x its
     QTensor, int2 1.73x / 1.91x and int3 1.27x / 1.31x at group 32 / 128, q4_k 1.06x; the other
     formats within a few hundred bytes), else the QTensor's own bytes."""
     if resolve_compute(w, compute) == "int8" or bf16_route(w, compute, m, f32, isa):
@@ -410,7 +417,7 @@ class QLinear:
     @property
     def packed_nbytes(self) -> int:
         """Bytes of the packed copy: made at construction for compute="int8", on the first
-        decode-size call for compute="float" where the bf16 kernel takes it; 0 if none."""
+        decode-size call for compute="float" where a packed float kernel takes it; 0 if none."""
         p = self._packed if self._packed is not None else self.weight._packed
         return p.nbytes if p is not None else 0
 

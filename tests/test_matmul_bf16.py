@@ -1,9 +1,11 @@
-"""compute="float" with bfloat16 activations: the AVX512-BF16 GEMV kernel (decode-sized M <= 4,
-4-bit codes without a code book) takes x as it is, with exact products and fp32 sums, under
-the same bound as the fp32 path:
+"""compute="float" at decode size on the packed 4-bit codes: the AVX512-BF16 GEMV kernel (M <= 4,
+4-bit codes without a code book) takes x as it is, with exact products and fp32 sums; on CPUs
+without it the AVX2 variant's fp32 kernel (gemv_f32p, M <= 4, x widened from bf16 where it
+comes so) sums the same (u - o) * x products per block in the same order. Both under the same
+bound as the fp32 path:
     |y - y_ref| <= K * 2^-23 * (|x| @ |W|.T)   with y_ref = widen(x) @ dequantize(W).T
-Everything it does not take (other formats, M > 4, denormal x, CPUs without AVX512-BF16)
-goes the fp32 way, so results stay within that bound whatever route a call takes."""
+Everything they do not take (other formats, M > 4, tiny or huge x, AVX-512 variants without
+AVX512-BF16) goes the fp32 way, so results stay within that bound whatever route a call takes."""
 import ml_dtypes
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import pyqkern as pq
 from pyqkern import _ops
-from pyqkern._matmul import _packed
+from pyqkern._matmul import _packed, _packed_float_kernel
 
 from test_matmul import assert_float_close, bits_equal, random_qtensor
 
@@ -21,12 +23,27 @@ MIN_FORMATS = ["q4_1", "q4_k"]  # declined: see test_min_term_formats_take_the_f
 NAT = _ops._native()
 
 
-def kernel_variant():
+def bf16_variant():
     """The variant whose table holds the bf16 kernel on this CPU (None if none does)."""
     for v in pq.variants():
         if NAT.matmul_sources(_ops.isa_id(v)).get("gemv_bf16"):
             return v
     return None
+
+
+def kernel_variant():
+    """The variant whose table holds a packed float kernel on this CPU: the bf16 one, else the
+    fp32 one (gemv_f32p; None if neither)."""
+    v = bf16_variant()
+    if v is None:
+        v = next((v for v in pq.variants() if NAT.matmul_sources(_ops.isa_id(v)).get("gemv_f32p")), None)
+    return v
+
+
+def f32_rows(v):
+    """The most float32 rows of x the variant's packed float kernel takes (the bf16 kernel splits
+    each into three parts)."""
+    return 2 if NAT.matmul_sources(_ops.isa_id(v)).get("gemv_bf16") else 4
 
 
 def fp32_route():
@@ -44,11 +61,19 @@ def qt_for(fmt, n, k, rng, sym=None):
 
 def test_kernel_present_where_the_cpu_has_avx512_bf16():
     feats = pq.info()["features"]
-    v = kernel_variant()
+    v = bf16_variant()
     if "avx512bf16" in feats and "avx512vnni" in feats:
         assert v == "avx512vnni"
     else:
-        assert v is None  # and every call below takes the fp32 route
+        assert v is None
+    # the fp32 kernel: in the AVX2 variant's table, not in the AVX-512 ones' (their own 16-lane
+    # decode kernels keep the float GEMV)
+    for var in pq.variants():
+        src = NAT.matmul_sources(_ops.isa_id(var)).get("gemv_f32p")
+        assert src == ("avx2" if var in ("avx2", "avxvnni") else None), (var, src)
+    active = pq.info()["active_variant"]
+    want = "bf16" if active == v else "f32" if active in ("avx2", "avxvnni") else None
+    assert _packed_float_kernel(None) == want
 
 
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS + MIN_FORMATS)
@@ -117,7 +142,8 @@ def test_routes_it_declines_and_inputs_it_accepts():
         den[1, 7] = np.array([1], np.uint16).view(BF16)[0]                        # a bf16 denormal
         assert not NAT.matmul_float_bf16(isa, p, den.view(np.uint16), None, y)
         assert_float_close(pq.matmul(den, qt, compute="float"), den.astype(np.float32), wd)
-        assert not NAT.matmul_float_bf16(_ops.isa_id("avx512"), p, x.view(np.uint16), None, y)  # no slot there
+        if "avx512" in pq.variants():  # no slot there
+            assert not NAT.matmul_float_bf16(_ops.isa_id("avx512"), p, x.view(np.uint16), None, y)
     # the same answer for every way of passing bf16: ml_dtypes, uint16 bits, torch, 1-D, out=
     want = pq.matmul(x, qt, compute="float")
     assert bits_equal(pq.matmul(x.view(np.uint16), qt, compute="float"), want)
@@ -166,10 +192,10 @@ def test_fp32_x_split_within_bound(fmt, m, n, kb, scale, use_bias, seed):
     wd = pq.dequantize(qt, backend="reference")
     assert_float_close(pq.matmul(x, qt, bias, compute="float"), x, wd, bias)
     v = kernel_variant()
-    if v is not None and m <= 2:
+    if v is not None and m <= f32_rows(v):
         y = np.empty((m, n), np.float32)
         taken = NAT.matmul_float_packed(_ops.isa_id(v), _packed(qt), x, bias, y)
-        assert taken == (scale > 1e-30)  # 1e-35 * N(0,1): second and third parts would be denormals
+        assert taken == (scale > 1e-30)  # 1e-35 * N(0,1): below 2^-100 (bf16 parts would be denormals)
         if taken:
             assert_float_close(y, x, wd, bias)
 

@@ -365,7 +365,7 @@ PYBIND11_MODULE(_native, m) {
     if (pqk_isa_runnable(isa) != 1) throw py::value_error("variant not runnable");
     py::dict d;
     for (const char* slot : {"quantize_act", "gemm_int8", "gemm_f32", "gemm_f32_xt", "lora_shrink", "lora_expand", "gemv_bf16",
-                             "all_finite", "int8_peak"})
+                             "gemv_f32p", "all_finite", "int8_peak"})
       d[slot] = name_of(pqk_slot_variant(isa, slot, 0));
     return d;
   });

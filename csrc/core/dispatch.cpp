@@ -85,6 +85,7 @@ struct Tables {
       if (mine.gemm_f32) { dst.gemm_f32 = mine.gemm_f32; dst.gemm_f32_isa = (int8_t)isa; }
       if (mine.gemm_f32_xt) { dst.gemm_f32_xt = mine.gemm_f32_xt; dst.gemm_f32_xt_isa = (int8_t)isa; }
       if (mine.gemv_bf16) { dst.gemv_bf16 = mine.gemv_bf16; dst.gemv_bf16_isa = (int8_t)isa; }
+      if (mine.gemv_f32p) { dst.gemv_f32p = mine.gemv_f32p; dst.gemv_f32p_isa = (int8_t)isa; }
       for (int f = 0; f < PQK_FORMAT_COUNT; ++f) {
         if (mine.quantize[f]) { dst.quantize[f] = mine.quantize[f]; dst.quantize_isa[f] = (int8_t)isa; }
         if (mine.dequantize[f]) { dst.dequantize[f] = mine.dequantize[f]; dst.dequantize_isa[f] = (int8_t)isa; }
@@ -98,6 +99,10 @@ struct Tables {
     overlay(t[PQK_ISA_AVX2], avx2::register_matmul_kernels, PQK_ISA_AVX2);
 #endif
     t[PQK_ISA_AVX512] = t[PQK_ISA_AVX2];
+    // the AVX-512 variants keep their own 16-lane fp32 decode kernels (gemv_f32) for float GEMV
+    // where they have no bf16 kernel: the AVX2 packed kernel was only measured against AVX2's
+    t[PQK_ISA_AVX512].gemv_f32p = nullptr;
+    t[PQK_ISA_AVX512].gemv_f32p_isa = 0;
 #ifdef PQK_HAVE_AVX512
     overlay(t[PQK_ISA_AVX512], avx512::register_kernels, PQK_ISA_AVX512);
     overlay(t[PQK_ISA_AVX512], avx512::register_matmul_kernels, PQK_ISA_AVX512);

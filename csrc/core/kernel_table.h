@@ -59,6 +59,22 @@ using lora_expand_fn = void (*)(const LoraArgs& L, int64_t m0, int64_t m1, int64
 using gemv_bf16_fn = bool (*)(const PackedWeight& w, int64_t tile, const uint16_t* x, int64_t ldx, int64_t m,
                               int parts, int64_t part_stride, float* y, int64_t ldy, const float* bias);
 
+// The same for fp32 activations on CPUs without the bf16 kernel (x86_avx2/gemv_f32_packed.cpp),
+// m <= 4 rows of x [m][ldx] given pre-scaled: x[k] * 2^-gemv_f32p_shift(k % 32), every non-zero
+// |x| in [2^-100, 2^100] before scaling, so every scaled value is normal. Same order of operations
+// as gemv_bf16, so the same bound. Returns false, having written nothing, for the cases it does
+// not take (formats with a min term, code books).
+using gemv_f32p_fn = bool (*)(const PackedWeight& w, int64_t tile, const float* x, int64_t ldx, int64_t m, float* y,
+                              int64_t ldy, const float* bias);
+// The bit position of the nibble of block offset kk (k % 32) within its row's 32-bit lane of the
+// packed layout (core/packed.h: byte kk % 4 of register (kk % 16) / 4, high nibble for kk >= 16),
+// which the kernel leaves in place, so x comes scaled down by as much; the top nibble is shifted
+// down instead, 0.
+inline int gemv_f32p_shift(int64_t kk) {
+  const int q = (int)(2 * (kk % 4) + kk / 16);
+  return q == 7 ? 0 : 4 * q;
+}
+
 // compute="float" for m <= GEMV_F32_MAX_M activation rows straight from a format's canonical row
 // bytes (optional, per format): y[i, r] (+ bias[r]) for weight rows r0 <= r < r1 and i < m, each
 // weight decoded to the float dequantize_row gives, fp32 fused-multiply-add sums; a row's result
@@ -99,6 +115,8 @@ struct KernelTable {
   int8_t lora_expand_isa = 0, lora_shrink_isa = 0;
   gemv_bf16_fn gemv_bf16 = nullptr;  // optional (CPUs with AVX512-BF16)
   int8_t gemv_bf16_isa = 0;
+  gemv_f32p_fn gemv_f32p = nullptr;  // optional (the AVX2 variant)
+  int8_t gemv_f32p_isa = 0;
   quantize_act_fn quantize_act = nullptr;
   gemm_int8_fn gemm_int8 = nullptr;
   bool gemm_int8_xp = false;  // gemm_int8 reads ActQ::xp (the driver fills it only then)

@@ -223,62 +223,76 @@ inline uint16_t fp32_to_bf16_rne(float v) {
   return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-// compute="float" on a packed weight through the bf16 kernel (gemv_bf16). fill(xp, ps) writes
-// nparts bf16 parts of the m x k activations (part p of row i at xp + p * ps + i * k) and
-// returns null, or why the kernel cannot take them. Throws UNSUPPORTED when the kernel does not
-// take the case: callers then go the fp32 way.
-template <class Fill>
-void packed_float_bf16(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx, const float* bias, float* y,
-                       int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows, int64_t max_m,
-                       int nparts, Fill fill) {
+// Checks shared by the packed float kernels (gemv_bf16, gemv_f32p): throws UNSUPPORTED for the
+// cases they do not take (callers then go the fp32 way). Returns the variant's table.
+const KernelTable& packed_float_table(int32_t isa, const pqk_packed* wp, int64_t m, int64_t ldx, float* y,
+                                      int64_t ldy) {
   if (!wp) throw Error(PQK_ERR_ARG, "packed weight is NULL");
   const PackedWeight& w = wp->w;
   if (m < 0) throw Error(PQK_ERR_SHAPE, "m < 0");
   const KernelTable& t = kernel_table(resolve_isa(isa));  // a bad isa is an error even for m = 0
-  if (m == 0) return;
+  if (m == 0) return t;
   if (!y) throw Error(PQK_ERR_ARG, "NULL y");
   if (ldx < w.k || ldy < w.n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
   check_extent(m, ldx, "x");
   check_extent(m, ldy, "y");
-  if (!t.gemv_bf16) throw Error(PQK_ERR_UNSUPPORTED, "no bf16 float kernel for this variant / CPU");
-  if (m > max_m) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the bf16 float kernel");
+  if (!t.gemv_bf16 && !t.gemv_f32p) throw Error(PQK_ERR_UNSUPPORTED, "no packed float kernel for this variant / CPU");
   if (!w.nibbles || w.lut || w.blk != QBLK)
-    throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel takes 4-bit codes without a code book");
+    throw Error(PQK_ERR_UNSUPPORTED, "the packed float kernels take 4-bit codes without a code book");
   // a * sum(u x) + m * sum(x) per block (q4_1, q4_k) cancels where a * u + m does: a weight near
   // 0 beside a large x gave y = 0 for -6.25 (the fp32 route dequantizes each weight first)
   if (w.has_min) throw Error(PQK_ERR_UNSUPPORTED, "formats with a min term go the fp32 way");
   // a * sum((u - o) x): an Inf scale times a finite sum is Inf where a * 0 terms make the fp32
   // route's NaN
   if (!std::isfinite(w.max_a)) throw Error(PQK_ERR_UNSUPPORTED, "non-finite scales go the fp32 way");
-  if (w.row_offset && w.max_offset > 16)  // its table covers u - o in -16..15
+  if (w.row_offset && w.max_offset > 16)  // the bf16 table covers u - o in -16..15
     throw Error(PQK_ERR_UNSUPPORTED, "zero points above 16 (not from a quantizer) go the fp32 way");
-  const Adapters AD(ads, n_ad, rows, m);
-  std::vector<float> bcopy;
-  bias_apart_from_y(bias, w.n, y, m, ldy, bcopy);
-  const int64_t k = w.k, ps = m * k;
-  std::vector<uint16_t> xp((size_t)(nparts * ps));
-  if (const char* why = fill(xp.data(), ps)) throw Error(PQK_ERR_UNSUPPORTED, why);
-  // adapters: the shrink on x (the parts add up to it exactly), the expansion after the base
+  return t;
+}
+
+// Adapters of a packed float call: the shrink on the m x k fp32 activations xf, the expansion
+// after the base tiles (run(b, e) writes tiles [b, e) and returns false for a case it does not take).
+template <class Run>
+void packed_float_tiles(const KernelTable& t, const PackedWeight& w, const Adapters& AD, const float* xf, int64_t m,
+                        const float* bias, float* y, int64_t ldy, Run run) {
   std::vector<float> T((size_t)(AD.active() ? m * AD.t_cols : 0));
-  if (AD.active()) {
-    std::vector<float> xf((size_t)(m * k), 0.0f);
-    for (int p = nparts - 1; p >= 0; --p)  // x3 + x2 first (exact), then + x1 (exact): x
-      for (int64_t e = 0; e < m * k; ++e) xf[(size_t)e] += bf16_to_fp32(xp[(size_t)(p * ps + e)]);
-    for (int64_t i = 0; i < m; ++i) AD.shrink(t, xf.data() + i * k, k, i, T.data() + i * AD.t_cols);
-  }
+  for (int64_t i = 0; AD.active() && i < m; ++i) AD.shrink(t, xf + i * w.k, w.k, i, T.data() + i * AD.t_cols);
   std::atomic<bool> ok{true};
   parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
-    for (int64_t tile = b; tile < e; ++tile)  // the same answer for every tile
-      if (!t.gemv_bf16(w, tile, xp.data(), k, m, nparts, ps, y, ldy, AD.active() ? nullptr : bias))
-        ok = false;
+    if (!run(b, e, AD.active() ? nullptr : bias)) ok = false;
   });
-  if (!ok) throw Error(PQK_ERR_UNSUPPORTED, "bf16 float kernel does not take this case");
+  if (!ok) throw Error(PQK_ERR_UNSUPPORTED, "the packed float kernel does not take this case");
   if (AD.active()) {
     const LoraArgs L = AD.args(T.data(), 0, bias, w.n);
     parallel_for(w.n_tiles, 1, [&](int64_t b, int64_t e) {
       t.lora_expand(L, 0, m, b * NR, (int)(std::min<int64_t>(e * NR, w.n) - b * NR), y, ldy);
     });
   }
+}
+
+// compute="float" on a packed weight through the bf16 kernel (gemv_bf16). fill(xp, ps) writes
+// nparts bf16 parts of the m x k activations (part p of row i at xp + p * ps + i * k) and
+// returns null, or why the kernel cannot take them. Throws UNSUPPORTED when the kernel does not
+// take the case: callers then go the fp32 way.
+template <class Fill>
+void packed_float_bf16(const KernelTable& t, const PackedWeight& w, int64_t m, const float* bias, float* y,
+                       int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows, int64_t max_m,
+                       int nparts, Fill fill) {
+  if (m > max_m) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the bf16 float kernel");
+  const Adapters AD(ads, n_ad, rows, m);
+  std::vector<float> bcopy;
+  bias_apart_from_y(bias, w.n, y, m, ldy, bcopy);
+  const int64_t k = w.k, ps = m * k;
+  std::vector<uint16_t> xp((size_t)(nparts * ps));
+  if (const char* why = fill(xp.data(), ps)) throw Error(PQK_ERR_UNSUPPORTED, why);
+  std::vector<float> xf((size_t)(AD.active() ? m * k : 0), 0.0f);  // the shrink's x: the parts add up to it exactly
+  for (int p = nparts - 1; AD.active() && p >= 0; --p)  // x3 + x2 first (exact), then + x1 (exact): x
+    for (int64_t e = 0; e < m * k; ++e) xf[(size_t)e] += bf16_to_fp32(xp[(size_t)(p * ps + e)]);
+  packed_float_tiles(t, w, AD, xf.data(), m, bias, y, ldy, [&](int64_t b, int64_t e, const float* bs) {
+    for (int64_t tile = b; tile < e; ++tile)  // the same answer for every tile
+      if (!t.gemv_bf16(w, tile, xp.data(), k, m, nparts, ps, y, ldy, bs)) return false;
+    return true;
+  });
 }
 
 // 0 < |x| < 2^-100 (bf16 denormals among them, which vdpbf16ps reads as zero). vdpbf16ps also
@@ -293,6 +307,37 @@ inline uint32_t f32_too_small(float v) {
 // |x| >= 2^101, Inf or NaN: the kernel sums (u - o) * x before scaling by a, so such x could
 // overflow where the scaled fp32 route does not (and Inf * 0 would become NaN)
 inline uint32_t bf16_too_large(uint16_t h) { return (uint32_t)(((h >> 7) & 0xFF) > 127 + 100); }
+inline uint32_t f32_too_large(float v) { return (uint32_t)(((f32_bits(v) >> 23) & 0xFF) > 127 + 100); }
+
+// compute="float" on a packed weight through the fp32 kernel (gemv_f32p) for m <= 4 rows, x(i, j)
+// the activation as fp32 (exact); x the bf16 kernel would refuse (f32_too_small, f32_too_large)
+// is refused too: the same bound, and no scaled x below 2^-126 (gemv_f32p_shift scales by up to 2^-24).
+template <class X>
+void packed_float_f32p(const KernelTable& t, const PackedWeight& w, int64_t m, const float* bias, float* y,
+                       int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows, X x) {
+  if (m > 4) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the packed float kernel");
+  const Adapters AD(ads, n_ad, rows, m);
+  std::vector<float> bcopy;
+  bias_apart_from_y(bias, w.n, y, m, ldy, bcopy);
+  const int64_t k = w.k;
+  std::vector<float> xf((size_t)(m * k)), xs((size_t)(m * k));
+  float scale[QBLK];
+  for (int kk = 0; kk < QBLK; ++kk) scale[kk] = std::ldexp(1.0f, -gemv_f32p_shift(kk));
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < k; ++j) {
+      const float v = x(i, j);
+      bad |= f32_too_small(v) | f32_too_large(v);
+      xf[(size_t)(i * k + j)] = v;
+      xs[(size_t)(i * k + j)] = v * scale[j % QBLK];  // exact: a power of two, no result below 2^-124
+    }
+  if (bad) throw Error(PQK_ERR_UNSUPPORTED, "x holds NaN/Inf, |x| > 2^100 or 0 < |x| < 2^-100");
+  packed_float_tiles(t, w, AD, xf.data(), m, bias, y, ldy, [&](int64_t b, int64_t e, const float* bs) {
+    for (int64_t tile = b; tile < e; ++tile)
+      if (!t.gemv_f32p(w, tile, xs.data(), k, m, y, ldy, bs)) return false;
+    return true;
+  });
+}
 
 }  // namespace
 }  // namespace pqk
@@ -356,7 +401,12 @@ pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* wp, const uint16
                                  const int32_t* rows) {
   return guarded([&] {
     if (!x && m > 0) throw Error(PQK_ERR_ARG, "NULL x");
-    packed_float_bf16(isa, wp, m, ldx, bias, y, ldy, ads, n_ad, rows, 4, 1, [&](uint16_t* xp, int64_t) -> const char* {
+    const KernelTable& t = packed_float_table(isa, wp, m, ldx, y, ldy);
+    if (m == 0) return;
+    if (!t.gemv_bf16)  // the fp32 kernel on x widened (exact)
+      return packed_float_f32p(t, wp->w, m, bias, y, ldy, ads, n_ad, rows,
+                               [&](int64_t i, int64_t j) { return bf16_to_fp32(x[i * ldx + j]); });
+    packed_float_bf16(t, wp->w, m, bias, y, ldy, ads, n_ad, rows, 4, 1, [&](uint16_t* xp, int64_t) -> const char* {
       const int64_t k = wp->w.k;
       uint32_t bad = 0;
       for (int64_t i = 0; i < m; ++i)
@@ -375,7 +425,12 @@ pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* wp, const floa
                                    const int32_t* rows) {
   return guarded([&] {
     if (!x && m > 0) throw Error(PQK_ERR_ARG, "NULL x");
-    packed_float_bf16(isa, wp, m, ldx, bias, y, ldy, ads, n_ad, rows, 2, 3, [&](uint16_t* xp, int64_t ps) -> const char* {
+    const KernelTable& t = packed_float_table(isa, wp, m, ldx, y, ldy);
+    if (m == 0) return;
+    if (!t.gemv_bf16)
+      return packed_float_f32p(t, wp->w, m, bias, y, ldy, ads, n_ad, rows,
+                               [&](int64_t i, int64_t j) { return x[i * ldx + j]; });
+    packed_float_bf16(t, wp->w, m, bias, y, ldy, ads, n_ad, rows, 2, 3, [&](uint16_t* xp, int64_t ps) -> const char* {
       // x = x1 + x2 + x3 exactly: x has 24 significant bits and each bf16 part takes the next 8
       // (rounded to nearest, so every remainder is exact in fp32), each part a multiple of x's
       // fp32 ulp; 0 < |x| < 2^-100 (a part or a block sum could fall below 2^-126, see

@@ -99,7 +99,7 @@ PQK_API int32_t pqk_isa_compiled(int32_t isa);
 PQK_API const char* pqk_cpu_brand(void);
 /* Which variant implements a kernel slot in variant isa's table: slot is one of "quantize",
  * "dequantize" (fmt selects the format), "quantize_act", "gemm_int8", "gemm_f32", "gemm_f32_xt",
- * "lora_shrink", "lora_expand", "gemv_bf16", "all_finite"; isa may be PQK_ISA_ACTIVE. Returns the
+ * "lora_shrink", "lora_expand", "gemv_bf16", "gemv_f32p", "all_finite"; isa may be PQK_ISA_ACTIVE. Returns the
  * pqk_isa id, or -1 if the slot is empty or the arguments are bad. */
 PQK_API int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt);
 /* Space-separated CPU feature names detected (e.g. "sse4.2 avx2 fma f16c avx512f ..."). */

@@ -54,6 +54,8 @@ void gemm_int8(const PackedWeight& w, int64_t tile, const ActQ& a, int64_t m0, i
 void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);
 void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy);
 void quantize_act(const float* x, int64_t k, int8_t* xq, float* dx, int32_t* xs);
+bool gemv_f32p(const PackedWeight& w, int64_t tile, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
+               const float* bias);  // gemv_f32_packed.cpp
 
 namespace {
 // The AVX-512 panel kernel's arithmetic (x86_avx512/matmul_f32.cpp) on 16 registers: R <= 6 weight
@@ -123,6 +125,7 @@ void register_matmul_kernels(KernelTable& t) {
   t.lora_shrink = lora_shrink;
   t.lora_expand = lora_expand;
   t.quantize_act = quantize_act;
+  t.gemv_f32p = gemv_f32p;
 }
 
 }}  // namespace pqk::avx2
