@@ -18,7 +18,7 @@ compute:
           bound; tests check it). At decode size on q4_0 / int2 / int3 / int4,
           adapters too, a kernel on the packed weight takes over: AVX512-BF16 where the CPU has
           it (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly into three bf16
-          parts), else in the AVX2 variant an fp32 one (M <= 4, bfloat16 x widened): (u - o)
+          parts), else in the AVX2 variant an fp32 one (M <= 8, bfloat16 x widened): (u - o)
           * x is exact in fp32 (fused in the multiply-add), sums per block then scaled, under
           the same bound (x with 0 < |x| < 2^-100, |x| > 2^100 or NaN/Inf, and weights with a
           non-finite scale, go the fp32 way: vdpbf16ps flushes subnormals, the AVX2 kernel
@@ -164,9 +164,10 @@ def _apart(b, y):
 
 
 def _float_bf16(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
-    """compute="float" at decode size on the packed weight through the AVX512-BF16 kernel:
-    bfloat16 x (M <= 4) as it is, float32 x (M <= 2) split exactly into three bf16 parts; exact
-    products, fp32 sums (pqk_matmul_float_bf16 / _packed), adapters as in the fp32 route (shrink
+    """compute="float" at decode size on the packed weight through the AVX512-BF16 kernel
+    (bfloat16 x (M <= 4) as it is, float32 x (M <= 2) split exactly into three bf16 parts) or the
+    AVX2 fp32 one (M <= 8): exact products, fp32 sums per block (pqk_matmul_float_bf16 / _packed),
+    adapters as in the fp32 route (shrink
     on x, expansion after the base). None when it does not apply (then the usual fp32 route
     runs, under the same result bound)."""
     xb = _bf16_bits(x)
@@ -229,7 +230,7 @@ def bf16_route(w: QTensor, compute: str, m: int, f32: bool = True, isa=None) -> 
     if resolve_compute(w, compute) != "float" or m < 1 or not int8_supported(w) or w.format not in _BF16_FORMATS:
         return False
     kind = _packed_float_kernel(isa)
-    return kind is not None and m <= (2 if kind == "bf16" and f32 else 4)
+    return kind is not None and m <= (8 if kind == "f32" else 2 if f32 else 4)
 
 
 def streamed_weight_bytes(w: QTensor, compute: str, m: int, f32: bool = True, isa=None) -> int:

@@ -24,6 +24,7 @@ import pytest
 
 import pyqkern as pq
 from pyqkern import _formats, _native
+from pyqkern._matmul import bf16_route
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bindings" / "cffi"))
@@ -183,6 +184,26 @@ def test_matmul_match_pybind(variant, fmt, kw):
     if lib.pqk_int8_supported(FID[fmt], k, params):
         packed = C.pack(FID[fmt], q, s, z, n, k, params)
         assert lib.pqk_packed_nbytes(packed) == pq.QLinear(qt, compute="int8").packed_nbytes > 0
+        if bf16_route(qt, "float", m, True, variant):
+            # pq.matmul's compute="float" takes the packed float kernel at this size: its C entry
+            # is the one to match; pqk_matmul_float is matched against its own binding below
+            canonical, cases = cases, [
+                (lambda yp: lib.pqk_matmul_float_packed(isa, packed, xp, m, ldx, bp, yp, ldy, ffi.NULL, 0, ffi.NULL),
+                 dict(compute="float")),
+                (lambda yp: lib.pqk_matmul_float_packed(isa, packed, xp, m, ldx, bp, yp, ldy, ads_sum, 2, ffi.NULL),
+                 dict(compute="float", lora=[lo32, lo16])),
+                (lambda yp: lib.pqk_matmul_float_packed(isa, packed, xp, m, ldx, bp, yp, ldy, ads_sel, 3,
+                                                        C.ptr(ids, "int32_t*")),
+                 dict(compute="float", lora=[lo32, lo16, dora], adapter_ids=ids)),
+            ]
+            for call, kwargs in canonical:
+                b = None if kwargs.pop("nobias", False) else bias
+                lora, ids_ = kwargs.get("lora"), kwargs.get("adapter_ids")
+                want = np.empty((m, n), F32)
+                _native.matmul_float(isa, FID[fmt], q, s, z, n, k, qt.params["group"], qt.params["sym"], x, b, want,
+                                 [a.native_args(qt) for a in lora] if lora else None, ids_)
+                got = run(call)
+                assert np.array_equal(_f32_bits(got), _f32_bits(want)), kwargs
         cases += [
             (lambda yp: lib.pqk_matmul_int8(isa, packed, xp, m, ldx, bp, yp, ldy), dict(compute="int8")),
             (lambda yp: lib.pqk_matmul_int8_lora(isa, packed, xp, m, ldx, bp, yp, ldy, ads_sum, 2, ffi.NULL),

@@ -1,6 +1,6 @@
 """compute="float" at decode size on the packed 4-bit codes: the AVX512-BF16 GEMV kernel (M <= 4,
 4-bit codes without a code book) takes x as it is, with exact products and fp32 sums; on CPUs
-without it the AVX2 variant's fp32 kernel (gemv_f32p, M <= 4, x widened from bf16 where it
+without it the AVX2 variant's fp32 kernel (gemv_f32p, M <= 8, x widened from bf16 where it
 comes so) sums the same (u - o) * x products per block in the same order. Both under the same
 bound as the fp32 path:
     |y - y_ref| <= K * 2^-23 * (|x| @ |W|.T)   with y_ref = widen(x) @ dequantize(W).T
@@ -43,7 +43,7 @@ def kernel_variant():
 def f32_rows(v):
     """The most float32 rows of x the variant's packed float kernel takes (the bf16 kernel splits
     each into three parts)."""
-    return 2 if NAT.matmul_sources(_ops.isa_id(v)).get("gemv_bf16") else 4
+    return 2 if NAT.matmul_sources(_ops.isa_id(v)).get("gemv_bf16") else 8
 
 
 def fp32_route():
@@ -78,7 +78,7 @@ def test_kernel_present_where_the_cpu_has_avx512_bf16():
 
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS + MIN_FORMATS)
 @settings(max_examples=8, deadline=None)
-@given(m=st.sampled_from([1, 2, 3, 4, 5]), n=st.sampled_from([1, 7, 16, 33]),
+@given(m=st.sampled_from([1, 2, 3, 4, 5, 8, 9]), n=st.sampled_from([1, 7, 16, 33]),
        kb=st.sampled_from([1, 2, 4, 8]), use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_bf16_float_within_bound(fmt, m, n, kb, use_bias, seed):
     rng = np.random.default_rng(seed)
@@ -136,8 +136,9 @@ def test_routes_it_declines_and_inputs_it_accepts():
     if v is not None:
         isa = _ops.isa_id(v)
         p = _packed(qt)
-        assert not NAT.matmul_float_bf16(isa, p, np.ascontiguousarray(np.repeat(x, 3, 0)[:5]).view(np.uint16), None,
-                                         np.empty((5, n), np.float32))            # M > 4
+        big = 5 if bf16_variant() else 9  # M > 4 (bf16 kernel), M > 8 (fp32 kernel)
+        assert not NAT.matmul_float_bf16(isa, p, np.ascontiguousarray(np.repeat(x, 5, 0)[:big]).view(np.uint16), None,
+                                         np.empty((big, n), np.float32))
         den = x.copy()
         den[1, 7] = np.array([1], np.uint16).view(BF16)[0]                        # a bf16 denormal
         assert not NAT.matmul_float_bf16(isa, p, den.view(np.uint16), None, y)
@@ -177,7 +178,7 @@ def test_act_order_permutation():
 
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS)
 @settings(max_examples=6, deadline=None)
-@given(m=st.sampled_from([1, 2, 3]), n=st.sampled_from([1, 16, 33]), kb=st.sampled_from([1, 2, 8]),
+@given(m=st.sampled_from([1, 2, 3, 6]), n=st.sampled_from([1, 16, 33]), kb=st.sampled_from([1, 2, 8]),
        scale=st.sampled_from([1e-35, 1e-20, 1.0, 1e20]), use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_fp32_x_split_within_bound(fmt, m, n, kb, scale, use_bias, seed):
     """float32 x (M <= 2) goes through the same kernel split exactly into three bf16 parts: the

@@ -60,7 +60,7 @@ using gemv_bf16_fn = bool (*)(const PackedWeight& w, int64_t tile, const uint16_
                               int parts, int64_t part_stride, float* y, int64_t ldy, const float* bias);
 
 // The same for fp32 activations on CPUs without the bf16 kernel (x86_avx2/gemv_f32_packed.cpp),
-// m <= 4 rows of x [m][ldx] given pre-scaled: x[k] * 2^-gemv_f32p_shift(k % 32), every non-zero
+// m <= 8 rows of x [m][ldx] given pre-scaled: x[k] * 2^-gemv_f32p_shift(k % 32), every non-zero
 // |x| in [2^-100, 2^100] before scaling, so every scaled value is normal. Same order of operations
 // as gemv_bf16, so the same bound. Returns false, having written nothing, for the cases it does
 // not take (formats with a min term, code books).

@@ -309,13 +309,13 @@ inline uint32_t f32_too_small(float v) {
 inline uint32_t bf16_too_large(uint16_t h) { return (uint32_t)(((h >> 7) & 0xFF) > 127 + 100); }
 inline uint32_t f32_too_large(float v) { return (uint32_t)(((f32_bits(v) >> 23) & 0xFF) > 127 + 100); }
 
-// compute="float" on a packed weight through the fp32 kernel (gemv_f32p) for m <= 4 rows, x(i, j)
+// compute="float" on a packed weight through the fp32 kernel (gemv_f32p) for m <= 8 rows, x(i, j)
 // the activation as fp32 (exact); x the bf16 kernel would refuse (f32_too_small, f32_too_large)
 // is refused too: the same bound, and no scaled x below 2^-126 (gemv_f32p_shift scales by up to 2^-24).
 template <class X>
 void packed_float_f32p(const KernelTable& t, const PackedWeight& w, int64_t m, const float* bias, float* y,
                        int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows, X x) {
-  if (m > 4) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the packed float kernel");
+  if (m > 8) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the packed float kernel");
   const Adapters AD(ads, n_ad, rows, m);
   std::vector<float> bcopy;
   bias_apart_from_y(bias, w.n, y, m, ldy, bcopy);

@@ -190,8 +190,8 @@ PQK_API pqk_status pqk_matmul_float_lora(int32_t isa, int32_t fmt, const void* q
 /* compute="float" for bfloat16 activations (x: m rows of bf16 bits, row stride ldx) on a packed
  * weight: y = x @ dequant(W).T (+ adapters, as pqk_matmul_float_lora) (+ bias) with exact
  * products and fp32 sums. Taken by 4-bit codes without a code book or a min term (q4_0,
- * int2/int3/int4) for m <= 4 on CPUs with AVX512-BF16, and in the AVX2 / AVX-VNNI variants by
- * their fp32 kernel (x widened exactly; (u - o) * x fused in each multiply-add, the same sums);
+ * int2/int3/int4) for m <= 4 on CPUs with AVX512-BF16, and (m <= 8) in the AVX2 / AVX-VNNI
+ * variants by their fp32 kernel (x widened exactly; (u - o) * x fused in each multiply-add, the same sums);
  * PQK_ERR_UNSUPPORTED otherwise (the AVX-512 variants without AVX512-BF16 among them; q4_1 and
  * q4_k too: summing a * code * x and m * x apart could cancel far beyond the fp32 bound; and
  * weights with a non-finite scale), and for x holding 0 < |x| < 2^-100 (the instruction reads bf16
@@ -202,7 +202,7 @@ PQK_API pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* w, const
                                          int64_t ldx, const float* bias, float* y, int64_t ldy,
                                          const pqk_lora* adapters, int32_t n_adapters, const int32_t* row_adapter);
 /* The same for float32 activations: m <= 2 for the AVX512-BF16 kernel (each x split exactly into
- * three bf16 parts, x = x1 + x2 + x3, so products stay exact), m <= 4 for the AVX2 fp32 one;
+ * three bf16 parts, x = x1 + x2 + x3, so products stay exact), m <= 8 for the AVX2 fp32 one;
  * PQK_ERR_UNSUPPORTED for the same x (NaN/Inf, |x| > 2^100, 0 < |x| < 2^-100). */
 PQK_API pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* w, const float* x, int64_t m,
                                            int64_t ldx, const float* bias, float* y, int64_t ldy,

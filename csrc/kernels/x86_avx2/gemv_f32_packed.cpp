@@ -108,13 +108,20 @@ void dispatch(const PackedWeight& w, int64_t tile, const float* x, int64_t ldx, 
 bool gemv_f32p(const PackedWeight& w, int64_t tile, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
                const float* bias) {
   if (!w.nibbles || w.lut || w.blk != QBLK || w.has_min || w.sq) return false;
-  switch (m) {
-    case 1: dispatch<1>(w, tile, x, ldx, y, ldy, bias); return true;
-    case 2: dispatch<2>(w, tile, x, ldx, y, ldy, bias); return true;
-    case 3: dispatch<3>(w, tile, x, ldx, y, ldy, bias); return true;
-    case 4: dispatch<4>(w, tile, x, ldx, y, ldy, bias); return true;
-    default: return false;
+  if (m < 1 || m > 8) return false;
+  // 5..8 rows: two passes over the tile's codes, 4 rows then the rest (more rows per pass would
+  // leave the accumulators no registers)
+  for (int64_t i0 = 0; i0 < m; i0 += 4) {
+    const float* xi = x + i0 * ldx;
+    float* yi = y + i0 * ldy;
+    switch (m - i0 < 4 ? m - i0 : 4) {
+      case 1: dispatch<1>(w, tile, xi, ldx, yi, ldy, bias); break;
+      case 2: dispatch<2>(w, tile, xi, ldx, yi, ldy, bias); break;
+      case 3: dispatch<3>(w, tile, xi, ldx, yi, ldy, bias); break;
+      default: dispatch<4>(w, tile, xi, ldx, yi, ldy, bias); break;
+    }
   }
+  return true;
 }
 
 }}  // namespace pqk::avx2
