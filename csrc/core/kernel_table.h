@@ -61,9 +61,11 @@ using gemv_bf16_fn = bool (*)(const PackedWeight& w, int64_t tile, const uint16_
 
 // The same for fp32 activations on CPUs without the bf16 kernel (x86_avx2/gemv_f32_packed.cpp),
 // m <= 8 rows of x [m][ldx] given pre-scaled: x[k] * 2^-gemv_f32p_shift(k % 32), every non-zero
-// |x| in [2^-100, 2^100] before scaling, so every scaled value is normal. Same order of operations
-// as gemv_bf16, so the same bound. Returns false, having written nothing, for the cases it does
-// not take (formats with a min term, code books).
+// |x| in [2^-100, 2^101) before scaling, so every scaled value is normal. The same kind of sums as
+// gemv_bf16 (per block, of exact (u - o) * x products, then scaled), so the same bound; the
+// additions within a block come in another order, so the bits differ from gemv_bf16's and, as
+// there, with m. Returns false, having written nothing, for the cases it does not take (formats
+// with a min term, code books).
 using gemv_f32p_fn = bool (*)(const PackedWeight& w, int64_t tile, const float* x, int64_t ldx, int64_t m, float* y,
                               int64_t ldy, const float* bias);
 // The bit position of the nibble of block offset kk (k % 32) within its row's 32-bit lane of the

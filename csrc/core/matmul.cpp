@@ -320,7 +320,7 @@ void packed_float_f32p(const KernelTable& t, const PackedWeight& w, int64_t m, c
   std::vector<float> bcopy;
   bias_apart_from_y(bias, w.n, y, m, ldy, bcopy);
   const int64_t k = w.k;
-  std::vector<float> xf((size_t)(m * k)), xs((size_t)(m * k));
+  std::vector<float> xf((size_t)(AD.active() ? m * k : 0)), xs((size_t)(m * k));  // xf: the shrink's x
   float scale[QBLK];
   for (int kk = 0; kk < QBLK; ++kk) scale[kk] = std::ldexp(1.0f, -gemv_f32p_shift(kk));
   uint32_t bad = 0;
@@ -328,10 +328,10 @@ void packed_float_f32p(const KernelTable& t, const PackedWeight& w, int64_t m, c
     for (int64_t j = 0; j < k; ++j) {
       const float v = x(i, j);
       bad |= f32_too_small(v) | f32_too_large(v);
-      xf[(size_t)(i * k + j)] = v;
+      if (AD.active()) xf[(size_t)(i * k + j)] = v;
       xs[(size_t)(i * k + j)] = v * scale[j % QBLK];  // exact: a power of two, no result below 2^-124
     }
-  if (bad) throw Error(PQK_ERR_UNSUPPORTED, "x holds NaN/Inf, |x| > 2^100 or 0 < |x| < 2^-100");
+  if (bad) throw Error(PQK_ERR_UNSUPPORTED, "x holds NaN/Inf, |x| >= 2^101 or 0 < |x| < 2^-100");
   packed_float_tiles(t, w, AD, xf.data(), m, bias, y, ldy, [&](int64_t b, int64_t e, const float* bs) {
     for (int64_t tile = b; tile < e; ++tile)
       if (!t.gemv_f32p(w, tile, xs.data(), k, m, y, ldy, bs)) return false;

@@ -191,7 +191,8 @@ PQK_API pqk_status pqk_matmul_float_lora(int32_t isa, int32_t fmt, const void* q
  * weight: y = x @ dequant(W).T (+ adapters, as pqk_matmul_float_lora) (+ bias) with exact
  * products and fp32 sums. Taken by 4-bit codes without a code book or a min term (q4_0,
  * int2/int3/int4) for m <= 4 on CPUs with AVX512-BF16, and (m <= 8) in the AVX2 / AVX-VNNI
- * variants by their fp32 kernel (x widened exactly; (u - o) * x fused in each multiply-add, the same sums);
+ * variants by their fp32 kernel (x widened exactly; (u - o) * x fused in each multiply-add, block
+ * sums then scaled, in another order);
  * PQK_ERR_UNSUPPORTED otherwise (the AVX-512 variants without AVX512-BF16 among them; q4_1 and
  * q4_k too: summing a * code * x and m * x apart could cancel far beyond the fp32 bound; and
  * weights with a non-finite scale), and for x holding 0 < |x| < 2^-100 (the instruction reads bf16

@@ -1,6 +1,7 @@
 // compute="float" GEMV over the packed 4-bit codes (AVX2 + FMA + F16C): the fp32 counterpart of
-// ../x86_avx512bf16/gemv_bf16.cpp for CPUs without AVX512-BF16, same order of operations:
-// y = sum over blocks of a_b * (sum over the block of (u - o) * x), each product exact, fp32 sums.
+// ../x86_avx512bf16/gemv_bf16.cpp for CPUs without AVX512-BF16, the same kind of sums:
+// y = sum over blocks of a_b * (sum over the block of (u - o) * x), each product exact (fused in
+// the multiply-add), fp32 sums (the additions within a block in another order than there).
 //
 // Codes stay where the packed layout (core/packed.h) puts them: 8 rows per 256-bit half of a
 // block register, one 32-bit lane per row, 8 nibbles per lane. Nibble q of a lane sits at bit 4q,
