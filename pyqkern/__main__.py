@@ -81,7 +81,7 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     limits = _blas_limits()
     np_at = ("at the row's thread count" if limits else
              "at numpy's own thread count (install threadpoolctl to match the row's)")
-    print("W GB/s: bytes of the weight as the kernel reads it (int8: the packed copy) per second; %bw: of the "
+    print("W GB/s: bytes of the weight as the kernel reads it (int8, and float where a packed float kernel takes it: the packed copy) per second; %bw: of the "
           "read bandwidth below at that thread count (above 100%: the weights are served from cache); %bwW: of "
           "the read ceiling of a buffer the weight's size (from cache when it fits); %hw: int8 GOP/s of the "
           f"instruction peak below; vs np: speed-up over numpy fp32 x @ W.T {np_at}; max rel err: vs "
