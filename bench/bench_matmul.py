@@ -155,24 +155,25 @@ class _Summary:
         if ratios:
             tr.write_line("numba / native compute=\"float\" time (bar: <= 3): " + ", ".join(
                 f"{f} {s[0]}x{s[1]}x{s[2]} t{t} {q:.2f}" for s, t, f, q in sorted(ratios)))
-        if _PAIRED:
-            tr.write_line("paired (alternate calls, medians; M = 1: alternate blocks of calls, medians of the block "
-                          "medians): pyqkern int8 vs ORT MatMulNBits b128 accuracy 4")
-            for r in _PAIRED:
-                tr.write_line(f"{str(r['shape']):<18}{r['fmt']:<12} t{r['threads']}  pyqkern {r['pq_median_ms']:.3f} ms"
-                              f"  ort {r['ort_b128_acc4_median_ms']:.3f} ms  speed-up {r['speedup_vs_ort_paired']:.2f}x")
-        if _PAIRED_HW:
-            tr.write_line("paired with the int8 hw probe (a probe pass, then one call, 40 times; medians): pyqkern "
-                          "int8 GOP/s over the probe's; bar >= 50%")
-            for r in _PAIRED_HW:
-                tr.write_line(f"{str(r['shape']):<18}{r['fmt']:<12} t{r['threads']}  pyqkern {r['gops']:.0f} GOP/s"
-                              f"  probe {r['probe']:.0f} GOP/s  median ratio {100 * r['frac']:.1f}%")
-        if _PAIRED_TORCH:
-            tr.write_line("paired (alternate blocks of calls, medians of the block medians): pyqkern compute=\"float\" "
-                          "vs torch _weight_int4pack_mm_for_cpu (int4 g128, bf16), (1, 4096, 4096); bar 1.5x")
-            for r in _PAIRED_TORCH:
-                tr.write_line(f"{r['fmt']:<12} t{r['threads']}  pyqkern {r['pq_median_ms']:.3f} ms"
-                              f"  torch {r['torch_median_ms']:.3f} ms  speed-up {r['speedup_vs_torch_paired']:.2f}x")
+
+        def section(rows, title, line):  # a paired comparison's rows under the table, if it ran
+            if rows:
+                tr.write_line(title)
+                for r in rows:
+                    tr.write_line(line(r))
+
+        section(_PAIRED, "paired (alternate calls, medians; M = 1: alternate blocks of calls, medians of the block "
+                "medians): pyqkern int8 vs ORT MatMulNBits b128 accuracy 4",
+                lambda r: f"{str(r['shape']):<18}{r['fmt']:<12} t{r['threads']}  pyqkern {r['pq_median_ms']:.3f} ms"
+                          f"  ort {r['ort_b128_acc4_median_ms']:.3f} ms  speed-up {r['speedup_vs_ort_paired']:.2f}x")
+        section(_PAIRED_HW, "paired with the int8 hw probe (a probe pass, then one call, 40 times; medians): pyqkern "
+                "int8 GOP/s over the probe's; bar >= 50%",
+                lambda r: f"{str(r['shape']):<18}{r['fmt']:<12} t{r['threads']}  pyqkern {r['gops']:.0f} GOP/s"
+                          f"  probe {r['probe']:.0f} GOP/s  median ratio {100 * r['frac']:.1f}%")
+        section(_PAIRED_TORCH, "paired (alternate blocks of calls, medians of the block medians): pyqkern "
+                "compute=\"float\" vs torch _weight_int4pack_mm_for_cpu (int4 g128, bf16), (1, 4096, 4096); bar 1.5x",
+                lambda r: f"{r['fmt']:<12} t{r['threads']}  pyqkern {r['pq_median_ms']:.3f} ms"
+                          f"  torch {r['torch_median_ms']:.3f} ms  speed-up {r['speedup_vs_torch_paired']:.2f}x")
 
 
 @pytest.fixture(scope="session")

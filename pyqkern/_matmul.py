@@ -163,7 +163,7 @@ def _apart(b, y):
     return b.copy() if b is not None and np.may_share_memory(b, y) else b
 
 
-def _float_bf16(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
+def _float_packed(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
     """compute="float" at decode size on the packed weight through the AVX512-BF16 kernel
     (bfloat16 x (M <= 4) as it is, float32 x (M <= 2) split exactly into three bf16 parts) or the
     AVX2 fp32 one (M <= 8): exact products, fp32 sums per block (pqk_matmul_float_bf16 / _packed),
@@ -186,7 +186,7 @@ def _float_bf16(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
         return None
     n, k = w.shape
     m = int(np.prod(xb.shape[:-1]))
-    if not bf16_route(w, compute, m, f32, isa):
+    if not packed_float_route(w, compute, m, f32, isa):
         return None
     lead = tuple(xb.shape[:-1])
     x2 = np.require(xb.reshape(-1, k), requirements=["C", "A"])
@@ -220,14 +220,14 @@ def _packed_float_kernel(isa):
 
 
 # 4-bit codes without a code book or a min term: (u - o) and bf16 x multiply exactly
-_BF16_FORMATS = frozenset({"q4_0", "int2", "int3", "int4"})  # q4_1 / q4_k: see the module docstring
+_PACKED_FLOAT_FORMATS = frozenset({"q4_0", "int2", "int3", "int4"})  # q4_1 / q4_k: see the module docstring
 
 
-def bf16_route(w: QTensor, compute: str, m: int, f32: bool = True, isa=None) -> bool:
+def packed_float_route(w: QTensor, compute: str, m: int, f32: bool = True, isa=None) -> bool:
     """Whether compute on m rows of x (float32, else bfloat16) takes the packed weight's float
     kernel, AVX512-BF16 or AVX2 fp32 (unless x holds values it leaves to the fp32 route: see the
     module docstring)."""
-    if resolve_compute(w, compute) != "float" or m < 1 or not int8_supported(w) or w.format not in _BF16_FORMATS:
+    if resolve_compute(w, compute) != "float" or m < 1 or not int8_supported(w) or w.format not in _PACKED_FLOAT_FORMATS:
         return False
     kind = _packed_float_kernel(isa)
     return kind is not None and m <= (8 if kind == "f32" else 2 if f32 else 4)
@@ -238,7 +238,7 @@ def streamed_weight_bytes(w: QTensor, compute: str, m: int, f32: bool = True, is
     for the packed float decode kernels (q6_k's codes as bytes, int2 / int3's as nibbles: q6_k 1.31x its
     QTensor, int2 1.73x / 1.91x and int3 1.27x / 1.31x at group 32 / 128, q4_k 1.06x; the other
     formats within a few hundred bytes), else the QTensor's own bytes."""
-    if resolve_compute(w, compute) == "int8" or bf16_route(w, compute, m, f32, isa):
+    if resolve_compute(w, compute) == "int8" or packed_float_route(w, compute, m, f32, isa):
         return _packed(w).nbytes
     return w.nbytes
 
@@ -278,7 +278,7 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
         raise TypeError(f"w must be a QTensor, got {type(w).__name__}")
     n, k = w.shape
     if backend == "native" and compute != "int8":
-        done = _float_bf16(x, w, bias, compute, out, isa, lora, adapter_ids)
+        done = _float_packed(x, w, bias, compute, out, isa, lora, adapter_ids)
         if done is not None:
             return done
     x2, lead = _x_rows(x, k)

@@ -24,7 +24,7 @@ import pytest
 
 import pyqkern as pq
 from pyqkern import _formats, _native
-from pyqkern._matmul import bf16_route
+from pyqkern._matmul import packed_float_route
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bindings" / "cffi"))
@@ -184,7 +184,7 @@ def test_matmul_match_pybind(variant, fmt, kw):
     if lib.pqk_int8_supported(FID[fmt], k, params):
         packed = C.pack(FID[fmt], q, s, z, n, k, params)
         assert lib.pqk_packed_nbytes(packed) == pq.QLinear(qt, compute="int8").packed_nbytes > 0
-        if bf16_route(qt, "float", m, True, variant):
+        if packed_float_route(qt, "float", m, True, variant):
             # pq.matmul's compute="float" takes the packed float kernel at this size: its C entry
             # is the one to match; pqk_matmul_float is matched against its own binding below
             canonical, cases = cases, [

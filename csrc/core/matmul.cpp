@@ -250,11 +250,14 @@ const KernelTable& packed_float_table(int32_t isa, const pqk_packed* wp, int64_t
   return t;
 }
 
-// Adapters of a packed float call: the shrink on the m x k fp32 activations xf, the expansion
-// after the base tiles (run(b, e) writes tiles [b, e) and returns false for a case it does not take).
+// The tiles of a packed float call (run(b, e, bias) writes tiles [b, e) and returns false for a
+// case it does not take) with the bias copied apart from y, and its adapters: the shrink on the
+// m x k fp32 activations xf, the expansion after the base tiles.
 template <class Run>
 void packed_float_tiles(const KernelTable& t, const PackedWeight& w, const Adapters& AD, const float* xf, int64_t m,
                         const float* bias, float* y, int64_t ldy, Run run) {
+  std::vector<float> bcopy;
+  bias_apart_from_y(bias, w.n, y, m, ldy, bcopy);
   std::vector<float> T((size_t)(AD.active() ? m * AD.t_cols : 0));
   for (int64_t i = 0; AD.active() && i < m; ++i) AD.shrink(t, xf + i * w.k, w.k, i, T.data() + i * AD.t_cols);
   std::atomic<bool> ok{true};
@@ -280,8 +283,6 @@ void packed_float_bf16(const KernelTable& t, const PackedWeight& w, int64_t m, c
                        int nparts, Fill fill) {
   if (m > max_m) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the bf16 float kernel");
   const Adapters AD(ads, n_ad, rows, m);
-  std::vector<float> bcopy;
-  bias_apart_from_y(bias, w.n, y, m, ldy, bcopy);
   const int64_t k = w.k, ps = m * k;
   std::vector<uint16_t> xp((size_t)(nparts * ps));
   if (const char* why = fill(xp.data(), ps)) throw Error(PQK_ERR_UNSUPPORTED, why);
@@ -317,8 +318,6 @@ void packed_float_f32p(const KernelTable& t, const PackedWeight& w, int64_t m, c
                        int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows, X x) {
   if (m > 8) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the packed float kernel");
   const Adapters AD(ads, n_ad, rows, m);
-  std::vector<float> bcopy;
-  bias_apart_from_y(bias, w.n, y, m, ldy, bcopy);
   const int64_t k = w.k;
   std::vector<float> xf((size_t)(AD.active() ? m * k : 0)), xs((size_t)(m * k));  // xf: the shrink's x
   float scale[QBLK];
