@@ -352,6 +352,35 @@ def test_load_keeps_the_files_16_bit_dtype(tmp_path):
                                   pq.matmul(x, qt, lora=same, compute=compute)), (name, compute)
 
 
+def test_load_storage_override(tmp_path):
+    """storage= sets every module's kernel dtype whatever the file holds (rounded to nearest once,
+    as LoRA(..., storage=...) does); "auto" keeps the file's; anything else is a ValueError."""
+    rng = np.random.default_rng(7)
+    a, b = _ab(rng, 4, 64, 24)
+    mag = rng.random(24).astype(np.float32) + 0.5
+    bits = lambda x: (x.view(np.uint32) >> 16).astype(np.uint16)  # noqa: E731
+    for name, ta, tb, bf16 in (("f", a, b, []), ("bf", bits(a), bits(b), ["A", "B"])):
+        d = tmp_path / name
+        os.makedirs(d)
+        keys = {"A": f"{P}l.lora_A.weight", "B": f"{P}l.lora_B.weight"}
+        sio.save(d / "adapter_model.safetensors", {keys["A"]: ta, keys["B"]: tb, f"{P}l.lora_magnitude_vector": mag},
+                 bf16=[keys[k] for k in bf16])
+        (d / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "use_dora": True}))
+        auto = pio.load_peft_adapter(d)["l"]
+        assert auto.storage == ("float32" if name == "f" else "bfloat16")
+        for storage in ("float32", "float16", "bfloat16"):
+            ad = pio.load_peft_adapter(d, storage=storage)["l"]
+            want = LoRA(auto.A, auto.B, alpha=8, magnitude=mag, storage=storage)
+            assert ad.storage == storage and ad.is_dora
+            np.testing.assert_array_equal(ad.A, want.A)
+            np.testing.assert_array_equal(ad.B, want.B)
+            qt = pq.quantize(rng.standard_normal((24, 64)).astype(np.float32), "q4_0")
+            x = rng.standard_normal((2, 64)).astype(np.float32)
+            assert np.array_equal(pq.matmul(x, qt, lora=ad), pq.matmul(x, qt, lora=want)), (name, storage)
+    with pytest.raises(ValueError, match="storage must be"):
+        pio.load_peft_adapter(tmp_path / "f", storage="fp8")
+
+
 def test_save_load_roundtrip(tmp_path):
     rng = np.random.default_rng(2)
     ads = {"enc.layers.0.q": pq.LoRA(*_ab(rng, 4, 32, 16), 8), "enc.layers.0.k": pq.LoRA(*_ab(rng, 4, 32, 8), 8),
