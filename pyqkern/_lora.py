@@ -36,11 +36,13 @@ class LoRA:
 
     alpha: PEFT's lora_alpha (default: r, i.e. scale 1). rslora: scale = alpha / sqrt(r).
     magnitude: DoRA magnitude vector [N] (PEFT's lora_magnitude_vector); the per-row norms of
-    W + scale*B@A are computed once per base weight and cached.
+    W + scale*B@A are computed once per base weight and cached. A row whose merged weight is all
+    zero gets the factor 0 (its output is the bias), where PEFT's division would give NaN.
 
-    A LoRA is a snapshot: it keeps its own read-only copies of A, B and magnitude (the kernels
-    read B in a tiled copy and cache DoRA norms, so an edit in place could only be half seen).
-    After a training step build a new one: LoRA(A - lr * dA, B - lr * dB, alpha=...)."""
+    A LoRA is an immutable snapshot: it keeps its own read-only copies of A, B and magnitude, and
+    its attributes (alpha, scale, ...) cannot be set (the kernels read B in a tiled copy and cache
+    DoRA norms, so an edit could only be half seen). After a training step build a new one:
+    LoRA(A - lr * dA, B - lr * dB, alpha=...); for another weight, ad.scaled(w)."""
 
     def __init__(self, A, B, alpha=None, *, rslora=False, magnitude=None, storage="auto", _shared=False):
         # _shared: A and B are read-only views of the caller's arrays instead of copies, for
@@ -73,9 +75,7 @@ class LoRA:
         self.Bp.flags.writeable = False
         self._native = (_to_storage(self.A, store), _to_storage(self.Bp, store), _DTYPE_ID[store])
         self.rank, self.in_features, self.out_features = r, k, n
-        self.alpha = float(r if alpha is None else alpha)
-        if not np.isfinite(self.alpha):
-            raise ValueError(f"alpha must be finite, got {self.alpha}")
+        self.alpha = float(r) if alpha is None else _real(alpha, "alpha")
         self.rslora = bool(rslora)
         self.scale = float(self.alpha / (np.sqrt(r) if rslora else r))
         _check_scale(self.scale)
@@ -88,6 +88,18 @@ class LoRA:
                 raise ValueError("magnitude contains NaN or Inf")
             self.magnitude = _frozen_copy(mg)
         self._dora_cache = {}  # id(base QTensor) -> (weakref, per-row factor m / norm)
+        self._frozen = True
+
+    # Immutable: a new alpha / scale would not reach the cached DoRA norms, save_peft_adapter
+    # writes alpha, and adapters are shared by reference between layers and blends.
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"LoRA is immutable (cannot set {name!r}): build a new one, e.g. "
+                                 "LoRA(A, B, alpha=...) or ad.scaled(weight)")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        raise AttributeError(f"LoRA is immutable (cannot delete {name!r})")
 
     @property
     def is_dora(self) -> bool:
@@ -107,14 +119,13 @@ class LoRA:
 
         if self.is_dora:
             raise ValueError("a DoRA adapter cannot be blended (its rescale is not linear)")
-        if not np.isfinite(weight):
-            raise ValueError(f"blend weight must be finite, got {weight}")
+        weight = _real(weight, "blend weight")
         out = copy.copy(self)
         # alpha too: it is what save_peft_adapter (and pyqkern.torch's add_lora) write and rebuild from
-        out.alpha = float(self.alpha * weight)
-        out.scale = float(out.alpha / (np.sqrt(self.rank) if self.rslora else self.rank))
-        _check_scale(out.scale)
-        out._dora_cache = {}
+        alpha = float(self.alpha * weight)
+        scale = float(alpha / (np.sqrt(self.rank) if self.rslora else self.rank))
+        _check_scale(scale)
+        out.__dict__.update(alpha=alpha, scale=scale, _dora_cache={})
         return out
 
     # A LoRA is immutable (its arrays read-only; the kernels read a tiled copy of B and cache DoRA
@@ -128,7 +139,7 @@ class LoRA:
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update(state, _frozen=True)
         for a in (self.A, self.B, self.Bp, self.magnitude, *self._native[:2]):
             if a is not None:
                 a.flags.writeable = False
@@ -188,6 +199,20 @@ class LoRA:
 _DTYPE_ID = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
+def _real(v, what) -> float:
+    """v as a finite float: a Python / NumPy real number or a one-element array or tensor, never
+    a str or bool (float("16") and float(True) would pass silently)."""
+    if isinstance(v, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{what} must be a real number, got {type(v).__name__} {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a real number, got {type(v).__name__}") from None
+    if not np.isfinite(f):
+        raise ValueError(f"{what} must be finite, got {f}")
+    return f
+
+
 def _check_scale(scale):
     """every backend computes the adapter term in float32: a scale beyond its range is refused"""
     if not abs(scale) <= float(np.finfo(np.float32).max):
@@ -220,8 +245,8 @@ def _colocate(loras):
             nat[i].flags.writeable = False
             off += sz[i]
         if ad.storage == "float32":  # A and Bp are the operands themselves: no second copy
-            ad.A, ad.Bp = nat[0], nat[1]
-        ad._native = tuple(nat)
+            ad.__dict__.update(A=nat[0], Bp=nat[1])
+        ad.__dict__["_native"] = tuple(nat)
 
 
 def _dtype_name(a):

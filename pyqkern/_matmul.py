@@ -123,6 +123,9 @@ def _adapters(lora, adapter_ids, w, m):
         if adapter_ids is not None:
             raise ValueError("adapter_ids given without adapters")
         return [], None
+    if isinstance(lora, dict):
+        raise TypeError("lora must be a LoRA or a list of LoRA, got a dict (its keys would be taken): pass "
+                        "list(d.values()), or attach them by name with QLinear.add_adapter")
     ads = [lora] if isinstance(lora, LoRA) else list(lora)
     for a in ads:
         if not isinstance(a, LoRA):
@@ -447,6 +450,9 @@ class QLinear:
         for nm in names:
             if nm not in self._adapters:
                 raise KeyError(f"no adapter named {nm!r}; attached: {list(self._adapters)}")
+        if len(names) > 1 and any(self._adapters[nm].is_dora for nm in names):
+            raise ValueError(f"DoRA adapters cannot be summed with others on the same rows ({names}): "
+                             "activate one, or pick one per row with adapter_ids")
         self._set_active(names)
 
     def _set_active(self, names) -> None:
@@ -465,6 +471,8 @@ class QLinear:
         if adapter_ids is not None:
             names = self.adapter_names
             ids = adapter_ids
+            if isinstance(ids, np.ndarray) and ids.dtype.kind in "USO":  # names as a NumPy array
+                ids = ids.tolist()
             if isinstance(ids, (list, tuple)) and any(isinstance(v, str) or v is None for v in ids):
                 def index(v):  # a name, None (no adapter) or already an index
                     if v is None:

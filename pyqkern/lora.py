@@ -282,15 +282,18 @@ def unmerge(qt_merged: QTensor, report: MergeReport) -> QTensor:
 
 # --------------------------------------------------------------------------- backward
 def _act(a, what):
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{what} must be a numpy array, got {type(a).__name__}")
-    if a.dtype == np.float16 or a.dtype.name == "bfloat16":
-        a = a.astype(np.float32)
-    elif a.dtype != np.float32:
-        raise TypeError(f"{what} has dtype {a.dtype}; expected float32, float16 or bfloat16")
+    """x / dy as matmul takes x: numpy or a CPU torch tensor, float32, float16 or bfloat16
+    (ml_dtypes, torch, or uint16 bf16 bits) -> float32 of the same shape."""
+    if hasattr(a, "detach") and hasattr(a, "numpy"):
+        a = a.detach()
+    elif not isinstance(a, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array or a torch tensor, got {type(a).__name__}")
     if a.ndim < 1:
         raise ValueError(f"{what} must have at least one dimension [..., features]")
-    return a
+    shape = tuple(a.shape)
+    if shape[-1] == 0:
+        raise ValueError(f"{what} has no features (shape {shape})")
+    return np.asarray(_ops.as_float32_2d(a.reshape(-1, shape[-1]), what, allow_empty=True)).reshape(shape)
 
 
 def _dy_w(d2, rows, n, k, step):

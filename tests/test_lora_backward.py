@@ -114,6 +114,20 @@ def test_backward_half_inputs():
     want = lora.backward(x16.astype(np.float32), dy16.astype(np.float32), qt, ad)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+    # bf16 as uint16 bits, ml_dtypes or torch tensors: the x forms matmul takes (review: refused)
+    import ml_dtypes
+    bits = lambda a: (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # noqa: E731
+    xb, dyb = bits(x), bits(dy)
+    want = lora.backward((xb.astype(np.uint32) << 16).view(np.float32), (dyb.astype(np.uint32) << 16).view(np.float32),
+                         qt, ad)
+    forms = [(xb, dyb), (xb.view(ml_dtypes.bfloat16), dyb.view(ml_dtypes.bfloat16))]
+    torch = pytest.importorskip("torch")
+    forms.append((torch.from_numpy(xb.view(np.int16)).view(torch.bfloat16),
+                  torch.from_numpy(dyb.view(np.int16)).view(torch.bfloat16).requires_grad_(True)))
+    for fx, fdy in forms:
+        for g, w in zip(lora.backward(fx, fdy, qt, ad), want):
+            np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(lora.backward_base(torch.from_numpy(dy), qt), lora.backward_base(dy, qt))
 
 
 def test_backward_bad_inputs():
@@ -130,6 +144,8 @@ def test_backward_bad_inputs():
         lora.backward_base(dy.astype(np.int32), qt)
     with pytest.raises(TypeError, match="numpy array"):
         lora.backward(x.tolist(), dy, qt, ad)
+    with pytest.raises(ValueError, match="no features"):
+        lora.backward_base(np.zeros((3, 0), np.float32), qt)
     with pytest.raises(ValueError, match="at least one dimension"):
         lora.backward_base(np.array(1.0, np.float32), qt)
     with pytest.raises(TypeError, match="QTensor"):

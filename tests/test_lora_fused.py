@@ -222,6 +222,70 @@ def test_bad_adapter_input():
     import ml_dtypes
     a16 = LoRA(np.ones((2, k), np.float16), np.ones((n, 2), ml_dtypes.bfloat16))
     assert a16.A.dtype == np.float32 and a16.B.dtype == np.float32
+    # alpha and blend weights are real numbers, not strings or bools that float() would take
+    ad = adapter(n, k, 2, rng)
+    for bad in ("16", True, np.bool_(False), [1.0, 2.0]):
+        with pytest.raises(TypeError, match="alpha must be a real number"):
+            LoRA(ad.A, ad.B, alpha=bad)
+        with pytest.raises(TypeError, match="blend weight must be a real number"):
+            ad.scaled(bad)
+    with pytest.raises(ValueError, match="finite"):
+        LoRA(ad.A, ad.B, alpha=np.inf)
+    assert LoRA(ad.A, ad.B, alpha=np.float32(4)).scale == 2.0 and ad.scaled(np.float64(0.5)).alpha == ad.alpha / 2
+    # a dict of adapters is not silently iterated by its keys
+    with pytest.raises(TypeError, match="dict"):
+        pq.matmul(x, qt, lora={"a": ad})
+
+
+def test_lora_is_immutable():
+    """alpha / scale / arrays cannot be reassigned: a new scale would miss the cached DoRA norms,
+    and save_peft_adapter writes alpha (review: ad.alpha = 64 changed nothing in matmul but the
+    saved file; ad.scale on a DoRA adapter gave 0.52 relative error)."""
+    rng = np.random.default_rng(8)
+    n, k = 32, 64
+    qt = make("q4_0", n, k, rng)
+    ad = LoRA(adapter(n, k, 4, rng).A, adapter(n, k, 4, rng).B, alpha=8,
+              magnitude=rng.random(n).astype(np.float32) + 0.5)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    before = pq.matmul(x, qt, lora=ad, compute="float")
+    for name, value in (("alpha", 64.0), ("scale", 3.0), ("rank", 2), ("A", ad.A * 2), ("magnitude", None),
+                        ("_dora_cache", {}), ("new_attribute", 1)):
+        with pytest.raises(AttributeError, match="immutable"):
+            setattr(ad, name, value)
+    with pytest.raises(AttributeError, match="immutable"):
+        del ad.alpha
+    assert ad.alpha == 8.0 and ad.scale == 2.0
+    assert np.array_equal(pq.matmul(x, qt, lora=ad, compute="float"), before)
+    # blends and colocated adapters are still built (through the instance dict)
+    plain = adapter(n, k, 4, rng)
+    half = plain.scaled(0.5)
+    assert half.scale == plain.scale / 2 and plain.scale == 2.0
+    with pytest.raises(AttributeError, match="immutable"):
+        half.scale = 1.0
+    import pickle
+    back = pickle.loads(pickle.dumps(half))
+    with pytest.raises(AttributeError, match="immutable"):
+        back.alpha = 1.0
+    assert np.array_equal(pq.matmul(x, qt, lora=back), pq.matmul(x, qt, lora=half))
+
+
+def test_set_adapter_refuses_summed_dora_and_takes_name_arrays():
+    rng = np.random.default_rng(9)
+    n, k = 32, 64
+    qt = make("q4_0", n, k, rng)
+    lin = pq.QLinear(qt)
+    plain = adapter(n, k, 4, rng)
+    dora = LoRA(plain.A, plain.B, magnitude=rng.random(n).astype(np.float32) + 0.5)
+    lin.add_adapter("lora", plain)
+    lin.add_adapter("dora", dora)
+    with pytest.raises(ValueError, match="DoRA adapters cannot be summed"):
+        lin.set_adapter(["lora", "dora"])
+    lin.set_adapter("dora")
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    assert np.array_equal(lin(x), pq.matmul(x, qt, lora=dora))
+    # adapter_ids as a NumPy array of names works like the list
+    names = np.array(["dora", "lora", "lora"])
+    assert np.array_equal(lin(x, adapter_ids=names), lin(x, adapter_ids=["dora", "lora", "lora"]))
 
 
 def test_fused_lora_thread_count_independent():
