@@ -463,8 +463,9 @@ class QuantLinear(nn.Module):
             raise ValueError("adapter name must be a non-empty string without '.'")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already attached")
-        A = torch.as_tensor(A).detach().to(torch.float32)
-        B = torch.as_tensor(B).detach().to(torch.float32)
+        # a read-only NumPy array (a LoRA's A / B) copied first: torch.as_tensor would warn
+        A, B = (torch.as_tensor(np.array(v) if isinstance(v, np.ndarray) and not v.flags.writeable else v)
+                .detach().to(torch.float32) for v in (A, B))
         if A.ndim != 2 or B.ndim != 2 or A.shape[1] != self.in_features or B.shape[0] != self.out_features \
                 or A.shape[0] != B.shape[1] or A.shape[0] == 0:
             raise ValueError(f"adapter shapes A {tuple(A.shape)} / B {tuple(B.shape)} do not fit "
@@ -1030,8 +1031,9 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default", *, 
         except AttributeError:
             raise KeyError(f"{path}: the adapter targets {name!r}, which is not a module of this model") from None
         if not isinstance(mod, QuantLinear):
-            raise TypeError(f"{path}: {name} is a {type(mod).__name__}, not a QuantLinear (quantize the model "
-                            f"with pyqkern.torch.quantize_model first)")
+            hint = ("quantize_model replaces nn.Linear layers only; GPT-2-style Conv1D layers stay as they are"
+                    if type(mod).__name__ == "Conv1D" else "quantize the model with pyqkern.torch.quantize_model first")
+            raise TypeError(f"{path}: {name} is a {type(mod).__name__}, not a QuantLinear ({hint})")
         if ad.is_dora:
             raise NotImplementedError(f"{path}: DoRA adapters are not supported by QuantLinear yet")
         if (ad.in_features, ad.out_features) != (mod.in_features, mod.out_features):

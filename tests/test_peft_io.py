@@ -352,6 +352,26 @@ def test_load_keeps_the_files_16_bit_dtype(tmp_path):
                                   pq.matmul(x, qt, lora=same, compute=compute)), (name, compute)
 
 
+def test_trained_biases_get_their_own_warning(tmp_path):
+    """bias='all' / 'lora_only' files carry the fine-tuned layers' biases: not part of a LoRA, so
+    named in a warning of their own; a .bias of a modules_to_save copy (bias='none') is just skipped."""
+    rng = np.random.default_rng(3)
+    a, b = _ab(rng, 4, 32, 16)
+    for bias, key, match in (("all", f"{P}m.base_layer.bias", "trained bias tensor"),
+                             ("lora_only", f"{P}m.base_layer.bias", "trained bias tensor"),
+                             ("none", f"{P}head.bias", "skipped 1")):
+        d = tmp_path / bias
+        os.makedirs(d)
+        sio.save(d / "adapter_model.safetensors", {f"{P}m.lora_A.weight": a, f"{P}m.lora_B.weight": b,
+                                                   key: np.zeros(16, np.float32)})
+        (d / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "bias": bias}))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert pio.load_peft_adapter(d)["m"].rank == 4
+        msgs = [str(x.message) for x in w]
+        assert len(msgs) == 1 and match in msgs[0] and key in msgs[0], (bias, msgs)
+
+
 def test_load_storage_override(tmp_path):
     """storage= sets every module's kernel dtype whatever the file holds (rounded to nearest once,
     as LoRA(..., storage=...) does); "auto" keeps the file's; anything else is a ValueError."""
@@ -469,6 +489,13 @@ def test_load_rejects(tmp_path):
         (ok, {"r": 4, "layer_replication": [[0, 2]]}, "layer_replication is not supported"),
         (ok, {"r": 4, "megatron_config": {"tp": 2}}, "megatron_config is not supported"),
         (ok, {"r": 4, "target_parameters": ["experts.w1"]}, "target_parameters is not supported"),
+        # review against peft 0.21: these loaded as plain LoRA and differed from PEFT's outputs
+        (ok, {"r": 4, "kasa_config": {"beta": 1e-4, "gamma": 1e-3}}, "kasa_config is not supported"),
+        (ok, {"r": 4, "use_bdlora": {"nblocks": 2}}, "use_bdlora is not supported"),
+        (ok, {"r": 4, "init_lora_weights": "pissa"}, "residual"),
+        (ok, {"r": 4, "init_lora_weights": "pissa_niter_4"}, "residual"),
+        (ok, {"r": 4, "init_lora_weights": "olora"}, "residual"),
+        (ok, {"r": 4, "init_lora_weights": "corda"}, "residual"),
         # pattern keys whose matching could take exponential time (a hostile config must not hang
         # the loader: "(a+)+" against a 40-character name runs for hours in re)
         (ok, {"r": 4, "rank_pattern": {"(m+)+": 4}}, "repetition inside a repetition"),
@@ -485,6 +512,10 @@ def test_load_rejects(tmp_path):
             warnings.simplefilter("ignore", UserWarning)
             with pytest.raises(ValueError, match=msg):
                 pio.load_peft_adapter(d)
+    # initialisations that leave the base weight alone load (PiSSA converted by PEFT saves True)
+    for i, init in enumerate((True, False, "gaussian", "eva", "loftq", "mica")):
+        d = _bad_dir(tmp_path, ok, {"r": 4, "init_lora_weights": init}, f"init{i}")
+        assert pio.load_peft_adapter(d)["m"].rank == 4
     d = tmp_path / "noweights"
     d.mkdir()
     (d / "adapter_config.json").write_text("{}")

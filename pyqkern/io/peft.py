@@ -12,9 +12,12 @@ per-module r and alpha from ``rank_pattern`` / ``alpha_pattern`` resolved as PEF
 ``get_pattern_key`` does: the first key (in file order) for which ``re.match(r"(.*\\.)?(KEY)$", module)``
 matches wins; the key is a regular expression, so a plain name matches itself or any dotted suffix.
 
-Not supported (ValueError): ``lora_bias`` (``lora_B.bias``), non-2-D (conv) adapters, QA-LoRA.
-Keys that are not Linear LoRA weights (``lora_embedding_*``, ``modules_to_save`` copies, ...) are
-skipped with a UserWarning. ``fan_in_fan_out`` needs nothing: A and B are stored the same way and
+Not supported (ValueError): ``lora_bias`` (``lora_B.bias``), non-2-D (conv) adapters, QA-LoRA,
+and the variants PEFT computes differently from x @ A.T @ B.T on the base weight (aLoRA, KaSA,
+BD-LoRA, layer replication, adapters on parameters, and PiSSA / OLoRA / CorDA files saved without
+PEFT's conversion, whose base weight PEFT replaces by a residual on load). Keys that are not Linear
+LoRA weights (``lora_embedding_*``, ``modules_to_save`` copies, trained biases of ``bias="all"`` /
+``"lora_only"``, ...) are skipped with a UserWarning. ``fan_in_fan_out`` needs nothing: A and B are stored the same way and
 B @ A is [out, in], which is pyqkern's [N, K] weight orientation.
 """
 from __future__ import annotations
@@ -142,12 +145,21 @@ def _read_config(path):
                                                   "invocation sequence"),
                       ("layer_replication", "the file's layer indices are those of the replicated model"),
                       ("megatron_config", "Megatron-parallel adapters"),
-                      ("target_parameters", "adapters on nn.Parameters (e.g. MoE experts)")):
+                      ("target_parameters", "adapters on nn.Parameters (e.g. MoE experts)"),
+                      ("kasa_config", "KaSA scales each rank by lora_diag and truncates the base weight by SVD"),
+                      ("use_bdlora", "BD-LoRA's A or B is block-diagonal, stored in blocks")):
         if cfg.get(key):
             raise ValueError(f"{path}: {key} is not supported ({what})")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
+        raise ValueError(f"{path}: init_lora_weights={init!r}: PEFT replaces the base weight by a residual when "
+                         "it loads this adapter, so A and B do not apply to the original weight. Save it with "
+                         "PEFT's conversion (save_pretrained(..., path_initial_model_for_weight_conversion=...)), "
+                         "which gives a plain LoRA on the original weight")
     out = {"r": cfg.get("r", 8), "lora_alpha": cfg.get("lora_alpha", 8),  # LoraConfig defaults
            "use_rslora": cfg.get("use_rslora", False), "use_dora": cfg.get("use_dora", False),
-           "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {}}
+           "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {},
+           "bias": cfg.get("bias", "none")}
     def bad(name, v):
         if not finite_number(v):
             return True
@@ -231,6 +243,13 @@ def load_peft_adapter(path, *, storage: str = "auto") -> dict:
         if any(k.startswith(f"{PREFIX}{module}.") for k in skipped):
             del parts[module]
             skipped.append(f"{PREFIX}{module}.lora_magnitude_vector")
+    biases = [k for k in skipped if k.endswith(".bias") and ".lora_" not in k] if cfg["bias"] in ("all", "lora_only") else []
+    if biases:  # bias="all" / "lora_only": the fine-tune changed these layers' biases too
+        warnings.warn(f"{path}: the file holds {len(biases)} trained bias tensor(s) (PEFT bias='all' or "
+                      f"'lora_only'), e.g. {biases[:3]}; a LoRA does not carry them: read them from "
+                      f"{WEIGHTS_NAME} and give them as the layers' bias, or outputs differ from PEFT's",
+                      UserWarning, stacklevel=2)
+        skipped = [k for k in skipped if k not in biases]
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} tensor(s) that are not Linear LoRA weights, e.g. "
                       f"{skipped[:3]}", UserWarning, stacklevel=2)
