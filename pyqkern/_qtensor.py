@@ -107,8 +107,15 @@ class QTensor:
             raise ValueError(f"shape must be (N, K) integers, got {shape!r}") from None
         if n <= 0 or k <= 0:
             raise ValueError(f"shape must be positive, got {(n, k)}")
+        if not isinstance(fmt, str):
+            raise TypeError(f"fmt must be a format name (str), got {type(fmt).__name__}")
         params = _formats.resolve_params(fmt, k, group, sym, double_quant)
-        data = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+        try:
+            data = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+        except TypeError:
+            raise TypeError(f"buf must be bytes-like or a NumPy array, got {type(buf).__name__}") from None
+        if data.dtype.hasobject:
+            raise TypeError(f"buf must hold bytes, got a NumPy array of dtype {data.dtype}")
         if data.dtype != np.uint8:
             data = data.view(np.uint8) if data.flags.c_contiguous else np.ascontiguousarray(data).view(np.uint8)
         data = data.reshape(-1)

@@ -171,6 +171,15 @@ def test_from_bytes_roundtrip(fmt, opts, bpw, kind):
     assert np.array_equal(pq.dequantize(qt2), pq.dequantize(qt))   # read-only buffers work too
 
 
+def test_from_bytes_bad_arguments():
+    with pytest.raises(TypeError, match="buf must be bytes-like"):
+        pq.QTensor.from_bytes("int8", (2, 32), [0] * 72)
+    with pytest.raises(TypeError, match="buf must hold bytes"):
+        pq.QTensor.from_bytes("int8", (2, 32), np.zeros(72, dtype=object))
+    with pytest.raises(TypeError, match="fmt must be a format name"):
+        pq.QTensor.from_bytes(["int8"], (2, 32), bytes(72))
+
+
 @pytest.mark.parametrize("fmt,opts,bpw", ROUNDTRIP_CASES, ids=ROUNDTRIP_IDS)
 def test_from_bytes_zero_copy(fmt, opts, bpw):
     qt = pq.quantize(weights((2, 1024), seed=6), fmt, **opts)

@@ -530,6 +530,13 @@ def test_bnb_bad_inputs():
     rng = _rng(16)
     weight = rng.integers(0, 256, size=(48 * 96 // 2, 1), dtype=np.uint8)
     st_ok = {"blocksize": 64, "absmax": np.ones(48 * 96 // 64, F32)}
+    # two modules' states merged into one dict: b's absmax silently replaced a's (review)
+    two = {**{f"m.a.weight.{k}": v for k, v in st_ok.items()}, **{f"m.b.weight.{k}": v for k, v in st_ok.items()}}
+    with pytest.raises(ValueError, match="holds 'blocksize' twice"):
+        from_bnb(weight, {**two, "quant_type": "nf4"}, (48, 96))
+    for bad in (None, [("blocksize", 64)], 42):
+        with pytest.raises(TypeError, match="quant_state must be a dict"):
+            from_bnb(weight, bad, (48, 96))
     with pytest.raises(ValueError, match="blocks cross rows"):
         from_bnb_nf4(weight, st_ok, (48, 96))        # K=96 is not a multiple of 64
     st32 = {"blocksize": 32, "absmax": np.ones(48 * 96 // 32, F32)}
@@ -757,6 +764,39 @@ def test_load_onnx_matmulnbits_reads_back_what_was_written(tmp_path):
     node.attribute.append(onnx.helper.make_attribute("block_size", float("inf")))
     with pytest.raises(ValueError, match="block_size must be an integer"):
         pq.io.load_onnx_matmulnbits(m)
+
+
+def test_load_onnx_matmulnbits_unreadable_tensors(tmp_path):
+    """A hostile initializer (unknown or UNDEFINED data_type, raw_data of the wrong length, external
+    data outside the folder) is a ValueError naming the node and tensor, not onnx's or NumPy's own
+    exception types; a non-model argument is a TypeError."""
+    pytest.importorskip("onnx")
+    import copy
+
+    import onnx
+    from onnx import TensorProto
+
+    qt = pq.quantize(_rng(30).standard_normal((16, 64)).astype(F32), "int4", group=32)
+    base = to_onnx_matmulnbits(None, qt)
+
+    def ext(t):
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        e = t.external_data.add()
+        e.key, e.value = "location", "../../etc/passwd"
+
+    for i, edit in enumerate((lambda t: setattr(t, "data_type", 99), lambda t: setattr(t, "data_type", 0),
+                              lambda t: setattr(t, "raw_data", t.raw_data[:-1]), ext)):
+        m = copy.deepcopy(base)
+        edit(next(t for t in m.graph.initializer if t.name == "B"))
+        src = m
+        if i < 3:
+            onnx.save(m, str(tmp_path / "bad.onnx"))
+            src = str(tmp_path / "bad.onnx")
+        with pytest.raises(ValueError, match="MatMulNBits .* B: tensor 'B' .* cannot be read"):
+            pq.io.load_onnx_matmulnbits(src)
+    with pytest.raises(TypeError, match="ModelProto"):
+        pq.io.load_onnx_matmulnbits(42)
 
 
 def test_load_onnx_matmulnbits_refuses_duplicate_names_and_bias_sizes(tmp_path):

@@ -289,6 +289,21 @@ def test_gguf_truncated_and_garbage(tmp_path):
         pq.io.load_gguf(p)
 
 
+def test_gguf_nested_array_errors_name_the_item(tmp_path):
+    """Error text names the item ("value of 'k'[1][0]"), built only when raised (review: building it
+    for every item copied the key each time, quadratic in key length x items)."""
+    hdr = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 9)
+    inner_ok = struct.pack("<IQ", 4, 1) + struct.pack("<I", 7)          # [uint32 7]
+    inner_bad = struct.pack("<IQ", 7, 1) + b"\x02"                      # [bool 2]
+    p = tmp_path / "nested.gguf"
+    p.write_bytes(hdr + struct.pack("<IQ", 9, 2) + inner_ok + inner_bad)
+    with pytest.raises(ValueError, match=r"value of 'k'\[1\]: bool array holds values other than 0 and 1"):
+        pq.io.load_gguf(p)
+    p.write_bytes(hdr + struct.pack("<IQ", 9, 2) + inner_ok + struct.pack("<IQ", 9, 1) + struct.pack("<IQ", 99, 0))
+    with pytest.raises(ValueError, match=r"value of 'k'\[1\]\[0\]: unknown array item type 99"):
+        pq.io.load_gguf(p)
+
+
 def test_gguf_item_count_bounded(tmp_path):
     """A header of a few MB whose arrays hold millions of items (the gguf package's reader builds
     objects per item: ~700 bytes of memory each) is refused before that reader runs; a real

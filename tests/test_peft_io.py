@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 import warnings
@@ -350,6 +351,29 @@ def test_load_keeps_the_files_16_bit_dtype(tmp_path):
         for compute in ("int8", "float"):
             assert np.array_equal(pq.matmul(x, qt, lora=ad, compute=compute),
                                   pq.matmul(x, qt, lora=same, compute=compute)), (name, compute)
+
+
+def test_pattern_keys_plain_and_regex_keep_file_order(tmp_path):
+    """plain keys are looked up by the module's last component, regex keys tried in turn: the first
+    key in file order still wins, as in PEFT; a config asking for millions of regex matches is refused."""
+    for keys, module, want in (([r"layers\.0\..*", "q_proj"], "m.layers.0.q_proj", r"layers\.0\..*"),
+                               (["q_proj", r"layers\.0\..*"], "m.layers.0.q_proj", "q_proj"),
+                               (["k_proj", r"layers\.0\..*", "q_proj"], "m.layers.0.q_proj", r"layers\.0\..*"),
+                               (["proj", "q_proj"], "q_proj", "q_proj"), (["proj"], "m.q_proj", "m.q_proj"),
+                               (["q_proj"], "x.q_proj\n", "q_proj"), (["q_proj"], "a\nb.q_proj", "a\nb.q_proj")):
+        assert pio.get_pattern_key(keys, module) == want, (keys, module)
+        assert pio.get_pattern_key(keys, module) == (next((k for k in keys if re.match(rf"(.*\.)?({k})$", module)),
+                                                         module))
+    rng = np.random.default_rng(11)
+    t = {}
+    for i in range(1000):
+        t[f"{P}m{i}.lora_A.weight"] = rng.standard_normal((1, 32)).astype(np.float32)
+        t[f"{P}m{i}.lora_B.weight"] = rng.standard_normal((16, 1)).astype(np.float32)
+    d = _bad_dir(tmp_path, t, {"r": 1, "rank_pattern": {rf"x{i}\d": 1 for i in range(4001)}}, "many")
+    with pytest.raises(ValueError, match="regular-expression rank_pattern/alpha_pattern keys"):
+        pio.load_peft_adapter(d)
+    d = _bad_dir(tmp_path, t, {"r": 1, "rank_pattern": {f"x{i}": 1 for i in range(4001)}}, "plain")
+    assert len(pio.load_peft_adapter(d)) == 1000  # plain keys: one lookup per module
 
 
 def test_trained_biases_get_their_own_warning(tmp_path):

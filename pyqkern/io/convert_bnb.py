@@ -24,6 +24,7 @@ API: :func:`from_bnb` / :func:`to_bnb` handle both quant types; :func:`from_bnb_
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 import math
 
 import numpy as np
@@ -42,15 +43,24 @@ _KNOWN = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "blocksize
 
 
 def _normalize_state(qs: dict) -> dict:
-    out = {}
+    if not isinstance(qs, Mapping):
+        raise TypeError(f"quant_state must be a dict (bitsandbytes' QuantState.as_dict(packed=...) or the "
+                        f"'<module>.weight.*' entries of a state dict), got {type(qs).__name__}")
+    qs = dict(qs)
+    out, prefix_of = {}, {}
     packed_type = None
     for key, v in qs.items():
+        if not isinstance(key, str):
+            raise TypeError(f"quant_state keys must be strings, got {type(key).__name__} {key!r}")
         qtype = next((t for t in _CODES if key.endswith(_PACKED_PREFIX + t)), None)
         if qtype is not None:
             if packed_type is not None:
                 raise ValueError("quant state holds more than one packed 'quant_state.bitsandbytes__*' entry")
             packed_type = qtype
-            raw = np.asarray(v, dtype=np.uint8).tobytes()
+            try:
+                raw = np.asarray(v, dtype=np.uint8).tobytes()
+            except (TypeError, ValueError, OverflowError) as e:
+                raise ValueError(f"{key}: the packed quant state must be uint8 bytes: {e}") from None
             try:
                 meta = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -70,6 +80,12 @@ def _normalize_state(qs: dict) -> dict:
             if key == name or key.endswith("." + name):
                 short = name
                 break
+        # one module's state: the same entry under two prefixes (two modules' states merged)
+        # would otherwise let the later silently replace the earlier
+        if short in out:
+            raise ValueError(f"quant_state holds {short!r} twice ({prefix_of[short]!r} and {key!r}): pass one "
+                             "module's state")
+        prefix_of[short] = key
         out[short] = v
     return out
 
@@ -97,14 +113,14 @@ def from_bnb(weight_uint8, quant_state: dict, shape=None) -> QTensor:
     quant_state: QuantState.as_dict() (packed or not; keys may carry a module prefix). The format
     comes from its quant_type (or the packed key's __nf4 / __fp4 suffix, or the quant_map).
     shape: (out, in); defaults to the quant state's "shape"."""
-    qs = _normalize_state(dict(quant_state))
+    qs = _normalize_state(quant_state)
     return _from_state(weight_uint8, qs, _quant_type(qs), shape)
 
 
 def from_bnb_nf4(weight_uint8, quant_state: dict, shape=None) -> QTensor:
     """bitsandbytes NF4 weight + quant state -> nf4 QTensor [N, K] (lossless). Rejects FP4 states
     (ValueError; :func:`from_bnb` reads both). A state without quant_type is taken as NF4."""
-    qs = _normalize_state(dict(quant_state))
+    qs = _normalize_state(quant_state)
     qtype = str(qs.get("quant_type", "nf4"))
     if qtype != "nf4":
         raise ValueError(f"bitsandbytes quant_type {qtype!r}: from_bnb_nf4 reads nf4 only (use from_bnb)")

@@ -196,7 +196,7 @@ def _gather_perm(src, inits, producers, k):
     writes it (default domain, axis -1, constant 1-D indices that permute 0..K-1), else None: any
     other Gather (a row or token selection, an axis other than the last, a partial index list) is
     the model's own op, not part of the weight."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     if src is None or src.op_type != "Gather" or src.domain not in ("", "ai.onnx") or len(src.input) != 2:
         return None
@@ -205,7 +205,7 @@ def _gather_perm(src, inits, producers, k):
         return None
     name = src.input[1]
     if name in inits:
-        idx = numpy_helper.to_array(inits[name])
+        idx = _to_array(inits[name], f"Gather {src.name or '?'} indices")
     else:
         cst = producers.get(name)
         if cst is None or cst.op_type != "Constant":
@@ -213,13 +213,26 @@ def _gather_perm(src, inits, producers, k):
         vals = [a for a in cst.attribute if a.name == "value"]
         if not vals:
             return None
-        idx = numpy_helper.to_array(vals[0].t)
+        idx = _to_array(vals[0].t, f"Constant {cst.name or '?'} feeding Gather {src.name or '?'}")
     if idx.dtype.kind not in "iu" or idx.shape != (k,):
         return None
     idx = idx.astype(np.int64)
     if not np.array_equal(np.sort(idx), np.arange(k)):
         return None
     return idx
+
+
+def _to_array(tensor, what):
+    """numpy_helper.to_array with a ValueError naming the tensor for what a hostile file can hold
+    (unknown data_type: KeyError, UNDEFINED: TypeError, raw_data of the wrong length: a bare
+    reshape error, external data outside the model's folder: onnx's ValidationError)."""
+    from onnx import numpy_helper
+
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as e:  # onnx raises several unrelated types here
+        raise ValueError(f"{what}: tensor {tensor.name!r} (data_type {tensor.data_type}, dims {list(tensor.dims)}) "
+                         f"cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def load_onnx_matmulnbits(model_or_path, *, round_scales=False):
@@ -232,15 +245,16 @@ def load_onnx_matmulnbits(model_or_path, *, round_scales=False):
     from_ort_nbits (ONNX Runtime's own quantizer writes fp32 scales that fp16 does not hold exactly:
     round them to fp16 instead of refusing). Needs the onnx package."""
     import onnx
-    from onnx import numpy_helper
 
     if isinstance(model_or_path, (str, bytes, os.PathLike)):
         try:
             model = onnx.load(os.fspath(model_or_path))
         except Exception as e:  # protobuf decode errors, missing file, ...
             raise ValueError(f"{model_or_path}: not a readable ONNX model ({e})") from None
-    else:
+    elif isinstance(model_or_path, onnx.ModelProto):
         model = model_or_path
+    else:
+        raise TypeError(f"expected a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producers = {o: nd for nd in g.node for o in nd.output}
@@ -248,7 +262,7 @@ def load_onnx_matmulnbits(model_or_path, *, round_scales=False):
     def const(name, what, node):
         if name not in inits:
             raise ValueError(f"MatMulNBits {node.name or '?'}: {what} {name!r} is not an initializer")
-        return numpy_helper.to_array(inits[name])
+        return _to_array(inits[name], f"MatMulNBits {node.name or '?'} {what}")
 
     weights, biases = {}, {}
     for nd in g.node:

@@ -74,6 +74,22 @@ def _gguf():
     return gguf
 
 
+class _Where:
+    """A place in the header for error messages (parent + suffix), spelled out only when an error
+    is raised: building "value of 'key'[i]" for every array item copied the key each time, so a
+    long key over many items took quadratic time (review: 1.6 MB of header, 7 s)."""
+    __slots__ = ("parent", "suffix")
+
+    def __init__(self, parent, suffix):
+        self.parent, self.suffix = parent, suffix
+
+    def __str__(self):
+        return f"{self.parent}{self.suffix}"
+
+    def __format__(self, spec):
+        return format(str(self), spec)
+
+
 class _Scan:
     """Strict walk over a GGUF header held in a buffer."""
 
@@ -102,7 +118,7 @@ class _Scan:
         return struct.unpack_from(fmt, self.b, p)[0]
 
     def string(self, what):
-        ln = self.unpack("<Q", f"{what} length")
+        ln = self.unpack("<Q", _Where(what, " length"))
         p = self.take(ln, what)
         try:
             return bytes(self.b[p:p + ln]).decode("utf-8")
@@ -143,12 +159,12 @@ class _Scan:
         if vtype == _ARRAY:
             if depth >= _MAX_DEPTH:
                 raise self.err(f"{what}: arrays nested deeper than {_MAX_DEPTH}")
-            itype = self.unpack("<I", f"{what} item type")
-            count = self.unpack("<Q", f"{what} item count")
+            itype = self.unpack("<I", _Where(what, " item type"))
+            count = self.unpack("<Q", _Where(what, " item count"))
             self.count(count, what)
             if itype in _SCALARS:
                 fmt, size = _SCALARS[itype]
-                p = self.take(count * size, f"{what} ({count} items)")
+                p = self.take(count * size, _Where(what, f" ({count} items)"))
                 if itype == 7 and count and max(self.b[p:p + count]) > 1:
                     raise self.err(f"{what}: bool array holds values other than 0 and 1")
                 dt = np.bool_ if itype == 7 else np.dtype(fmt)  # struct codes are NumPy dtype strings
@@ -159,7 +175,7 @@ class _Scan:
                 raise self.err(f"truncated GGUF file: {what} claims {count} items")
             if itype == _STRING:
                 return self.strings(count, what)
-            return [self.value(itype, f"{what}[{i}]", depth + 1) for i in range(count)]
+            return [self.value(itype, _Where(what, f"[{i}]"), depth + 1) for i in range(count)]
         raise self.err(f"{what}: unknown value type {vtype}")
 
 
