@@ -253,6 +253,21 @@ def test_save_gguf_errors(tmp_path):
         pq.io.save_gguf(p, {"w": qt}, {"k": object()})
     with pytest.raises(ValueError, match="dimensions"):
         pq.io.save_gguf(p, {"w": np.zeros((1, 1, 1, 1, 2), np.float32)})
+    # values the gguf writer would fail on deep inside (review): named ValueErrors, nothing left behind
+    for meta, msg in (({"k": [1.5, 10 ** 400]}, "metadata 'k': cannot be written: OverflowError"),
+                      ({"k": "a\udcff"}, "metadata 'k': string .* UTF-8"),
+                      ({"k": ["x", "\udcff"]}, "metadata 'k': string .* UTF-8"),
+                      ({"k\udcff": 1}, "metadata key .* UTF-8")):
+        with pytest.raises(ValueError, match=msg):
+            pq.io.save_gguf(p, {"w": qt}, meta)
+    with pytest.raises(ValueError, match="tensor name .* UTF-8"):
+        pq.io.save_gguf(p, {"w\udcff": qt})
+    pq.io.save_gguf(p, {"w": qt}, {"f": 1e300})
+    _, meta = pq.io.load_gguf(p)
+    meta["f"] = 10 ** 400  # the recorded FLOAT64 type no longer fits: a clear error, not OverflowError
+    with pytest.raises(ValueError, match="metadata 'f'"):
+        pq.io.save_gguf(tmp_path / "y.gguf", {"w": qt}, meta)
+    os.remove(p)
     assert not os.listdir(tmp_path)
 
 

@@ -339,10 +339,17 @@ def _ggml_type(qt):
 _MAX_NAME_BYTES = 63
 
 
+def _utf8(s, what):
+    try:
+        return s.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate
+        raise ValueError(f"{what} {s[:80]!r} cannot be written as UTF-8: {e.reason}") from None
+
+
 def _check_name(name):
     if not isinstance(name, str) or not name:
         raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
-    if len(name.encode("utf-8")) > _MAX_NAME_BYTES:
+    if len(_utf8(name, "tensor name")) > _MAX_NAME_BYTES:
         raise ValueError(f"tensor name {name!r} is {len(name.encode('utf-8'))} bytes: GGUF readers (llama.cpp, "
                          f"ggml) accept at most {_MAX_NAME_BYTES}")
 
@@ -430,6 +437,10 @@ def _add_kv(w, key, v, typ=None):
     V = gguf.GGUFValueType
     if not isinstance(key, str) or not key:
         raise TypeError(f"metadata keys must be non-empty strings, got {key!r}")
+    _utf8(key, "metadata key")
+    for x in (v if isinstance(v, (list, tuple)) else (v,)):  # the writer encodes strings only when it writes
+        if isinstance(x, str):
+            _utf8(x, f"metadata {key!r}: string")
     if typ is not None and _add_typed(w, key, v, typ):
         return
     if isinstance(v, bool):
@@ -514,7 +525,10 @@ class GGUFStreamWriter:
         if align is not None:
             self.w.add_custom_alignment(align)
         for k, v in meta.items():
-            _add_kv(self.w, k, v, types.get(k))
+            try:
+                _add_kv(self.w, k, v, types.get(k))
+            except (OverflowError, UnicodeEncodeError) as e:  # from the gguf writer's packing
+                raise ValueError(f"metadata {str(k)[:80]!r}: cannot be written: {type(e).__name__}: {e}") from None
         self.has_qv = "general.quantization_version" in meta  # a loaded file's: not added twice
         self.order, self.quantized = [], False
 
