@@ -24,8 +24,8 @@ API: :func:`from_bnb` / :func:`to_bnb` handle both quant types; :func:`from_bnb_
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 import math
+from collections.abc import Mapping
 
 import numpy as np
 

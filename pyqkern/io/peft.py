@@ -17,8 +17,8 @@ and the variants PEFT computes differently from x @ A.T @ B.T on the base weight
 BD-LoRA, layer replication, adapters on parameters, and PiSSA / OLoRA / CorDA files saved without
 PEFT's conversion, whose base weight PEFT replaces by a residual on load). Keys that are not Linear
 LoRA weights (``lora_embedding_*``, ``modules_to_save`` copies, trained biases of ``bias="all"`` /
-``"lora_only"``, ...) are skipped with a UserWarning. ``fan_in_fan_out`` needs nothing: A and B are stored the same way and
-B @ A is [out, in], which is pyqkern's [N, K] weight orientation.
+``"lora_only"``, ...) are skipped with a UserWarning. ``fan_in_fan_out`` needs nothing: A and B
+are stored the same way and B @ A is [out, in], which is pyqkern's [N, K] weight orientation.
 """
 from __future__ import annotations
 
@@ -300,8 +300,9 @@ def load_peft_adapter(path, *, storage: str = "auto") -> dict:
         if any(k.startswith(f"{PREFIX}{module}.") for k in skipped):
             del parts[module]
             skipped.append(f"{PREFIX}{module}.lora_magnitude_vector")
+    # bias="all" / "lora_only": the fine-tune changed these layers' biases too
     biases = [k for k in skipped if k.endswith(".bias") and ".lora_" not in k] if cfg["bias"] in ("all", "lora_only") else []
-    if biases:  # bias="all" / "lora_only": the fine-tune changed these layers' biases too
+    if biases:
         warnings.warn(f"{path}: the file holds {len(biases)} trained bias tensor(s) (PEFT bias='all' or "
                       f"'lora_only'), e.g. {biases[:3]}; a LoRA does not carry them: read them from "
                       f"{WEIGHTS_NAME} and give them as the layers' bias, or outputs differ from PEFT's",
