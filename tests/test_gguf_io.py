@@ -304,6 +304,16 @@ def test_gguf_truncated_and_garbage(tmp_path):
         pq.io.load_gguf(p)
 
 
+def test_gguf_tensor_count_bounded(tmp_path):
+    """More than 2^17 tensors is refused from the header (each loaded tensor costs ~1 KB of Python
+    objects: a 38 MB file of a million one-byte tensors took ~1 GB)."""
+    n = (1 << 17) + 1
+    p = tmp_path / "many.gguf"
+    p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, n, 0) + b"\0" * (24 * n))
+    with pytest.raises(ValueError, match="131073 tensors"):
+        pq.io.load_gguf(p)
+
+
 def test_gguf_nested_array_errors_name_the_item(tmp_path):
     """Error text names the item ("value of 'k'[1][0]"), built only when raised (review: building it
     for every item copied the key each time, quadratic in key length x items)."""

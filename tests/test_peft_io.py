@@ -163,6 +163,8 @@ BAD_FILES = [
     (_file({"a": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}}, b"\x01\x07"), "BOOL"),
     (_file(None, raw_header=b'{"\\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', data=b"\x01"),
      "lone surrogate"),
+    # more than 2^17 objects (tensors): refused before json builds ~165 MB of Python objects from them
+    (_file(None, raw_header=b"{" + b'"t":{},' * ((1 << 17) + 2) + b'"z":1}'), "more than 131072 objects"),
 ]
 
 

@@ -52,6 +52,9 @@ _MAX_DEPTH = 4
 # up), so a few MB of hostile header must not become millions of objects. Real files stay well
 # below: llama-3's tokenizer is ~0.54M items, Gemma 3's ~0.79M.
 _MAX_ITEMS = 2_000_000
+# tensors per file: the largest published GGUF models hold a few thousand; each loaded tensor costs
+# ~1 KB of Python objects, so a small hostile file of a million one-byte tensors took ~1 GB (review)
+_MAX_TENSORS = 1 << 17
 
 
 class GGUFMetadata(dict):
@@ -201,6 +204,9 @@ def _parse(path):
             n_kv = s.unpack("<Q", "key/value count")
             if n_kv * 12 > size or n_tensors * 24 > size:
                 raise s.err(f"truncated GGUF file: header claims {n_kv} key/values and {n_tensors} tensors")
+            if n_tensors > _MAX_TENSORS:
+                raise s.err(f"{n_tensors} tensors (more than {_MAX_TENSORS}): refused (loading them would take "
+                            "about a kilobyte of memory each)")
             meta, types, alignment = {}, {}, 32
             s.count(n_kv + n_tensors, "header")
             for i in range(n_kv):
