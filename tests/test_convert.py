@@ -526,6 +526,38 @@ def test_bnb_random_double_quant_bytes(fmt):
     assert to_bnb(q2)[0].tobytes() == weight.tobytes()
 
 
+def test_converters_refuse_nan_inf_scales():
+    """A checkpoint scale that is NaN / Inf would dequantize its weights to NaN / Inf: every array
+    converter refuses it naming the array, as quantize refuses such weights (review: all accepted)."""
+    w = _rng(31).standard_normal((64, 256)).astype(F32)
+    qt = pq.quantize(w, "int4", group=64)
+
+    def spoiled(d, key, idx, v):
+        d = dict(d)
+        d[key] = np.array(d[key], copy=True)
+        d[key][idx] = v
+        return d
+
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="scales: 1 NaN or Inf"):
+            from_gptq(**spoiled(to_gptq(qt), "scales", (0, 0), bad))
+        with pytest.raises(ValueError, match="scales: 1 NaN or Inf"):
+            from_awq(**spoiled(to_awq(qt), "scales", (0, 0), bad))
+        o = spoiled(to_ort_nbits(qt), "scales", (0, 0), bad)
+        with pytest.raises(ValueError, match="scales: 1 NaN or Inf"):
+            from_ort_nbits(**{k: v for k, v in o.items() if k != "bits"})
+        with pytest.raises(ValueError, match="scales: 1 NaN or Inf"):
+            from_compressed_tensors(**spoiled(to_compressed_tensors(qt), "weight_scale", (0, 0), bad))
+        bw, bs = to_bnb(pq.quantize(w, "nf4"))
+        with pytest.raises(ValueError, match="absmax: 1 NaN or Inf"):
+            from_bnb(bw, spoiled(bs, "absmax", 3, bad))
+        bw, bs = to_bnb(pq.quantize(w, "nf4", double_quant=True))
+        with pytest.raises(ValueError, match="nested_absmax: 1 NaN or Inf"):
+            from_bnb(bw, spoiled(bs, "nested_absmax", 0, bad))
+        with pytest.raises(ValueError, match="nested_offset"):
+            from_bnb(bw, {**bs, "nested_offset": bad})
+
+
 def test_bnb_bad_inputs():
     rng = _rng(16)
     weight = rng.integers(0, 256, size=(48 * 96 // 2, 1), dtype=np.uint8)

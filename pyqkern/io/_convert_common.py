@@ -91,6 +91,17 @@ def group_size_for(k, n_groups):
     return gs
 
 
+def check_finite_scales(scales, what="scales"):
+    """ValueError for NaN / Inf among a checkpoint's scales: its weights would dequantize to NaN /
+    Inf (quantize refuses such inputs the same way); the first bad position is named."""
+    a = np.asarray(scales)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{what}: {int(bad.sum())} NaN or Inf value(s), the first at index {at} ({a[at]}); "
+                         "the checkpoint is damaged (those weights would dequantize to NaN / Inf)")
+
+
 def int4_from_parts(codes, scales16, zeros, group, sym) -> QTensor:
     """codes uint8 [N, K] (0..15), scales fp16 [N, G], zeros uint8 [N, G] (ignored if sym) -> int4 QTensor."""
     n, k = codes.shape
@@ -99,6 +110,7 @@ def int4_from_parts(codes, scales16, zeros, group, sym) -> QTensor:
     params = _formats.resolve_params("int4", k, group, sym)
     c = np.ascontiguousarray(codes, np.uint8)
     q = (c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)
+    check_finite_scales(scales16)
     s = np.ascontiguousarray(scales16, np.float16).view(np.uint8).reshape(n, -1)
     z = None if sym else np.ascontiguousarray(zeros, np.uint8).reshape(n, -1)
     return assemble("int4", n, k, params, q, s, z)

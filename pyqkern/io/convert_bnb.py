@@ -33,6 +33,7 @@ from .. import _formats
 from .. import _nf4_double
 from .._qtensor import QTensor
 from ..reference import FP4_CODE, NF4_CODE
+from ._convert_common import check_finite_scales
 
 __all__ = ["from_bnb", "to_bnb", "from_bnb_nf4", "to_bnb_nf4"]
 
@@ -189,6 +190,7 @@ def _from_state(weight_uint8, qs, fmt, shape) -> QTensor:
             raise ValueError(f"absmax must be float32, got {absmax.dtype}" + (
                 " (uint8 absmax codes are double quantization, whose 'nested_absmax' the state lacks)"
                 if absmax.dtype == np.uint8 else ""))
+        check_finite_scales(absmax, "absmax")
         data = np.concatenate([q, np.ascontiguousarray(absmax).reshape(-1).view(np.uint8)])
         return QTensor(fmt, (n, k), data, params)
     if absmax.dtype != np.uint8:
@@ -210,6 +212,8 @@ def _from_state(weight_uint8, qs, fmt, shape) -> QTensor:
     if off.dtype.kind not in "iuf" or off.size != 1:
         raise ValueError(f"nested_offset must be one number, got {qs['nested_offset']!r}")
     offset = np.float32(off.reshape(-1)[0])
+    for what, v in (("nested_absmax", nested_absmax), ("nested_quant_map", cmap), ("nested_offset", offset)):
+        check_finite_scales(v, what)
     data = np.concatenate([q, np.ascontiguousarray(absmax).reshape(-1), nested_absmax.reshape(-1).view(np.uint8),
                            np.array([offset], np.float32).view(np.uint8),
                            np.ascontiguousarray(cmap).reshape(-1).view(np.uint8)])

@@ -40,8 +40,8 @@ from .. import _formats
 from .._qtensor import QTensor, assemble
 from ..reference import pack_codes, unpack_codes
 from . import safetensors as _st
-from ._convert_common import (as_fp16, as_int_words, check_zero_points, group_size_for, integral, json_object,
-                              perm_from_g_idx, unpermute)
+from ._convert_common import (as_fp16, as_int_words, check_finite_scales, check_zero_points, group_size_for, integral,
+                              json_object, perm_from_g_idx, unpermute)
 
 __all__ = ["from_gptq", "to_gptq", "load_gptq_dir", "detect_gptq_format"]
 
@@ -99,6 +99,7 @@ def _intq_from_parts(bits, codes, scales16, zeros, group, sym) -> QTensor:
     fmt = _FORMAT_OF[bits]
     n, k = codes.shape
     params = _formats.resolve_params(fmt, k, group, sym)
+    check_finite_scales(scales16)
     q = pack_codes(codes, bits)
     s = np.ascontiguousarray(scales16, np.float16).view(np.uint8).reshape(n, -1)
     z = None if sym else np.ascontiguousarray(zeros, np.uint8).reshape(n, -1)
@@ -207,6 +208,7 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, bits=4, format="auto", sym=No
             why = f"zero points {bad} (format {fmt})" if bad else "sym=False"
             raise ValueError(f"8-bit GPTQ with {why}: pyqkern int8 is symmetric (zero point 128, w = scale * "
                              "(q - 128)) and cannot hold other zero points losslessly")
+        check_finite_scales(sc)
         c = (codes.astype(np.int16) - 128).astype(np.int8)
         params = _formats.resolve_params("int8", k)
         s = np.ascontiguousarray(sc.T.astype(np.float32)).view(np.uint8).reshape(n, 4)
