@@ -44,19 +44,23 @@ from ._qtensor import QTensor
 COMPUTES = ("auto", "int8", "float")
 
 
-def _x_rows(x, k):
+def _x_rows(x, k, what="x"):
     """x [..., K] (float32/16/bf16, numpy or a CPU torch tensor) -> (float32 [M, K] with
-    contiguous rows, leading shape)."""
+    contiguous rows, leading shape). k None: any K (lora.backward's x and dy)."""
     if hasattr(x, "detach") and hasattr(x, "numpy"):
         x = x.detach()
     elif not isinstance(x, np.ndarray):
-        raise TypeError(f"x must be a numpy array, got {type(x).__name__}")
+        raise TypeError(f"{what} must be a numpy array or a torch tensor, got {type(x).__name__}")
     if x.ndim < 1:
-        raise ValueError("x must have at least 1 dimension [..., K]")
-    if x.shape[-1] != k:
+        raise ValueError(f"{what} must have at least one dimension [..., K]")
+    if k is None:
+        k = x.shape[-1]
+        if k == 0:  # reshape(-1, 0) cannot infer the rows
+            raise ValueError(f"{what} is empty (shape {tuple(x.shape)})")
+    elif x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]} but the weight has K={k} (x is [..., K], W is [N, K])")
     lead = tuple(x.shape[:-1])
-    return as_float32_2d(x.reshape(-1, k), "x", allow_empty=True), lead
+    return as_float32_2d(x.reshape(-1, k), what, allow_empty=True), lead
 
 
 def _bias(bias, n):
@@ -142,9 +146,15 @@ def _adapters(lora, adapter_ids, w, m):
         if ids.size and (ids.min() < -1 or ids.max() >= len(ads)):
             raise ValueError(f"adapter id out of range [-1, {len(ads)}): {int(ids.min())}..{int(ids.max())}")
         ids = np.ascontiguousarray(ids, dtype=np.int32)
-    elif sum(a.is_dora for a in ads) and len(ads) > 1:
-        raise ValueError("a DoRA adapter cannot be summed with others on the same rows; use adapter_ids")
+    else:
+        _refuse_summed_dora(ads)
     return ads, ids
+
+
+def _refuse_summed_dora(ads):
+    """adapters applied together on the same rows: a DoRA rescale does not sum"""
+    if len(ads) > 1 and any(a.is_dora for a in ads):
+        raise ValueError("a DoRA adapter cannot be summed with others on the same rows; use adapter_ids")
 
 
 def _bf16_bits(x):
@@ -450,9 +460,7 @@ class QLinear:
         for nm in names:
             if nm not in self._adapters:
                 raise KeyError(f"no adapter named {nm!r}; attached: {list(self._adapters)}")
-        if len(names) > 1 and any(self._adapters[nm].is_dora for nm in names):
-            raise ValueError(f"DoRA adapters cannot be summed with others on the same rows ({names}): "
-                             "activate one, or pick one per row with adapter_ids")
+        _refuse_summed_dora([self._adapters[nm] for nm in names])  # here, not at the next call
         self._set_active(names)
 
     def _set_active(self, names) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from . import _formats, _ops, _qtensor
 from ._formats import GROUPED, INTN_BITS
 from ._lora import LoRA
+from ._matmul import _x_rows
 from ._ops import dequantize, quantize
 from ._qtensor import QTensor
 
@@ -282,18 +283,10 @@ def unmerge(qt_merged: QTensor, report: MergeReport) -> QTensor:
 
 # --------------------------------------------------------------------------- backward
 def _act(a, what):
-    """x / dy as matmul takes x: numpy or a CPU torch tensor, float32, float16 or bfloat16
-    (ml_dtypes, torch, or uint16 bf16 bits) -> float32 of the same shape."""
-    if hasattr(a, "detach") and hasattr(a, "numpy"):
-        a = a.detach()
-    elif not isinstance(a, np.ndarray):
-        raise TypeError(f"{what} must be a numpy array or a torch tensor, got {type(a).__name__}")
-    if a.ndim < 1:
-        raise ValueError(f"{what} must have at least one dimension [..., features]")
-    shape = tuple(a.shape)
-    if shape[-1] == 0:
-        raise ValueError(f"{what} has no features (shape {shape})")
-    return np.asarray(_ops.as_float32_2d(a.reshape(-1, shape[-1]), what, allow_empty=True)).reshape(shape)
+    """x / dy as matmul takes x (numpy or a CPU torch tensor, float32, float16 or bfloat16) ->
+    float32 of the same shape."""
+    a2, lead = _x_rows(a, None, what)
+    return a2.reshape(*lead, a2.shape[1])
 
 
 def _dy_w(d2, rows, n, k, step):

@@ -144,7 +144,7 @@ def test_backward_bad_inputs():
         lora.backward_base(dy.astype(np.int32), qt)
     with pytest.raises(TypeError, match="numpy array"):
         lora.backward(x.tolist(), dy, qt, ad)
-    with pytest.raises(ValueError, match="no features"):
+    with pytest.raises(ValueError, match=r"dy is empty \(shape \(3, 0\)\)"):
         lora.backward_base(np.zeros((3, 0), np.float32), qt)
     with pytest.raises(ValueError, match="at least one dimension"):
         lora.backward_base(np.array(1.0, np.float32), qt)

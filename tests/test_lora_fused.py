@@ -278,7 +278,7 @@ def test_set_adapter_refuses_summed_dora_and_takes_name_arrays():
     dora = LoRA(plain.A, plain.B, magnitude=rng.random(n).astype(np.float32) + 0.5)
     lin.add_adapter("lora", plain)
     lin.add_adapter("dora", dora)
-    with pytest.raises(ValueError, match="DoRA adapters cannot be summed"):
+    with pytest.raises(ValueError, match="DoRA adapter cannot be summed"):
         lin.set_adapter(["lora", "dora"])
     lin.set_adapter("dora")
     x = rng.standard_normal((3, k)).astype(np.float32)

@@ -355,8 +355,9 @@ def _utf8(s, what):
 def _check_name(name):
     if not isinstance(name, str) or not name:
         raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
-    if len(_utf8(name, "tensor name")) > _MAX_NAME_BYTES:
-        raise ValueError(f"tensor name {name!r} is {len(name.encode('utf-8'))} bytes: GGUF readers (llama.cpp, "
+    nb = len(_utf8(name, "tensor name"))
+    if nb > _MAX_NAME_BYTES:
+        raise ValueError(f"tensor name {name!r} is {nb} bytes: GGUF readers (llama.cpp, "
                          f"ggml) accept at most {_MAX_NAME_BYTES}")
 
 

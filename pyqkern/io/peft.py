@@ -165,23 +165,26 @@ _MAX_REGEX_MATCHES = 4_000_000
 
 
 def _check_pattern_work(cfg, n_modules, path):
-    n_rx = sum(not _is_plain(k) for p in ("rank_pattern", "alpha_pattern") for k in cfg[p])
+    n_rx = sum(len(_patterns(cfg, p).rx) for p in ("rank_pattern", "alpha_pattern"))
     if n_rx * n_modules > _MAX_REGEX_MATCHES:
         raise ValueError(f"{path}: {n_rx} regular-expression rank_pattern/alpha_pattern keys over {n_modules} "
                          f"modules (more than {_MAX_REGEX_MATCHES} matches to try); refused")
 
 
+def _patterns(cfg, name):
+    """cfg[name]'s _Patterns, built once per pattern dict (save_peft_adapter swaps the dicts)"""
+    cache = cfg.setdefault("_patterns", {})  # name -> (the pattern dict it was built from, _Patterns)
+    pat = cfg[name]
+    hit = cache.get(name)
+    if hit is None or hit[0] is not pat:
+        hit = cache[name] = (pat, _Patterns(pat.keys()))
+    return hit[1]
+
+
 def _resolve(cfg, module):
     _check_name(module)
-    cache = cfg.setdefault("_patterns", {})  # name -> (the pattern dict it was built from, _Patterns)
-    out = []
-    for name, default in (("rank_pattern", cfg["r"]), ("alpha_pattern", cfg["lora_alpha"])):
-        pat = cfg[name]
-        hit = cache.get(name)
-        if hit is None or hit[0] is not pat:
-            hit = cache[name] = (pat, _Patterns(pat.keys()))
-        out.append(pat.get(hit[1].first(module), default))
-    return tuple(out)
+    return tuple(cfg[name].get(_patterns(cfg, name).first(module), default)
+                 for name, default in (("rank_pattern", cfg["r"]), ("alpha_pattern", cfg["lora_alpha"])))
 
 
 def _read_config(path):
