@@ -436,8 +436,9 @@ class QLinear:
         return p.nbytes if p is not None else 0
 
     # -- adapters
-    def add_adapter(self, name: str, lora) -> None:
-        """Attach an adapter under a name (active by default)."""
+    def add_adapter(self, name: str, lora, *, active: bool = True) -> None:
+        """Attach an adapter under a name; active (added to the adapters applied to every row
+        when no adapter_ids are given) unless active=False, for adapters only picked per row."""
         if not isinstance(lora, LoRA):
             raise TypeError(f"expected a LoRA, got {type(lora).__name__}")
         if not isinstance(name, str):
@@ -445,8 +446,13 @@ class QLinear:
         if name in self._adapters:
             raise ValueError(f"adapter {name!r} already attached")
         lora.check_base(self.weight.shape)
+        if active and self._active_loras and (lora.is_dora or any(a.is_dora for a in self._active_loras)):
+            raise ValueError(f"adapter {name!r}: a DoRA adapter cannot be active together with others "
+                             f"(active: {self._active}); add it with active=False and pick it per row "
+                             "with adapter_ids, or set_adapter() first")
         self._adapters[name] = lora
-        self._set_active(self._active + [name])
+        if active:
+            self._set_active(self._active + [name])
 
     def remove_adapter(self, name: str) -> None:
         if name not in self._adapters:

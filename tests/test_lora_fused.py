@@ -277,11 +277,17 @@ def test_set_adapter_refuses_summed_dora_and_takes_name_arrays():
     plain = adapter(n, k, 4, rng)
     dora = LoRA(plain.A, plain.B, magnitude=rng.random(n).astype(np.float32) + 0.5)
     lin.add_adapter("lora", plain)
-    lin.add_adapter("dora", dora)
+    # attaching it active beside "lora" would sum them: refused when added, not at the next call
+    with pytest.raises(ValueError, match="active=False"):
+        lin.add_adapter("dora", dora)
+    assert lin.adapter_names == ["lora"]
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    assert np.array_equal(lin(x), pq.matmul(x, qt, lora=plain))
+    lin.add_adapter("dora", dora, active=False)
+    assert np.array_equal(lin(x), pq.matmul(x, qt, lora=plain))  # still "lora" alone
     with pytest.raises(ValueError, match="DoRA adapter cannot be summed"):
         lin.set_adapter(["lora", "dora"])
     lin.set_adapter("dora")
-    x = rng.standard_normal((3, k)).astype(np.float32)
     assert np.array_equal(lin(x), pq.matmul(x, qt, lora=dora))
     # adapter_ids as a NumPy array of names works like the list
     names = np.array(["dora", "lora", "lora"])
