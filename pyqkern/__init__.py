@@ -54,7 +54,9 @@ def variants() -> list:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads for native kernels (n <= 0: one per CPU). Results do not depend on it."""
+    """Threads for native kernels (n <= 0: one per CPU this process may run on, its affinity
+    mask). Results do not depend on it. Calls from several Python threads run side by side: one
+    uses the pool, the others run on their own thread meanwhile."""
     if not isinstance(n, int) or isinstance(n, bool):
         raise TypeError("number of threads must be an int")
     _nat().set_num_threads(n)

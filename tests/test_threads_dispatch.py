@@ -131,6 +131,61 @@ def test_gil_released_during_kernel(restore_threads):
     assert inside > 100, (inside, len(ticks), windows)
 
 
+def test_calls_from_other_threads_do_not_queue_behind_the_pool(restore_threads):
+    """While one thread's call holds the pool (2 threads), another thread's calls run on their own
+    thread and finish inside that call's window, as the GIL test's watcher ticks; before, they
+    queued on the pool's lock until the long call ended (a C ABI review: a 1-row dequantize
+    waited 0.05 s behind a matmul)."""
+    from pyqkern import _formats, _ops
+
+    pq.set_num_threads(2)
+    r = np.random.default_rng(3)
+    n, k = 2048, 4096
+    w = r.standard_normal((n, k)).astype(F32)
+    rq, rs, _ = _formats.row_bytes("q8_0", k, {"group": 0, "sym": 0})
+    q, sc = np.empty((n, rq), np.uint8), (np.empty((n, rs), np.uint8) if rs else None)
+    args = (_ops.isa_id("ref"), _formats.FORMAT_IDS["q8_0"], w, 0, 0, q, sc, None)
+    _native.quantize(*args)
+    small = pq.quantize(r.standard_normal((2, 64)).astype(F32), "q4_0")
+    want = pq.dequantize(small)
+    windows, done, bad = [], [], []
+    started = threading.Event()
+
+    def worker():
+        started.set()
+        for _ in range(3):
+            t0 = time.perf_counter()
+            _native.quantize(*args)                    # one parallel region of ~0.05-0.1 s
+            windows.append((t0, time.perf_counter()))
+
+    th = threading.Thread(target=worker)
+    th.start()
+    started.wait()
+    while th.is_alive():
+        y = pq.dequantize(small)
+        done.append(time.perf_counter())
+        if not np.array_equal(y, want):
+            bad.append(y)
+    th.join()
+    assert not bad
+    done = np.array(done)
+    inside = sum(int(((done > a + 0.1 * (b - a)) & (done < b - 0.1 * (b - a))).sum()) for a, b in windows)
+    assert inside > 20, (inside, len(done), windows)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity on this OS")
+def test_default_thread_count_follows_affinity():
+    """The default pool size is the CPUs the process may run on (taskset, cgroup cpusets), not
+    the machine's count (a C ABI review: 2 threads under taskset -c 0)."""
+    env, cwd = child_env()
+    code = ("import os; cpu = min(os.sched_getaffinity(0)); os.sched_setaffinity(0, {cpu}); "
+            "import pyqkern as pq; a = pq.get_num_threads(); pq.set_num_threads(3); b = pq.get_num_threads(); "
+            "pq.set_num_threads(0); print(a, b, pq.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "3", "1"]
+
+
 def test_wall_time_of_two_threads_is_recorded(record_property, restore_threads):
     """Informational only (no timed assertion in tests/): 2 Python threads vs serial."""
     pq.set_num_threads(1)

@@ -502,7 +502,6 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
         a.xp_f = w.row_offset ? 1 : w.o_const;
       }
       std::vector<float> T((size_t)(AD.active() ? mc * AD.t_cols : 0));
-      // read outside the parallel region: get_num_threads() takes the pool lock parallel_for holds
       const int nthreads = get_num_threads();
       const bool shrink_in_rows = mc >= nthreads;
       // Where the shrink runs (results are the same either way: one dot product per t column):

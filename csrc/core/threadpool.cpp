@@ -12,6 +12,9 @@
 #include <pthread.h>
 #include <thread>
 #include <vector>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -23,6 +26,21 @@ static inline void cpu_relax() {}
 namespace pqk {
 
 namespace {
+
+// CPUs this process may run on (its affinity mask: taskset, cgroup cpusets), else the machine's
+int default_threads() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+#endif
+  return (int)std::max(1u, std::thread::hardware_concurrency());
+}
+
+// the pool's size, readable without the lock (0 until the pool exists)
+std::atomic<int> g_size{0};
 
 // Workers spin for a short while after a job before sleeping on the condition variable:
 // decode-sized jobs take ~50 us, and a futex wake-up costs about as much.
@@ -73,7 +91,7 @@ class Pool {
   int size() const { return nthreads_; }
 
   void resize(int n) {
-    if (n <= 0) n = std::max(1u, std::thread::hardware_concurrency());
+    if (n <= 0) n = default_threads();
     if (n == nthreads_) return;
     stop();  // nthreads_ = 1
     quit_.store(false);
@@ -87,6 +105,7 @@ class Pool {
                                      "); running on 1 thread");
     }
     nthreads_ = n;
+    g_size.store(n, std::memory_order_relaxed);
   }
 
   int run(const std::shared_ptr<Job>& job) {
@@ -141,6 +160,7 @@ class Pool {
     for (auto& t : workers_) t.join();
     workers_.clear();
     nthreads_ = 1;
+    g_size.store(1, std::memory_order_relaxed);
   }
 
   int nthreads_ = 1;
@@ -152,7 +172,10 @@ class Pool {
   std::atomic<bool> quit_{false};
 };
 
-std::mutex g_pool_mutex;  // one parallel region at a time; callers from many threads queue
+// One parallel region at a time. A call that finds it taken by another thread runs its range
+// on its own thread instead of queueing (results do not depend on the thread count), so a host
+// with several threads of its own gets them all working, not one call at a time.
+std::mutex g_pool_mutex;
 
 // The pool is never destroyed (its workers just stop with the process), and fork() is handled:
 // the parent holds g_pool_mutex across the fork, so no parallel step is half done in the child,
@@ -168,6 +191,7 @@ void after_fork_parent() { g_pool_mutex.unlock(); }
 void after_fork_child() {
   if (g_pool) g_child_threads = g_pool->size();  // else a child that never started its pool: keep its count
   g_pool = nullptr;  // leaked on purpose (see above)
+  g_size.store(0, std::memory_order_relaxed);
   g_pool_mutex.unlock();  // locked by this same thread in before_fork
 }
 
@@ -197,6 +221,7 @@ void set_num_threads(int n) {
 }
 
 int get_num_threads() {
+  if (const int n = g_size.load(std::memory_order_relaxed)) return n;
   std::lock_guard<std::mutex> g(g_pool_mutex);
   return pool().size();
 }
@@ -205,9 +230,18 @@ int parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t,
                  int chunks_per_thread) {
   if (n <= 0) return 0;
   if (min_chunk < 1) min_chunk = 1;
-  std::lock_guard<std::mutex> g(g_pool_mutex);
-  Pool& p = pool();
   const int64_t max_chunks = (n + min_chunk - 1) / min_chunk;
+  // one chunk, one thread, or the pool busy with another thread's call: run here, unlocked
+  if (max_chunks <= 1 || g_size.load(std::memory_order_relaxed) == 1) {
+    fn(0, n);
+    return 1;
+  }
+  std::unique_lock<std::mutex> g(g_pool_mutex, std::try_to_lock);
+  if (!g.owns_lock()) {
+    fn(0, n);
+    return 1;
+  }
+  Pool& p = pool();
   const int64_t nt = std::min<int64_t>(p.size(), max_chunks);
   if (nt <= 1) {
     fn(0, n);

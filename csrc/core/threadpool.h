@@ -8,11 +8,13 @@
 
 namespace pqk {
 
-void set_num_threads(int n);  // n <= 0: hardware concurrency
-int get_num_threads();  // takes the pool lock: never call it from inside a parallel_for body
+void set_num_threads(int n);  // n <= 0: the CPUs this process may run on (affinity mask)
+int get_num_threads();
 
 // Calls fn(begin, end) over [0, n) split into at most chunks_per_thread * get_num_threads()
-// chunks of at least min_chunk items (one chunk, on the caller, when that is all there is). Blocks until all are
+// chunks of at least min_chunk items; one chunk, on the caller, when that is all there is, or
+// when the pool is busy with another thread's call (so host threads run side by side; nested
+// calls also run inline). Blocks until all are
 // done, but not on a worker that has not started yet (the caller takes its chunks instead).
 // Exceptions in fn are rethrown on the caller. Returns how many threads ran chunks (the
 // benchmarks' probes count only passes every thread took part in).

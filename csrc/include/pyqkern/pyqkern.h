@@ -105,7 +105,10 @@ PQK_API int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt);
 /* Space-separated CPU feature names detected (e.g. "sse4.2 avx2 fma f16c avx512f ..."). */
 PQK_API const char* pqk_cpu_features(void);
 
-/* n <= 0: number of CPUs. PQK_ERR_NOMEM if the OS refuses a thread: the pool then runs on 1. */
+/* The library's thread pool (default: the CPUs this process may run on, its affinity mask).
+ * n <= 0: that default. PQK_ERR_NOMEM if the OS refuses a thread: the pool then runs on 1.
+ * Calls from several host threads are safe; while one of them uses the pool, the others run on
+ * their own thread rather than wait for it (results never depend on the thread count). */
 PQK_API pqk_status pqk_set_num_threads(int32_t n);
 PQK_API int32_t pqk_get_num_threads(void);
 /* Read-bandwidth probe: reads the nbytes at buf (>= 4096, a multiple of 128)
