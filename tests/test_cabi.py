@@ -405,6 +405,50 @@ def test_cdef_layout_matches_c_compiler(tmp_path):
     assert seen == 17 + len(enums)
 
 
+_DLCLOSE_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <string.h>
+int main(int argc, char** argv) {
+  void* h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+  if (!h) { printf("dlopen: %s\n", dlerror()); return 2; }
+  int (*abi)(void) = (int (*)(void))dlsym(h, "pqk_abi_version");
+  if (!abi) { printf("no pqk_abi_version\n"); return 3; }
+  printf("abi %d\n", abi());
+  if (dlclose(h) != 0) { printf("dlclose: %s\n", dlerror()); return 4; }
+  FILE* f = fopen("/proc/self/maps", "r");
+  char line[4096];
+  int left = 0;
+  while (f && fgets(line, sizeof line, f)) left += strstr(line, "libpyqkern") != NULL;
+  printf("mapped after dlclose %d\n", left);
+  return 0;
+}
+"""
+
+
+def test_only_the_c_abi_is_exported_and_the_library_unloads(tmp_path):
+    """libpyqkern.so exports pqk_* and nothing else (a review found std::vector members, typeinfo
+    and STB_GNU_UNIQUE statics exported: a host's copies interposed on them, and the unique
+    symbols made the library NODELETE, so dlclose left it mapped)."""
+    nm = shutil.which("nm")
+    assert nm, "no nm (binutils): it comes with the C compiler the build needs"
+    out = subprocess.run([nm, "-D", "--defined-only", pq.get_library()], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    names = [ln.split()[-1] for ln in out.stdout.splitlines() if ln.strip()]
+    assert "pqk_matmul_int8" in names and "pqk_abi_version" in names
+    assert [n for n in names if not n.startswith("pqk_")] == []
+    src = tmp_path / "dlclose.c"
+    src.write_text(_DLCLOSE_C)
+    exe = tmp_path / "dlclose"
+    cmd = [*_cc(), "-std=c99", "-O1", "-Wall", "-Werror", str(src), "-ldl", "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([str(exe), pq.get_library()], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"abi {lib.pqk_abi_version()}" in r.stdout and "mapped after dlclose 0" in r.stdout, r.stdout
+
+
 # ------------------------------------------------------------------ 3. the C example
 def test_c_example_compiles_and_runs(tmp_path):
     exe = _compile(tmp_path, ROOT / "examples" / "c" / "quantize_matmul.c", "quantize_matmul")
