@@ -521,6 +521,9 @@ def check_int8_x(x, e):
         r = int(bad[0])
         if (ex[r] == 0xFF).any():
             raise ValueError(f"x contains NaN or Inf (row {r}); compute=int8 cannot quantize it; use compute=float")
+        if e == 1:  # _int8_x_exp_limit's answer for a weight with Inf / NaN scales (finite ones give >= 113)
+            raise ValueError("the weight has Inf or NaN scales (values beyond the format's range when quantized); "
+                             "compute=int8 cannot use them; use compute=float")
         raise ValueError(f"x has values of magnitude 2^{e - 127} or more (row {r}): with this weight's scales "
                          "compute=int8's fp32 products could overflow; use compute=float")
 

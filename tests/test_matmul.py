@@ -463,6 +463,22 @@ def test_int8_refuses_x_whose_scale_products_overflow(fmt):
             pq.matmul(x, qt, compute="int8", **kw)
 
 
+def test_int8_names_a_weight_with_inf_scales():
+    """q4_0 of values near the float32 limit stores Inf fp16 scales (with a warning, as ggml does):
+    compute=int8 refuses any nonzero x, and says the weight is the cause, not x (a C ABI review:
+    the message blamed x = 0.5 for being 2^-126 or more)."""
+    w = np.full((16, 64), 1e38, np.float32)
+    with pytest.warns(UserWarning, match="too large"):
+        qt = pq.quantize(w, "q4_0")
+    x = np.full((2, 64), 0.5, np.float32)
+    for kw in [{"backend": "reference"}] + [{"isa": v} for v in VARIANTS]:
+        with pytest.raises(ValueError, match="the weight has Inf or NaN scales"):
+            pq.matmul(x, qt, compute="int8", **kw)
+    x[0, 3] = np.nan  # NaN in the first row refused is still named as such
+    with pytest.raises(ValueError, match=r"x contains NaN or Inf \(row 0\)"):
+        pq.matmul(x, qt, compute="int8")
+
+
 def test_activation_quantization_block_groups_all_variants():
     """Rows of 33 blocks (kernels may take 16 blocks at a time, then a tail), each block drawn
     from zeros, -0, subnormals, huge values, ties and plain values: every variant's int8 result

@@ -46,7 +46,8 @@ uint32_t int8_x_exp_limit(const PackedWeight& w) {
   return (uint32_t)std::max<int64_t>(e, 1);
 }
 
-void check_x_finite(const KernelTable& t, const float* x, int64_t m, int64_t k, int64_t ldx, uint32_t e) {
+void check_x_finite(const KernelTable& t, const float* x, int64_t m, int64_t k, int64_t ldx, const PackedWeight& w) {
+  const uint32_t e = int8_x_exp_limit(w);
   std::atomic<int64_t> bad{INT64_MAX};
   parallel_for(m, std::max<int64_t>(1, 65536 / k), [&](int64_t b, int64_t end) {
     for (int64_t i = b; i < end; ++i)
@@ -60,6 +61,9 @@ void check_x_finite(const KernelTable& t, const float* x, int64_t m, int64_t k, 
   if (!t.all_finite(x + row * ldx, k, 255))
     throw Error(PQK_ERR_NONFINITE, "x contains NaN or Inf (row " + std::to_string(row) +
                                        "); compute=int8 cannot quantize it; use compute=float");
+  if (!std::isfinite(w.max_a) || !std::isfinite(w.max_m))  // then e == 1: any nonzero x
+    throw Error(PQK_ERR_NONFINITE, "the weight has Inf or NaN scales (values beyond the format's range "
+                                   "when quantized); compute=int8 cannot use them; use compute=float");
   throw Error(PQK_ERR_NONFINITE, "x has values of magnitude 2^" + std::to_string((int)e - 127) + " or more (row " +
                                      std::to_string(row) + "): with this weight's scales compute=int8's fp32 "
                                      "products could overflow; use compute=float");
@@ -479,7 +483,7 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
     check_extent(m, ldy, "y");
     if (!t.quantize_act || !t.gemm_int8) throw Error(PQK_ERR_INTERNAL, "int8 matmul kernels not registered");
     const Adapters AD(ads, n_ad, rows, m);
-    check_x_finite(t, x, m, w.k, ldx, int8_x_exp_limit(w));
+    check_x_finite(t, x, m, w.k, ldx, w);
     std::vector<float> xcopy;
     apart_from_y(x, ldx, m, w.k, y, ldy, w.n, xcopy);  // a later chunk, the shrink, read x
     std::vector<float> bcopy;
