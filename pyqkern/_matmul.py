@@ -20,7 +20,7 @@ compute:
           it (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly into three bf16
           parts), else in the AVX2 variant an fp32 one (M <= 8, bfloat16 x widened): (u - o)
           * x is exact in fp32 (fused in the multiply-add), sums per block then scaled, under
-          the same bound (x with 0 < |x| < 2^-100, |x| > 2^100 or NaN/Inf, and weights with a
+          the same bound (x with 0 < |x| < 2^-100, |x| >= 2^101 or NaN/Inf, and weights with a
           non-finite scale, go the fp32 way: vdpbf16ps flushes subnormals, the AVX2 kernel
           takes x scaled by up to 2^-24, and Inf * a finite sum is not NaN). Not
           q4_1 / q4_k: their min term summed apart (a * sum(u x) + m * sum(x)) cancels where

@@ -663,6 +663,24 @@ def test_bad_input_non_status_functions():
     assert lib.pqk_packed_nbytes(ffi.NULL) <= 0
 
 
+def test_pack_failure_clears_out_and_zero_columns_are_a_no_op():
+    """From a C ABI review: pqk_pack with q NULL left *out as the caller had it (other failures set
+    it NULL), and pqk_matmul_float refused n = 0 ("bad m/n") where quantize / dequantize take it."""
+    out = ffi.new("pqk_packed**")
+    out[0] = ffi.cast("pqk_packed*", 1)
+    assert lib.pqk_pack(FID["q4_0"], ffi.NULL, ffi.NULL, ffi.NULL, 4, 32, C.qparams(), out) == lib.PQK_ERR_ARG
+    assert out[0] == ffi.NULL
+    x, y = np.ones((2, 32), np.float32), np.full((2, 1), 7.0, np.float32)
+    q = np.zeros((1, 18), np.uint8)
+    st = lib.pqk_matmul_float(-1, FID["q4_0"], C.ptr(q, "void*"), ffi.NULL, ffi.NULL, 0, 32, C.qparams(),
+                              C.ptr(x, "float*"), 2, 32, ffi.NULL, C.ptr(y, "float*"), 1)
+    assert st == lib.PQK_OK, C.last_error()
+    assert (y == 7.0).all()  # nothing written
+    st = lib.pqk_matmul_float(-1, FID["q4_0"], C.ptr(q, "void*"), ffi.NULL, ffi.NULL, -1, 32, C.qparams(),
+                              C.ptr(x, "float*"), 2, 32, ffi.NULL, C.ptr(y, "float*"), 1)
+    assert st == lib.PQK_ERR_SHAPE and "n < 0" in C.last_error()
+
+
 def test_error_then_success_and_message_per_call():
     """A failing call sets the message; a later good call leaves the library usable."""
     assert lib.pqk_quantize(-1, 99, ffi.NULL, 1, 32, 32, C.qparams(), ffi.NULL, ffi.NULL, ffi.NULL) != 0

@@ -359,8 +359,8 @@ int32_t pqk_int8_supported(int32_t fmt, int64_t k, const pqk_qparams* params) {
 pqk_status pqk_pack(int32_t fmt, const void* q, const void* s, const void* z, int64_t n, int64_t k,
                     const pqk_qparams* params, pqk_packed** out) {
   return guarded([&] {
+    if (out) *out = nullptr;  // on every failure
     if (!params || !out || !q) throw Error(PQK_ERR_ARG, "NULL argument");
-    *out = nullptr;
     pqk_qparams p = *params;
     pqk_row_bytes rb = row_bytes(fmt, k, p);
     if (n <= 0) throw Error(PQK_ERR_SHAPE, "n must be positive");
@@ -418,7 +418,7 @@ pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* wp, const uint16
           bad |= bf16_too_small(h) | bf16_too_large(h);
           xp[i * k + j] = h;
         }
-      return bad ? "x holds 0 < |x| < 2^-100 (bf16 denormals are read as zero), NaN/Inf or |x| > 2^100" : nullptr;
+      return bad ? "x holds 0 < |x| < 2^-100 (bf16 denormals are read as zero), NaN/Inf or |x| >= 2^101" : nullptr;
     });
   });
 }
@@ -453,7 +453,7 @@ pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* wp, const floa
           xp[ps + i * k + j] = h2;
           xp[2 * ps + i * k + j] = h3;
         }
-      return bad ? "x holds NaN/Inf, |x| > 2^100 or 0 < |x| < 2^-100" : nullptr;
+      return bad ? "x holds NaN/Inf, |x| >= 2^101 (after rounding to bf16) or 0 < |x| < 2^-100" : nullptr;
     });
   });
 }
@@ -591,9 +591,9 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
     if (!params) throw Error(PQK_ERR_ARG, "params is NULL");
     pqk_qparams p = *params;
     pqk_row_bytes rb = row_bytes(fmt, k, p);
-    if (m < 0 || n <= 0) throw Error(PQK_ERR_SHAPE, "bad m/n");
+    if (m < 0 || n < 0) throw Error(PQK_ERR_SHAPE, m < 0 ? "m < 0" : "n < 0");
     const KernelTable& t = kernel_table(resolve_isa(isa));  // a bad isa is an error even for m = 0
-    if (m == 0) return;
+    if (m == 0 || n == 0) return;  // nothing to write (as quantize / dequantize with n = 0)
     if (!q || !x || !y || (rb.s && !s) || (rb.z && !z)) throw Error(PQK_ERR_ARG, "NULL buffer");
     if (ldx < k || ldy < n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
     check_extent(n, k, "weight");

@@ -1,8 +1,9 @@
 /* pyqkern C ABI, version 1.
  *
  * Plain C: fixed-width types, status codes, no exceptions or C++ types cross it.
- * Every call returns a pqk_status; on failure pqk_last_error() gives a message
- * (thread-local, valid until the next call on the same thread).
+ * Every call that can fail returns a pqk_status; on failure pqk_last_error() gives a message
+ * (thread-local, valid until the next call on the same thread). The queries returning int32_t /
+ * int64_t / strings do not fail: bad arguments give the documented value (0, -1, "").
  *
  * Quantized tensors are stored row-major, [n rows (output channels), k columns
  * (input features)], as up to three sections, each row-contiguous:
@@ -99,7 +100,8 @@ PQK_API int32_t pqk_isa_compiled(int32_t isa);
 PQK_API const char* pqk_cpu_brand(void);
 /* Which variant implements a kernel slot in variant isa's table: slot is one of "quantize",
  * "dequantize" (fmt selects the format), "quantize_act", "gemm_int8", "gemm_f32", "gemm_f32_xt",
- * "lora_shrink", "lora_expand", "gemv_bf16", "gemv_f32p", "all_finite"; isa may be PQK_ISA_ACTIVE. Returns the
+ * "lora_shrink", "lora_expand", "gemv_bf16", "gemv_f32p", "all_finite", "int8_peak", "gemv_f32"
+ * (fmt selects the format: compute="float"'s row kernel); isa may be PQK_ISA_ACTIVE. Returns the
  * pqk_isa id, or -1 if the slot is empty or the arguments are bad. */
 PQK_API int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt);
 /* Space-separated CPU feature names detected (e.g. "sse4.2 avx2 fma f16c avx512f ..."). */
@@ -151,6 +153,8 @@ typedef struct pqk_packed pqk_packed;
 
 /* 1 if compute="int8" is available for this format/K/params (K % 32 == 0; int4 group >= 32). */
 PQK_API int32_t pqk_int8_supported(int32_t fmt, int64_t k, const pqk_qparams* params);
+/* Packs n > 0 rows for the int8 matmul into a new *out (free with pqk_packed_free); *out is
+ * NULL after any failure. */
 PQK_API pqk_status pqk_pack(int32_t fmt, const void* q, const void* s, const void* z, int64_t n, int64_t k,
                             const pqk_qparams* params, pqk_packed** out);
 PQK_API void pqk_packed_free(pqk_packed* w);
@@ -199,7 +203,7 @@ PQK_API pqk_status pqk_matmul_float_lora(int32_t isa, int32_t fmt, const void* q
  * PQK_ERR_UNSUPPORTED otherwise (the AVX-512 variants without AVX512-BF16 among them; q4_1 and
  * q4_k too: summing a * code * x and m * x apart could cancel far beyond the fp32 bound; and
  * weights with a non-finite scale), and for x holding 0 < |x| < 2^-100 (the instruction reads bf16
- * denormals as zero and flushes sums below 2^-126), NaN/Inf or |x| > 2^100 (the kernel sums
+ * denormals as zero and flushes sums below 2^-126), NaN/Inf or |x| >= 2^101 (the kernel sums
  * code * x before scaling, which could overflow where the fp32 route does not): callers then
  * widen x to fp32 and use pqk_matmul_float(_lora). adapters may be NULL (n_adapters 0). */
 PQK_API pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* w, const uint16_t* x, int64_t m,
@@ -207,7 +211,8 @@ PQK_API pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* w, const
                                          const pqk_lora* adapters, int32_t n_adapters, const int32_t* row_adapter);
 /* The same for float32 activations: m <= 2 for the AVX512-BF16 kernel (each x split exactly into
  * three bf16 parts, x = x1 + x2 + x3, so products stay exact), m <= 8 for the AVX2 fp32 one;
- * PQK_ERR_UNSUPPORTED for the same x (NaN/Inf, |x| > 2^100, 0 < |x| < 2^-100). */
+ * PQK_ERR_UNSUPPORTED for the same x (NaN/Inf, |x| >= 2^101, 0 < |x| < 2^-100; for the
+ * AVX512-BF16 kernel also x that rounds to 2^101 in bf16, i.e. |x| >= (2 - 2^-8) * 2^100). */
 PQK_API pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* w, const float* x, int64_t m,
                                            int64_t ldx, const float* bias, float* y, int64_t ldy,
                                            const pqk_lora* adapters, int32_t n_adapters,
