@@ -32,6 +32,7 @@ Importing this module imports torch; ``import pyqkern`` alone does not.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import threading
 import time
@@ -143,8 +144,23 @@ def _op_matmul(x: torch.Tensor, qdata: torch.Tensor, fmt: str, n: int, k: int, g
     return torch.from_numpy(_pq_matmul(_x32(x), qt, b, compute=compute))
 
 
+def _one_device(what, *tensors):
+    """RuntimeError, as torch's own ops raise, unless the tensors (None skipped, lists flattened)
+    share one device: with a meta tensor among CPU ones the op dispatches to its fake kernel, which
+    would return uninitialised memory as the result (a review)."""
+    devs = []
+    for t in tensors:
+        for u in (t if isinstance(t, (list, tuple)) else [t]):
+            if u is not None and u.device not in devs:
+                devs.append(u.device)
+    if len(devs) > 1:
+        raise RuntimeError(f"{what}: expected all tensors to be on the same device, but found at least two devices, "
+                           f"{devs[0]} and {devs[1]}")
+
+
 @_op_matmul.register_fake
 def _(x, qdata, fmt, n, k, group, sym, bias, compute):
+    _one_device("pyqkern::matmul", x, qdata, bias)
     torch._check(x.shape[-1] == k)
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
@@ -164,6 +180,7 @@ def _op_matmul_lora(x: torch.Tensor, qdata: torch.Tensor, fmt: str, n: int, k: i
 
 @_op_matmul_lora.register_fake
 def _(x, qdata, fmt, n, k, group, sym, bias, As, Bs, scales, adapter_ids, compute):
+    _one_device("pyqkern::matmul_lora", x, qdata, bias, As, Bs, adapter_ids)
     torch._check(x.shape[-1] == k)
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
@@ -471,6 +488,9 @@ class QuantLinear(nn.Module):
             raise ValueError(f"adapter shapes A {tuple(A.shape)} / B {tuple(B.shape)} do not fit "
                              f"[r, {self.in_features}] / [{self.out_features}, r]")
         r = A.shape[0]
+        if alpha is not None and (isinstance(alpha, (bool, str, bytes)) or not isinstance(alpha, numbers.Real)
+                                  or not math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
         a = float(r if alpha is None else alpha)
         self.lora_A[name] = nn.Parameter(A.clone().contiguous(), requires_grad=trainable)
         self.lora_B[name] = nn.Parameter(B.clone().contiguous(), requires_grad=trainable)
@@ -499,6 +519,8 @@ class QuantLinear(nn.Module):
         for nm in names:
             if nm not in self.lora_A:
                 raise KeyError(f"no adapter named {nm!r}; attached: {self.adapter_names}")
+        if len(set(names)) != len(names):  # it would be applied twice
+            raise ValueError(f"an adapter is named more than once in {names}")
         self._active = names
 
     @property
@@ -518,6 +540,10 @@ class QuantLinear(nn.Module):
         if x.device != self.qdata.device:  # as nn.Linear (a meta module would run the shape-only kernel)
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                f"{self.qdata.device} (the weight) and {x.device} (the input)")
+        for what, t in (("bias", self.bias), ("perm", self.perm)):
+            if t is not None and t.device != x.device:  # e.g. a meta skeleton loaded without its bias
+                raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
+                                   f"devices, {x.device} (the input and weight) and {t.device} ({what})")
         if not x.is_floating_point():
             raise TypeError(f"QuantLinear expects a floating-point input, got {x.dtype}")
         args = (self.qdata, self.format, self.out_features, self.in_features, self.group, self.sym)
@@ -568,7 +594,8 @@ class QuantLinear(nn.Module):
 
         state = {"format": self.format, "in_features": self.in_features, "out_features": self.out_features,
                  "group": self.group, "sym": self.sym, "compute": self.compute,
-                 "adapters": {nm: list(self._alphas[nm]) for nm in self.adapter_names}, "active": list(self._active)}
+                 "adapters": {nm: list(self._alphas[nm]) for nm in self.adapter_names}, "active": list(self._active),
+                 "trainable": [nm for nm in self.adapter_names if self.lora_A[nm].requires_grad]}
         return torch.frombuffer(bytearray(json.dumps(state, sort_keys=True).encode()), dtype=torch.uint8)
 
     def _parse_extra_state(self, state) -> dict:
@@ -584,6 +611,9 @@ class QuantLinear(nn.Module):
                 raise ValueError("QuantLinear extra state is not valid JSON") from None
         if not isinstance(state, dict) or any(key not in state for key in _EXTRA_KEYS):
             raise ValueError("QuantLinear extra state is missing keys")
+        tr = state.get("trainable", [])
+        if not isinstance(tr, list) or not all(isinstance(nm, str) for nm in tr):
+            raise ValueError("QuantLinear extra state: 'trainable' must be a list of adapter names")
         if (state["in_features"], state["out_features"]) != (self.in_features, self.out_features):
             raise ValueError(f"state is for [{state['out_features']}, {state['in_features']}] but this layer is "
                              f"[{self.out_features}, {self.in_features}]")
@@ -598,7 +628,9 @@ class QuantLinear(nn.Module):
             if nm not in alphas and nm in self._alphas:
                 alphas[nm] = self._alphas[nm]
         self._alphas = alphas
-        self._active = list(state["active"])
+        # adapters attached here and absent from a partial state stay active if they were
+        kept = [nm for nm in self._active if nm in self.lora_A and nm not in state["adapters"]]
+        self._active = list(dict.fromkeys(list(state["active"]) + kept))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -616,6 +648,15 @@ class QuantLinear(nn.Module):
                 v = state_dict.get(prefix + key)
                 if v is not None and tuple(v.shape) != (size,):  # created below before torch's own check
                     raise ValueError(f"{key} of shape {tuple(v.shape)} does not fit this layer ({size},)")
+            v = state_dict.get(prefix + "perm")
+            if v is not None and not v.is_meta and (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool
+                                                    or not torch.equal(torch.sort(v.long()).values,
+                                                                       torch.arange(self.in_features))):
+                raise ValueError(f"perm is not a permutation of range({self.in_features}) (dtype {v.dtype})")
+            if st is not None and q is None and (fmt, group, sym) != (self.format, self.group, self.sym):
+                raise ValueError(f"the extra state is for a {fmt} weight (group {group}, sym {sym}) but the state "
+                                 f"has no qdata, and this layer holds {self.format} (group {self.group}, sym {self.sym})")
+            self._check_adapter_state(state_dict, prefix, st)
             if q is not None:
                 want = _nbytes(fmt, self.out_features, self.in_features, group, sym)
                 if q.dim() != 1 or q.numel() != want:
@@ -640,25 +681,52 @@ class QuantLinear(nn.Module):
                 self.perm = torch.empty(self.in_features, dtype=torch.int64)
             elif p is None and q is not None:  # a weight without an input permutation replaces this one
                 self.perm = None
+            trainable = None if st is None else st.get("trainable")
             for key, val in state_dict.items():
                 for which, pdict in (("lora_A.", self.lora_A), ("lora_B.", self.lora_B)):
                     if key.startswith(prefix + which):
                         nm = key[len(prefix + which):]
                         if "." not in nm and (nm not in pdict or pdict[nm].shape != val.shape):
-                            pdict[nm] = nn.Parameter(torch.empty(val.shape, dtype=torch.float32), requires_grad=False)
+                            # trainable as the state says (its extra state lists them), else as the
+                            # parameter it replaces (a different rank), else frozen
+                            grad = (nm in trainable if trainable is not None
+                                    else nm in pdict and pdict[nm].requires_grad)
+                            pdict[nm] = nn.Parameter(torch.empty(val.shape, dtype=torch.float32), requires_grad=grad)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # the copy into qdata bumps its version counter, except for an inference tensor (no counter)
         _drop_cache(self.qdata)
-        no_alpha = [nm for nm in self.lora_A if nm not in self._alphas]
-        if no_alpha:
-            raise ValueError(f"adapter(s) {no_alpha} have weights in the state dict but no alpha in its extra state")
         self._active = [nm for nm in self._active if nm in self.lora_A]
         self._scales = {}
         for nm, (a, rs) in self._alphas.items():
             if nm in self.lora_A:
                 r = self.lora_A[nm].shape[0]
                 self._scales[nm] = a / (math.sqrt(r) if rs else r)
+
+    def _check_adapter_state(self, state_dict, prefix, st) -> None:
+        """ValueError, before anything changes, unless every adapter the state holds weights of ends up
+        with both halves (from the state, or attached here), shapes that fit this layer and each
+        other, and an alpha (from the state's extra state, or attached here)."""
+        halves = {}
+        for key, val in state_dict.items():
+            for which in ("lora_A.", "lora_B."):
+                if key.startswith(prefix + which) and "." not in key[len(prefix + which):]:
+                    halves.setdefault(key[len(prefix + which):], {})[which] = val
+        alphas = set(st["adapters"]) if st is not None else set()
+        for nm, h in halves.items():
+            A = h.get("lora_A.", self.lora_A[nm] if nm in self.lora_A else None)
+            B = h.get("lora_B.", self.lora_B[nm] if nm in self.lora_B else None)
+            if A is None or B is None:
+                raise ValueError(f"adapter {nm!r}: the state has lora_{'A' if B is None else 'B'}.{nm} but not "
+                                 f"lora_{'B' if B is None else 'A'}.{nm}, and no such adapter is attached here")
+            if A.dim() != 2 or B.dim() != 2 or A.shape[1] != self.in_features or B.shape[0] != self.out_features \
+                    or A.shape[0] != B.shape[1] or A.shape[0] == 0:
+                raise ValueError(f"adapter {nm!r}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit "
+                                 f"[r, {self.in_features}] / [{self.out_features}, r]")
+            if not (A.is_floating_point() and B.is_floating_point()):
+                raise ValueError(f"adapter {nm!r}: A / B must be floating point, got {A.dtype} / {B.dtype}")
+            if nm not in alphas and nm not in self._alphas:
+                raise ValueError(f"adapter {nm!r} has weights in the state dict but no alpha in its extra state")
 
     def extra_repr(self) -> str:
         fmt, dq = _split_fmt(self.format)
@@ -711,6 +779,25 @@ def _progress(total, progress, desc):
     return tqdm(total=total, desc=desc, unit="layer", leave=False, disable=None if progress is None else False)
 
 
+_READS_WEIGHT: dict = {}
+
+
+def _reads_weight(parent: nn.Module, child: str) -> bool:
+    """parent's forward reads self.<child>.weight (T5's feed-forward reads wo.weight.dtype): a
+    QuantLinear there, which has no float weight, would break it"""
+    import inspect
+    import re
+
+    key = (type(parent), child)
+    if key not in _READS_WEIGHT:
+        try:
+            src = inspect.getsource(type(parent).forward)
+        except (OSError, TypeError):
+            src = ""
+        _READS_WEIGHT[key] = re.search(rf"\bself\.{re.escape(child)}\.weight\b", src) is not None
+    return _READS_WEIGHT[key]
+
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
@@ -751,7 +838,8 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
     / excludes none. Skipped with a warning: layers whose in_features does not fit the format's
     block (or, with compute="int8", the int8 kernels), layers torch reads directly instead of
     calling them (nn.MultiheadAttention's out_proj, nn.TransformerEncoderLayer / DecoderLayer's
-    linear1 / linear2), nn.Linear subclasses with their own forward, a module reached under
+    linear1 / linear2, and any layer whose parent's forward reads ``self.<layer>.weight``, as T5's
+    feed-forward does), nn.Linear subclasses with their own forward, a module reached under
     several names, and a layer whose weight is tied to another module's (an LM head tied to the
     embedding: untie it first to quantize it).
 
@@ -818,6 +906,10 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
             continue
         if exclude is not None and _matches(name, exclude):
             continue
+        if lin.weight.is_meta:
+            raise ValueError(f"{name}'s weight is on the meta device (not loaded): load the weights first "
+                             "(nothing was replaced)")
+        parent_name, _, child = name.rpartition(".")
         if name in mha:
             why = "nn.MultiheadAttention reads out_proj.weight directly, not through the module"
         elif name in tlayer:
@@ -829,6 +921,9 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
             why = f"its weight is tied to {tied}: the float tensor would stay there beside a quantized copy"
         elif type(lin).forward is not nn.Linear.forward:
             why = f"{type(lin).__name__} has its own forward, which a QuantLinear would drop"
+        elif _reads_weight(model.get_submodule(parent_name) if parent_name else model, child):
+            why = (f"{type(model.get_submodule(parent_name) if parent_name else model).__name__}.forward reads "
+                   f"{child}.weight directly (a QuantLinear has no float weight)")
         else:
             why = _fits(format, lin.in_features, group, sym, double_quant, compute)
         if why is not None:
@@ -848,12 +943,22 @@ def quantize_model(model: nn.Module, format: str = "q4_0", include=None, exclude
     else:
         bar = _progress(len(targets), progress, f"quantize {format}")
         try:
+            # every layer quantized before any is replaced: an error (NaN in a weight) leaves the
+            # model as it was, not half quantized (the quantized copies are a fraction of its size)
+            done = []
             for name, lin in targets:
-                q = QuantLinear.from_linear(lin, format, group=group, sym=sym, double_quant=double_quant,
-                                            compute=compute)
-                _install(model, summary, name, lin, q, verbose)
+                try:
+                    q = QuantLinear.from_linear(lin, format, group=group, sym=sym, double_quant=double_quant,
+                                                compute=compute)
+                except (ValueError, TypeError) as e:
+                    if type(e) in (ValueError, TypeError):  # named; a subclass re-raised as it is
+                        raise type(e)(f"{name}: {e} (nothing was replaced)") from e
+                    raise
+                done.append((name, lin, q))
                 if bar is not None:
                     bar.update(1)
+            for name, lin, q in done:
+                _install(model, summary, name, lin, q, verbose)
         finally:
             if bar is not None:
                 bar.close()
@@ -1020,10 +1125,20 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default", *, 
     """Attach a PEFT LoRA adapter directory (pyqkern.io.load_peft_adapter) to the model's QuantLinear
     layers under ``adapter_name`` (``add_adapter``; trainable / active as there). Module names in
     the file must be names in ``model``, and those modules QuantLinear layers. Checks every target
-    before attaching anything. DoRA adapters are not supported. Returns the module names."""
+    before attaching anything. DoRA adapters are not supported; the config's lora_dropout is not
+    applied (a warning says so when trainable=True). Returns the module names."""
+    import json
+    import os
+
     from .io import peft as _peft_io
 
     ads = _peft_io.load_peft_adapter(path)
+    if trainable:  # the config was read and checked above
+        with open(os.path.join(os.fspath(path), "adapter_config.json"), encoding="utf-8") as f:
+            drop = json.load(f).get("lora_dropout") or 0.0
+        if isinstance(drop, (int, float)) and drop > 0:
+            warnings.warn(f"{path}: lora_dropout={drop} is not applied: QuantLinear runs adapters without "
+                          "dropout, in training too (PEFT drops the adapter branch's input)", stacklevel=2)
     plan = []
     for name, ad in ads.items():
         try:

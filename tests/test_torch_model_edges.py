@@ -110,7 +110,8 @@ def test_load_state_dict_under_inference_mode_leaves_a_trainable_module():
 
 def test_partial_load_keeps_adapters_the_state_does_not_name():
     """load_state_dict(strict=False) of a state without adapter "a" replaced the alphas wholesale:
-    "a" kept its weights but lost its alpha (state_dict() and adapter_ids then raised KeyError)"""
+    "a" kept its weights but lost its alpha (state_dict() and adapter_ids then raised KeyError);
+    and it silently stopped being active (a later review): it stays active, as it was."""
     torch.manual_seed(3)
     lin = nn.Linear(64, 48)
     q = pqt.QuantLinear.from_linear(lin, "q8_0", compute="float")
@@ -121,7 +122,8 @@ def test_partial_load_keeps_adapters_the_state_does_not_name():
     q2.load_state_dict(q.state_dict())                      # saves and loads again
     x = torch.randn(2, 64)
     assert torch.equal(q2(x, adapter_ids=[0, -1]), q(x, adapter_ids=[0, -1]))
-    assert not torch.equal(q(x, adapter_ids=[0, 0]), q(x))  # the adapter still applies where asked
+    assert q.active_adapters == ["a"] and torch.equal(q(x, adapter_ids=[0, 0]), q(x))  # still active
+    assert not torch.equal(q(x, adapter_ids=[-1, -1]), q(x))
 
 
 def test_refused_load_leaves_the_layer_as_it_was():
@@ -423,3 +425,161 @@ def test_second_order_gradients():
     g, = torch.autograd.grad(q(xf).pow(2).sum(), xf, create_graph=True)
     with pytest.raises(RuntimeError, match="second-order"):
         g.pow(2).sum().backward()
+
+
+# ------------------------------------------------------------------ from a user review of pyqkern.torch
+def _qlin(seed=0, n=32, k=64, fmt="q4_0"):
+    torch.manual_seed(seed)
+    return pqt.QuantLinear.from_linear(nn.Linear(k, n), fmt)
+
+
+def test_meta_tensors_among_the_inputs_are_refused_not_returned_as_garbage():
+    """A meta bias (a meta skeleton loaded with assign=True from a state without bias), meta
+    adapter_ids or a meta adapter sent the op to its fake kernel, which returned uninitialised CPU
+    memory as the result. nn.Linear raises in that state; so does QuantLinear now."""
+    src = _qlin()
+    with torch.device("meta"):
+        m = pqt.QuantLinear(64, 32)
+    m.load_state_dict({k: v for k, v in src.state_dict().items() if k != "bias"}, assign=True, strict=False)
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="same device"):
+        m(x)
+    q = _qlin()
+    q.add_adapter("a", torch.randn(4, 64), torch.randn(32, 4))
+    with pytest.raises(RuntimeError, match="same device"):
+        q(x, adapter_ids=torch.tensor([0, 0], device="meta"))
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.pyqkern.matmul_lora(x, q.qdata, q.format, 32, 64, q.group, q.sym, None,
+                                      [torch.randn(4, 64, device="meta")], [torch.randn(32, 4)], [1.0], None, "float")
+    assert torch.isfinite(q(x)).all()
+
+
+def test_adapter_state_checked_before_anything_changes():
+    """A state with lora_A.a but no lora_B.a loaded "successfully" (forward then raised
+    AttributeError); A of the wrong width or ranks that differ loaded too; adapter weights without
+    an alpha were refused only after the parameters were made (state_dict() then raised). Each is
+    now a load error (RuntimeError, as torch's size checks) and the layer stays as it was."""
+    src = _qlin(1)
+    src.add_adapter("a", torch.randn(4, 64), torch.randn(32, 4), alpha=8)
+    full = src.state_dict()
+    x = torch.randn(3, 64)
+    cases = {
+        "half": ({k: v for k, v in full.items() if k != "lora_B.a"}, "lora_A.a but not lora_B.a"),
+        "width": (dict(full, **{"lora_A.a": torch.randn(4, 72)}), "do not fit"),
+        "ranks": (dict(full, **{"lora_B.a": torch.randn(32, 3)}), "do not fit"),
+        "int": (dict(full, **{"lora_A.a": torch.ones(4, 64, dtype=torch.int64)}), "floating point"),
+    }
+    for what, (sd, msg) in cases.items():
+        m = _qlin(2)
+        before = m(x)
+        with pytest.raises(RuntimeError, match=msg):
+            m.load_state_dict(sd)
+        assert m.adapter_names == [] and torch.equal(m(x), before), what
+        m.state_dict()
+    # weights of an adapter the extra state does not name (no alpha)
+    other = _qlin(3)
+    sd = dict(other.state_dict(), **{"lora_A.b": torch.randn(2, 64), "lora_B.b": torch.randn(32, 2)})
+    m = _qlin(2)
+    with pytest.raises(RuntimeError, match="no alpha"):
+        m.load_state_dict(sd)
+    assert m.adapter_names == [] and set(m.state_dict()) == set(_qlin(2).state_dict())
+
+
+def test_extra_state_of_another_format_without_its_qdata_is_refused():
+    """Loading only the extra state of an int4 layer into a q4_0 one (strict=False) switched the
+    format but kept the q4_0 bytes: every forward failed afterwards."""
+    torch.manual_seed(4)
+    lin = nn.Linear(64, 32)
+    q4 = pqt.QuantLinear.from_linear(lin, "q4_0")
+    i4 = pqt.QuantLinear.from_linear(lin, "int4", group=32)
+    with pytest.raises(RuntimeError, match="has no qdata"):
+        q4.load_state_dict({"_extra_state": i4.state_dict()["_extra_state"]}, strict=False)
+    assert q4.format == "q4_0" and q4(torch.randn(2, 64)).shape == (2, 32)
+
+
+def test_trainable_adapters_stay_trainable_through_state_dict():
+    """A trainable adapter loaded into a fresh layer came back frozen (resuming QLoRA trained
+    nothing), and one replacing an adapter of another rank too."""
+    src = _qlin(5)
+    src.add_adapter("t", torch.randn(4, 64) * 0.1, torch.randn(32, 4) * 0.1, trainable=True)
+    src.add_adapter("f", torch.randn(2, 64) * 0.1, torch.randn(32, 2) * 0.1)
+    fresh = _qlin(6)
+    fresh.load_state_dict(src.state_dict())
+    assert fresh.lora_A["t"].requires_grad and fresh.lora_B["t"].requires_grad
+    assert not fresh.lora_A["f"].requires_grad
+    # an older state without the trainable list: a parameter of another rank keeps its flag
+    other = _qlin(7)
+    other.add_adapter("t", torch.randn(8, 64), torch.randn(32, 8), trainable=True)
+    sd = src.state_dict()
+    import json
+    st = json.loads(bytes(sd["_extra_state"].numpy()).decode())
+    del st["trainable"]
+    sd["_extra_state"] = torch.frombuffer(bytearray(json.dumps(st).encode()), dtype=torch.uint8)
+    other.load_state_dict(sd, strict=False)
+    assert other.lora_A["t"].shape == (4, 64) and other.lora_A["t"].requires_grad
+
+
+def test_perm_in_a_state_must_be_a_permutation():
+    """An all-zero perm loaded and gave silently wrong output; an out-of-range one a raw indexing
+    error at forward. QTensor.with_perm already refused both; the load does now too."""
+    torch.manual_seed(8)
+    lin = nn.Linear(64, 32)
+    w = lin.weight.detach().numpy()
+    perm = np.random.default_rng(0).permutation(64)
+    qt = pq.quantize(np.ascontiguousarray(w[:, perm]), "q4_0").with_perm(perm)
+    good = pqt.QuantLinear.from_qtensor(qt, lin.bias.detach())
+    x = torch.randn(2, 64)
+    for bad in (torch.zeros(64, dtype=torch.int64), torch.arange(64) + 1, torch.arange(64).float()):
+        m = pqt.QuantLinear.from_qtensor(qt, lin.bias.detach())
+        with pytest.raises(RuntimeError, match="not a permutation"):
+            m.load_state_dict(dict(good.state_dict(), perm=bad))
+        assert torch.equal(m(x), good(x))
+
+
+def test_layers_whose_parent_reads_their_weight_are_skipped():
+    """T5's feed-forward reads self.wo.weight.dtype: quantize_model replaced wo and the model then
+    raised AttributeError. A layer whose parent's forward reads self.<layer>.weight is skipped."""
+    class FF(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wi, self.wo = nn.Linear(64, 128), nn.Linear(128, 64)
+
+        def forward(self, h):
+            h = torch.relu(self.wi(h))
+            if h.dtype != self.wo.weight.dtype:
+                h = h.to(self.wo.weight.dtype)
+            return self.wo(h)
+
+    torch.manual_seed(9)
+    m = nn.Sequential(FF(), FF())
+    summary, msgs = _quiet(pqt.quantize_model, m, "q8_0")
+    assert sorted(summary["quantized"]) == ["0.wi", "1.wi"]
+    assert set(summary["skipped"]) == {"0.wo", "1.wo"} and "reads wo.weight" in summary["skipped"]["0.wo"]
+    assert m(torch.randn(2, 64)).shape == (2, 64)
+
+
+def test_quantize_model_changes_nothing_when_a_layer_fails():
+    """NaN in the third layer's weight raised after the first two were replaced; a meta-device
+    model raised torch's raw NotImplementedError."""
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        m[2].weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^2: .*NaN.*nothing was replaced"):
+        pqt.quantize_model(m, "q4_0")
+    assert [type(x) for x in m] == [nn.Linear] * 3
+    with torch.device("meta"):
+        mm = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="meta device"):
+        pqt.quantize_model(mm, "q4_0")
+
+
+def test_adapter_arguments_refused_when_given():
+    q = _qlin(10)
+    for alpha in (float("nan"), float("inf"), "16", True):
+        with pytest.raises(ValueError, match="alpha"):
+            q.add_adapter("a", torch.randn(2, 64), torch.randn(32, 2), alpha=alpha)
+    assert q.adapter_names == []
+    q.add_adapter("n", torch.randn(2, 64), torch.randn(32, 2), alpha=np.float32(4))
+    with pytest.raises(ValueError, match="more than once"):
+        q.set_adapter(["n", "n"])  # it was applied twice
+    assert q.active_adapters == ["n"]

@@ -111,6 +111,20 @@ def test_load_peft_written_adapter(tmp_path):
         assert torch.allclose(q(x), pm(x), atol=1e-5, rtol=1e-5)
 
 
+def test_dropout_not_applied_is_said_when_training(tmp_path):
+    """PEFT drops the adapter branch's input in training; QuantLinear has no dropout. Loading a
+    config with lora_dropout > 0 for training warns (a review: it was silently ignored)."""
+    fp = Net()
+    q = _quantized(fp)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q"], init_lora_weights=False)
+    peft.get_peft_model(_dequantized_float(fp, q), cfg).save_pretrained(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pqt.load_peft_adapter(q, tmp_path, "inference")         # not trained: nothing to say
+    with pytest.warns(UserWarning, match=r"lora_dropout=0.1 is not applied"):
+        pqt.load_peft_adapter(q, tmp_path, "train", trainable=True)
+
+
 def test_qlora_step_after_load_and_save_again(tmp_path):
     fp = Net()
     q = _quantized(fp)
