@@ -382,6 +382,16 @@ def _refuse_forward_ad(x, module):
 _EXTRA_KEYS = ("format", "in_features", "out_features", "group", "sym", "compute", "adapters", "active")
 
 
+_EMPTY_PDICT = nn.ParameterDict()
+
+
+def _check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError("adapter name must be a non-empty string without '.'")
+    if hasattr(_EMPTY_PDICT, name):  # "train", "to", "training", ...: the ParameterDict refuses them
+        raise ValueError(f"adapter name {name!r} is an attribute of nn.Module; choose another name")
+
+
 class QuantLinear(nn.Module):
     """A linear layer whose weight is a pyqkern QTensor, stored as the uint8 buffer ``qdata``.
 
@@ -476,8 +486,7 @@ class QuantLinear(nn.Module):
                     active: bool = True) -> None:
         """Attach LoRA A [r, in], B [out, r] under ``name``: y += alpha/r * (x @ A.T) @ B.T
         (alpha/sqrt(r) with rslora; alpha defaults to r)."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError("adapter name must be a non-empty string without '.'")
+        _check_adapter_name(name)
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already attached")
         # a read-only NumPy array (a LoRA's A / B) copied first: torch.as_tensor would warn
@@ -1132,6 +1141,7 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default", *, 
 
     from .io import peft as _peft_io
 
+    _check_adapter_name(adapter_name)  # before the file is read
     ads = _peft_io.load_peft_adapter(path)
     if trainable:  # the config was read and checked above
         with open(os.path.join(os.fspath(path), "adapter_config.json"), encoding="utf-8") as f:

@@ -122,7 +122,9 @@ def test_dropout_not_applied_is_said_when_training(tmp_path):
         warnings.simplefilter("error")
         pqt.load_peft_adapter(q, tmp_path, "inference")         # not trained: nothing to say
     with pytest.warns(UserWarning, match=r"lora_dropout=0.1 is not applied"):
-        pqt.load_peft_adapter(q, tmp_path, "train", trainable=True)
+        pqt.load_peft_adapter(q, tmp_path, "tuned", trainable=True)
+    with pytest.raises(ValueError, match="attribute of nn.Module"):  # was a KeyError from the ParameterDict
+        pqt.load_peft_adapter(q, tmp_path, "train")
 
 
 def test_qlora_step_after_load_and_save_again(tmp_path):
