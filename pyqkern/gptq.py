@@ -286,25 +286,44 @@ def _check_finite(a, what):
         raise ValueError(f"GPTQ: {what} contain NaN or Inf")
 
 
-def _np(a):
-    """a as a numpy array; a torch tensor (a Parameter too, any device, bfloat16) detached to the CPU"""
+def _cast(a, dtype, what):
+    """a as dtype (C order), finite: finite values beyond dtype's range are named as such, not as
+    NaN / Inf (a review: W of 1e39 in float64 was said to hold NaN or Inf)"""
+    a = np.asarray(a)
+    if a.dtype.kind == "f" and a.dtype.itemsize > np.dtype(dtype).itemsize and np.isfinite(a).all() \
+            and a.size and np.abs(a).max() > np.finfo(dtype).max:
+        raise ValueError(f"GPTQ: {what} exceed the {np.dtype(dtype).name} range (|x| up to "
+                         f"{float(np.abs(a).max()):.3g}): scale them down")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(a, dtype=dtype)
+    _check_finite(out, what)
+    return out
+
+
+def _np(a, what="input"):
+    """a as a numpy array; a torch tensor (a Parameter too, any device, bfloat16) detached to the
+    CPU. Complex values and dtypes numpy cannot hold (torch float8) are TypeErrors."""
     if hasattr(a, "detach") and hasattr(a, "numpy"):
         a = a.detach().cpu()
         if str(a.dtype) == "torch.bfloat16":  # no numpy dtype; exact in float32
             a = a.float()
-        return a.numpy()
-    return np.asarray(a)
+        try:
+            a = a.numpy()
+        except TypeError as e:  # float8 and the like
+            raise TypeError(f"GPTQ: {what}: dtype {a.dtype} is not supported (convert to float32)") from e
+    a = np.asarray(a)
+    if a.dtype.kind == "c":  # numpy would drop the imaginary part with only a ComplexWarning
+        raise TypeError(f"GPTQ: {what} must be real, got {a.dtype}")
+    return a
 
 
 def _as_weight(W):
-    W = _np(W)
+    W = _np(W, "W")
     if W.ndim != 2 or W.shape[0] == 0 or W.shape[1] == 0:
         raise ValueError(f"GPTQ: W must be a non-empty 2-D [N, K] array, got shape {W.shape}")
     if W.dtype.kind != "f" and W.dtype.name != "bfloat16":
         raise TypeError(f"GPTQ: W must be floating point, got {W.dtype}")
-    W = np.ascontiguousarray(W, dtype=F32)
-    _check_finite(W, "the weights")
-    return W
+    return _cast(W, F32, "the weights")
 
 
 def _rel_err(X, W, What):
@@ -350,15 +369,14 @@ class GPTQ:
         ``hessian_dtype`` given), as a running mean (H *= n_old / n_new; H += 2/n_new x xᵀ), with
         BLAS syrk (half the flops)."""
         k = self.W.shape[1]
-        x = _np(x)
+        x = _np(x, "the calibration inputs")
         if x.ndim == 0 or x.shape[-1] != k:
             raise ValueError(f"GPTQ: inputs must be [..., {k}], got shape {x.shape}")
         x = x.reshape(-1, k)
         t = x.shape[0]
         if t == 0:
             return
-        x = np.ascontiguousarray(x, dtype=self._hdt)
-        _check_finite(x, "the calibration inputs")
+        x = _cast(x, self._hdt, "the calibration inputs")
         self._seen |= (x != 0).any(axis=0)  # inputs with a nonzero value: not dead, whatever H says
         old = self.nsamples
         self.nsamples += t
@@ -380,10 +398,16 @@ class GPTQ:
         """Use a ready Hessian H [K, K] (symmetric, finite) instead of add_batch. Only one
         triangle is read (H must be symmetric)."""
         k = self.W.shape[1]
-        H = _np(H).astype(F64)
+        H = _np(H, "H").astype(F64)
         if H.shape != (k, k):
             raise ValueError(f"GPTQ: H must be [{k}, {k}], got {H.shape}")
         _check_finite(H, "the Hessian")
+        # one triangle is read, which one depends on the layout: a triangle alone (np.triu(H))
+        # lost every off-diagonal term without a word (a review)
+        asym = np.abs(H - H.T).max()
+        if asym > 1e-5 * max(float(np.abs(H).max()), np.finfo(F64).tiny):
+            raise ValueError(f"GPTQ: H must be symmetric (max |H - H.T| = {asym:.3g}); pass the whole matrix, "
+                             "not one triangle")
         # symmetric: the Fortran-order copy of H.T is a plain copy of a C-order H
         if isinstance(nsamples, bool) or not isinstance(nsamples, (int, np.integer)) or nsamples < 1:
             raise ValueError(f"GPTQ: nsamples must be a positive integer (the samples H was averaged over), "
@@ -399,8 +423,9 @@ class GPTQ:
         format: "int2"/"int3"/"int4" (group_size default 128, -1 = per channel, ``sym``),
         "int8" (per channel, symmetric), ggml grids "q4_0", "q4_1", "q8_0", "iq4_nl" (blocks of
         32: group_size and sym do not apply; q4_1 and iq4_nl scales come from the current
-        working weights, iq4_nl's from a scale search), or "nf4" / "fp4" (bitsandbytes;
-        group_size = block size, default 64; no double quantization). ``bits`` picks the width within the int family
+        working weights, iq4_nl's per block from a scale search or ggml's rule, whichever fits
+        better), or "nf4" / "fp4" (bitsandbytes; group_size = block size, default 64; no double
+        quantization). ``bits`` picks the width within the int family
         ("int4" with bits=3 is int3); for other formats it must be the format's own.
         ``search="mse"``: each group's / block's parameters from the MSE shrink search
         (:func:`pyqkern._grid.search_params`) instead of the plain min/max rule."""
@@ -408,10 +433,11 @@ class GPTQ:
         if not isinstance(fmt, str) or fmt not in FORMATS:
             raise NotImplementedError(f"GPTQ: format {fmt!r} is not supported (supported: {', '.join(FORMATS)})")
         for name, v in (("bits", bits), ("group_size", group_size), ("blocksize", blocksize)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+            if (v is not None or name == "blocksize") and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
                 raise ValueError(f"GPTQ: {name} must be an integer, got {v!r}")  # not 3.7 -> 3
-        if sym not in (False, True, 0, 1):
-            raise ValueError(f"GPTQ: sym must be True or False, got {sym!r}")
+        for name, v in (("sym", sym), ("act_order", act_order), ("static_groups", static_groups)):
+            if isinstance(v, (str, bytes)) or v not in (False, True, 0, 1):  # "no" is not False
+                raise ValueError(f"GPTQ: {name} must be True or False, got {v!r}")
         if bits is not None:
             b = int(bits)
             if fmt in _grid.INT_BITS:
@@ -432,7 +458,7 @@ class GPTQ:
             raise ValueError("GPTQ: no calibration data (call add_batch or set_hessian first)")
         n, k = self.W.shape
         if fmt in ("int2", "int3", "int4"):
-            g = 128 if group_size is None else int(group_size)
+            g = 128 if group_size in (None, 0) else int(group_size)  # 0: the default, as in pq.quantize
             if g != -1 and (g <= 0 or k % g):
                 raise ValueError(f"GPTQ: K={k} is not a multiple of the group size {g}")
             _formats.resolve_params(fmt, k, g, sym)  # the format's own checks
@@ -467,6 +493,10 @@ class GPTQ:
             raise ValueError(f"GPTQ: the calibration inputs are so small that their squares underflow "
                              f"{np.dtype(self._hdt).name} (H would be all zero): scale them up (GPTQ does not "
                              "depend on their scale)")
+        if not (np.diag(H) > 0).any():  # every input dead: GPTQ would zero the whole weight
+            raise ValueError("GPTQ: the calibration inputs are all zero" + (
+                "" if np.dtype(self._hdt) == F64 else " (in float32: smaller values underflow to 0)")
+                + ", so the Hessian is zero and GPTQ would zero the whole weight: calibrate on real inputs")
         sym_b = bool(sym) and fmt in ("int2", "int3", "int4")
         res = gptq_core(self.W, H, fmt=fmt, group=g, sym=sym_b, act_order=bool(act_order),
                         static_groups=bool(static_groups), damp=damp, blocksize=blocksize, backend=backend,
