@@ -1390,8 +1390,11 @@ class _GPTQRun:
     def _finish(self, name):
         g = self.g.pop(name)
         lin = self.lin[name]
-        if g.nsamples == 0:
-            warnings.warn(f"pyqkern.torch.quantize_model: {name} was not called on the calibration data; "
+        # not called, or only on all-zero inputs (GPTQ refuses: it would zero the weight)
+        idle = g.nsamples == 0 or not (np.diag(g._H) > 0).any()
+        if idle:
+            why = "was not called on" if g.nsamples == 0 else "saw only zeros in"
+            warnings.warn(f"pyqkern.torch.quantize_model: {name} {why} the calibration data; "
                           f"rounded to nearest instead of GPTQ", stacklevel=4)
             q = QuantLinear.from_linear(lin, self.fmt, group=self.group, sym=self.sym, double_quant=self.dq,
                                         compute=self.compute)

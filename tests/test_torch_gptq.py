@@ -421,3 +421,24 @@ def test_threads_context_manager_and_attach():
     finally:
         torch.set_num_threads(saved[0])
         pq.set_num_threads(saved[1])
+
+
+def test_layer_that_sees_only_zeros_is_rounded_to_nearest():
+    """GPTQ refuses all-zero calibration inputs (it would zero the weight): a layer that sees only
+    zeros is rounded to nearest with a warning, as a layer never called."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x * 0)
+
+    m = M()
+    wb = m.b.weight.detach().clone()
+    with pytest.warns(UserWarning, match="b saw only zeros"):
+        r = pqt.quantize_model(m, "q4_0", calib=[torch.randn(16, 64)])
+    assert r["quantized"] == ["a", "b"] and r["gptq"]["b"] is None and r["gptq"]["a"] is not None
+    assert torch.equal(m.b.dequantize(), torch.from_numpy(pq.dequantize(pq.quantize(wb.numpy(), "q4_0"))))
