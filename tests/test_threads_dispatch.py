@@ -95,20 +95,25 @@ def test_concurrent_calls_from_python_threads(big):
     assert got[0] == want[0] and got[1] == want[1]
 
 
+def _long_native_quantize_args(seed):
+    """arguments of one native ref-variant q8_0 quantize of a 2048x4096 weight (~0.05-0.1 s in C,
+    one parallel region) straight into the binding: no NumPy work around it"""
+    from pyqkern import _formats, _ops
+
+    n, k = 2048, 4096
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(F32)
+    rq, rs, _ = _formats.row_bytes("q8_0", k, {"group": 0, "sym": 0})
+    q, sc = np.empty((n, rq), np.uint8), (np.empty((n, rs), np.uint8) if rs else None)
+    return (_ops.isa_id("ref"), _formats.FORMAT_IDS["q8_0"], w, 0, 0, q, sc, None)
+
+
 def test_gil_released_during_kernel(restore_threads):
     """While one thread sits in a native call, another Python thread keeps running: the watcher
     ticks inside the middle 80% of the worker's calls. With the GIL held through a call it could
     only tick between calls (a review's mutation: the previous form of this test, wall time
     watched over several calls, passed with the GIL held)."""
-    from pyqkern import _formats, _ops
-
     pq.set_num_threads(1)
-    r = np.random.default_rng(0)
-    n, k = 2048, 4096
-    w = r.standard_normal((n, k)).astype(F32)
-    rq, rs, _ = _formats.row_bytes("q8_0", k, {"group": 0, "sym": 0})
-    q, sc = np.empty((n, rq), np.uint8), (np.empty((n, rs), np.uint8) if rs else None)
-    args = (_ops.isa_id("ref"), _formats.FORMAT_IDS["q8_0"], w, 0, 0, q, sc, None)
+    args = _long_native_quantize_args(0)
     _native.quantize(*args)                            # the binding alone: no NumPy work in the window
     windows, ticks = [], []
     started = threading.Event()
@@ -136,15 +141,9 @@ def test_calls_from_other_threads_do_not_queue_behind_the_pool(restore_threads):
     thread and finish inside that call's window, as the GIL test's watcher ticks; before, they
     queued on the pool's lock until the long call ended (a C ABI review: a 1-row dequantize
     waited 0.05 s behind a matmul)."""
-    from pyqkern import _formats, _ops
-
     pq.set_num_threads(2)
     r = np.random.default_rng(3)
-    n, k = 2048, 4096
-    w = r.standard_normal((n, k)).astype(F32)
-    rq, rs, _ = _formats.row_bytes("q8_0", k, {"group": 0, "sym": 0})
-    q, sc = np.empty((n, rq), np.uint8), (np.empty((n, rs), np.uint8) if rs else None)
-    args = (_ops.isa_id("ref"), _formats.FORMAT_IDS["q8_0"], w, 0, 0, q, sc, None)
+    args = _long_native_quantize_args(3)
     _native.quantize(*args)
     small = pq.quantize(r.standard_normal((2, 64)).astype(F32), "q4_0")
     want = pq.dequantize(small)
