@@ -32,7 +32,6 @@ Importing this module imports torch; ``import pyqkern`` alone does not.
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 import threading
 import time
@@ -497,10 +496,12 @@ class QuantLinear(nn.Module):
             raise ValueError(f"adapter shapes A {tuple(A.shape)} / B {tuple(B.shape)} do not fit "
                              f"[r, {self.in_features}] / [{self.out_features}, r]")
         r = A.shape[0]
-        if alpha is not None and (isinstance(alpha, (bool, str, bytes)) or not isinstance(alpha, numbers.Real)
-                                  or not math.isfinite(alpha)):
+        try:  # a number (a NumPy / torch scalar too), not a str or bool, finite
+            a = float("nan") if isinstance(alpha, (bool, str, bytes)) else float(r if alpha is None else alpha)
+        except (TypeError, ValueError):
+            a = float("nan")
+        if not math.isfinite(a):
             raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
-        a = float(r if alpha is None else alpha)
         self.lora_A[name] = nn.Parameter(A.clone().contiguous(), requires_grad=trainable)
         self.lora_B[name] = nn.Parameter(B.clone().contiguous(), requires_grad=trainable)
         self._alphas[name] = (a, bool(rslora))
@@ -723,6 +724,7 @@ class QuantLinear(nn.Module):
                     halves.setdefault(key[len(prefix + which):], {})[which] = val
         alphas = set(st["adapters"]) if st is not None else set()
         for nm, h in halves.items():
+            _check_adapter_name(nm)
             A = h.get("lora_A.", self.lora_A[nm] if nm in self.lora_A else None)
             B = h.get("lora_B.", self.lora_B[nm] if nm in self.lora_B else None)
             if A is None or B is None:
