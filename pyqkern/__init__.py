@@ -57,8 +57,13 @@ def set_num_threads(n: int) -> None:
     """Threads for native kernels (n <= 0: one per CPU this process may run on, its affinity
     mask). Results do not depend on it. Calls from several Python threads run side by side: one
     uses the pool, the others run on their own thread meanwhile."""
-    if not isinstance(n, int) or isinstance(n, bool):
+    import operator
+
+    if isinstance(n, bool) or not hasattr(n, "__index__") or isinstance(n, float):
         raise TypeError("number of threads must be an int")
+    n = operator.index(n)  # a NumPy integer too
+    if n >= 2**31:
+        raise ValueError(f"number of threads {n} is too large")
     _nat().set_num_threads(n)
 
 

@@ -227,8 +227,9 @@ def search_params(fmt, b, sym=False, grid=100, maxshrink=0.8, norm=2.4):
     _, v = codes_values(fmt, b, best)
     best_e = err(v)
     for i in range(1, int(maxshrink * grid)):
-        P = params(fmt, b, sym, shrink=1.0 - i / grid)
-        _, v = codes_values(fmt, b, P)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # tiny blocks: 1/d overflows, err() takes it
+            P = params(fmt, b, sym, shrink=1.0 - i / grid)
+            _, v = codes_values(fmt, b, P)
         e = err(v)
         better = e < best_e
         if better.any():

@@ -64,13 +64,22 @@ def _x_rows(x, k, what="x"):
 
 
 def _bias(bias, n):
+    """bias as float32 [n]: float32 / float16 / bfloat16 (ml_dtypes or torch) like x, or float64
+    whose values float32 holds (an overflow to Inf is an error, not a warning)."""
     if bias is None:
         return None
-    b = np.asarray(bias)
+    if hasattr(bias, "detach") and hasattr(bias, "numpy"):  # torch: its bf16 has no NumPy dtype
+        b = as_float32_2d(bias.reshape(1, -1), "bias")[0] if bias.ndim == 1 else bias.detach().numpy()
+    else:
+        b = np.asarray(bias)
+        if _BF16 is not None and b.dtype == _BF16 and b.ndim == 1:  # ml_dtypes (its kind is "V")
+            b = as_float32_2d(b.reshape(1, -1), "bias")[0]
     if b.dtype.kind != "f":
         raise TypeError(f"bias must be a float array, got dtype {b.dtype}")
     if b.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {b.shape}")
+    if b.dtype.itemsize > 4 and np.isfinite(b).all() and b.size and np.abs(b).max() > np.finfo(np.float32).max:
+        raise ValueError(f"bias has values beyond the float32 range (|b| up to {float(np.abs(b).max()):.3g})")
     return np.require(b, np.float32, ["C", "A"])
 
 
@@ -365,7 +374,9 @@ class QLinear:
             raise TypeError(f"weight must be a QTensor, got {type(weight).__name__}")
         self._weight = weight
         n, _ = weight.shape
-        self.bias = _bias(bias, n)
+        b = _bias(bias, n)
+        # the layer's own copy: a caller changing its array later changed the layer (a review)
+        self.bias = None if b is None else np.array(b, np.float32)
         self._packed = None
         self._adapters = {}
         self._set_active([])

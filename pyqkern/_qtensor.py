@@ -17,6 +17,22 @@ class QTensor:
         n, k = (int(shape[0]), int(shape[1]))
         if n <= 0 or k <= 0:  # every constructor path (converters too): an empty weight is an error
             raise ValueError(f"{fmt}: shape must be positive, got {(n, k)}")
+        # the public constructor checks what from_bytes does (a review: too long data was taken and
+        # misreported nbytes; too short, params={} or bytes failed inside NumPy)
+        if not isinstance(fmt, str) or fmt not in _formats.FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(_formats.FORMATS)}")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
+            raise TypeError("QTensor data must be a 1-D uint8 NumPy array of the canonical bytes "
+                            "(QTensor.from_bytes wraps other buffers)")
+        try:
+            need = total_bytes(fmt, n, k, params)
+        except (KeyError, TypeError):
+            raise ValueError(f"{fmt}: params {params!r} lack the format's parameters; QTensor.from_bytes "
+                             "and pq.quantize fill them in") from None
+        if data.size != need:
+            raise ValueError(f"{fmt} {n}x{k}: data has {data.size} bytes, expected {need}")
+        if not data.flags.c_contiguous:  # a strided view (sections are reinterpreted in place)
+            data = np.ascontiguousarray(data)
         self.format = fmt
         self.shape = (n, k)
         self.params = dict(params)
@@ -118,7 +134,7 @@ class QTensor:
             raise TypeError(f"buf must hold bytes, got a NumPy array of dtype {data.dtype}")
         if data.dtype != np.uint8:
             data = data.view(np.uint8) if data.flags.c_contiguous else np.ascontiguousarray(data).view(np.uint8)
-        data = data.reshape(-1)
+        data = np.ascontiguousarray(data.reshape(-1))  # a strided buffer copied (zero-copy otherwise)
         need = total_bytes(fmt, n, k, params)
         if data.size != need:
             raise ValueError(f"{fmt} {n}x{k}: buffer has {data.size} bytes, expected {need}")

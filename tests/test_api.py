@@ -421,3 +421,51 @@ def test_qsave_version_must_be_an_int(tmp_path):
     st.save(tmp_path / "b.safetensors", dict(tensors), metadata={qsave.META_KEY: json.dumps(doc)})
     with pytest.raises(ValueError):
         pq.io.load(tmp_path / "b.safetensors")
+
+
+def test_review_core_api_edges():
+    """From a review of the core API: the public QTensor constructor checks its data as
+    from_bytes does; from_bytes copies a strided double_quant buffer; bias takes bfloat16 like x
+    and refuses float64 beyond float32; QLinear keeps its own bias; set_num_threads takes NumPy
+    ints and refuses huge counts; search="mse" on tiny blocks does not flood warnings."""
+    import warnings
+
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    q = pq.quantize(w, "nf4", double_quant=True)
+    assert pq.QTensor.from_bytes("nf4", q.shape, np.repeat(q.data, 2)[::2], double_quant=True) == q
+    qt = pq.quantize(w, "q4_0")
+    with pytest.raises(ValueError, match="expected 2304"):
+        pq.QTensor("q4_0", (64, 64), np.zeros(3304, np.uint8), {})
+    with pytest.raises(ValueError, match="unknown format"):
+        pq.QTensor("zz", (64, 64), qt.data, {})
+    with pytest.raises(TypeError, match="1-D uint8"):
+        pq.QTensor("q4_0", (64, 64), bytes(qt.data), {})
+    with pytest.raises(ValueError, match="lack the format's parameters"):
+        pq.QTensor("nf4", (64, 64), q.data, {})
+    assert pq.QTensor(qt.format, qt.shape, qt.data, qt.params) == qt
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    b = np.ones(64, np.float32)
+    assert np.array_equal(pq.matmul(x, qt, np.ones(64, ml_dtypes.bfloat16)), pq.matmul(x, qt, b))
+    with pytest.raises(ValueError, match="float32 range"):
+        pq.matmul(x, qt, np.full(64, 1e300))
+    lin = pq.QLinear(qt, bias=b)
+    y0 = lin(x)
+    b[:] = 100
+    assert np.array_equal(lin(x), y0)
+    before = pq.get_num_threads()
+    try:
+        pq.set_num_threads(np.int64(1))
+        assert pq.get_num_threads() == 1
+        with pytest.raises(ValueError, match="too large"):
+            pq.set_num_threads(2**40)
+        with pytest.raises(TypeError):
+            pq.set_num_threads(2.0)
+    finally:
+        pq.set_num_threads(before)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        pq.quantize(np.full((1, 32), 1e-39, np.float32), "q4_0", search="mse")
+    assert len(got) <= 1, [str(m.message) for m in got]
