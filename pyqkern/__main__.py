@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -82,9 +83,9 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     np_at = ("at the row's thread count" if limits else
              "at numpy's own thread count (install threadpoolctl to match the row's)")
     print("W GB/s: bytes of the weight as the kernel reads it (int8, and float where a packed float kernel takes it: the packed copy) per second; %bw: of the "
-          "read bandwidth below at that thread count (above 100%: the weights are served from cache); %bwW: of "
+          "read bandwidth printed under the shape's rows, at that thread count (above 100%: the weights are served from cache); %bwW: of "
           "the read ceiling of a buffer the weight's size (from cache when it fits); %hw: int8 GOP/s of the "
-          f"instruction peak below; vs np: speed-up over numpy fp32 x @ W.T {np_at}; max rel err: vs "
+          f"instruction peak printed there; vs np: speed-up over numpy fp32 x @ W.T {np_at}; max rel err: vs "
           "x @ dequantize(W).T. Ceilings and numpy are measured before and after each shape's rows (the "
           "best of the looks), and a shape's rows are printed when it is done", file=out)
     bw_w: dict = {}
@@ -146,6 +147,10 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
             print(f"{fmt:7s} {compute:7s} {m:4d} {k:6d} {n:6d} {th:3d} {t * 1e6:8.1f}us {gflops:8.1f} "
                   f"{wgbs:7.1f} {row['pct_bw']:5.0f} {row['pct_bw_wsize']:5.0f} {hw} {tn / t:6.2f} "
                   f"{err:11.2e}", file=out)
+        # the ceilings these rows' percentages used (later looks may find higher ones)
+        print("  (these rows: read bandwidth " + ", ".join(f"{th}t {v:.1f}" for th, v in bws.items())
+              + " GB/s, int8 peak " + ", ".join(f"{th}t " + (f"{v:.0f}" if v else "n/a") for th, v in peaks.items())
+              + " GOP/s)", file=out)
     print("read bandwidth: " + ", ".join(f"{th}t {v:.1f}" for th, v in bws.items())
           + " GB/s  int8 instruction peak: "
           + ", ".join(f"{th}t " + (f"{v:.0f} GOP/s" if v else "n/a") for th, v in peaks.items())
@@ -469,7 +474,16 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
                     method = "gptq" if qt is not None else "rtn"
                 elif gptq:
                     prog.warn(f"warning: no calibration data for {name}: round-to-nearest {fmt}")
-                rtn = pq.quantize(w, fmt, group=group, sym=sym)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    try:
+                        rtn = pq.quantize(w, fmt, group=group, sym=sym)
+                    except ValueError as e:  # NaN / Inf weights: say which tensor
+                        raise ValueError(f"{name}: {e}") from None
+                for m in caught:  # scales the format cannot hold: the file would hold Inf / NaN
+                    if "too large for the format" in str(m.message):
+                        raise ValueError(f"{name}: {m.message}; nothing was written")
+                    warnings.warn_explicit(m.message, m.category, m.filename, m.lineno)
                 if qt is None:
                     qt = rtn
                     (row["w_err"], _), = _errors(w, [rtn])
@@ -536,7 +550,9 @@ def _gptq_one(w, name, fmt, params, act_order, damp, source, prog):
     if params.get("group"):
         kw.update(group_size=params["group"], sym=bool(params["sym"]))
     try:
-        qt = g.quantize(**kw)
+        with warnings.catch_warnings():  # scales out of range: the round-to-nearest check next names the tensor
+            warnings.filterwarnings("ignore", message=".*too large for the format", category=UserWarning)
+            qt = g.quantize(**kw)
     except (ValueError, np.linalg.LinAlgError) as e:
         prog.warn(f"warning: GPTQ failed for {name} ({e}): round-to-nearest {fmt}")
         return None, None
@@ -599,7 +615,9 @@ def main(argv=None):
     q = sub.add_parser("quantize", help="quantize a .safetensors file (or a directory of shards) to .gguf or "
                                         ".safetensors (pyqkern layout)")
     q.add_argument("input", help=".safetensors file or directory of *.safetensors shards")
-    q.add_argument("output", help=".gguf (ggml formats) or .safetensors")
+    q.add_argument("output", help=".gguf (ggml formats) or .safetensors. The GGUF keeps the input's tensor names "
+                                  "and metadata (general.architecture 'pyqkern'): a tensor file, not a llama.cpp "
+                                  "model unless the input was one (llama.cpp's convert_hf_to_gguf.py makes those)")
     q.add_argument("--format", required=True, help="target format (q4_0, q4_k, int4, nf4, ...)")
     q.add_argument("--group", type=int, default=None, help="group / block size (int4, nf4)")
     q.add_argument("--sym", action="store_true", help="symmetric int4")
@@ -620,7 +638,39 @@ def main(argv=None):
     ins = sub.add_parser("inspect", help="list the tensors of a .gguf or .safetensors file")
     ins.add_argument("file")
     args = ap.parse_args(argv)
+    try:
+        return _run(ap, args)
+    except KeyboardInterrupt:  # outputs are written to a temporary file and renamed at the end
+        print(f"pyqkern {args.cmd or ''}: interrupted".replace("  ", " "), file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `pyqkern info | head`: the reader left (outputs were complete by then)
+        try:  # as the Python docs advise: no second error when the interpreter flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+
+
+def _run(ap, args):
+    if os.environ.get("PYQKERN_ISA"):  # a variant this CPU cannot run is an error, not a crash
+        from pyqkern import _ops
+
+        try:
+            _ops._native().active_isa()
+        except (RuntimeError, ValueError) as e:
+            print(f"pyqkern: error: {e}", file=sys.stderr)
+            return 1
     if args.cmd in ("quantize", "inspect"):
+        if args.cmd == "quantize":  # SIGTERM cleans up as Ctrl-C does (no partial .tmp file left)
+            import signal
+
+            def _term(signum, frame):
+                raise KeyboardInterrupt
+
+            try:
+                signal.signal(signal.SIGTERM, _term)
+            except ValueError:  # not the main thread (main() called from a thread)
+                pass
         try:
             if args.cmd == "quantize":
                 quantize_files(args.input, args.output, args.format, args.group, args.sym, args.exclude,
@@ -628,6 +678,8 @@ def main(argv=None):
                                damp=args.damp, calib_max_length=args.calib_max_length, quiet=args.quiet)
             else:
                 inspect_file(args.file)
+        except BrokenPipeError:  # stdout's reader left; the table is printed after the file is complete
+            raise
         except (ValueError, TypeError, OSError, re.error, NotImplementedError) as e:
             print(f"pyqkern {args.cmd}: error: {e}", file=sys.stderr)
             return 1
@@ -643,6 +695,10 @@ def main(argv=None):
                 import matplotlib  # noqa: F401
             except ImportError:
                 print("pyqkern bench: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+                return 1
+            d = os.path.dirname(os.path.abspath(args.plot))
+            if not os.path.isdir(d) or not os.access(d, os.W_OK):
+                print(f"pyqkern bench: error: --plot: cannot write to {d}", file=sys.stderr)
                 return 1
         try:
             jf = open(args.json, "w") if args.json else None  # fail before the run, not after it

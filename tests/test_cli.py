@@ -391,3 +391,42 @@ def test_inspect_checks_what_load_checks(tmp_path, capsys):
     st.save(tmp_path / "dup.safetensors", dict(tensors), metadata={qsave.META_KEY: dup})
     with pytest.raises(ValueError, match="duplicate key 'tensors'"):
         pq.io.load(tmp_path / "dup.safetensors")
+
+
+def test_review_cli_errors_name_the_tensor_and_leave_nothing(tmp_path, capsys):
+    """From a CLI review: weights beyond q4_0's fp16 scales were written as Inf scales with exit
+    code 0 and an anonymous warning; NaN weights were refused without the tensor's name."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "m.safetensors"
+    st.save(src, {"ok.weight": rng.standard_normal((8, 64)).astype(np.float32),
+                  "big.weight": (rng.standard_normal((8, 64)) * 1e6).astype(np.float32)}, {})
+    out = tmp_path / "m.gguf"
+    assert main(["quantize", "-q", str(src), str(out), "--format", "q4_0"]) == 1
+    err = capsys.readouterr().err
+    assert "big.weight: q4_0" in err and "too large" in err and "nothing was written" in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    nan = rng.standard_normal((8, 64)).astype(np.float32)
+    nan[2, 3] = np.nan
+    st.save(src, {"n.weight": nan}, {})
+    assert main(["quantize", "-q", str(src), str(out), "--format", "q4_0"]) == 1
+    assert "n.weight: q4_0: weights contain NaN or Inf (row 2)" in capsys.readouterr().err
+
+
+def test_review_cli_isa_pipe_and_plot(tmp_path):
+    """A bad PYQKERN_ISA gave a traceback; `pyqkern info | head` a BrokenPipeError traceback; a
+    bad --plot path was found after the whole benchmark (and removed the --json rows)."""
+    env = dict(os.environ, PYQKERN_ISA="bogus")
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(pq.__file__))) + os.pathsep + \
+        env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "pyqkern", "info"], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "PYQKERN_ISA=bogus" in r.stderr
+    env.pop("PYQKERN_ISA")
+    p = subprocess.Popen([sys.executable, "-m", "pyqkern", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env, cwd=tmp_path)
+    p.stdout.close()  # the reader leaves before the output is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and "Traceback" not in err, err
+    j = tmp_path / "rows.json"
+    assert main(["bench", "--quick", "--json", str(j), "--plot", str(tmp_path / "no" / "r.png")]) == 1
+    assert not j.exists()
