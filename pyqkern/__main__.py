@@ -443,13 +443,17 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
             targets = {name: shape for _, name, _, shape, params, _ in plan if params is not None}
             have = source.prepare(targets, prog.warn)
         if kind == "gguf":
-            sw = _gg.GGUFStreamWriter(dst, dict(meta_in))
+            # the input's quantization version describes its own tensors, not the ones written here
+            sw = _gg.GGUFStreamWriter(dst, {k: v for k, v in meta_in.items() if k != "general.quantization_version"})
+            gtypes = _gg._gguf().GGMLQuantizationType
             for _, name, dt, shape, params, _ in plan:
                 if params is not None:
                     nb = _qtensor.total_bytes(fmt, shape[0], shape[1], params)
-                    sw.declare(name, nb, shape, getattr(_gg._gguf().GGMLQuantizationType, _gg.GGML_TYPES[fmt]))
+                    sw.declare(name, nb, shape, getattr(gtypes, _gg.GGML_TYPES[fmt]))
+                elif dt == "BF16":  # GGUF holds BF16 as it is (it was widened to F32: twice the bytes)
+                    sw.declare(name, int(np.prod(shape)) * 2, shape, gtypes.BF16)
                 else:
-                    npdt = np.dtype(np.float32) if dt == "BF16" else st.DTYPES[dt]
+                    npdt = st.DTYPES[dt]
                     sw.declare(name, int(np.prod(shape)) * npdt.itemsize, shape, dtype=npdt)
             sw.begin()
         else:
@@ -504,8 +508,6 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
                     sw.write_qtensor(name, qt)
                 del qt
             else:
-                if dt == "BF16" and kind == "gguf":
-                    a = (a.astype(np.uint32) << 16).view(np.float32)
                 row.update(bytes_after=a.nbytes, stored=f"kept ({why})")
                 line = f"{name} {list(shape)} {dt} kept ({why})"
                 if kind == "gguf":

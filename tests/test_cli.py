@@ -261,22 +261,22 @@ def test_quantize_refuses_names_and_paths_up_front(tmp_path, model, capsys):
 
 
 def test_quantize_safetensors_metadata_strings_to_gguf(tmp_path):
-    """safetensors metadata values are strings: general.alignment and quantization_version given
-    as decimal strings are written as GGUF's uint32; an empty architecture is refused (gguf-py
-    dropped it, leaving a file without general.architecture)."""
+    """safetensors metadata values are strings: general.alignment given as a decimal string is
+    written as GGUF's uint32; an empty architecture is refused (gguf-py dropped it, leaving a file
+    without general.architecture). The input's quantization_version describes its own tensors: the
+    output gets ggml's (a review: "9" in the input's metadata overrode it)."""
     gguf = pytest.importorskip("gguf")
     w = np.ones((64, 64), np.float32)
     f = tmp_path / "m.safetensors"
-    st.save(f, {"w": w}, metadata={"general.alignment": "64", "general.quantization_version": "2"})
+    st.save(f, {"w": w}, metadata={"general.alignment": "64", "general.quantization_version": "9"})
     quantize_files(str(f), str(tmp_path / "m.gguf"), "q4_0", out=io.StringIO(), quiet=True)
     r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     for key in ("general.alignment", "general.quantization_version"):
         fld = r.fields[key]
         assert fld.types == [gguf.GGUFValueType.UINT32]
     assert int(r.fields["general.alignment"].parts[-1][0]) == 64
-    assert int(r.fields["general.quantization_version"].parts[-1][0]) == 2
-    for meta, msg in (({"general.architecture": ""}, "non-empty"), ({"general.alignment": "six"}, "power of two"),
-                      ({"general.quantization_version": "v2"}, "quantization_version")):
+    assert int(r.fields["general.quantization_version"].parts[-1][0]) == gguf.GGML_QUANT_VERSION
+    for meta, msg in (({"general.architecture": ""}, "non-empty"), ({"general.alignment": "six"}, "power of two")):
         st.save(f, {"w": w}, metadata=meta)
         with pytest.raises(ValueError, match=msg):
             quantize_files(str(f), str(tmp_path / "e.gguf"), "q4_0", out=io.StringIO(), quiet=True)
@@ -410,6 +410,20 @@ def test_review_cli_errors_name_the_tensor_and_leave_nothing(tmp_path, capsys):
     st.save(src, {"n.weight": nan}, {})
     assert main(["quantize", "-q", str(src), str(out), "--format", "q4_0"]) == 1
     assert "n.weight: q4_0: weights contain NaN or Inf (row 2)" in capsys.readouterr().err
+
+
+def test_kept_bf16_tensors_stay_bf16_in_gguf(tmp_path):
+    """A kept BF16 tensor was widened to F32 in GGUF output (twice the bytes); GGUF holds BF16."""
+    bf = np.random.default_rng(2).standard_normal((4, 100)).astype(np.float32)
+    bits = (bf.view(np.uint32) >> 16).astype(np.uint16)
+    src = tmp_path / "m.safetensors"
+    st.save(src, {"bf.weight": bits, "w.weight": np.ones((8, 64), np.float32)}, {}, bf16=["bf.weight"])
+    out = tmp_path / "m.gguf"
+    assert main(["quantize", "-q", str(src), str(out), "--format", "q4_0"]) == 0
+    t = {x.name: x for x in gguf.GGUFReader(str(out)).tensors}
+    assert t["bf.weight"].tensor_type == gguf.GGMLQuantizationType.BF16 and t["bf.weight"].n_bytes == bits.nbytes
+    got = pq.io.load_gguf(str(out))[0]["bf.weight"]
+    np.testing.assert_array_equal(got, (bits.astype(np.uint32) << 16).view(np.float32))
 
 
 def test_review_cli_isa_pipe_and_plot(tmp_path):
