@@ -362,6 +362,9 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
     kind = "gguf" if dst.endswith(".gguf") else "safetensors" if dst.endswith(".safetensors") else None
     if kind is None:
         raise ValueError(f"{dst}: output must end in .gguf or .safetensors")
+    out_dir = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(out_dir):  # said up front, not as the temporary file's name after reading the input
+        raise ValueError(f"{dst}: the output directory {out_dir} does not exist")
     if kind == "gguf" and fmt not in _gg.GGML_TYPES:
         raise ValueError(f"{fmt} is not a ggml format and cannot be written to GGUF "
                          f"(use {', '.join(_gg.GGML_TYPES)}, or a .safetensors output)")

@@ -444,3 +444,25 @@ def test_review_cli_isa_pipe_and_plot(tmp_path):
     j = tmp_path / "rows.json"
     assert main(["bench", "--quick", "--json", str(j), "--plot", str(tmp_path / "no" / "r.png")]) == 1
     assert not j.exists()
+
+
+def test_output_directory_and_full_disk_are_named(tmp_path, monkeypatch, capsys):
+    """A missing output directory was reported as the temporary file's name after the input was
+    read; a full disk under GGUF output as NumPy's "N requested and M written"."""
+    src = tmp_path / "m.safetensors"
+    st.save(src, {"w.weight": np.ones((8, 64), np.float32)}, {})
+    assert main(["quantize", "-q", str(src), str(tmp_path / "no" / "x.gguf"), "--format", "q4_0"]) == 1
+    assert "the output directory" in capsys.readouterr().err
+    import shutil
+    from collections import namedtuple
+
+    from pyqkern.io import gguf as _gg
+
+    def short_write(self, arr):
+        raise OSError(f"{arr.nbytes} requested and 0 written")
+
+    monkeypatch.setattr(_gg._gguf().GGUFWriter, "write_tensor_data", short_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(1, 1, 0))
+    assert main(["quantize", "-q", str(src), str(tmp_path / "x.gguf"), "--format", "q4_0"]) == 1
+    assert "No space left on device writing" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

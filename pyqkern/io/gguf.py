@@ -561,7 +561,17 @@ class GGUFStreamWriter:
         if self.order[self._i] != name:
             raise ValueError(f"tensor {name!r} written out of order (expected {self.order[self._i]!r})")
         self._i += 1
-        self.w.write_tensor_data(np.ascontiguousarray(arr))
+        arr = np.ascontiguousarray(arr)
+        try:
+            self.w.write_tensor_data(arr)
+        except OSError as e:  # NumPy's tofile says only "N requested and M written" on a full disk
+            import errno
+            import shutil
+
+            d = os.path.dirname(os.path.abspath(self.path))
+            if e.errno is None and shutil.disk_usage(d).free < arr.nbytes + (1 << 20):
+                raise OSError(errno.ENOSPC, f"No space left on device writing {self.path} ({e})") from None
+            raise
 
     def finish(self):
         if self._i != len(self.order):
