@@ -378,6 +378,19 @@ def _refuse_forward_ad(x, module):
                                   "through pyqkern's QuantLinear; reverse mode (loss.backward()) is")
 
 
+# torch.func.grad / jacrev / vjp wrap x in a grad-tracking tensor; the custom ops' autograd
+# formulas are torch.autograd's only, and the transforms failed inside torch with "must override
+# the setup_context staticmethod" (a review)
+_IS_GRAD_TRACKING = getattr(getattr(torch._C, "_functorch", None), "is_gradtrackingtensor", None)
+
+
+def _refuse_func_grad(x) -> None:
+    if _IS_GRAD_TRACKING is not None and not torch.compiler.is_compiling() and _IS_GRAD_TRACKING(x):
+        raise NotImplementedError("torch.func.grad / jacrev / vjp are not supported through pyqkern's QuantLinear "
+                                  "(its ops have torch.autograd formulas only): use torch.autograd.grad or "
+                                  "loss.backward()")
+
+
 _EXTRA_KEYS = ("format", "in_features", "out_features", "group", "sym", "compute", "adapters", "active")
 
 
@@ -547,6 +560,7 @@ class QuantLinear(nn.Module):
         (ints indexing adapter_names, -1 = none; a tensor, or a list of ints / names / None)."""
         if _fwad._current_level >= 0:  # inside forward_ad.dual_level / torch.func.jvp (a global read otherwise)
             _refuse_forward_ad(x, self)
+        _refuse_func_grad(x)
         if x.device != self.qdata.device:  # as nn.Linear (a meta module would run the shape-only kernel)
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                f"{self.qdata.device} (the weight) and {x.device} (the input)")

@@ -583,3 +583,17 @@ def test_adapter_arguments_refused_when_given():
     with pytest.raises(ValueError, match="more than once"):
         q.set_adapter(["n", "n"])  # it was applied twice
     assert q.active_adapters == ["n"]
+
+
+def test_func_grad_is_refused_with_what_to_use():
+    """torch.func.grad / jacrev failed inside torch ("must override the setup_context
+    staticmethod"); they are refused by name, and torch.autograd.grad gives the gradient."""
+    q = _qlin(11, fmt="q8_0")
+    x = torch.randn(3, 64)
+    for tf in (torch.func.grad(lambda xx: q(xx).pow(2).sum()), torch.func.jacrev(q)):
+        with pytest.raises(NotImplementedError, match="torch.autograd.grad"):
+            tf(x)
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(q(xr).pow(2).sum(), xr)
+    assert g.shape == x.shape and torch.isfinite(g).all()
+    assert torch.allclose(torch.func.vmap(q)(x.unsqueeze(1)).squeeze(1), q(x), atol=1e-6)  # vmap still runs
