@@ -59,7 +59,7 @@ def set_num_threads(n: int) -> None:
     uses the pool, the others run on their own thread meanwhile."""
     import operator
 
-    if isinstance(n, bool) or not hasattr(n, "__index__") or isinstance(n, float):
+    if isinstance(n, bool) or not hasattr(n, "__index__"):  # not a float, nor "2"
         raise TypeError("number of threads must be an int")
     n = operator.index(n)  # a NumPy integer too
     if n >= 2**31:

@@ -666,6 +666,7 @@ def _run(ap, args):
             print(f"pyqkern: error: {e}", file=sys.stderr)
             return 1
     if args.cmd in ("quantize", "inspect"):
+        old_term = None
         if args.cmd == "quantize":  # SIGTERM cleans up as Ctrl-C does (no partial .tmp file left)
             import signal
 
@@ -673,7 +674,7 @@ def _run(ap, args):
                 raise KeyboardInterrupt
 
             try:
-                signal.signal(signal.SIGTERM, _term)
+                old_term = signal.signal(signal.SIGTERM, _term)
             except ValueError:  # not the main thread (main() called from a thread)
                 pass
         try:
@@ -688,6 +689,9 @@ def _run(ap, args):
         except (ValueError, TypeError, OSError, re.error, NotImplementedError) as e:
             print(f"pyqkern {args.cmd}: error: {e}", file=sys.stderr)
             return 1
+        finally:
+            if old_term is not None:  # main() called in-process (tests, a host script): its handler back
+                signal.signal(signal.SIGTERM, old_term)
         return 0
     if args.cmd == "info":
         import pyqkern as pq

@@ -107,6 +107,13 @@ def _iq4nl_lsq_numpy(b):
     return out
 
 
+def _ggml_iq4nl_d(b):
+    """Per row of b [R, 32]: the block scale d that pq.quantize (ggml's x^2-weighted rule) stores."""
+    from ._ops import quantize
+
+    return f16_values(quantize(b, "iq4_nl", _range_check=False).data.reshape(len(b), 18)[:, :2])[:, 0]
+
+
 def nearest(T, v):
     """Index of the nearest entry of the ascending table T (ties to the lower entry)."""
     mid = (T[1:] + T[:-1]) * F32(0.5)
@@ -156,13 +163,7 @@ def params(fmt, b, sym=False, shrink=1.0):
         # per block the better (squared error) of the unweighted search and ggml's own x^2-weighted
         # rule (what pq.quantize stores): the search alone lost to round-to-nearest on blocks
         # with an outlier (a review: GPTQ 0.44 vs RTN 0.37 relative output error)
-        from ._ops import quantize
-
-        own = {"a": None, "b": _iq4nl_scale(b), "m": m, "z": zero}
-        gg = {"a": None, "b": f16_values(quantize(b, "iq4_nl", _range_check=False).data.reshape(r, 18)[:, :2])[:, 0],
-              "m": m, "z": zero}
-        for P in (own, gg):
-            P["a"] = _inv(P["b"])
+        own, gg = ({"a": _inv(d), "b": d, "m": m, "z": zero} for d in (_iq4nl_scale(b), _ggml_iq4nl_d(b)))
         with np.errstate(invalid="ignore", over="ignore"):
             e = [np.where(np.isfinite(x), x, np.inf) for x in
                  (((codes_values(fmt, b, P)[1] - b).astype(np.float64) ** 2).sum(axis=1) for P in (own, gg))]
@@ -217,9 +218,7 @@ def search_params(fmt, b, sym=False, grid=100, maxshrink=0.8, norm=2.4):
 
     if fmt == "iq4_nl":  # its rule is a scale search already: per block, the better of it and
         # ggml's own (weighted by x^2, what pq.quantize stores), so never worse than either
-        from ._ops import quantize
-
-        d = f16_values(quantize(b, "iq4_nl", _range_check=False).data.reshape(len(b), 18)[:, :2])[:, 0]  # block d
+        d = _ggml_iq4nl_d(b)
         native = {"a": _inv(d), "b": d, "m": best["m"], "z": best["z"]}
         better = err(codes_values(fmt, b, native)[1]) <= err(codes_values(fmt, b, best)[1])
         return {key: np.where(better, native[key], best[key]) for key in best}

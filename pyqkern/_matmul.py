@@ -160,9 +160,13 @@ def _adapters(lora, adapter_ids, w, m):
     return ads, ids
 
 
+def _sums_dora(ads) -> bool:
+    """adapters applied together on the same rows include a DoRA one: its rescale does not sum"""
+    return len(ads) > 1 and any(a.is_dora for a in ads)
+
+
 def _refuse_summed_dora(ads):
-    """adapters applied together on the same rows: a DoRA rescale does not sum"""
-    if len(ads) > 1 and any(a.is_dora for a in ads):
+    if _sums_dora(ads):
         raise ValueError("a DoRA adapter cannot be summed with others on the same rows; use adapter_ids")
 
 
@@ -457,7 +461,7 @@ class QLinear:
         if name in self._adapters:
             raise ValueError(f"adapter {name!r} already attached")
         lora.check_base(self.weight.shape)
-        if active and self._active_loras and (lora.is_dora or any(a.is_dora for a in self._active_loras)):
+        if active and _sums_dora(self._active_loras + [lora]):
             raise ValueError(f"adapter {name!r}: a DoRA adapter cannot be active together with others "
                              f"(active: {self._active}); add it with active=False and pick it per row "
                              "with adapter_ids, or set_adapter() first")

@@ -360,6 +360,12 @@ class GPTQ:
         return self.W.shape
 
     @property
+    def inputs_all_zero(self) -> bool:
+        """Every input column is dead (H's diagonal is all zero): quantize refuses, as GPTQ would
+        zero the whole weight."""
+        return not (np.diag(self._H) > 0).any()
+
+    @property
     def H(self) -> np.ndarray:
         """The accumulated Hessian 2/n Σ x xᵀ, float64 [K, K] (a symmetric copy)."""
         return _symmetric_from_upper(self._H)
@@ -403,8 +409,9 @@ class GPTQ:
             raise ValueError(f"GPTQ: H must be [{k}, {k}], got {H.shape}")
         _check_finite(H, "the Hessian")
         # one triangle is read, which one depends on the layout: a triangle alone (np.triu(H))
-        # lost every off-diagonal term without a word (a review)
-        asym = np.abs(H - H.T).max()
+        # lost every off-diagonal term without a word (a review). Row blocks: H - H.T whole would
+        # be another K x K float64 array (~1 GB at K = 11008)
+        asym = max(float(np.abs(H[i:i + 512] - H[:, i:i + 512].T).max()) for i in range(0, k, 512))
         if asym > 1e-5 * max(float(np.abs(H).max()), np.finfo(F64).tiny):
             raise ValueError(f"GPTQ: H must be symmetric (max |H - H.T| = {asym:.3g}); pass the whole matrix, "
                              "not one triangle")
@@ -493,7 +500,7 @@ class GPTQ:
             raise ValueError(f"GPTQ: the calibration inputs are so small that their squares underflow "
                              f"{np.dtype(self._hdt).name} (H would be all zero): scale them up (GPTQ does not "
                              "depend on their scale)")
-        if not (np.diag(H) > 0).any():  # every input dead: GPTQ would zero the whole weight
+        if self.inputs_all_zero:  # every input dead: GPTQ would zero the whole weight
             raise ValueError("GPTQ: the calibration inputs are all zero" + (
                 "" if np.dtype(self._hdt) == F64 else " (in float32: smaller values underflow to 0)")
                 + ", so the Hessian is zero and GPTQ would zero the whole weight: calibrate on real inputs")

@@ -44,7 +44,7 @@ from torch import nn
 import torch.autograd.forward_ad as _fwad
 
 from . import _formats
-from ._lora import LoRA
+from ._lora import LoRA, _real
 from ._matmul import COMPUTES, INT8_NEEDS, int8_fits, matmul as _pq_matmul
 from ._ops import dequantize as _pq_dequantize
 from ._ops import quantize as _pq_quantize
@@ -504,17 +504,14 @@ class QuantLinear(nn.Module):
         # a read-only NumPy array (a LoRA's A / B) copied first: torch.as_tensor would warn
         A, B = (torch.as_tensor(np.array(v) if isinstance(v, np.ndarray) and not v.flags.writeable else v)
                 .detach().to(torch.float32) for v in (A, B))
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != self.in_features or B.shape[0] != self.out_features \
-                or A.shape[0] != B.shape[1] or A.shape[0] == 0:
-            raise ValueError(f"adapter shapes A {tuple(A.shape)} / B {tuple(B.shape)} do not fit "
-                             f"[r, {self.in_features}] / [{self.out_features}, r]")
+        why = self._adapter_shape_error(A, B)
+        if why:
+            raise ValueError(f"adapter shapes {why}")
         r = A.shape[0]
-        try:  # a number (a NumPy / torch scalar too), not a str or bool, finite
-            a = float("nan") if isinstance(alpha, (bool, str, bytes)) else float(r if alpha is None else alpha)
-        except (TypeError, ValueError):
-            a = float("nan")
-        if not math.isfinite(a):
-            raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
+        try:  # a finite number (a NumPy / torch scalar too), not a str or bool
+            a = float(r) if alpha is None else _real(alpha, "alpha")
+        except TypeError as e:  # a ValueError, as this method's other argument errors
+            raise ValueError(str(e)) from None
         self.lora_A[name] = nn.Parameter(A.clone().contiguous(), requires_grad=trainable)
         self.lora_B[name] = nn.Parameter(B.clone().contiguous(), requires_grad=trainable)
         self._alphas[name] = (a, bool(rslora))
@@ -727,6 +724,14 @@ class QuantLinear(nn.Module):
                 r = self.lora_A[nm].shape[0]
                 self._scales[nm] = a / (math.sqrt(r) if rs else r)
 
+    def _adapter_shape_error(self, A, B):
+        """why A [r, in] / B [out, r] do not fit this layer (r >= 1), or None"""
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != self.in_features or B.shape[0] != self.out_features \
+                or A.shape[0] != B.shape[1] or A.shape[0] == 0:
+            return (f"A {tuple(A.shape)} / B {tuple(B.shape)} do not fit [r, {self.in_features}] / "
+                    f"[{self.out_features}, r]")
+        return None
+
     def _check_adapter_state(self, state_dict, prefix, st) -> None:
         """ValueError, before anything changes, unless every adapter the state holds weights of ends up
         with both halves (from the state, or attached here), shapes that fit this layer and each
@@ -744,10 +749,9 @@ class QuantLinear(nn.Module):
             if A is None or B is None:
                 raise ValueError(f"adapter {nm!r}: the state has lora_{'A' if B is None else 'B'}.{nm} but not "
                                  f"lora_{'B' if B is None else 'A'}.{nm}, and no such adapter is attached here")
-            if A.dim() != 2 or B.dim() != 2 or A.shape[1] != self.in_features or B.shape[0] != self.out_features \
-                    or A.shape[0] != B.shape[1] or A.shape[0] == 0:
-                raise ValueError(f"adapter {nm!r}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit "
-                                 f"[r, {self.in_features}] / [{self.out_features}, r]")
+            why = self._adapter_shape_error(A, B)
+            if why:
+                raise ValueError(f"adapter {nm!r}: {why}")
             if not (A.is_floating_point() and B.is_floating_point()):
                 raise ValueError(f"adapter {nm!r}: A / B must be floating point, got {A.dtype} / {B.dtype}")
             if nm not in alphas and nm not in self._alphas:
@@ -1407,7 +1411,7 @@ class _GPTQRun:
         g = self.g.pop(name)
         lin = self.lin[name]
         # not called, or only on all-zero inputs (GPTQ refuses: it would zero the weight)
-        idle = g.nsamples == 0 or not (np.diag(g._H) > 0).any()
+        idle = g.nsamples == 0 or g.inputs_all_zero
         if idle:
             why = "was not called on" if g.nsamples == 0 else "saw only zeros in"
             warnings.warn(f"pyqkern.torch.quantize_model: {name} {why} the calibration data; "

@@ -429,9 +429,9 @@ def test_kept_bf16_tensors_stay_bf16_in_gguf(tmp_path):
 def test_review_cli_isa_pipe_and_plot(tmp_path):
     """A bad PYQKERN_ISA gave a traceback; `pyqkern info | head` a BrokenPipeError traceback; a
     bad --plot path was found after the whole benchmark (and removed the --json rows)."""
-    env = dict(os.environ, PYQKERN_ISA="bogus")
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(pq.__file__))) + os.pathsep + \
-        env.get("PYTHONPATH", "")
+    from conftest import child_env
+
+    env = dict(child_env()[0], PYQKERN_ISA="bogus")
     r = subprocess.run([sys.executable, "-m", "pyqkern", "info"], capture_output=True, text=True, env=env,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "PYQKERN_ISA=bogus" in r.stderr
