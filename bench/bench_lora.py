@@ -323,7 +323,7 @@ def test_decode_stack(benchmark, fmt, mode, threads):
             for lin in bases:
                 lin(x, out=y)
 
-        benchmark.extra_info["overhead_paired"] = _paired_overhead(run_base, run, pairs=60)
+        benchmark.extra_info["overhead_paired"] = _paired_overhead(run_base, run, pairs=20 if QUICK else 200)
 
 
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
