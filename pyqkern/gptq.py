@@ -33,8 +33,10 @@ The algorithm follows the reference implementation (IST-DASLab ``gptq.py`` / Aut
   scale (fp16 d for the value). The bytes are ordinary ggml blocks.
 
 With ``act_order`` (and not ``static_groups``) the result is ``qt.with_perm(perm)``: the stored
-weight is the quantized ``W[:, perm]`` with its groups in order; :func:`pyqkern.dequantize`
-returns the original column order. With ``static_groups`` the groups are the original column
+weight is the quantized ``W[:, perm]`` with its groups in processing order and, within a group,
+the columns in original order (what a GPTQ checkpoint's ``g_idx`` implies, so
+:func:`pyqkern.io.to_gptq` / :func:`pyqkern.io.from_gptq` round-trip the bytes); with a single
+group there is no permutation. :func:`pyqkern.dequantize` returns the original column order. With ``static_groups`` the groups are the original column
 groups, so the result needs no permutation.
 
 The inner column loop runs in Numba (:mod:`pyqkern.numba_kernels.gptq_loop`) when Numba is
@@ -276,6 +278,15 @@ def _assemble(fmt, res, n, k, group, sym, static_groups):
         perm = None
     else:
         stored = np.ascontiguousarray(c.T)
+        if perm is not None:
+            # Within a group (one parameter set) the column order changes no value: keep each
+            # group's columns in original order, the order a GPTQ checkpoint's g_idx implies (it
+            # holds groups, not positions), so to_gptq -> from_gptq gives back these bytes and
+            # the same int8-path results. With one group that is no permutation at all.
+            order = np.lexsort((perm, np.arange(k) // _grid.block_size(fmt, k, group)))
+            perm, stored = perm[order], np.ascontiguousarray(stored[:, order])
+            if np.array_equal(perm, np.arange(k)):
+                perm = None
     tables = {"a": res["A"], "b": res["B"], "m": res["M"], "z": res["Z"]}
     qt = _grid.encode(fmt, stored, tables, n, k, group, sym)
     return qt.with_perm(perm) if perm is not None else qt
@@ -512,7 +523,7 @@ class GPTQ:
         from ._ops import _check_scale_range
 
         # as pq.quantize warns (the weights in stored column order)
-        _check_scale_range(qt, self.W if res["perm"] is None else self.W[:, res["perm"]], stacklevel=4)
+        _check_scale_range(qt, self.W if qt.perm is None else self.W[:, qt.perm], stacklevel=4)
         vals = np.empty((n, k), F32)  # the weights GPTQ chose, original column order
         if res["perm"] is None:
             vals[:] = res["values"].T

@@ -28,7 +28,7 @@ def test_every_target_beats_rtn_exact_bytes(layer, fmt, act_order):
     g = G.GPTQ(W)
     g.add_batch(X)
     qt = g.quantize(format=fmt, act_order=act_order)
-    assert qt.format == fmt and qt.shape == W.shape and (qt.perm is not None) == act_order
+    assert qt.format == fmt and qt.shape == W.shape and (qt.perm is not None) == (act_order and fmt != "int8")  # int8: one group
     for backend in ("native", "reference", "numba"):  # the bytes decode to exactly GPTQ's choice
         np.testing.assert_array_equal(pq.dequantize(qt, backend=backend), g.values)
     rep = g.report(X)

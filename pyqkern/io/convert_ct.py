@@ -14,7 +14,9 @@ The stored nibbles are exactly pyqkern's codes and zero points (symmetric: no ze
 8), so conversion is lossless for 4-bit when the scales are fp16-representable (fp16 scales
 always are; bf16 checkpoints usually are, otherwise ValueError). compressed-tensors itself
 dequantizes in the scale dtype (bf16/fp16 products); pyqkern's dequantize gives the exact fp32
-products. Only num_bits=4 is supported.
+products. Only num_bits=4 is supported. As with GPTQ, weight_g_idx holds groups, not places
+within a group: a perm that orders a group's channels other than ascending comes back ascending
+(same values; see pyqkern.io.convert_gptq on act-order).
 """
 from __future__ import annotations
 

@@ -27,7 +27,11 @@ scales that are exact in fp16.
 Act-order (desc_act) checkpoints have a non-monotone g_idx. from_gptq sorts the input channels
 by g_idx (stable), stores W[:, perm] with ordinary contiguous groups and returns
 ``qt.with_perm(perm)``; dequantize() gives back W in the original order exactly. This needs
-every group to hold exactly K/G channels (true for GPTQ act-order).
+every group to hold exactly K/G channels (true for GPTQ act-order). A g_idx holds each channel's
+group, not its place within the group, so a QTensor whose perm orders a group's channels
+otherwise (pyqkern.gptq keeps them ascending, as here) comes back from to_gptq -> from_gptq
+with them ascending: the same dequantized values and float results, other stored bytes, and the
+int8 path (activations quantized in 32-wide blocks of the stored order) may round differently.
 """
 from __future__ import annotations
 
@@ -140,7 +144,8 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, bits=4, format="auto", sym=No
 
     format: "v1" (zero = stored + 1), "v2" (zero = stored) or "auto" (see detect_gptq_format).
     checkpoint_format: GPTQModel's config value, "gptq" (v1) or "gptq_v2" (v2), which "auto"
-    then follows (to_gptq's dict carries it, so ``from_gptq(**to_gptq(qt))`` is exact).
+    then follows (to_gptq's dict carries it, so ``from_gptq(**to_gptq(qt)) == qt`` unless qt's
+    perm orders a group's channels other than ascending: see the module notes on act-order).
     sym: None detects (all zero points 2^(bits-1) => symmetric QTensor); True requires every zero
     to be 2^(bits-1); False keeps explicit zero points (not possible for bits=8).
     Raises ValueError for wrong shapes/dtypes, v1 stored zeros of 2^bits - 1 (the v1 asymmetric
