@@ -693,6 +693,22 @@ def test_compressed_tensors_bad_inputs_and_dir(tmp_path):
         "config_groups": {"group_0": {"weights": {"num_bits": 4, "group_size": 32, "symmetric": False}}}}}))
     mods = load_gptq_dir(tmp_path)
     np.testing.assert_array_equal(pq.dequantize(mods["l"]), ref_ct(wp, sc, zp, None, 64))
+    # another compressed-tensors format, or a config whose tensors are not there: an error, not {}
+    # (review: an int-quantized checkpoint loaded as an empty dict)
+    for fmt_where in ({"format": "int-quantized"}, {"group_format": "int-quantized"}):
+        grp = {"weights": {"num_bits": 4}, **({"format": fmt_where["group_format"]} if "group_format" in fmt_where else {})}
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+            "quant_method": "compressed-tensors", **({"format": fmt_where["format"]} if "format" in fmt_where else {}),
+            "config_groups": {"group_0": grp}}}))
+        with pytest.raises(NotImplementedError, match="int-quantized.*only 'pack-quantized'"):
+            load_gptq_dir(tmp_path)
+    st.save(tmp_path / "model.safetensors", {"l.weight": np.zeros((16, 64), np.int8)})
+    for qc, what in (({"quant_method": "compressed-tensors", "format": "pack-quantized",
+                       "config_groups": {"group_0": {"weights": {"num_bits": 4}}}}, "weight_packed"),
+                     ({"quant_method": "gptq", "bits": 4}, "qweight"), ({"quant_method": "awq", "bits": 4}, "qweight")):
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
+        with pytest.raises(ValueError, match=rf"no \*\.{what} tensor"):
+            load_gptq_dir(tmp_path)
 
 
 def test_quant_config_and_state_garbage(tmp_path):

@@ -330,7 +330,7 @@ def load_gptq_dir(path) -> dict:
                 out[m] = from_awq(*(_tensor(tensors, m + t, path) for t in (".qweight", ".qzeros", ".scales")))
             except ValueError as e:
                 raise ValueError(f"{path}: module {m!r}: {e}") from None
-        return out
+        return _found(out, path, "*.qweight")
     if method == "compressed-tensors":
         from .convert_ct import from_compressed_tensors
         groups = cfg.get("config_groups", {})
@@ -338,6 +338,10 @@ def load_gptq_dir(path) -> dict:
                                                    for g in groups.values()):
             raise ValueError(f"{path}: compressed-tensors config_groups must map names to objects with a 'weights' "
                              "object")
+        fmts = {str(f) for f in [cfg.get("format")] + [g.get("format") for g in groups.values()] if f is not None}
+        if fmts - {"pack-quantized"}:
+            raise NotImplementedError(f"{path}: compressed-tensors format {', '.join(sorted(fmts))}: only "
+                                      "'pack-quantized' (weight_packed int32 words) is read")
         nbits = [grp.get("weights", {}).get("num_bits", 4) for grp in groups.values()]
         if any(b != 4 for b in nbits):
             raise NotImplementedError(f"compressed-tensors num_bits {nbits}: only 4-bit is supported")
@@ -349,7 +353,7 @@ def load_gptq_dir(path) -> dict:
                                                  tensors.get(m + ".weight_g_idx"), tensors.get(m + ".weight_shape"))
             except ValueError as e:
                 raise ValueError(f"{path}: module {m!r}: {e}") from None
-        return out
+        return _found(out, path, "*.weight_packed")
     if method != "gptq":
         raise NotImplementedError(f"quant_method {method!r} is not a GPTQ checkpoint")
     bits = _check_bits(bits)
@@ -371,4 +375,11 @@ def load_gptq_dir(path) -> dict:
             raise ValueError(f"{path}: module {m!r} lacks tensor {e}") from None
         except ValueError as e:
             raise ValueError(f"{path}: module {m!r} ({bits}-bit): {e}") from None
+    return _found(out, path, "*.qweight")
+
+
+def _found(out, path, what):
+    """out, or ValueError when a quantized checkpoint gave no module (an empty dict read as 'done')."""
+    if not out:
+        raise ValueError(f"{path}: the config says quantized, but no {what} tensor is in its safetensors files")
     return out
