@@ -478,6 +478,31 @@ def _bad_dir(tmp_path, tensors, config, name):
     return d
 
 
+def test_conv_adapters_skipped_and_saved_module_biases_not_lora_biases(tmp_path):
+    """A conv adapter (4-D A and B, DoRA magnitude [1, out, 1, 1]) is skipped with a warning, as an
+    Embedding's is, so the Linears of a model mixing both load (review: the whole load failed);
+    with bias='all' a modules_to_save layer's bias is not named as a LoRA layer's trained bias."""
+    rng = np.random.default_rng(8)
+    a, b = _ab(rng, 4, 32, 16)
+    ca, cb = _ab(rng, 4, 12, 4)
+    for dora in (False, True):
+        t = {f"{P}fc.lora_A.weight": a, f"{P}fc.lora_B.weight": b, f"{P}conv.lora_A.weight": ca.reshape(4, 4, 3),
+             f"{P}conv.lora_B.weight": cb.reshape(4, 4, 1), f"{P}fc.base_layer.bias": np.zeros(16, np.float32),
+             f"{P}head.bias": np.zeros(5, np.float32), f"{P}head.weight": np.zeros((5, 16), np.float32)}
+        if dora:
+            t[f"{P}fc.lora_magnitude_vector"] = np.ones(16, np.float32)
+            t[f"{P}conv.lora_magnitude_vector"] = np.ones((1, 4, 1), np.float32)
+        d = tmp_path / f"d{dora}"
+        _write_peft(d, t, {"r": 4, "lora_alpha": 8, "bias": "all", "use_dora": dora, "modules_to_save": ["head"]})
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            ads = pio.load_peft_adapter(d)
+        assert list(ads) == ["fc"] and ads["fc"].rank == 4 and (ads["fc"].magnitude is not None) == dora
+        bias_msg, skip_msg = [str(x.message) for x in w]
+        assert "1 trained bias" in bias_msg and "fc.base_layer.bias" in bias_msg and "head" not in bias_msg
+        assert f"skipped {5 if dora else 4} tensor" in skip_msg, skip_msg
+
+
 def test_load_rejects(tmp_path):
     rng = np.random.default_rng(4)
     a, b = _ab(rng, 4, 8, 6)
@@ -495,7 +520,8 @@ def test_load_rejects(tmp_path):
         (ok, {"r": 4, "rank_pattern": {"m": "x"}}, "rank_pattern"),
         (ok, {"r": 4, "use_dora": "yes"}, "use_dora"),
         ({f"{P}m.lora_A.weight": a.reshape(4, 8, 1, 1), f"{P}m.lora_B.weight": b.reshape(6, 4, 1, 1)}, {"r": 4},
-         "2-D"),
+         "no LoRA weights found"),  # a conv adapter alone: skipped, nothing left
+        ({f"{P}m.lora_A.weight": a, f"{P}m.lora_B.weight": b.reshape(6, 4, 1, 1)}, {"r": 4}, "2-D"),
         ({f"{P}m.lora_A.weight": a.astype(np.int32), f"{P}m.lora_B.weight": b}, {"r": 4}, "float"),
         ({f"{P}m.lora_A.weight": a, f"{P}m.lora_B.weight": b[:, :3]}, {"r": 4}, "rank mismatch"),
         ({"other.weight": a}, {"r": 4}, "no LoRA weights"),

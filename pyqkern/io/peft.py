@@ -12,12 +12,12 @@ per-module r and alpha from ``rank_pattern`` / ``alpha_pattern`` resolved as PEF
 ``get_pattern_key`` does: the first key (in file order) for which ``re.match(r"(.*\\.)?(KEY)$", module)``
 matches wins; the key is a regular expression, so a plain name matches itself or any dotted suffix.
 
-Not supported (ValueError): ``lora_bias`` (``lora_B.bias``), non-2-D (conv) adapters, QA-LoRA,
+Not supported (ValueError): ``lora_bias`` (``lora_B.bias``), QA-LoRA,
 and the variants PEFT computes differently from x @ A.T @ B.T on the base weight (aLoRA, KaSA,
 BD-LoRA, layer replication, adapters on parameters, and PiSSA / OLoRA / CorDA files saved without
 PEFT's conversion, whose base weight PEFT replaces by a residual on load). Keys that are not Linear
-LoRA weights (``lora_embedding_*``, ``modules_to_save`` copies, trained biases of ``bias="all"`` /
-``"lora_only"``, ...) are skipped with a UserWarning. ``fan_in_fan_out`` needs nothing: A and B
+LoRA weights (``lora_embedding_*``, conv adapters, ``modules_to_save`` copies, trained biases of
+``bias="all"`` / ``"lora_only"``, ...) are skipped with a UserWarning. ``fan_in_fan_out`` needs nothing: A and B
 are stored the same way and B @ A is [out, in], which is pyqkern's [N, K] weight orientation.
 """
 from __future__ import annotations
@@ -219,7 +219,7 @@ def _read_config(path):
     out = {"r": cfg.get("r", 8), "lora_alpha": cfg.get("lora_alpha", 8),  # LoraConfig defaults
            "use_rslora": cfg.get("use_rslora", False), "use_dora": cfg.get("use_dora", False),
            "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {},
-           "bias": cfg.get("bias", "none")}
+           "bias": cfg.get("bias", "none"), "modules_to_save": cfg.get("modules_to_save") or []}
     def bad(name, v):
         if not finite_number(v):
             return True
@@ -303,8 +303,22 @@ def load_peft_adapter(path, *, storage: str = "auto") -> dict:
         if any(k.startswith(f"{PREFIX}{module}.") for k in skipped):
             del parts[module]
             skipped.append(f"{PREFIX}{module}.lora_magnitude_vector")
-    # bias="all" / "lora_only": the fine-tune changed these layers' biases too
-    biases = [k for k in skipped if k.endswith(".bias") and ".lora_" not in k] if cfg["bias"] in ("all", "lora_only") else []
+    # conv adapters (A [r, in, kh, kw], B [out, r, 1, 1]): skipped with a warning like an
+    # Embedding's, so a model mixing conv and Linear layers (Whisper, ViT) still loads its Linears
+    conv = [m for m, p in parts.items() if all(k in p and p[k].ndim > 2 for k in ("A", "B"))]
+    for module in conv:
+        skipped += [PREFIX + module + suf for suf in _SUFFIXES if PREFIX + module + suf in tensors]
+        del parts[module]
+    # bias="all" / "lora_only": the fine-tune changed these layers' biases too (a modules_to_save
+    # layer's bias is that layer's full copy, not a LoRA layer's)
+    saved = [str(n) for n in cfg["modules_to_save"]] if isinstance(cfg["modules_to_save"], list) else []
+
+    def saved_copy(key):
+        mod = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        return any(mod == f"{n}.bias" or mod.endswith(f".{n}.bias") for n in saved)
+
+    biases = [k for k in skipped if k.endswith(".bias") and ".lora_" not in k and not saved_copy(k)] \
+        if cfg["bias"] in ("all", "lora_only") else []
     if biases:
         warnings.warn(f"{path}: the file holds {len(biases)} trained bias tensor(s) (PEFT bias='all' or "
                       f"'lora_only'), e.g. {biases[:3]}; a LoRA does not carry them: read them from "
