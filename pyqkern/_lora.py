@@ -14,16 +14,17 @@ from ._formats import INTN_BITS
 def _as_f32(a, what, ndim):
     from ._ops import as_float32_2d
 
-    if hasattr(a, "detach") and hasattr(a, "numpy"):  # torch tensor
+    torch_in = hasattr(a, "detach") and hasattr(a, "numpy")
+    if not (torch_in or isinstance(a, np.ndarray)):
+        raise TypeError(f"{what} must be a numpy array, got {type(a).__name__}")
+    if a.ndim != ndim:
+        raise ValueError(f"{what} must be {ndim}-D, got shape {tuple(a.shape)}")
+    if torch_in:
         a = a.detach()
         if ndim == 1:
             a = a.reshape(1, -1)
         out = as_float32_2d(a, what)
         return out.reshape(-1) if ndim == 1 else np.ascontiguousarray(out)
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{what} must be a numpy array, got {type(a).__name__}")
-    if a.ndim != ndim:
-        raise ValueError(f"{what} must be {ndim}-D, got shape {a.shape}")
     if ndim == 1:
         return np.ascontiguousarray(as_float32_2d(a.reshape(1, -1), what).reshape(-1))
     return np.ascontiguousarray(as_float32_2d(a, what))
@@ -48,6 +49,7 @@ class LoRA:
         # _shared: A and B are read-only views of the caller's arrays instead of copies, for
         # callers that build a LoRA per call from arrays they own (pyqkern.torch's custom op)
         store = _storage_dtype(A, B, storage)
+        bits = any(isinstance(a, np.ndarray) and a.dtype == np.uint16 for a in (A, B))
         A = _as_f32(A, "A", 2)
         B = _as_f32(B, "B", 2)
         r, k = A.shape
@@ -57,7 +59,8 @@ class LoRA:
         if rb != r:
             raise ValueError(f"rank mismatch: A is [{r}, K] but B is [N, {rb}]")
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
-            raise ValueError("A or B contains NaN or Inf")
+            raise ValueError("A or B contains NaN or Inf" + (" (uint16 arrays are read as bfloat16 bit patterns)"
+                                                             if bits else ""))
         if store != "float32":  # what the kernels read; .A / .B are its exact float32 widening
             A, B = _round_to(A, store), _round_to(B, store)
             if not (np.isfinite(A).all() and np.isfinite(B).all()):
@@ -202,6 +205,8 @@ _DTYPE_ID = {"float32": 0, "float16": 1, "bfloat16": 2}
 def _real(v, what) -> float:
     """v as a finite float: a Python / NumPy real number or a one-element array or tensor, never
     a str or bool (float("16") and float(True) would pass silently)."""
+    if isinstance(v, np.ndarray) and v.size == 1:  # float() of a 1-D array is an error in NumPy >= 2.4
+        v = v.reshape(())[()]
     if isinstance(v, (str, bytes, bool, np.bool_)):
         raise TypeError(f"{what} must be a real number, got {type(v).__name__} {v!r}")
     try:

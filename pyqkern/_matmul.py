@@ -147,6 +147,8 @@ def _adapters(lora, adapter_ids, w, m):
     ids = None
     if adapter_ids is not None:
         ids = np.asarray(adapter_ids)
+        if ids.size == 0 and ids.dtype.kind == "f":  # [] is float64 to NumPy: an empty batch's ids
+            ids = ids.astype(np.int32)
         if ids.dtype.kind not in "iu":
             raise TypeError(f"adapter_ids must be integers, got dtype {ids.dtype}")
         ids = ids.reshape(-1)

@@ -235,6 +235,21 @@ def test_bad_adapter_input():
     # a dict of adapters is not silently iterated by its keys
     with pytest.raises(TypeError, match="dict"):
         pq.matmul(x, qt, lora={"a": ad})
+    # from a review: an empty batch with ids [] (float64 to NumPy) runs; a one-element alpha array
+    # is a number; a torch magnitude is 1-D as a NumPy one must be; uint16 NaN patterns are named
+    lin = pq.QLinear(qt)
+    lin.add_adapter("a", ad)
+    for f in (lambda x0: pq.matmul(x0, qt, lora=[ad], adapter_ids=[]), lambda x0: lin(x0, adapter_ids=[])):
+        assert f(np.zeros((0, k), np.float32)).shape == (0, n)
+    assert LoRA(ad.A, ad.B, alpha=np.array([4.0])).scale == 2.0
+    torch = pytest.importorskip("torch")
+    for mag in (torch.ones(4, 4), torch.ones(1, n), np.ones((1, n), np.float32)):
+        with pytest.raises(ValueError, match=r"magnitude must be 1-D, got shape \((4, 4|1, 16)\)"):
+            LoRA(ad.A, ad.B, magnitude=mag)
+    with pytest.raises(ValueError, match=r"^A must be 2-D, got shape \(64,\)$"):
+        LoRA(torch.ones(k), torch.ones(n, 2))
+    with pytest.raises(ValueError, match="uint16 arrays are read as bfloat16 bit patterns"):
+        LoRA(np.full((2, k), 0x7FC0, np.uint16), np.zeros((n, 2), np.uint16))
 
 
 def test_lora_is_immutable():
