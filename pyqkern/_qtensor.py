@@ -24,6 +24,17 @@ class QTensor:
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
             raise TypeError("QTensor data must be a 1-D uint8 NumPy array of the canonical bytes "
                             "(QTensor.from_bytes wraps other buffers)")
+        if isinstance(params, dict):
+            # the values from_bytes accepts (a review: group 48 was taken, and the Numba matmul read
+            # it as 32; group 0 divided by zero)
+            g = params.get("group")
+            if fmt in _formats.GROUPED and g is not None and not isinstance(g, bool) and g == 0:
+                raise ValueError(f"{fmt}: group 0 is not a group size (QTensor.from_bytes and pq.quantize "
+                                 "fill in the default)")
+            canon = _formats.resolve_params(fmt, k, g, params.get("sym"), params.get("double_quant", False))
+            if params.get("group", canon["group"]) != canon["group"]:
+                raise ValueError(f"{fmt}: group {params['group']!r} is not a group size (QTensor.from_bytes "
+                                 "and pq.quantize fill in the default)")
         try:
             need = total_bytes(fmt, n, k, params)
         except (KeyError, TypeError):
@@ -86,10 +97,13 @@ class QTensor:
                 "perm": self.perm}
 
     def __setstate__(self, state):
-        for key, val in state.items():
-            object.__setattr__(self, key, val)
-        self._sections = _split(self.format, self.shape[0], self.shape[1], self.params, self.data)
-        self._packed = None
+        # through the checks of the constructor and with_perm (a pickle is input too; a review: the
+        # copy's perm was writeable, and an edit to it gave wrong products silently)
+        qt = QTensor(state["format"], state["shape"], state["data"], state["params"])
+        if state.get("perm") is not None:
+            qt = qt.with_perm(state["perm"])
+        for key in ("format", "shape", "params", "data", "_sections", "_packed", "perm"):
+            object.__setattr__(self, key, getattr(qt, key))
 
     def release_packed(self) -> None:
         """Drop the cached int8-kernel layout that pyqkern.matmul made (QLinear keeps its own)."""

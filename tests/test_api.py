@@ -469,3 +469,29 @@ def test_review_core_api_edges():
         warnings.simplefilter("always")
         pq.quantize(np.full((1, 32), 1e-39, np.float32), "q4_0", search="mse")
     assert len(got) <= 1, [str(m.message) for m in got]
+
+
+def test_constructor_and_pickle_check_params_and_perm():
+    """From a review: QTensor(...) took params from_bytes refuses (int4 group 48: the Numba matmul
+    read it as 32 and gave wrong products; group 0 divided by zero), and a pickled / deep-copied
+    QTensor's perm came back writeable and unchecked."""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(3)
+    qt = pq.quantize(rng.standard_normal((4, 96)).astype(np.float32), "int4", group=32)
+    for params, msg in (({"group": 48, "sym": 0}, "power of two"), ({"group": 0, "sym": 0}, "not a group size"),
+                        ({"group": 32, "sym": 2}, "sym must be")):
+        with pytest.raises(ValueError, match=msg):
+            pq.QTensor("int4", (4, 96), qt.data, params)
+    p = qt.with_perm(rng.permutation(96))
+    for cp in (pickle.loads(pickle.dumps(p)), copy.deepcopy(p)):
+        assert cp == p and not cp.perm.flags.writeable
+        with pytest.raises(ValueError):
+            cp.perm[:] = 0
+    state = p.__getstate__()
+    bad = pq.QTensor.__new__(pq.QTensor)
+    with pytest.raises(ValueError, match="not a permutation"):
+        bad.__setstate__({**state, "perm": np.zeros(96, np.int64)})
+    with pytest.raises(ValueError, match="power of two"):
+        bad.__setstate__({**state, "params": {"group": 48, "sym": 0}})
