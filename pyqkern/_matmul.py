@@ -69,7 +69,10 @@ def _bias(bias, n):
     if bias is None:
         return None
     if hasattr(bias, "detach") and hasattr(bias, "numpy"):  # torch: its bf16 has no NumPy dtype
-        b = as_float32_2d(bias.reshape(1, -1), "bias")[0] if bias.ndim == 1 else bias.detach().numpy()
+        if str(bias.dtype) == "torch.float64":  # as a NumPy float64 bias (a review: refused)
+            b = np.asarray(bias.detach().cpu().numpy())
+        else:
+            b = as_float32_2d(bias.reshape(1, -1), "bias")[0] if bias.ndim == 1 else bias.detach().numpy()
     else:
         b = np.asarray(bias)
         if _BF16 is not None and b.dtype == _BF16 and b.ndim == 1:  # ml_dtypes (its kind is "V")
@@ -78,8 +81,10 @@ def _bias(bias, n):
         raise TypeError(f"bias must be a float array, got dtype {b.dtype}")
     if b.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {b.shape}")
-    if b.dtype.itemsize > 4 and np.isfinite(b).all() and b.size and np.abs(b).max() > np.finfo(np.float32).max:
-        raise ValueError(f"bias has values beyond the float32 range (|b| up to {float(np.abs(b).max()):.3g})")
+    if b.dtype.itemsize > 4:  # finite values float32 cannot hold (an Inf beside them hid them: review)
+        big = np.abs(b[np.isfinite(b)])
+        if big.size and big.max() > np.finfo(np.float32).max:
+            raise ValueError(f"bias has values beyond the float32 range (|b| up to {float(big.max()):.3g})")
     return np.require(b, np.float32, ["C", "A"])
 
 

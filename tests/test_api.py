@@ -451,6 +451,8 @@ def test_review_core_api_edges():
     assert np.array_equal(pq.matmul(x, qt, np.ones(64, ml_dtypes.bfloat16)), pq.matmul(x, qt, b))
     with pytest.raises(ValueError, match="float32 range"):
         pq.matmul(x, qt, np.full(64, 1e300))
+    with pytest.raises(ValueError, match="float32 range"):  # an Inf beside it hid it (review)
+        pq.matmul(x, qt, np.array([np.inf, 1e300] + [0.0] * 62))
     lin = pq.QLinear(qt, bias=b)
     y0 = lin(x)
     b[:] = 100
@@ -495,3 +497,15 @@ def test_constructor_and_pickle_check_params_and_perm():
         bad.__setstate__({**state, "perm": np.zeros(96, np.int64)})
     with pytest.raises(ValueError, match="power of two"):
         bad.__setstate__({**state, "params": {"group": 48, "sym": 0}})
+
+
+def test_torch_float64_bias_as_numpy_float64():
+    """a torch float64 bias is taken as a NumPy float64 one is (a review: TypeError)"""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    qt = pq.quantize(rng.standard_normal((64, 64)).astype(np.float32), "q4_0")
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    b = rng.standard_normal(64)
+    assert np.array_equal(pq.matmul(x, qt, torch.from_numpy(b)), pq.matmul(x, qt, b))
+    with pytest.raises(ValueError, match="float32 range"):
+        pq.matmul(x, qt, torch.full((64,), 1e300, dtype=torch.float64))
