@@ -139,6 +139,23 @@ def test_gemv_rows_equal_batch_rows(fmt, kw, ks):
                 np.testing.assert_array_equal(yi[0].view(np.uint32), yb[i].view(np.uint32), err_msg=f"{fmt} k={k} row {i}")
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "int4"])
+def test_batch_over_several_x_tiles_equals_rows(fmt):
+    """M > 8 runs x in tiles of rows (2 MiB: 16 rows at K = 32768); rows of every tile, their
+    edges included, are what each row alone gives (a review: all of x per weight row streamed
+    x from DRAM N times)."""
+    from pyqkern.numba_kernels import matmul as nbm
+
+    k, n, m = 32768, 3, 40
+    assert nbm.X_TILE_BYTES // (4 * k) < m  # several tiles
+    qt, rng = _quant(fmt, {}, n, k, k)
+    x = rng.standard_normal((m, k)).astype(F32)
+    yb = pq.matmul(x, qt, compute="float", backend="numba")
+    for i in range(m):
+        yi = pq.matmul(x[i:i + 1], qt, compute="float", backend="numba")
+        np.testing.assert_array_equal(yi[0].view(np.uint32), yb[i].view(np.uint32), err_msg=f"{fmt} row {i}")
+
+
 def test_leading_dims_out_and_strided_x():
     qt, rng = _quant("q4_0", {}, 9, 64, 11)
     x = rng.standard_normal((2, 3, 128)).astype(F32)[..., ::2]   # non-contiguous rows
