@@ -17,8 +17,8 @@ compute:
           + K * 2^-149 (the second term: products and sums in fp32's subnormal range; a loose
           bound; tests check it). At decode size on q4_0 / int2 / int3 / int4,
           adapters too, a kernel on the packed weight takes over: AVX512-BF16 where the CPU has
-          it (bfloat16 x with M <= 4, float32 x with M <= 2, split exactly into three bf16
-          parts), else in the AVX2 variant an fp32 one (M <= 8, bfloat16 x widened): (u - o)
+          it (bfloat16 x with M <= 4, float32 / float16 x with M <= 2, split exactly into three
+          bf16 parts), else in the AVX2 variant an fp32 one (M <= 8, 16-bit x widened): (u - o)
           * x is exact in fp32 (fused in the multiply-add), sums per block then scaled, under
           the same bound (x with 0 < |x| < 2^-100, |x| >= 2^101 or NaN/Inf, and weights with a
           non-finite scale, go the fp32 way: vdpbf16ps flushes subnormals, the AVX2 kernel
@@ -209,12 +209,14 @@ def _float_packed(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
         if hasattr(x, "detach") and hasattr(x, "numpy"):
             import torch  # noqa: F401 - only reached when torch is present
 
-            if x.dtype != torch.float32:
+            if x.dtype not in (torch.float32, torch.float16):
                 return None
             x = x.detach().numpy()
-        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float16):
             return None
-        xb = x
+        # float16 x widened (exact): the same values give the same bits as float32 x (a review:
+        # float16 x took the fp32 route, whose last bits differ)
+        xb = x.astype(np.float32) if x.dtype == np.float16 else x
     if xb.ndim < 1 or xb.shape[-1] != w.shape[1]:
         return None
     n, k = w.shape

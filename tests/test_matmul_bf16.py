@@ -364,3 +364,17 @@ def test_tiny_x_and_non_finite_scales_take_the_fp32_route():
         y = np.empty((1, 16), np.float32)
         assert NAT.matmul_float_packed(_ops.isa_id(v), _packed(qt), x, None, y)
         assert y[0, 0] == np.float32(65504.0 * 2.0 ** -100)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "int4"])
+def test_float16_x_gives_float32_x_bits(fmt):
+    """float16 x takes the packed kernel as its exact float32 widening does (a review: it took the
+    fp32 route, whose last bits differ), numpy and torch, every M of the decode sizes."""
+    rng = np.random.default_rng(11)
+    qt = pq.quantize(rng.standard_normal((40, 512)).astype(np.float32), fmt)
+    torch = pytest.importorskip("torch")
+    for m in (1, 2, 3, 8, 9):
+        xh = rng.standard_normal((m, 512)).astype(np.float16)
+        want = pq.matmul(xh.astype(np.float32), qt, compute="float")
+        for x in (xh, torch.from_numpy(xh)):
+            assert np.asarray(pq.matmul(x, qt, compute="float")).tobytes() == want.tobytes(), (fmt, m)
