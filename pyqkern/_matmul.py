@@ -33,6 +33,8 @@ compute:
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import _formats, reference
@@ -376,6 +378,9 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     return y
 
 
+_ADAPTERS_LOCK = threading.Lock()  # QLinear's adapter changes (see QLinear.add_adapter)
+
+
 class QLinear:
     """A quantized linear layer: the weight is prepacked once for this CPU's int8 kernels.
 
@@ -460,6 +465,11 @@ class QLinear:
         return p.nbytes if p is not None else 0
 
     # -- adapters
+    # Threads: the changes below are made one at a time (one lock for all layers: they are rare
+    # and short), and each publishes new objects instead of editing the ones a call may be reading
+    # (the registry dict, the active lists), so a call running meanwhile sees the adapters before
+    # or after a change, never half of one (a review: KeyError in calls with adapter_ids, and two
+    # concurrent adds lost an active adapter).
     def add_adapter(self, name: str, lora, *, active: bool = True) -> None:
         """Attach an adapter under a name; active (added to the adapters applied to every row
         when no adapter_ids are given) unless active=False, for adapters only picked per row."""
@@ -467,35 +477,38 @@ class QLinear:
             raise TypeError(f"expected a LoRA, got {type(lora).__name__}")
         if not isinstance(name, str):
             raise TypeError("adapter name must be a string")
-        if name in self._adapters:
-            raise ValueError(f"adapter {name!r} already attached")
         lora.check_base(self.weight.shape)
-        if active and _sums_dora(self._active_loras + [lora]):
-            raise ValueError(f"adapter {name!r}: a DoRA adapter cannot be active together with others "
-                             f"(active: {self._active}); add it with active=False and pick it per row "
-                             "with adapter_ids, or set_adapter() first")
-        self._adapters[name] = lora
-        if active:
-            self._set_active(self._active + [name])
+        with _ADAPTERS_LOCK:
+            if name in self._adapters:
+                raise ValueError(f"adapter {name!r} already attached")
+            if active and _sums_dora(self._active_loras + [lora]):
+                raise ValueError(f"adapter {name!r}: a DoRA adapter cannot be active together with others "
+                                 f"(active: {self._active}); add it with active=False and pick it per row "
+                                 "with adapter_ids, or set_adapter() first")
+            self._adapters = {**self._adapters, name: lora}
+            if active:
+                self._set_active(self._active + [name])
 
     def remove_adapter(self, name: str) -> None:
-        if name not in self._adapters:
-            raise KeyError(f"no adapter named {name!r}; attached: {list(self._adapters)}")
-        del self._adapters[name]
-        self._set_active([a for a in self._active if a != name])
+        with _ADAPTERS_LOCK:
+            if name not in self._adapters:
+                raise KeyError(f"no adapter named {name!r}; attached: {list(self._adapters)}")
+            self._set_active([a for a in self._active if a != name])
+            self._adapters = {nm: a for nm, a in self._adapters.items() if nm != name}
 
     def set_adapter(self, names) -> None:
         """Adapters applied to every row when no adapter_ids are given (a name, a list, or [] for none)."""
         names = [names] if isinstance(names, str) else list(names or [])
-        for nm in names:
-            if nm not in self._adapters:
-                raise KeyError(f"no adapter named {nm!r}; attached: {list(self._adapters)}")
-        _refuse_summed_dora([self._adapters[nm] for nm in names])  # here, not at the next call
-        self._set_active(names)
+        with _ADAPTERS_LOCK:
+            for nm in names:
+                if nm not in self._adapters:
+                    raise KeyError(f"no adapter named {nm!r}; attached: {list(self._adapters)}")
+            _refuse_summed_dora([self._adapters[nm] for nm in names])  # here, not at the next call
+            self._set_active(names)
 
     def _set_active(self, names) -> None:
-        # the names, and the LoRAs the decode path reads without a lookup per call
-        self._active = names
+        # the names, and the LoRAs the decode path reads without a lookup per call (new lists)
+        self._active = list(names)
         self._active_loras = [self._adapters[nm] for nm in names]
 
     @property
@@ -507,7 +520,8 @@ class QLinear:
         """x @ W.T + bias, plus adapters: the active ones on every row, or with adapter_ids one per
         row: ints indexing adapter_names (-1 = none) or a list of names / None."""
         if adapter_ids is not None:
-            names = self.adapter_names
+            reg = self._adapters  # read once: a change in another thread publishes a new dict
+            names = list(reg)
             ids = adapter_ids
             if isinstance(ids, np.ndarray) and ids.dtype.kind in "USO":  # names as a NumPy array
                 ids = ids.tolist()
@@ -522,7 +536,7 @@ class QLinear:
                     return v  # checked with the other indices below
 
                 ids = [index(v) for v in ids]
-            lora = [self._adapters[nm] for nm in names] if names else None
+            lora = [reg[nm] for nm in names] if names else None
             if lora is None:
                 raise ValueError("adapter_ids given but no adapter is attached")
             return matmul(x, self.weight, self.bias, lora=lora, adapter_ids=ids, compute=self.compute, out=out,

@@ -395,6 +395,7 @@ _EXTRA_KEYS = ("format", "in_features", "out_features", "group", "sym", "compute
 
 
 _EMPTY_PDICT = nn.ParameterDict()
+_ADAPTERS_LOCK = threading.Lock()  # QuantLinear's adapter changes (see QuantLinear.add_adapter)
 
 
 def _check_adapter_name(name) -> None:
@@ -512,12 +513,21 @@ class QuantLinear(nn.Module):
             a = float(r) if alpha is None else _real(alpha, "alpha")
         except TypeError as e:  # a ValueError, as this method's other argument errors
             raise ValueError(str(e)) from None
-        self.lora_A[name] = nn.Parameter(A.clone().contiguous(), requires_grad=trainable)
-        self.lora_B[name] = nn.Parameter(B.clone().contiguous(), requires_grad=trainable)
-        self._alphas[name] = (a, bool(rslora))
-        self._scales[name] = a / (math.sqrt(r) if rslora else r)
-        if active:
-            self._active.append(name)
+        pa = nn.Parameter(A.clone().contiguous(), requires_grad=trainable)
+        pb = nn.Parameter(B.clone().contiguous(), requires_grad=trainable)
+        # Threads: adapter changes one at a time and forward's look-up of the adapters it uses
+        # under one lock (held for a few dict reads), and the lists / dicts forward reads are
+        # replaced, not edited: a forward sees the adapters before or after a change (a review:
+        # a forward during another thread's add / remove raised AttributeError / KeyError)
+        with _ADAPTERS_LOCK:
+            if name in self.lora_A:
+                raise ValueError(f"adapter {name!r} already attached")
+            self.lora_A[name] = pa
+            self.lora_B[name] = pb
+            self._alphas[name] = (a, bool(rslora))
+            self._scales = {**self._scales, name: a / (math.sqrt(r) if rslora else r)}
+            if active:
+                self._active = self._active + [name]
 
     def add_lora(self, name: str, ad: LoRA, *, trainable: bool = False) -> None:
         """Attach a pyqkern.LoRA (e.g. from pyqkern.io.load_peft_adapter). DoRA is not supported here."""
@@ -526,22 +536,25 @@ class QuantLinear(nn.Module):
         self.add_adapter(name, ad.A, ad.B, ad.alpha, rslora=ad.rslora, trainable=trainable)
 
     def remove_adapter(self, name: str) -> None:
-        if name not in self.lora_A:
-            raise KeyError(f"no adapter named {name!r}; attached: {self.adapter_names}")
-        self._active = [a for a in self._active if a != name]  # first: a forward starting now skips it
-        del self.lora_A[name]
-        del self.lora_B[name]
-        del self._scales[name], self._alphas[name]
+        with _ADAPTERS_LOCK:  # see add_adapter
+            if name not in self.lora_A:
+                raise KeyError(f"no adapter named {name!r}; attached: {self.adapter_names}")
+            self._active = [a for a in self._active if a != name]
+            del self.lora_A[name]
+            del self.lora_B[name]
+            self._scales = {nm: v for nm, v in self._scales.items() if nm != name}
+            del self._alphas[name]
 
     def set_adapter(self, names) -> None:
         """Adapters applied to every row when forward gets no adapter_ids (a name, a list, or [])."""
         names = [names] if isinstance(names, str) else list(names or [])
-        for nm in names:
-            if nm not in self.lora_A:
-                raise KeyError(f"no adapter named {nm!r}; attached: {self.adapter_names}")
         if len(set(names)) != len(names):  # it would be applied twice
             raise ValueError(f"an adapter is named more than once in {names}")
-        self._active = names
+        with _ADAPTERS_LOCK:  # see add_adapter
+            for nm in names:
+                if nm not in self.lora_A:
+                    raise KeyError(f"no adapter named {nm!r}; attached: {self.adapter_names}")
+            self._active = names
 
     @property
     def adapter_names(self) -> list:
@@ -550,6 +563,13 @@ class QuantLinear(nn.Module):
     @property
     def active_adapters(self) -> list:
         return list(self._active)
+
+    def _adapters_used(self, every: bool):
+        """(names, As, Bs, scales) of the adapters a forward applies: every attached one (for
+        adapter_ids) or the active ones"""
+        names = self.adapter_names if every else list(self._active)
+        return (names, [self.lora_A[nm] for nm in names], [self.lora_B[nm] for nm in names],
+                [self._scales[nm] for nm in names])
 
     # -- forward
     def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
@@ -572,8 +592,12 @@ class QuantLinear(nn.Module):
         perm = self.perm
         if perm is not None:  # the stored weight is W[:, perm]: x @ W.T = x[..., perm] @ W[:, perm].T
             x = x.index_select(-1, perm)
+        if torch.compiler.is_compiling():  # traced: no lock (a graph break), no other thread
+            names, As, Bs, scales = self._adapters_used(adapter_ids is not None)
+        else:
+            with _ADAPTERS_LOCK:  # see add_adapter
+                names, As, Bs, scales = self._adapters_used(adapter_ids is not None)
         if adapter_ids is not None:
-            names = self.adapter_names
             if not names:
                 raise ValueError("adapter_ids given but no adapter is attached")
             if not isinstance(adapter_ids, torch.Tensor):
@@ -594,14 +618,9 @@ class QuantLinear(nn.Module):
                     raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
                 # not cast to int32 here (2**32 would wrap to 0): the op checks the range (traceable)
                 adapter_ids = adapter_ids.reshape(-1)
-        else:
-            names = self._active
         if names:
-            As = [self.lora_A[nm] for nm in names]
             if perm is not None:
                 As = [a.index_select(1, perm) for a in As]
-            Bs = [self.lora_B[nm] for nm in names]
-            scales = [self._scales[nm] for nm in names]
             y = torch.ops.pyqkern.matmul_lora(x, *args, self.bias, As, Bs, scales, adapter_ids, self.compute)
         else:
             y = torch.ops.pyqkern.matmul(x, *args, self.bias, self.compute)
@@ -718,11 +737,12 @@ class QuantLinear(nn.Module):
         # the copy into qdata bumps its version counter, except for an inference tensor (no counter)
         _drop_cache(self.qdata)
         self._active = [nm for nm in self._active if nm in self.lora_A]
-        self._scales = {}
+        scales = {}
         for nm, (a, rs) in self._alphas.items():
             if nm in self.lora_A:
                 r = self.lora_A[nm].shape[0]
-                self._scales[nm] = a / (math.sqrt(r) if rs else r)
+                scales[nm] = a / (math.sqrt(r) if rs else r)
+        self._scales = scales
 
     def _adapter_shape_error(self, A, B):
         """why A [r, in] / B [out, r] do not fit this layer (r >= 1), or None"""
