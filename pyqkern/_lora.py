@@ -31,7 +31,8 @@ def _as_f32(a, what, ndim):
 
 
 class LoRA:
-    """One low-rank adapter. A [r, K], B [N, r] (float32, float16 or bfloat16; kept as float32).
+    """One low-rank adapter. A [r, K], B [N, r] (float32, float16 or bfloat16; ``.A`` / ``.B`` are
+    float32, what the kernels read is in the storage dtype: by default a 16-bit input's own).
     A and B of two different float dtypes are widened to float32 (exact) and stored so (see
     storage); any other dtype (integers, float64, complex) is a TypeError.
 

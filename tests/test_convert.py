@@ -2,7 +2,7 @@
 bitsandbytes NF4 / FP4 (plain and double quant).
 
 Every dequantization is checked against an independent, deliberately naive loop implementation of
-the foreign layout written here from the spec (formats.md sections 2-5), not from the converters."""
+the foreign layout written here from the spec, not from the converters."""
 import json
 
 import numpy as np

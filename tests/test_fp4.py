@@ -1,7 +1,7 @@
 """fp4: bitsandbytes FP4 (absmax per block like nf4, two codes per byte with the first element in
 the HIGH nibble, a 16-entry FP4 code book in bit-pattern order with the sign in bit 3).
 
-Checked against a decoder and an encoder written here from the spec (formats.md section 2: raw
+Checked against a decoder and an encoder written here from the spec (raw
 magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12, code = nearest value of x * (1/absmax)), across
 the three backends and every native variant byte for byte, through both matmul computes, with
 double quantization, and against external implementations: onnxruntime's MatMulBnb4

@@ -1,7 +1,7 @@
 """GPTQ checkpoints with 2, 3 and 8 bits <-> pyqkern int2 / int3 / int8 (4-bit: tests/test_convert.py).
 
 The packed tensors here are built and read by a deliberately naive per-value implementation of
-GPTQ's layout written from the spec (formats.md section 3; AutoGPTQ's pack): qweight int32
+GPTQ's layout written from the spec (AutoGPTQ's pack): qweight int32
 [K*b/32, N] packs the codes of each column along K, qzeros int32 [G, N*b/32] the stored zeros of
 each group row along N; b = 2 and 8 put 32/b codes in a word, code j at bits b*j; b = 3 packs 32
 codes into 3 words: codes 0..9 at bits 3j of word 0, code 10 split (its low 2 bits in bits 30..31

@@ -1,6 +1,9 @@
 """File formats: safetensors (``pyqkern.io.safetensors``), PEFT LoRA adapters (``pyqkern.io.peft``),
 GGUF (``pyqkern.io.gguf``: load_gguf / save_gguf) and pyqkern's QTensor safetensors layout
-(``pyqkern.io.qsave``: save / load)."""
+(``pyqkern.io.qsave``: save / load); converters from and to other runtimes' quantized tensors:
+GPTQ (from_gptq / to_gptq, load_gptq_dir for GPTQ, AWQ and compressed-tensors checkpoint
+directories), AWQ (convert_awq), compressed-tensors (convert_ct), bitsandbytes NF4 / FP4
+(convert_bnb) and ONNX Runtime MatMulNBits (convert_ort, load_onnx_matmulnbits)."""
 from __future__ import annotations
 
 from . import gguf, peft, qsave, safetensors

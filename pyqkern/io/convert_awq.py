@@ -1,6 +1,6 @@
 """AutoAWQ GEMM 4-bit tensors <-> pyqkern int4 QTensor.
 
-AWQ GEMM layout (formats.md section 4), Linear in=K, out=N, G = K/group_size:
+AWQ GEMM layout, Linear in=K, out=N, G = K/group_size:
 
     qweight int32 [K, N/8]   packed along the OUTPUT dim: nibble slot i (bits 4i) of word c holds
                              output channel 8c + AWQ_ORDER[i], AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]

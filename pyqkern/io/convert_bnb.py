@@ -1,6 +1,6 @@
 """bitsandbytes NF4 / FP4 (Linear4bit / Params4bit) <-> pyqkern nf4 / fp4 QTensor.
 
-bitsandbytes (formats.md section 2) flattens the [out, in] weight row-major, quantizes blocks of
+bitsandbytes flattens the [out, in] weight row-major, quantizes blocks of
 ``blocksize`` consecutive elements (fp32 absmax per block) and packs two codes per byte, first
 element in the HIGH nibble: uint8 [(numel + 1) // 2, 1]. With double quantization
 (compress_statistics) the absmax vector is stored as uint8 codes of the 8-bit dynamic map in

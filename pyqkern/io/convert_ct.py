@@ -1,6 +1,6 @@
 """compressed-tensors ``pack_quantized`` (llm-compressor W4A16) <-> pyqkern int4 QTensor.
 
-Layout (compressed-tensors ``pack_to_int32``; formats.md sections 0 and 4), weight [N, K]:
+Layout (compressed-tensors ``pack_to_int32``), weight [N, K]:
 
     weight_packed      int32 [N, ceil(K/8)]  8 consecutive K elements per word, element 8w+i at
                                              bits 4i; values stored as signed q + 8 (0..15)

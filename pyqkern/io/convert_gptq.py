@@ -1,7 +1,7 @@
 """GPTQ (AutoGPTQ / GPTQModel / transformers) 2/3/4/8-bit checkpoints <-> pyqkern int2 / int3 /
 int4 / int8 QTensor.
 
-GPTQ layout for a Linear with in=K, out=N, G groups, b bits (see formats.md section 3):
+GPTQ layout for a Linear with in=K, out=N, G groups, b bits:
 
     qweight int32 [K*b/32, N]  column n: the codes of input rows 0..K-1, packed low bits first
     qzeros  int32 [G, N*b/32]  row g: the stored zero points of columns 0..N-1, packed the same way
@@ -85,7 +85,7 @@ def pack_gptq_words(codes, bits):
 def detect_gptq_format(stored_zeros, bits=4) -> str:
     """Guess "v1" or "v2" from the unpacked stored zero points (uint8 [G, N]) of a bits-wide checkpoint.
 
-    Heuristic (formats.md 3.5): a symmetric GPTQ checkpoint has every true zero point 2^(bits-1)
+    Heuristic: a symmetric GPTQ checkpoint has every true zero point 2^(bits-1)
     (4-bit: 8), so all stored zeros 2^(bits-1) - 1 => v1 and all stored zeros 2^(bits-1) => v2.
     Anything else (an asymmetric checkpoint) cannot be told apart from the bytes alone; we then
     assume v1, the on-disk format AutoGPTQ and GPTQModel write (``checkpoint_format="gptq"``).

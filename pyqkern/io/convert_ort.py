@@ -1,6 +1,6 @@
 """ONNX Runtime ``com.microsoft.MatMulNBits`` (bits=4) <-> pyqkern int4 QTensor.
 
-MatMulNBits (formats.md section 5): B uint8 [N, k_blocks, block_size/2], packed along K inside
+MatMulNBits: B uint8 [N, k_blocks, block_size/2], packed along K inside
 each block, element 2i in the LOW nibble (the same bytes as pyqkern's int4 q section when
 block_size == group); scales [N, k_blocks] (float or float16, the type of A); optional
 zero_points packed uint8 [N, ceil(k_blocks/2)] (block 2j low nibble) or unpacked float
