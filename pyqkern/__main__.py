@@ -46,6 +46,14 @@ def _numpy_time(fn, threads, limits):
 def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     import pyqkern as pq
 
+    before = pq.get_num_threads()
+    try:
+        return _bench(pq, quick, threads, formats, shapes, out)
+    finally:
+        pq.set_num_threads(before)  # the rows set it (a review: left at the last row's count)
+
+
+def _bench(pq, quick, threads, formats, shapes, out):
     info = pq.info()
     shapes = shapes or ([(1, 4096, 4096), (32, 4096, 4096)] if quick else
                         [(1, 4096, 4096), (1, 4096, 11008), (1, 11008, 4096), (8, 4096, 4096),
@@ -78,15 +86,20 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
     print(f"pyqkern {info['version']}  cpu: {info['cpu']}  variant: {info['active_variant']}  "
           f"threads: {thread_list}", file=out)
     hdr = (f"{'format':7s} {'compute':7s} {'M':>4s} {'K':>6s} {'N':>6s} {'thr':>3s} {'time':>10s} "
-           f"{'GFLOP/s':>8s} {'W GB/s':>7s} {'%bw':>5s} {'%bwW':>5s} {'%hw':>5s} {'vs np':>6s} {'max rel err':>11s}")
+           f"{'GFLOP/s':>8s} {'W GB/s':>7s} {'%bw':>5s} {'%bwW':>5s} {'%hw':>5s} {'%roof':>5s} {'np time':>10s} "
+           f"{'vs np':>6s} {'max rel err':>11s}")
     limits = _blas_limits()
-    np_at = ("at the row's thread count" if limits else
+    np_at = ("its best at 1 up to the row's thread count (a BLAS at 2 threads beside a busy core can be "
+             "several times slower than at 1)" if limits else
              "at numpy's own thread count (install threadpoolctl to match the row's)")
     print("W GB/s: bytes of the weight as the kernel reads it (int8, and float where a packed float kernel takes it: the packed copy) per second; %bw: of the "
-          "read bandwidth printed under the shape's rows, at that thread count (above 100%: the weights are served from cache); %bwW: of "
-          "the read ceiling of a buffer the weight's size (from cache when it fits); %hw: int8 GOP/s of the "
-          f"instruction peak printed there; vs np: speed-up over numpy fp32 x @ W.T {np_at}; max rel err: vs "
-          "x @ dequantize(W).T. Ceilings and numpy are measured before and after each shape's rows (the "
+          "read bandwidth printed under the shape's rows (a 256 MiB buffer: DRAM), at that thread count (above 100%: the weights are served from cache); %bwW: of "
+          "the read bandwidth of a buffer the weight's size (from cache when it fits); both are what a probe reached, "
+          "not a hard ceiling (a BLAS sgemv can read faster); %hw (int8 rows): of the int8 instruction peak printed there; "
+          "%roof (int8 rows): of the roofline that binds the row, min(weight-sized read bandwidth x FLOP per weight "
+          "byte, int8 peak) ('>100' where the row beats the bandwidth probe; float rows have no roofline: no float "
+          f"peak is measured); np time / vs np: numpy fp32 x @ W.T, {np_at}, and the speed-up over it; "
+          "max rel err: vs x @ dequantize(W).T. Ceilings and numpy are measured before and after each shape's rows (the "
           "best of the looks), and a shape's rows are printed when it is done", file=out)
     bw_w: dict = {}
     print(hdr, file=out)
@@ -98,7 +111,8 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
         wf = w.copy()
         # the baseline at each row's thread count (numpy at its own count made 1-thread rows look
         # faster by the BLAS's parallel speed-up)
-        t_np = {th: _numpy_time(lambda: x @ wf.T, th, limits) for th in thread_list}
+        np_threads_all = range(1, max(thread_list) + 1) if limits else thread_list
+        t_np = {th: _numpy_time(lambda: x @ wf.T, th, limits) for th in np_threads_all}
         shape_rows = []
         for fmt in formats:
             qt = pq.quantize(w, fmt)
@@ -124,9 +138,11 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
             qt.release_packed()
         # the second look, after the rows
         time.sleep(0.25)
-        for th in thread_list:
+        for th in np_threads_all:
             tn, np_threads = _numpy_time(lambda: x @ wf.T, th, limits)
             t_np[th] = (min(tn, t_np[th][0]), np_threads)
+        if limits:  # numpy's best at up to the row's count (it may be slower at more)
+            t_np = {th: min((t_np[c] for c in np_threads_all if c <= th), key=lambda v: v[0]) for th in thread_list}
         bws, peaks = ceilings(bws, peaks)
         for key in {(nb, th) for _, _, th, _, nb, _ in shape_rows}:
             bw_w[key] = max(bw_w[key], read_bandwidth(key[0], key[1], reps=50))
@@ -134,19 +150,27 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
             gflops = 2.0 * m * n * k / t / 1e9
             wgbs = nbytes / t / 1e9
             tn, np_threads = t_np[th]
+            # the roofline of int8 rows: what the weight's reads allow, capped by the instruction peak
+            # (float rows have none: no float peak is measured)
+            roof = (min(bw_w[(nbytes, th)] * (2.0 * m * n * k / nbytes), peaks[th])
+                    if compute == "int8" and peaks[th] else None)
             row = dict(format=fmt, compute=compute, M=m, K=k, N=n, threads=th, time_s=t, gflops=gflops,
                        weight_bytes=nbytes, weight_gbs=wgbs, pct_bw=100 * wgbs / bws[th],
-                       pct_bw_wsize=100 * wgbs / bw_w[(nbytes, th)], speedup_vs_numpy=tn / t,
+                       pct_bw_wsize=100 * wgbs / bw_w[(nbytes, th)], roof_gflops=roof,
+                       pct_roof=None if roof is None else 100 * gflops / roof,
+                       numpy_time_s=tn, speedup_vs_numpy=tn / t,
                        numpy_threads=np_threads, max_rel_err=err, read_bw_gbs=bws[th],
                        int8_hw_peak_gops=peaks[th])
             hw = f"{'-':>5s}"
             if compute == "int8" and peaks[th]:
                 row["pct_int8_hw_peak"] = 100 * gflops / peaks[th]
                 hw = f"{row['pct_int8_hw_peak']:5.0f}"
+            pr = (f"{'-':>5s}" if roof is None else f"{row['pct_roof']:5.0f}" if row["pct_roof"] <= 100
+                  else f"{'>100':>5s}")
             rows.append(row)
             print(f"{fmt:7s} {compute:7s} {m:4d} {k:6d} {n:6d} {th:3d} {t * 1e6:8.1f}us {gflops:8.1f} "
-                  f"{wgbs:7.1f} {row['pct_bw']:5.0f} {row['pct_bw_wsize']:5.0f} {hw} {tn / t:6.2f} "
-                  f"{err:11.2e}", file=out)
+                  f"{wgbs:7.1f} {row['pct_bw']:5.0f} {row['pct_bw_wsize']:5.0f} {hw} {pr} {tn * 1e3:8.2f}ms "
+                  f"{tn / t:6.2f} {err:11.2e}", file=out)
         # the ceilings these rows' percentages used (later looks may find higher ones)
         print("  (these rows: read bandwidth " + ", ".join(f"{th}t {v:.1f}" for th, v in bws.items())
               + " GB/s, int8 peak " + ", ".join(f"{th}t " + (f"{v:.0f}" if v else "n/a") for th, v in peaks.items())
@@ -160,9 +184,10 @@ def bench(quick: bool, threads, formats, shapes=None, out=sys.stdout):
 
 def plot_roofline(rows, path):
     """Roofline picture of bench rows (needs matplotlib): GFLOP/s against arithmetic intensity
-    (FLOP per weight byte), the measured read-bandwidth roof (bw · intensity) and the best int8
-    and float GFLOP/s this run reached as flat lines; one colour per format, circles int8, squares
-    float, filled at the highest thread count."""
+    (FLOP per weight byte), the measured read-bandwidth roofs (bw · intensity: a DRAM-sized buffer,
+    and the best weight-sized one, from cache where the weight fits) and the measured int8
+    instruction peak as a flat line (no float peak is measured: float rows have the bandwidth roofs
+    only); one colour per format, circles int8, squares float, filled at the highest thread count."""
     try:
         import matplotlib
 
@@ -176,11 +201,13 @@ def plot_roofline(rows, path):
     ai = [2.0 * r["M"] * r["N"] * r["K"] / (r["weight_gbs"] * r["time_s"] * 1e9) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     xs = [min(ai) / 2, max(ai) * 2]
-    ax.plot(xs, [bw * x for x in xs], "k--", lw=1, label=f"read bandwidth {bw:.1f} GB/s")
-    for comp, ls in (("int8", ":"), ("float", "-.")):
-        best = max((r["gflops"] for r in rows if r["compute"] == comp), default=0)
-        if best:
-            ax.axhline(best, color="gray", ls=ls, lw=1, label=f"best {comp} {best:.0f} GFLOP/s")
+    ax.plot(xs, [bw * x for x in xs], "k--", lw=1, label=f"read bandwidth, DRAM {bw:.1f} GB/s")
+    bw_c = max((r["weight_gbs"] * 100 / r["pct_bw_wsize"] for r in rows if r.get("pct_bw_wsize", 0) > 0), default=0)
+    if bw_c > bw:
+        ax.plot(xs, [bw_c * x for x in xs], "k:", lw=1, label=f"read bandwidth, weight-sized buffer {bw_c:.1f} GB/s")
+    peak = max((r.get("int8_hw_peak_gops") or 0 for r in rows), default=0)
+    if peak:  # the rows' ceiling, measured by a probe (not this run's best row)
+        ax.axhline(peak, color="gray", ls="-.", lw=1, label=f"int8 instruction peak {peak:.0f} GOP/s")
     fmts = sorted({r["format"] for r in rows})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     tmax = max(r["threads"] for r in rows)
