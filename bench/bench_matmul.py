@@ -237,6 +237,13 @@ def _x(m, k):
     return np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
 
 
+def _peer_check(y, qt, x, who):
+    """a peer's output against x @ dequantize(qt).T: a wrong layout must not give a speed figure"""
+    ref = x @ pq.dequantize(qt).T
+    err = float(np.abs(np.asarray(y, np.float32) - ref).max() / np.abs(ref).max())
+    assert err < 0.05, f"{who}'s result is off by {err:.3g} (relative to max |y|)"
+
+
 @pytest.fixture
 def measure(benchmark, ceilings):
     """measure(fn, impl=, fmt=, compute=, shape=, threads=, weight_bytes=, calls=1)."""
@@ -525,6 +532,8 @@ def _ort_row(measure, shape, block, acc, threads):
     sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
     x = _x(m, k)
     feed = {"A": x}
+    _peer_check(sess.run(None, feed)[0], _qt("q4_0", {}, n, k) if block == 32 else _qt("int4", {"group": block}, n, k),
+                x, "ORT MatMulNBits")
     measure(lambda: sess.run(None, feed), impl="ort", fmt=f"mmnbits-b{block}",
             compute="int8" if acc == 4 else "float", shape=shape, threads=threads, weight_bytes=nbytes)
 
@@ -681,6 +690,7 @@ def test_torch_int4pack(measure, shape, torch_threads):
         pytest.skip(f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu")
     m, k, n = shape
     fn, wbytes = _torch_int4pack_fn(torch, m, k, n)
+    _peer_check(fn().float().numpy(), _qt("int4", {"group": 128}, n, k), _x(m, k), "torch int4pack")
     measure(fn, impl="torch", fmt="int4pack-g128-bf16", compute="bf16", shape=shape, threads=threads,
             weight_bytes=wbytes)
 
