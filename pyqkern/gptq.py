@@ -36,8 +36,9 @@ With ``act_order`` (and not ``static_groups``) the result is ``qt.with_perm(perm
 weight is the quantized ``W[:, perm]`` with its groups in processing order and, within a group,
 the columns in original order (what a GPTQ checkpoint's ``g_idx`` implies, so
 :func:`pyqkern.io.to_gptq` / :func:`pyqkern.io.from_gptq` round-trip the bytes); with a single
-group there is no permutation. :func:`pyqkern.dequantize` returns the original column order. With ``static_groups`` the groups are the original column
-groups, so the result needs no permutation.
+group there is no permutation. :func:`pyqkern.dequantize` returns the original column order.
+With ``static_groups`` the groups are the original column groups, so the result needs no
+permutation.
 
 The inner column loop runs in Numba (:mod:`pyqkern.numba_kernels.gptq_loop`) when Numba is
 installed, else in NumPy (``backend="numpy"`` forces the latter).

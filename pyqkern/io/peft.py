@@ -17,8 +17,9 @@ and the variants PEFT computes differently from x @ A.T @ B.T on the base weight
 BD-LoRA, layer replication, adapters on parameters, and PiSSA / OLoRA / CorDA files saved without
 PEFT's conversion, whose base weight PEFT replaces by a residual on load). Keys that are not Linear
 LoRA weights (``lora_embedding_*``, conv adapters, ``modules_to_save`` copies, trained biases of
-``bias="all"`` / ``"lora_only"``, ...) are skipped with a UserWarning. ``fan_in_fan_out`` needs nothing: A and B
-are stored the same way and B @ A is [out, in], which is pyqkern's [N, K] weight orientation.
+``bias="all"`` / ``"lora_only"``, ...) are skipped with a UserWarning. ``fan_in_fan_out`` needs
+nothing: A and B are stored the same way and B @ A is [out, in], which is pyqkern's [N, K] weight
+orientation.
 """
 from __future__ import annotations
 
