@@ -395,7 +395,7 @@ _EXTRA_KEYS = ("format", "in_features", "out_features", "group", "sym", "compute
 
 
 _EMPTY_PDICT = nn.ParameterDict()
-_ADAPTERS_LOCK = threading.Lock()  # QuantLinear's adapter changes (see QuantLinear.add_adapter)
+_ADAPTERS_LOCK = threading.RLock()  # QuantLinear's adapter changes (see add_adapter); re-entrant: torch parameter hooks run under it
 
 
 def _check_adapter_name(name) -> None:
