@@ -705,6 +705,10 @@ def test_threads_shared_with_pybind():
         assert lib.pqk_get_num_threads() == 1
         C.check(lib.pqk_set_num_threads(0))  # <= 0: one per CPU
         assert pq.get_num_threads() == lib.pqk_get_num_threads() >= 1
+        for n in (1025, 100000, 2**31 - 1):  # refused before any thread starts (100000 ran for minutes)
+            assert lib.pqk_set_num_threads(n) == lib.PQK_ERR_ARG
+            assert b"above 1024" in ffi.string(lib.pqk_last_error())
+        assert pq.get_num_threads() >= 1
     finally:
         pq.set_num_threads(before)
     assert lib.pqk_get_num_threads() == before

@@ -216,6 +216,10 @@ Pool& pool() {  // callers hold g_pool_mutex
 }  // namespace
 
 void set_num_threads(int n) {
+  // a bound before any thread starts: 100000 made the pool start threads (under its lock) until
+  // the OS refused, minutes later (a review)
+  if (n > kMaxThreads)
+    throw Error(PQK_ERR_ARG, "thread count " + std::to_string(n) + " is above " + std::to_string(kMaxThreads));
   std::lock_guard<std::mutex> g(g_pool_mutex);
   pool().resize(n);
 }

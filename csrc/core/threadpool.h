@@ -8,7 +8,8 @@
 
 namespace pqk {
 
-void set_num_threads(int n);  // n <= 0: the CPUs this process may run on (affinity mask)
+constexpr int kMaxThreads = 1024;
+void set_num_threads(int n);  // n <= 0: the CPUs this process may run on (affinity mask); > kMaxThreads: Error
 int get_num_threads();
 
 // Calls fn(begin, end) over [0, n) split into at most chunks_per_thread * get_num_threads()
