@@ -380,7 +380,9 @@ def test_int8_peak_probe(restore_threads):
             for th in (1, 2):
                 pq.set_num_threads(th)
                 g = _native.int8_peak(i, 1)
-                assert np.isfinite(g) and g > 1.0, (v, th, g)                  # GOP/s
+                # GOP/s: a positive rate, no speed asked (under CI's x86 emulator on a loaded
+                # machine avxvnni's probe measured 0.94, failing a "> 1" that meant "not 0")
+                assert np.isfinite(g) and g > 0.0, (v, th, g)
         else:
             with pytest.raises(NotImplementedError):
                 _native.int8_peak(i, 1)
