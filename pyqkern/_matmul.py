@@ -2,7 +2,8 @@
 
 compute:
   "int8"  activations quantized per block of 32 (dx = amax/127, xq = round_half_even(x / dx)), integer
-          dot products (AVX2 maddubs, AVX-VNNI, AVX-512 (VNNI), NEON sdot/i8mm or scalar), block scales applied in fp32; a min term m (q4_1,
+          dot products (AVX2 maddubs, AVX-VNNI, AVX-512 (VNNI), NEON sdot/i8mm or scalar), block
+          scales applied in fp32; a min term m (q4_1,
           q4_k) as its own product m * dx * sum(xq), as llama.cpp does, so where a * u + m cancels
           (a weight near 0 in a block of large ones) the fp32 rounding is relative to |a u| + |m|,
           not |w| (tests/test_matmul.py states the distance from the float result). The result is
