@@ -663,9 +663,7 @@ def _ggml_row(measure, shape, fmt, threads):
         mm.run(threads)
         # the same product as ours up to ggml's q8_0 activation rounding: a wrong layout or a
         # misread API would be far off
-        ref = pq.matmul(x, qt, compute="float")
-        err = float(np.abs(mm.result() - ref).max() / np.abs(ref).max())
-        assert err < 0.05, f"ggml's result is off by {err:.3g} (relative to max |y|)"
+        _peer_check(mm.result(), qt, x, "ggml")
         measure(lambda: mm.run(threads), impl="ggml", fmt=fmt + ("-repacked" if mm.repacked else ""), compute="int8",
                 shape=shape, threads=threads, weight_bytes=mm.weight_bytes)
     finally:

@@ -481,8 +481,8 @@ X_TILE_BYTES = 2 << 20  # _matmul's rows of x per tile: read once per weight row
 
 @pjit(**_JIT)
 def _matmul(fmt, q, s, z, gshift, sym, x, y):
-    """M > MAX_SMALL_M: y[m, r] = the lane sum of row r against x[m]; x in tiles of rows that stay in
-    L2 while a task's weight rows run over them (all of x per weight row streamed x from DRAM N
+    """M > MAX_SMALL_M: y[m, r] = the lane sum of row r against x[m]; x in tiles of rows (X_TILE_BYTES)
+    that stay in L3 while a task's weight rows run over them (all of x per weight row streamed x from DRAM N
     times: (2048, 2048, 2048) q4_0 took 26x the native time). A weight row is decoded once per
     tile; each (m, r) gets the same operations whatever the tiling."""
     mm, k = x.shape
