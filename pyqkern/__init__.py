@@ -62,9 +62,10 @@ def set_num_threads(n: int) -> None:
     if isinstance(n, bool) or not hasattr(n, "__index__"):  # not a float, nor "2"
         raise TypeError("number of threads must be an int")
     n = operator.index(n)  # a NumPy integer too
-    if n > 1024:  # the library's bound (a pool of 100000 threads started until the OS refused)
-        raise ValueError(f"number of threads {n} is too large (at most 1024)")
-    _nat().set_num_threads(n)
+    nat = _nat()
+    if n > nat.MAX_THREADS:  # the library's bound (a pool of 100000 threads started until the OS refused)
+        raise ValueError(f"number of threads {n} is too large (at most {nat.MAX_THREADS})")
+    nat.set_num_threads(n)
 
 
 def get_num_threads() -> int:

@@ -375,6 +375,7 @@ PYBIND11_MODULE(_native, m) {
     const pqk_status st = without_gil([&] { return pqk_set_num_threads(n); });
     check(st);
   });
+  m.attr("MAX_THREADS") = PQK_MAX_THREADS;
   m.def("get_num_threads", []() {
     return without_gil([] { return pqk_get_num_threads(); });
   });

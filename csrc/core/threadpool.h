@@ -6,9 +6,11 @@
 #include <cstdint>
 #include <functional>
 
+#include "pyqkern/pyqkern.h"  // PQK_MAX_THREADS
+
 namespace pqk {
 
-constexpr int kMaxThreads = 1024;
+constexpr int kMaxThreads = PQK_MAX_THREADS;
 void set_num_threads(int n);  // n <= 0: the CPUs this process may run on (affinity mask); > kMaxThreads: Error
 int get_num_threads();
 

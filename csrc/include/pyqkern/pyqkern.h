@@ -108,10 +108,11 @@ PQK_API int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt);
 PQK_API const char* pqk_cpu_features(void);
 
 /* The library's thread pool (default: the CPUs this process may run on, its affinity mask).
- * n <= 0: that default; n > 1024: PQK_ERR_ARG. PQK_ERR_NOMEM if the OS refuses a thread: the
+ * n <= 0: that default; n > PQK_MAX_THREADS: PQK_ERR_ARG. PQK_ERR_NOMEM if the OS refuses a thread: the
  * pool then runs on 1.
  * Calls from several host threads are safe; while one of them uses the pool, the others run on
  * their own thread rather than wait for it (results never depend on the thread count). */
+#define PQK_MAX_THREADS 1024
 PQK_API pqk_status pqk_set_num_threads(int32_t n);
 PQK_API int32_t pqk_get_num_threads(void);
 /* Read-bandwidth probe: reads the nbytes at buf (>= 4096, a multiple of 128)
