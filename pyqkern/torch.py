@@ -270,16 +270,18 @@ def _(dy, qdata, fmt, n, k, group, sym):
     return dy.new_empty((*dy.shape[:-1], k), dtype=torch.float32)
 
 
-def _lora_backward_impl(x, dy, qdata, fmt, n, k, group, sym, As, Bs, scales, adapter_ids):
+def _lora_backward_impl(x, dy, qdata, fmt, n, k, group, sym, As, Bs, scales, adapter_ids, need_dx=True):
     """-> [dx, dA_0, dB_0, dA_1, dB_1, ...] for y = x@W.T + sum_i s_i (x@A_i.T)@B_i.T (rows picked
     by adapter_ids when given): t = x@A.T, dB = s dy.T@t, dt = s dy@B, dA = dt.T@x,
-    dx = dy@W + sum dt@A (the math of pyqkern.lora.backward, in torch float32)."""
+    dx = dy@W + sum dt@A (the math of pyqkern.lora.backward, in torch float32). need_dx=False:
+    dx is None (the first layers of a QLoRA model: x from frozen embeddings; dy@W is the most
+    of the work)."""
     qt = qtensor_from_tensor(qdata, fmt, n, k, group, sym)
     lead = tuple(x.shape[:-1])
     with torch.no_grad():
         x2 = x.detach().reshape(-1, k).float()
         dy2 = dy.detach().reshape(-1, n).float()
-        dx = _dy_w(dy2, qt)
+        dx = _dy_w(dy2, qt) if need_dx else None
         ids = None if adapter_ids is None else adapter_ids.detach().reshape(-1)
         grads = []
         for i, (A, B, s) in enumerate(zip(As, Bs, scales)):
@@ -293,11 +295,13 @@ def _lora_backward_impl(x, dy, qdata, fmt, n, k, group, sym, As, Bs, scales, ada
             dB = (dyr.T @ t) * s
             dt = (dyr @ B) * s
             grads += [dt.T @ xr, dB]
-            if ids is None:
+            if dx is None:
+                pass
+            elif ids is None:
                 dx += dt @ A
             else:
                 dx[rows] += dt @ A
-        return [dx.reshape(*lead, k)] + grads
+        return [None if dx is None else dx.reshape(*lead, k)] + grads
 
 
 @torch.library.custom_op("pyqkern::lora_backward", mutates_args=())
@@ -440,8 +444,11 @@ class _EagerProduct(torch.autograd.Function):
         dab = [None] * (2 * m)
         if m:
             x, qdata, adapter_ids, *ab = ctx.saved_tensors
-            f = _op_lora_backward if deep else _lora_backward_impl
-            g = f(x, dy, qdata, *args, list(ab[:m]), list(ab[m:]), list(scales), adapter_ids)
+            if deep:
+                g = _op_lora_backward(x, dy, qdata, *args, list(ab[:m]), list(ab[m:]), list(scales), adapter_ids)
+            else:
+                g = _lora_backward_impl(x, dy, qdata, *args, list(ab[:m]), list(ab[m:]), list(scales), adapter_ids,
+                                        need_dx=need[0])
             dx = g[0].to(ctx.x_dtype) if need[0] else None
             dab = [g[1 + 2 * i].to(ab[i].dtype) for i in range(m)] + [g[2 + 2 * i].to(ab[m + i].dtype)
                                                                       for i in range(m)]

@@ -341,11 +341,11 @@ def test_qlora_compiled_backward():
     torch._dynamo.reset()
 
 
-def _run(q, x, bias_grad, **kw):
+def _run(q, x, bias_grad, x_grad, **kw):
     """forward + backward of (q(x) * fixed dy).sum(): (y, grad_fn name, x.grad, bias.grad, adapter grads)"""
     for p in [*q.parameters(), q.bias]:
         p.grad = None
-    x = x.detach().clone().requires_grad_()
+    x = x.detach().clone().requires_grad_(x_grad)
     q.bias.requires_grad_(bias_grad)
     y = q(x, **kw)
     dy = torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y.dtype)
@@ -361,7 +361,7 @@ def _run(q, x, bias_grad, **kw):
 def test_eager_path_equals_custom_ops(case, monkeypatch):
     """QuantLinear in eager mode calls the ops' bodies through one autograd.Function instead of
     the custom ops (whose dispatch and autograd wrapper cost ~0.5 ms per call): the same outputs
-    and gradients bit for bit, with the ops' path forced for the reference; under the profiler
+    and gradients bit for bit (x without a gradient too), with the ops' path forced for the reference; under the profiler
     the ops run (their names in the trace)."""
     torch.manual_seed(1)
     k, n = 128, 24
@@ -382,17 +382,20 @@ def test_eager_path_equals_custom_ops(case, monkeypatch):
         q.add_adapter("b", torch.randn(2, k) * 0.1, torch.randn(n, 2) * 0.1, trainable=True)
         kw["adapter_ids"] = torch.tensor([1, -1, 0, 1, 0])
     x = torch.randn(5, k, dtype=torch.bfloat16 if case == "bf16" else torch.float32)
-    for bias_grad in (True, False):
-        eager = _run(q, x, bias_grad, **kw)
+    for bias_grad, x_grad in ((True, True), (False, True), (True, False)):
+        eager = _run(q, x, bias_grad, x_grad, **kw)
         assert eager[1] == "_EagerProductBackward"
         with torch.no_grad():
             assert torch.equal(q(x, **kw), eager[0])
         monkeypatch.setattr(pqt, "_eager", lambda x, tensors: False)
-        ops = _run(q, x, bias_grad, **kw)
+        ops = _run(q, x, bias_grad, x_grad, **kw)
         monkeypatch.undo()
         assert ops[1] != eager[1]
         assert torch.equal(ops[0], eager[0]) and ops[0].dtype == x.dtype
-        assert torch.equal(ops[2], eager[2]) and ops[2].dtype == x.dtype
+        if x_grad:
+            assert torch.equal(ops[2], eager[2]) and ops[2].dtype == x.dtype
+        else:  # the eager backward skips dy @ W then
+            assert ops[2] is None and eager[2] is None
         assert (ops[3] is None) == (eager[3] is None) == (not bias_grad)
         if bias_grad:
             assert torch.equal(ops[3], eager[3])
