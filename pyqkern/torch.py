@@ -400,6 +400,15 @@ _op_lora_backward.register_autograd(_bwd_lora_backward, setup_context=lambda ctx
 
 # --------------------------------------------------------------------------- eager path
 _FT_PEEK = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+_FT_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def _plain_cpu(t) -> bool:
+    """t is a dense CPU tensor, not a functorch wrapper nor a batched tensor of the legacy vmap
+    behind torch.autograd.functional.jacobian(vectorize=True) and is_grads_batched (whose key
+    set has no CPU key; the bodies' detach has no batching rule there, the ops a fallback)"""
+    return ((_FT_WRAPPED is None or not _FT_WRAPPED(t)) and type(t) is torch.Tensor
+            and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.CPU))
 
 
 def _eager(x, tensors) -> bool:
@@ -438,7 +447,9 @@ class _EagerProduct(torch.autograd.Function):
     def backward(ctx, dy):
         args, _, scales = ctx.spec
         m = len(scales)
-        deep = torch.is_grad_enabled()  # create_graph=True
+        # create_graph=True, or batched gradients (jacobian(vectorize=True), is_grads_batched: the
+        # backward runs under vmap, whose fallback takes the ops, not the bodies' detach): the ops
+        deep = torch.is_grad_enabled() or not _plain_cpu(dy)
         need = ctx.needs_input_grad
         dx = db = None
         dab = [None] * (2 * m)
@@ -452,9 +463,10 @@ class _EagerProduct(torch.autograd.Function):
             dx = g[0].to(ctx.x_dtype) if need[0] else None
             dab = [g[1 + 2 * i].to(ab[i].dtype) for i in range(m)] + [g[2 + 2 * i].to(ab[m + i].dtype)
                                                                       for i in range(m)]
-        elif need[0]:
-            (qdata,) = ctx.saved_tensors
-            dx = (_op_matmul_backward if deep else _matmul_backward_impl)(dy, qdata, *args).to(ctx.x_dtype)
+        else:
+            (qdata,) = ctx.saved_tensors  # unpacked even for the bias alone: an edited weight is an error, as on the ops' path
+            if need[0]:
+                dx = (_op_matmul_backward if deep else _matmul_backward_impl)(dy, qdata, *args).to(ctx.x_dtype)
         if need[2]:
             db = dy.reshape(-1, dy.shape[-1]).sum(0)
         return (dx, None, db, None, None, *dab)
@@ -715,7 +727,8 @@ class QuantLinear(nn.Module):
         tensors = (x, self.qdata, self.bias, adapter_ids, *As, *Bs)
         if _eager(x, tensors):
             spec = (args[1:], self.compute, tuple(scales))
-            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            if (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # enable_grad inside inference_mode: no graph
+                    and any(t is not None and t.requires_grad for t in tensors)):
                 y = _EagerProduct.apply(x, self.qdata, self.bias, adapter_ids, spec, *As, *Bs)
             elif names:
                 y = _matmul_lora_impl(x, *args, self.bias, As, Bs, scales, adapter_ids, self.compute)

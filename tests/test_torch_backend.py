@@ -406,3 +406,31 @@ def test_eager_path_equals_custom_ops(case, monkeypatch):
         q(x, **kw)
     names = {e.key for e in prof.key_averages()}
     assert ("pyqkern::matmul" if case == "plain" else "pyqkern::matmul_lora") in names
+
+
+def test_eager_path_edges_from_review():
+    """From a review of the eager path: a vectorized jacobian (the backward under the legacy vmap,
+    where the bodies' detach has no batching rule: the ops run there), no graph under
+    inference_mode even with enable_grad, and a weight edited before backward is an error even
+    when only the bias wants a gradient (as on the ops' path)."""
+    torch.manual_seed(2)
+    q = pqt.QuantLinear.from_linear(_lin(64, 32), "q4_0")
+    x = torch.randn(2, 64)
+    jv = torch.autograd.functional.jacobian(q, x, vectorize=True)
+    j = torch.autograd.functional.jacobian(q, x)
+    assert jv.shape == (2, 32, 2, 64) and torch.equal(jv, j)
+    xr = x.clone().requires_grad_()
+    y = q(xr)
+    v = torch.randn(3, *y.shape)
+    gb, = torch.autograd.grad(y, xr, v, is_grads_batched=True)
+    for i in range(3):
+        assert torch.equal(gb[i], torch.autograd.grad(q(xr), xr, v[i])[0])
+    with torch.inference_mode(), torch.enable_grad():
+        y = q(xr)
+    assert not y.requires_grad and y.grad_fn is None
+    q.bias.requires_grad_(True)
+    y = q(x)
+    assert type(y.grad_fn).__name__ == "_EagerProductBackward"
+    q.qdata.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
