@@ -315,7 +315,7 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     if not isinstance(w, QTensor):
         raise TypeError(f"w must be a QTensor, got {type(w).__name__}")
     n, k = w.shape
-    if backend == "native" and compute != "int8":
+    if backend == "native" and resolve_compute(w, compute) == "float":  # "auto" taking int8 skips the look
         done = _float_packed(x, w, bias, compute, out, isa, lora, adapter_ids)
         if done is not None:
             return done
