@@ -94,6 +94,8 @@ class LoRA:
         keeps unchanged while the LoRA is used) with this scale: what LoRA(A, B, alpha=scale * r,
         storage="float32", _shared=True) makes, in a third of its time (pyqkern.torch builds one
         per call: ~100 us of a small layer's call went here)."""
+        if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (A, B)):  # what the kernels read
+            raise TypeError("LoRA._of_arrays takes C-contiguous float32 arrays")
         if A.ndim != 2 or B.ndim != 2:
             raise ValueError(f"A and B must be 2-D, got shapes {A.shape} and {B.shape}")
         r, k = A.shape
