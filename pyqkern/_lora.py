@@ -53,15 +53,7 @@ class LoRA:
         bits = any(isinstance(a, np.ndarray) and a.dtype == np.uint16 for a in (A, B))
         A = _as_f32(A, "A", 2)
         B = _as_f32(B, "B", 2)
-        r, k = A.shape
-        n, rb = B.shape
-        if r == 0:
-            raise ValueError("rank must be >= 1")
-        if rb != r:
-            raise ValueError(f"rank mismatch: A is [{r}, K] but B is [N, {rb}]")
-        if not (np.isfinite(A).all() and np.isfinite(B).all()):
-            raise ValueError("A or B contains NaN or Inf" + (" (uint16 arrays are read as bfloat16 bit patterns)"
-                                                             if bits else ""))
+        r, k, n = _checked_pair(A, B, " (uint16 arrays are read as bfloat16 bit patterns)" if bits else "")
         if store != "float32":  # what the kernels read; .A / .B are its exact float32 widening
             A, B = _round_to(A, store), _round_to(B, store)
             if not (np.isfinite(A).all() and np.isfinite(B).all()):
@@ -98,22 +90,17 @@ class LoRA:
             raise TypeError("LoRA._of_arrays takes C-contiguous float32 arrays")
         if A.ndim != 2 or B.ndim != 2:
             raise ValueError(f"A and B must be 2-D, got shapes {A.shape} and {B.shape}")
-        r, k = A.shape
-        n, rb = B.shape
-        if r == 0 or rb != r:
-            raise ValueError(f"rank mismatch: A is [{r}, K] but B is [N, {rb}]" if r else "rank must be >= 1")
-        if k == 0 or n == 0:
+        if A.shape[1] == 0 or B.shape[0] == 0:  # the constructor's as_float32_2d refuses them
             raise ValueError(f"A or B is empty (shapes {A.shape} and {B.shape})")
-        if not (np.isfinite(A).all() and np.isfinite(B).all()):
-            raise ValueError("A or B contains NaN or Inf")
+        r, k, n = _checked_pair(A, B)
         _check_scale(scale)
         A, B = A.view(), B.view()
         A.flags.writeable = B.flags.writeable = False
+        bp = _tiles_of(B)
         self = object.__new__(cls)
-        self.__dict__.update(storage="float32", A=A, B=B, Bp=_tiles_of(B), rank=r, in_features=k, out_features=n,
-                             alpha=float(scale * r), rslora=False, scale=float(scale), magnitude=None,
-                             _dora_cache={}, _frozen=True)
-        self.__dict__["_native"] = (A, self.Bp, _DTYPE_ID["float32"])
+        self.__dict__.update(storage="float32", A=A, B=B, Bp=bp, _native=(A, bp, _DTYPE_ID["float32"]), rank=r,
+                             in_features=k, out_features=n, alpha=float(scale * r), rslora=False, scale=float(scale),
+                             magnitude=None, _dora_cache={}, _frozen=True)
         return self
 
     # Immutable: a new alpha / scale would not reach the cached DoRA norms, save_peft_adapter
@@ -245,6 +232,20 @@ def _check_scale(scale):
     """every backend computes the adapter term in float32: a scale beyond its range is refused"""
     if not abs(scale) <= float(np.finfo(np.float32).max):
         raise ValueError(f"adapter scale {scale:g} (alpha / r) is beyond float32's range")
+
+
+def _checked_pair(A, B, nan_hint=""):
+    """(r, K, N) of A [r, K] and B [N, r] (2-D float32): a rank of 0, ranks that differ and
+    NaN / Inf are ValueErrors"""
+    r, k = A.shape
+    n, rb = B.shape
+    if r == 0:
+        raise ValueError("rank must be >= 1")
+    if rb != r:
+        raise ValueError(f"rank mismatch: A is [{r}, K] but B is [N, {rb}]")
+    if not (np.isfinite(A).all() and np.isfinite(B).all()):
+        raise ValueError("A or B contains NaN or Inf" + nan_hint)
+    return r, k, n
 
 
 def _tiles_of(B):

@@ -315,7 +315,8 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     if not isinstance(w, QTensor):
         raise TypeError(f"w must be a QTensor, got {type(w).__name__}")
     n, k = w.shape
-    if backend == "native" and resolve_compute(w, compute) == "float":  # "auto" taking int8 skips the look
+    mode = resolve_compute(w, compute)
+    if backend == "native" and mode == "float":  # "auto" taking int8 skips the packed-float look-up
         done = _float_packed(x, w, bias, compute, out, isa, lora, adapter_ids)
         if done is not None:
             return done
@@ -323,7 +324,6 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     if w.perm is not None and x2.shape[0]:
         x2 = np.ascontiguousarray(x2[:, w.perm])  # the stored weight is W[:, perm]
     b = _bias(bias, n)
-    mode = resolve_compute(w, compute)
     y = _out(out, tuple(lead) + (n,))
     b = _apart(b, y)
     m = x2.shape[0]
