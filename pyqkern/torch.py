@@ -320,6 +320,32 @@ def _(x, dy, qdata, fmt, n, k, group, sym, As, Bs, scales, adapter_ids):
     return out
 
 
+def _product_grads(dy, saved, args, scales, need_x, need_bias, x_dtype, ops):
+    """(dx, db, dAs, dBs) of y = x @ W.T (+ bias) (+ adapters) from the saved tensors: (qdata,)
+    without adapters, else (x, qdata, adapter_ids, *As, *Bs). ops: through the backward ops (the
+    ops' own autograd, create_graph=True, a batched dy: they carry the second-order formula and
+    vmap's fallback), else their bodies (dy @ W skipped when x needs no gradient)."""
+    m = len(scales)
+    dx = db = None
+    dAs, dBs = [], []
+    if m:
+        x, qdata, adapter_ids, *ab = saved
+        As, Bs = list(ab[:m]), list(ab[m:])
+        if ops:
+            g = _op_lora_backward(x, dy, qdata, *args, As, Bs, list(scales), adapter_ids)
+        else:
+            g = _lora_backward_impl(x, dy, qdata, *args, As, Bs, list(scales), adapter_ids, need_dx=need_x)
+        dx = g[0].to(x_dtype) if need_x else None
+        dAs = [g[1 + 2 * i].to(a.dtype) for i, a in enumerate(As)]
+        dBs = [g[2 + 2 * i].to(b.dtype) for i, b in enumerate(Bs)]
+    elif need_x:
+        (qdata,) = saved
+        dx = (_op_matmul_backward if ops else _matmul_backward_impl)(dy, qdata, *args).to(x_dtype)
+    if need_bias:
+        db = dy.reshape(-1, dy.shape[-1]).sum(0)
+    return dx, db, dAs, dBs
+
+
 def _setup_matmul(ctx, inputs, output):
     x, qdata, fmt, n, k, group, sym, bias, compute = inputs
     ctx.save_for_backward(qdata)
@@ -329,13 +355,8 @@ def _setup_matmul(ctx, inputs, output):
 
 
 def _bwd_matmul(ctx, dy):
-    (qdata,) = ctx.saved_tensors
-    dx = None
-    if ctx.needs_input_grad[0]:
-        dx = _op_matmul_backward(dy, qdata, *ctx.args).to(ctx.x_dtype)
-    db = None
-    if ctx.has_bias and ctx.needs_input_grad[7]:
-        db = dy.reshape(-1, dy.shape[-1]).sum(0)
+    dx, db, _, _ = _product_grads(dy, ctx.saved_tensors, ctx.args, (), ctx.needs_input_grad[0],
+                                  ctx.has_bias and ctx.needs_input_grad[7], ctx.x_dtype, ops=True)
     return dx, None, None, None, None, None, None, db, None
 
 
@@ -366,24 +387,14 @@ def _setup_lora(ctx, inputs, output):
     x, qdata, fmt, n, k, group, sym, bias, As, Bs, scales, adapter_ids, compute = inputs
     ctx.save_for_backward(x, qdata, adapter_ids, *As, *Bs)
     ctx.args = (fmt, n, k, group, sym)
-    ctx.n_ad = len(As)
     ctx.scales = list(scales)
     ctx.x_dtype = x.dtype
-    ctx.ad_dtypes = [(a.dtype, b.dtype) for a, b in zip(As, Bs)]
     ctx.has_bias = bias is not None
 
 
 def _bwd_lora(ctx, dy):
-    x, qdata, adapter_ids, *ab = ctx.saved_tensors
-    m = ctx.n_ad
-    As, Bs = ab[:m], ab[m:]
-    g = _op_lora_backward(x, dy, qdata, *ctx.args, list(As), list(Bs), ctx.scales, adapter_ids)
-    dx = g[0].to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-    dAs = [g[1 + 2 * i].to(ctx.ad_dtypes[i][0]) for i in range(m)]
-    dBs = [g[2 + 2 * i].to(ctx.ad_dtypes[i][1]) for i in range(m)]
-    db = None
-    if ctx.has_bias and ctx.needs_input_grad[7]:
-        db = dy.reshape(-1, dy.shape[-1]).sum(0)
+    dx, db, dAs, dBs = _product_grads(dy, ctx.saved_tensors, ctx.args, ctx.scales, ctx.needs_input_grad[0],
+                                      ctx.has_bias and ctx.needs_input_grad[7], ctx.x_dtype, ops=True)
     return dx, None, None, None, None, None, None, db, dAs, dBs, None, None, None
 
 
@@ -446,30 +457,13 @@ class _EagerProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         args, _, scales = ctx.spec
-        m = len(scales)
-        # create_graph=True, or batched gradients (jacobian(vectorize=True), is_grads_batched: the
-        # backward runs under vmap, whose fallback takes the ops, not the bodies' detach): the ops
-        deep = torch.is_grad_enabled() or not _plain_cpu(dy)
         need = ctx.needs_input_grad
-        dx = db = None
-        dab = [None] * (2 * m)
-        if m:
-            x, qdata, adapter_ids, *ab = ctx.saved_tensors
-            if deep:
-                g = _op_lora_backward(x, dy, qdata, *args, list(ab[:m]), list(ab[m:]), list(scales), adapter_ids)
-            else:
-                g = _lora_backward_impl(x, dy, qdata, *args, list(ab[:m]), list(ab[m:]), list(scales), adapter_ids,
-                                        need_dx=need[0])
-            dx = g[0].to(ctx.x_dtype) if need[0] else None
-            dab = [g[1 + 2 * i].to(ab[i].dtype) for i in range(m)] + [g[2 + 2 * i].to(ab[m + i].dtype)
-                                                                      for i in range(m)]
-        else:
-            (qdata,) = ctx.saved_tensors  # unpacked even for the bias alone: an edited weight is an error, as on the ops' path
-            if need[0]:
-                dx = (_op_matmul_backward if deep else _matmul_backward_impl)(dy, qdata, *args).to(ctx.x_dtype)
-        if need[2]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
-        return (dx, None, db, None, None, *dab)
+        # create_graph=True, or batched gradients (jacobian(vectorize=True), is_grads_batched: the
+        # backward runs under vmap, whose fallback takes the ops, not the bodies' detach): the ops.
+        # saved_tensors is read even for the bias alone: an edited weight is an error, as on the ops' path
+        ops = torch.is_grad_enabled() or not _plain_cpu(dy)
+        dx, db, dAs, dBs = _product_grads(dy, ctx.saved_tensors, args, scales, need[0], need[2], ctx.x_dtype, ops)
+        return (dx, None, db, None, None, *dAs, *dBs)
 
 
 # --------------------------------------------------------------------------- QuantLinear
