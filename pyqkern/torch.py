@@ -51,7 +51,7 @@ import torch.autograd.forward_ad as _fwad
 
 from . import _formats
 from ._lora import LoRA, _real
-from ._matmul import COMPUTES, INT8_NEEDS, int8_fits, matmul as _pq_matmul
+from ._matmul import COMPUTES, INT8_NEEDS, _int8_rows, int8_fits, int8_supported, matmul as _pq_matmul
 from ._ops import dequantize as _pq_dequantize
 from ._ops import quantize as _pq_quantize
 from ._qtensor import QTensor, total_bytes
@@ -138,7 +138,7 @@ def _nbytes(fmt: str, n: int, k: int, group: int, sym: int) -> int:
 
 def _x32(x: torch.Tensor) -> np.ndarray:
     if x.dtype == torch.float32 and x.is_contiguous():  # the common case, in a third of the time
-        return x.detach().numpy()
+        return x.detach().numpy() if x.requires_grad else x.numpy()
     return x.detach().to(torch.float32).contiguous().numpy()
 
 
@@ -148,7 +148,11 @@ def _x32(x: torch.Tensor) -> np.ndarray:
 def _matmul_impl(x, qdata, fmt, n, k, group, sym, bias, compute):
     qt = qtensor_from_tensor(qdata, fmt, n, k, group, sym)
     b = None if bias is None else _x32(bias)
-    return torch.from_numpy(_pq_matmul(_x32(x), qt, b, compute=compute))
+    x2 = _x32(x)
+    if (x2.ndim >= 1 and x2.shape[-1] == k and compute in ("auto", "int8") and qt.perm is None and int8_supported(qt)
+            and (b is None or b.shape == (n,))):  # what matmul would do, without its argument handling
+        return torch.from_numpy(_int8_rows(x2.reshape(-1, k), qt, b).reshape(*x2.shape[:-1], n))
+    return torch.from_numpy(_pq_matmul(x2, qt, b, compute=compute))
 
 
 @torch.library.custom_op("pyqkern::matmul", mutates_args=())
@@ -428,10 +432,14 @@ def _eager(x, tensors) -> bool:
     (torch.compile, torch.export, jit.trace), no dispatch / function mode (fake tensors,
     torch.device(...)), no torch.func transform, no profiler (its traces name the ops).
     Otherwise the custom ops."""
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and torch._C._len_torch_dispatch_stack() == 0 and torch._C._len_torch_function_stack() == 0
-            and (_FT_PEEK is None or _FT_PEEK() is None) and not torch.autograd._profiler_enabled()
-            and all(t is None or t.is_cpu for t in tensors))
+    if (type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
+            or (_FT_PEEK is not None and _FT_PEEK() is not None) or torch.autograd._profiler_enabled()):
+        return False
+    for t in tensors:  # a loop, not all() over a generator: this runs on every call
+        if t is not None and not t.is_cpu:
+            return False
+    return True
 
 
 class _EagerProduct(torch.autograd.Function):
@@ -676,18 +684,19 @@ class QuantLinear(nn.Module):
         if _fwad._current_level >= 0:  # inside forward_ad.dual_level / torch.func.jvp (a global read otherwise)
             _refuse_forward_ad(x, self)
         _refuse_func_grad(x)
-        if x.device != self.qdata.device:  # as nn.Linear (a meta module would run the shape-only kernel)
-            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
-                               f"{self.qdata.device} (the weight) and {x.device} (the input)")
-        for what, t in (("bias", self.bias), ("perm", self.perm)):
-            if t is not None and t.device != x.device:  # e.g. a meta skeleton loaded without its bias
-                raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
-                                   f"devices, {x.device} (the input and weight) and {t.device} ({what})")
+        qdata, bias, perm = self._qbp()
+        if not (x.is_cpu and qdata.is_cpu and (bias is None or bias.is_cpu) and (perm is None or perm.is_cpu)):
+            if x.device != qdata.device:  # as nn.Linear (a meta module would run the shape-only kernel)
+                raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                                   f"{qdata.device} (the weight) and {x.device} (the input)")
+            for what, t in (("bias", bias), ("perm", perm)):
+                if t is not None and t.device != x.device:  # e.g. a meta skeleton loaded without its bias
+                    raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
+                                       f"devices, {x.device} (the input and weight) and {t.device} ({what})")
         if not x.is_floating_point():
             raise TypeError(f"QuantLinear expects a floating-point input, got {x.dtype}")
-        args = (self.qdata, self.format, self.out_features, self.in_features, self.group, self.sym)
+        args = (qdata, self.format, self.out_features, self.in_features, self.group, self.sym)
         out_dtype = x.dtype
-        perm = self.perm
         if perm is not None:  # the stored weight is W[:, perm]: x @ W.T = x[..., perm] @ W[:, perm].T
             x = x.index_select(-1, perm)
         if torch.compiler.is_compiling():  # traced: no lock (a graph break), no other thread
@@ -718,21 +727,31 @@ class QuantLinear(nn.Module):
                 adapter_ids = adapter_ids.reshape(-1)
         if names and perm is not None:
             As = [a.index_select(1, perm) for a in As]
-        tensors = (x, self.qdata, self.bias, adapter_ids, *As, *Bs)
+        tensors = (x, qdata, bias, adapter_ids, *As, *Bs)
         if _eager(x, tensors):
             spec = (args[1:], self.compute, tuple(scales))
             if (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # enable_grad inside inference_mode: no graph
                     and any(t is not None and t.requires_grad for t in tensors)):
-                y = _EagerProduct.apply(x, self.qdata, self.bias, adapter_ids, spec, *As, *Bs)
+                y = _EagerProduct.apply(x, qdata, bias, adapter_ids, spec, *As, *Bs)
             elif names:
-                y = _matmul_lora_impl(x, *args, self.bias, As, Bs, scales, adapter_ids, self.compute)
+                y = _matmul_lora_impl(x, *args, bias, As, Bs, scales, adapter_ids, self.compute)
             else:
-                y = _matmul_impl(x, *args, self.bias, self.compute)
+                y = _matmul_impl(x, *args, bias, self.compute)
         elif names:
-            y = torch.ops.pyqkern.matmul_lora(x, *args, self.bias, As, Bs, scales, adapter_ids, self.compute)
+            y = torch.ops.pyqkern.matmul_lora(x, *args, bias, As, Bs, scales, adapter_ids, self.compute)
         else:
-            y = torch.ops.pyqkern.matmul(x, *args, self.bias, self.compute)
-        return y.to(out_dtype)
+            y = torch.ops.pyqkern.matmul(x, *args, bias, self.compute)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+
+    def _qbp(self):
+        """(qdata, bias, perm): read from the buffer dict outside tracing, where nn.Module's
+        __getattr__ costs ~0.4 us a name (three to eight reads per forward, beside a few-us
+        product); a bias or perm made a Parameter or a plain attribute is still found."""
+        if torch.compiler.is_compiling():
+            return self.qdata, self.bias, self.perm
+        b = self._buffers
+        return (b["qdata"] if "qdata" in b else self.qdata, b["bias"] if "bias" in b else self.bias,
+                b["perm"] if "perm" in b else self.perm)
 
     # -- state
     def get_extra_state(self):

@@ -408,6 +408,50 @@ def test_eager_path_equals_custom_ops(case, monkeypatch):
     assert ("pyqkern::matmul" if case == "plain" else "pyqkern::matmul_lora") in names
 
 
+def test_inference_int8_route_equals_matmul(monkeypatch):
+    """The eager inference call takes the int8 kernel without pq.matmul's argument handling
+    (_int8_rows) where that is all matmul would do: the same bits as pq.matmul for 1-, 2- and 3-D
+    x, with and without a bias, a bf16 x and a bias made a Parameter; matmul itself still runs
+    (and raises its errors) for a wrong K, compute="float" and an act-order permutation."""
+    torch.manual_seed(3)
+    k, n = 96, 40
+    lin = _lin(k, n)
+    q = pqt.QuantLinear.from_linear(lin, "q4_0")
+    qt = pqt.qtensor_from_tensor(q.qdata, q.format, n, k, q.group, q.sym)
+    b = q.bias.numpy()
+    calls = []
+    real = pqt._int8_rows
+    monkeypatch.setattr(pqt, "_int8_rows", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        for shape in ((k,), (3, k), (2, 5, k), (0, k)):
+            x = torch.randn(*shape)
+            want = pq.matmul(x.numpy(), qt, b)
+            got = q(x)
+            assert got.shape == want.shape and np.array_equal(got.numpy(), want)
+        xb = torch.randn(4, k, dtype=torch.bfloat16)
+        got = q(xb)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, torch.from_numpy(pq.matmul(xb.float().numpy(), qt, b)).to(torch.bfloat16))
+        nobias = pqt.QuantLinear.from_linear(_lin(k, n, bias=False), "q4_0")
+        x = torch.randn(3, k)
+        qt2 = pqt.qtensor_from_tensor(nobias.qdata, nobias.format, n, k, nobias.group, nobias.sym)
+        assert np.array_equal(nobias(x).numpy(), pq.matmul(x.numpy(), qt2))
+        assert len(calls) == 6
+        q.bias = nn.Parameter(q.bias.detach().clone() + 1, requires_grad=False)  # no longer a buffer
+        assert "bias" not in q._buffers
+        assert np.array_equal(q(x).numpy(), pq.matmul(x.numpy(), qt, b + 1))
+        assert len(calls) == 7
+        with pytest.raises(ValueError, match="x has K=95 but the weight has K=96"):
+            q(torch.randn(2, k - 1))
+        qf = pqt.QuantLinear.from_linear(lin, "q4_0", compute="float")
+        assert np.array_equal(qf(x).numpy(), pq.matmul(x.numpy(), qt, b, compute="float"))
+        X = torch.randn(256, k) * torch.linspace(0.1, 3, k)
+        qp = pq.gptq.quantize(lin.weight.detach().numpy(), X=X.numpy(), format="int4", group_size=32, act_order=True)
+        assert np.array_equal(pqt.QuantLinear.from_qtensor(qp, lin.bias)(x).numpy(),
+                              pq.matmul(x.numpy(), qp, lin.bias.detach().numpy()))
+        assert len(calls) == 8  # the act-order layer: x permuted by the module, then the same route
+
+
 def test_eager_path_edges_from_review():
     """From a review of the eager path: a vectorized jacobian (the backward under the legacy vmap,
     where the bodies' detach has no batching rule: the ops run there), no graph under
