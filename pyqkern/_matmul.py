@@ -379,15 +379,19 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     return y
 
 
-def _int8_rows(x2: np.ndarray, w: QTensor, b):
-    """matmul(x2, w, b) through the active variant's int8 kernel, for callers that hold what
-    matmul would make of its arguments: x2 float32 [M, K] with contiguous rows, b None or float32
-    [N], w int8-capable without a permutation, no adapters (pyqkern.torch's eager QuantLinear,
-    whose ~2 us of matmul's argument handling per call is not small beside a decode GEMV). The
-    binding still checks every shape and dtype; x's NaN / Inf check is the kernel's, as in matmul."""
+def _int8_rows(x2: np.ndarray, w: QTensor, b, ads=()):
+    """matmul(x2, w, b, lora=ads) through the active variant's int8 kernel, for callers that hold
+    what matmul would make of its arguments: x2 float32 [M, K] with contiguous rows, b None or
+    float32 [N], w int8-capable without a permutation, ads LoRA objects applied to every row
+    (pyqkern.torch's eager QuantLinear, whose ~2-4 us of matmul's argument handling per call is
+    not small beside a decode GEMV). The adapters' shapes and DoRA sums are checked as matmul
+    does, the binding checks every array; x's NaN / Inf check is the kernel's, as in matmul."""
+    for a in ads:
+        a.check_base(w.shape)
+    _refuse_summed_dora(ads)
     y = np.empty((x2.shape[0], w.shape[0]), np.float32)
     if y.shape[0]:
-        _native().matmul_int8(-1, _packed(w), x2, b, y, None, None)
+        _native().matmul_int8(-1, _packed(w), x2, b, y, [a.native_args(w) for a in ads] or None, None)
     return y
 
 

@@ -452,6 +452,44 @@ def test_inference_int8_route_equals_matmul(monkeypatch):
         assert len(calls) == 8  # the act-order layer: x permuted by the module, then the same route
 
 
+def test_frozen_adapter_cached_until_changed():
+    """A served (frozen) adapter's kernel operands are built once and kept on its B tensor, keyed
+    by storage, shape, dtype and version: the same bits as pq.matmul with a fresh LoRA before and
+    after an in-place change of A or B (which makes a new one); a trainable adapter is built per
+    call and nothing is kept on it."""
+    torch.manual_seed(4)
+    k, n, r = 64, 48, 8
+    q = pqt.QuantLinear.from_linear(_lin(k, n), "q4_0")
+    qt = pqt.qtensor_from_tensor(q.qdata, q.format, n, k, q.group, q.sym)
+    b = q.bias.numpy()
+    A, B = torch.randn(r, k) * 0.1, torch.randn(n, r) * 0.1
+    q.add_adapter("a", A, B, alpha=16)
+    x = torch.randn(3, k)
+
+    def want():
+        Ap, Bp = q.lora_A["a"].detach().numpy(), q.lora_B["a"].detach().numpy()
+        return pq.matmul(x.numpy(), qt, b, lora=pq.LoRA(Ap.copy(), Bp.copy(), alpha=16))
+
+    with torch.inference_mode():
+        y1 = q(x)
+    assert np.array_equal(y1.numpy(), want())
+    cached = q.lora_B["a"]._pyqkern_lora.qt
+    with torch.no_grad():
+        q(x)
+        assert q.lora_B["a"]._pyqkern_lora.qt is cached  # a hit: not rebuilt
+        q.lora_A["a"].mul_(2)
+        y2 = q(x)
+        assert q.lora_B["a"]._pyqkern_lora.qt is not cached
+        assert np.array_equal(y2.numpy(), want()) and not torch.equal(y1, y2)
+        q.lora_B["a"].copy_(torch.randn(n, r))
+        assert np.array_equal(q(x).numpy(), want())
+    t = pqt.QuantLinear.from_linear(_lin(k, n), "q4_0")
+    t.add_adapter("a", A, B, alpha=16, trainable=True)
+    with torch.no_grad():
+        t(x)
+    assert getattr(t.lora_B["a"], "_pyqkern_lora", None) is None
+
+
 def test_eager_path_edges_from_review():
     """From a review of the eager path: a vectorized jacobian (the backward under the legacy vmap,
     where the bodies' detach has no batching rule: the ops run there), no graph under
