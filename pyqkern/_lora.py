@@ -81,11 +81,13 @@ class LoRA:
         self._frozen = True
 
     @classmethod
-    def _of_arrays(cls, A, B, scale):
+    def _of_arrays(cls, A, B, scale, storage="float32"):
         """A float32 LoRA on views of A [r, K] and B [N, r] (C-contiguous float32 arrays the caller
         keeps unchanged while the LoRA is used) with this scale: what LoRA(A, B, alpha=scale * r,
         storage="float32", _shared=True) makes, in a third of its time (pyqkern.torch builds one
-        per call: ~100 us of a small layer's call went here)."""
+        per call: ~100 us of a small layer's call went here). storage "float16" / "bfloat16": the
+        kernels read A and B in that dtype (half the bytes); only for values widened from it (the
+        caller's promise: nothing is rounded), so the products are those of float32 storage."""
         if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (A, B)):  # what the kernels read
             raise TypeError("LoRA._of_arrays takes C-contiguous float32 arrays")
         if A.ndim != 2 or B.ndim != 2:
@@ -97,8 +99,11 @@ class LoRA:
         A, B = A.view(), B.view()
         A.flags.writeable = B.flags.writeable = False
         bp = _tiles_of(B)
+        native = (A, bp, _DTYPE_ID["float32"])
+        if storage != "float32":
+            native = (_to_storage(A, storage), _to_storage(bp, storage), _DTYPE_ID[storage])
         self = object.__new__(cls)
-        self.__dict__.update(storage="float32", A=A, B=B, Bp=bp, _native=(A, bp, _DTYPE_ID["float32"]), rank=r,
+        self.__dict__.update(storage=storage, A=A, B=B, Bp=bp, _native=native, rank=r,
                              in_features=k, out_features=n, alpha=float(scale * r), rslora=False, scale=float(scale),
                              magnitude=None, _dora_cache={}, _frozen=True)
         return self

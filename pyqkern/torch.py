@@ -219,7 +219,8 @@ def _lora(A: torch.Tensor, B: torch.Tensor, scale: float, cache: bool = False) -
     """The kernels' LoRA of this call's tensors (views of them where they are float32). Building
     one checks A and B for NaN / Inf and tiles B: ~60 us at rank 16 and 4096x4096, as long as the
     decode product itself. With cache=True and neither tensor requiring grad (a served adapter),
-    it is kept on B, keyed by both tensors' storage, shape, dtype and version counter, as
+    it is kept on B (in 16 bits for the kernels if both are bf16 or fp16: half the bytes they read,
+    the same products), keyed by both tensors' storage, shape, dtype and version counter, as
     qtensor_from_tensor keeps the QTensor: an in-place change (copy_, load_state_dict) makes a new
     one; an edit through .data, which bypasses the version counter, is not seen. Trainable
     adapters are built per call (their optimizer steps, or a manual p.data update, change them)."""
@@ -229,7 +230,9 @@ def _lora(A: torch.Tensor, B: torch.Tensor, scale: float, cache: bool = False) -
     hit = getattr(B, "_pyqkern_lora", None)
     if isinstance(hit, _QTCache) and hit.key == key:
         return hit.qt
-    ad = LoRA._of_arrays(_x32(A), _x32(B), float(scale))
+    # 16-bit adapters (a bf16 / fp16 model) stay 16-bit for the kernels: half the bytes, the same products
+    half = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(A.dtype) if A.dtype == B.dtype else None
+    ad = LoRA._of_arrays(_x32(A), _x32(B), float(scale), half or "float32")
     try:
         B._pyqkern_lora = _QTCache(key, ad)
     except (AttributeError, RuntimeError):  # a tensor subclass refusing attributes: no cache

@@ -327,6 +327,28 @@ def test_fused_lora_thread_count_independent():
 
 
 @pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+@pytest.mark.parametrize("n,k,r,m", [(77, 128, 16, 1), (64, 256, 6, 3), (133, 96, 18, 2), (40, 128, 1, 5),
+                                     (50, 64, 64, 8), (33, 32, 3, 9)])
+def test_16bit_storage_same_bits_as_float32(storage, n, k, r, m):
+    """Values a 16-bit dtype holds give the same result bits kept in it as kept in float32, on
+    every variant and both computes (the kernels widen exactly and sum in the same order):
+    pyqkern.torch keeps a frozen bf16 / fp16 adapter in 16 bits on that promise."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(n * 1000 + r)
+    dt = np.float16 if storage == "float16" else ml_dtypes.bfloat16
+    qt = make("q4_0", n, k, rng)
+    A = (rng.standard_normal((r, k)) * 0.1).astype(dt).astype(np.float32)
+    B = (rng.standard_normal((n, r)) * 0.1).astype(dt).astype(np.float32)
+    a32, a16 = (LoRA(A, B, alpha=1.7 * r, storage=st) for st in ("float32", storage))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    for compute in ("int8", "float"):
+        for v in VARIANTS:
+            assert np.array_equal(pq.matmul(x, qt, lora=a16, compute=compute, isa=v),
+                                  pq.matmul(x, qt, lora=a32, compute=compute, isa=v)), (compute, v)
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
 @pytest.mark.parametrize("compute", ["int8", "float"])
 def test_16bit_adapter_storage(storage, compute):
     """Adapters kept in fp16 / bf16 (as PEFT files ship them): the kernels widen exactly, so the

@@ -490,6 +490,34 @@ def test_frozen_adapter_cached_until_changed():
     assert getattr(t.lora_B["a"], "_pyqkern_lora", None) is None
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_frozen_16bit_adapter_read_in_16_bits(dt):
+    """A frozen bf16 / fp16 adapter (a module cast with .to(dtype)) is kept for the kernels in its
+    own 16 bits (half the bytes of the float32 copy): the same bits as float32 storage of the same
+    values, with one adapter and with two summed on every row."""
+    torch.manual_seed(5)
+    k, n = 128, 77  # a partial last tile of B
+    q = pqt.QuantLinear.from_linear(_lin(k, n), "q4_0")
+    for nm, r in (("a", 16), ("b", 6)):
+        q.add_adapter(nm, torch.randn(r, k) * 0.1, torch.randn(n, r) * 0.1, alpha=2 * r)
+    q.to(dt)
+    qt = pqt.qtensor_from_tensor(q.qdata, q.format, n, k, q.group, q.sym)
+    b = q.bias.float().numpy()
+    ads = {}
+    for nm, r in (("a", 16), ("b", 6)):
+        assert q.lora_A[nm].dtype == q.lora_B[nm].dtype == dt
+        ads[nm] = pq.LoRA(q.lora_A[nm].detach().float().numpy(), q.lora_B[nm].detach().float().numpy(),
+                          alpha=2 * r, storage="float32")
+    x = torch.randn(3, k)
+    for active in (["a"], ["a", "b"]):
+        q.set_adapter(active)
+        with torch.no_grad():
+            y = q(x)
+        assert all(q.lora_B[nm]._pyqkern_lora.qt.storage == {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
+                   for nm in active)
+        assert np.array_equal(y.numpy(), pq.matmul(x.numpy(), qt, b, lora=[ads[nm] for nm in active]))
+
+
 def test_eager_path_edges_from_review():
     """From a review of the eager path: a vectorized jacobian (the backward under the legacy vmap,
     where the bodies' detach has no batching rule: the ops run there), no graph under

@@ -259,7 +259,7 @@ static void test_lora(const std::vector<int>& isas, int64_t n, int64_t k, std::m
         const int ranks[2] = {rank, rank / 2 + 1};
         std::vector<std::vector<float>> A32(2), B32(2);
         std::vector<std::vector<uint8_t>> Ab(2), Bb(2);
-        pqk_lora ads[2];
+        pqk_lora ads[2], ads32[2];  // ads32: the same values kept as fp32
         const int isz = dtype == 0 ? 4 : 2;
         for (int a = 0; a < 2; ++a) {
           const int r = ranks[a];
@@ -277,6 +277,7 @@ static void test_lora(const std::vector<int>& isas, int64_t n, int64_t k, std::m
             for (size_t e = 0; e < pr->size(); ++e) put_elem(dst, dtype, e, (*pr)[e]);
           }
           ads[a] = pqk_lora{r, Ab[a].data(), Bb[a].data(), 0.37f * (float)(a + 1), nullptr, dtype};
+          ads32[a] = pqk_lora{r, A32[a].data(), B32[a].data(), 0.37f * (float)(a + 1), nullptr, 0};
         }
         for (int mode = 0; mode < 3; ++mode)  // 0: both summed, 1: per-row ids, 2: DoRA (one adapter)
           for (int64_t m : {1, 3, 9}) {
@@ -296,6 +297,21 @@ static void test_lora(const std::vector<int>& isas, int64_t n, int64_t k, std::m
             float ymax = 0.0f;
             for (float v : y0) ymax = std::fmax(ymax, std::fabs(v));
             for (int isa : isas) {
+              if (dtype != 0) {  // 16-bit storage of values it holds: the bits of fp32 storage (pyqkern.torch relies on it)
+                pqk_lora dora32 = ads32[0];
+                dora32.row_scale = rs.data();
+                std::vector<float> y16(m * ldy, -1.0f), y32(m * ldy, -1.0f);
+                CHECK_OK(pqk_matmul_int8_lora(isa, pw, x.data(), m, ldx, bp, y16.data(), ldy, list, nad, rows));
+                CHECK_OK(pqk_matmul_int8_lora(isa, pw, x.data(), m, ldx, bp, y32.data(), ldy, mode == 2 ? &dora32 : ads32,
+                                              nad, rows));
+                size_t at16 = 0;
+                char b16[96];
+                std::snprintf(b16, sizeof b16, "dtype=%d vs fp32 storage rank=%d mode=%d m=%lld", dtype, rank, mode,
+                              (long long)m);
+                const Case c16{PQK_Q4_0, p, "+lora"};
+                report(bytes_equal(y16.data(), y32.data(), y16.size() * 4, &at16), "matmul_int8_lora", pqk_isa_name(isa),
+                       c16, n, k, at16, b16);
+              }
               if (isa == PQK_ISA_REF) continue;
               std::vector<float> y(m * ldy, -1.0f);
               CHECK_OK(pqk_matmul_int8_lora(isa, pw, x.data(), m, ldx, bp, y.data(), ldy, list, nad, rows));
