@@ -42,6 +42,7 @@ import operator
 import threading
 import time
 import warnings
+import weakref
 from typing import List, Optional
 
 import numpy as np
@@ -115,8 +116,9 @@ def _drop_cache(qdata) -> None:
 
 
 class _QTCache:
-    """The QTensor cached on a qdata tensor (or the LoRA on an adapter's B: _lora). Copies and pickles of the tensor (deepcopy of a module,
-    torch.save of a whole model) get an empty cache: the QTensor holds native objects."""
+    """The QTensor cached on a qdata tensor (or the LoRA on an adapter's B: _lora). Copies and
+    pickles of the tensor (deepcopy of a module, torch.save of a whole model) get an empty cache:
+    the QTensor holds native objects."""
 
     __slots__ = ("key", "qt")
 
@@ -219,23 +221,25 @@ def _lora(A: torch.Tensor, B: torch.Tensor, scale: float, cache: bool = False) -
     """The kernels' LoRA of this call's tensors (views of them where they are float32). Building
     one checks A and B for NaN / Inf and tiles B: ~60 us at rank 16 and 4096x4096, as long as the
     decode product itself. With cache=True and neither tensor requiring grad (a served adapter),
-    it is kept on B (in 16 bits for the kernels if both are bf16 or fp16: half the bytes they read,
-    the same products), keyed by both tensors' storage, shape, dtype and version counter, as
-    qtensor_from_tensor keeps the QTensor: an in-place change (copy_, load_state_dict) makes a new
-    one; an edit through .data, which bypasses the version counter, is not seen. Trainable
-    adapters are built per call (their optimizer steps, or a manual p.data update, change them)."""
+    it is kept on B (in 16 bits for the kernels if both are bf16 or fp16: half the bytes they
+    read, the same products), keyed by A's identity and both tensors' storage, shape, dtype and
+    version counter, as qtensor_from_tensor keeps the QTensor: an in-place change (copy_,
+    load_state_dict) or a new A makes a new one; an edit through .data, which bypasses the
+    version counter, is not seen. Trainable adapters are built per call (their optimizer steps,
+    or a manual p.data update, change them)."""
     if not cache or A.requires_grad or B.requires_grad:
         return LoRA._of_arrays(_x32(A), _x32(B), float(scale))
     key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, _version(t)) for t in (A, B)) + (float(scale),)
     hit = getattr(B, "_pyqkern_lora", None)
-    if isinstance(hit, _QTCache) and hit.key == key:
+    # A by identity too (a weak reference): a new A tensor can take a freed one's address
+    if isinstance(hit, _QTCache) and hit.key[:-1] == key and hit.key[-1]() is A:
         return hit.qt
     # 16-bit adapters (a bf16 / fp16 model) stay 16-bit for the kernels: half the bytes, the same products
     half = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(A.dtype) if A.dtype == B.dtype else None
     ad = LoRA._of_arrays(_x32(A), _x32(B), float(scale), half or "float32")
     try:
-        B._pyqkern_lora = _QTCache(key, ad)
-    except (AttributeError, RuntimeError):  # a tensor subclass refusing attributes: no cache
+        B._pyqkern_lora = _QTCache(key + (weakref.ref(A),), ad)
+    except (AttributeError, RuntimeError, TypeError):  # a tensor subclass refusing attributes: no cache
         pass
     return ad
 
@@ -771,7 +775,8 @@ class QuantLinear(nn.Module):
                     and any(t is not None and t.requires_grad for t in tensors)):
                 y = _EagerProduct.apply(x, qdata, bias, adapter_ids, spec, *As, *Bs)
             elif names:
-                y = _matmul_lora_impl(x, *args, bias, As, Bs, scales, adapter_ids, self.compute, cache=True)
+                y = _matmul_lora_impl(x, *args, bias, As, Bs, scales, adapter_ids, self.compute,
+                                      cache=perm is None)  # permuted As are new tensors every call
             else:
                 y = _matmul_impl(x, *args, bias, self.compute)
         elif names:

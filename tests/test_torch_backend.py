@@ -483,6 +483,9 @@ def test_frozen_adapter_cached_until_changed():
         assert np.array_equal(y2.numpy(), want()) and not torch.equal(y1, y2)
         q.lora_B["a"].copy_(torch.randn(n, r))
         assert np.array_equal(q(x).numpy(), want())
+        for _ in range(3):  # a new A of the same shape (it may take the freed one's address)
+            q.lora_A["a"] = nn.Parameter(torch.randn(r, k) * 0.1, requires_grad=False)
+            assert np.array_equal(q(x).numpy(), want())
     t = pqt.QuantLinear.from_linear(_lin(k, n), "q4_0")
     t.add_adapter("a", A, B, alpha=16, trainable=True)
     with torch.no_grad():
