@@ -81,13 +81,11 @@ class LoRA:
         self._frozen = True
 
     @classmethod
-    def _of_arrays(cls, A, B, scale, storage="float32"):
+    def _of_arrays(cls, A, B, scale):
         """A float32 LoRA on views of A [r, K] and B [N, r] (C-contiguous float32 arrays the caller
         keeps unchanged while the LoRA is used) with this scale: what LoRA(A, B, alpha=scale * r,
         storage="float32", _shared=True) makes, in a third of its time (pyqkern.torch builds one
-        per call: ~100 us of a small layer's call went here). storage "float16" / "bfloat16": the
-        kernels read A and B in that dtype (half the bytes); only for values widened from it (the
-        caller's promise: nothing is rounded), so the products are those of float32 storage."""
+        per call: ~100 us of a small layer's call went here)."""
         if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (A, B)):  # what the kernels read
             raise TypeError("LoRA._of_arrays takes C-contiguous float32 arrays")
         if A.ndim != 2 or B.ndim != 2:
@@ -99,11 +97,39 @@ class LoRA:
         A, B = A.view(), B.view()
         A.flags.writeable = B.flags.writeable = False
         bp = _tiles_of(B)
-        native = (A, bp, _DTYPE_ID["float32"])
-        if storage != "float32":
-            native = (_to_storage(A, storage), _to_storage(bp, storage), _DTYPE_ID[storage])
         self = object.__new__(cls)
-        self.__dict__.update(storage=storage, A=A, B=B, Bp=bp, _native=native, rank=r,
+        self.__dict__.update(storage="float32", A=A, B=B, Bp=bp, _native=(A, bp, _DTYPE_ID["float32"]), rank=r,
+                             in_features=k, out_features=n, alpha=float(scale * r), rslora=False, scale=float(scale),
+                             magnitude=None, _dora_cache={}, _frozen=True)
+        return self
+
+    @classmethod
+    def _for_kernels(cls, A, B, scale, storage):
+        """A LoRA of the native kernels' operands alone, in its own copies: A [r, K] and B [N, r]
+        as the kernels read ``storage`` (float32, float16, or bfloat16 as uint16 bits), B tiled;
+        .A, .B and .Bp are None, so only pq.matmul's native routes take it (pyqkern.torch keeps
+        one per served adapter: as many bytes as the adapter's, where a float32 LoRA of 16-bit
+        tensors held several times that). Rank, shape, NaN / Inf and scale checked as by LoRA()."""
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] == 0 or B.shape[0] == 0:
+            raise ValueError(f"A and B must be non-empty 2-D arrays, got shapes {A.shape} and {B.shape}")
+        r, k = A.shape
+        n, rb = B.shape
+        if r == 0:
+            raise ValueError("rank must be >= 1")
+        if rb != r:
+            raise ValueError(f"rank mismatch: A is [{r}, K] but B is [N, {rb}]")
+        if storage == "bfloat16":  # NaN / Inf: all exponent bits set
+            finite = all(((a & np.uint16(0x7F80)) != np.uint16(0x7F80)).all() for a in (A, B))
+        else:
+            finite = np.isfinite(A).all() and np.isfinite(B).all()
+        if not finite:
+            raise ValueError("A or B contains NaN or Inf")
+        _check_scale(scale)
+        a = np.array(A, order="C", copy=True)
+        a.flags.writeable = False
+        bp = _tiles_of(B)
+        self = object.__new__(cls)
+        self.__dict__.update(storage=storage, A=None, B=None, Bp=None, _native=(a, bp, _DTYPE_ID[storage]), rank=r,
                              in_features=k, out_features=n, alpha=float(scale * r), rslora=False, scale=float(scale),
                              magnitude=None, _dora_cache={}, _frozen=True)
         return self
@@ -258,7 +284,7 @@ def _tiles_of(B):
     expansion of one output tile reads one contiguous block (pqk_lora.Bp)"""
     n, r = B.shape
     nt = -(-n // 16)
-    bp = np.zeros((nt, 16, r), np.float32)
+    bp = np.zeros((nt, 16, r), B.dtype)
     bp.reshape(nt * 16, r)[:n] = B
     out = np.ascontiguousarray(bp.transpose(0, 2, 1))
     out.flags.writeable = False

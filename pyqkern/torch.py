@@ -158,7 +158,7 @@ def _matmul_x32(x2, qt, b, compute, ads=()):
     where that is all matmul would do, without its argument handling."""
     n, k = qt.shape
     if (x2.ndim >= 1 and x2.shape[-1] == k and compute in ("auto", "int8") and qt.perm is None and int8_supported(qt)
-            and (b is None or b.shape == (n,))):
+            and x2.flags.aligned and (b is None or (b.shape == (n,) and b.flags.aligned))):  # else matmul copies
         return torch.from_numpy(_int8_rows(x2.reshape(-1, k), qt, b, ads).reshape(*x2.shape[:-1], n))
     return torch.from_numpy(_pq_matmul(x2, qt, b, lora=list(ads) or None, compute=compute))
 
@@ -221,27 +221,42 @@ def _lora(A: torch.Tensor, B: torch.Tensor, scale: float, cache: bool = False) -
     """The kernels' LoRA of this call's tensors (views of them where they are float32). Building
     one checks A and B for NaN / Inf and tiles B: ~60 us at rank 16 and 4096x4096, as long as the
     decode product itself. With cache=True and neither tensor requiring grad (a served adapter),
-    it is kept on B (in 16 bits for the kernels if both are bf16 or fp16: half the bytes they
-    read, the same products), keyed by A's identity and both tensors' storage, shape, dtype and
-    version counter, as qtensor_from_tensor keeps the QTensor: an in-place change (copy_,
-    load_state_dict) or a new A makes a new one; an edit through .data, which bypasses the
-    version counter, is not seen. Trainable adapters are built per call (their optimizer steps,
-    or a manual p.data update, change them)."""
-    if not cache or A.requires_grad or B.requires_grad:
+    a LoRA of the kernels' operands alone (its own copies, in 16 bits if both are bf16 or fp16:
+    half the bytes the kernels read, the same products) is kept on B, keyed by A's identity and
+    both tensors' storage, shape, dtype and version counter, as qtensor_from_tensor keeps the
+    QTensor: an in-place change (copy_, load_state_dict) or a new A makes a new one. Not kept for
+    inference tensors (no version counter) nor for trainable adapters (built per call); an edit
+    through .data, which bypasses the version counter, is seen after QuantLinear.drop_packed()."""
+    if not cache or A.requires_grad or B.requires_grad or A.is_inference() or B.is_inference():
         return LoRA._of_arrays(_x32(A), _x32(B), float(scale))
-    key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, _version(t)) for t in (A, B)) + (float(scale),)
+    key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t._version) for t in (A, B)) + (float(scale),)
     hit = getattr(B, "_pyqkern_lora", None)
     # A by identity too (a weak reference): a new A tensor can take a freed one's address
-    if isinstance(hit, _QTCache) and hit.key[:-1] == key and hit.key[-1]() is A:
+    if isinstance(hit, _QTCache) and hit.key is not None and hit.key[:-1] == key and hit.key[-1]() is A:
         return hit.qt
-    # 16-bit adapters (a bf16 / fp16 model) stay 16-bit for the kernels: half the bytes, the same products
-    half = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(A.dtype) if A.dtype == B.dtype else None
-    ad = LoRA._of_arrays(_x32(A), _x32(B), float(scale), half or "float32")
+    a, b, storage = _kernel_arrays(A, B)
+    ad = LoRA._for_kernels(a, b, float(scale), storage)
     try:
         B._pyqkern_lora = _QTCache(key + (weakref.ref(A),), ad)
     except (AttributeError, RuntimeError, TypeError):  # a tensor subclass refusing attributes: no cache
         pass
     return ad
+
+
+def _kernel_arrays(A: torch.Tensor, B: torch.Tensor):
+    """(A, B, storage) as NumPy arrays the kernels read: bf16 (as uint16 bits) or fp16 when both
+    are, else float32."""
+    if A.dtype == B.dtype == torch.bfloat16:
+        a, b = (t.detach().contiguous().view(torch.int16).numpy().view(np.uint16) for t in (A, B))
+        return a, b, "bfloat16"
+    if A.dtype == B.dtype == torch.float16:
+        return A.detach().contiguous().numpy(), B.detach().contiguous().numpy(), "float16"
+    return _x32(A), _x32(B), "float32"
+
+
+def _drop_lora_cache(B) -> None:
+    if isinstance(getattr(B, "_pyqkern_lora", None), _QTCache):
+        B._pyqkern_lora = _QTCache()
 
 
 @torch.library.custom_op("pyqkern::dequantize", mutates_args=())
@@ -577,8 +592,12 @@ class QuantLinear(nn.Module):
         self._active = []
 
     def drop_packed(self) -> None:
-        """Forget the packed copy of the weight: the next forward packs ``qdata`` as it is now."""
+        """Forget the packed copy of the weight and the kernels' copies of frozen adapters: the next
+        forward builds them from ``qdata`` and the adapters as they are now (needed after an edit
+        through ``.data``, which the tensors' version counters do not see)."""
         _drop_cache(self.qdata)
+        for B in self.lora_B.values():
+            _drop_lora_cache(B)
 
     # -- construction
     @classmethod
@@ -904,7 +923,7 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # the copy into qdata bumps its version counter, except for an inference tensor (no counter)
-        _drop_cache(self.qdata)
+        self.drop_packed()
         self._active = [nm for nm in self._active if nm in self.lora_A]
         scales = {}
         for nm, (a, rs) in self._alphas.items():

@@ -450,6 +450,15 @@ def test_inference_int8_route_equals_matmul(monkeypatch):
         assert np.array_equal(pqt.QuantLinear.from_qtensor(qp, lin.bias)(x).numpy(),
                               pq.matmul(x.numpy(), qp, lin.bias.detach().numpy()))
         assert len(calls) == 8  # the act-order layer: x permuted by the module, then the same route
+        # misaligned float32 x and bias (torch.frombuffer at an odd offset): matmul's copy, as before
+        xm = torch.frombuffer(bytearray(4 * k + 8), dtype=torch.float32, offset=1, count=k).reshape(1, k)
+        xm.copy_(torch.randn(1, k))
+        assert np.array_equal(q(xm).numpy(), pq.matmul(xm.clone().numpy(), qt, b + 1))
+        bm = torch.frombuffer(bytearray(4 * n + 8), dtype=torch.float32, offset=1, count=n)
+        bm.copy_(torch.from_numpy(b))
+        q.bias = nn.Parameter(bm, requires_grad=False)  # a Parameter since the swap above
+        assert np.array_equal(q(x).numpy(), pq.matmul(x.numpy(), qt, b))
+        assert len(calls) == 8
 
 
 def test_frozen_adapter_cached_until_changed():
@@ -486,11 +495,29 @@ def test_frozen_adapter_cached_until_changed():
         for _ in range(3):  # a new A of the same shape (it may take the freed one's address)
             q.lora_A["a"] = nn.Parameter(torch.randn(r, k) * 0.1, requires_grad=False)
             assert np.array_equal(q(x).numpy(), want())
+    with torch.no_grad():  # .data edits bypass the version counters: seen after drop_packed()
+        q.lora_B["a"].data.mul_(3)
+        q.lora_A["a"].data.mul_(0.5)
+        assert np.array_equal(q(x).numpy(), y_before := q(x).numpy())
+        q.drop_packed()
+        assert np.array_equal(q(x).numpy(), want()) and not np.array_equal(y_before, want())
+        q.lora_A["a"].data[0, 0] = float("nan")
+        q.drop_packed()
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            q(x)
     t = pqt.QuantLinear.from_linear(_lin(k, n), "q4_0")
     t.add_adapter("a", A, B, alpha=16, trainable=True)
     with torch.no_grad():
         t(x)
     assert getattr(t.lora_B["a"], "_pyqkern_lora", None) is None
+    with torch.inference_mode():  # adapters made in inference mode have no version counter: no cache
+        s = pqt.QuantLinear.from_linear(_lin(k, n), "q4_0")
+        s.add_adapter("a", A, B, alpha=16)
+        y0 = s(x)
+        sd = dict(s.state_dict())
+        sd["lora_B.a"] = B * 5
+        s.load_state_dict(sd)
+        assert not torch.equal(s(x), y0) and getattr(s.lora_B["a"], "_pyqkern_lora", None) is None
 
 
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
@@ -516,8 +543,10 @@ def test_frozen_16bit_adapter_read_in_16_bits(dt):
         q.set_adapter(active)
         with torch.no_grad():
             y = q(x)
-        assert all(q.lora_B[nm]._pyqkern_lora.qt.storage == {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
-                   for nm in active)
+        for nm in active:
+            kept = q.lora_B[nm]._pyqkern_lora.qt  # the kernels' operands alone, as many bytes as the adapter's
+            assert kept.storage == {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt] and kept.A is None
+            assert kept._native[0].nbytes == q.lora_A[nm].nbytes
         assert np.array_equal(y.numpy(), pq.matmul(x.numpy(), qt, b, lora=[ads[nm] for nm in active]))
 
 
