@@ -596,8 +596,18 @@ class QuantLinear(nn.Module):
         forward builds them from ``qdata`` and the adapters as they are now (needed after an edit
         through ``.data``, which the tensors' version counters do not see)."""
         _drop_cache(self.qdata)
+        self._drop_lora_caches()
+
+    def _drop_lora_caches(self) -> None:
         for B in self.lora_B.values():
             _drop_lora_cache(B)
+
+    def _apply(self, *args, **kwargs):
+        # .to(dtype) / .half() give the parameters new storage (same objects): the kernels' copies
+        # of the old values would stay alive until the adapter runs again, maybe never
+        out = super()._apply(*args, **kwargs)
+        self._drop_lora_caches()
+        return out
 
     # -- construction
     @classmethod

@@ -530,7 +530,12 @@ def test_frozen_16bit_adapter_read_in_16_bits(dt):
     q = pqt.QuantLinear.from_linear(_lin(k, n), "q4_0")
     for nm, r in (("a", 16), ("b", 6)):
         q.add_adapter(nm, torch.randn(r, k) * 0.1, torch.randn(n, r) * 0.1, alpha=2 * r)
-    q.to(dt)
+    x = torch.randn(3, k)
+    with torch.no_grad():
+        q(x)  # kept in float32 storage ...
+    assert q.lora_B["a"]._pyqkern_lora.qt.storage == "float32"
+    q.to(dt)  # ... and dropped with the old values
+    assert q.lora_B["a"]._pyqkern_lora.qt is None
     qt = pqt.qtensor_from_tensor(q.qdata, q.format, n, k, q.group, q.sym)
     b = q.bias.float().numpy()
     ads = {}
