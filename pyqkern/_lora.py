@@ -112,18 +112,7 @@ class LoRA:
         tensors held several times that). Rank, shape, NaN / Inf and scale checked as by LoRA()."""
         if A.ndim != 2 or B.ndim != 2 or A.shape[1] == 0 or B.shape[0] == 0:
             raise ValueError(f"A and B must be non-empty 2-D arrays, got shapes {A.shape} and {B.shape}")
-        r, k = A.shape
-        n, rb = B.shape
-        if r == 0:
-            raise ValueError("rank must be >= 1")
-        if rb != r:
-            raise ValueError(f"rank mismatch: A is [{r}, K] but B is [N, {rb}]")
-        if storage == "bfloat16":  # NaN / Inf: all exponent bits set
-            finite = all(((a & np.uint16(0x7F80)) != np.uint16(0x7F80)).all() for a in (A, B))
-        else:
-            finite = np.isfinite(A).all() and np.isfinite(B).all()
-        if not finite:
-            raise ValueError("A or B contains NaN or Inf")
+        r, k, n = _checked_pair(A, B, bf16_bits=storage == "bfloat16")
         _check_scale(scale)
         a = np.array(A, order="C", copy=True)
         a.flags.writeable = False
@@ -265,16 +254,20 @@ def _check_scale(scale):
         raise ValueError(f"adapter scale {scale:g} (alpha / r) is beyond float32's range")
 
 
-def _checked_pair(A, B, nan_hint=""):
-    """(r, K, N) of A [r, K] and B [N, r] (2-D float32): a rank of 0, ranks that differ and
-    NaN / Inf are ValueErrors"""
+def _checked_pair(A, B, nan_hint="", bf16_bits=False):
+    """(r, K, N) of A [r, K] and B [N, r] (2-D float32 or float16, or bf16_bits: bfloat16 as uint16
+    bits): a rank of 0, ranks that differ and NaN / Inf are ValueErrors"""
     r, k = A.shape
     n, rb = B.shape
     if r == 0:
         raise ValueError("rank must be >= 1")
     if rb != r:
         raise ValueError(f"rank mismatch: A is [{r}, K] but B is [N, {rb}]")
-    if not (np.isfinite(A).all() and np.isfinite(B).all()):
+    if bf16_bits:  # NaN / Inf: all exponent bits set
+        finite = all(((a & np.uint16(0x7F80)) != np.uint16(0x7F80)).all() for a in (A, B))
+    else:
+        finite = np.isfinite(A).all() and np.isfinite(B).all()
+    if not finite:
         raise ValueError("A or B contains NaN or Inf" + nan_hint)
     return r, k, n
 
