@@ -90,43 +90,66 @@ def _version(t: torch.Tensor):
     return t._version
 
 
+class _IdCache:
+    """A value per live tensor object, beside it rather than an attribute on it (an attribute was
+    pickled with the tensor: torch.load(weights_only=True) of saved parameters refused its class).
+    Keyed by id() with a weak reference whose callback drops the entry when the tensor dies (so no
+    later object can find it under a reused id): a look-up costs ~0.1 us, where torch's
+    WeakIdKeyDictionary makes a weak reference per look-up (~0.8 us, on every forward)."""
+
+    def __init__(self):
+        self._d = {}
+
+    def get(self, t):
+        hit = self._d.get(id(t))
+        return None if hit is None or hit[0]() is not t else hit[1]
+
+    def set(self, t, value):
+        i, d = id(t), self._d
+        try:
+            d[i] = (weakref.ref(t, lambda _, i=i, d=d: d.pop(i, None)), value)
+        except TypeError:  # a tensor subclass without weak references: not cached
+            pass
+
+    def pop(self, t):
+        hit = self._d.get(id(t))
+        if hit is not None and hit[0]() is t:
+            del self._d[id(t)]
+
+
+_QT_CACHE = _IdCache()    # qdata tensor -> (key, QTensor)
+_LORA_CACHE = _IdCache()  # adapter B tensor -> (key, weakref to A, storages, LoRA)
+
+
 def qtensor_from_tensor(qdata: torch.Tensor, fmt: str, n: int, k: int, group: int, sym: int) -> QTensor:
-    """Wrap a uint8 tensor of canonical bytes as a QTensor (no copy). The QTensor is cached on the
+    """Wrap a uint8 tensor of canonical bytes as a QTensor (no copy). The QTensor is cached for the
     tensor object (keyed by its version counter and the parameters), so the int8 kernels' packed
     weight is made once per weight, and in-place updates (load_state_dict) are seen."""
     if qdata.dtype != torch.uint8 or qdata.device.type != "cpu":
         raise TypeError(f"qdata must be a CPU uint8 tensor, got {qdata.dtype} on {qdata.device}")
     key = (qdata.data_ptr(), qdata.numel(), _version(qdata), fmt, int(n), int(k), int(group), int(sym))
-    hit = getattr(qdata, "_pyqkern_qt", None)
-    if isinstance(hit, _QTCache) and hit.key == key:
-        return hit.qt
+    hit = _QT_CACHE.get(qdata)
+    if hit is not None and hit[0] == key:  # the QTensor views qdata's storage: its address stays taken
+        return hit[1]
     base, dq = _split_fmt(fmt)
     arr = qdata.detach().contiguous().reshape(-1).numpy()
     qt = QTensor.from_bytes(base, (n, k), arr, group=group, sym=sym, double_quant=dq)
-    try:
-        qdata._pyqkern_qt = _QTCache(key, qt)
-    except (AttributeError, RuntimeError):  # some tensor subclasses refuse attributes: no cache
-        pass
+    _QT_CACHE.set(qdata, (key, qt))
     return qt
 
 
 def _drop_cache(qdata) -> None:
-    if isinstance(getattr(qdata, "_pyqkern_qt", None), _QTCache):
-        qdata._pyqkern_qt = _QTCache()
+    _QT_CACHE.pop(qdata)
 
 
 class _QTCache:
-    """The QTensor cached on a qdata tensor (or the LoRA on an adapter's B: _lora). Copies and
-    pickles of the tensor (deepcopy of a module, torch.save of a whole model) get an empty cache:
-    the QTensor holds native objects."""
+    """Unpickles what modules saved by earlier versions carry (the cache was then an attribute of
+    type _QTCache on the tensor); unused otherwise."""
 
     __slots__ = ("key", "qt")
 
     def __init__(self, key=None, qt=None):
         self.key, self.qt = key, qt
-
-    def __deepcopy__(self, memo):
-        return _QTCache()
 
     def __reduce__(self):
         return (_QTCache, ())
@@ -222,24 +245,23 @@ def _lora(A: torch.Tensor, B: torch.Tensor, scale: float, cache: bool = False) -
     one checks A and B for NaN / Inf and tiles B: ~60 us at rank 16 and 4096x4096, as long as the
     decode product itself. With cache=True and neither tensor requiring grad (a served adapter),
     a LoRA of the kernels' operands alone (its own copies, in 16 bits if both are bf16 or fp16:
-    half the bytes the kernels read, the same products) is kept on B, keyed by A's identity and
+    half the bytes the kernels read, the same products) is kept for B, keyed by A's identity and
     both tensors' storage, shape, dtype and version counter, as qtensor_from_tensor keeps the
     QTensor: an in-place change (copy_, load_state_dict) or a new A makes a new one. Not kept for
-    inference tensors (no version counter) nor for trainable adapters (built per call); an edit
-    through .data, which bypasses the version counter, is seen after QuantLinear.drop_packed()."""
+    inference tensors (no version counter) nor for trainable adapters (built per call). An
+    in-place edit through .data (which the version counter does not see) is seen after
+    QuantLinear.drop_packed(); a new tensor assigned to .data is seen."""
     if not cache or A.requires_grad or B.requires_grad or A.is_inference() or B.is_inference():
         return LoRA._of_arrays(_x32(A), _x32(B), float(scale))
     key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t._version) for t in (A, B)) + (float(scale),)
-    hit = getattr(B, "_pyqkern_lora", None)
-    # A by identity too (a weak reference): a new A tensor can take a freed one's address
-    if isinstance(hit, _QTCache) and hit.key is not None and hit.key[:-1] == key and hit.key[-1]() is A:
-        return hit.qt
+    hit = _LORA_CACHE.get(B)
+    # A by identity too (a weak reference), and both storages held: a new tensor or a .data
+    # replacement could otherwise take a freed one's address with the same version
+    if hit is not None and hit[0] == key and hit[1]() is A:
+        return hit[3]
     a, b, storage = _kernel_arrays(A, B)
     ad = LoRA._for_kernels(a, b, float(scale), storage)
-    try:
-        B._pyqkern_lora = _QTCache(key + (weakref.ref(A),), ad)
-    except (AttributeError, RuntimeError, TypeError):  # a tensor subclass refusing attributes: no cache
-        pass
+    _LORA_CACHE.set(B, (key, weakref.ref(A), (A.untyped_storage(), B.untyped_storage()), ad))
     return ad
 
 
@@ -255,8 +277,13 @@ def _kernel_arrays(A: torch.Tensor, B: torch.Tensor):
 
 
 def _drop_lora_cache(B) -> None:
-    if isinstance(getattr(B, "_pyqkern_lora", None), _QTCache):
-        B._pyqkern_lora = _QTCache()
+    _LORA_CACHE.pop(B)
+
+
+def _kept_lora(B):
+    """The LoRA kept for adapter tensor B, or None (for tests)."""
+    hit = _LORA_CACHE.get(B)
+    return None if hit is None else hit[3]
 
 
 @torch.library.custom_op("pyqkern::dequantize", mutates_args=())

@@ -1,4 +1,5 @@
 """pyqkern.torch: custom ops, QuantLinear, quantize_model, torch.compile / export, QLoRA gradients."""
+import io
 import subprocess
 import sys
 import warnings
@@ -482,19 +483,24 @@ def test_frozen_adapter_cached_until_changed():
     with torch.inference_mode():
         y1 = q(x)
     assert np.array_equal(y1.numpy(), want())
-    cached = q.lora_B["a"]._pyqkern_lora.qt
+    cached = pqt._kept_lora(q.lora_B["a"])
     with torch.no_grad():
         q(x)
-        assert q.lora_B["a"]._pyqkern_lora.qt is cached  # a hit: not rebuilt
+        assert pqt._kept_lora(q.lora_B["a"]) is cached  # a hit: not rebuilt
         q.lora_A["a"].mul_(2)
         y2 = q(x)
-        assert q.lora_B["a"]._pyqkern_lora.qt is not cached
+        assert pqt._kept_lora(q.lora_B["a"]) is not cached
         assert np.array_equal(y2.numpy(), want()) and not torch.equal(y1, y2)
         q.lora_B["a"].copy_(torch.randn(n, r))
         assert np.array_equal(q(x).numpy(), want())
         for _ in range(3):  # a new A of the same shape (it may take the freed one's address)
             q.lora_A["a"] = nn.Parameter(torch.randn(r, k) * 0.1, requires_grad=False)
             assert np.array_equal(q(x).numpy(), want())
+        for _ in range(5):  # .data replaced twice between calls (the second may reuse the first's memory)
+            for nm, shape in (("lora_B", (n, r)), ("lora_A", (r, k))):
+                getattr(q, nm)["a"].data = torch.randn(*shape) * 0.1
+                getattr(q, nm)["a"].data = torch.randn(*shape) * 0.1
+                assert np.array_equal(q(x).numpy(), want())
     with torch.no_grad():  # .data edits bypass the version counters: seen after drop_packed()
         q.lora_B["a"].data.mul_(3)
         q.lora_A["a"].data.mul_(0.5)
@@ -505,11 +511,17 @@ def test_frozen_adapter_cached_until_changed():
         q.drop_packed()
         with pytest.raises(ValueError, match="NaN or Inf"):
             q(x)
+    buf = io.BytesIO()  # nothing of the caches travels with the tensors
+    torch.save(dict(q.named_parameters()), buf)
+    torch.save(q.state_dict(keep_vars=True), buf2 := io.BytesIO())
+    for b_ in (buf, buf2):
+        b_.seek(0)
+        assert torch.load(b_, weights_only=True).keys()
     t = pqt.QuantLinear.from_linear(_lin(k, n), "q4_0")
     t.add_adapter("a", A, B, alpha=16, trainable=True)
     with torch.no_grad():
         t(x)
-    assert getattr(t.lora_B["a"], "_pyqkern_lora", None) is None
+    assert pqt._kept_lora(t.lora_B["a"]) is None
     with torch.inference_mode():  # adapters made in inference mode have no version counter: no cache
         s = pqt.QuantLinear.from_linear(_lin(k, n), "q4_0")
         s.add_adapter("a", A, B, alpha=16)
@@ -517,7 +529,7 @@ def test_frozen_adapter_cached_until_changed():
         sd = dict(s.state_dict())
         sd["lora_B.a"] = B * 5
         s.load_state_dict(sd)
-        assert not torch.equal(s(x), y0) and getattr(s.lora_B["a"], "_pyqkern_lora", None) is None
+        assert not torch.equal(s(x), y0) and pqt._kept_lora(s.lora_B["a"]) is None
 
 
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
@@ -533,9 +545,9 @@ def test_frozen_16bit_adapter_read_in_16_bits(dt):
     x = torch.randn(3, k)
     with torch.no_grad():
         q(x)  # kept in float32 storage ...
-    assert q.lora_B["a"]._pyqkern_lora.qt.storage == "float32"
+    assert pqt._kept_lora(q.lora_B["a"]).storage == "float32"
     q.to(dt)  # ... and dropped with the old values
-    assert q.lora_B["a"]._pyqkern_lora.qt is None
+    assert pqt._kept_lora(q.lora_B["a"]) is None
     qt = pqt.qtensor_from_tensor(q.qdata, q.format, n, k, q.group, q.sym)
     b = q.bias.float().numpy()
     ads = {}
@@ -549,7 +561,7 @@ def test_frozen_16bit_adapter_read_in_16_bits(dt):
         with torch.no_grad():
             y = q(x)
         for nm in active:
-            kept = q.lora_B[nm]._pyqkern_lora.qt  # the kernels' operands alone, as many bytes as the adapter's
+            kept = pqt._kept_lora(q.lora_B[nm])  # the kernels' operands alone, as many bytes as the adapter's
             assert kept.storage == {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt] and kept.A is None
             assert kept._native[0].nbytes == q.lora_A[nm].nbytes
         assert np.array_equal(y.numpy(), pq.matmul(x.numpy(), qt, b, lora=[ads[nm] for nm in active]))
