@@ -214,7 +214,7 @@ def _(x, qdata, fmt, n, k, group, sym, bias, compute):
 
 
 def _matmul_lora_impl(x, qdata, fmt, n, k, group, sym, bias, As, Bs, scales, adapter_ids, compute, cache=False):
-    """cache: reuse the LoRA objects cached on frozen adapter tensors (_lora)."""
+    """cache: reuse the LoRA objects kept for frozen adapter tensors (_lora)."""
     qt = qtensor_from_tensor(qdata, fmt, n, k, group, sym)
     b = None if bias is None else _x32(bias)
     if not len(As) == len(Bs) == len(scales):
