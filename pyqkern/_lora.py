@@ -88,20 +88,9 @@ class LoRA:
         per call: ~100 us of a small layer's call went here)."""
         if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (A, B)):  # what the kernels read
             raise TypeError("LoRA._of_arrays takes C-contiguous float32 arrays")
-        if A.ndim != 2 or B.ndim != 2:
-            raise ValueError(f"A and B must be 2-D, got shapes {A.shape} and {B.shape}")
-        if A.shape[1] == 0 or B.shape[0] == 0:  # the constructor's as_float32_2d refuses them
-            raise ValueError(f"A or B is empty (shapes {A.shape} and {B.shape})")
-        r, k, n = _checked_pair(A, B)
-        _check_scale(scale)
         A, B = A.view(), B.view()
         A.flags.writeable = B.flags.writeable = False
-        bp = _tiles_of(B)
-        self = object.__new__(cls)
-        self.__dict__.update(storage="float32", A=A, B=B, Bp=bp, _native=(A, bp, _DTYPE_ID["float32"]), rank=r,
-                             in_features=k, out_features=n, alpha=float(scale * r), rslora=False, scale=float(scale),
-                             magnitude=None, _dora_cache={}, _frozen=True)
-        return self
+        return cls._bare(A, B, scale, "float32", keep=True)
 
     @classmethod
     def _for_kernels(cls, A, B, scale, storage):
@@ -110,17 +99,27 @@ class LoRA:
         .A, .B and .Bp are None, so only pq.matmul's native routes take it (pyqkern.torch keeps
         one per served adapter: as many bytes as the adapter's, where a float32 LoRA of 16-bit
         tensors held several times that). Rank, shape, NaN / Inf and scale checked as by LoRA()."""
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] == 0 or B.shape[0] == 0:
-            raise ValueError(f"A and B must be non-empty 2-D arrays, got shapes {A.shape} and {B.shape}")
-        r, k, n = _checked_pair(A, B, bf16_bits=storage == "bfloat16")
-        _check_scale(scale)
         a = np.array(A, order="C", copy=True)
         a.flags.writeable = False
+        return cls._bare(a, B, scale, storage, keep=False)
+
+    @classmethod
+    def _bare(cls, A, B, scale, storage, keep):
+        """_of_arrays' and _for_kernels' LoRA of A (the kernels' operand as it is) and B (tiled
+        here) in storage, after the constructor's shape, rank, NaN / Inf and scale checks; keep:
+        A, B and Bp kept as the LoRA's .A / .B / .Bp (float32 only), else None."""
+        if A.ndim != 2 or B.ndim != 2:
+            raise ValueError(f"A and B must be 2-D, got shapes {A.shape} and {B.shape}")
+        if A.shape[1] == 0 or B.shape[0] == 0:  # the constructor's as_float32_2d refuses them
+            raise ValueError(f"A or B is empty (shapes {A.shape} and {B.shape})")
+        r, k, n = _checked_pair(A, B, bf16_bits=storage == "bfloat16")
+        _check_scale(scale)
         bp = _tiles_of(B)
         self = object.__new__(cls)
-        self.__dict__.update(storage=storage, A=None, B=None, Bp=None, _native=(a, bp, _DTYPE_ID[storage]), rank=r,
-                             in_features=k, out_features=n, alpha=float(scale * r), rslora=False, scale=float(scale),
-                             magnitude=None, _dora_cache={}, _frozen=True)
+        self.__dict__.update(storage=storage, A=A if keep else None, B=B if keep else None, Bp=bp if keep else None,
+                             _native=(A, bp, _DTYPE_ID[storage]), rank=r, in_features=k, out_features=n,
+                             alpha=float(scale * r), rslora=False, scale=float(scale), magnitude=None, _dora_cache={},
+                             _frozen=True)
         return self
 
     # Immutable: a new alpha / scale would not reach the cached DoRA norms, save_peft_adapter

@@ -276,10 +276,6 @@ def _kernel_arrays(A: torch.Tensor, B: torch.Tensor):
     return _x32(A), _x32(B), "float32"
 
 
-def _drop_lora_cache(B) -> None:
-    _LORA_CACHE.pop(B)
-
-
 def _kept_lora(B):
     """The LoRA kept for adapter tensor B, or None (for tests)."""
     hit = _LORA_CACHE.get(B)
@@ -627,7 +623,7 @@ class QuantLinear(nn.Module):
 
     def _drop_lora_caches(self) -> None:
         for B in self.lora_B.values():
-            _drop_lora_cache(B)
+            _LORA_CACHE.pop(B)
 
     def _apply(self, *args, **kwargs):
         # .to(dtype) / .half() give the parameters new storage (same objects): the kernels' copies
