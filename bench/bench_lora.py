@@ -20,6 +20,9 @@ Rows (benchmark group per case):
 - decode_other_variants: rank 16, q4_0, fp32 / bf16 A and B, with each variant this CPU runs
     besides ref and the active one (pq.matmul(..., isa=v)); "overhead_paired" against that
     variant's base.
+- decode_torch: the same through pyqkern.torch.QuantLinear (fp32 / bf16 module, frozen adapter):
+  fused (the adapter attached) and unfused (PEFT's way beside a quantized base: the layer, then
+  two torch matmuls, a scale and an add); "overhead_paired" against the layer without adapter.
 - decode_ggml: llama.cpp's ggml on the same q4_0 bytes (repacked), the adapter applied as llama.cpp
   does (two more mul_mat, a scale and an add), fp32 / bf16 A and B; "overhead_paired" against
   ggml's own base. Skipped with the reason if ggml cannot be built here (bench/ggml_peer.py).
@@ -244,6 +247,49 @@ def test_decode_other_variants(benchmark, layers, variant, storage, threads):
     _ROWS.append((benchmark, storage, qt.nbytes))
     benchmark.extra_info["overhead_paired"] = _paired_overhead(
         lambda: pq.matmul(x, qt, out=y, isa=variant), fn, pairs=200)
+
+
+@pytest.mark.parametrize("mode", ["fused", "unfused"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_torch(benchmark, layers, dtype, mode, threads):
+    """Rank 16 on q4_0 through pyqkern.torch.QuantLinear (the module in dtype, its adapter frozen,
+    as served): fused, the adapter attached to the layer (one call, its kernel operands kept
+    between calls); unfused, the adapter as PEFT runs it beside a quantized base (the layer, then
+    scale * (x @ A.T) @ B.T in torch). overhead_paired: against the same layer without its
+    adapter (set_adapter([]) between calls), alternating calls."""
+    torch = pytest.importorskip("torch")
+    import pyqkern.torch as pqt
+
+    tdt = getattr(torch, dtype)
+    a = _adapter(16, 16)
+    q = pqt.QuantLinear.from_qtensor(layers["q4_0"])
+    A, B = torch.from_numpy(a.A.copy()), torch.from_numpy(a.B.copy())
+    q.add_adapter("a", A, B, alpha=a.alpha)
+    q.to(tdt)
+    A, B = A.to(tdt), B.to(tdt)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)).to(tdt)
+    if mode == "fused":
+        def fn():
+            return q(x)
+        on, off = (lambda: q.set_adapter(["a"])), (lambda: q.set_adapter([]))
+    else:
+        def fn():
+            return q(x) + a.scale * ((x @ A.T) @ B.T)
+        on = off = lambda: q.set_adapter([])  # noqa: E731
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            on()
+            benchmark.group = f"lora decode q4_0 r16 t{threads} pyqkern.torch"
+            benchmark.pedantic(fn, rounds=200, iterations=1, warmup_rounds=5)
+            _info(benchmark, impl="torch", format="q4_0", mode=f"{mode}-{'bf16' if dtype == 'bfloat16' else 'f32'}",
+                  rank=16, threads=threads, shape=(1, K, N), min_us=benchmark.stats.stats.min * 1e6)
+            _ROWS.append((benchmark, dtype, layers["q4_0"].nbytes))
+            benchmark.extra_info["overhead_paired"] = _paired_overhead(lambda: q(x), fn, pairs=20 if QUICK else 400,
+                                                                       before_base=off, before_fn=on)
+    finally:
+        torch.set_num_threads(torch_threads)
 
 
 @pytest.mark.parametrize("r", RANKS)
