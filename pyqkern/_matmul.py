@@ -449,9 +449,10 @@ class QLinear:
         # else None: one attribute, read once per call, so a compute switch in another thread
         # cannot pair the fast path with the packed copy it just dropped (a review's TypeError)
         self._fast = self._packed if self._packed is not None and self._weight.perm is None else None
+        self._fast_args = None
 
     def __getstate__(self):  # pickle / deepcopy: the packed copy is native, packed again on load
-        return dict(self.__dict__, _packed=None, _fast=None)
+        return dict(self.__dict__, _packed=None, _fast=None, _fast_args=None)
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -574,8 +575,15 @@ class QLinear:
                         and out.flags.c_contiguous and out.flags.writeable and out.flags.aligned):
                     out = _out(out, (m, self._n))  # raises the usual error
                 # out overlapping x: the native call copies x itself (pqk_matmul_* accept y over x)
-            _native().matmul_int8(-1, fast, x, _apart(self.bias, out), out,
-                                  [lora[0].native_args(self._weight)] if lora else None, None)
+            args = None
+            if lora:
+                # the adapter's native arguments, kept with the list they were made from (a new
+                # list on every adapter change): ~0.15 us a call, 0.3% of a 4096x4096 decode at 2 threads
+                kept = self._fast_args
+                if kept is None or kept[0] is not lora:
+                    kept = self._fast_args = (lora, [lora[0].native_args(self._weight)])
+                args = kept[1]
+            _native().matmul_int8(-1, fast, x, _apart(self.bias, out), out, args, None)
             return out
         return matmul(x, self.weight, self.bias, lora=lora or None, compute=self.compute, out=out, isa=isa,
                       _packed_w=self._packed)

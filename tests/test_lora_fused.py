@@ -165,6 +165,39 @@ def test_qlinear_adapters_api():
     assert np.array_equal(lin(x, adapter_ids=[0, None, -1, None]), lin(x, adapter_ids=["b", None, -1, None]))
 
 
+def test_qlinear_decode_path_follows_adapter_changes():
+    """The one-row float32 path keeps its adapter's native arguments between calls: every change
+    of the active adapters (set, remove, add, a copy's own registry, a pickled layer) is seen by
+    the next call."""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(42)
+    n, k = 48, 128
+    qt = make("q4_0", n, k, rng)
+    a, b, d = adapter(n, k, 4, rng), adapter(n, k, 2, rng), adapter(n, k, 8, rng)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    lin = pq.QLinear(qt)
+    lin.add_adapter("a", a)
+    lin.add_adapter("b", b, active=False)
+    want = {nm: pq.matmul(x, qt, lora=ad) for nm, ad in (("a", a), ("b", b), ("d", d))}
+    assert np.array_equal(lin(x), want["a"])
+    lin.set_adapter("b")
+    assert np.array_equal(lin(x), want["b"])
+    lin.set_adapter([])
+    assert np.array_equal(lin(x), pq.matmul(x, qt))
+    lin.set_adapter("a")
+    assert np.array_equal(lin(x), want["a"])
+    c = copy.copy(lin)
+    c.remove_adapter("a")
+    c.add_adapter("d", d)
+    assert np.array_equal(c(x), want["d"]) and np.array_equal(lin(x), want["a"])
+    lin.remove_adapter("a")
+    assert np.array_equal(lin(x), pq.matmul(x, qt))
+    lin.set_adapter("b")
+    assert np.array_equal(pickle.loads(pickle.dumps(lin))(x), want["b"])
+
+
 def test_qlinear_copy_compute_switch_and_fixed_weight():
     """A copy has its own adapter registry; switching compute repacks or drops the packed copy and
     the decode path follows; the weight cannot be swapped under the packed copy."""
