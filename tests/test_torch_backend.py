@@ -411,7 +411,7 @@ def test_eager_path_equals_custom_ops(case, monkeypatch):
 
 def test_inference_int8_route_equals_matmul(monkeypatch):
     """The eager inference call takes the int8 kernel without pq.matmul's argument handling
-    (_int8_rows) where that is all matmul would do: the same bits as pq.matmul for 1-, 2- and 3-D
+    (_int8_rows, or after a first call the plan it kept) where that is all matmul would do: the same bits as pq.matmul for 1-, 2- and 3-D
     x, with and without a bias, a bf16 x and a bias made a Parameter; matmul itself still runs
     (and raises its errors) for a wrong K, compute="float" and an act-order permutation."""
     torch.manual_seed(3)
@@ -423,6 +423,15 @@ def test_inference_int8_route_equals_matmul(monkeypatch):
     calls = []
     real = pqt._int8_rows
     monkeypatch.setattr(pqt, "_int8_rows", lambda *a: calls.append(1) or real(*a))
+    planned = pqt.QuantLinear._planned  # the same kernel call, from the plan a call before kept
+
+    def counted(self, *a):
+        y = planned(self, *a)
+        if y is not None:
+            calls.append(1)
+        return y
+
+    monkeypatch.setattr(pqt.QuantLinear, "_planned", counted)
     with torch.inference_mode():
         for shape in ((k,), (3, k), (2, 5, k), (0, k)):
             x = torch.randn(*shape)
@@ -530,6 +539,91 @@ def test_frozen_adapter_cached_until_changed():
         sd["lora_B.a"] = B * 5
         s.load_state_dict(sd)
         assert not torch.equal(s(x), y0) and pqt._kept_lora(s.lora_B["a"]) is None
+
+
+def test_inference_plan_follows_every_change():
+    """The eager inference call keeps a plan (the QTensor, the bias, the adapters' kernel
+    arguments) and reuses it while what it was made from is unchanged: after every change below
+    the next two calls (one may keep a new plan, the next uses it) give pq.matmul's bits for the
+    layer as it is then; calls that record a graph do not use it; pickling leaves it behind."""
+    import copy
+
+    torch.manual_seed(7)
+    k, n, r = 64, 48, 4
+    q = pqt.QuantLinear.from_linear(_lin(k, n), "q4_0")
+    q.add_adapter("a", torch.randn(r, k) * 0.1, torch.randn(n, r) * 0.1, alpha=8)
+    q.add_adapter("b", torch.randn(2 * r, k) * 0.1, torch.randn(n, 2 * r) * 0.1, alpha=4, active=False)
+    x = torch.randn(2, k)
+
+    def want(mod=q):
+        qt = pqt.qtensor_from_tensor(mod.qdata, mod.format, n, k, mod.group, mod.sym)
+        ads = [pq.LoRA(mod.lora_A[nm].detach().float().numpy().copy(), mod.lora_B[nm].detach().float().numpy().copy(),
+                       alpha=mod._alphas[nm][0]) for nm in mod.active_adapters]
+        b = None if mod.bias is None else mod.bias.detach().float().numpy()
+        return torch.from_numpy(pq.matmul(x.numpy(), qt, b, lora=ads or None, compute=mod.compute))
+
+    def check(mod=q, planned=True):
+        with torch.no_grad():
+            for _ in range(2):
+                assert torch.equal(mod(x), want(mod))
+        assert ("_plan" in mod.__dict__) == planned
+
+    check()
+    with torch.no_grad():
+        q.qdata.copy_(pqt.QuantLinear.from_linear(_lin(k, n, seed=1), "q4_0").qdata)
+        check()
+        q.bias.add_(1)
+        check()
+        q.lora_A["a"].mul_(2)
+        check()
+        q.lora_B["a"].data = torch.randn(n, r)
+        check()
+        q.lora_A["a"] = nn.Parameter(torch.randn(r, k), requires_grad=False)
+        check()
+    for active in (["a", "b"], [], ["b"]):
+        q.set_adapter(active)
+        check()
+    q.remove_adapter("a")
+    check()
+    q.add_adapter("a", torch.randn(r, k), torch.randn(n, r), alpha=2)
+    check()
+    q._scales = {**q._scales, "a": 0.0}  # as load_state_dict rebuilds them
+    q._alphas["a"] = (0.0, False)
+    check()
+    pqt.qtensor_from_tensor(q.qdata, q.format, n, k, q.group, q.sym).release_packed()
+    check()
+    q.compute = "float"
+    check(planned=False)
+    q.compute = "int8"
+    check()
+    q.lora_B["a"].requires_grad_(True)  # trainable now: the call records a graph, no plan
+    y = q(x)
+    assert y.grad_fn is not None and torch.equal(y.detach(), want())
+    q.lora_B["a"].requires_grad_(False)
+    check()
+    assert q(x.requires_grad_()).grad_fn is not None
+    x.requires_grad_(False)
+    blob = io.BytesIO()
+    torch.save(q, blob)
+    blob.seek(0)
+    q2 = torch.load(blob, weights_only=False)
+    assert "_plan" not in q2.__dict__
+    check(q2)
+    q3 = copy.deepcopy(q)
+    with torch.no_grad():
+        q3.bias.add_(5)
+    check(q3)
+    check()
+    q.load_state_dict(q3.state_dict())
+    check()
+    q.to(torch.bfloat16)
+    assert "_plan" not in q.__dict__
+    check()
+    with torch.no_grad():
+        q.bias.add_(1)  # bf16: a float32 copy in the plan, remade for the new version
+    check()
+    q.drop_packed()
+    assert "_plan" not in q.__dict__
 
 
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
