@@ -803,7 +803,7 @@ class QuantLinear(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"QuantLinear expects a floating-point input, got {x.dtype}")
         out_dtype = x.dtype
-        if perm is None and adapter_ids is None and "_plan" in self.__dict__:
+        if perm is None and adapter_ids is None and not torch.compiler.is_compiling() and "_plan" in self.__dict__:
             y = self._planned(x, qdata, bias)
             if y is not None:
                 return y if y.dtype == out_dtype else y.to(out_dtype)
@@ -873,7 +873,12 @@ class QuantLinear(nn.Module):
     def _keep_plan(self, qdata, bias, snap, names, As, Bs, scales) -> None:
         self.__dict__.pop("_plan", None)
         compute = self.compute
-        if compute not in ("auto", "int8") or not _plain_cpu(qdata):
+        if compute not in ("auto", "int8"):
+            return
+        for A, B in zip(As, Bs):  # trainable adapters (an eval pass in training): rebuilt per call anyway
+            if A.requires_grad or B.requires_grad or A.is_inference() or B.is_inference():
+                return
+        if not _plain_cpu(qdata):
             return
         qt = qtensor_from_tensor(qdata, self.format, self.out_features, self.in_features, self.group, self.sym)
         if qt.perm is not None or not int8_supported(qt):
@@ -892,8 +897,6 @@ class QuantLinear(nn.Module):
             held.append(bias.untyped_storage())
         kab, nat = [], []
         for nm, A, B, sc in zip(names, As, Bs, scales):
-            if A.requires_grad or B.requires_grad or A.is_inference() or B.is_inference():
-                return
             ad = _lora(A, B, sc, cache=True)
             ad.check_base(qt.shape)
             kab.append((nm, A, B, _tkey(A), _tkey(B)))
