@@ -152,8 +152,9 @@ class _Summary:
         if not rows:
             return
         tr.section(f"LoRA overhead over the base matmul (cpu: {pq.info()['cpu']})")
-        tr.write_line("paired: alternate calls of the layer with its adapter switched off and on (unfused: of a "
-                      "second layer and the unfused sequence), median difference / median base; min: the "
+        tr.write_line("paired: alternate calls of the base and of the layer with its adapter (pyqkern: a second "
+                      "layer on the same packed weight; unfused: the base layer, then the sequence), median "
+                      "difference / median base; min: the "
                       "rows' min times; floor: adapter bytes / base weight bytes, the least any implementation adds "
                       "when the base reads its weight at the read ceiling (target: <= 5% at rank 16)")
         tr.write_line(f"{'case':<15}{'impl':<9}{'variant':<12}{'format':<11}{'mode':<15}{'A,B':<6}{'rank':>5}"

@@ -622,8 +622,17 @@ def test_inference_plan_follows_every_change():
     with torch.no_grad():
         q.bias.add_(1)  # bf16: a float32 copy in the plan, remade for the new version
     check()
+    with torch.no_grad():
+        q.bias.data.add_(1)  # bf16: converted per call, so even a write the version does not see
+    check()
     q.drop_packed()
     assert "_plan" not in q.__dict__
+    q.float()
+    with torch.no_grad():  # .data swaps with the same address and shape, new strides (a review)
+        q.lora_A["a"].data = q.lora_A["a"].data.view(k, r).t()
+        check()
+        q.bias.data = q.bias.data[:1].expand(n)
+        check()
 
 
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
