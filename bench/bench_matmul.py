@@ -64,13 +64,17 @@ Ceilings (session fixture ``ceilings``, measured at the start of the run)
                   two pipes with float multiplies, which every kernel's block epilogue needs. A
                   Zen 3 (AVX2, no VNNI): ~240-260 GOP/s per core with maddubs + add (a standalone
                   loop of the same instructions reached ~330).
+  fp32 FMA hw     the float rows' ceiling, the same way (pqk_fma_peak): the variant's widest fp32
+    peak          FMA on independent accumulators (512-bit on avx512, 256-bit on avx2): a Zen 5
+                  core ~270 GFLOP/s (3.3 512-bit FMAs per 2.55 GHz TSC cycle).
 
 extra_info per row: cpu, impl, format, compute, variant (pq.info()['active_variant']), threads, M/K/N,
 gflops (2MNK / min time), weight_gbs (bytes of the weight as that implementation stores it (pyqkern: as its
 kernel reads it, the packed copy for int8 and the bf16 decode kernel) / min
 time), frac_read_bw (weight_gbs / measured read bandwidth at that thread count), frac_read_bw_wsize
 (weight_gbs / the read ceiling of a buffer of the weight's size), frac_int8_hw_peak (gflops / int8 hw
-peak; in the table only for int8 rows, the ceiling of no other row). All derived
+peak; in the table for int8 rows), frac_fma_hw_peak (gflops / fp32 FMA hw peak; in the table for the
+other rows). All derived
 numbers use the *minimum* time (the machine is shared; the minimum is the least disturbed round).
 A table is printed at the end.
 """
@@ -83,7 +87,7 @@ import numpy as np
 import pytest
 
 import pyqkern as pq
-from pyqkern._membw import int8_hw_peak, read_bandwidth
+from pyqkern._membw import fma_hw_peak, int8_hw_peak, read_bandwidth
 from pyqkern._matmul import streamed_weight_bytes
 
 QUICK = os.environ.get("PYQKERN_BENCH_QUICK", "") not in ("", "0")
@@ -134,18 +138,20 @@ class _Summary:
         tr.write_line("ceilings: read bandwidth " + ", ".join(f"{t}t {v:.1f} GB/s" for t, v in c["bw"].items())
                       + "; int8 hw peak "
                       + ", ".join(f"{t}t " + (f"{v:.0f} GOP/s" if v else "n/a") for t, v in c["hw_peak"].items())
+                      + "; fp32 FMA hw peak "
+                      + ", ".join(f"{t}t " + (f"{v:.0f} GFLOP/s" if v else "n/a") for t, v in c["fma_peak"].items())
                       + "; pyqkern's best int8 on small L2-resident shapes (a reference, not a ceiling) "
                       + ", ".join(f"{t}t {v:.0f} GOP/s" for t, v in c["peak"].items()))
         tr.write_line("%bw: of the memory's read bandwidth; %bwW: of the read bandwidth of a buffer of the weight's "
                       "size (L3 for the single-matrix shapes); both what a probe reached, so a row can pass 100%; "
-                      "%hw (int8 rows only): of the int8 hw peak")
+                      "%hw: of the int8 hw peak (int8 rows), of the fp32 FMA hw peak (the others)")
         tr.write_line(f"{'shape (M,K,N)':<18}{'impl':<9}{'format':<20}{'compute':<9}{'thr':>4}{'ms':>10}"
                       f"{'GFLOP/s':>10}{'W GB/s':>9}{'%bw':>6}{'%bwW':>6}{'%hw':>6}")
         for r in sorted(_RESULTS, key=lambda r: (r["shape"], r["threads"], -r["gflops"])):
             tr.write_line(f"{str(r['shape']):<18}{r['impl']:<9}{r['format']:<20}{r['compute']:<9}"
                           f"{r['threads']:>4}{r['ms']:>10.3f}{r['gflops']:>10.1f}{r['weight_gbs']:>9.2f}"
                           f"{100 * r['frac_read_bw']:>6.0f}{100 * r['frac_read_bw_wsize']:>6.0f}"
-                          + (f"{100 * r['frac_int8_hw_peak']:>6.1f}" if r["compute"] == "int8" else f"{'-':>6}"))
+                          + f"{100 * r['frac_int8_hw_peak' if r['compute'] == 'int8' else 'frac_fma_hw_peak']:>6.1f}")
         native = {(r["shape"], r["threads"], r["format"]): r["ms"] for r in _RESULTS
                   if r["impl"] == "pyqkern" and r["compute"] == "float"}
         ratios = [(r["shape"], r["threads"], r["format"], r["ms"] / native[(r["shape"], r["threads"], r["format"])])
@@ -203,8 +209,9 @@ def ceilings(request):
         return memo[key]
 
     hw = {t: int8_hw_peak(t, reps=10) for t in THREADS}
+    fhw = {t: fma_hw_peak(t, reps=10) for t in THREADS}
     ceil = {"cpu": info["cpu"], "variant": info["active_variant"], "bw": bw, "peak": peak, "bw_at": bw_at,
-            "hw_peak": hw}
+            "hw_peak": hw, "fma_peak": fhw}
     request.config.pluginmanager.register(_Summary(ceil), "pyqkern_bench_matmul_summary")
     return ceil
 
@@ -271,9 +278,13 @@ def measure(benchmark, ceilings):
             hw = ceilings["hw_peak"][threads]
             if hw:
                 info.update(int8_hw_peak_gops=round(hw, 1), frac_int8_hw_peak=round(gflops / hw, 4))
+            fhw = ceilings["fma_peak"][threads]
+            if fhw:
+                info.update(fma_hw_peak_gflops=round(fhw, 1), frac_fma_hw_peak=round(gflops / fhw, 4))
             _RESULTS.append(dict(info, shape=shape, ms=tmin * 1e3, gflops=gflops, weight_gbs=wgbs,
                                  frac_read_bw=wgbs / ceilings["bw"][threads], frac_read_bw_wsize=wgbs / bw_w,
-                                 frac_int8_hw_peak=gflops / hw if hw else float("nan")))
+                                 frac_int8_hw_peak=gflops / hw if hw else float("nan"),
+                                 frac_fma_hw_peak=gflops / fhw if fhw else float("nan")))
         benchmark.extra_info.update(info)
 
     return run

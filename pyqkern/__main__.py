@@ -69,20 +69,25 @@ def _bench(pq, quick, threads, formats, shapes, out):
     thread_list = threads or ([pq.get_num_threads()] if quick else sorted({1, pq.get_num_threads()}))
     # n <= 0 means one per CPU (as set_num_threads): the count the rows and the bandwidth run at
     thread_list = sorted({th if th > 0 else (os.cpu_count() or 1) for th in thread_list})
-    from ._membw import int8_hw_peak, read_bandwidth
+    from ._membw import fma_hw_peak, int8_hw_peak, read_bandwidth
 
-    def ceilings(bws=None, peaks=None):
-        """Another look at the read bandwidth and int8 peak per thread count, keeping the best of
-        all looks: one look at a moment when another job held a core skewed whole columns."""
+    def ceilings(bws=None, peaks=None, fpeaks=None):
+        """Another look at the read bandwidth and the int8 and fp32 FMA peaks per thread count,
+        keeping the best of all looks: one look at a moment when another job held a core skewed
+        whole columns."""
         nb = 256 << 20  # 8x the L3 of this machine class (64 MB, 2x, read partly from cache)
         bws2 = {th: max(read_bandwidth(nb, th), (bws or {}).get(th, 0.0)) for th in thread_list}
-        peaks2 = {}
-        for th in thread_list:
-            looks = [v for v in (int8_hw_peak(th), (peaks or {}).get(th)) if v]
-            peaks2[th] = max(looks) if looks else None
-        return bws2, peaks2
 
-    bws, peaks = ceilings()
+        def best(probe, seen):
+            out = {}
+            for th in thread_list:
+                looks = [v for v in (probe(th), (seen or {}).get(th)) if v]
+                out[th] = max(looks) if looks else None
+            return out
+
+        return bws2, best(int8_hw_peak, peaks), best(fma_hw_peak, fpeaks)
+
+    bws, peaks, fpeaks = ceilings()
     print(f"pyqkern {info['version']}  cpu: {info['cpu']}  variant: {info['active_variant']}  "
           f"threads: {thread_list}", file=out)
     hdr = (f"{'format':7s} {'compute':7s} {'M':>4s} {'K':>6s} {'N':>6s} {'thr':>3s} {'time':>10s} "
@@ -95,10 +100,10 @@ def _bench(pq, quick, threads, formats, shapes, out):
     print("W GB/s: bytes of the weight as the kernel reads it (int8, and float where a packed float kernel takes it: the packed copy) per second; %bw: of the "
           "read bandwidth printed under the shape's rows (a 256 MiB buffer: DRAM), at that thread count (above 100%: the weights are served from cache); %bwW: of "
           "the read bandwidth of a buffer the weight's size (from cache when it fits); both are what a probe reached, "
-          "not a hard ceiling (a BLAS sgemv can read faster); %hw (int8 rows): of the int8 instruction peak printed there; "
-          "%roof (int8 rows): of the roofline that binds the row, min(weight-sized read bandwidth x FLOP per weight "
-          "byte, int8 peak) ('>100' where the row beats the bandwidth probe; float rows have no roofline: no float "
-          f"peak is measured); np time / vs np: numpy fp32 x @ W.T, {np_at}, and the speed-up over it; "
+          "not a hard ceiling (a BLAS sgemv can read faster); %hw: of the instruction peak printed there (int8 rows: the "
+          "int8 dot product's, float rows: the fp32 FMA's); %roof: of the roofline that binds the row, "
+          "min(weight-sized read bandwidth x FLOP per weight byte, that peak) ('>100' where the row beats the "
+          f"bandwidth probe); np time / vs np: numpy fp32 x @ W.T, {np_at}, and the speed-up over it; "
           "max rel err: vs x @ dequantize(W).T. Ceilings and numpy are measured before and after each shape's rows (the "
           "best of the looks), and a shape's rows are printed when it is done", file=out)
     bw_w: dict = {}
@@ -143,28 +148,28 @@ def _bench(pq, quick, threads, formats, shapes, out):
             t_np[th] = (min(tn, t_np[th][0]), np_threads)
         if limits:  # numpy's best at up to the row's count (it may be slower at more)
             t_np = {th: min((t_np[c] for c in np_threads_all if c <= th), key=lambda v: v[0]) for th in thread_list}
-        bws, peaks = ceilings(bws, peaks)
+        bws, peaks, fpeaks = ceilings(bws, peaks, fpeaks)
         for key in {(nb, th) for _, _, th, _, nb, _ in shape_rows}:
             bw_w[key] = max(bw_w[key], read_bandwidth(key[0], key[1], reps=50))
         for fmt, compute, th, t, nbytes, err in shape_rows:
             gflops = 2.0 * m * n * k / t / 1e9
             wgbs = nbytes / t / 1e9
             tn, np_threads = t_np[th]
-            # the roofline of int8 rows: what the weight's reads allow, capped by the instruction peak
-            # (float rows have none: no float peak is measured)
-            roof = (min(bw_w[(nbytes, th)] * (2.0 * m * n * k / nbytes), peaks[th])
-                    if compute == "int8" and peaks[th] else None)
+            # the roofline: what the weight's reads allow, capped by the instruction peak (int8
+            # rows: the int8 dot product's; float rows: the fp32 FMA's)
+            peak = peaks[th] if compute == "int8" else fpeaks[th]
+            roof = min(bw_w[(nbytes, th)] * (2.0 * m * n * k / nbytes), peak) if peak else None
             row = dict(format=fmt, compute=compute, M=m, K=k, N=n, threads=th, time_s=t, gflops=gflops,
                        weight_bytes=nbytes, weight_gbs=wgbs, pct_bw=100 * wgbs / bws[th],
                        pct_bw_wsize=100 * wgbs / bw_w[(nbytes, th)], roof_gflops=roof,
                        pct_roof=None if roof is None else 100 * gflops / roof,
                        numpy_time_s=tn, speedup_vs_numpy=tn / t,
                        numpy_threads=np_threads, max_rel_err=err, read_bw_gbs=bws[th],
-                       int8_hw_peak_gops=peaks[th])
+                       int8_hw_peak_gops=peaks[th], fma_hw_peak_gflops=fpeaks[th])
             hw = f"{'-':>5s}"
-            if compute == "int8" and peaks[th]:
-                row["pct_int8_hw_peak"] = 100 * gflops / peaks[th]
-                hw = f"{row['pct_int8_hw_peak']:5.0f}"
+            if peak:
+                row["pct_int8_hw_peak" if compute == "int8" else "pct_fma_hw_peak"] = pct = 100 * gflops / peak
+                hw = f"{pct:5.0f}"
             pr = (f"{'-':>5s}" if roof is None else f"{row['pct_roof']:5.0f}" if row["pct_roof"] <= 100
                   else f"{'>100':>5s}")
             rows.append(row)
@@ -174,10 +179,12 @@ def _bench(pq, quick, threads, formats, shapes, out):
         # the ceilings these rows' percentages used (later looks may find higher ones)
         print("  (these rows: read bandwidth " + ", ".join(f"{th}t {v:.1f}" for th, v in bws.items())
               + " GB/s, int8 peak " + ", ".join(f"{th}t " + (f"{v:.0f}" if v else "n/a") for th, v in peaks.items())
-              + " GOP/s)", file=out)
+              + " GOP/s, fp32 FMA peak " + ", ".join(f"{th}t " + (f"{v:.0f}" if v else "n/a") for th, v in fpeaks.items())
+              + " GFLOP/s)", file=out)
     print("read bandwidth: " + ", ".join(f"{th}t {v:.1f}" for th, v in bws.items())
           + " GB/s  int8 instruction peak: "
           + ", ".join(f"{th}t " + (f"{v:.0f} GOP/s" if v else "n/a") for th, v in peaks.items())
+          + "  fp32 FMA peak: " + ", ".join(f"{th}t " + (f"{v:.0f} GFLOP/s" if v else "n/a") for th, v in fpeaks.items())
           + " (best of the looks)", file=out)
     return rows
 
@@ -185,9 +192,8 @@ def _bench(pq, quick, threads, formats, shapes, out):
 def plot_roofline(rows, path):
     """Roofline picture of bench rows (needs matplotlib): GFLOP/s against arithmetic intensity
     (FLOP per weight byte), the measured read-bandwidth roofs (bw · intensity: a DRAM-sized buffer,
-    and the best weight-sized one, from cache where the weight fits) and the measured int8
-    instruction peak as a flat line (no float peak is measured: float rows have the bandwidth roofs
-    only); one colour per format, circles int8, squares float, filled at the highest thread count."""
+    and the best weight-sized one, from cache where the weight fits) and the measured int8 and
+    fp32 FMA instruction peaks as flat lines; one colour per format, circles int8, squares float, filled at the highest thread count."""
     try:
         import matplotlib
 
@@ -208,6 +214,9 @@ def plot_roofline(rows, path):
     peak = max((r.get("int8_hw_peak_gops") or 0 for r in rows), default=0)
     if peak:  # the rows' ceiling, measured by a probe (not this run's best row)
         ax.axhline(peak, color="gray", ls="-.", lw=1, label=f"int8 instruction peak {peak:.0f} GOP/s")
+    fpeak = max((r.get("fma_hw_peak_gflops") or 0 for r in rows), default=0)
+    if fpeak:
+        ax.axhline(fpeak, color="gray", ls=":", lw=1, label=f"fp32 FMA peak {fpeak:.0f} GFLOP/s")
     fmts = sorted({r["format"] for r in rows})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     tmax = max(r["threads"] for r in rows)

@@ -75,16 +75,26 @@ def read_bandwidth(nbytes: int = 256 << 20, threads: int = 1, reps: int = 5) -> 
     return best
 
 
-def int8_hw_peak(threads: int, reps: int = 5):
-    """The active variant's int8 dot-product instruction peak (GOP/s, pqk_int8_peak) at this many
-    pool threads, or None where the variant has no such probe (or PYQKERN_ISA names none)."""
+def _hw_peak(probe: str, threads: int, reps: int):
     from . import _native
 
     before = _native.get_num_threads()
     _native.set_num_threads(max(1, int(threads)))
     try:
-        return _native.int8_peak(_native.active_isa(), reps)
+        return getattr(_native, probe)(_native.active_isa(), reps)
     except (NotImplementedError, RuntimeError):
         return None
     finally:
         _native.set_num_threads(before)
+
+
+def int8_hw_peak(threads: int, reps: int = 5):
+    """The active variant's int8 dot-product instruction peak (GOP/s, pqk_int8_peak) at this many
+    pool threads, or None where the variant has no such probe (or PYQKERN_ISA names none)."""
+    return _hw_peak("int8_peak", threads, reps)
+
+
+def fma_hw_peak(threads: int, reps: int = 5):
+    """The active variant's fp32 FMA instruction peak (GFLOP/s, pqk_fma_peak) at this many pool
+    threads, or None where the variant has no such probe (ref)."""
+    return _hw_peak("fma_peak", threads, reps)

@@ -311,13 +311,19 @@ def test_bench_rows_and_roofline_plot(tmp_path):
     if importlib.util.find_spec("threadpoolctl"):  # numpy's best at 1 up to the row's count (a review)
         assert all(1 <= r["numpy_threads"] <= r["threads"] for r in rows6)
         assert [r["numpy_threads"] for r in rows6 if r["threads"] == 1] == [1, 1]
-    # int8 rows: a roofline capped by the measured peak; float rows none (no float peak probe)
+    # a roofline capped by the measured peak: the int8 dot product's for int8 rows, the fp32 FMA's
+    # for float rows (none where the variant has no probe)
     for r in rows6:
-        if r["compute"] == "int8" and r["int8_hw_peak_gops"]:
-            assert 0 < r["roof_gflops"] <= r["int8_hw_peak_gops"]
+        peak = r["int8_hw_peak_gops"] if r["compute"] == "int8" else r["fma_hw_peak_gflops"]
+        if peak:
+            assert 0 < r["roof_gflops"] <= peak
             assert r["pct_roof"] == pytest.approx(100 * r["gflops"] / r["roof_gflops"])
+            key = "pct_int8_hw_peak" if r["compute"] == "int8" else "pct_fma_hw_peak"
+            assert r[key] == pytest.approx(100 * r["gflops"] / peak)
         else:
             assert r["roof_gflops"] is None and r["pct_roof"] is None
+    if pq.info()["active_variant"] != "ref":
+        assert all(r["fma_hw_peak_gflops"] for r in rows6)
         assert r["speedup_vs_numpy"] == pytest.approx(r["numpy_time_s"] / r["time_s"])
     before = pq.get_num_threads()  # the rows' set_num_threads is undone (it was left at the last row's)
     bench(True, [1 if before != 1 else 2], ["q4_0"], shapes=[(1, 256, 128)], out=_io.StringIO())

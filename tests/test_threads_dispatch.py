@@ -398,6 +398,37 @@ def test_int8_peak_probe(restore_threads):
     assert pq.get_num_threads() == 1
 
 
+
+def test_fma_peak_probe(restore_threads):
+    """pqk_fma_peak (the benchmarks' float compute ceiling): a positive rate for every variant but
+    ref (each inherits the widest FMA probe below it: avxvnni avx2's, avx512vnni avx512's,
+    dotprod neon's), NotImplementedError for ref, bad reps refused, the Python helper's threads
+    restored."""
+    names = _native.isa_names()
+    for v in NATIVE_VARIANTS:
+        i = names.index(v)
+        src = _native.matmul_sources(i)["fma_peak"]
+        if v == "ref":
+            assert src is None
+            with pytest.raises(NotImplementedError):
+                _native.fma_peak(i, 1)
+            continue
+        want = {"avxvnni": "avx2", "avx512vnni": "avx512", "dotprod": "neon"}.get(v, v)
+        assert src == want, (v, src)
+        for th in (1, 2):
+            pq.set_num_threads(th)
+            g = _native.fma_peak(i, 1)
+            assert np.isfinite(g) and g > 0.0, (v, th, g)  # a rate, no speed asked (emulators)
+    with pytest.raises(ValueError, match="reps"):
+        _native.fma_peak(names.index("avx2") if "avx2" in NATIVE_VARIANTS else 0, 0)
+    from pyqkern._membw import fma_hw_peak
+
+    pq.set_num_threads(1)
+    g = fma_hw_peak(2, reps=1)
+    assert (g is not None) == (pq.info()["active_variant"] != "ref")
+    assert g is None or (np.isfinite(g) and g > 0.0)
+    assert pq.get_num_threads() == 1
+
 _FORK_CHILD = r"""
 import os, sys, threading, time
 import numpy as np

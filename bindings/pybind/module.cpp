@@ -371,7 +371,7 @@ PYBIND11_MODULE(_native, m) {
     if (pqk_isa_runnable(isa) != 1) throw py::value_error("variant not runnable");
     py::dict d;
     for (const char* slot : {"quantize_act", "gemm_int8", "gemm_f32", "gemm_f32_xt", "lora_shrink", "lora_expand", "gemv_bf16",
-                             "gemv_f32p", "all_finite", "int8_peak"})
+                             "gemv_f32p", "all_finite", "int8_peak", "fma_peak"})
       d[slot] = name_of(pqk_slot_variant(isa, slot, 0));
     return d;
   });
@@ -384,6 +384,12 @@ PYBIND11_MODULE(_native, m) {
   m.attr("MAX_THREADS") = PQK_MAX_THREADS;
   m.def("get_num_threads", []() {
     return without_gil([] { return pqk_get_num_threads(); });
+  });
+  m.def("fma_peak", [](int isa, int reps) {
+    double gflops = 0.0;
+    const pqk_status st = without_gil([&] { return pqk_fma_peak(isa, reps, &gflops); });
+    check(st);
+    return gflops;
   });
   m.def("int8_peak", [](int isa, int reps) {
     double gops = 0.0;

@@ -124,6 +124,7 @@ int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt) {
   if (s == "lora_expand") return t.lora_expand ? t.lora_expand_isa : -1;
   if (s == "all_finite") return t.all_finite ? t.all_finite_isa : -1;
   if (s == "int8_peak") return t.int8_peak ? t.int8_peak_isa : -1;
+  if (s == "fma_peak") return t.fma_peak ? t.fma_peak_isa : -1;
   if (s == "gemv_bf16") return t.gemv_bf16 ? t.gemv_bf16_isa : -1;
   if (s == "gemv_f32p") return t.gemv_f32p ? t.gemv_f32p_isa : -1;
   return -1;

@@ -80,6 +80,11 @@ struct Tables {
         dst.int8_peak_ops = mine.int8_peak_ops;
         dst.int8_peak_isa = (int8_t)isa;
       }
+      if (mine.fma_peak) {
+        dst.fma_peak = mine.fma_peak;
+        dst.fma_peak_flops = mine.fma_peak_flops;
+        dst.fma_peak_isa = (int8_t)isa;
+      }
       if (mine.lora_shrink) { dst.lora_shrink = mine.lora_shrink; dst.lora_shrink_isa = (int8_t)isa; }
       if (mine.lora_expand) { dst.lora_expand = mine.lora_expand; dst.lora_expand_isa = (int8_t)isa; }
       if (mine.gemm_f32) { dst.gemm_f32 = mine.gemm_f32; dst.gemm_f32_isa = (int8_t)isa; }

@@ -100,6 +100,11 @@ using all_finite_fn = bool (*)(const float* x, int64_t k, uint32_t e);
 // int8_peak_ops: integer operations (2 per multiply-add) per iteration.
 using int8_peak_fn = uint64_t (*)(int64_t iters);
 
+// The variant's widest fp32 FMA on independent accumulators, iters times, for the benchmarks'
+// float compute ceiling; returns a value of their sums so nothing is optimised away.
+// fma_peak_flops: floating-point operations (2 per multiply-add) per iteration.
+using fma_peak_fn = uint64_t (*)(int64_t iters);
+
 // Sum of the 64-bit words of [p, p + n), n a multiple of 128, with the variant's widest loads:
 // the loop of the read-bandwidth probe (read_probe.cpp).
 using read_sum_fn = uint64_t (*)(const uint8_t* p, size_t n);
@@ -110,6 +115,9 @@ struct KernelTable {
   int8_peak_fn int8_peak = nullptr;
   int32_t int8_peak_ops = 0;
   int8_t int8_peak_isa = 0;
+  fma_peak_fn fma_peak = nullptr;
+  int32_t fma_peak_flops = 0;
+  int8_t fma_peak_isa = 0;
   all_finite_fn all_finite = nullptr;
   int8_t all_finite_isa = 0;
   lora_expand_fn lora_expand = nullptr;

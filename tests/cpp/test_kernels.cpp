@@ -523,6 +523,17 @@ int main(int argc, char** argv) {
         std::printf("MISMATCH read_probe nbytes=%lld threads=%d\n", (long long)nbytes, th);
       }
     }
+  // the float compute ceiling's probe: a positive rate for every variant that runs but ref
+  // (Arm: neon's fmla, which dotprod inherits), UNSUPPORTED for ref
+  for (int isa : isas) {
+    double gflops = 0;
+    const pqk_status st = pqk_fma_peak(isa, 1, &gflops);
+    ++g_checks;
+    if (isa == PQK_ISA_REF ? st != PQK_ERR_UNSUPPORTED : (st != PQK_OK || !(gflops > 0))) {
+      ++g_fail;
+      std::printf("MISMATCH fma_peak %s: status %d, %g GFLOP/s\n", pqk_isa_name(isa), (int)st, gflops);
+    }
+  }
   pqk_set_num_threads(2);
   print_digests(cases, sizeof(cases) / sizeof(cases[0]));
   print_digests(extra, sizeof(extra) / sizeof(extra[0]));

@@ -100,7 +100,7 @@ PQK_API int32_t pqk_isa_compiled(int32_t isa);
 PQK_API const char* pqk_cpu_brand(void);
 /* Which variant implements a kernel slot in variant isa's table: slot is one of "quantize",
  * "dequantize" (fmt selects the format), "quantize_act", "gemm_int8", "gemm_f32", "gemm_f32_xt",
- * "lora_shrink", "lora_expand", "gemv_bf16", "gemv_f32p", "all_finite", "int8_peak", "gemv_f32"
+ * "lora_shrink", "lora_expand", "gemv_bf16", "gemv_f32p", "all_finite", "int8_peak", "fma_peak", "gemv_f32"
  * (fmt selects the format: compute="float"'s row kernel); isa may be PQK_ISA_ACTIVE. Returns the
  * pqk_isa id, or -1 if the slot is empty or the arguments are bad. */
 PQK_API int32_t pqk_slot_variant(int32_t isa, const char* slot, int32_t fmt);
@@ -131,6 +131,11 @@ PQK_API pqk_status pqk_read_probe(const void* buf, int64_t nbytes, int32_t reps,
  * thread that go on until reps of them had every thread take part (or for ~1 s).
  * PQK_ERR_UNSUPPORTED for variants without such an instruction probe. */
 PQK_API pqk_status pqk_int8_peak(int32_t isa, int32_t reps, double* gops);
+/* Float compute ceiling, the same way: variant isa's widest fp32 FMA (512-bit on avx512 and its
+ * descendants, 256-bit on avx2 / avxvnni, 128-bit on neon / dotprod) on independent
+ * accumulators; *gflops = floating-point operations (2 per multiply-add) per second over all
+ * threads. PQK_ERR_UNSUPPORTED for ref. */
+PQK_API pqk_status pqk_fma_peak(int32_t isa, int32_t reps, double* gflops);
 
 /* Resolves defaults in *params (group 0 -> the format's default) and checks them. */
 PQK_API pqk_status pqk_row_bytes_of(int32_t fmt, int64_t k, pqk_qparams* params, pqk_row_bytes* out);

@@ -23,6 +23,7 @@ void gemm_f32(const float* w, int nr, int64_t k, const float* x, int64_t ldx, in
               const float* bias);  // matmul_f32.cpp
 void lora_shrink(const pqk_lora& ad, int64_t r0, int64_t r1, int64_t k, const float* x, float* t);  // lora.cpp
 void lora_expand(const LoraArgs& L, int64_t m0, int64_t m1, int64_t n0, int nr, float* y, int64_t ldy);
+uint64_t fma_peak(int64_t iters);  // fma_peak.cpp
 
 void register_kernels(KernelTable& t) {
   t.quantize[PQK_Q8_0] = quantize_row_q8_0;
@@ -38,6 +39,8 @@ void register_kernels(KernelTable& t) {
   t.gemm_f32 = gemm_f32;
   t.lora_shrink = lora_shrink;
   t.lora_expand = lora_expand;
+  t.fma_peak = fma_peak;
+  t.fma_peak_flops = 12 * 4 * 2;  // 12 FMAs x 4 lanes
 }
 
 }}  // namespace pqk::neon

@@ -4,9 +4,12 @@
 namespace pqk { namespace avx512 {
 
 uint64_t read_sum(const uint8_t* p, size_t n);  // read_sum.cpp
+uint64_t fma_peak(int64_t iters);               // fma_peak.cpp
 
 void register_kernels(KernelTable& t) {
   t.read_sum = read_sum;
+  t.fma_peak = fma_peak;
+  t.fma_peak_flops = 16 * 16 * 2;  // 16 FMAs x 16 lanes
 #define PQK_SET(F, fmt)                \
   t.quantize[F] = quantize_row_##fmt;  \
   t.dequantize[F] = dequantize_row_##fmt;
