@@ -547,6 +547,8 @@ class QLinear:
                 def index(v):  # a name, None (no adapter) or already an index
                     if v is None:
                         return -1
+                    if isinstance(v, (bool, np.bool_)):  # as a bool array is refused
+                        raise TypeError("adapter_ids must hold ints, adapter names or None, not bools")
                     if isinstance(v, str):
                         if v not in names:
                             raise KeyError(f"unknown adapter name {v!r} in adapter_ids; attached: {names}")

@@ -822,6 +822,8 @@ class QuantLinear(nn.Module):
                 raise ValueError("adapter_ids given but no adapter is attached")
             if not isinstance(adapter_ids, torch.Tensor):
                 ids = list(adapter_ids)
+                if any(isinstance(v, (bool, np.bool_)) for v in ids):  # operator.index takes them as 0 / 1
+                    raise TypeError("adapter_ids must hold ints, adapter names or None, not bools")
                 try:
                     ids = [-1 if v is None else (names.index(v) if isinstance(v, str) else operator.index(v))
                            for v in ids]

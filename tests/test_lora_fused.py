@@ -163,6 +163,9 @@ def test_qlinear_adapters_api():
     with pytest.raises(KeyError, match="zzz"):
         lin(x, adapter_ids=["zzz"] * 4)
     assert np.array_equal(lin(x, adapter_ids=[0, None, -1, None]), lin(x, adapter_ids=["b", None, -1, None]))
+    for ids in ([True, None, -1, 0], [np.bool_(False), "b", None, 0]):  # a bool array is refused: so are bools
+        with pytest.raises(TypeError, match="not bools"):
+            lin(x, adapter_ids=ids)
 
 
 def test_qlinear_decode_path_follows_adapter_changes():

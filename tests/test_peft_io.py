@@ -576,6 +576,8 @@ def test_load_rejects(tmp_path):
         pio.load_peft_adapter(d)
     with pytest.raises(FileNotFoundError, match="adapter_config"):
         pio.load_peft_adapter(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):  # a file (was a bare NotADirectoryError)
+        pio.load_peft_adapter(d / "adapter_model.bin")
     (d / "adapter_config.json").write_text("{nope")
     with pytest.raises(ValueError, match="JSON"):
         pio.load_peft_adapter(d)

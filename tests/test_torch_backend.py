@@ -206,6 +206,9 @@ def test_adapters_attach_detach():
     want[3] += t1[3]
     assert torch.allclose(y, want, atol=1e-5)
     assert torch.allclose(q(x, adapter_ids=torch.tensor([0, -1, 1, 0])), want, atol=1e-5)
+    for ids in ([True, False, 1, 0], ["one", None, np.bool_(True), 0]):  # operator.index took them as 1 / 0
+        with pytest.raises(TypeError, match="not bools"):
+            q(x, adapter_ids=ids)
     # same as pyqkern.matmul with LoRA objects
     ads = [pq.LoRA(A1.numpy(), B1.numpy(), alpha=8), pq.LoRA(A2.numpy(), B2.numpy())]
     np.testing.assert_array_equal(q(x).numpy(), pq.matmul(x.numpy(), q.qtensor(), q.bias.numpy(), lora=[ads[1]],

@@ -191,7 +191,7 @@ def _resolve(cfg, module):
 def _read_config(path):
     try:
         cfg = json_object(path, "the config")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: path is a file
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (not a PEFT adapter directory?)") from None
     pt = cfg.get("peft_type", "LORA")
     if pt != "LORA":
