@@ -34,26 +34,34 @@ double peak_rate(uint64_t (*probe)(int64_t), int64_t ops_per_iter, int32_t reps)
   return best;
 }
 
-}}  // namespace pqk::(anon)
-
-extern "C" pqk_status pqk_int8_peak(int32_t isa, int32_t reps, double* gops) {
-  using namespace pqk;
+// the C functions' checks, then the rate of the probe the variant's table gives (pick) in G/s
+template <class Pick>
+pqk_status peak_call(int32_t isa, int32_t reps, double* out, const char* none, Pick pick) {
   return guarded([&] {
-    if (!gops) throw Error(PQK_ERR_ARG, "NULL result");
+    if (!out) throw Error(PQK_ERR_ARG, "NULL result");
     if (reps < 1) throw Error(PQK_ERR_ARG, "reps must be at least 1");
-    const KernelTable& t = kernel_table(resolve_isa(isa));
-    if (!t.int8_peak) throw Error(PQK_ERR_UNSUPPORTED, "this variant has no int8 dot-product instruction probe");
-    *gops = peak_rate(t.int8_peak, t.int8_peak_ops, reps) / 1e9;
+    uint64_t (*probe)(int64_t) = nullptr;
+    int64_t ops = 0;
+    pick(kernel_table(resolve_isa(isa)), probe, ops);
+    if (!probe) throw Error(PQK_ERR_UNSUPPORTED, none);
+    *out = peak_rate(probe, ops, reps) / 1e9;
   });
 }
 
+}}  // namespace pqk::(anon)
+
+extern "C" pqk_status pqk_int8_peak(int32_t isa, int32_t reps, double* gops) {
+  return pqk::peak_call(isa, reps, gops, "this variant has no int8 dot-product instruction probe",
+                        [](const pqk::KernelTable& t, uint64_t (*&p)(int64_t), int64_t& ops) {
+                          p = t.int8_peak;
+                          ops = t.int8_peak_ops;
+                        });
+}
+
 extern "C" pqk_status pqk_fma_peak(int32_t isa, int32_t reps, double* gflops) {
-  using namespace pqk;
-  return guarded([&] {
-    if (!gflops) throw Error(PQK_ERR_ARG, "NULL result");
-    if (reps < 1) throw Error(PQK_ERR_ARG, "reps must be at least 1");
-    const KernelTable& t = kernel_table(resolve_isa(isa));
-    if (!t.fma_peak) throw Error(PQK_ERR_UNSUPPORTED, "this variant has no fp32 FMA instruction probe");
-    *gflops = peak_rate(t.fma_peak, t.fma_peak_flops, reps) / 1e9;
-  });
+  return pqk::peak_call(isa, reps, gflops, "this variant has no fp32 FMA instruction probe",
+                        [](const pqk::KernelTable& t, uint64_t (*&p)(int64_t), int64_t& ops) {
+                          p = t.fma_peak;
+                          ops = t.fma_peak_flops;
+                        });
 }
