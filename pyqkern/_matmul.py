@@ -389,9 +389,15 @@ def _int8_rows(x2: np.ndarray, w: QTensor, b, ads=()):
     for a in ads:
         a.check_base(w.shape)
     _refuse_summed_dora(ads)
-    y = np.empty((x2.shape[0], w.shape[0]), np.float32)
+    return _int8_call(_packed(w), x2, b, [a.native_args(w) for a in ads] or None)
+
+
+def _int8_call(p, x2, b, nat):
+    """The native int8 call on packed weight p: a new float32 [M, N] y for x2 [M, K] (no call for
+    M = 0), bias b, nat the adapters' native_args (or None)."""
+    y = np.empty((x2.shape[0], p.n), np.float32)
     if y.shape[0]:
-        _native().matmul_int8(-1, _packed(w), x2, b, y, [a.native_args(w) for a in ads] or None, None)
+        _native().matmul_int8(-1, p, x2, b, y, nat, None)
     return y
 
 

@@ -52,8 +52,7 @@ import torch.autograd.forward_ad as _fwad
 
 from . import _formats
 from ._lora import LoRA, _real
-from ._matmul import COMPUTES, INT8_NEEDS, _int8_rows, int8_fits, int8_supported, matmul as _pq_matmul
-from ._ops import _native
+from ._matmul import COMPUTES, INT8_NEEDS, _int8_call, _int8_rows, int8_fits, int8_supported, matmul as _pq_matmul
 from ._ops import dequantize as _pq_dequantize
 from ._ops import quantize as _pq_quantize
 from ._qtensor import QTensor, total_bytes
@@ -259,7 +258,7 @@ def _lora(A: torch.Tensor, B: torch.Tensor, scale: float, cache: bool = False) -
     QuantLinear.drop_packed(); a new tensor assigned to .data is seen."""
     if not cache or A.requires_grad or B.requires_grad or A.is_inference() or B.is_inference():
         return LoRA._of_arrays(_x32(A), _x32(B), float(scale))
-    key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t._version) for t in (A, B)) + (float(scale),)
+    key = (_tkey(A), _tkey(B), float(scale))
     hit = _LORA_CACHE.get(B)
     # A by identity too (a weak reference), and both storages held: a new tensor or a .data
     # replacement could otherwise take a freed one's address with the same version
@@ -848,13 +847,12 @@ class QuantLinear(nn.Module):
             if (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # enable_grad inside inference_mode: no graph
                     and any(t is not None and t.requires_grad for t in tensors)):
                 y = _EagerProduct.apply(x, qdata, bias, adapter_ids, spec, *As, *Bs)
-            elif names:
-                y = _matmul_lora_impl(x, *args, bias, As, Bs, scales, adapter_ids, self.compute,
-                                      cache=perm is None)  # permuted As are new tensors every call
-                if perm is None and adapter_ids is None and snap is not None:
-                    self._keep_plan(qdata, bias, snap, names, As, Bs, scales)
             else:
-                y = _matmul_impl(x, *args, bias, self.compute)
+                if names:
+                    y = _matmul_lora_impl(x, *args, bias, As, Bs, scales, adapter_ids, self.compute,
+                                          cache=perm is None)  # permuted As are new tensors every call
+                else:
+                    y = _matmul_impl(x, *args, bias, self.compute)
                 if perm is None and adapter_ids is None and snap is not None:
                     self._keep_plan(qdata, bias, snap, names, As, Bs, scales)
         elif names:
@@ -868,8 +866,9 @@ class QuantLinear(nn.Module):
     # call and reused while the tensors it came from are the same objects with the same address,
     # version counter, shape, strides, dtype and requires_grad (_tkey), the active adapters and
     # scales the same objects (adapter changes replace them) and compute the same. Changing
-    # format / group / sym other than through load_state_dict (which drops the plan) is not seen. It skips the look-ups and cache keys of the general
-    # route: a 64x64 layer's call 7.6 -> 5.3 us, a rank-16 adapter's part 3.8 -> 1.4 us. A float32
+    # format / group / sym other than through load_state_dict (which drops the plan) is not seen.
+    # It skips the look-ups and cache keys of the general route: a 64x64 layer's call 7.6 -> 5.3
+    # us, a rank-16 adapter's part 3.8 -> 1.4 us. A float32
     # bias is kept as a view (it sees every write), another is converted per call as before; the
     # storages are held, so a .data replacement cannot take a freed tensor's address.
     def _keep_plan(self, qdata, bias, snap, names, As, Bs, scales) -> None:
@@ -880,7 +879,8 @@ class QuantLinear(nn.Module):
         for A, B in zip(As, Bs):  # trainable adapters (an eval pass in training): rebuilt per call anyway
             if A.requires_grad or B.requires_grad or A.is_inference() or B.is_inference():
                 return
-        if not _plain_cpu(qdata):
+        if not _plain_cpu(qdata) or (bias is not None and (bias.requires_grad or not _plain_cpu(bias)
+                                                           or bias.shape != (self.out_features,))):
             return
         qt = qtensor_from_tensor(qdata, self.format, self.out_features, self.in_features, self.group, self.sym)
         if qt.perm is not None or not int8_supported(qt):
@@ -891,8 +891,6 @@ class QuantLinear(nn.Module):
         else:
             # float32: a view, which sees every write; another dtype (a bf16 module): converted
             # per call as on the general route (a kept copy would miss writes through .data / numpy)
-            if bias.requires_grad or not _plain_cpu(bias) or bias.shape != (self.out_features,):
-                return
             kb, b = _tkey(bias), None
             if bias.dtype == torch.float32 and bias.is_contiguous():
                 b = _x32(bias)
@@ -936,11 +934,7 @@ class QuantLinear(nn.Module):
         if x2.ndim == 0 or x2.shape[-1] != k or not x2.flags.aligned:
             return None
         lead = x2.shape[:-1]
-        if x2.ndim != 2:
-            x2 = x2.reshape(-1, k)
-        y = np.empty((x2.shape[0], n), np.float32)
-        if y.shape[0]:
-            _native().matmul_int8(-1, p, x2, b, y, nat, None)
+        y = _int8_call(p, x2 if x2.ndim == 2 else x2.reshape(-1, k), b, nat)
         return torch.from_numpy(y if len(lead) == 1 else y.reshape(*lead, n))
 
     def _qbp(self):
