@@ -6,13 +6,14 @@
 Rows (benchmark group per case):
 - decode: (1, 4096, 4096) q4_0 and int4-g128, rank 8/16/64:
     base     QLinear(x)                         (no adapter)
-    fused    pq.matmul(x, qt, lora=ad)          (one call; shrink + expansion inside)
+    fused    QLinear(x) with the adapter added  (one call; shrink + expansion inside); fp32, bf16
+             (fused-bf16) or fp16 (fused-fp16) A and B
     unfused  QLinear(x) + numpy (x @ A.T) @ B.T (what runtimes do today: base op + two GEMMs + add)
   extra_info["overhead_vs_base"] is reported on the fused/unfused rows (from the min times), and
   "overhead_paired": base and fused called alternately 400 times, median difference over median
   base (robust to the machine's drift between rows).
 - decode stack: 8 different (4096, 4096) layers with their own rank-16 adapter called in turn (~75 MB,
-  more than L3): base vs fused (fp32 / bf16 adapters); extra_info["overhead_vs_base"] per layer,
+  more than L3): base vs fused (fp32 / bf16 / fp16 adapters); extra_info["overhead_vs_base"] per layer,
   "overhead_paired" as above.
 - multi: 32 rows, rank 16, fp32 and bf16 adapters: every row its own adapter (32 loaded) vs all rows sharing one;
   extra_info["ratio_vs_shared"] on the distinct row (min times of the two rows), and "ratio_paired":
@@ -29,7 +30,7 @@ Rows (benchmark group per case):
 - backward (if pyqkern.lora.backward exists): M=512 step vs dequantize-then-numpy.
 
 A summary table at the end lists every overhead row with its "floor": the adapter's bytes over
-the base weight's (rank 16 at 4096x4096 on q4_0: 2.8% for bf16 A and B, 5.6% for fp32). A GEMV
+the base weight's (rank 16 at 4096x4096 on q4_0: 2.8% for bf16 or fp16 A and B, 5.6% for fp32). A GEMV
 that reads its weight and the adapter from the same place at the same rate (the stack rows: both
 from DRAM) cannot absorb the adapter for less. It is no bound where they come from different
 places: a single layer called again and again has its weight partly in L3 while the adapter may
@@ -126,6 +127,8 @@ def _info(benchmark, **kw):
     benchmark.extra_info.update(dict(cpu=pq.info()["cpu"], variant=pq.info()["active_variant"]), **kw)
 
 
+_STORAGE = {"fused": "float32", "fused-bf16": "bfloat16", "fused-fp16": "float16"}  # the adapter's, by mode
+_AB = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # the summary's A,B column
 _ROWS: list = []  # (benchmark, adapter storage, base weight bytes) of the overhead rows, for the summary
 _MULTI: list = []  # extra_info of the distinct-adapter rows, for the summary
 
@@ -145,7 +148,7 @@ class _Summary:
                           "their medians and of their mins (target: <= 1.3x)")
             tr.write_line(f"{'A,B':<6}{'thr':>4}{'shared ms':>11}{'distinct ms':>13}{'median':>8}{'min':>7}")
             for e in _MULTI:
-                tr.write_line(f"{'fp32' if e['storage'] == 'float32' else 'bf16':<6}{e['threads']:>4}"
+                tr.write_line(f"{_AB[e['storage']]:<6}{e['threads']:>4}"
                               f"{e['paired_shared_min_us'] / 1e3:>11.2f}{e['paired_distinct_min_us'] / 1e3:>13.2f}"
                               f"{e['ratio_paired']:>7.2f}x{e['ratio_paired_min']:>6.2f}x")
         rows = [(b.extra_info, st, nb) for b, st, nb in _ROWS if "overhead_paired" in b.extra_info]
@@ -163,9 +166,9 @@ class _Summary:
             us = e.get("min_us", e.get("min_us_per_layer", float("nan")))
             vs = e.get("overhead_vs_base")
             case = f"decode stack{e['layers']}" if "layers" in e else "decode"
-            mode = e["mode"].split("@")[0].replace("-bf16", "").replace("-f32", "")
+            mode = e["mode"].split("@")[0].replace("-bf16", "").replace("-fp16", "").replace("-f32", "")
             tr.write_line(f"{case:<15}{e.get('impl', 'pyqkern'):<9}{e['variant']:<12}{e['format']:<11}{mode:<15}"
-                          f"{'fp32' if st == 'float32' else 'bf16':<6}{e['rank']:>5}{e['threads']:>4}{us:>9.1f}"
+                          f"{_AB[st]:<6}{e['rank']:>5}{e['threads']:>4}{us:>9.1f}"
                           f"{'' if vs is None else f'{100 * vs:.1f}%':>8}{100 * e['overhead_paired']:>7.1f}%"
                           f"{100 * _floor(st, e['rank'], nb):>6.1f}%")
 
@@ -179,20 +182,21 @@ def _summary(request):
 
 @pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("fmt", ["q4_0", "int4-g128"])
-@pytest.mark.parametrize("mode", ["base", "fused", "fused-bf16", "unfused"])
+@pytest.mark.parametrize("mode", ["base", "fused", "fused-bf16", "fused-fp16", "unfused"])
 def test_decode(benchmark, layers, fmt, r, mode, threads):
-    """fused-bf16: the adapter kept in bf16, as PEFT files ship it (half the adapter bytes)."""
+    """fused-bf16 / fused-fp16: the adapter kept in bf16 / fp16, as PEFT files ship it (half the
+    adapter bytes)."""
     qt = layers[fmt]
     lin = pq.QLinear(qt)
     ad = _adapter(r, r)
-    if mode == "fused-bf16":
-        ad = LoRA(ad.A, ad.B, alpha=ad.alpha, storage="bfloat16")
+    if mode in _STORAGE and mode != "fused":
+        ad = LoRA(ad.A, ad.B, alpha=ad.alpha, storage=_STORAGE[mode])
     x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)
     y = np.empty((1, N), np.float32)
     A, B = ad.A, ad.B
     if mode == "base":
         fn = lambda: lin(x, out=y)  # noqa: E731
-    elif mode in ("fused", "fused-bf16"):
+    elif mode in _STORAGE:
         lin.add_adapter("a", ad)
         fn = lambda: lin(x, out=y)  # noqa: E731
     else:
@@ -206,7 +210,7 @@ def test_decode(benchmark, layers, fmt, r, mode, threads):
     if mode == "base":
         _base_min[key] = t
     _info(benchmark, format=fmt, mode=mode, rank=r, threads=threads, shape=(1, K, N), min_us=t * 1e6)
-    _ROWS.append((benchmark, "bfloat16" if mode == "fused-bf16" else "float32", qt.nbytes))
+    _ROWS.append((benchmark, _STORAGE.get(mode, "float32"), qt.nbytes))
     if mode != "base":
         base = _base_min.get(key) or _min_time(lambda: pq.QLinear(qt)(x, out=y))
         benchmark.extra_info["overhead_vs_base"] = t / base - 1.0
@@ -332,7 +336,7 @@ _stack_base: dict = {}
 
 
 @pytest.mark.parametrize("fmt", ["q4_0", "int4-g128"])
-@pytest.mark.parametrize("mode", ["base", "fused", "fused-bf16"])
+@pytest.mark.parametrize("mode", ["base", "fused", "fused-bf16", "fused-fp16"])
 def test_decode_stack(benchmark, fmt, mode, threads):
     """Decode as in a model: 8 different layers (with their own rank-16 adapter) called in turn,
     ~75 MB in all, so weights and adapters come from DRAM each token, not from L3 (quick mode: 2
@@ -346,7 +350,7 @@ def test_decode_stack(benchmark, fmt, mode, threads):
         lin = pq.QLinear(qt)
         if mode != "base":
             a = _adapter(16, 200 + i)
-            lin.add_adapter("a", LoRA(a.A, a.B, alpha=a.alpha, storage="bfloat16" if mode == "fused-bf16" else "float32"))
+            lin.add_adapter("a", LoRA(a.A, a.B, alpha=a.alpha, storage=_STORAGE[mode]))
         lins.append(lin)
     x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)
     y = np.empty((1, N), np.float32)
@@ -359,7 +363,7 @@ def test_decode_stack(benchmark, fmt, mode, threads):
     benchmark.pedantic(run, rounds=60, iterations=1, warmup_rounds=3)
     t = benchmark.stats.stats.min / layers_n
     _info(benchmark, format=fmt, mode=mode, rank=16, threads=threads, shape=(1, K, N), layers=layers_n, min_us_per_layer=t * 1e6)
-    _ROWS.append((benchmark, "bfloat16" if mode == "fused-bf16" else "float32", lins[0].weight.nbytes))
+    _ROWS.append((benchmark, _STORAGE.get(mode, "float32"), lins[0].weight.nbytes))
     if mode == "base":
         _stack_base[(fmt, threads)] = t
     else:
