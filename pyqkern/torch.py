@@ -707,8 +707,13 @@ class QuantLinear(nn.Module):
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already attached")
         # a read-only NumPy array (a LoRA's A / B) copied first: torch.as_tensor would warn
-        A, B = (torch.as_tensor(np.array(v) if isinstance(v, np.ndarray) and not v.flags.writeable else v)
-                .detach().to(torch.float32) for v in (A, B))
+        A, B = (torch.as_tensor(np.array(v) if isinstance(v, np.ndarray) and not v.flags.writeable else v).detach()
+                for v in (A, B))
+        for what, v in (("A", A), ("B", B)):  # as LoRA(): .to(float32) would turn them into numbers silently
+            if not v.is_floating_point():
+                hint = " (bfloat16 bit patterns: pass pyqkern.LoRA(A, B) to add_lora)" if v.dtype == torch.uint16 else ""
+                raise TypeError(f"adapter {what} must be floating point, got {v.dtype}{hint}")
+        A, B = A.to(torch.float32), B.to(torch.float32)
         why = self._adapter_shape_error(A, B)
         if why:
             raise ValueError(f"adapter shapes {why}")

@@ -223,6 +223,15 @@ def test_adapters_attach_detach():
     assert torch.equal(q(x), base)
     with pytest.raises(ValueError):
         q.add_adapter("bad", torch.randn(4, k + 1), torch.randn(n, 4))
+    # integer / bool / complex A or B: refused as by pq.LoRA, not converted to float32 numbers
+    # (a NumPy uint16 array of bfloat16 bits read as integers was one)
+    bits = (torch.randn(4, k).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    for bad_a, bad_b in ((torch.ones(4, k, dtype=torch.int64), torch.randn(n, 4)),
+                         (torch.randn(4, k), torch.ones(n, 4, dtype=torch.bool)),
+                         (torch.randn(4, k, dtype=torch.complex64), torch.randn(n, 4)), (bits, torch.randn(n, 4))):
+        with pytest.raises(TypeError, match="floating point"):
+            q.add_adapter("bad", bad_a, bad_b)
+    assert "bad" not in q.adapter_names
     q.add_lora("p", pq.LoRA(A1.numpy(), B1.numpy(), alpha=8))
     assert torch.allclose(q(x), base + t1, atol=1e-5)
 
