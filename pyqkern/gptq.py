@@ -329,17 +329,27 @@ def _np(a, what="input"):
     return a
 
 
+def _floats(a, what):
+    """_np(a) as floating point: uint16 is bfloat16 bit patterns, as pq.quantize and pq.matmul
+    read it (a review: calibration inputs of bf16 bits were taken as integers, H off by ~1e9);
+    any other integer or bool dtype is a TypeError."""
+    a = _np(a, what)
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(F32)
+    if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        raise TypeError(f"GPTQ: {what} must be floating point (uint16: bfloat16 bits), got {a.dtype}")
+    return a
+
+
 def _as_weight(W):
-    W = _np(W, "W")
+    W = _floats(W, "W")
     if W.ndim != 2 or W.shape[0] == 0 or W.shape[1] == 0:
         raise ValueError(f"GPTQ: W must be a non-empty 2-D [N, K] array, got shape {W.shape}")
-    if W.dtype.kind != "f" and W.dtype.name != "bfloat16":
-        raise TypeError(f"GPTQ: W must be floating point, got {W.dtype}")
     return _cast(W, F32, "the weights")
 
 
 def _rel_err(X, W, What):
-    X = _np(X).astype(F64).reshape(-1, W.shape[1])
+    X = _floats(X, "the calibration inputs").astype(F64).reshape(-1, W.shape[1])
     ref = X @ W.astype(F64).T
     num = np.linalg.norm(ref - X @ What.astype(F64).T)
     den = np.linalg.norm(ref)
@@ -387,7 +397,7 @@ class GPTQ:
         ``hessian_dtype`` given), as a running mean (H *= n_old / n_new; H += 2/n_new x xᵀ), with
         BLAS syrk (half the flops)."""
         k = self.W.shape[1]
-        x = _np(x, "the calibration inputs")
+        x = _floats(x, "the calibration inputs")
         if x.ndim == 0 or x.shape[-1] != k:
             raise ValueError(f"GPTQ: inputs must be [..., {k}], got shape {x.shape}")
         x = x.reshape(-1, k)
@@ -544,7 +554,7 @@ class GPTQ:
         qt = qt if qt is not None else self.qtensor
         if qt is None:
             raise ValueError("GPTQ: nothing quantized yet")
-        X = _np(X)
+        X = _floats(X, "the calibration inputs")
         k = self.W.shape[1]
         if X.ndim < 1 or X.shape[-1] != k:
             raise ValueError(f"GPTQ: inputs must be [..., {k}], got shape {X.shape}")

@@ -415,6 +415,26 @@ def test_review_hessian_and_argument_checks(layer):
             G.quantize(W, X=X, **kw)
     with pytest.raises(TypeError, match="real"):
         G.quantize(W, X=X.astype(np.complex64))
+    # uint16 W / X are bfloat16 bits, as pq.quantize and pq.matmul read them (X was taken as integers,
+    # its Hessian off by ~1e9); other integer and bool inputs are refused
+    def bits(a):
+        return (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # truncation: exact bf16 values
+
+    Xb, Wb = bits(X), bits(W)
+    def widen(b):
+        return (b.astype(np.uint32) << 16).view(np.float32)
+
+    assert G.quantize(Wb, X=Xb, format="int4") == G.quantize(widen(Wb), X=widen(Xb), format="int4")
+    g = G.GPTQ(W)
+    g.add_batch(Xb)
+    ref = G.GPTQ(W)
+    ref.add_batch(widen(Xb))
+    assert np.array_equal(g.H, ref.H)
+    for bad in (X.astype(np.int32), X > 0):
+        with pytest.raises(TypeError, match="floating point"):
+            G.quantize(W, X=bad)
+    with pytest.raises(TypeError, match="floating point"):
+        G.GPTQ(W.astype(np.int64))
     assert G.quantize(W, X=X, group_size=0) == G.quantize(W, X=X, group_size=128)
     with pytest.raises(ValueError, match="exceed the float32 range"):
         G.GPTQ(np.full((4, 32), 1e39))
