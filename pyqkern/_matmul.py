@@ -126,7 +126,9 @@ def _packed(qt: QTensor):
     return p
 
 
-def _out(out, shape):
+def _out(out, shape, w=None):
+    """out checked (or a new array); w: the QTensor the call reads, whose bytes out must not
+    overlap (the float kernels read them while writing y: a review got errors of 1e6)"""
     if out is None:
         return np.empty(shape, dtype=np.float32)
     if not isinstance(out, np.ndarray) or out.dtype != np.float32:
@@ -135,6 +137,8 @@ def _out(out, shape):
         raise ValueError(f"out has shape {out.shape}, expected {shape}")
     if not out.flags.c_contiguous or not out.flags.writeable or not out.flags.aligned:
         raise ValueError("out must be C-contiguous, aligned and writeable")
+    if w is not None and np.may_share_memory(out, w.data):
+        raise ValueError("out overlaps the weight's bytes (the product reads them while writing out)")
     return out
 
 
@@ -233,7 +237,7 @@ def _float_packed(x, w, bias, compute, out, isa, lora=None, adapter_ids=None):
     b = _bias(bias, n)
     ads, ids = _adapters(lora, adapter_ids, w, m)
     nat_ads = [a.native_args(w) for a in ads] if ads else None
-    y = _out(out, lead + (n,))
+    y = _out(out, lead + (n,), w)
     b = _apart(b, y)
     kernel = _native().matmul_float_packed if f32 else _native().matmul_float_bf16
     if not kernel(isa_id(isa), _packed(w), x2, b, y.reshape(m, n), nat_ads, ids):
@@ -324,7 +328,7 @@ def matmul(x, w: QTensor, bias=None, *, lora=None, adapter_ids=None, compute="au
     if w.perm is not None and x2.shape[0]:
         x2 = np.ascontiguousarray(x2[:, w.perm])  # the stored weight is W[:, perm]
     b = _bias(bias, n)
-    y = _out(out, tuple(lead) + (n,))
+    y = _out(out, tuple(lead) + (n,), w)
     b = _apart(b, y)
     m = x2.shape[0]
     ads, ids = _adapters(lora, adapter_ids, w, m)  # checked for an empty batch too

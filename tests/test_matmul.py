@@ -357,6 +357,13 @@ def test_bad_input():
         pq.matmul(x, qt, out=np.empty((2, 16), np.float64))
     with pytest.raises(ValueError):
         pq.matmul(x, qt, out=np.empty((16, 2), np.float32).T)
+    # out over the weight's own bytes: the float kernels read them while writing y (a review: errors
+    # of 1e6 from M = 5 on), so refused on every route (QLinear's int8 fast path reads its packed copy)
+    q2 = pq.QTensor.from_bytes(qt.format, qt.shape, qt.data.copy())
+    over = q2.data[:2 * 16 * 4].view(np.float32).reshape(2, 16)
+    for compute in ("float", "int8"):
+        with pytest.raises(ValueError, match="overlaps the weight"):
+            pq.matmul(x, q2, compute=compute, out=over)
     # NaN/Inf: int8 cannot quantize them -> error naming the row; float propagates (IEEE)
     xn = x.copy()
     xn[1, 5] = np.nan
