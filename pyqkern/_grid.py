@@ -68,7 +68,7 @@ def _f16(v):
 
 
 def _inv(d):
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):  # 1 / subnormal d: Inf, as the reference's
         return np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
 
 
@@ -151,7 +151,8 @@ def params(fmt, b, sym=False, shrink=1.0):
     if fmt == "q4_1":
         mn = (b.min(axis=1) * p).astype(F32)
         mx = (b.max(axis=1) * p).astype(F32)
-        d16 = _f16((mx - mn) / F32(15))
+        with np.errstate(over="ignore"):  # a range beyond float32: Inf, then fp16's Inf as ggml stores
+            d16 = _f16((mx - mn) / F32(15))
         return {"a": _inv(d16), "b": d16, "m": _f16(mn), "z": zero}
     if fmt in ("nf4", "fp4"):
         amax = (np.abs(b).max(axis=1) * p).astype(F32)

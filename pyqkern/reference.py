@@ -93,7 +93,7 @@ def quantize_q4_0(x, group=0, sym=0):
     mx = b[np.arange(b.shape[0]), imax][:, None]
     mx = np.where(np.abs(mx) == 0, F32(0), mx).astype(F32)
     d = (mx / F32(-8)).astype(F32)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):  # 1 / subnormal d: Inf, as ggml's 1.0f / d
         idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
     with np.errstate(invalid="ignore", over="ignore"):
         v = (b * idv + F32(8.5)).astype(F32)
@@ -118,8 +118,9 @@ def quantize_q4_1(x, group=0, sym=0):
     rows = np.arange(b.shape[0])
     mn = b[rows, b.argmin(axis=1)][:, None]
     mx = b[rows, b.argmax(axis=1)][:, None]
-    d = ((mx - mn) / F32(15)).astype(F32)
-    with np.errstate(divide="ignore"):
+    with np.errstate(over="ignore"):  # a range beyond float32: Inf, as ggml's float arithmetic
+        d = ((mx - mn) / F32(15)).astype(F32)
+    with np.errstate(divide="ignore", over="ignore"):  # 1 / subnormal d: Inf, as ggml's 1.0f / d
         idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
     with np.errstate(invalid="ignore", over="ignore"):
         v = ((b - mn) * idv + F32(0.5)).astype(F32)
@@ -142,7 +143,7 @@ def quantize_q8_0(x, group=0, sym=0):
     n, k = x.shape
     b = x.reshape(-1, 32).astype(F32)
     d = (np.abs(b).max(axis=1, keepdims=True) / F32(127)).astype(F32)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):  # 1 / subnormal d: Inf, as ggml's 1.0f / d
         idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
     with np.errstate(invalid="ignore", over="ignore"):
         v = (b * idv).astype(F32)
@@ -239,7 +240,8 @@ def intq_group_params(g, sym, maxq=15):
     both0 = (mn == 0) & (mx == 0)
     mn = np.where(both0, F32(-1), mn).astype(F32)
     mx = np.where(both0, F32(1), mx).astype(F32)
-    scale = ((mx - mn) / F32(maxq)).astype(F32)
+    with np.errstate(over="ignore"):  # a range beyond float32 (values near 3.4e38): Inf, clamped next
+        scale = ((mx - mn) / F32(maxq)).astype(F32)
     scale = np.minimum(scale, F32(65504)).astype(F32)
     s16 = scale.astype(np.float16)
     sf = s16.astype(F32)

@@ -277,6 +277,25 @@ def test_weights_beyond_fp16_scales_refused(fmt, backend):
             pq.quantize(x, fmt, backend=backend)
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int2", "int3", "int4", "int8", "iq4_nl", "nf4"])
+def test_extreme_weights_raise_no_numpy_warnings(fmt):
+    """Review: subnormal weights (1 / d overflows) and weights near 3.4e38 (max - min overflows)
+    leaked NumPy RuntimeWarnings from search='mse' and the reference backend; the bytes were right
+    (the native ones), only the noise was not. The fp16-range UserWarning stays."""
+    for v in (1e-40, 1e-45, 3.3e38):
+        w = np.full((2, 256), v, np.float32)
+        w[:, ::3] *= np.float32(-0.7)
+        for kw in ({"search": "mse"}, {"backend": "reference"}, {}):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                warnings.simplefilter("error", RuntimeWarning)
+                got = pq.quantize(w, fmt, **kw)
+            if "backend" in kw:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    assert got.data.tobytes() == pq.quantize(w, fmt).data.tobytes(), (fmt, v)
+
+
 def test_scale_range_warning_names_the_weight_row_once():
     """Review: search='mse' (iq4_nl quantizes its blocks as rows) warned twice, once with a block
     index for the row; lora.merge (row chunks) named the row within its chunk and then failed on
