@@ -65,7 +65,7 @@ def set_num_threads(n: int) -> None:
     nat = _nat()
     if n > nat.MAX_THREADS:  # the library's bound (a pool of 100000 threads started until the OS refused)
         raise ValueError(f"number of threads {n} is too large (at most {nat.MAX_THREADS})")
-    nat.set_num_threads(n)
+    nat.set_num_threads(max(n, 0))  # every n <= 0 means the same; -2**70 overflowed the binding's int
 
 
 def get_num_threads() -> int:

@@ -88,7 +88,13 @@ def test_set_num_threads_type_checked(restore_threads):
     pq.set_num_threads(1)
     assert pq.get_num_threads() == 1
     pq.set_num_threads(0)                       # <= 0: one per CPU
-    assert pq.get_num_threads() >= 1
+    cpus = pq.get_num_threads()
+    assert cpus >= 1
+    pq.set_num_threads(1)
+    pq.set_num_threads(-2**70)                  # any n <= 0 (was the binding's TypeError)
+    assert pq.get_num_threads() == cpus
+    with pytest.raises(ValueError, match="too large"):
+        pq.set_num_threads(2**70)
 
 
 # ---------------------------------------------------------------- QTensor fields and bytes
