@@ -427,6 +427,13 @@ def test_qsave_version_must_be_an_int(tmp_path):
     st.save(tmp_path / "b.safetensors", dict(tensors), metadata={qsave.META_KEY: json.dumps(doc)})
     with pytest.raises(ValueError):
         pq.io.load(tmp_path / "b.safetensors")
+    # arrays beyond what the entries hold: refused before parsing, as in the safetensors header (a
+    # review: the metadata JSON had only the header's object count between a file and json.loads)
+    doc["version"] = 1
+    doc["tensors"]["w"]["shape"] = [[]] * 100_000
+    st.save(tmp_path / "c.safetensors", dict(tensors), metadata={qsave.META_KEY: json.dumps(doc)})
+    with pytest.raises(ValueError, match="100001 JSON arrays"):
+        pq.io.load(tmp_path / "c.safetensors")
 
 
 def test_review_core_api_edges():

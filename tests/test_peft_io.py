@@ -165,6 +165,13 @@ BAD_FILES = [
      "lone surrogate"),
     # more than 2^17 objects (tensors): refused before json builds ~165 MB of Python objects from them
     (_file(None, raw_header=b"{" + b'"t":{},' * ((1 << 17) + 2) + b'"z":1}'), "more than 131072 objects"),
+    # arrays and items beyond what the entries can hold, refused before parsing (a review: 10
+    # million empty lists in a 30 MB header took 880 MB and gave a 40 MB message; 2.5 million
+    # metadata entries 600 MB)
+    (_file(None, raw_header=b'{"a":{"dtype":"U8","shape":[' + b",".join([b"[]"] * 100_000)
+           + b'],"data_offsets":[0,0]}}'), "100002 JSON arrays"),
+    (_file(None, raw_header=b'{"__metadata__":{' + b",".join(b'"k%d":""' % i for i in range(100_000))
+           + b"}}"), "99999 items"),
 ]
 
 
@@ -180,6 +187,10 @@ def test_reader_accepts_edge_cases(tmp_path):
     p = tmp_path / "ok.safetensors"
     p.write_bytes(_file({}))
     assert sio.load(p) == ({}, {})
+    # brackets, braces, commas and escaped quotes inside names are not counted as JSON structure
+    odd = 'l[0],{1}\\"[[[,,,'
+    p.write_bytes(_file({odd * 20: {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\1"))
+    assert list(sio.load(p)[0]) == [odd * 20]
     p.write_bytes(_file({"__metadata__": {"k": "v"}, "e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]}}))
     got, meta = sio.load(p)
     assert meta == {"k": "v"} and got["e"].shape == (0, 3)

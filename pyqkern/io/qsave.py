@@ -66,6 +66,7 @@ def _is_int(v):
 
 def _parse(path, raw):
     """{name: (format, (n, k), params, perm name or None)} from the JSON; raises ValueError."""
+    _st.check_json_items(raw, f"{path}: {META_KEY}", arrays_per_object=1)  # an entry's shape; params is an object
     try:  # two equal keys: refused, as in the safetensors header (json keeps the last)
         doc = json.loads(raw, object_pairs_hook=_st.no_dup_keys)
     except (ValueError, RecursionError) as e:

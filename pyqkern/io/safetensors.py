@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import numpy as np
@@ -64,6 +65,25 @@ def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+_JSON_ESCAPE = re.compile(r"\\.", re.S)  # removed first: then no string holds a backslash or an inner quote
+_JSON_STRING = re.compile(r'"[^"]*"')  # single-character repeats: linear time, no per-character state
+MAX_JSON_ITEMS_PER_OBJECT = 64  # a tensor entry: its keys and at most 32 dimensions, 2 offsets
+MAX_JSON_ITEMS_EXTRA = 1 << 16  # for metadata (string pairs, one object)
+
+
+def check_json_items(text: str, what: str, arrays_per_object: int) -> None:
+    """ValueError unless the JSON text holds, outside its strings, at most arrays_per_object
+    arrays per object and MAX_JSON_ITEMS_PER_OBJECT items (commas) per object (plus a margin for
+    metadata): the object count alone left arrays and items free (a review: a 30 MB header of
+    10 million empty lists took 880 MB to parse, 2.5 million metadata entries 600 MB)."""
+    bare = _JSON_STRING.sub("", _JSON_ESCAPE.sub("", text))
+    objects = bare.count("{")
+    arrays, items = bare.count("["), bare.count(",")
+    if arrays > arrays_per_object * objects + 2 or items > MAX_JSON_ITEMS_PER_OBJECT * objects + MAX_JSON_ITEMS_EXTRA:
+        raise ValueError(f"{what}: {arrays} JSON arrays and {items} items for {objects} objects, more than its "
+                         "entries can hold: refused (parsing them would take hundreds of megabytes)")
+
+
 def _parse_header(raw: bytes, data_len: int):
     """Validated ({name: (dtype_name, shape tuple, begin, end)}, metadata dict)."""
     try:
@@ -75,6 +95,7 @@ def _parse_header(raw: bytes, data_len: int):
     if text.count("{") > MAX_TENSORS + 2:  # one object per tensor (braces inside names count too)
         raise ValueError(f"safetensors header holds more than {MAX_TENSORS} objects (tensors): refused (parsing "
                          "them would take hundreds of megabytes)")
+    check_json_items(text, "safetensors header", arrays_per_object=2)
     try:
         hdr = json.loads(text, object_pairs_hook=no_dup_keys)
     except RecursionError:
