@@ -387,6 +387,21 @@ def test_pattern_keys_plain_and_regex_keep_file_order(tmp_path):
         pio.load_peft_adapter(d)
     d = _bad_dir(tmp_path, t, {"r": 1, "rank_pattern": {f"x{i}": 1 for i in range(4001)}}, "plain")
     assert len(pio.load_peft_adapter(d)) == 1000  # plain keys: one lookup per module
+    # the work grows with the names' lengths (a review: .*\..*\.x takes 0.85 s per 999-dot name)
+    t = {}
+    for i in range(3):
+        for part, shape in (("lora_A", (1, 32)), ("lora_B", (16, 1))):
+            t[f"{P}{'.' * 990}m{i}.{part}.weight"] = rng.standard_normal(shape).astype(np.float32)
+    d = _bad_dir(tmp_path, t, {"r": 1, "rank_pattern": {r".*\..*\.x": 1}}, "slow")
+    with pytest.raises(ValueError, match="could take about"):
+        pio.load_peft_adapter(d)
+    assert pio.get_pattern_key([r".*\..*\.x"], "." * 999) == "." * 999  # one such name: within the bound
+    # names with a newline match every key as a regex (PEFT's semantics), plain keys counted too
+    # (a review: 50000 plain keys over 60 such names ran for minutes)
+    keys = [f"k{i}" for i in range(2000)]
+    assert pio.get_pattern_key(keys + ["q"], "x.q\n") == "q" and pio.get_pattern_key(keys + ["q"], "a\nb.q") == "a\nb.q"
+    work = pio._Patterns(keys).work
+    assert work("x.q\n") > 2000 * 500 and work("x.q") == 0
 
 
 def test_trained_biases_get_their_own_warning(tmp_path):
@@ -568,6 +583,11 @@ def test_load_rejects(tmp_path):
         (ok, {"r": 4, "rank_pattern": {r"\..{0,999}\..{0,999}\..{0,999}\.x": 4}}, "3 variable-length repetitions"),
         (ok, {"r": 4, "rank_pattern": {"m{99999999999}": 4}}, "usable regular expression"),
         (ok, {"r": 4, "rank_pattern": {"(" * 3000 + ")" * 3000: 4}}, "usable regular expression"),
+        # a review: choices in a row, outside any repetition, took minutes (2^K paths); a flag that
+        # is legal alone but not inside PEFT's (.*\.)?(KEY)$ escaped as re.error
+        (ok, {"r": 4, "rank_pattern": {"(?:.|.)" * 32 + "x": 4}}, "ways to match"),
+        (ok, {"r": 4, "alpha_pattern": {r"\.?" * 24 + r"\." * 24 + "x": 2}}, "ways to match"),
+        (ok, {"r": 4, "rank_pattern": {"(?i)Q_PROJ": 4}}, "usable regular expression"),
     ]
     for i, (t, cfg, msg) in enumerate(cases):
         d = _bad_dir(tmp_path, t, cfg, f"c{i}")

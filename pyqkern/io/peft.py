@@ -53,61 +53,62 @@ except ImportError:  # pragma: no cover - Python < 3.11
 _MAX_NAME = 1000  # characters of a module name a pattern key is matched against
 
 
+_SPAN_UNBOUNDED = 16  # a repetition whose count may vary by this much or more counts as unbounded
+
+
 def _backtracking_risk(tree, outer=False):
-    """Why matching this parsed pattern could take exponential time, or None: a repetition
-    (more than once) or alternatives inside a repetition, a back-reference. Returns the number
-    of variable-length repetitions too (unbounded, or bounded like {0,999}: each multiplies the
-    worst case by up to the name's length)."""
-    unbounded = 0
+    """(why, unbounded, paths): why matching this parsed pattern could take exponential time (a
+    repetition (more than once) or alternatives inside a repetition, a back-reference) or None;
+    the number of unbounded repetitions (or with a count varying by 16 or more, like {0,999}: each
+    multiplies the worst case by up to the name's length); and the ways to match the rest, each a
+    path a failing match retries: alternatives add their paths, items in sequence multiply them,
+    an optional item or a short variable count ({0,3}) multiplies by its choices (a review: 32
+    (?:.|.) in a row, or 24 \\.? before 24 \\., passed the first two counts and took minutes)."""
+    unbounded, paths = 0, 1
     for op, av in tree:
         name = str(op)
-        subs = []
         if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
             lo, hi, sub = av
             repeats = hi > 1
             if repeats and outer:
-                return "a repetition inside a repetition", 0
-            unbounded += hi > lo and hi > 1
-            why, u = _backtracking_risk(sub, outer or repeats)
+                return "a repetition inside a repetition", 0, 0
+            why, u, p = _backtracking_risk(sub, outer or repeats)
             if why:
-                return why, 0
+                return why, 0, 0
             unbounded += u
+            if hi - lo >= _SPAN_UNBOUNDED:
+                unbounded += 1
+            else:
+                paths *= (hi - lo + 1) * p
             continue
         if name == "BRANCH":
             if outer:
-                return "alternatives inside a repetition", 0
-            subs = av[1]
-        elif name == "SUBPATTERN":
+                return "alternatives inside a repetition", 0, 0
+            total = 0
+            for sub in av[1]:
+                why, u, p = _backtracking_risk(sub, outer)
+                if why:
+                    return why, 0, 0
+                unbounded += u
+                total += p
+            paths *= total
+            continue
+        subs = []
+        if name == "SUBPATTERN":
             subs = [av[-1]]
         elif name in ("ASSERT", "ASSERT_NOT"):
             subs = [av[1]]
         elif name == "ATOMIC_GROUP":
             subs = [av]
         elif name in ("GROUPREF", "GROUPREF_EXISTS"):
-            return "a back-reference", 0
+            return "a back-reference", 0, 0
         for sub in subs:
-            why, u = _backtracking_risk(sub, outer)
+            why, u, p = _backtracking_risk(sub, outer)
             if why:
-                return why, 0
+                return why, 0, 0
             unbounded += u
-    return None, unbounded
-
-
-@functools.lru_cache(maxsize=1024)  # get_pattern_key runs it per module name (a refusal raises: not cached)
-def _checked_pattern(key: str) -> str:
-    """key if it is a regular expression whose match time stays low (PEFT runs it on every module
-    name, and a hostile adapter_config.json could otherwise make loading hang), else ValueError."""
-    try:
-        why, unbounded = _backtracking_risk(_sre_parse.parse(key))
-    except (re.error, OverflowError, RecursionError) as e:
-        raise ValueError(f"rank_pattern/alpha_pattern key {key[:80]!r} is not a usable regular expression: "
-                         f"{type(e).__name__}: {e}") from None
-    if not why and unbounded > 2:
-        why = f"{unbounded} variable-length repetitions"
-    if why:
-        raise ValueError(f"rank_pattern/alpha_pattern key {key[:80]!r}: {why} (matching could take exponential "
-                         "or high-polynomial time); refused")
-    return key
+            paths *= p
+    return None, unbounded, paths
 
 
 _WORD = re.compile(r"\w+")
@@ -118,6 +119,39 @@ def _is_plain(key: str) -> bool:
     return _WORD.fullmatch(key) is not None
 
 
+_MAX_PATHS = 64  # e.g. (q|k|v|o)_proj: 4; an optional group: 2
+
+
+@functools.lru_cache(maxsize=1024)  # get_pattern_key runs it per module name (a refusal raises: not cached)
+def _checked_pattern(key: str):
+    """(unbounded repetitions, paths, compiled (.*\.)?(key)$ or None for a plain key) of key (see
+    _backtracking_risk) if it is a regular expression whose match time stays low (PEFT runs it on every module name, and a hostile
+    adapter_config.json could otherwise make loading hang), else ValueError."""
+    if _is_plain(key):
+        return 0, 1, None
+    try:
+        why, unbounded, paths = _backtracking_risk(_sre_parse.parse(key))
+        rx = re.compile(rf"(.*\.)?({key})$")  # as matched: a flag like (?i) is legal alone, not inside the group
+    except (re.error, OverflowError, RecursionError) as e:
+        raise ValueError(f"rank_pattern/alpha_pattern key {key[:80]!r} is not a usable regular expression: "
+                         f"{type(e).__name__}: {e}") from None
+    if not why and unbounded > 2:
+        why = f"{unbounded} variable-length repetitions"
+    if not why and paths > _MAX_PATHS:
+        why = f"{paths} ways to match (alternatives and optional items in a row)"
+    if why:
+        raise ValueError(f"rank_pattern/alpha_pattern key {key[:80]!r}: {why} (matching could take exponential "
+                         "or high-polynomial time); refused")
+    return unbounded, paths, rx
+
+
+def _match_work(unbounded, paths, length):
+    """an upper estimate of one match's steps (about a nanosecond each): each unbounded repetition,
+    and the (.*\.)? in front, may try every split of the name; 500 for the call itself.
+    r".*\..*\.x" on a name of 999 dots: 1e9, 0.85 s."""
+    return 500 + paths * (length + 1) ** (unbounded + 1)
+
+
 class _Patterns:
     """PEFT's first-match rule over one rank_pattern / alpha_pattern, each key checked and compiled
     once (review: recompiling 2000 keys per module took 21 s on a 67 KB config). A plain key (a
@@ -126,17 +160,29 @@ class _Patterns:
 
     def __init__(self, keys):
         self.keys = list(keys)
-        self.plain, self.rx = {}, []
+        self.plain, self.rx, self._all = {}, [], None  # _all: every key compiled, for names with a newline
+        self.paths = [0, 0, 0]  # summed paths of the regex keys with 0, 1, 2 unbounded repetitions
         for i, k in enumerate(self.keys):
-            _checked_pattern(k)
-            if _is_plain(k):
+            unbounded, paths, rx = _checked_pattern(k)
+            if rx is None:
                 self.plain.setdefault(k, i)
             else:
-                self.rx.append((i, re.compile(rf"(.*\.)?({k})$")))
+                self.rx.append((i, rx))
+                self.paths[unbounded] += paths
+
+    def work(self, module: str) -> int:
+        """_match_work summed over the keys first() may match as regexes on module (the most it can do)"""
+        n = len(module)
+        w = sum(_match_work(u, p, n) - 500 for u, p in enumerate(self.paths)) + 500 * len(self.rx)
+        if "\n" in module:  # every key a regex
+            w += (len(self.keys) - len(self.rx)) * _match_work(0, 1, n)
+        return w
 
     def first(self, module: str) -> str:
         if "\n" in module:  # "." and "$" treat newlines specially: the regexes decide
-            hit = next((i for i, k in enumerate(self.keys) if re.match(rf"(.*\.)?({k})$", module)), None)
+            if self._all is None:
+                self._all = [re.compile(rf"(.*\.)?({k})$") for k in self.keys]
+            hit = next((i for i, rx in enumerate(self._all) if rx.match(module)), None)
             return module if hit is None else self.keys[hit]
         best = self.plain.get(module.rsplit(".", 1)[-1])
         for i, rx in self.rx:
@@ -152,7 +198,9 @@ def get_pattern_key(pattern_keys, module: str) -> str:
     """PEFT's rule: the first pattern key that matches ``module`` as a dotted suffix regex, else
     ``module``. Keys whose matching could take exponential time are refused (ValueError)."""
     _check_name(module)
-    return _Patterns(pattern_keys).first(module)
+    pats = _Patterns(pattern_keys)
+    _check_work(pats.work(module), f"{len(pats.keys)} keys on a module name of {len(module)} characters")
+    return pats.first(module)
 
 
 def _check_name(module):
@@ -160,16 +208,27 @@ def _check_name(module):
         raise ValueError(f"module name of {len(module)} characters (more than {_MAX_NAME}): {module[:80]!r}...")
 
 
-# regex (not plain-name) pattern keys times modules a config may ask to match: a few per module in
-# real configs; a hostile one with thousands of regex keys over thousands of modules is refused
-_MAX_REGEX_MATCHES = 4_000_000
+# the pattern keys' _match_work over the modules a config may ask for (a few seconds at most): real
+# configs need well under 1e9 (2 keys with two unbounded repetitions over 224 modules of 60
+# characters: 1e8); a hostile one with thousands of regex keys over thousands of modules, slow keys
+# over long names (a review: .*\..*\.x over 100 names of 999 dots), or many plain keys over names
+# with a newline (each key then a regex: 50000 over 60 such names ran for minutes) is refused
+_MAX_REGEX_WORK = 2_000_000_000
 
 
-def _check_pattern_work(cfg, n_modules, path):
-    n_rx = sum(len(_patterns(cfg, p).rx) for p in ("rank_pattern", "alpha_pattern"))
-    if n_rx * n_modules > _MAX_REGEX_MATCHES:
-        raise ValueError(f"{path}: {n_rx} regular-expression rank_pattern/alpha_pattern keys over {n_modules} "
-                         f"modules (more than {_MAX_REGEX_MATCHES} matches to try); refused")
+def _check_work(work, what):
+    if work > _MAX_REGEX_WORK:
+        raise ValueError(f"{what}: matching could take about {work / 1e9:.3g} s (more than "
+                         f"{_MAX_REGEX_WORK / 1e9:g}); refused")
+
+
+def _check_pattern_work(cfg, modules, path):
+    pats = [_patterns(cfg, p) for p in ("rank_pattern", "alpha_pattern")]
+    if any(p.keys for p in pats):
+        n_rx = sum(len(p.rx) for p in pats)
+        _check_work(sum(p.work(m) for p in pats for m in modules),
+                    f"{path}: {n_rx} regular-expression rank_pattern/alpha_pattern keys (of "
+                    f"{sum(len(p.keys) for p in pats)}) over {len(modules)} modules")
 
 
 def _patterns(cfg, name):
@@ -329,7 +388,9 @@ def load_peft_adapter(path, *, storage: str = "auto") -> dict:
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} tensor(s) that are not Linear LoRA weights, e.g. "
                       f"{skipped[:3]}", UserWarning, stacklevel=2)
-    _check_pattern_work(cfg, len(parts), path)
+    for module in parts:
+        _check_name(module)  # before the work estimate, which grows with the names' lengths
+    _check_pattern_work(cfg, parts, path)
     out = {}
     for module in sorted(parts):
         p = parts[module]
