@@ -124,9 +124,10 @@ _MAX_PATHS = 64  # e.g. (q|k|v|o)_proj: 4; an optional group: 2
 
 @functools.lru_cache(maxsize=1024)  # get_pattern_key runs it per module name (a refusal raises: not cached)
 def _checked_pattern(key: str):
-    """(unbounded repetitions, paths, compiled (.*\.)?(key)$ or None for a plain key) of key (see
-    _backtracking_risk) if it is a regular expression whose match time stays low (PEFT runs it on every module name, and a hostile
-    adapter_config.json could otherwise make loading hang), else ValueError."""
+    """(unbounded repetitions, paths, PEFT's (.*\\.)?(key)$ compiled, or None for a plain key) of
+    key (see _backtracking_risk) if it is a regular expression whose match time stays low (PEFT
+    runs it on every module name, and a hostile adapter_config.json could otherwise make loading
+    hang), else ValueError."""
     if _is_plain(key):
         return 0, 1, None
     try:
@@ -147,8 +148,8 @@ def _checked_pattern(key: str):
 
 def _match_work(unbounded, paths, length):
     """an upper estimate of one match's steps (about a nanosecond each): each unbounded repetition,
-    and the (.*\.)? in front, may try every split of the name; 500 for the call itself.
-    r".*\..*\.x" on a name of 999 dots: 1e9, 0.85 s."""
+    and the (.*\\.)? in front, may try every split of the name; 500 for the call itself.
+    .*\\..*\\.x on a name of 999 dots: 1e9, 0.85 s."""
     return 500 + paths * (length + 1) ** (unbounded + 1)
 
 
