@@ -132,7 +132,8 @@ class MergeReport:
 
     intended = the change the adapter asks for: scale*B@A (LoRA; ``delta_norm`` is its norm), or
                f*(W + scale*B@A) - W (DoRA). applied = deq(merged) - deq(base).
-    retained  = <applied, intended> / ||intended||^2: 1 = all of it, 0 = none (NaN if intended = 0).
+    retained  = <applied, intended> / ||intended||^2: 1 = all of it, 0 = none (NaN if intended = 0,
+                or if the merged weights overflowed the format's range: then rel_error is Inf).
     rel_error = ||applied - intended|| / ||intended||.
     row_retained / row_rel_error: the same per output row (NaN for rows with no intended change);
     worst_row is the row with the largest rel error (-1 if none).
@@ -174,13 +175,16 @@ class _Stats:
 
     def report(self, fmt, dora, base, merged):
         dn, an = float(np.sqrt(self.ii)), float(np.sqrt(self.aa))
-        if self.ii > 0:
+        if self.ii > 0 and not (np.isfinite(self.dot) and np.isfinite(self.ee)):
+            retained, rel = float("nan"), float("inf")  # merged weights overflowed: no fraction survived to speak of
+        elif self.ii > 0:
             retained, rel = self.dot / self.ii, float(np.sqrt(self.ee)) / dn
         else:
             retained, rel = float("nan"), (0.0 if self.aa == 0 else float("inf"))
         with np.errstate(divide="ignore", invalid="ignore"):
             live = self.row_ii > 0
             row_ret = np.where(live, self.row_dot / np.where(live, self.row_ii, 1), np.nan)
+            row_ret[~np.isfinite(row_ret)] = np.nan  # an overflowed row (its error is Inf / NaN)
             row_rel = np.where(live, np.sqrt(self.row_ee) / np.sqrt(np.where(live, self.row_ii, 1)), np.nan)
         if live.any():  # a NaN error (weights that overflowed) is the worst
             worst = int(np.argmax(np.where(live, np.nan_to_num(row_rel, nan=np.inf), -np.inf)))
@@ -254,7 +258,8 @@ def merge(qt: QTensor, ad: LoRA, *, warn_below: float | None = 0.5, chunk_rows: 
                       "base as it is", UserWarning, stacklevel=2)
     elif warn_below is not None and rep.delta_norm > 0 and (rep.retained < warn_below
                                                             or rep.rel_error * warn_below > 1):
-        warnings.warn(f"merging destroyed most of the fine-tune: retained {rep.retained:.1%} of the adapter's "
+        kept = "none" if np.isnan(rep.retained) else f"{rep.retained:.1%}"  # NaN: the merged weights overflowed
+        warnings.warn(f"merging destroyed most of the fine-tune: retained {kept} of the adapter's "
                       f"change after requantization to {fmt}, relative error {rep.rel_error:.3g}; keep the "
                       "adapter separate (pq.matmul(..., lora=...)) or merge into a higher-precision format",
                       UserWarning, stacklevel=2)

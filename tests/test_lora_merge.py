@@ -147,6 +147,22 @@ def test_zero_delta_that_moves_the_weights_warns():
     assert lora.unmerge(merged, rep) is qt
 
 
+def test_overflowing_merge_reports_nan_not_inf():
+    """A review: an adapter whose delta overflows q4_0's fp16 scales reported retained = inf and
+    warned "retained inf%"; the merged weights hold Inf, so no fraction survived to speak of: NaN,
+    rel_error Inf, and the warning says none, beside the fp16-range warning."""
+    rng = np.random.default_rng(4)
+    qt = pq.quantize(rng.standard_normal((16, 64)).astype(np.float32), "q4_0")
+    ad = pq.LoRA(np.full((1, 64), 3000, np.float32), np.full((16, 1), 3000, np.float32), alpha=1)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        merged, rep = lora.merge(qt, ad)
+    assert np.isnan(rep.retained) and rep.rel_error == np.inf and np.isnan(rep.row_retained).all()
+    msgs = [str(m.message) for m in got]
+    assert any("fp16 scales" in m for m in msgs) and any("retained none" in m for m in msgs), msgs
+    assert lora.unmerge(merged, rep).data.tobytes() == qt.data.tobytes()
+
+
 def test_delta_matches_float64_and_blas():
     ad = _adapter(1.0, alpha=5.0, rslora=True)
     exact = ad.scale * (ad.B.astype(np.float64) @ ad.A.astype(np.float64))
