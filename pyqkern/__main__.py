@@ -692,6 +692,43 @@ def main(argv=None):
         return 0
 
 
+def _bench_outputs_error(json_path, plot_path):
+    """Why bench's --json / --plot paths cannot be written (checked before the run), or None (a
+    review: --json was opened, so emptied, first and deleted on any error, an existing file with
+    it; --json and --plot naming one file made a corrupt file and exit status 0; a --plot type
+    matplotlib cannot write failed only after the run)."""
+    for opt, path in (("--json", json_path), ("--plot", plot_path)):
+        if path and (os.path.isdir(path) or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)):
+            return f"{opt}: cannot write {path}"
+    if json_path and plot_path and os.path.abspath(json_path) == os.path.abspath(plot_path):
+        return "--json and --plot name the same file"
+    if plot_path:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            return "--plot needs matplotlib (pip install matplotlib)"
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        ext = os.path.splitext(plot_path)[1].lower().lstrip(".")
+        if ext not in kinds:
+            return f"--plot: cannot write a {ext or 'file without an extension'!r} picture (types: {', '.join(sorted(kinds))})"
+    return None
+
+
+def _write_replacing(path, write):
+    """write(f) into path's temporary neighbour, then renamed over path (as quantize writes)"""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _run(ap, args):
     if os.environ.get("PYQKERN_ISA"):  # a variant this CPU cannot run is an error, not a crash
         from pyqkern import _ops
@@ -732,40 +769,28 @@ def _run(ap, args):
     if args.cmd == "info":
         import pyqkern as pq
 
-        print(json.dumps(pq.info(), indent=2))
+        try:
+            print(json.dumps(pq.info(), indent=2), flush=True)
+        except BrokenPipeError:
+            raise
+        except OSError as e:  # `pyqkern info > /dev/full` (a review: a traceback)
+            print(f"pyqkern info: error: cannot write the output: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.cmd == "bench":
-        if args.plot:  # fail before the run, not after it
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                print("pyqkern bench: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-                return 1
-            d = os.path.dirname(os.path.abspath(args.plot))
-            if not os.path.isdir(d) or not os.access(d, os.W_OK):
-                print(f"pyqkern bench: error: --plot: cannot write to {d}", file=sys.stderr)
-                return 1
-        try:
-            jf = open(args.json, "w") if args.json else None  # fail before the run, not after it
-        except OSError as e:
-            print(f"pyqkern bench: error: --json: {e}", file=sys.stderr)
+        why = _bench_outputs_error(args.json, args.plot)  # fail before the run, not after it
+        if why:
+            print(f"pyqkern bench: error: {why}", file=sys.stderr)
             return 1
         try:
             rows = bench(args.quick, args.threads, args.formats)
             if args.plot:
                 plot_roofline(rows, args.plot)
-            if jf:
-                json.dump(rows, jf, indent=1)
+            if args.json:  # written whole and renamed: a failed run leaves an existing file as it was
+                _write_replacing(args.json, lambda f: json.dump(rows, f, indent=1))
         except (ValueError, OSError) as e:
-            if jf:  # no empty or partial rows file left behind
-                jf.close()
-                os.remove(args.json)
-                jf = None
             print(f"pyqkern bench: error: {e}", file=sys.stderr)
             return 1
-        finally:
-            if jf:
-                jf.close()
         return 0
     ap.print_help()
     return 2

@@ -343,6 +343,23 @@ def test_bench_arguments_fail_before_the_run(tmp_path, capsys):
     assert "--json" in capsys.readouterr().err
     assert main(["bench", "--quick", "--threads", "1", "--formats", "bogus", "--json", str(tmp_path / "r.json")]) == 1
     assert not (tmp_path / "r.json").exists()
+    # a review: --json was opened (emptied) before the run and deleted on any error, an existing
+    # file with it; --json and --plot naming one file gave a corrupt file and status 0; a --plot
+    # type matplotlib cannot write, or a directory, failed only after the run
+    keep = tmp_path / "keep.json"
+    keep.write_text("precious")
+    for extra in (["--formats", "bogus"], ["--threads", "5000"]):
+        assert main(["bench", "--quick", "--json", str(keep), *extra]) == 1
+        assert keep.read_text() == "precious" and not list(tmp_path.glob("keep.json.tmp*"))
+    capsys.readouterr()
+    same = tmp_path / "same.png"
+    assert main(["bench", "--quick", "--json", str(same), "--plot", str(same)]) == 1
+    assert "same file" in capsys.readouterr().err and not same.exists()
+    pytest.importorskip("matplotlib")
+    for bad in (tmp_path / "r.txt", tmp_path):
+        assert main(["bench", "--quick", "--plot", str(bad)]) == 1
+        assert "--plot" in capsys.readouterr().err
+    assert not (tmp_path / "r.txt").exists()
 
 
 def test_calib_max_length_only_with_text_calibration(tmp_path):
