@@ -96,10 +96,10 @@ extern "C" {
 int32_t pqk_abi_version(void) { return PQK_ABI_VERSION; }
 const char* pqk_last_error(void) { return t_last_error.c_str(); }
 
-const char* pqk_format_name(int32_t fmt) {
-  return (fmt >= 0 && fmt < PQK_FORMAT_COUNT) ? kFormatNames[fmt] : nullptr;
-}
-const char* pqk_isa_name(int32_t isa) { return (isa >= 0 && isa < PQK_ISA_COUNT) ? kIsaNames[isa] : nullptr; }
+// "" for a bad id, as the header promises for string queries (a review: NULL, which printf("%s")
+// in a C caller dereferences)
+const char* pqk_format_name(int32_t fmt) { return (fmt >= 0 && fmt < PQK_FORMAT_COUNT) ? kFormatNames[fmt] : ""; }
+const char* pqk_isa_name(int32_t isa) { return (isa >= 0 && isa < PQK_ISA_COUNT) ? kIsaNames[isa] : ""; }
 
 int32_t pqk_isa_compiled(int32_t isa) { return isa_compiled(isa) ? 1 : 0; }
 
