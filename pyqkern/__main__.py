@@ -713,7 +713,8 @@ def _bench_outputs_error(json_path, plot_path):
         kinds = FigureCanvasBase.get_supported_filetypes()
         ext = os.path.splitext(plot_path)[1].lower().lstrip(".")
         if ext not in kinds:
-            return f"--plot: cannot write a {ext or 'file without an extension'!r} picture (types: {', '.join(sorted(kinds))})"
+            return (f"--plot: cannot write a {ext or 'file without an extension'!r} picture "
+                    f"(types: {', '.join(sorted(kinds))})")
     return None
 
 

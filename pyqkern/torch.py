@@ -711,7 +711,7 @@ class QuantLinear(nn.Module):
                 for v in (A, B))
         for what, v in (("A", A), ("B", B)):  # as LoRA(): .to(float32) would turn them into numbers silently
             if not v.is_floating_point():
-                hint = " (bfloat16 bit patterns: pass pyqkern.LoRA(A, B) to add_lora)" if v.dtype == torch.uint16 else ""
+                hint = " (bfloat16 bits: pass pyqkern.LoRA(A, B) to add_lora)" if v.dtype == torch.uint16 else ""
                 raise TypeError(f"adapter {what} must be floating point, got {v.dtype}{hint}")
         A, B = A.to(torch.float32), B.to(torch.float32)
         why = self._adapter_shape_error(A, B)
