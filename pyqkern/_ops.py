@@ -100,7 +100,9 @@ def _check_scale_range(qt: QTensor, x, stacklevel=4) -> None:
 
 
 def warn_scale_range(fmt, row, count, amax, stacklevel):
-    warnings.warn(f"{fmt}: row {row} (of {count}): weights too large for the format's fp16 scales (|w| up to "
+    # the first such row, and how many there are (a review: "row 3 (of 1)" read as a row count)
+    rows = f"{count} row{'s' if count != 1 else ''} in all"
+    warnings.warn(f"{fmt}: row {row} ({rows}): weights too large for the format's fp16 scales (|w| up to "
                   f"{amax:.4g}): stored as the format's origin stores them, which does not hold them "
                   "(dequantize: Inf / NaN or far off); scale them down, or use nf4, fp4 or int8 (fp32 scales)",
                   UserWarning, stacklevel=stacklevel)

@@ -273,7 +273,7 @@ def test_weights_beyond_fp16_scales_refused(fmt, backend):
     for big in (1e9, 1e20, 3e38):  # beyond every fp16-scaled format (q6_k holds up to ~2^28)
         x = w.copy()
         x[2] = np.clip(x[2] * np.float32(big), -3e38, 3e38)
-        with pytest.warns(UserWarning, match=r"row 2 \(of 1\): weights too large for the format's fp16 scales"):
+        with pytest.warns(UserWarning, match=r"row 2 \(1 row in all\): weights too large for the format's fp16 scales"):
             pq.quantize(x, fmt, backend=backend)
 
 
@@ -307,7 +307,7 @@ def test_scale_range_warning_names_the_weight_row_once():
         warnings.simplefilter("always")
         pq.quantize(w, "iq4_nl", search="mse")
     msgs = [str(m.message) for m in got if "fp16 scales" in str(m.message)]
-    assert len(msgs) == 1 and msgs[0].startswith("iq4_nl: row 1 (of 1)"), msgs
+    assert len(msgs) == 1 and msgs[0].startswith("iq4_nl: row 1 (1 row in all)"), msgs
     qt = pq.quantize(rng.standard_normal((8, 64)).astype(np.float32), "q4_0")
     B = np.zeros((8, 1), np.float32)
     B[6] = 1e9
@@ -316,5 +316,5 @@ def test_scale_range_warning_names_the_weight_row_once():
         warnings.simplefilter("always")
         merged, rep = pq.lora.merge(qt, ad, chunk_rows=4)
     msgs = [str(m.message) for m in got if "fp16 scales" in str(m.message)]
-    assert len(msgs) == 1 and msgs[0].startswith("q4_0: row 6 (of 1)"), msgs
+    assert len(msgs) == 1 and msgs[0].startswith("q4_0: row 6 (1 row in all)"), msgs
     assert rep.worst_row == 6 and pq.lora.unmerge(merged, rep) is qt
