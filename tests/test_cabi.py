@@ -594,6 +594,18 @@ def _bad_cases():
         "float lora id out of range": (lambda: lib.pqk_matmul_float_lora(
             -1, Q40, Q, NULL, NULL, n, k, p0, X, 4, k, NULL, Y, n, lora(), 1, C.ptr(ids_bad, "int32_t*")),
             {ERR_ARG}),
+        # bad adapters are ARG errors with no rows too, and before a packed float kernel's "too many
+        # rows" (a review: OK for m = 0 whatever the adapters, UNSUPPORTED for bad ids at m = 4)
+        "int8 lora m=0 rank 0": (lambda: lib.pqk_matmul_int8_lora(-1, packed, NULL, 0, k, NULL, NULL, n,
+                                                                  lora(rank=0), 1, NULL), {ERR_ARG}),
+        "float lora m=0 n_adapters -5": (lambda: lib.pqk_matmul_float_lora(-1, Q40, Q, NULL, NULL, n, k, p0, NULL, 0,
+                                                                           k, NULL, NULL, n, lora(), -5, NULL), {ERR_ARG}),
+        "float packed m=0 rank 0": (lambda: lib.pqk_matmul_float_packed(-1, packed, NULL, 0, k, NULL, NULL, n,
+                                                                        lora(rank=0), 1, NULL), {ERR_ARG}),
+        "float bf16 m=0 A NULL": (lambda: lib.pqk_matmul_float_bf16(-1, packed, NULL, 0, k, NULL, NULL, n,
+                                                                    lora(a=NULL), 1, NULL), {ERR_ARG}),
+        "float packed id out of range": (lambda: lib.pqk_matmul_float_packed(
+            -1, packed, X, 4, k, NULL, Y, n, lora(), 1, C.ptr(ids_bad, "int32_t*")), {ERR_ARG}),
         # sizes whose byte counts would not fit 64 bits (a hostile header): refused, never wrapped
         "row_bytes int4 k=2^62": (lambda: lib.pqk_row_bytes_of(INT4, 1 << 62, C.qparams(-1), ffi.new("pqk_row_bytes*")),
                                   {ERR_SHAPE}),

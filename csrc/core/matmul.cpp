@@ -285,8 +285,8 @@ template <class Fill>
 void packed_float_bf16(const KernelTable& t, const PackedWeight& w, int64_t m, const float* bias, float* y,
                        int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows, int64_t max_m,
                        int nparts, Fill fill) {
+  const Adapters AD(ads, n_ad, rows, m);  // bad adapters are ARG errors whatever the kernel takes
   if (m > max_m) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the bf16 float kernel");
-  const Adapters AD(ads, n_ad, rows, m);
   const int64_t k = w.k, ps = m * k;
   std::vector<uint16_t> xp((size_t)(nparts * ps));
   if (const char* why = fill(xp.data(), ps)) throw Error(PQK_ERR_UNSUPPORTED, why);
@@ -320,8 +320,8 @@ inline uint32_t f32_too_large(float v) { return (uint32_t)(((f32_bits(v) >> 23) 
 template <class X>
 void packed_float_f32p(const KernelTable& t, const PackedWeight& w, int64_t m, const float* bias, float* y,
                        int64_t ldy, const pqk_lora* ads, int32_t n_ad, const int32_t* rows, X x) {
+  const Adapters AD(ads, n_ad, rows, m);  // bad adapters are ARG errors whatever the kernel takes
   if (m > 8) throw Error(PQK_ERR_UNSUPPORTED, "too many rows for the packed float kernel");
-  const Adapters AD(ads, n_ad, rows, m);
   const int64_t k = w.k;
   std::vector<float> xf((size_t)(AD.active() ? m * k : 0)), xs((size_t)(m * k));  // xf: the shrink's x
   float scale[QBLK];
@@ -405,7 +405,7 @@ pqk_status pqk_matmul_float_bf16(int32_t isa, const pqk_packed* wp, const uint16
   return guarded([&] {
     if (!x && m > 0) throw Error(PQK_ERR_ARG, "NULL x");
     const KernelTable& t = packed_float_table(isa, wp, m, ldx, y, ldy);
-    if (m == 0) return;
+    if (m == 0) return (void)Adapters(ads, n_ad, rows, 0);  // checked for no rows too
     if (!t.gemv_bf16)  // the fp32 kernel on x widened (exact)
       return packed_float_f32p(t, wp->w, m, bias, y, ldy, ads, n_ad, rows,
                                [&](int64_t i, int64_t j) { return bf16_to_fp32(x[i * ldx + j]); });
@@ -429,7 +429,7 @@ pqk_status pqk_matmul_float_packed(int32_t isa, const pqk_packed* wp, const floa
   return guarded([&] {
     if (!x && m > 0) throw Error(PQK_ERR_ARG, "NULL x");
     const KernelTable& t = packed_float_table(isa, wp, m, ldx, y, ldy);
-    if (m == 0) return;
+    if (m == 0) return (void)Adapters(ads, n_ad, rows, 0);  // checked for no rows too
     if (!t.gemv_bf16)
       return packed_float_f32p(t, wp->w, m, bias, y, ldy, ads, n_ad, rows,
                                [&](int64_t i, int64_t j) { return x[i * ldx + j]; });
@@ -483,13 +483,13 @@ void matmul_int8_impl(int32_t isa, const pqk_packed* wp, const float* x, int64_t
     const PackedWeight& w = wp->w;
     if (m < 0) throw Error(PQK_ERR_SHAPE, "m < 0");
     const KernelTable& t = kernel_table(resolve_isa(isa));  // a bad isa is an error even for m = 0
+    const Adapters AD(ads, n_ad, rows, m);                    // and bad adapters
     if (m == 0) return;
     if (!x || !y) throw Error(PQK_ERR_ARG, "NULL x/y");
     if (ldx < w.k || ldy < w.n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
     check_extent(m, ldx, "x");
     check_extent(m, ldy, "y");
     if (!t.quantize_act || !t.gemm_int8) throw Error(PQK_ERR_INTERNAL, "int8 matmul kernels not registered");
-    const Adapters AD(ads, n_ad, rows, m);
     check_x_finite(t, x, m, w.k, ldx, w);
     std::vector<float> xcopy;
     apart_from_y(x, ldx, m, w.k, y, ldy, w.n, xcopy);  // a later chunk, the shrink, read x
@@ -600,6 +600,7 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
     pqk_row_bytes rb = row_bytes(fmt, k, p);
     if (m < 0 || n < 0) throw Error(PQK_ERR_SHAPE, m < 0 ? "m < 0" : "n < 0");
     const KernelTable& t = kernel_table(resolve_isa(isa));  // a bad isa is an error even for m = 0
+    const Adapters AD(ads, n_ad, rows, m);                    // and bad adapters
     if (m == 0 || n == 0) return;  // nothing to write (as quantize / dequantize with n = 0)
     if (!q || !x || !y || (rb.s && !s) || (rb.z && !z)) throw Error(PQK_ERR_ARG, "NULL buffer");
     if (ldx < k || ldy < n) throw Error(PQK_ERR_SHAPE, "row stride smaller than the row");
@@ -609,7 +610,6 @@ void matmul_float_impl(int32_t isa, int32_t fmt, const void* q, const void* s, c
     dequantize_row_fn deq = t.dequantize[fmt];
     if (!deq) throw Error(PQK_ERR_UNSUPPORTED, "dequantize not implemented for this format");
     if (!t.gemm_f32) throw Error(PQK_ERR_INTERNAL, "float matmul kernel not registered");
-    const Adapters AD(ads, n_ad, rows, m);
     std::vector<float> xcopy;
     apart_from_y(x, ldx, m, k, y, ldy, n, xcopy);
     std::vector<float> bcopy;
