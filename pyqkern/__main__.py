@@ -425,7 +425,10 @@ def quantize_files(src, dst, fmt, group=None, sym=False, exclude=None, min_size=
     damp = 0.01 if damp is None else float(damp)
     if not (np.isfinite(damp) and damp >= 0):
         raise ValueError(f"--damp must be a finite number >= 0, got {damp}")
-    pat = re.compile(exclude) if exclude else None
+    try:
+        pat = re.compile(exclude) if exclude else None
+    except re.error as e:  # named: a bare "missing ), unterminated subpattern" did not say which option
+        raise ValueError(f"--exclude {exclude!r} is not a regular expression: {e}") from None
     shards = _shards(src)
     if os.path.isdir(dst):  # found now, not at the final rename after all the work
         raise ValueError(f"{dst}: is a directory")

@@ -202,7 +202,8 @@ def test_quantize_errors(tmp_path, model, capsys):
         (["quantize", str(tmp_path), str(tmp_path / "o.gguf"), "--format", "q4_0"], None),  # dir has model only: ok
         (["quantize", str(src), str(tmp_path / "o.gguf"), "--format", "q9"], "unknown format"),
         (["quantize", str(src), str(tmp_path / "o.safetensors"), "--format", "int4", "--group", "3"], "group"),
-        (["quantize", str(src), str(tmp_path / "o.gguf"), "--format", "q4_0", "--exclude", "("], "error"),
+        (["quantize", str(src), str(tmp_path / "o.gguf"), "--format", "q4_0", "--exclude", "("],
+         "--exclude '(' is not a regular expression"),
         (["inspect", str(tmp_path / "x.txt")], ".gguf and .safetensors"),
     ]
     for argv, msg in cases:
