@@ -249,8 +249,8 @@ def _shards(path):
         return files
     if not path.endswith(".safetensors"):
         raise ValueError(f"{path}: input must be a .safetensors file or a directory of shards")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+    if not os.path.isfile(path):  # a FIFO or a device is no regular file either (a review: "no such file")
+        raise ValueError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such file'}")
     return [path]
 
 

@@ -195,10 +195,17 @@ def test_quantize_shards_dir_and_inspect_gguf(tmp_path, capsys):
 
 def test_quantize_errors(tmp_path, model, capsys):
     src, _ = model
+    (tmp_path / "fifo").mkdir()  # apart: tmp_path itself is quantized as a directory of shards below
+    fifo = tmp_path / "fifo" / "pipe.safetensors"
+    os.mkfifo(fifo)
     cases = [
         (["quantize", str(src), str(tmp_path / "o.gguf"), "--format", "nf4"], "not a ggml format"),
         (["quantize", str(src), str(tmp_path / "o.bin"), "--format", "q4_0"], ".gguf or .safetensors"),
         (["quantize", str(tmp_path / "none.safetensors"), str(tmp_path / "o.gguf"), "--format", "q4_0"], "no such"),
+        # a FIFO or a directory is there but no file to read (a review: "no such file")
+        (["quantize", str(fifo), str(tmp_path / "o.gguf"), "--format", "q4_0"], "not a regular file"),
+        (["quantize", str(src), str(tmp_path / "o.safetensors"), "--format", "int4", "--gptq", "--calib",
+          str(tmp_path / "fifo")], "not a regular file"),
         (["quantize", str(tmp_path), str(tmp_path / "o.gguf"), "--format", "q4_0"], None),  # dir has model only: ok
         (["quantize", str(src), str(tmp_path / "o.gguf"), "--format", "q9"], "unknown format"),
         (["quantize", str(src), str(tmp_path / "o.safetensors"), "--format", "int4", "--group", "3"], "group"),
