@@ -324,7 +324,8 @@ def open_source(calib, model_input, spill_dir, max_length=512):
     (a .txt source needs a model directory); spill_dir: where .txt activations are spilled."""
     calib = os.fspath(calib)
     if not os.path.isfile(calib):  # a directory or a FIFO exists but is no file to read (a review)
-        raise ValueError(f"calibration file {calib}: {'not a regular file' if os.path.exists(calib) else 'no such file'}")
+        why = "not a regular file" if os.path.exists(calib) else "no such file"
+        raise ValueError(f"calibration file {calib}: {why}")
     ext = os.path.splitext(calib)[1].lower()
     if ext == ".npz":
         return _NpzSource(calib)
