@@ -717,6 +717,8 @@ class QuantLinear(nn.Module):
         why = self._adapter_shape_error(A, B)
         if why:
             raise ValueError(f"adapter shapes {why}")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):  # as LoRA(): here, not in every forward
+            raise ValueError(f"adapter {name!r}: A or B contains NaN or Inf")
         r = A.shape[0]
         try:  # a finite number (a NumPy / torch scalar too), not a str or bool
             a = float(r) if alpha is None else _real(alpha, "alpha")

@@ -232,6 +232,12 @@ def test_adapters_attach_detach():
         with pytest.raises(TypeError, match="floating point"):
             q.add_adapter("bad", bad_a, bad_b)
     assert "bad" not in q.adapter_names
+    # NaN / Inf refused when attached, naming the adapter (a review: accepted, then every forward of
+    # the model failed without naming the layer or adapter)
+    for bad_a in (torch.full((4, k), float("inf")), torch.full((4, k), float("nan"))):
+        with pytest.raises(ValueError, match="'bad': A or B contains NaN or Inf"):
+            q.add_adapter("bad", bad_a, torch.randn(n, 4))
+    assert "bad" not in q.adapter_names
     q.add_lora("p", pq.LoRA(A1.numpy(), B1.numpy(), alpha=8))
     assert torch.allclose(q(x), base + t1, atol=1e-5)
 
