@@ -721,18 +721,6 @@ def _bench_outputs_error(json_path, plot_path):
     return None
 
 
-def _write_replacing(path, write):
-    """write(f) into path's temporary neighbour, then renamed over path (as quantize writes)"""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _run(ap, args):
     if os.environ.get("PYQKERN_ISA"):  # a variant this CPU cannot run is an error, not a crash
         from pyqkern import _ops
@@ -791,7 +779,9 @@ def _run(ap, args):
             if args.plot:
                 plot_roofline(rows, args.plot)
             if args.json:  # written whole and renamed: a failed run leaves an existing file as it was
-                _write_replacing(args.json, lambda f: json.dump(rows, f, indent=1))
+                from .io.safetensors import write_replacing
+
+                write_replacing(args.json, lambda f: json.dump(rows, f, indent=1), text=True)
         except (ValueError, OSError) as e:
             print(f"pyqkern bench: error: {e}", file=sys.stderr)
             return 1

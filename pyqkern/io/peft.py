@@ -504,12 +504,4 @@ def save_peft_adapter(path, adapters: dict, base_model_name_or_path=None) -> Non
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     _st.save(os.path.join(path, WEIGHTS_NAME), tensors, {"format": "pt"})
-    final = os.path.join(path, CONFIG_NAME)
-    tmp = f"{final}.tmp-{os.getpid()}"  # as safetensors.save writes its file
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _st.write_replacing(os.path.join(path, CONFIG_NAME), lambda f: f.write(text), text=True)

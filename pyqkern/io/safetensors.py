@@ -301,14 +301,24 @@ def save(path, tensors: dict, metadata: dict | None = None, *, bf16=()):
         le = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
         arrays[name] = (dtn, np.asarray(arr, dtype=le, order="C"))  # (ascontiguousarray makes 0-d 1-d)
     raw, placed = _layout([(n, dtn, a.shape) for n, (dtn, a) in arrays.items()], metadata)
+
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, *_ in placed:
+            f.write(_bytes_of(arrays[name][1]))
+
+    write_replacing(path, write)
+
+
+def write_replacing(path, write, text=False):
+    """write(f) into a temporary file beside path, renamed over path when it is complete: a failure
+    (or Ctrl-C) leaves an existing path as it was and no partial file (text: opened as UTF-8 text)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name, *_ in placed:
-                f.write(_bytes_of(arrays[name][1]))
+        with open(tmp, "w", encoding="utf-8") if text else open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
