@@ -88,6 +88,11 @@ def _bench(pq, quick, threads, formats, shapes, out):
         return bws2, best(int8_hw_peak, peaks), best(fma_hw_peak, fpeaks)
 
     bws, peaks, fpeaks = ceilings()
+
+    def per_thread(peak, unit=""):
+        """'1t 1150, 2t 2300' (unit after each value; n/a where the variant has no probe)"""
+        return ", ".join(f"{th}t " + (f"{v:.0f}{unit}" if v else "n/a") for th, v in peak.items())
+
     print(f"pyqkern {info['version']}  cpu: {info['cpu']}  variant: {info['active_variant']}  "
           f"threads: {thread_list}", file=out)
     hdr = (f"{'format':7s} {'compute':7s} {'M':>4s} {'K':>6s} {'N':>6s} {'thr':>3s} {'time':>10s} "
@@ -178,14 +183,11 @@ def _bench(pq, quick, threads, formats, shapes, out):
                   f"{tn / t:6.2f} {err:11.2e}", file=out)
         # the ceilings these rows' percentages used (later looks may find higher ones)
         print("  (these rows: read bandwidth " + ", ".join(f"{th}t {v:.1f}" for th, v in bws.items())
-              + " GB/s, int8 peak " + ", ".join(f"{th}t " + (f"{v:.0f}" if v else "n/a") for th, v in peaks.items())
-              + " GOP/s, fp32 FMA peak " + ", ".join(f"{th}t " + (f"{v:.0f}" if v else "n/a") for th, v in fpeaks.items())
+              + " GB/s, int8 peak " + per_thread(peaks) + " GOP/s, fp32 FMA peak " + per_thread(fpeaks)
               + " GFLOP/s)", file=out)
     print("read bandwidth: " + ", ".join(f"{th}t {v:.1f}" for th, v in bws.items())
-          + " GB/s  int8 instruction peak: "
-          + ", ".join(f"{th}t " + (f"{v:.0f} GOP/s" if v else "n/a") for th, v in peaks.items())
-          + "  fp32 FMA peak: " + ", ".join(f"{th}t " + (f"{v:.0f} GFLOP/s" if v else "n/a") for th, v in fpeaks.items())
-          + " (best of the looks)", file=out)
+          + " GB/s  int8 instruction peak: " + per_thread(peaks, " GOP/s")
+          + "  fp32 FMA peak: " + per_thread(fpeaks, " GFLOP/s") + " (best of the looks)", file=out)
     return rows
 
 
